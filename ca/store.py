@@ -1,0 +1,645 @@
+"""The CA's datastore: SQLite in WAL mode behind a narrow, synchronous interface.
+
+Rules:
+
+1. Every change that the audit log must record is written in the *same*
+   transaction as its audit record, so a crash (``kill -9`` at any moment)
+   leaves either both or neither.  Nothing is returned to a caller before its
+   transaction has committed, so nothing a peer holds is missing from the log.
+2. The schema moves forward by numbered migrations kept in ``MIGRATIONS``;
+   ``PRAGMA user_version`` records how far a file has come.  A file from a
+   newer Tally is refused rather than guessed at.
+3. One connection, used from one worker thread at a time (the trio shell
+   holds a ``CapacityLimiter(1)``).  SQLite serialises writers anyway, and one
+   connection keeps the WAL checkpointing simple.
+4. WAL with ``synchronous=NORMAL``: a committed transaction survives the
+   process dying at any point; only an OS crash or power loss can take back
+   the last few commits.  That is the trade SPIRE's SQLite store makes too.
+
+Times in tables are whole Unix seconds; audit times are RFC 3339 strings
+because they are read by people.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from ca import audit
+from tally.cli_support import OperatorError
+
+MIGRATIONS: tuple[str, ...] = (
+    # 1: the first schema.
+    """
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    CREATE TABLE agents (
+        spiffe_id TEXT PRIMARY KEY,
+        status TEXT NOT NULL CHECK (status IN ('active', 'evicted', 'banned')),
+        token_id TEXT,
+        serial TEXT,
+        prev_serial TEXT,
+        not_after INTEGER,
+        attested_at INTEGER NOT NULL,
+        updated_at INTEGER NOT NULL
+    );
+    CREATE TABLE entries (
+        id TEXT PRIMARY KEY,
+        spiffe_id TEXT NOT NULL,
+        parent_id TEXT NOT NULL,
+        selectors TEXT NOT NULL,
+        ttl INTEGER,
+        dns_names TEXT NOT NULL,
+        hint TEXT NOT NULL,
+        revision INTEGER NOT NULL,
+        created_at INTEGER NOT NULL,
+        updated_at INTEGER NOT NULL
+    );
+    CREATE INDEX entries_parent ON entries (parent_id);
+    CREATE INDEX entries_spiffe_id ON entries (spiffe_id);
+    CREATE TABLE join_tokens (
+        id TEXT PRIMARY KEY,
+        secret_hash BLOB NOT NULL,
+        spiffe_id TEXT,
+        expires_at INTEGER NOT NULL,
+        used_at INTEGER,
+        created_at INTEGER NOT NULL
+    );
+    CREATE TABLE svids (
+        serial TEXT PRIMARY KEY,
+        spiffe_id TEXT NOT NULL,
+        agent_id TEXT,
+        kind TEXT NOT NULL,
+        not_after INTEGER NOT NULL,
+        issued_at INTEGER NOT NULL
+    );
+    CREATE INDEX svids_not_after ON svids (not_after);
+    CREATE TABLE ca_keys (
+        id TEXT PRIMARY KEY,
+        kind TEXT NOT NULL CHECK (kind IN ('root', 'intermediate')),
+        state TEXT NOT NULL CHECK (state IN ('prepared', 'active', 'retired', 'removed')),
+        cert_pem TEXT NOT NULL,
+        parent_id TEXT,
+        upstream INTEGER NOT NULL DEFAULT 0,
+        not_before INTEGER NOT NULL,
+        not_after INTEGER NOT NULL,
+        created_at INTEGER NOT NULL,
+        activated_at INTEGER
+    );
+    CREATE TABLE audit (
+        seq INTEGER PRIMARY KEY,
+        ts TEXT NOT NULL,
+        actor TEXT NOT NULL,
+        event TEXT NOT NULL,
+        spiffe_id TEXT,
+        serial TEXT,
+        detail TEXT NOT NULL,
+        prev_hash TEXT NOT NULL,
+        hash TEXT NOT NULL
+    );
+    CREATE INDEX audit_event ON audit (event);
+    CREATE INDEX audit_spiffe_id ON audit (spiffe_id);
+    """,
+)
+
+
+class StoreError(OperatorError):
+    """The datastore cannot be used (wrong version, unreadable file)."""
+
+
+class Conflict(Exception):
+    """A change collides with what is stored (duplicate, missing row)."""
+
+
+@dataclass(frozen=True)
+class AuditEvent:
+    """An audit record before the store gives it a place in the chain."""
+
+    ts: str
+    actor: str
+    event: str
+    spiffe_id: str | None = None
+    serial: str | None = None
+    detail: dict[str, object] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class AgentRecord:
+    spiffe_id: str
+    status: str
+    token_id: str | None
+    serial: str | None
+    prev_serial: str | None
+    not_after: int | None
+    attested_at: int
+    updated_at: int
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "spiffe_id": self.spiffe_id,
+            "status": self.status,
+            "token_id": self.token_id,
+            "serial": self.serial,
+            "not_after": self.not_after,
+            "attested_at": self.attested_at,
+            "updated_at": self.updated_at,
+        }
+
+
+@dataclass(frozen=True)
+class EntryRecord:
+    id: str
+    spiffe_id: str
+    parent_id: str
+    selectors: tuple[str, ...]
+    ttl: int | None
+    dns_names: tuple[str, ...]
+    hint: str
+    revision: int
+    created_at: int
+    updated_at: int
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "id": self.id,
+            "spiffe_id": self.spiffe_id,
+            "parent_id": self.parent_id,
+            "selectors": list(self.selectors),
+            "ttl": self.ttl,
+            "dns_names": list(self.dns_names),
+            "hint": self.hint,
+            "revision": self.revision,
+            "created_at": self.created_at,
+            "updated_at": self.updated_at,
+        }
+
+
+@dataclass(frozen=True)
+class TokenRecord:
+    id: str
+    secret_hash: bytes
+    spiffe_id: str | None
+    expires_at: int
+    used_at: int | None
+    created_at: int
+
+
+@dataclass(frozen=True)
+class KeyRecord:
+    id: str
+    kind: str
+    state: str
+    cert_pem: str
+    parent_id: str | None
+    upstream: bool
+    not_before: int
+    not_after: int
+    created_at: int
+    activated_at: int | None
+
+
+@dataclass(frozen=True)
+class IssuedSvid:
+    serial: str
+    spiffe_id: str
+    agent_id: str | None
+    kind: str
+    not_after: int
+    issued_at: int
+
+
+class Store:
+    def __init__(self, conn: sqlite3.Connection, path: Path) -> None:
+        self._conn = conn
+        self.path = path
+
+    @classmethod
+    def open(cls, path: Path) -> Store:
+        try:
+            conn = sqlite3.connect(
+                str(path), isolation_level=None, check_same_thread=False, timeout=10
+            )
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute("PRAGMA foreign_keys=ON")
+            store = cls(conn, path)
+            store._migrate()
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(f"datastore {path}: {exc}") from exc
+        return store
+
+    def close(self) -> None:
+        self._conn.close()
+
+    def _migrate(self) -> None:
+        (version,) = self._conn.execute("PRAGMA user_version").fetchone()
+        if version > len(MIGRATIONS):
+            raise StoreError(
+                f"datastore {self.path} has schema version {version}, newer than this "
+                f"Tally understands ({len(MIGRATIONS)})"
+            )
+        for number in range(version, len(MIGRATIONS)):
+            with self._tx() as conn:
+                for statement in MIGRATIONS[number].split(";"):
+                    if statement.strip():
+                        conn.execute(statement)
+                conn.execute(f"PRAGMA user_version = {number + 1}")
+
+    @property
+    def schema_version(self) -> int:
+        (version,) = self._conn.execute("PRAGMA user_version").fetchone()
+        return int(version)
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        conn = self._conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+    # -- meta and revisions ------------------------------------------------------------
+
+    def _get_meta(self, key: str) -> str | None:
+        row = self._conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def _set_meta(self, conn: sqlite3.Connection, key: str, value: str) -> None:
+        conn.execute(
+            "INSERT INTO meta (key, value) VALUES (?, ?) "
+            "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            (key, value),
+        )
+
+    def _bump(self, conn: sqlite3.Connection, key: str) -> int:
+        row = conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        value = (int(row[0]) if row else 0) + 1
+        self._set_meta(conn, key, str(value))
+        return value
+
+    def entries_revision(self) -> int:
+        return int(self._get_meta("entries_revision") or 0)
+
+    def bundle_sequence(self) -> int:
+        return int(self._get_meta("bundle_sequence") or 0)
+
+    # -- audit -------------------------------------------------------------------------
+
+    def _append(self, conn: sqlite3.Connection, events: Sequence[AuditEvent]) -> None:
+        head = conn.execute("SELECT value FROM meta WHERE key = 'audit_head'").fetchone()
+        if head is None:
+            seq, prev = 0, audit.GENESIS
+        else:
+            seq_text, prev = str(head[0]).split(":", 1)
+            seq = int(seq_text)
+        rows = []
+        for ev in events:
+            seq += 1
+            rec = audit.seal(
+                prev, seq, ev.ts, ev.actor, ev.event, ev.spiffe_id, ev.serial, ev.detail
+            )
+            rows.append(
+                (
+                    seq,
+                    rec.ts,
+                    rec.actor,
+                    rec.event,
+                    rec.spiffe_id,
+                    rec.serial,
+                    audit.canonical_detail(rec.detail),
+                    rec.prev_hash,
+                    rec.hash,
+                )
+            )
+            prev = rec.hash
+        conn.executemany("INSERT INTO audit VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+        self._set_meta(conn, "audit_head", f"{seq}:{prev}")
+
+    def record(self, *events: AuditEvent) -> None:
+        """Append audit records that go with no other change."""
+        with self._tx() as conn:
+            self._append(conn, events)
+
+    def audit_records(
+        self,
+        *,
+        since_ts: str | None = None,
+        spiffe_id: str | None = None,
+        event: str | None = None,
+        limit: int = 1000,
+    ) -> list[audit.AuditRecord]:
+        clauses, params = [], []
+        if since_ts is not None:
+            clauses.append("ts >= ?")
+            params.append(since_ts)
+        if spiffe_id is not None:
+            clauses.append("spiffe_id = ?")
+            params.append(spiffe_id)
+        if event is not None:
+            clauses.append("event = ?")
+            params.append(event)
+        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        sql = f"SELECT * FROM (SELECT * FROM audit {where} ORDER BY seq DESC LIMIT ?) ORDER BY seq"  # noqa: S608
+        rows = self._conn.execute(sql, (*params, limit)).fetchall()
+        return [
+            audit.AuditRecord(
+                seq=r[0],
+                ts=r[1],
+                actor=r[2],
+                event=r[3],
+                spiffe_id=r[4],
+                serial=r[5],
+                detail=_load_detail(r[6]),
+                prev_hash=r[7],
+                hash=r[8],
+            )
+            for r in rows
+        ]
+
+    def verify_audit(self) -> audit.VerifyResult:
+        head_text = self._get_meta("audit_head")
+        head = None
+        if head_text is not None:
+            seq_text, digest = head_text.split(":", 1)
+            head = (int(seq_text), digest)
+        cursor = self._conn.execute("SELECT * FROM audit ORDER BY seq")
+        rows = (audit.StoredRow(*r) for r in cursor)
+        return audit.verify(rows, head)
+
+    # -- join tokens -------------------------------------------------------------------
+
+    def create_token(self, token: TokenRecord, ev: AuditEvent) -> None:
+        with self._tx() as conn:
+            conn.execute(
+                "INSERT INTO join_tokens VALUES (?, ?, ?, ?, ?, ?)",
+                (
+                    token.id,
+                    token.secret_hash,
+                    token.spiffe_id,
+                    token.expires_at,
+                    token.used_at,
+                    token.created_at,
+                ),
+            )
+            self._append(conn, [ev])
+
+    def get_token(self, token_id: str) -> TokenRecord | None:
+        row = self._conn.execute("SELECT * FROM join_tokens WHERE id = ?", (token_id,)).fetchone()
+        return None if row is None else TokenRecord(*row)
+
+    def prune_tokens(self, now: int) -> int:
+        """Forget tokens that can never be used again (spent or expired a day ago)."""
+        with self._tx() as conn:
+            cur = conn.execute(
+                "DELETE FROM join_tokens WHERE used_at IS NOT NULL OR expires_at < ?",
+                (now - 86400,),
+            )
+            return cur.rowcount
+
+    # -- agents ------------------------------------------------------------------------
+
+    def attest_agent(
+        self,
+        token_id: str,
+        now: int,
+        agent: AgentRecord,
+        svid: IssuedSvid,
+        events: Sequence[AuditEvent],
+    ) -> None:
+        """Spend the token and record the agent, in one transaction.
+
+        The token is marked used with a conditional UPDATE, so two attestations
+        racing on the same token cannot both succeed.
+        """
+        with self._tx() as conn:
+            cur = conn.execute(
+                "UPDATE join_tokens SET used_at = ? WHERE id = ? AND used_at IS NULL",
+                (now, token_id),
+            )
+            if cur.rowcount != 1:
+                raise Conflict("join token already used")
+            conn.execute(
+                "INSERT INTO agents VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (spiffe_id) DO "
+                "UPDATE SET status = excluded.status, token_id = excluded.token_id, "
+                "serial = excluded.serial, prev_serial = NULL, not_after = excluded.not_after, "
+                "attested_at = excluded.attested_at, updated_at = excluded.updated_at",
+                (
+                    agent.spiffe_id,
+                    agent.status,
+                    agent.token_id,
+                    agent.serial,
+                    None,
+                    agent.not_after,
+                    agent.attested_at,
+                    agent.updated_at,
+                ),
+            )
+            self._insert_svids(conn, [svid])
+            self._append(conn, events)
+
+    def renew_agent(
+        self, spiffe_id: str, presented_serial: str, svid: IssuedSvid, ev: AuditEvent
+    ) -> None:
+        """Move the agent to a new SVID; refuse a serial that is not its current or last one."""
+        with self._tx() as conn:
+            cur = conn.execute(
+                "UPDATE agents SET prev_serial = serial, serial = ?, not_after = ?, updated_at = ? "
+                "WHERE spiffe_id = ? AND status = 'active' AND (serial = ? OR prev_serial = ?)",
+                (
+                    svid.serial,
+                    svid.not_after,
+                    svid.issued_at,
+                    spiffe_id,
+                    presented_serial,
+                    presented_serial,
+                ),
+            )
+            if cur.rowcount != 1:
+                raise Conflict("agent SVID is not the one on record")
+            self._insert_svids(conn, [svid])
+            self._append(conn, [ev])
+
+    def get_agent(self, spiffe_id: str) -> AgentRecord | None:
+        row = self._conn.execute(
+            "SELECT * FROM agents WHERE spiffe_id = ?", (spiffe_id,)
+        ).fetchone()
+        return None if row is None else AgentRecord(*row)
+
+    def list_agents(self) -> list[AgentRecord]:
+        rows = self._conn.execute("SELECT * FROM agents ORDER BY spiffe_id").fetchall()
+        return [AgentRecord(*r) for r in rows]
+
+    def set_agent_status(self, spiffe_id: str, status: str, now: int, ev: AuditEvent) -> None:
+        with self._tx() as conn:
+            cur = conn.execute(
+                "UPDATE agents SET status = ?, updated_at = ? WHERE spiffe_id = ?",
+                (status, now, spiffe_id),
+            )
+            if cur.rowcount != 1:
+                raise Conflict(f"no agent {spiffe_id}")
+            self._append(conn, [ev])
+
+    # -- entries -----------------------------------------------------------------------
+
+    def create_entry(self, entry: EntryRecord, ev: AuditEvent) -> EntryRecord:
+        with self._tx() as conn:
+            dup = conn.execute(
+                "SELECT id FROM entries WHERE spiffe_id = ? AND parent_id = ? AND selectors = ?",
+                (entry.spiffe_id, entry.parent_id, json.dumps(list(entry.selectors))),
+            ).fetchone()
+            if dup is not None:
+                raise Conflict(f"an identical entry exists already: {dup[0]}")
+            revision = self._bump(conn, "entries_revision")
+            stored = _replace_revision(entry, revision)
+            conn.execute(
+                "INSERT INTO entries VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", _entry_row(stored)
+            )
+            self._append(conn, [ev])
+        return stored
+
+    def update_entry(self, entry: EntryRecord, ev: AuditEvent) -> EntryRecord:
+        with self._tx() as conn:
+            revision = self._bump(conn, "entries_revision")
+            stored = _replace_revision(entry, revision)
+            cur = conn.execute(
+                "UPDATE entries SET spiffe_id = ?, parent_id = ?, selectors = ?, ttl = ?, "
+                "dns_names = ?, hint = ?, revision = ?, updated_at = ? WHERE id = ?",
+                (*_entry_row(stored)[1:8], stored.updated_at, stored.id),
+            )
+            if cur.rowcount != 1:
+                raise Conflict(f"no entry {entry.id}")
+            self._append(conn, [ev])
+        return stored
+
+    def delete_entry(self, entry_id: str, ev: AuditEvent) -> None:
+        with self._tx() as conn:
+            cur = conn.execute("DELETE FROM entries WHERE id = ?", (entry_id,))
+            if cur.rowcount != 1:
+                raise Conflict(f"no entry {entry_id}")
+            self._bump(conn, "entries_revision")
+            self._append(conn, [ev])
+
+    def get_entry(self, entry_id: str) -> EntryRecord | None:
+        row = self._conn.execute("SELECT * FROM entries WHERE id = ?", (entry_id,)).fetchone()
+        return None if row is None else _entry_from_row(row)
+
+    def list_entries(
+        self, *, spiffe_id: str | None = None, parent_id: str | None = None
+    ) -> list[EntryRecord]:
+        clauses, params = [], []
+        if spiffe_id is not None:
+            clauses.append("spiffe_id = ?")
+            params.append(spiffe_id)
+        if parent_id is not None:
+            clauses.append("parent_id = ?")
+            params.append(parent_id)
+        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        sql = f"SELECT * FROM entries {where} ORDER BY spiffe_id, id"  # noqa: S608
+        return [_entry_from_row(r) for r in self._conn.execute(sql, params)]
+
+    # -- issued SVIDs ------------------------------------------------------------------
+
+    def _insert_svids(self, conn: sqlite3.Connection, svids: Sequence[IssuedSvid]) -> None:
+        conn.executemany(
+            "INSERT INTO svids VALUES (?, ?, ?, ?, ?, ?)",
+            [(s.serial, s.spiffe_id, s.agent_id, s.kind, s.not_after, s.issued_at) for s in svids],
+        )
+
+    def record_issued(self, svids: Sequence[IssuedSvid], events: Sequence[AuditEvent]) -> None:
+        with self._tx() as conn:
+            self._insert_svids(conn, svids)
+            self._append(conn, events)
+
+    def svid_count(self) -> int:
+        (n,) = self._conn.execute("SELECT count(*) FROM svids").fetchone()
+        return int(n)
+
+    def prune_svids(self, before: int) -> int:
+        """Drop expired SVID rows; the audit log keeps their history."""
+        with self._tx() as conn:
+            return conn.execute("DELETE FROM svids WHERE not_after < ?", (before,)).rowcount
+
+    # -- CA keys -----------------------------------------------------------------------
+
+    def list_keys(self) -> list[KeyRecord]:
+        rows = self._conn.execute("SELECT * FROM ca_keys ORDER BY not_before, id").fetchall()
+        return [
+            KeyRecord(r[0], r[1], r[2], r[3], r[4], bool(r[5]), r[6], r[7], r[8], r[9])
+            for r in rows
+        ]
+
+    def save_keys(
+        self, keys: Sequence[KeyRecord], events: Sequence[AuditEvent], *, bump_bundle: bool
+    ) -> None:
+        """Store key changes together: a rotation never half-happens."""
+        with self._tx() as conn:
+            conn.executemany(
+                "INSERT INTO ca_keys VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO "
+                "UPDATE SET state = excluded.state, activated_at = excluded.activated_at",
+                [
+                    (
+                        k.id,
+                        k.kind,
+                        k.state,
+                        k.cert_pem,
+                        k.parent_id,
+                        int(k.upstream),
+                        k.not_before,
+                        k.not_after,
+                        k.created_at,
+                        k.activated_at,
+                    )
+                    for k in keys
+                ],
+            )
+            if bump_bundle:
+                self._bump(conn, "bundle_sequence")
+            self._append(conn, events)
+
+
+def _load_detail(text: str) -> dict[str, object]:
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return {"unreadable": text}
+    return value if isinstance(value, dict) else {"value": value}
+
+
+def _entry_row(e: EntryRecord) -> tuple[object, ...]:
+    return (
+        e.id,
+        e.spiffe_id,
+        e.parent_id,
+        json.dumps(list(e.selectors)),
+        e.ttl,
+        json.dumps(list(e.dns_names)),
+        e.hint,
+        e.revision,
+        e.created_at,
+        e.updated_at,
+    )
+
+
+def _entry_from_row(r: Sequence[object]) -> EntryRecord:
+    return EntryRecord(
+        id=str(r[0]),
+        spiffe_id=str(r[1]),
+        parent_id=str(r[2]),
+        selectors=tuple(json.loads(str(r[3]))),
+        ttl=None if r[4] is None else int(str(r[4])),
+        dns_names=tuple(json.loads(str(r[5]))),
+        hint=str(r[6]),
+        revision=int(str(r[7])),
+        created_at=int(str(r[8])),
+        updated_at=int(str(r[9])),
+    )
+
+
+def _replace_revision(entry: EntryRecord, revision: int) -> EntryRecord:
+    return replace(entry, revision=revision)

@@ -1,0 +1,97 @@
+"""The audit chain's verdicts, on rows altered, removed, reordered and appended."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from ca import audit
+
+
+def chain(n: int) -> list[audit.StoredRow]:
+    rows = []
+    prev = audit.GENESIS
+    for seq in range(1, n + 1):
+        rec = audit.seal(
+            prev,
+            seq,
+            f"2026-01-01T00:00:{seq:02d}Z",
+            "ca",
+            "svid.issued",
+            f"spiffe://td/w{seq}",
+            f"{seq:x}",
+            {"n": seq},
+        )
+        rows.append(
+            audit.StoredRow(
+                seq,
+                rec.ts,
+                rec.actor,
+                rec.event,
+                rec.spiffe_id,
+                rec.serial,
+                audit.canonical_detail(rec.detail),
+                rec.prev_hash,
+                rec.hash,
+            )
+        )
+        prev = rec.hash
+    return rows
+
+
+def head(rows):
+    return (rows[-1].seq, rows[-1].hash) if rows else None
+
+
+@given(st.integers(0, 30))
+def test_intact_chain_verifies(n):
+    rows = chain(n)
+    result = audit.verify(rows, head(rows))
+    assert result.ok and result.records == n
+
+
+@given(st.integers(1, 20), st.data())
+def test_altered_record_is_named(n, data):
+    rows = chain(n)
+    i = data.draw(st.integers(0, n - 1))
+    field = data.draw(
+        st.sampled_from(["ts", "actor", "event", "spiffe_id", "serial", "detail_json"])
+    )
+    rows[i] = replace(rows[i], **{field: getattr(rows[i], field) + "x"})
+    result = audit.verify(rows, head(chain(n)))
+    assert not result.ok and result.bad_seq == i + 1 and "altered" in result.problem
+
+
+@given(st.integers(2, 20), st.data())
+def test_removed_record_is_named(n, data):
+    rows = chain(n)
+    i = data.draw(st.integers(0, n - 2))
+    del rows[i]
+    result = audit.verify(rows, head(chain(n)))
+    assert not result.ok and result.bad_seq == i + 1 and "removed" in result.problem
+
+
+def test_removed_from_the_end_is_caught_by_the_head():
+    full = chain(5)
+    result = audit.verify(full[:3], head(full))
+    assert not result.ok and result.bad_seq == 4 and "removed from the end" in result.problem
+
+
+@given(st.integers(2, 20), st.data())
+def test_reordered_records_are_named(n, data):
+    rows = chain(n)
+    i = data.draw(st.integers(0, n - 2))
+    # Swap two neighbours' positions (their seq values), as an UPDATE of seq would.
+    a, b = rows[i], rows[i + 1]
+    rows[i] = replace(b, seq=a.seq)
+    rows[i + 1] = replace(a, seq=b.seq)
+    result = audit.verify(rows, head(chain(n)))
+    assert not result.ok and result.bad_seq == i + 1 and "out of order" in result.problem
+
+
+def test_appended_outside_the_ca_is_caught():
+    rows = chain(4)
+    result = audit.verify(rows, (3, rows[2].hash))
+    assert not result.ok and result.bad_seq == 4 and "appended outside" in result.problem
