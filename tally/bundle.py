@@ -31,12 +31,17 @@ from dataclasses import dataclass
 from typing import Any
 
 from cryptography import x509
-from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from tally.spiffeid import TrustDomain
-from tally.x509profile import ProfileError, chain_from_der, chain_from_pem, chain_to_pem
+from tally.x509profile import (
+    PARSE_ERRORS,
+    ProfileError,
+    chain_from_der,
+    chain_from_pem,
+    chain_to_pem,
+)
 
 MAX_JWKS_BYTES = 1024 * 1024
 MAX_SEQUENCE = 2**64 - 1  # go-spiffe reads spiffe_sequence into a uint64
@@ -93,7 +98,7 @@ def _check_authority(cert: x509.Certificate) -> None:
         public_key_jwk(cert.public_key())
     except x509.ExtensionNotFound:
         is_ca = False
-    except (ValueError, UnsupportedAlgorithm, x509.DuplicateExtension) as exc:
+    except PARSE_ERRORS as exc:
         raise BundleError(f"{_describe(cert)} cannot be used as an authority: {exc}") from exc
     if not is_ca:
         raise BundleError(f"{_describe(cert)} is not a CA certificate (basicConstraints cA=true)")
@@ -272,7 +277,7 @@ def _authority_from_jwk(jwk: object, where: str) -> x509.Certificate | None:
     try:
         der = base64.b64decode(x5c[0], validate=True)
         cert = x509.load_der_x509_certificate(der)
-    except ValueError as exc:
+    except PARSE_ERRORS as exc:
         raise BundleError(f"{where}: x5c is not a base64 DER certificate: {exc}") from None
     try:
         _check_authority(cert)

@@ -33,10 +33,11 @@ Rules:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import re
 import secrets
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
@@ -73,7 +74,15 @@ _KNOWN_EXTENSIONS = frozenset(
         x509.AuthorityKeyIdentifier.oid,
     }
 )
-_EXTENSION_ERRORS = (ValueError, x509.DuplicateExtension, x509.UnsupportedGeneralNameType)
+# What cryptography raises, eagerly or lazily, for bytes that are not a well-formed
+# certificate or CSR. Several of these are not ValueErrors.
+PARSE_ERRORS = (
+    ValueError,
+    UnsupportedAlgorithm,
+    x509.InvalidVersion,
+    x509.DuplicateExtension,
+    x509.UnsupportedGeneralNameType,
+)
 _DNS_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
 _PEM_BLOCK = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----\r?\n(.*?)-----END \1-----", re.DOTALL)
 
@@ -108,9 +117,12 @@ def _describe(cert: x509.Certificate) -> str:
     try:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
         uris = san.value.get_values_for_type(x509.UniformResourceIdentifier)
-    except (x509.ExtensionNotFound, *_EXTENSION_ERRORS):
+    except (x509.ExtensionNotFound, *PARSE_ERRORS):
         uris = []
-    name = uris[0] if uris else cert.subject.rfc4514_string() or "(empty subject)"
+    try:
+        name = uris[0] if uris else cert.subject.rfc4514_string() or "(empty subject)"
+    except ValueError:
+        name = "(unparsable subject)"
     return f"certificate {name!r} (serial {cert.serial_number:x})"
 
 
@@ -163,7 +175,7 @@ def _check_dns_name(name: str) -> None:
 def _extensions(cert: x509.Certificate) -> x509.Extensions:
     try:
         return cert.extensions
-    except _EXTENSION_ERRORS as exc:
+    except PARSE_ERRORS as exc:
         raise ProfileError(
             "malformed",
             f"certificate (serial {cert.serial_number:x}) has malformed extensions: {exc}",
@@ -419,8 +431,28 @@ def build_leaf(
 # --- validators ---------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def _malformed_is_profile_error() -> Iterator[None]:
+    """Turn cryptography's lazy parse errors (names, extensions, keys) into our error.
+
+    A peer's certificate is attacker-controlled input; whatever part of it fails
+    to parse, callers should see one exception type with a reason.
+    """
+    try:
+        yield
+    except ProfileError:
+        raise
+    except PARSE_ERRORS as exc:
+        raise ProfileError("malformed", f"malformed certificate: {exc}") from exc
+
+
 def validate_leaf(cert: x509.Certificate) -> SpiffeId:
     """Check the leaf rules of digest 2.1, 2.2 and 2.4 items 2-4; return the leaf's ID."""
+    with _malformed_is_profile_error():
+        return _validate_leaf(cert)
+
+
+def _validate_leaf(cert: x509.Certificate) -> SpiffeId:
     exts = _extensions(cert)
     _check_critical_extensions(cert, exts)
     try:
@@ -505,6 +537,11 @@ def _check_issuer_basics(cert: x509.Certificate, exts: x509.Extensions) -> x509.
 
 def validate_signing_cert(cert: x509.Certificate) -> None:
     """Check digest 2.3 for a CA certificate Tally signs with or publishes."""
+    with _malformed_is_profile_error():
+        _validate_signing_cert(cert)
+
+
+def _validate_signing_cert(cert: x509.Certificate) -> None:
     exts = _extensions(cert)
     _check_issuer_basics(cert, exts)
     if not exts.get_extension_for_class(x509.KeyUsage).critical:
@@ -541,7 +578,7 @@ def _check_time(cert: x509.Certificate, now: datetime) -> None:
 def _signed_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
     try:
         cert.verify_directly_issued_by(issuer)
-    except (InvalidSignature, ValueError, TypeError, UnsupportedAlgorithm):
+    except (InvalidSignature, TypeError, *PARSE_ERRORS):
         return False
     return True
 
@@ -551,7 +588,7 @@ def _claims_key_of(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
     try:
         aki = cert.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value
         ski = issuer.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
-    except (x509.ExtensionNotFound, *_EXTENSION_ERRORS):
+    except (x509.ExtensionNotFound, *PARSE_ERRORS):
         return False
     return aki.key_identifier is not None and aki.key_identifier == ski.digest
 
@@ -582,6 +619,11 @@ def verify_chain(chain: Sequence[x509.Certificate], bundle: Bundle, now: datetim
         )
     if now.tzinfo is None or now.utcoffset() is None:
         raise ProfileError("bad_time", f"now {now!r} must be timezone-aware (UTC)")
+    with _malformed_is_profile_error():
+        return _verify_chain(chain, bundle, now)
+
+
+def _verify_chain(chain: Sequence[x509.Certificate], bundle: Bundle, now: datetime) -> SpiffeId:
     leaf = chain[0]
     spiffe_id = validate_leaf(leaf)
     if spiffe_id.trust_domain != bundle.trust_domain:
@@ -632,7 +674,7 @@ def parse_csr(data: bytes) -> x509.CertificateSigningRequest:
         else:
             csr = x509.load_der_x509_csr(data)
         public_key = csr.public_key()
-    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+    except (*PARSE_ERRORS, TypeError) as exc:
         raise ProfileError("bad_csr", f"not a PKCS#10 CSR in PEM or DER: {exc}") from exc
     if isinstance(public_key, ec.EllipticCurvePublicKey) and (
         public_key.curve.name not in CSR_CURVES
@@ -645,7 +687,7 @@ def parse_csr(data: bytes) -> x509.CertificateSigningRequest:
         valid = csr.is_signature_valid
     except ProfileError as exc:
         raise ProfileError("bad_csr", exc.message) from exc
-    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+    except (*PARSE_ERRORS, TypeError) as exc:
         raise ProfileError("bad_csr", f"CSR signature cannot be checked: {exc}") from exc
     if not valid:
         raise ProfileError("bad_csr", "CSR signature is invalid (proof of key possession failed)")
@@ -672,7 +714,7 @@ def chain_from_pem(data: bytes) -> list[x509.Certificate]:
             )
         try:
             certs.append(x509.load_pem_x509_certificate(block.group(0)))
-        except ValueError as exc:
+        except PARSE_ERRORS as exc:
             raise ProfileError(
                 "bad_pem", f"PEM block {number} is not a certificate: {exc}"
             ) from exc
@@ -694,7 +736,7 @@ def chain_from_der(data: bytes) -> list[x509.Certificate]:
         end = _der_sequence_end(data, offset)
         try:
             certs.append(x509.load_der_x509_certificate(data[offset:end]))
-        except ValueError as exc:
+        except PARSE_ERRORS as exc:
             raise ProfileError(
                 "bad_der", f"DER certificate {len(certs) + 1} cannot be parsed: {exc}"
             ) from exc
@@ -742,7 +784,7 @@ def key_from_pem(data: bytes) -> SigningKey:
     """Load an unencrypted PEM private key of a type Tally can sign with."""
     try:
         key = serialization.load_pem_private_key(data, password=None)
-    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+    except (*PARSE_ERRORS, TypeError) as exc:
         raise ProfileError("bad_key", f"not an unencrypted PEM private key: {exc}") from exc
     if not isinstance(
         key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
