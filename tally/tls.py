@@ -1,0 +1,748 @@
+"""Tally's one TLS layer: pyOpenSSL contexts from in-memory keys, driven over any trio stream.
+
+Rules:
+
+1. Private keys never touch disk.  The stdlib ``ssl`` module loads keys only from
+   files, so contexts are built with pyOpenSSL from ``cryptography`` objects.
+2. TLS 1.3 only, in both directions.  Nothing here negotiates anything older.
+3. A context is never mutated once built.  Rotating a certificate means building a
+   new :class:`TLSContext` and handing the new reference to the next handshake;
+   connections already up keep the context they started with (DESIGN "hot swap").
+4. Authorization happens *inside* the handshake.  OpenSSL first checks the peer's
+   chain against the context's roots; when that succeeds it calls us once per chain
+   depth, root first, and at depth 0 we run the caller's ``PeerVerifier`` on the
+   chain we recorded.  A verifier that raises :class:`PeerRejected` makes OpenSSL
+   fail the handshake itself, so a refused peer never gets a usable connection.
+   The verdict is kept on the connection (pyOpenSSL's own error capture lives on the
+   shared ``Context`` and would leak between concurrent handshakes) and raised by
+   :meth:`TLSStream.do_handshake` once OpenSSL gives up.
+5. Timeouts belong to the caller: put ``trio.fail_after(handshake_timeout_s)`` around
+   :meth:`TLSStream.do_handshake` and deadlines around reads.  A cancelled or timed
+   out handshake leaves the stream broken; close it.
+
+Theory of operation of :class:`TLSStream`.  The OpenSSL ``Connection`` reads and
+writes two memory buffers (BIOs); it never touches a socket.  Every OpenSSL call is
+synchronous and either succeeds, or raises ``WantReadError`` meaning "feed me
+ciphertext from the peer".  Whatever OpenSSL queues in the outgoing buffer (records,
+alerts, session tickets, key updates) must reach the transport in order, so the
+outgoing buffer is only ever drained under one lock, by whichever task holds it,
+until it is empty.  After the handshake the receive side never writes at all: in
+TLS 1.3 nothing a read makes OpenSSL queue (a KeyUpdate reply) is something the
+peer waits for, so it goes out with our next send.  That is what makes full
+duplex safe: the proxy pumps both directions from two tasks, and a reader never
+blocks behind a writer that waits for the peer to read.  For the same reason a
+server's session tickets wait in the buffer for its first send: the client has
+finished its handshake by then and need not be reading.
+
+Resumption.  Servers hand out TLS 1.3 session tickets and client contexts keep the
+last session per server name, so a reconnect can skip certificate work.  A resumed
+handshake carries no certificates, so OpenSSL's verify callback does not run; we
+then check the chain stored in the session against the context's roots again (at
+the current time, so an expired certificate is refused) and rerun the verifier.
+Sessions never cross contexts: a rotation starts with an empty cache.
+
+Half-close.  TLS 1.3 made ``close_notify`` close only the sender's direction
+(RFC 8446 section 6.1), so :meth:`TLSStream.send_eof` sends it and reading goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from typing import Literal
+
+import trio
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from OpenSSL import SSL, crypto
+from OpenSSL._util import ffi as _ffi
+from OpenSSL._util import lib as _lib
+
+log = logging.getLogger("tally.tls")
+
+PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
+ClientAuth = Literal["none", "optional", "required"]
+
+RECEIVE_SIZE = 1 << 16
+"""Ciphertext read from the transport per call, and the default ``max_bytes``."""
+SEND_CHUNK = 1 << 18
+"""Plaintext encrypted before the records are handed to the transport."""
+_BIO_READ = SEND_CHUNK + 8192  # one SEND_CHUNK of records plus their headers and tags
+CLOSE_NOTIFY_TIMEOUT_S = 1.0
+"""How long ``aclose`` waits for the transport to take our close_notify."""
+SESSION_TIMEOUT_S = 300
+"""How long a server honours a session ticket; clients keep at most this long too."""
+_CLIENT_SESSIONS_MAX = 64
+# SSL_MODE_NO_AUTO_CHAIN from ssl.h, which pyOpenSSL does not export: without it OpenSSL
+# completes a leaf-only chain from the trust store and sends our roots along with it.
+_MODE_NO_AUTO_CHAIN = 0x8
+
+# X509_V_ERR_* codes from OpenSSL's x509_vfy.h (part of the ABI, never renumbered).
+_NOT_YET_VALID = 9
+_EXPIRED = 10
+_UNTRUSTED = frozenset(
+    {
+        2,  # unable to get issuer certificate
+        18,  # self-signed leaf
+        19,  # self-signed certificate in chain
+        20,  # unable to get local issuer certificate
+        21,  # unable to verify the first certificate
+        27,  # certificate not trusted
+    }
+)
+
+
+class PeerRejected(Exception):
+    """The peer's certificate was refused; ``reason`` is a short fixed word for logs and metrics.
+
+    Peers only ever see a TLS alert; the message is for our own logs.
+    """
+
+    def __init__(self, reason: str, message: str = "") -> None:
+        super().__init__(message or reason)
+        self.reason = reason
+
+
+class TLSError(Exception):
+    """The TLS protocol failed (bad alert, unsupported version, corrupt record...)."""
+
+
+PeerVerifier = Callable[[list[x509.Certificate]], object]
+"""Called with the verified chain, leaf first and ending in the trusted root.
+
+Raise :class:`PeerRejected` to refuse the peer; the return value becomes
+:attr:`TLSStream.peer_identity`.  Runs inside OpenSSL's callback: keep it pure and fast.
+"""
+
+
+def _x509_error_text(code: int) -> str:
+    raw = _lib.X509_verify_cert_error_string(code)
+    return str(_ffi.string(raw).decode("ascii", "replace")) if raw != _ffi.NULL else str(code)
+
+
+def _rejection_for(code: int, text: str, depth: int, cert: x509.Certificate | None) -> PeerRejected:
+    """Map an X.509 verification error to a fixed reason; the message keeps OpenSSL's detail."""
+    if code == _EXPIRED:
+        reason = "expired"
+    elif code == _NOT_YET_VALID:
+        reason = "not_yet_valid"
+    elif code in _UNTRUSTED:
+        reason = "untrusted"
+    else:
+        reason = f"invalid_chain: {text}"
+    who = cert.subject.rfc4514_string() if cert is not None else "?"
+    return PeerRejected(reason, f"{text} (certificate at depth {depth}, subject {who!r})")
+
+
+def _run_verifier(verifier: PeerVerifier | None, chain: list[x509.Certificate]) -> object:
+    """Run the caller's hook; a bug in it refuses the peer loudly instead of escaping into C."""
+    if verifier is None:
+        return None
+    try:
+        return verifier(chain)
+    except PeerRejected:
+        raise
+    except Exception as exc:
+        log.exception("peer verifier crashed; refusing the peer")
+        raise PeerRejected("verifier_error", f"peer verifier raised {type(exc).__name__}") from exc
+
+
+class _PeerCheck:
+    """Per-connection verification state, reachable from OpenSSL's callback via app data."""
+
+    __slots__ = ("by_depth", "chain", "identity", "ran", "rejection", "verifier")
+
+    def __init__(self, verifier: PeerVerifier | None) -> None:
+        self.verifier = verifier
+        self.by_depth: dict[int, x509.Certificate] = {}
+        self.chain: list[x509.Certificate] | None = None
+        self.identity: object = None
+        self.rejection: PeerRejected | None = None
+        self.ran = False
+
+    def on_verify(self, cert: crypto.X509, code: int, depth: int, ok: int) -> bool:
+        self.ran = True
+        if self.rejection is not None:
+            return False
+        current = cert.to_cryptography()
+        self.by_depth[depth] = current
+        if not ok:
+            self.rejection = _rejection_for(code, _x509_error_text(code), depth, current)
+            return False
+        if depth != 0 or self.chain is not None:
+            return True
+        chain = [self.by_depth[d] for d in sorted(self.by_depth)]
+        try:
+            self.identity = _run_verifier(self.verifier, chain)
+        except PeerRejected as exc:
+            self.rejection = exc
+            return False
+        self.chain = chain
+        return True
+
+
+def _verify_callback(
+    conn: SSL.Connection, cert: crypto.X509, code: int, depth: int, ok: int
+) -> bool:
+    check = conn.get_app_data()
+    if not isinstance(check, _PeerCheck):  # a Connection we did not make: refuse
+        return False
+    return check.on_verify(cert, code, depth, ok)
+
+
+class TLSContext:
+    """An immutable TLS 1.3 configuration: our chain and key, the roots we trust, the verifier.
+
+    Build one with :func:`server_context` or :func:`client_context`.  The only state
+    that changes after construction is the client's session cache, which is a cache:
+    losing it costs a full handshake, never correctness.
+    """
+
+    __slots__ = ("_client_auth", "_sessions", "_ssl", "_verifier", "server_side")
+
+    def __init__(
+        self,
+        ssl_context: SSL.Context,
+        *,
+        server_side: bool,
+        client_auth: ClientAuth,
+        verifier: PeerVerifier | None,
+    ) -> None:
+        self._ssl = ssl_context
+        self.server_side = server_side
+        self._client_auth = client_auth
+        self._verifier = verifier
+        self._sessions: OrderedDict[str, SSL.Session] = OrderedDict()
+
+    @property
+    def client_auth(self) -> ClientAuth:
+        return self._client_auth
+
+    def _new_connection(self, server_hostname: str | None) -> tuple[SSL.Connection, _PeerCheck]:
+        conn = SSL.Connection(self._ssl, None)
+        check = _PeerCheck(self._verifier)
+        conn.set_app_data(check)
+        if self.server_side:
+            conn.set_accept_state()
+        else:
+            if server_hostname is not None:
+                conn.set_tlsext_host_name(server_hostname.encode("idna"))
+            session = self._sessions.get(server_hostname or "")
+            if session is not None:
+                conn.set_session(session)
+            conn.set_connect_state()
+        return conn, check
+
+    def _remember_session(self, server_hostname: str | None, session: SSL.Session) -> None:
+        key = server_hostname or ""
+        self._sessions[key] = session
+        self._sessions.move_to_end(key)
+        while len(self._sessions) > _CLIENT_SESSIONS_MAX:
+            self._sessions.popitem(last=False)
+
+    def _forget_session(self, server_hostname: str | None) -> None:
+        self._sessions.pop(server_hostname or "", None)
+
+    def _reverify(
+        self, leaf: x509.Certificate, presented: list[x509.Certificate]
+    ) -> tuple[list[x509.Certificate], object]:
+        """Check a resumed session's stored chain against our roots now, then run the verifier."""
+        store = self._ssl.get_cert_store()
+        if store is None:  # pragma: no cover - OpenSSL always gives a context a store
+            raise PeerRejected("untrusted", "context has no certificate store")
+        untrusted = [crypto.X509.from_cryptography(c) for c in presented]
+        ctx = crypto.X509StoreContext(store, crypto.X509.from_cryptography(leaf), untrusted)
+        try:
+            verified = [c.to_cryptography() for c in ctx.get_verified_chain()]
+        except crypto.X509StoreContextError as exc:
+            code, depth, text = exc.errors[0], exc.errors[1], str(exc.errors[2])
+            cert = exc.certificate.to_cryptography() if exc.certificate is not None else None
+            raise _rejection_for(int(code), text, int(depth), cert) from exc
+        return verified, _run_verifier(self._verifier, verified)
+
+
+def _base_context(
+    method: int,
+    chain: Sequence[x509.Certificate],
+    key: PrivateKey | None,
+    roots: Sequence[x509.Certificate],
+) -> SSL.Context:
+    ctx = SSL.Context(method)
+    ctx.set_min_proto_version(SSL.TLS1_3_VERSION)
+    ctx.set_max_proto_version(SSL.TLS1_3_VERSION)
+    ctx.set_options(SSL.OP_NO_COMPRESSION)
+    ctx.set_mode(_MODE_NO_AUTO_CHAIN)
+    if chain:
+        if key is None:
+            raise ValueError("a certificate chain was given without its private key")
+        ctx.use_certificate(chain[0])
+        for extra in chain[1:]:
+            ctx.add_extra_chain_cert(extra)
+        try:
+            ctx.use_privatekey(key)
+            ctx.check_privatekey()
+        except SSL.Error as exc:
+            raise ValueError(
+                f"private key does not match certificate {chain[0].subject.rfc4514_string()!r}"
+            ) from exc
+    elif key is not None:
+        raise ValueError("a private key was given without a certificate chain")
+    store = ctx.get_cert_store()
+    if store is None:  # pragma: no cover - OpenSSL always gives a context a store
+        raise ValueError("OpenSSL context has no certificate store")
+    for root in roots:
+        store.add_cert(crypto.X509.from_cryptography(root))
+    return ctx
+
+
+def server_context(
+    chain: Sequence[x509.Certificate],
+    key: PrivateKey,
+    *,
+    roots: Sequence[x509.Certificate] = (),
+    client_auth: ClientAuth = "required",
+    verifier: PeerVerifier | None = None,
+) -> TLSContext:
+    """A server context presenting ``chain`` (leaf first); clients are checked against ``roots``.
+
+    ``client_auth="optional"`` requests a certificate and verifies one if sent; the
+    verifier only runs for clients that present one.
+    """
+    if not chain:
+        raise ValueError("a server needs a certificate chain, got an empty one")
+    if client_auth not in ("none", "optional", "required"):
+        raise ValueError(f"client_auth must be none, optional or required, got {client_auth!r}")
+    if client_auth != "none" and not roots:
+        raise ValueError(f"client_auth={client_auth} needs at least one root to verify clients")
+    ctx = _base_context(SSL.TLS_SERVER_METHOD, chain, key, roots)
+    if client_auth == "none":
+        ctx.set_verify(SSL.VERIFY_NONE)
+    elif client_auth == "optional":
+        ctx.set_verify(SSL.VERIFY_PEER, _verify_callback)
+    else:
+        ctx.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, _verify_callback)
+    # Stateful tickets: the server's session cache keeps the client's whole chain,
+    # which a resumed handshake needs to check the client again (see "Resumption").
+    ctx.set_options(SSL.OP_NO_TICKET)
+    ctx.set_session_cache_mode(SSL.SESS_CACHE_SERVER)
+    ctx.set_session_id(b"tally")
+    ctx.set_timeout(SESSION_TIMEOUT_S)
+    return TLSContext(ctx, server_side=True, client_auth=client_auth, verifier=verifier)
+
+
+def client_context(
+    *,
+    roots: Sequence[x509.Certificate],
+    chain: Sequence[x509.Certificate] = (),
+    key: PrivateKey | None = None,
+    verifier: PeerVerifier | None = None,
+) -> TLSContext:
+    """A client context that trusts ``roots`` and presents ``chain`` when the server asks.
+
+    There is no hostname check: SPIFFE peers are named by their URI SAN, which is
+    the verifier's job.  ``server_hostname`` on the stream only sets SNI.
+    """
+    ctx = _base_context(SSL.TLS_CLIENT_METHOD, chain, key, roots)
+    ctx.set_verify(SSL.VERIFY_PEER, _verify_callback)
+    ctx.set_timeout(SESSION_TIMEOUT_S)
+    return TLSContext(ctx, server_side=False, client_auth="none", verifier=verifier)
+
+
+def _describe(exc: SSL.Error) -> str:
+    """OpenSSL's error queue as one line: the reason strings, without library noise."""
+    reasons = [
+        str(item[2])
+        for item in (exc.args[0] if exc.args and isinstance(exc.args[0], list) else [])
+        if isinstance(item, tuple) and len(item) == 3
+    ]
+    return "; ".join(reasons) or type(exc).__name__
+
+
+class _Guard:
+    """Raises BusyResourceError when two tasks use the same direction at once."""
+
+    __slots__ = ("_busy", "_what")
+
+    def __init__(self, what: str) -> None:
+        self._what = what
+        self._busy = False
+
+    def __enter__(self) -> None:
+        if self._busy:
+            raise trio.BusyResourceError(f"another task is already {self._what} on this stream")
+        self._busy = True
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._busy = False
+
+
+class _FlushLock:
+    """A lock with no checkpoint when free: draining is on the hot path of every send."""
+
+    __slots__ = ("_lot", "held")
+
+    def __init__(self) -> None:
+        self.held = False
+        self._lot = trio.lowlevel.ParkingLot()
+
+    async def acquire(self) -> None:
+        while self.held:
+            await self._lot.park()
+        self.held = True
+
+    def release(self) -> None:
+        self.held = False
+        self._lot.unpark()
+
+
+class TLSStream(trio.abc.HalfCloseableStream):
+    """TLS 1.3 over a trio stream, safe for one sending and one receiving task at once.
+
+    ``send_all``/``receive_some`` run the handshake if nobody has yet, but call
+    :meth:`do_handshake` yourself under a deadline to learn why a peer failed.
+    """
+
+    def __init__(
+        self,
+        transport: trio.abc.Stream,
+        ctx: TLSContext,
+        *,
+        server_side: bool,
+        server_hostname: str | None = None,
+    ) -> None:
+        if server_side != ctx.server_side:
+            side = "server" if server_side else "client"
+            raise ValueError(f"a {side} stream needs a {side} context")
+        self.transport = transport
+        self._ctx = ctx
+        self._server_hostname = server_hostname
+        self._conn, self._check = ctx._new_connection(server_hostname)
+        self._offered_session = not server_side and (server_hostname or "") in ctx._sessions
+        self._send_guard = _Guard("sending")
+        self._recv_guard = _Guard("receiving")
+        self._flush_lock = _FlushLock()
+        self._handshake_lock = trio.Lock()
+        self._handshook = False
+        self._handshake_error: BaseException | None = None
+        self._broken: BaseException | None = None
+        self._closed = False
+        self._need_input = False  # OpenSSL said WantRead and nothing was fed since
+        self._queued = 0  # bumped whenever OpenSSL may have queued outgoing bytes
+        self._recv_eof = False
+        self._sent_eof = False
+        self._peer_chain: list[x509.Certificate] = []
+        self._peer_identity: object = None
+        self._resumed = False
+        self._session_saved = False
+
+    # -- what the handshake established -------------------------------------------
+
+    @property
+    def peer_chain(self) -> list[x509.Certificate]:
+        """The peer's certificates as it sent them, leaf first; empty before the handshake."""
+        return list(self._peer_chain)
+
+    @property
+    def peer_identity(self) -> object:
+        """What the verifier returned for this peer; None without a verifier or a peer cert."""
+        return self._peer_identity
+
+    @property
+    def resumed(self) -> bool:
+        """Whether the handshake resumed an earlier session instead of exchanging certificates."""
+        return self._resumed
+
+    @property
+    def version(self) -> str | None:
+        """The protocol version name ("TLSv1.3") once the handshake is done."""
+        return self._conn.get_protocol_version_name() if self._handshook else None
+
+    # -- byte pumping --------------------------------------------------------------
+
+    def _check_usable(self) -> None:
+        if self._closed:
+            raise trio.ClosedResourceError("this TLS stream was closed")
+        if self._broken is not None:
+            raise trio.BrokenResourceError("this TLS stream is broken") from self._broken
+
+    async def _flush(self) -> bool:
+        """Hand everything OpenSSL queued to the transport, in order; True if anything went.
+
+        Waits for the drain lock.  A failure (or cancellation) part way through a
+        record leaves the peer unable to decrypt anything after it: the stream breaks.
+        """
+        await self._flush_lock.acquire()
+        sent = False
+        try:
+            while True:
+                queued = self._queued
+                try:
+                    data = self._conn.bio_read(_BIO_READ)
+                except SSL.WantReadError:
+                    return sent
+                sent = True
+                await self.transport.send_all(data)
+                if len(data) < _BIO_READ and queued == self._queued:
+                    return sent
+        except BaseException as exc:
+            if self._broken is None:
+                self._broken = exc
+            raise
+        finally:
+            self._flush_lock.release()
+
+    async def _feed(self) -> bool:
+        """Move one chunk of ciphertext from the transport into OpenSSL; False at EOF."""
+        data = await self.transport.receive_some(RECEIVE_SIZE)
+        if not data:
+            return False
+        self._conn.bio_write(data)
+        self._need_input = False
+        return True
+
+    # -- handshake -----------------------------------------------------------------
+
+    async def do_handshake(self) -> None:
+        """Run the handshake now (idempotent).
+
+        Raises :class:`PeerRejected` if the peer's certificate was refused,
+        :class:`TLSError` for other protocol failures, and trio.BrokenResourceError
+        if the transport died.  Not bounded in time: wrap it in ``trio.fail_after``.
+        In TLS 1.3 a client finishes before the server has judged the client's
+        certificate, so a client learns of its own rejection on the first read.
+        """
+        if self._handshook:
+            await trio.lowlevel.checkpoint()
+            return
+        await self._ensure_handshake()
+
+    async def _ensure_handshake(self) -> None:
+        async with self._handshake_lock:
+            if self._handshook:
+                return
+            self._check_usable()
+            if self._handshake_error is not None:
+                raise trio.BrokenResourceError(
+                    "the TLS handshake already failed"
+                ) from self._handshake_error
+            try:
+                await self._handshake()
+            except BaseException as exc:
+                self._handshake_error = exc
+                if self._broken is None:
+                    self._broken = exc
+                if self._offered_session:
+                    self._ctx._forget_session(self._server_hostname)
+                raise
+
+    async def _handshake(self) -> None:
+        while True:
+            try:
+                self._queued += 1
+                self._conn.do_handshake()
+            except SSL.WantReadError:
+                await self._flush()
+                if not await self._feed():
+                    raise trio.BrokenResourceError(
+                        "the peer closed the connection during the TLS handshake"
+                    ) from None
+            except SSL.Error as exc:
+                # Best effort: let the peer see our alert before we give up.
+                try:
+                    await self._flush()
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass
+                raise self._handshake_failure(exc) from exc
+            else:
+                break
+        if not self._ctx.server_side:
+            await self._flush()  # our Finished; a server's tickets wait for its first send
+        self._finish_handshake()
+        self._handshook = True
+
+    def _handshake_failure(self, exc: SSL.Error) -> Exception:
+        if self._check.rejection is not None:
+            return self._check.rejection
+        text = _describe(exc)
+        if self._ctx.server_side and "peer did not return a certificate" in text:
+            return PeerRejected("no_certificate", "the client sent no certificate")
+        return TLSError(f"TLS handshake failed: {text}")
+
+    def _finish_handshake(self) -> None:
+        leaf = self._conn.get_peer_certificate(as_cryptography=True)
+        if leaf is None:
+            return
+        presented = self._conn.get_peer_cert_chain(as_cryptography=True) or []
+        if presented and presented[0] == leaf:  # clients see the leaf in the chain, servers not
+            presented = presented[1:]
+        self._peer_chain = [leaf, *presented]
+        if self._check.chain is not None:
+            self._peer_identity = self._check.identity
+            return
+        # No verify callback although the peer has a certificate: a resumed session.
+        self._resumed = True
+        _, self._peer_identity = self._ctx._reverify(leaf, presented)
+
+    # -- trio.abc.Stream -------------------------------------------------------------
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        with self._send_guard:
+            await trio.lowlevel.checkpoint_if_cancelled()
+            self._check_usable()
+            if not self._handshook:
+                await self._implicit_handshake()
+            if self._sent_eof:
+                raise trio.ClosedResourceError("send_eof() was called on this TLS stream")
+            view = memoryview(data)
+            if not view.nbytes:
+                await trio.lowlevel.checkpoint()
+                return
+            view = view.cast("B")
+            for start in range(0, len(view), SEND_CHUNK):
+                try:
+                    self._queued += 1
+                    self._conn.sendall(view[start : start + SEND_CHUNK])
+                except SSL.Error as exc:
+                    err = self._fail(exc, "send")
+                    raise trio.BrokenResourceError(str(err)) from err
+                await self._flush()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        with self._recv_guard:
+            if max_bytes is None:
+                max_bytes = RECEIVE_SIZE
+            elif not isinstance(max_bytes, int):
+                raise TypeError(f"max_bytes must be an int, got {type(max_bytes).__name__}")
+            elif max_bytes < 1:
+                raise ValueError(f"max_bytes must be at least 1, got {max_bytes}")
+            await trio.lowlevel.checkpoint_if_cancelled()
+            self._check_usable()
+            yielded = False
+            if not self._handshook:
+                await self._implicit_handshake()
+                yielded = True
+            data = b""
+            if not self._recv_eof:
+                data, fed = await self._receive(max_bytes)
+                yielded = yielded or fed
+            if not yielded:
+                await trio.lowlevel.cancel_shielded_checkpoint()
+            return data
+
+    async def _receive(self, max_bytes: int) -> tuple[bytes, bool]:
+        """Decrypt up to max_bytes; the flag says whether we awaited the transport."""
+        fed = False
+        parts: list[bytes] = []
+        total = 0
+        while total < max_bytes:
+            if self._need_input:
+                if parts:
+                    break  # return what we have rather than wait for more
+                fed = True
+                try:
+                    more = await self._feed()
+                except trio.Cancelled:
+                    raise  # nothing was consumed: the stream is still whole
+                except trio.ClosedResourceError:
+                    raise
+                except BaseException as exc:
+                    self._broken = exc
+                    raise
+                if not more:
+                    self._recv_eof = True
+                    break
+            try:
+                self._queued += 1
+                chunk = self._conn.recv(max_bytes - total)
+            except SSL.WantReadError:
+                self._need_input = True
+                continue
+            except SSL.ZeroReturnError:
+                self._recv_eof = True
+                break
+            except SSL.Error as exc:
+                if parts:
+                    break  # deliver what decrypted cleanly; the next call reports the error
+                err = self._fail(exc, "receive")
+                raise trio.BrokenResourceError(str(err)) from err
+            parts.append(chunk)
+            total += len(chunk)
+        if parts and not self._session_saved:
+            self._save_session()
+        return (parts[0] if len(parts) == 1 else b"".join(parts)), fed
+
+    def _fail(self, exc: SSL.Error, during: str) -> TLSError:
+        """Break the stream for an OpenSSL failure; callers raise BrokenResourceError from it."""
+        cause = TLSError(f"TLS {during} failed: {_describe(exc)}")
+        cause.__cause__ = exc
+        self._broken = cause
+        return cause
+
+    async def _implicit_handshake(self) -> None:
+        try:
+            await self._ensure_handshake()
+        except (PeerRejected, TLSError) as exc:
+            raise trio.BrokenResourceError(f"TLS handshake failed: {exc}") from exc
+
+    async def send_eof(self) -> None:
+        """Send close_notify: TLS 1.3 closes only our direction, so we can still read."""
+        with self._send_guard:
+            await trio.lowlevel.checkpoint_if_cancelled()
+            self._check_usable()
+            if not self._handshook:
+                await self._implicit_handshake()
+            if self._sent_eof:
+                await trio.lowlevel.checkpoint()
+                return
+            self._sent_eof = True
+            try:
+                self._queued += 1
+                self._conn.shutdown()
+            except SSL.Error as exc:
+                err = self._fail(exc, "shutdown")
+                raise trio.BrokenResourceError(str(err)) from err
+            await self._flush()
+
+    async def wait_send_all_might_not_block(self) -> None:
+        with self._send_guard:
+            self._check_usable()
+            await self.transport.wait_send_all_might_not_block()
+
+    async def aclose(self) -> None:
+        """Send close_notify if we can do so quickly, then close the transport.
+
+        The close_notify is skipped when the handshake never finished, when the
+        stream is broken, or when another task is mid-send; it gets at most
+        CLOSE_NOTIFY_TIMEOUT_S even if we are being cancelled.
+        """
+        if self._closed:
+            await trio.lowlevel.checkpoint()
+            return
+        self._closed = True
+        try:
+            if self._handshook and self._broken is None and not self._flush_lock.held:
+                if not self._sent_eof:
+                    with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_NOTIFY_TIMEOUT_S):
+                        self._sent_eof = True
+                        try:
+                            self._queued += 1
+                            self._conn.shutdown()
+                            await self._flush()
+                        except (SSL.Error, trio.BrokenResourceError, trio.ClosedResourceError):
+                            pass
+        finally:
+            await self.transport.aclose()
+
+    def _save_session(self) -> None:
+        """Keep a client's session for the next connection from the same context.
+
+        Called at the first application data: a TLS 1.3 server sends its tickets
+        right after the handshake, so by then the session is resumable.
+        """
+        self._session_saved = True
+        if self._ctx.server_side:
+            return
+        session = self._conn.get_session()
+        if session is not None:
+            self._ctx._remember_session(self._server_hostname, session)
