@@ -1,0 +1,178 @@
+"""Who is calling on the Workload API socket: selectors from the kernel and /proc.
+
+Rules:
+
+1. Nothing the caller says counts.  The uid and gid come from the kernel's
+   record of the connection (``SO_PEERCRED``); groups, names, the executable
+   path and its hash come from ``/proc``.
+2. PID reuse.  A pid names a process only while that process lives: a caller
+   could connect, exit, and let another process take its pid before we read
+   ``/proc``.  So the agent takes a *pidfd* for the connecting process from the
+   kernel (``SO_PEERPIDFD``, Linux 6.5+), which pins that exact process and
+   never another, reads ``/proc/<pid>``, and then checks through the pidfd that
+   the same process is still alive.  If it died at any point, its pid may now
+   belong to someone else and the attestation is refused.  On older kernels
+   the agent falls back to ``pidfd_open(pid)`` at accept time, which leaves
+   only the window between the caller's ``connect`` and our ``accept`` (the
+   caller would have to exit and the pid space wrap inside it).
+3. An executable's SHA-256 is cached by (device, inode, size, mtime), so a
+   busy caller is hashed once, while a replaced binary is hashed again.
+4. `selectors_for` is pure; the I/O lives in `attest_socket`.
+"""
+
+from __future__ import annotations
+
+import grp
+import hashlib
+import os
+import pwd
+import socket
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from tally.selectors import Selector
+
+SO_PEERPIDFD = getattr(socket, "SO_PEERPIDFD", 77)
+
+
+class AttestationError(Exception):
+    """The caller cannot be attested (it exited, or /proc would not say)."""
+
+
+@dataclass(frozen=True)
+class ProcessFacts:
+    pid: int
+    uid: int
+    gid: int
+    groups: tuple[int, ...]
+    exe: str | None
+    exe_sha256: str | None
+
+
+def _user_name(uid: int) -> str | None:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return None
+
+
+def _group_name(gid: int) -> str | None:
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return None
+
+
+def selectors_for(
+    facts: ProcessFacts,
+    user_name: str | None,
+    group_names: dict[int, str | None],
+) -> frozenset[Selector]:
+    """Every selector a process with these facts satisfies."""
+    out = {
+        Selector("unix", f"uid:{facts.uid}"),
+        Selector("unix", f"gid:{facts.gid}"),
+    }
+    if user_name:
+        out.add(Selector("unix", f"user:{user_name}"))
+    if group_names.get(facts.gid):
+        out.add(Selector("unix", f"group:{group_names[facts.gid]}"))
+    for gid in facts.groups:
+        out.add(Selector("unix", f"supplementary_gid:{gid}"))
+        name = group_names.get(gid)
+        if name:
+            out.add(Selector("unix", f"supplementary_group:{name}"))
+    if facts.exe:
+        out.add(Selector("unix", f"path:{facts.exe}"))
+    if facts.exe_sha256:
+        out.add(Selector("unix", f"sha256:{facts.exe_sha256}"))
+    return frozenset(out)
+
+
+def describe(selectors: Iterable[Selector]) -> list[str]:
+    return sorted(str(s) for s in selectors)
+
+
+class ExeHashCache:
+    def __init__(self, size: int = 256) -> None:
+        self._size = size
+        self._cache: dict[tuple[int, int, int, int], str] = {}
+
+    def sha256(self, pid: int) -> str | None:
+        path = f"/proc/{pid}/exe"
+        try:
+            with open(path, "rb") as f:
+                st = os.fstat(f.fileno())
+                key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+                cached = self._cache.get(key)
+                if cached is not None:
+                    return cached
+                digest = hashlib.file_digest(f, "sha256").hexdigest()
+        except OSError:
+            return None
+        if len(self._cache) >= self._size:
+            self._cache.pop(next(iter(self._cache)))
+        self._cache[key] = digest
+        return digest
+
+
+def _pidfd_pid(pidfd: int) -> int:
+    """The pid a pidfd refers to, or -1 once that process has exited."""
+    with open(f"/proc/self/fdinfo/{pidfd}") as f:
+        for line in f:
+            if line.startswith("Pid:"):
+                return int(line.split()[1])
+    raise AttestationError("kernel did not report the caller's pid")
+
+
+def _peer_pidfd(sock: socket.socket, pid: int) -> int:
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD, struct.calcsize("i"))
+        return int(struct.unpack("i", raw)[0])
+    except OSError:
+        try:
+            return os.pidfd_open(pid)
+        except OSError as exc:
+            raise AttestationError(f"caller pid {pid} is gone") from exc
+
+
+def _read_groups(pid: int) -> tuple[int, ...]:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("Groups:"):
+                return tuple(int(g) for g in line.split()[1:])
+    return ()
+
+
+def attest_socket(
+    sock: socket.socket, hashes: ExeHashCache
+) -> tuple[ProcessFacts, frozenset[Selector]]:
+    """Attest the process at the other end of a Unix socket (blocking: run it in a thread)."""
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, uid, gid = struct.unpack("3i", raw)
+    if pid <= 0:
+        raise AttestationError("kernel gave no pid for the caller (different pid namespace?)")
+    pidfd = _peer_pidfd(sock, pid)
+    try:
+        if _pidfd_pid(pidfd) != pid:
+            raise AttestationError(f"caller pid {pid} exited before it could be attested")
+        try:
+            groups = _read_groups(pid)
+            try:
+                exe: str | None = os.readlink(f"/proc/{pid}/exe")
+            except OSError:
+                exe = None
+            digest = hashes.sha256(pid)
+        except OSError as exc:
+            raise AttestationError(f"cannot read /proc/{pid}: {exc.strerror}") from exc
+        # Still the same live process: everything read above was about it.
+        if _pidfd_pid(pidfd) != pid:
+            raise AttestationError(f"caller pid {pid} exited during attestation")
+    finally:
+        os.close(pidfd)
+    if exe is not None and exe.endswith(" (deleted)"):
+        exe = None  # a deleted binary has no path to select on; its hash still counts
+    facts = ProcessFacts(pid, uid, gid, groups, exe, digest)
+    names = {g: _group_name(g) for g in {gid, *groups}}
+    return facts, selectors_for(facts, _user_name(uid), names)

@@ -1,0 +1,417 @@
+"""The CA's keys on disk and in memory, moved along by `ca.schedule`.
+
+Rules:
+
+1. Private keys live in ``<data dir>/keys/<id>.pem``, PKCS#8, mode 0600, in a
+   directory of mode 0700.  The CA refuses to start if any key file it would
+   load is readable by group or others, or is a symlink: a key that others
+   could have read is a key to treat as leaked, and an operator must decide.
+2. A key file is written and fsynced *before* the store records the key, so a
+   crash can leave an orphan file (harmless, never loaded) but never a stored
+   key without its private half.
+3. Certificates live in the store; the bundle is derived from the key states,
+   never kept separately.
+4. What the signing hot path reads (`Signer`) is an immutable snapshot that is
+   swapped in one assignment when a key changes.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import stat
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+
+from ca import schedule
+from ca.store import AuditEvent, KeyRecord, Store
+from tally import x509profile
+from tally.bundle import Bundle
+from tally.cli_support import OperatorError
+from tally.spiffeid import TrustDomain
+
+PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
+
+
+class CAKeyError(OperatorError):
+    """A key file is missing, unreadable or exposed; the message names it."""
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """An operator's CA that signs our intermediates instead of a root of our own."""
+
+    cert: x509.Certificate
+    key: PrivateKey
+    chain: tuple[x509.Certificate, ...]
+    bundle_roots: tuple[x509.Certificate, ...]
+
+
+@dataclass(frozen=True)
+class Signer:
+    """The active intermediate, ready to sign: never mutated once published."""
+
+    key_id: str
+    cert: x509.Certificate
+    key: PrivateKey
+    chain: tuple[x509.Certificate, ...]  # intermediate first, then any upstream CA certs
+    not_after: datetime
+
+
+def check_key_file(path: Path) -> None:
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError as exc:
+        raise CAKeyError(f"key file {path} is missing") from exc
+    if stat.S_ISLNK(st.st_mode):
+        raise CAKeyError(f"key file {path} is a symlink; refusing to follow it")
+    if st.st_mode & 0o077:
+        raise CAKeyError(
+            f"key file {path} has mode {stat.S_IMODE(st.st_mode):04o}; it must not be readable "
+            f"by group or others (chmod 600 {path})"
+        )
+
+
+def load_private_key(path: Path) -> PrivateKey:
+    check_key_file(path)
+    try:
+        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    except (OSError, ValueError, TypeError) as exc:
+        raise CAKeyError(f"key file {path}: cannot load a private key ({exc})") from exc
+    if not isinstance(
+        key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
+    ):
+        raise CAKeyError(f"key file {path}: unsupported key type {type(key).__name__}")
+    return key
+
+
+def write_private_key(path: Path, key: PrivateKey) -> None:
+    data = x509profile.key_to_pem(key)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def load_upstream(cert_path: Path, key_path: Path, bundle_path: Path | None) -> Upstream:
+    try:
+        certs = x509profile.chain_from_pem(cert_path.read_bytes())
+    except (OSError, ValueError) as exc:
+        raise CAKeyError(f"upstream certificate {cert_path}: {exc}") from exc
+    key = load_private_key(key_path)
+    cert = certs[0]
+    try:
+        x509profile.validate_signing_cert(cert)
+    except ValueError as exc:
+        raise CAKeyError(f"upstream certificate {cert_path} cannot sign: {exc}") from exc
+    if cert.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    ) != key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    ):
+        raise CAKeyError(f"upstream key {key_path} does not match certificate {cert_path}")
+    self_signed = cert.issuer == cert.subject
+    if bundle_path is not None:
+        try:
+            roots = tuple(x509profile.chain_from_pem(bundle_path.read_bytes()))
+        except (OSError, ValueError) as exc:
+            raise CAKeyError(f"upstream bundle {bundle_path}: {exc}") from exc
+    elif self_signed:
+        roots = (cert,)
+    else:
+        raise CAKeyError(
+            f"upstream certificate {cert_path} is not self-signed; give its roots with "
+            "--upstream-bundle"
+        )
+    chain = () if self_signed else tuple(certs)
+    return Upstream(cert, key, chain, roots)
+
+
+def _ts(dt: datetime) -> int:
+    return int(dt.timestamp())
+
+
+def _dt(ts: int) -> datetime:
+    return datetime.fromtimestamp(ts, UTC)
+
+
+def _iso(dt: datetime) -> str:
+    return dt.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class KeyManager:
+    """Holds the CA's keys and applies the schedule; not thread-safe, driven by one task."""
+
+    def __init__(
+        self,
+        store: Store,
+        data_dir: Path,
+        td: TrustDomain,
+        policy: schedule.Policy,
+        clock: Callable[[], datetime],
+        upstream: Upstream | None = None,
+    ) -> None:
+        self.store = store
+        self.keys_dir = data_dir / "keys"
+        self.td = td
+        self.policy = policy
+        self.clock = clock
+        self.upstream = upstream
+        self._records: list[KeyRecord] = []
+        self._private: dict[str, PrivateKey] = {}
+        self.signer: Signer | None = None
+        self.bundle: Bundle | None = None
+
+    # -- loading -----------------------------------------------------------------------
+
+    def load(self) -> None:
+        """Read stored keys and their private halves; refuse exposed key files."""
+        self.keys_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        mode = stat.S_IMODE(os.lstat(self.keys_dir).st_mode)
+        if mode & 0o077:
+            raise CAKeyError(
+                f"key directory {self.keys_dir} has mode {mode:04o}; it must be 0700 "
+                f"(chmod 700 {self.keys_dir})"
+            )
+        for path in sorted(self.keys_dir.glob("*.pem")):
+            check_key_file(path)
+        self._records = self.store.list_keys()
+        for rec in self._records:
+            if rec.state not in ("prepared", "active"):
+                continue
+            if not rec.upstream:
+                self._private[rec.id] = load_private_key(self._key_path(rec.id))
+            elif self.upstream is not None:
+                self._private[rec.id] = self.upstream.key
+        self._publish()
+
+    def _key_path(self, key_id: str) -> Path:
+        return self.keys_dir / f"{key_id}.pem"
+
+    # -- the schedule ------------------------------------------------------------------
+
+    def states(self) -> list[schedule.KeyState]:
+        return [
+            schedule.KeyState(
+                r.id,
+                r.kind,  # type: ignore[arg-type]
+                r.state,  # type: ignore[arg-type]
+                r.parent_id,
+                r.not_before,
+                r.not_after,
+                r.created_at,
+                r.activated_at,
+            )
+            for r in self._records
+        ]
+
+    def tick(self, actor: str = "ca") -> list[schedule.Step]:
+        """Apply every step that is due now; returns what was done (for logs)."""
+        done: list[schedule.Step] = []
+        for _ in range(16):
+            step = schedule.decide(self.states(), _ts(self.clock()), self.policy)
+            if step is None:
+                break
+            self._apply(step, actor)
+            done.append(step)
+        self._publish()
+        return done
+
+    def rotate_intermediate(self, actor: str) -> schedule.Step:
+        step = schedule.Step("create_intermediate", activate=True, reason="operator request")
+        self._apply(step, actor)
+        self._publish()
+        return step
+
+    def rotate_root(self, actor: str) -> schedule.Step:
+        if self.upstream is not None:
+            raise CAKeyError("the root comes from --upstream-cert; rotate it in the upstream PKI")
+        if any(r.kind == "root" and r.state == "prepared" for r in self._records):
+            raise CAKeyError("a new root is already waiting for its propagation window")
+        step = schedule.Step("create_root", reason="operator request")
+        self._apply(step, actor)
+        self._publish()
+        return step
+
+    def _find(self, key_id: str | None) -> KeyRecord:
+        for rec in self._records:
+            if rec.id == key_id:
+                return rec
+        raise CAKeyError(f"no key {key_id}")
+
+    def _apply(self, step: schedule.Step, actor: str) -> None:
+        now = self.clock().replace(microsecond=0)
+
+        def ev(event: str, rec: KeyRecord, **detail: object) -> AuditEvent:
+            return AuditEvent(
+                _iso(now),
+                actor,
+                event,
+                str(self.td.id()),
+                rec.id,
+                {"kind": rec.kind, "reason": step.reason, **detail},
+            )
+
+        changed: list[KeyRecord] = []
+        events: list[AuditEvent] = []
+        forget: list[str] = []
+        bump = False
+        if step.kind in ("create_root", "create_intermediate"):
+            if step.kind == "create_root":
+                rec = self._create_root(now, activate=step.activate)
+                bump = True
+            else:
+                rec = self._create_intermediate(now, activate=step.activate)
+            changed.append(rec)
+            events.append(ev("key.created", rec, state=rec.state))
+        else:
+            rec = self._find(step.key_id)
+            if step.kind in ("activate_root", "activate_intermediate"):
+                rec = replace(rec, state="active", activated_at=_ts(now))
+                changed.append(rec)
+                events.append(ev("key.activated", rec))
+            else:
+                rec = replace(rec, state="removed")
+                changed.append(rec)
+                events.append(ev("key.removed", rec))
+                forget.append(rec.id)
+                bump = step.kind == "remove_root"
+        if rec.state == "active":
+            for old in self._records:
+                if old.kind == rec.kind and old.state == "active" and old.id != rec.id:
+                    retired = replace(old, state="retired")
+                    changed.append(retired)
+                    events.append(ev("key.retired", retired))
+                    forget.append(old.id)
+        self.store.save_keys(changed, events, bump_bundle=bump)
+        for new in changed:
+            for i, old in enumerate(self._records):
+                if old.id == new.id:
+                    self._records[i] = new
+                    break
+            else:
+                self._records.append(new)
+        for key_id in forget:
+            self._forget_private(key_id)
+
+    def _forget_private(self, key_id: str) -> None:
+        """A key that will never sign again is deleted: it can no longer leak."""
+        if any(r.id == key_id and r.upstream for r in self._records):
+            self._private.pop(key_id, None)
+            return
+        self._private.pop(key_id, None)
+        self._key_path(key_id).unlink(missing_ok=True)
+
+    def _new_key(self, key_id: str) -> PrivateKey:
+        key = x509profile.generate_key()
+        write_private_key(self._key_path(key_id), key)
+        self._private[key_id] = key
+        return key
+
+    def _create_root(self, now: datetime, *, activate: bool) -> KeyRecord:
+        state = "active" if activate else "prepared"
+        if self.upstream is not None:
+            cert = self.upstream.cert
+            key_id = "upstream-" + cert.fingerprint(hashes.SHA256())[:8].hex()
+            self._private[key_id] = self.upstream.key
+            return KeyRecord(
+                key_id,
+                "root",
+                state,
+                x509profile.chain_to_pem([cert]).decode(),
+                None,
+                True,
+                _ts(cert.not_valid_before_utc),
+                _ts(cert.not_valid_after_utc),
+                _ts(now),
+                _ts(now) if activate else None,
+            )
+        key_id = "root-" + secrets.token_hex(6)
+        key = self._new_key(key_id)
+        not_after = now + _seconds(self.policy.root_ttl)
+        cert = x509profile.build_root(key, self.td, now, not_after)
+        return KeyRecord(
+            key_id,
+            "root",
+            state,
+            x509profile.chain_to_pem([cert]).decode(),
+            None,
+            False,
+            _ts(now),
+            _ts(not_after),
+            _ts(now),
+            _ts(now) if activate else None,
+        )
+
+    def _create_intermediate(self, now: datetime, *, activate: bool) -> KeyRecord:
+        root = next(r for r in self._records if r.kind == "root" and r.state == "active")
+        root_cert = x509profile.chain_from_pem(root.cert_pem.encode())[0]
+        root_key = self._private[root.id]
+        key_id = "int-" + secrets.token_hex(6)
+        key = self._new_key(key_id)
+        not_after = min(now + _seconds(self.policy.intermediate_ttl), root_cert.not_valid_after_utc)
+        cert = x509profile.build_intermediate(
+            key.public_key(), self.td, root_cert, root_key, now, not_after
+        )
+        return KeyRecord(
+            key_id,
+            "intermediate",
+            "active" if activate else "prepared",
+            x509profile.chain_to_pem([cert]).decode(),
+            root.id,
+            False,
+            _ts(now),
+            _ts(cert.not_valid_after_utc),
+            _ts(now),
+            _ts(now) if activate else None,
+        )
+
+    # -- what others read --------------------------------------------------------------
+
+    def _publish(self) -> None:
+        roots: list[x509.Certificate] = []
+        for rec in self._records:
+            if rec.kind == "root" and rec.state in ("prepared", "active", "retired"):
+                if rec.upstream and self.upstream is not None:
+                    roots.extend(self.upstream.bundle_roots)
+                else:
+                    roots.extend(x509profile.chain_from_pem(rec.cert_pem.encode()))
+        self.bundle = Bundle(self.td, tuple(roots), sequence=self.store.bundle_sequence())
+        active = next(
+            (r for r in self._records if r.kind == "intermediate" and r.state == "active"), None
+        )
+        if active is None or active.id not in self._private:
+            self.signer = None
+            return
+        cert = x509profile.chain_from_pem(active.cert_pem.encode())[0]
+        extra = self.upstream.chain if self.upstream is not None else ()
+        self.signer = Signer(
+            active.id, cert, self._private[active.id], (cert, *extra), cert.not_valid_after_utc
+        )
+
+    def key_summaries(self) -> list[dict[str, object]]:
+        return [
+            {
+                "id": r.id,
+                "kind": r.kind,
+                "state": r.state,
+                "parent_id": r.parent_id,
+                "not_before": _iso(_dt(r.not_before)),
+                "not_after": _iso(_dt(r.not_after)),
+                "upstream": r.upstream,
+            }
+            for r in self._records
+            if r.state != "removed"
+        ]
+
+
+def _seconds(n: int) -> timedelta:
+    return timedelta(seconds=n)

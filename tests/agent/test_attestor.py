@@ -1,0 +1,92 @@
+"""Caller attestation from the kernel and /proc, on real sockets and real processes."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from agent.attestor import (
+    AttestationError,
+    ExeHashCache,
+    ProcessFacts,
+    attest_socket,
+    selectors_for,
+)
+from tally.selectors import Selector
+
+
+@given(
+    uid=st.integers(0, 2**31 - 1),
+    gid=st.integers(0, 2**31 - 1),
+    groups=st.lists(st.integers(0, 2**31 - 1), max_size=5),
+    exe=st.none() | st.just("/usr/bin/x"),
+)
+def test_selectors_name_exactly_the_facts(uid, gid, groups, exe):
+    facts = ProcessFacts(1, uid, gid, tuple(groups), exe, "ab" * 32)
+    sels = selectors_for(facts, "alice", {gid: "staff"})
+    assert Selector("unix", f"uid:{uid}") in sels
+    assert Selector("unix", f"gid:{gid}") in sels
+    assert Selector("unix", "user:alice") in sels
+    assert Selector("unix", "group:staff") in sels
+    assert Selector("unix", "sha256:" + "ab" * 32) in sels
+    assert (Selector("unix", "path:/usr/bin/x") in sels) == (exe is not None)
+    for g in groups:
+        assert Selector("unix", f"supplementary_gid:{g}") in sels
+    uids = [s for s in sels if s.value.startswith("uid:")]
+    assert len(uids) == 1
+
+
+def test_attests_a_real_peer_process():
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    facts, sels = attest_socket(a, ExeHashCache())
+    assert facts.pid == os.getpid()
+    assert facts.uid == os.geteuid()
+    assert facts.exe == os.path.realpath(sys.executable)
+    with open(sys.executable, "rb") as f:
+        assert facts.exe_sha256 == hashlib.file_digest(f, "sha256").hexdigest()
+    assert Selector("unix", f"uid:{os.geteuid()}") in sels
+    a.close()
+    b.close()
+
+
+def test_a_caller_that_exited_is_refused(tmp_path):
+    """The PID-reuse guard: once the connecting process is gone, nothing is attested."""
+    path = str(tmp_path / "s.sock")
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(path)
+    server.listen(1)
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import socket,sys; s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); "
+            "import os; os._exit(0)",
+            path,
+        ],
+    )
+    conn, _ = server.accept()
+    child.wait()
+    # Let other processes start and possibly take the pid; the pidfd still names the dead one.
+    for _ in range(5):
+        subprocess.run(["true"], check=True)
+    time.sleep(0.05)
+    with pytest.raises(AttestationError, match="exited"):
+        attest_socket(conn, ExeHashCache())
+    conn.close()
+    server.close()
+
+
+def test_exe_hash_is_cached_per_binary():
+    cache = ExeHashCache()
+    first = cache.sha256(os.getpid())
+    assert first is not None
+    assert cache.sha256(os.getpid()) == first
+    assert len(cache._cache) == 1
