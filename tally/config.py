@@ -39,7 +39,7 @@ import re
 import tomllib
 import types
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, TypeVar
@@ -349,9 +349,13 @@ def _toml_type(value: object) -> str:
 
 
 def _got(value: object, secret: bool) -> str:
+    """What was found, in TOML's words; a secret's value is never shown."""
     if secret or isinstance(value, list | dict):
         return _toml_type(value)
-    return f"{_toml_type(value)} {_shown(value)}"
+    if isinstance(value, bool):
+        return f"boolean {'true' if value else 'false'}"
+    shown = _shown(value) if isinstance(value, str) else str(value)
+    return f"{_toml_type(value)} {shown}"
 
 
 def _text(value: str) -> str:
@@ -377,7 +381,7 @@ def _duration_text(value: str) -> Duration:
         raise _Invalid(str(exc)) from exc
 
 
-def _duration_number(value: float) -> Duration:
+def _duration_number(value: int | float) -> Duration:
     if not (math.isfinite(value) and 0 <= value <= MAX_SECONDS):
         raise _Invalid(f"invalid duration {value!r}: expected 0 to {MAX_SECONDS} seconds")
     return Duration(value)
@@ -414,7 +418,7 @@ def _from_toml(s: _Setting, value: object) -> object:
         if kind is _Kind.FLOAT:
             return _float(float(value))
         if kind is _Kind.DURATION:
-            return _duration_number(float(value))
+            return _duration_number(value)
     if kind is _Kind.STR and isinstance(value, str):
         return _text(value)
     if kind is _Kind.PATH and isinstance(value, str):
@@ -527,11 +531,9 @@ def _suggest(key: str, names: Mapping[str, object]) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
-def _given(
-    source: str, s: _Setting, raw: object, convert: Callable[[_Setting, object], object]
-) -> object:
+def _given(source: str, s: _Setting, raw: object) -> object:
     try:
-        return convert(s, raw)
+        return _from_text(s, raw)
     except _Invalid as exc:
         raise ConfigError(f"{source}: {exc}") from exc
 
@@ -549,9 +551,9 @@ def load(schema: type[T], args: argparse.Namespace, *, env: Mapping[str, str] | 
     values = _file_values(config_path, by_name) if config_path is not None else {}
     for s in settings:
         if s.env_var and env.get(s.env_var):
-            values[s.name] = _given(f"environment {s.env_var}", s, env[s.env_var], _from_text)
+            values[s.name] = _given(f"environment {s.env_var}", s, env[s.env_var])
         if hasattr(args, s.name):
-            values[s.name] = _given(f"flag {s.flag}", s, getattr(args, s.name), _from_text)
+            values[s.name] = _given(f"flag {s.flag}", s, getattr(args, s.name))
         if s.name not in values and s.default is REQUIRED:
             also = f", or environment {s.env_var}" if s.env_var else ""
             raise ConfigError(
