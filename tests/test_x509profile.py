@@ -618,3 +618,13 @@ def test_py_spiffe_accepts_our_svid():
     svid = X509Svid.parse_raw(chain_to_der([PKI.leaf, PKI.inter]), key_to_pkcs8_der(PKI.leaf_key))
     assert str(svid.spiffe_id) == str(WEB)
     assert svid.leaf == PKI.leaf
+
+
+def test_profile_error_carries_reason_and_pickles():
+    import pickle
+
+    err = ProfileError("expired", "certificate 'x' expired")
+    assert (err.reason, str(err)) == ("expired", "certificate 'x' expired")
+    copy = pickle.loads(pickle.dumps(err))
+    assert (copy.reason, str(copy)) == ("expired", "certificate 'x' expired")
+    assert isinstance(err, ValueError)
