@@ -1,0 +1,202 @@
+"""The agent's side of the CA API: attestation, renewal, entries, signing, bundle.
+
+Rules:
+
+1. The CA is trusted only through the bundle the agent holds, and only as
+   ``spiffe://<td>/tally/ca``: a certificate for any other SPIFFE ID, even one
+   from our own CA, is refused.  That is what stops a stolen workload SVID from
+   impersonating the CA to an agent.
+2. Attestation is the one call made without a client certificate; everything
+   after it presents the agent SVID (mutual TLS).
+3. One kept-alive connection carries every call.  When the agent's identity or
+   the bundle changes, the connection is dropped and the next call handshakes
+   with a new context, so a rotated agent SVID is used at once.
+4. Errors come out as `CAError` with the CA's stable ``code`` (``evicted``,
+   ``attestation_failed``, ...) or ``unreachable``, so callers decide on codes,
+   never on message text.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlencode
+
+import trio
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from tally import http, tls, x509profile
+from tally.config import Address
+from tally.net import connect
+from tally.spiffeid import SpiffeId, TrustDomain
+
+CA_PATH = ("tally", "ca")
+
+
+class CAError(Exception):
+    def __init__(self, code: str, message: str, status: int = 0) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.status = status
+
+
+@dataclass(frozen=True)
+class Issued:
+    spiffe_id: str
+    serial: str
+    chain: tuple[x509.Certificate, ...]
+
+
+def make_csr(key: ec.EllipticCurvePrivateKey) -> str:
+    """A CSR carries only the public key; the CA decides everything else."""
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([]))
+        .sign(key, hashes.SHA256())
+    )
+    return csr.public_bytes(serialization.Encoding.PEM).decode()
+
+
+def _issued(data: dict[str, Any]) -> Issued:
+    chain = tuple(x509profile.chain_from_pem(str(data["cert_chain"]).encode()))
+    return Issued(str(data["spiffe_id"]), str(data["serial"]), chain)
+
+
+class CAClient:
+    def __init__(
+        self,
+        server: Address,
+        trust_domain: TrustDomain,
+        roots: Sequence[x509.Certificate],
+        *,
+        timeout: float = 15,
+    ) -> None:
+        self.server = server
+        self.td = trust_domain
+        self.ca_id = SpiffeId.from_parts(trust_domain, *CA_PATH)
+        self.timeout = timeout
+        self._roots = tuple(roots)
+        self._identity: tuple[tuple[x509.Certificate, ...], ec.EllipticCurvePrivateKey] | None = (
+            None
+        )
+        self._client: http.HttpClient | None = None
+        self._stale: http.HttpClient | None = None
+
+    def set_roots(self, roots: Sequence[x509.Certificate]) -> None:
+        if tuple(roots) != self._roots:
+            self._roots = tuple(roots)
+            self._drop()
+
+    def set_identity(
+        self, chain: Sequence[x509.Certificate], key: ec.EllipticCurvePrivateKey
+    ) -> None:
+        self._identity = (tuple(chain), key)
+        self._drop()
+
+    def _drop(self) -> None:
+        # Synchronous callers cannot await a close; the next call closes it.
+        if self._client is not None:
+            self._stale = self._client
+        self._client = None
+
+    def _verify_ca(self, chain: list[x509.Certificate]) -> object:
+        try:
+            sid = x509profile.validate_leaf(chain[0])
+        except x509profile.ProfileError as exc:
+            raise tls.PeerRejected(exc.reason, str(exc)) from exc
+        if sid != self.ca_id:
+            raise tls.PeerRejected("not_allowed", f"expected the CA ({self.ca_id}), got {sid}")
+        return sid
+
+    def _context(self) -> tls.TLSContext:
+        if self._identity is None:
+            return tls.client_context(roots=self._roots, verifier=self._verify_ca)
+        chain, key = self._identity
+        return tls.client_context(roots=self._roots, chain=chain, key=key, verifier=self._verify_ca)
+
+    async def _http(self) -> http.HttpClient:
+        stale = self._stale
+        if stale is not None:
+            self._stale = None
+            with trio.move_on_after(1):
+                await stale.aclose()
+        if self._client is None:
+            ctx = self._context()
+
+            async def open_stream() -> trio.abc.Stream:
+                raw = await connect(self.server)
+                stream = tls.TLSStream(raw, ctx, server_side=False)
+                try:
+                    with trio.fail_after(self.timeout):
+                        await stream.do_handshake()
+                except BaseException:
+                    await trio.aclose_forcefully(raw)
+                    raise
+                return stream
+
+            self._client = http.HttpClient(open_stream)
+        return self._client
+
+    async def _call(
+        self, method: str, target: str, body: object | None = None, *, wait: float = 0
+    ) -> Any:
+        client = await self._http()
+        try:
+            resp = await client.request(method, target, json_body=body, timeout=self.timeout + wait)
+        except http.HttpClientError as exc:
+            cause = exc.__cause__
+            if isinstance(cause, tls.PeerRejected):
+                raise CAError("ca_rejected", f"the CA's certificate was refused: {cause}") from exc
+            raise CAError("unreachable", f"CA at {self.server} unreachable: {exc}") from exc
+        try:
+            data = resp.json()
+        except ValueError as exc:
+            raise CAError(
+                "bad_response", f"CA answered {resp.status} with a body that is not JSON"
+            ) from exc
+        if resp.status >= 400:
+            code = str(data.get("code", "error")) if isinstance(data, dict) else "error"
+            message = str(data.get("error", "")) if isinstance(data, dict) else ""
+            raise CAError(code, message or f"CA answered {resp.status}", resp.status)
+        return data
+
+    async def attest(
+        self, token: str, key: ec.EllipticCurvePrivateKey
+    ) -> tuple[Issued, bytes, int]:
+        data = await self._call("POST", "/v1/attest", {"token": token, "csr": make_csr(key)})
+        return _issued(data), str(data["bundle"]).encode(), int(data["bundle_sequence"])
+
+    async def renew(self, key: ec.EllipticCurvePrivateKey) -> Issued:
+        return _issued(await self._call("POST", "/v1/agent/renew", {"csr": make_csr(key)}))
+
+    async def entries(self, since: int = -1, wait: float = 0) -> tuple[int, list[dict[str, Any]]]:
+        q = urlencode({"since": since, "wait": wait})
+        data = await self._call("GET", f"/v1/entries?{q}", wait=wait)
+        return int(data["revision"]), list(data["entries"])
+
+    async def sign(self, requests: Sequence[tuple[str, str]]) -> list[dict[str, Any]]:
+        body = {"csrs": [{"entry_id": entry_id, "csr": csr} for entry_id, csr in requests]}
+        data = await self._call("POST", "/v1/svids", body)
+        results: list[dict[str, Any]] = []
+        for item in data["svids"]:
+            if "cert_chain" in item:
+                item = {**item, "chain": _issued(item).chain}
+            results.append(item)
+        return results
+
+    async def bundle(self, since: int = -1, wait: float = 0) -> tuple[int, bytes]:
+        q = urlencode({"since": since, "wait": wait})
+        data = await self._call("GET", f"/v1/bundle?{q}", wait=wait)
+        return int(data["bundle_sequence"]), str(data["bundle"]).encode()
+
+    async def aclose(self) -> None:
+        for client in (self._client, self._stale):
+            if client is not None:
+                with trio.move_on_after(1):
+                    await client.aclose()
+        self._client = None
+        self._stale = None

@@ -1,0 +1,272 @@
+"""The two HTTP front doors of the CA: the agent API (mTLS) and the admin API (Unix socket).
+
+Rules:
+
+1. Handlers parse the request, hand the decision to `Authority` in the
+   store's worker thread, and turn `Denied` into a JSON error with a stable
+   ``code``.  Nothing here decides who may do what, except which door a
+   request came through: the agent door knows the caller only by the SPIFFE
+   ID its verified certificate carries; the admin door only by the uid the
+   kernel reports for the socket's peer.
+2. Long polls (``wait``) are bounded (at most `MAX_WAIT` seconds) and are
+   woken by `Changes`, so a new entry or bundle reaches a waiting agent at
+   once instead of on the next poll.
+3. The wire format is documented in ``docs/ca-api.md``; keep them in step.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Protocol, TypeVar
+
+import trio
+
+from ca.authority import Authority, Denied
+from ca.keys import CAKeyError
+from tally import http
+from tally.spiffeid import SpiffeId
+
+T = TypeVar("T")
+
+
+class RunSync(Protocol):
+    """Runs a blocking call in the store's worker thread."""
+
+    def __call__(self, fn: Callable[[], T], /) -> Awaitable[T]: ...
+
+
+MAX_WAIT = 55.0
+
+
+class Changes:
+    """Revision counters with a broadcast wake-up, for long polls."""
+
+    def __init__(self) -> None:
+        self._event = trio.Event()
+
+    def notify(self) -> None:
+        self._event.set()
+        self._event = trio.Event()
+
+    async def wait_until(self, changed: Callable[[], Awaitable[bool]], seconds: float) -> None:
+        with trio.move_on_after(seconds):
+            while not await changed():
+                await self._event.wait()
+
+
+def _error(exc: Denied) -> http.Response:
+    return http.Response.json({"error": exc.message, "code": exc.code}, status=exc.status)
+
+
+def _wait_param(req: http.Request) -> float:
+    raw = req.query.get("wait", "0")
+    try:
+        value = float(raw)
+    except ValueError:
+        raise Denied(400, "bad_request", "wait must be a number of seconds") from None
+    if not math.isfinite(value) or value < 0:
+        raise Denied(400, "bad_request", "wait must be a number of seconds")
+    return min(value, MAX_WAIT)
+
+
+def _int_param(req: http.Request, name: str) -> int:
+    raw = req.query.get(name, "-1")
+    try:
+        return int(raw)
+    except ValueError:
+        raise Denied(400, "bad_request", f"{name} must be an integer") from None
+
+
+def _body(req: http.Request) -> dict[str, object]:
+    if not req.body:
+        return {}
+    try:
+        value = req.json()
+    except http.HttpError as exc:
+        raise Denied(400, "bad_json", exc.message) from exc
+    if not isinstance(value, dict):
+        raise Denied(400, "bad_json", "request body must be a JSON object")
+    return value
+
+
+@dataclass(frozen=True)
+class AgentPeer:
+    """Who is calling on the agent API: a verified agent SVID, or nobody yet."""
+
+    spiffe_id: SpiffeId | None
+    serial: str | None
+    address: str
+
+
+class AgentApi:
+    def __init__(
+        self, authority: Authority, run: RunSync, entries: Changes, bundle: Changes
+    ) -> None:
+        self.authority = authority
+        self.run = run
+        self.entries = entries
+        self.bundle = bundle
+
+    async def handle(self, peer: AgentPeer, req: http.Request) -> http.Response:
+        try:
+            return await self._route(peer, req)
+        except Denied as exc:
+            return _error(exc)
+
+    def _agent(self, peer: AgentPeer) -> tuple[str, str]:
+        if peer.spiffe_id is None or peer.serial is None:
+            raise Denied(401, "no_client_certificate", "this call needs the agent's SVID (mTLS)")
+        return str(peer.spiffe_id), peer.serial
+
+    async def _route(self, peer: AgentPeer, req: http.Request) -> http.Response:
+        a = self.authority
+        route = (req.method, req.path)
+        if route == ("POST", "/v1/attest"):
+            body = _body(req)
+            result = await self.run(
+                lambda: a.attest(body.get("token"), body.get("csr"), peer.address)
+            )
+            return http.Response.json(result)
+        if route == ("GET", "/v1/bundle"):
+            since = _int_param(req, "since")
+
+            async def bundle_changed() -> bool:
+                return (a.keys.bundle is not None) and a.keys.bundle.sequence != since
+
+            await self.bundle.wait_until(bundle_changed, _wait_param(req))
+            return http.Response.json(a.bundle_json())
+        agent_id, serial = self._agent(peer)
+        if route == ("POST", "/v1/agent/renew"):
+            body = _body(req)
+            result = await self.run(lambda: a.renew_agent(agent_id, serial, body.get("csr")))
+            return http.Response.json(result)
+        if route == ("GET", "/v1/entries"):
+            since = _int_param(req, "since")
+            await self.run(lambda: a.check_agent(agent_id))
+
+            async def entries_changed() -> bool:
+                return await self.run(a.store.entries_revision) != since
+
+            await self.entries.wait_until(entries_changed, _wait_param(req))
+            return http.Response.json(await self.run(lambda: a.entries_for(agent_id)))
+        if route == ("POST", "/v1/svids"):
+            body = _body(req)
+            result = await self.run(lambda: a.sign_batch(agent_id, body.get("csrs")))
+            return http.Response.json(result)
+        raise Denied(404, "not_found", f"no such call: {req.method} {req.path}")
+
+
+class AdminApi:
+    def __init__(
+        self,
+        authority: Authority,
+        run: RunSync,
+        on_entries_changed: Callable[[], None],
+        on_keys_changed: Callable[[], Awaitable[None]],
+        health: Callable[[], dict[str, object]],
+    ) -> None:
+        self.authority = authority
+        self.run = run
+        self.on_entries_changed = on_entries_changed
+        self.on_keys_changed = on_keys_changed
+        self.health = health
+
+    async def handle(self, uid: int, req: http.Request) -> http.Response:
+        try:
+            return await self._route(f"admin:uid={uid}", req)
+        except Denied as exc:
+            return _error(exc)
+
+    async def _route(self, actor: str, req: http.Request) -> http.Response:
+        a = self.authority
+        method, path, q = req.method, req.path, req.query
+        J = http.Response.json
+        if (method, path) == ("GET", "/v1/health"):
+            return J(self.health())
+        if (method, path) == ("POST", "/v1/tokens"):
+            body = _body(req)
+            return J(
+                await self.run(
+                    lambda: a.create_token(body.get("spiffe_id"), body.get("ttl"), actor)
+                )
+            )
+        if path == "/v1/entries":
+            if method == "POST":
+                body = _body(req)
+                result = await self.run(lambda: a.create_entry(body, actor))
+                self.on_entries_changed()
+                return J(result, status=201)
+            if method == "GET":
+                entries = await self.run(
+                    lambda: a.store.list_entries(
+                        spiffe_id=q.get("spiffe_id"), parent_id=q.get("parent_id")
+                    )
+                )
+                return J({"entries": [e.to_json() for e in entries]})
+        if path.startswith("/v1/entries/"):
+            entry_id = path.removeprefix("/v1/entries/")
+            if method == "GET":
+                return J((await self.run(lambda: a.get_entry(entry_id))).to_json())
+            if method == "PATCH":
+                body = _body(req)
+                result = await self.run(lambda: a.update_entry(entry_id, body, actor))
+                self.on_entries_changed()
+                return J(result)
+            if method == "DELETE":
+                result = await self.run(lambda: a.delete_entry(entry_id, actor))
+                self.on_entries_changed()
+                return J(result)
+        if (method, path) == ("GET", "/v1/agents"):
+            return J({"agents": await self.run(a.list_agents)})
+        if (method, path) == ("GET", "/v1/agents/show"):
+            agent_id = str(a.parse_id(q.get("spiffe_id")))
+            return J(await self.run(lambda: a.get_agent(agent_id)))
+        if method == "POST" and path in ("/v1/agents/evict", "/v1/agents/ban"):
+            body = _body(req)
+            agent_id = str(a.parse_id(body.get("spiffe_id")))
+            status = "evicted" if path.endswith("evict") else "banned"
+            return J(await self.run(lambda: a.set_agent_status(agent_id, status, actor)))
+        if (method, path) == ("GET", "/v1/bundle"):
+            bundle = a.keys.bundle
+            assert bundle is not None
+            if q.get("format", "pem") == "spiffe":
+                return http.Response(200, bundle.to_jwks(), content_type="application/json")
+            return J(a.bundle_json())
+        if (method, path) == ("POST", "/v1/x509/mint"):
+            body = _body(req)
+            return J(await self.run(lambda: a.mint(body, actor)))
+        if (method, path) == ("POST", "/v1/rotate"):
+            body = _body(req)
+            root = bool(body.get("root"))
+            try:
+                step = await self.run(
+                    lambda: a.keys.rotate_root(actor) if root else a.keys.rotate_intermediate(actor)
+                )
+            except CAKeyError as exc:
+                raise Denied(409, "cannot_rotate", str(exc)) from exc
+            await self.on_keys_changed()
+            return J(
+                {
+                    "rotated": "root" if root else "intermediate",
+                    "reason": step.reason,
+                    "keys": a.keys.key_summaries(),
+                }
+            )
+        if (method, path) == ("GET", "/v1/keys"):
+            return J({"keys": a.keys.key_summaries()})
+        if (method, path) == ("GET", "/v1/audit"):
+            limit = _int_param(req, "limit")
+            records = await self.run(
+                lambda: a.store.audit_records(
+                    since_ts=q.get("since"),
+                    spiffe_id=q.get("spiffe_id"),
+                    event=q.get("event"),
+                    limit=limit if limit > 0 else 1000,
+                )
+            )
+            return J({"records": [r.to_json() for r in records]})
+        if (method, path) == ("GET", "/v1/audit/verify"):
+            return J((await self.run(a.store.verify_audit)).to_json())
+        raise Denied(404, "not_found", f"no such call: {method} {path}")

@@ -1,0 +1,404 @@
+"""`tally ca run`: the trio shell that puts the authority on its sockets.
+
+Rules:
+
+1. Startup is synchronous and fails fast with one line naming the problem
+   (a loose key file, a datastore from the future, an address in use).  Only
+   once everything is open does the CA start serving.
+2. One nursery for listeners, one for connection handlers.  SIGTERM closes
+   the listeners at once and gives in-flight requests `DRAIN_SECONDS` to end.
+3. The agent API's TLS context is an immutable object swapped in one
+   assignment whenever the signing key, the bundle or the CA's own serving
+   certificate changes; each handshake takes the one current at its start.
+4. Every store call goes through one worker thread (`run`), so SQLite sees
+   one writer and the event loop never blocks on disk or on signing.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from functools import partial
+from typing import TypeVar
+
+import trio
+from cryptography import x509
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from ca import schedule
+from ca.api import AdminApi, AgentApi, AgentPeer, Changes
+from ca.authority import Authority, Limits, iso, not_before_cushion, serial_hex
+from ca.keys import KeyManager, Signer, load_upstream
+from ca.settings import CASettings
+from ca.store import AuditEvent, IssuedSvid, Store
+from tally import http, tls, x509profile
+from tally.health import serve_health
+from tally.logs import get_logger
+from tally.net import bound_address, open_listener, open_unix_listener, stream_peer_credentials
+from tally.spiffeid import SpiffeId, TrustDomain
+
+T = TypeVar("T")
+log = get_logger("tally.ca")
+DRAIN_SECONDS = 5.0
+SERVER_PATH = ("tally", "ca")
+
+
+def wall_clock() -> datetime:
+    return datetime.now(UTC)
+
+
+class _Metrics(Collector):
+    def __init__(self, server: CAServer) -> None:
+        self.server = server
+
+    def collect(self) -> Iterator[Metric]:
+        s = self.server
+        a = s.authority
+        yield CounterMetricFamily(
+            "tally_ca_svids_issued", "SVIDs signed (workload, agent and minted)", a.issued_total
+        )
+        yield CounterMetricFamily(
+            "tally_ca_attestation_failures", "node attestations refused", a.attestation_failures
+        )
+        yield CounterMetricFamily(
+            "tally_ca_peer_denied", "agent API handshakes refused", s.peers_denied
+        )
+        signer = s.keys.signer
+        now = s.clock()
+        if signer is not None:
+            age = (now - signer.cert.not_valid_before_utc).total_seconds()
+            left = (signer.not_after - now).total_seconds()
+            yield GaugeMetricFamily(
+                "tally_ca_signing_key_age_seconds", "age of the active signing key", age
+            )
+            yield GaugeMetricFamily(
+                "tally_ca_signing_key_expiry_seconds",
+                "seconds until the active signing key expires",
+                left,
+            )
+        if s.keys.bundle is not None:
+            yield GaugeMetricFamily(
+                "tally_ca_bundle_sequence",
+                "sequence number of the trust bundle",
+                s.keys.bundle.sequence,
+            )
+            yield GaugeMetricFamily(
+                "tally_ca_bundle_roots",
+                "root certificates in the bundle",
+                len(s.keys.bundle.x509_authorities),
+            )
+
+
+class CAServer:
+    def __init__(self, cfg: CASettings, clock: Callable[[], datetime] = wall_clock) -> None:
+        self.cfg = cfg
+        self.clock = clock
+        self.td = TrustDomain.parse(cfg.trust_domain)
+        cfg.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        upstream = None
+        if cfg.upstream_cert is not None and cfg.upstream_key is not None:
+            upstream = load_upstream(cfg.upstream_cert, cfg.upstream_key, cfg.upstream_bundle)
+        self.store = Store.open(cfg.data_dir / "ca.db")
+        policy = schedule.Policy(
+            intermediate_ttl=int(cfg.intermediate_ttl),
+            root_ttl=int(cfg.root_ttl),
+            root_propagation=int(cfg.root_propagation),
+            own_root=upstream is None,
+        )
+        self.keys = KeyManager(self.store, cfg.data_dir, self.td, policy, clock, upstream)
+        self.keys.load()
+        for step in self.keys.tick():
+            log.info("key.rotated", step=step.kind, reason=step.reason)
+        self.authority = Authority(
+            self.store,
+            self.keys,
+            self.td,
+            Limits(
+                default_ttl=int(cfg.default_svid_ttl),
+                max_ttl=int(cfg.max_svid_ttl),
+                agent_ttl=int(cfg.agent_svid_ttl),
+                token_ttl=int(cfg.join_token_ttl),
+            ),
+            clock,
+        )
+        self._limiter = trio.CapacityLimiter(1)
+        self._conn_limiter = trio.CapacityLimiter(cfg.max_connections)
+        self.entries_changed = Changes()
+        self.bundle_changed = Changes()
+        self.peers_denied = 0
+        self.started = time.monotonic()
+        self.server_id = SpiffeId.from_parts(self.td, *SERVER_PATH)
+        self.tls_context: tls.TLSContext | None = None
+        self._serving_refresh_at = 0.0
+        self._serving_for: tuple[str, int] | None = None
+        self.registry = CollectorRegistry()
+        self.registry.register(_Metrics(self))
+
+    async def run_sync(self, fn: Callable[[], T]) -> T:
+        return await trio.to_thread.run_sync(fn, limiter=self._limiter)
+
+    # -- the CA's own serving certificate ---------------------------------------------
+
+    def _build_tls_context(self) -> None:
+        """Issue the CA's serving SVID from the active key and publish a new context."""
+        signer = self.keys.signer
+        bundle = self.keys.bundle
+        assert signer is not None and bundle is not None
+        now = self.clock().replace(microsecond=0)
+        key = x509profile.generate_key()
+        lifetime = min(self.cfg.agent_svid_ttl, 3600)
+        cert = x509profile.build_leaf(
+            key.public_key(),
+            self.server_id,
+            signer.cert,
+            signer.key,
+            now - not_before_cushion(int(lifetime)),
+            now + timedelta(seconds=lifetime),
+        )
+        serial = serial_hex(cert.serial_number)
+        self.store.record_issued(
+            [
+                IssuedSvid(
+                    serial,
+                    str(self.server_id),
+                    None,
+                    "server",
+                    int(cert.not_valid_after_utc.timestamp()),
+                    int(now.timestamp()),
+                )
+            ],
+            [
+                AuditEvent(
+                    iso(now),
+                    "ca",
+                    "svid.issued",
+                    str(self.server_id),
+                    serial,
+                    {"kind": "server", "not_after": iso(cert.not_valid_after_utc)},
+                )
+            ],
+        )
+        self.authority.issued_total += 1
+        self.tls_context = tls.server_context(
+            [cert, *signer.chain],
+            key,
+            roots=list(bundle.x509_authorities),
+            client_auth="optional",
+            verifier=self._verify_agent,
+        )
+        remaining = (cert.not_valid_after_utc - now).total_seconds()
+        self._serving_refresh_at = time.monotonic() + remaining / 2
+        self._serving_for = (signer.key_id, bundle.sequence)
+
+    def _verify_agent(self, chain: list[x509.Certificate]) -> object:
+        try:
+            sid = x509profile.validate_leaf(chain[0])
+        except x509profile.ProfileError as exc:
+            raise tls.PeerRejected(exc.reason, str(exc)) from exc
+        if sid.trust_domain != self.td:
+            raise tls.PeerRejected("wrong_trust_domain", f"{sid} is not in trust domain {self.td}")
+        return sid
+
+    def _needs_new_context(self) -> bool:
+        signer: Signer | None = self.keys.signer
+        bundle = self.keys.bundle
+        if signer is None or bundle is None:
+            return False
+        return (
+            self.tls_context is None
+            or self._serving_for != (signer.key_id, bundle.sequence)
+            or time.monotonic() >= self._serving_refresh_at
+        )
+
+    async def refresh_keys(self) -> None:
+        """Apply due key steps; republish the bundle and TLS context when they changed."""
+        before = self.keys.bundle.sequence if self.keys.bundle else None
+        steps = await self.run_sync(self.keys.tick)
+        for step in steps:
+            log.info("key.rotated", step=step.kind, reason=step.reason, key_id=step.key_id)
+        if self._needs_new_context():
+            await self.run_sync(self._build_tls_context)
+        after = self.keys.bundle.sequence if self.keys.bundle else None
+        if before != after:
+            log.info("bundle.updated", sequence=after)
+        self.bundle_changed.notify()
+
+    def tick_interval(self) -> float:
+        return max(0.2, min(30.0, self.cfg.intermediate_ttl / 100))
+
+    def _prune(self) -> None:
+        now = int(self.clock().timestamp())
+        self.store.prune_svids(now - 3600)
+        self.store.prune_tokens(now)
+
+    async def _key_loop(self) -> None:
+        last_prune = 0.0
+        while True:
+            await trio.sleep(self.tick_interval())
+            try:
+                await self.refresh_keys()
+                if time.monotonic() - last_prune > 3600:
+                    last_prune = time.monotonic()
+                    await self.run_sync(self._prune)
+            except Exception as exc:  # a failed tick is retried on the next one
+                log.error("key.rotation_failed", error=exc)
+
+    # -- connections -------------------------------------------------------------------
+
+    async def _agent_connection(self, api: AgentApi, stream: trio.SocketStream) -> None:
+        try:
+            self._conn_limiter.acquire_nowait()
+        except trio.WouldBlock:
+            await stream.aclose()
+            return
+        try:
+            await self._serve_agent(api, stream)
+        finally:
+            self._conn_limiter.release()
+
+    async def _serve_agent(self, api: AgentApi, stream: trio.SocketStream) -> None:
+        try:
+            host, port = stream.socket.getpeername()[:2]
+            address = f"{host}:{port}"
+        except OSError:
+            address = "unknown"
+        ctx = self.tls_context
+        assert ctx is not None
+        conn = tls.TLSStream(stream, ctx, server_side=True)
+        try:
+            with trio.fail_after(self.cfg.handshake_timeout):
+                await conn.do_handshake()
+        except tls.PeerRejected as exc:
+            self.peers_denied += 1
+            log.warning(
+                "peer.denied",
+                peer=address,
+                reason=exc.reason,
+                detail=str(exc),
+                listener="agent_api",
+            )
+            await stream.aclose()
+            return
+        except (
+            tls.TLSError,
+            trio.BrokenResourceError,
+            trio.TooSlowError,
+            trio.ClosedResourceError,
+        ):
+            await stream.aclose()
+            return
+        ident = conn.peer_identity
+        chain = conn.peer_chain
+        peer = AgentPeer(
+            ident if isinstance(ident, SpiffeId) else None,
+            serial_hex(chain[0].serial_number) if chain else None,
+            address,
+        )
+        async with conn:
+            await http.serve_http(
+                conn,
+                partial(api.handle, peer),
+                idle_timeout=api_idle_timeout(),
+                request_timeout=self.cfg.request_timeout,
+            )
+
+    async def _admin_connection(self, api: AdminApi, stream: trio.SocketStream) -> None:
+        cred = stream_peer_credentials(stream)
+        uid = cred.uid if cred else -1
+        async with stream:
+            await http.serve_http(
+                stream, partial(api.handle, uid), idle_timeout=30, request_timeout=30
+            )
+
+    def health(self) -> dict[str, object]:
+        signer = self.keys.signer
+        bundle = self.keys.bundle
+        return {
+            "status": "ok" if signer is not None else "no signing key",
+            "trust_domain": str(self.td),
+            "signing_key": None
+            if signer is None
+            else {"id": signer.key_id, "not_after": iso(signer.not_after)},
+            "bundle_sequence": None if bundle is None else bundle.sequence,
+            "bundle_roots": 0 if bundle is None else len(bundle.x509_authorities),
+            "svids_issued": self.authority.issued_total,
+            "uptime_seconds": round(time.monotonic() - self.started, 1),
+        }
+
+    def ready(self) -> tuple[bool, str]:
+        if self.keys.signer is None:
+            return False, "no active signing key"
+        if self.tls_context is None:
+            return False, "agent API not serving yet"
+        return True, f"signing with {self.keys.signer.key_id}"
+
+    async def run(
+        self, *, task_status: trio.TaskStatus[dict[str, str]] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        await self.run_sync(self._build_tls_context)
+        agent_api = AgentApi(
+            self.authority, self.run_sync, self.entries_changed, self.bundle_changed
+        )
+
+        async def keys_changed() -> None:
+            await self.refresh_keys()
+
+        admin_api = AdminApi(
+            self.authority, self.run_sync, self.entries_changed.notify, keys_changed, self.health
+        )
+        agent_listener = await open_listener(self.cfg.listen)
+        self.cfg.admin_socket.parent.mkdir(parents=True, exist_ok=True)
+        admin_listener = await open_unix_listener(self.cfg.admin_socket, 0o600)
+        addresses = {
+            "listen": bound_address(agent_listener),
+            "admin_socket": str(self.cfg.admin_socket),
+        }
+        try:
+            async with trio.open_nursery() as handlers:
+                async with trio.open_nursery() as services:
+                    services.start_soon(self._key_loop)
+                    services.start_soon(
+                        partial(
+                            trio.serve_listeners,
+                            partial(self._agent_connection, agent_api),
+                            [agent_listener],
+                            handler_nursery=handlers,
+                        )
+                    )
+                    services.start_soon(
+                        partial(
+                            trio.serve_listeners,
+                            partial(self._admin_connection, admin_api),
+                            [admin_listener],
+                            handler_nursery=handlers,
+                        )
+                    )
+                    if self.cfg.metrics is not None:
+                        addresses["metrics"] = await services.start(
+                            serve_health, self.cfg.metrics, self.registry, self.ready
+                        )
+                    log.info("ca.started", trust_domain=str(self.td), **addresses)
+                    task_status.started(addresses)
+                    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                        async for signum in signals:
+                            log.info(
+                                "ca.stopping",
+                                signal=signal.Signals(signum).name,
+                                drain_seconds=DRAIN_SECONDS,
+                            )
+                            break
+                    services.cancel_scope.cancel()
+                handlers.cancel_scope.deadline = trio.current_time() + DRAIN_SECONDS
+        finally:
+            self.cfg.admin_socket.unlink(missing_ok=True)
+            self.store.close()
+        log.info("ca.stopped")
+
+
+def api_idle_timeout() -> float:
+    """Agents keep one connection open and long-poll on it; allow a poll plus margin."""
+    return 90.0

@@ -1,0 +1,78 @@
+"""Everything an operator can set on `tally ca run`, declared once.
+
+The same declaration gives the TOML keys, the flags, the defaults, the
+validation and the configuration reference in the docs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from tally.config import Address, ConfigError, Duration, setting
+from tally.spiffeid import SpiffeIdError, TrustDomain
+
+
+@dataclass(frozen=True)
+class CASettings:
+    trust_domain: str = setting(help="trust domain this CA issues for, e.g. example.org")
+    data_dir: Path = setting(
+        Path("/var/lib/tally/ca"), help="keys (mode 0600) and the SQLite datastore live here"
+    )
+    listen: Address = setting(
+        Address.parse("127.0.0.1:8443"), help="agent API address (TLS), HOST:PORT"
+    )
+    admin_socket: Path = setting(
+        Path("/run/tally/ca-admin.sock"), help="admin API Unix socket (created with mode 0600)"
+    )
+    metrics: Address | None = setting(
+        None, help="serve /healthz, /readyz and /metrics on HOST:PORT"
+    )
+    default_svid_ttl: Duration = setting(
+        Duration(3600), help="lifetime of workload SVIDs whose entry sets none"
+    )
+    max_svid_ttl: Duration = setting(
+        Duration(86400), help="longest SVID lifetime an entry or mint may ask for"
+    )
+    agent_svid_ttl: Duration = setting(Duration(3600), help="lifetime of agent SVIDs")
+    intermediate_ttl: Duration = setting(
+        Duration(86400), help="lifetime of each signing (intermediate) key"
+    )
+    root_ttl: Duration = setting(Duration(10 * 365 * 86400), help="lifetime of the CA's own root")
+    root_propagation: Duration = setting(
+        Duration(3600), help="how long a new root sits in the bundle before anything chains to it"
+    )
+    join_token_ttl: Duration = setting(Duration(600), help="default lifetime of join tokens")
+    upstream_cert: Path | None = setting(
+        None, help="an existing CA certificate (PEM) to sign our intermediates"
+    )
+    upstream_key: Path | None = setting(None, help="private key of --upstream-cert (mode 0600)")
+    upstream_bundle: Path | None = setting(
+        None, help="roots of the upstream PKI, when --upstream-cert is not self-signed"
+    )
+    handshake_timeout: Duration = setting(Duration(10), help="TLS handshake deadline")
+    request_timeout: Duration = setting(Duration(30), help="deadline to receive one request")
+    max_connections: int = setting(1024, help="agent API connections served at once")
+    log_level: str = setting("info", help="debug, info, warning or error")
+
+    def validate(self) -> None:
+        try:
+            TrustDomain.parse(self.trust_domain)
+        except SpiffeIdError as exc:
+            raise ConfigError(f"setting 'trust_domain': {exc}") from exc
+        if self.default_svid_ttl > self.max_svid_ttl:
+            raise ConfigError(
+                "setting 'default_svid_ttl' is above 'max_svid_ttl'"
+                f" ({self.default_svid_ttl:.0f}s > {self.max_svid_ttl:.0f}s)"
+            )
+        if self.root_propagation >= self.root_ttl / 3:
+            raise ConfigError("setting 'root_propagation' must be under a third of 'root_ttl'")
+        if (self.upstream_cert is None) != (self.upstream_key is None):
+            raise ConfigError("settings 'upstream_cert' and 'upstream_key' go together")
+        if self.log_level not in ("debug", "info", "warning", "error"):
+            raise ConfigError(f"setting 'log_level': unknown level {self.log_level!r}")
+        if self.max_connections < 1:
+            raise ConfigError("setting 'max_connections' must be at least 1")
+        for name in ("default_svid_ttl", "max_svid_ttl", "agent_svid_ttl", "intermediate_ttl"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"setting '{name}' must be at least 1s")

@@ -1,0 +1,149 @@
+"""Starting real `tally` daemons as child processes, for the demo and the end-to-end tests.
+
+A daemon is ready when it logs its ``*.started`` event, which carries the
+addresses it actually bound (port 0 becomes a real port), so nobody has to
+guess a free port or sleep.  Its stderr is read on a thread into `lines`,
+so a chatty daemon never blocks on a full pipe and tests can assert on its
+log events.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+
+
+def tally_argv(*args: str) -> list[str]:
+    return [sys.executable, "-m", "tally.cli", *args]
+
+
+class DaemonError(Exception):
+    pass
+
+
+class Daemon:
+    def __init__(self, name: str, args: Sequence[str], env: dict[str, str] | None = None) -> None:
+        self.name = name
+        self.args = list(args)
+        self.env = env
+        self.proc: subprocess.Popen[str] | None = None
+        self.lines: list[dict[str, Any]] = []
+        self.raw: list[str] = []
+        self._cond = threading.Condition()
+        self._reader: threading.Thread | None = None
+
+    def start(self, ready_event: str, timeout: float = 30) -> dict[str, Any]:
+        env = dict(os.environ if self.env is None else self.env)
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        self.proc = subprocess.Popen(
+            tally_argv(*self.args),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        return self.wait_for(ready_event, timeout)
+
+    def _read(self) -> None:
+        assert self.proc is not None and self.proc.stderr is not None
+        for raw in self.proc.stderr:
+            try:
+                line = json.loads(raw)
+            except ValueError:
+                line = {"event": "raw", "text": raw.rstrip()}
+            with self._cond:
+                self.raw.append(raw)
+                if isinstance(line, dict):
+                    self.lines.append(line)
+                self._cond.notify_all()
+        with self._cond:
+            self._cond.notify_all()
+
+    def events(self, event: str) -> list[dict[str, Any]]:
+        with self._cond:
+            return [line for line in self.lines if line.get("event") == event]
+
+    def wait_for(self, event: str, timeout: float = 30, count: int = 1) -> dict[str, Any]:
+        """The ``count``-th log line with this event, waiting up to ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                found = [line for line in self.lines if line.get("event") == event]
+                if len(found) >= count:
+                    return found[count - 1]
+                assert self.proc is not None
+                if self.proc.poll() is not None and not self._pending():
+                    raise DaemonError(
+                        f"{self.name} exited with {self.proc.returncode} before logging {event}:\n"
+                        + "".join(self.raw[-20:])
+                    )
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise DaemonError(
+                        f"{self.name} did not log {event} within {timeout}s:\n"
+                        + "".join(self.raw[-20:])
+                    )
+                self._cond.wait(min(left, 0.2))
+
+    def _pending(self) -> bool:
+        assert self.proc is not None and self.proc.stderr is not None
+        return not self.proc.stderr.closed and self.proc.poll() is None
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def signal(self, signum: int) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signum)
+
+    def stop(self, timeout: float = 15) -> int:
+        """SIGTERM, then SIGKILL if it does not exit in time; returns the exit code."""
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._close()
+        return self.proc.returncode
+
+    def _close(self) -> None:
+        """Collect the last log lines and close the pipe once the process is gone."""
+        if self._reader is not None:
+            self._reader.join(5)
+        if self.proc is not None and self.proc.stderr is not None:
+            self.proc.stderr.close()
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self._close()
+
+
+def run_cli(
+    *args: str, timeout: float = 60, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        tally_argv(*args),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        check=False,
+    )

@@ -1,0 +1,123 @@
+"""Opening listeners and reading who is on the other end of a Unix socket.
+
+Rules:
+
+1. A Unix socket path is only ever replaced if what sits there is a stale
+   *socket*.  A symlink, a regular file or a directory is refused with a
+   message naming the path: a planted symlink must never redirect where a
+   daemon listens.
+2. The socket's mode is set with the umask while it is bound, so there is no
+   moment at which it exists with looser permissions.
+3. Peer credentials come from the kernel (``SO_PEERCRED``), never from
+   anything the peer says.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import stat
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import trio
+
+from tally.cli_support import OperatorError
+from tally.config import Address
+
+
+class ListenError(OperatorError):
+    """A listener cannot be opened; the message names the address and why."""
+
+
+@dataclass(frozen=True)
+class PeerCred:
+    pid: int
+    uid: int
+    gid: int
+
+
+def peer_credentials(sock: trio.socket.SocketType) -> PeerCred:
+    """The pid, uid and gid the kernel recorded for a Unix socket's peer at connect time."""
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, uid, gid = struct.unpack("3i", raw)
+    return PeerCred(pid, uid, gid)
+
+
+def stream_peer_credentials(stream: trio.abc.Stream) -> PeerCred | None:
+    if isinstance(stream, trio.SocketStream) and stream.socket.family == socket.AF_UNIX:
+        return peer_credentials(stream.socket)
+    return None
+
+
+def _prepare_unix_path(path: Path) -> None:
+    parent = path.parent
+    if not parent.is_dir():
+        raise ListenError(f"cannot listen on {path}: directory {parent} does not exist")
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if stat.S_ISLNK(st.st_mode):
+        raise ListenError(f"refusing to listen on {path}: it is a symlink")
+    if not stat.S_ISSOCK(st.st_mode):
+        raise ListenError(f"refusing to listen on {path}: a non-socket file is in the way")
+    # A live daemon answers on its socket; only a stale one may be replaced.
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(1.0)
+        probe.connect(str(path))
+    except OSError:
+        os.unlink(path)
+    else:
+        raise ListenError(f"cannot listen on {path}: another process is serving it")
+    finally:
+        probe.close()
+
+
+async def open_unix_listener(path: Path, mode: int) -> trio.SocketListener:
+    """Bind a Unix socket at ``path`` with ``mode`` (e.g. 0o600 for admin sockets)."""
+    _prepare_unix_path(path)
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o777 & ~mode)
+    try:
+        await sock.bind(str(path))
+    except OSError as exc:
+        sock.close()
+        raise ListenError(f"cannot listen on {path}: {exc.strerror}") from exc
+    finally:
+        os.umask(old_umask)
+    os.chmod(path, mode)
+    sock.listen(256)
+    return trio.SocketListener(sock)
+
+
+async def open_listener(addr: Address, *, unix_mode: int = 0o666) -> trio.SocketListener:
+    if addr.is_unix:
+        assert addr.path is not None
+        return await open_unix_listener(Path(addr.path), unix_mode)
+    try:
+        listeners = await trio.open_tcp_listeners(addr.port or 0, host=addr.host)
+    except OSError as exc:
+        reason = "address already in use" if exc.errno == errno.EADDRINUSE else exc.strerror
+        raise ListenError(f"cannot listen on {addr}: {reason}") from exc
+    return listeners[0]
+
+
+def bound_address(listener: trio.SocketListener) -> str:
+    """What a listener actually bound, e.g. ``127.0.0.1:40123`` for port 0."""
+    name = listener.socket.getsockname()
+    if isinstance(name, str):
+        return name
+    host, port = name[0], name[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+async def connect(addr: Address) -> trio.SocketStream:
+    if addr.is_unix:
+        assert addr.path is not None
+        return await trio.open_unix_socket(addr.path)
+    assert addr.host is not None and addr.port is not None
+    return await trio.open_tcp_stream(addr.host, addr.port)

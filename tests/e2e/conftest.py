@@ -1,0 +1,106 @@
+"""Fixtures that start the real `tally` daemons on temporary directories and loopback ports."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from tally.launch import Daemon, run_cli
+
+pytestmark = pytest.mark.e2e
+
+
+@dataclass
+class CA:
+    daemon: Daemon
+    data_dir: Path
+    admin_socket: str
+    listen: str
+    metrics: str
+    trust_domain: str
+    extra: list[str] = field(default_factory=list)
+
+    def cli(self, *args: str, check: bool = True):
+        result = run_cli("ca", *args, "--admin-socket", self.admin_socket)
+        if check:
+            assert result.returncode == 0, result.stderr
+        return result
+
+    def json(self, *args: str):
+        result = self.cli(*args, "--output", "json")
+        return json.loads(result.stdout)
+
+    def restart(self, *extra: str) -> None:
+        self.daemon.stop()
+        start_ca(self, list(extra) or self.extra)
+
+
+def ca_args(ca: CA, extra: list[str]) -> list[str]:
+    return [
+        "ca",
+        "run",
+        "--trust-domain",
+        ca.trust_domain,
+        "--data-dir",
+        str(ca.data_dir),
+        "--listen",
+        ca.listen,
+        "--admin-socket",
+        ca.admin_socket,
+        "--metrics",
+        ca.metrics,
+        *extra,
+    ]
+
+
+def start_ca(ca: CA, extra: list[str]) -> None:
+    ca.extra = extra
+    ca.daemon = Daemon("ca", ca_args(ca, extra))
+    started = ca.daemon.start("ca.started")
+    ca.listen = started["listen"]
+    ca.metrics = started.get("metrics", ca.metrics)
+
+
+def make_ca(tmp_path: Path, *extra: str, trust_domain: str = "example.org") -> CA:
+    ca = CA(
+        daemon=Daemon("ca", []),
+        data_dir=tmp_path / "ca",
+        admin_socket=str(tmp_path / "admin.sock"),
+        listen="127.0.0.1:0",
+        metrics="127.0.0.1:0",
+        trust_domain=trust_domain,
+    )
+    start_ca(ca, list(extra))
+    return ca
+
+
+@pytest.fixture
+def ca_factory(tmp_path: Path) -> Iterator:
+    made: list[CA] = []
+
+    def factory(*extra: str, trust_domain: str = "example.org", subdir: str = "") -> CA:
+        base = tmp_path / subdir if subdir else tmp_path
+        base.mkdir(exist_ok=True)
+        ca = make_ca(base, *extra, trust_domain=trust_domain)
+        made.append(ca)
+        return ca
+
+    yield factory
+    for ca in made:
+        ca.daemon.stop()
+
+
+@pytest.fixture
+def ca(ca_factory) -> CA:
+    return ca_factory()
+
+
+def openssl_available() -> bool:
+    return any(
+        os.access(os.path.join(p, "openssl"), os.X_OK) for p in os.environ["PATH"].split(":")
+    )
