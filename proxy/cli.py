@@ -1,0 +1,78 @@
+"""`tally proxy server` and `tally proxy client`: flags and TOML come from `proxy.settings`.
+
+Startup problems (a bad flag, unreadable certificate files, an address in
+use) end the command with one line; `tally.cli` prints it.  Errors raised
+inside the proxy's nurseries arrive wrapped in exception groups, so the one
+operator error inside is unwrapped here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import trio
+
+from proxy.settings import ClientSettings, ServerSettings
+from tally.cli_support import OperatorError
+from tally.config import ConfigError, add_arguments, load
+from tally.logs import setup_logging
+
+
+def _operator_error(exc: BaseException) -> BaseException | None:
+    if isinstance(exc, OperatorError | ConfigError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = _operator_error(inner)
+            if found is not None:
+                return found
+    return None
+
+
+def _run(cfg: ServerSettings | ClientSettings, args: argparse.Namespace) -> int:
+    from proxy.server import Proxy
+
+    setup_logging(cfg.log_level)
+    schema = type(cfg)
+
+    def reload() -> ServerSettings | ClientSettings:
+        return load(schema, args)
+
+    proxy = Proxy(cfg, reload=reload, env=dict(os.environ))
+    try:
+        trio.run(proxy.run)
+    except BaseExceptionGroup as group:
+        found = _operator_error(group)
+        if found is None:
+            raise
+        raise found from None
+    return 0
+
+
+def cmd_server(args: argparse.Namespace) -> int:
+    return _run(load(ServerSettings, args), args)
+
+
+def cmd_client(args: argparse.Namespace) -> int:
+    return _run(load(ClientSettings, args), args)
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    proxy = sub.add_parser("proxy", help="the mTLS proxy")
+    modes = proxy.add_subparsers(dest="proxy_command", required=True, metavar="MODE")
+    server = modes.add_parser(
+        "server",
+        help="in front of a service: mutual TLS in, plain TCP or HTTP out to --target",
+        description="Accept mutual TLS on --listen, admit peers by SPIFFE ID, forward to --target.",
+    )
+    add_arguments(server, ServerSettings)
+    server.set_defaults(func=cmd_server)
+    client = modes.add_parser(
+        "client",
+        help="beside an app: plain TCP or HTTP in, mutual TLS out to --target",
+        description="Accept plain connections on --listen and carry them over mutual TLS to "
+        "--target, whose SPIFFE ID must be one of --expect-id.",
+    )
+    add_arguments(client, ClientSettings)
+    client.set_defaults(func=cmd_client)

@@ -1,0 +1,397 @@
+"""HTTP/1.1 forwarding on h11, one request at a time, bodies streamed both ways.
+
+Rules:
+
+1. Streamed, never buffered whole.  Each body chunk is passed on as it
+   arrives (h11 hands us what one read brought), in both directions, with the
+   sender's framing kept (Content-Length stays Content-Length, chunked stays
+   chunked), so memory per request is bounded by one read whatever the size.
+   A request with a body runs two tasks, so a service that answers before it
+   has read the whole body (or sends ``100 Continue``) is relayed as it
+   happens.
+2. Keep-alive is per side.  Hop-by-hop headers (``Connection`` and what it
+   names, ``Keep-Alive``, ``TE``, ``Upgrade``...) are dropped when forwarding,
+   so a client's ``Connection: close`` ends only the client's connection.
+   Upgrades (WebSocket) are therefore not relayed in HTTP mode; TCP mode
+   carries them.
+3. Errors have an owner.  `UpstreamError` (the side we forward to failed) is
+   answered with 502, or 504 on a timeout, if no response has started yet,
+   otherwise the client connection is cut, because a half-sent response
+   cannot be taken back.  `DownstreamError` (the side that sent the request
+   failed) ends both.  Peers never see exception text.
+4. Waiting for the next request is the only wait a drain or an expired peer
+   certificate interrupts (`Idlers`); a request that has started is finished,
+   and its response says ``Connection: close`` when we will close after it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import h11
+import trio
+
+from proxy.tcp import Deadline
+
+CHUNK = 1 << 16
+MAX_HEAD_BYTES = 64 * 1024
+HOP_BY_HOP = frozenset(
+    {b"connection", b"keep-alive", b"proxy-connection", b"te", b"upgrade", b"http2-settings"}
+)
+Headers = list[tuple[bytes, bytes]]
+_IO_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError)
+
+
+class UpstreamError(Exception):
+    """The side we forward to failed; ``timeout`` when it went silent."""
+
+    def __init__(self, message: str, *, timeout: bool = False) -> None:
+        super().__init__(message)
+        self.timeout = timeout
+
+
+class DownstreamError(Exception):
+    """The side that sent the request failed or went away."""
+
+
+class HttpStream:
+    """One h11 connection bound to one trio stream."""
+
+    def __init__(self, stream: trio.abc.Stream, role: type[h11.CLIENT] | type[h11.SERVER]) -> None:
+        self.stream = stream
+        self.conn = h11.Connection(role, max_incomplete_event_size=MAX_HEAD_BYTES)
+
+    @property
+    def has_input(self) -> bool:
+        """Bytes (or EOF) already received and not yet parsed: a pipelined request."""
+        data, closed = self.conn.trailing_data
+        return bool(data) or closed
+
+    async def next_event(self, activity: Deadline | None = None) -> object:
+        while True:
+            event = self.conn.next_event()
+            if event is not h11.NEED_DATA:
+                return event
+            data = await self.stream.receive_some(CHUNK)
+            if activity is not None:
+                activity.touch()
+            self.conn.receive_data(bytes(data))
+
+    async def send(self, event: h11.Event) -> None:
+        data = self.conn.send(event)
+        if data:
+            await self.stream.send_all(data)
+
+    def reusable(self) -> bool:
+        """Start the next cycle if both sides finished this one cleanly; False: close it."""
+        if self.conn.our_state is h11.DONE and self.conn.their_state is h11.DONE:
+            self.conn.start_next_cycle()
+            return True
+        return False
+
+
+class Idlers:
+    """Connections waiting for their next request, so a drain can wake them all at once."""
+
+    def __init__(self) -> None:
+        self.draining = False
+        self._scopes: set[trio.CancelScope] = set()
+
+    @contextmanager
+    def waiting(self, scope: trio.CancelScope) -> Iterator[None]:
+        if self.draining:
+            scope.cancel()
+        self._scopes.add(scope)
+        try:
+            yield
+        finally:
+            self._scopes.discard(scope)
+
+    def drain(self) -> None:
+        self.draining = True
+        for scope in list(self._scopes):
+            scope.cancel()
+
+
+async def next_request(
+    down: HttpStream, idlers: Idlers, idle_s: float, hard_at: float
+) -> tuple[h11.Request | None, str]:
+    """The next request, or None and why not: closed, idle, draining, peer_expired, bad_request.
+
+    Only the wait for the first byte is interruptible (rule 4); once a request
+    has begun, its head gets ``idle_s`` to arrive.
+    """
+    if idlers.draining:
+        return None, "draining"
+    if trio.current_time() >= hard_at:
+        return None, "peer_expired"
+    try:
+        if not down.has_input:
+            with trio.CancelScope(deadline=min(trio.current_time() + idle_s, hard_at)) as scope:
+                with idlers.waiting(scope):
+                    data = await down.stream.receive_some(CHUNK)
+            if scope.cancelled_caught:
+                return None, _why_woken(idlers, hard_at)
+            down.conn.receive_data(bytes(data))
+        event: object = None
+        with trio.move_on_after(idle_s):
+            event = await down.next_event()
+        if isinstance(event, h11.Request):
+            return event, ""
+        if event is None:
+            await respond_error(down, 408, "request head took too long")
+            return None, "idle"
+        return None, "closed"
+    except h11.RemoteProtocolError as exc:
+        await respond_error(down, exc.error_status_hint, "malformed request")
+        return None, "bad_request"
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        return None, "closed"
+
+
+def _why_woken(idlers: Idlers, hard_at: float) -> str:
+    if idlers.draining:
+        return "draining"
+    return "peer_expired" if trio.current_time() >= hard_at else "idle"
+
+
+def connection_tokens(headers: Sequence[tuple[bytes, bytes]]) -> set[bytes]:
+    tokens: set[bytes] = set()
+    for name, value in headers:
+        if name == b"connection":
+            tokens.update(t.strip().lower() for t in value.split(b","))
+    return tokens
+
+
+def forwarded_headers(
+    headers: Sequence[tuple[bytes, bytes]], *, drop: frozenset[bytes] = frozenset()
+) -> Headers:
+    """Headers minus the hop-by-hop ones (rule 2) and ``drop``; names are lower case."""
+    named = connection_tokens(headers)
+    return [
+        (name, value)
+        for name, value in headers
+        if name not in HOP_BY_HOP and name not in named and name not in drop
+    ]
+
+
+def has_body(request: h11.Request) -> bool:
+    """RFC 9112 6.3: a request has a body only if it says so."""
+    for name, value in request.headers:
+        if name == b"transfer-encoding" or (name == b"content-length" and value.strip() != b"0"):
+            return True
+    return False
+
+
+async def respond_error(down: HttpStream, status: int, text: str) -> None:
+    """A short plain-text error, then the connection is done; best effort."""
+    if down.conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+        return
+    body = f"{status} {text}\n".encode()
+    try:
+        await down.send(
+            h11.Response(
+                status_code=status,
+                headers=[
+                    (b"content-type", b"text/plain; charset=utf-8"),
+                    (b"content-length", str(len(body)).encode()),
+                    (b"connection", b"close"),
+                ],
+            )
+        )
+        await down.send(h11.Data(data=body))
+        await down.send(h11.EndOfMessage())
+    except _IO_ERRORS:
+        pass
+
+
+@dataclass
+class Exchange:
+    """One request's journey, for the access log and the byte counters."""
+
+    method: str
+    target: str
+    started: float = field(default_factory=trio.current_time)
+    status: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    response_started: bool = False
+
+    @property
+    def duration_ms(self) -> float:
+        return round((trio.current_time() - self.started) * 1000, 3)
+
+
+async def _to_up(up: HttpStream, event: h11.Event) -> None:
+    try:
+        await up.send(event)
+    except _IO_ERRORS as exc:
+        raise UpstreamError(f"sending to the target failed: {exc!r}") from exc
+
+
+async def _from_up(up: HttpStream, activity: Deadline) -> object:
+    try:
+        event = await up.next_event(activity)
+    except _IO_ERRORS as exc:
+        raise UpstreamError(f"reading from the target failed: {exc!r}") from exc
+    if isinstance(event, h11.ConnectionClosed):
+        raise UpstreamError("the target closed the connection before the response ended")
+    return event
+
+
+async def _to_down(down: HttpStream, event: h11.Event) -> None:
+    try:
+        await down.send(event)
+    except _IO_ERRORS as exc:
+        raise DownstreamError(f"sending to the client failed: {exc!r}") from exc
+
+
+async def _from_down(down: HttpStream, activity: Deadline) -> object:
+    try:
+        event = await down.next_event(activity)
+    except _IO_ERRORS as exc:
+        raise DownstreamError(f"reading the request failed: {exc!r}") from exc
+    if isinstance(event, h11.ConnectionClosed):
+        raise DownstreamError("the client closed the connection mid-request")
+    return event
+
+
+async def _relay_request_body(
+    down: HttpStream, up: HttpStream, ex: Exchange, activity: Deadline, count: Callable[[int], None]
+) -> None:
+    while True:
+        event = await _from_down(down, activity)
+        if isinstance(event, h11.Data):
+            await _to_up(up, h11.Data(data=event.data))
+            ex.bytes_in += len(event.data)
+            count(len(event.data))
+        elif isinstance(event, h11.EndOfMessage):
+            await _to_up(up, h11.EndOfMessage(headers=event.headers))
+            return
+        else:
+            raise DownstreamError(f"unexpected {type(event).__name__} in a request body")
+
+
+async def _relay_response(
+    down: HttpStream,
+    up: HttpStream,
+    ex: Exchange,
+    activity: Deadline,
+    closing: Callable[[], bool],
+    count: Callable[[int], None],
+) -> None:
+    while True:
+        event = await _from_up(up, activity)
+        if isinstance(event, h11.InformationalResponse):
+            if event.status_code == 101:
+                raise UpstreamError("the target switched protocols, which HTTP mode cannot relay")
+            await _to_down(
+                down,
+                h11.InformationalResponse(
+                    status_code=event.status_code, headers=forwarded_headers(event.headers)
+                ),
+            )
+        elif isinstance(event, h11.Response):
+            headers = forwarded_headers(event.headers)
+            if closing():
+                headers.append((b"connection", b"close"))
+            ex.status = event.status_code
+            ex.response_started = True
+            await _to_down(
+                down,
+                h11.Response(status_code=event.status_code, headers=headers, reason=event.reason),
+            )
+        elif isinstance(event, h11.Data):
+            await _to_down(down, h11.Data(data=event.data))
+            ex.bytes_out += len(event.data)
+            count(len(event.data))
+        elif isinstance(event, h11.EndOfMessage):
+            await _to_down(down, h11.EndOfMessage(headers=event.headers))
+            return
+        else:
+            raise UpstreamError(f"unexpected {type(event).__name__} from the target")
+
+
+async def exchange(
+    down: HttpStream,
+    up: HttpStream,
+    request: h11.Request,
+    headers: Headers,
+    *,
+    body_pending: bool,
+    ex: Exchange,
+    idle_s: float,
+    closing: Callable[[], bool],
+    count_to_target: Callable[[int], None],
+    count_from_target: Callable[[int], None],
+) -> None:
+    """Send ``request`` upstream and relay its body and the response (rule 1).
+
+    ``body_pending`` False means the caller already consumed the request's
+    (empty) body, so the exchange can be retried on another connection.
+    Raises UpstreamError or DownstreamError (rule 3).  If the response ends
+    before the request body, the body is abandoned and ``down`` cannot be
+    reused (`HttpStream.reusable` says so).
+    """
+    activity = Deadline(idle_s)
+    with activity.scope:
+        await _to_up(up, h11.Request(method=request.method, target=request.target, headers=headers))
+        if not body_pending:
+            await _to_up(up, h11.EndOfMessage())
+            await _relay_response(down, up, ex, activity, closing, count_from_target)
+            return
+        try:
+            async with trio.open_nursery() as nursery:
+
+                async def body() -> None:
+                    await _relay_request_body(down, up, ex, activity, count_to_target)
+
+                async def response() -> None:
+                    await _relay_response(down, up, ex, activity, closing, count_from_target)
+                    nursery.cancel_scope.cancel()  # an unread rest of the body is abandoned
+
+                nursery.start_soon(body)
+                nursery.start_soon(response)
+        except BaseExceptionGroup as group:
+            raise _ours(group) from None
+    if activity.scope.cancelled_caught:
+        raise UpstreamError(f"no progress for {idle_s:g}s", timeout=True)
+
+
+def request_headers(
+    request: h11.Request,
+    host_fallback: str,
+    *,
+    drop: frozenset[bytes] = frozenset(),
+    add: Sequence[tuple[bytes, bytes]] = (),
+) -> Headers:
+    """What goes upstream: forwarded headers, a Host if an HTTP/1.0 client sent none, ``add``."""
+    headers = forwarded_headers(request.headers, drop=drop)
+    if not any(name == b"host" for name, _ in headers):
+        headers.append((b"host", host_fallback.encode("ascii", "replace")))
+    headers.extend(add)
+    return headers
+
+
+def _ours(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The error to report from a two-task exchange: the client's failure first.
+
+    Anything else (a Cancelled from an outer scope) is re-raised as the group;
+    a Cancelled dropped here comes back at the next checkpoint anyway.
+    """
+    leaves = list(_leaves(group))
+    for kind in (DownstreamError, UpstreamError):
+        for leaf in leaves:
+            if isinstance(leaf, kind):
+                return leaf
+    return group
+
+
+def _leaves(exc: BaseException) -> Iterator[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            yield from _leaves(inner)
+    else:
+        yield exc

@@ -1,0 +1,125 @@
+"""The proxy's counters, and how Prometheus reads them.
+
+The hot path only bumps plain integers on one `Stats` object (the proxy is one
+trio thread, so no locks); a custom collector turns them into metric families
+when ``/metrics`` is scraped.  Label values are fixed words (outcomes, denial
+reasons, directions), never peer-controlled text, so the series count stays
+bounded whatever peers send.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+
+@dataclass
+class Stats:
+    connections_open: int = 0
+    connections_total: int = 0
+    handshakes: Counter[str] = field(default_factory=Counter)
+    """By outcome: ok, resumed, denied, failed, timeout."""
+    denied: Counter[str] = field(default_factory=Counter)
+    """By reason, e.g. not_allowed, expired, untrusted, no_certificate, tls_version."""
+    bytes_to_target: int = 0
+    bytes_from_target: int = 0
+    requests: Counter[str] = field(default_factory=Counter)
+    """HTTP mode, by status class: 2xx, 4xx, 5xx..."""
+    rotations: int = 0
+    closed_peer_expired: int = 0
+    pool_reused: int = 0
+    pool_dialed: int = 0
+
+
+@dataclass(frozen=True)
+class SvidInfo:
+    spiffe_id: str
+    serial: str
+    not_after: datetime
+
+
+class ProxyCollector(Collector):
+    def __init__(
+        self,
+        stats: Stats,
+        svid: Callable[[], SvidInfo | None],
+        clock: Callable[[], datetime],
+        mode: str,
+    ) -> None:
+        self.stats = stats
+        self.svid = svid
+        self.clock = clock
+        self.mode = mode
+
+    def collect(self) -> Iterator[Metric]:
+        s = self.stats
+        yield GaugeMetricFamily(
+            "tally_proxy_connections_open", "connections being served", s.connections_open
+        )
+        yield CounterMetricFamily(
+            "tally_proxy_connections", "connections accepted", s.connections_total
+        )
+        handshakes = CounterMetricFamily(
+            "tally_proxy_handshakes", "TLS handshakes by outcome", labels=["outcome"]
+        )
+        for outcome, n in sorted(s.handshakes.items()):
+            handshakes.add_metric([outcome], n)
+        yield handshakes
+        denied = CounterMetricFamily(
+            "tally_proxy_peer_denied", "peers refused during the handshake", labels=["reason"]
+        )
+        for reason, n in sorted(s.denied.items()):
+            denied.add_metric([reason], n)
+        yield denied
+        moved = CounterMetricFamily(
+            "tally_proxy_bytes", "payload bytes forwarded", labels=["direction"]
+        )
+        moved.add_metric(["to_target"], s.bytes_to_target)
+        moved.add_metric(["from_target"], s.bytes_from_target)
+        yield moved
+        requests = CounterMetricFamily(
+            "tally_proxy_http_requests", "HTTP requests by status class", labels=["status"]
+        )
+        for status, n in sorted(s.requests.items()):
+            requests.add_metric([status], n)
+        yield requests
+        yield CounterMetricFamily(
+            "tally_proxy_rotations", "new SVIDs or bundles put into service", s.rotations
+        )
+        yield CounterMetricFamily(
+            "tally_proxy_peer_expired_closed",
+            "connections closed because the peer certificate expired",
+            s.closed_peer_expired,
+        )
+        yield CounterMetricFamily(
+            "tally_proxy_pool_reused",
+            "requests sent on a reused upstream connection",
+            s.pool_reused,
+        )
+        yield CounterMetricFamily(
+            "tally_proxy_pool_dialed", "upstream mTLS connections opened for HTTP", s.pool_dialed
+        )
+        svid = self.svid()
+        if svid is not None:
+            info = InfoMetricFamily("tally_proxy_svid", "the SVID this proxy presents")
+            info.add_metric(
+                [], {"spiffe_id": svid.spiffe_id, "serial": svid.serial, "mode": self.mode}
+            )
+            yield info
+            yield GaugeMetricFamily(
+                "tally_proxy_svid_expiry_seconds",
+                "seconds until the presented SVID expires",
+                (svid.not_after - self.clock()).total_seconds(),
+            )
+
+
+def registry_for(collector: ProxyCollector) -> CollectorRegistry:
+    registry = CollectorRegistry()
+    registry.register(collector)
+    return registry

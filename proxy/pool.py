@@ -1,0 +1,155 @@
+"""Kept-alive outbound mTLS connections, shared by every local connection of the client proxy.
+
+Rules:
+
+1. An app that opens a new connection per request must not pay a TLS
+   handshake per request.  After a response ends cleanly the upstream
+   connection goes back to the pool, and the next request from *any* local
+   connection takes the most recently used one (LIFO keeps few connections
+   warm and lets the rest age out).
+2. A pooled connection is retired before either certificate on it expires
+   (`RETIRE_MARGIN_S` early): the server proxy closes connections whose
+   client certificate has expired, and we would rather not send a request
+   into that close.  Connections made before a rotation stay in use until
+   then, which is what "established connections are untouched" means.
+3. A connection the server closed while it sat idle is noticed without
+   reading from it: its socket polls readable (an idle HTTP/1.1 server has
+   nothing to say except goodbye).  A sweep every `SWEEP_S` closes those and
+   the ones idle longer than the pool's idle timeout.
+4. The pool never waits for a connection: it dials when none is idle, so the
+   only limit on upstream connections is the number of local requests in
+   flight.
+"""
+
+from __future__ import annotations
+
+import select
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import trio
+
+from proxy.http import HttpStream
+from proxy.metrics import Stats
+from tally import tls
+from tally.spiffeid import SpiffeId
+
+RETIRE_MARGIN_S = 2.0
+SWEEP_S = 1.0
+CLOSE_TIMEOUT_S = 1.0
+
+
+class DialError(Exception):
+    """No upstream connection could be made; ``timeout`` says whether time ran out."""
+
+    def __init__(self, message: str, *, timeout: bool = False) -> None:
+        super().__init__(message)
+        self.timeout = timeout
+
+
+@dataclass(eq=False)
+class Upstream:
+    """One mTLS connection to the target and what we know about it."""
+
+    tls: tls.TLSStream
+    http: HttpStream
+    peer_id: SpiffeId
+    retire_at: float
+    """trio time after which it must not carry a new request (rule 2)."""
+    reused: bool = False
+    idle_since: float = field(default_factory=trio.current_time)
+
+
+def _socket_readable(stream: trio.abc.Stream) -> bool:
+    transport = stream.transport if isinstance(stream, tls.TLSStream) else stream
+    if not isinstance(transport, trio.SocketStream):
+        return False
+    poller = select.poll()
+    poller.register(transport.socket.fileno(), select.POLLIN | select.POLLHUP | select.POLLERR)
+    return bool(poller.poll(0))
+
+
+async def close_quietly(stream: trio.abc.Stream) -> None:
+    with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT_S):
+        try:
+            await stream.aclose()
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+
+
+class Pool:
+    def __init__(
+        self,
+        dial: Callable[[], Awaitable[Upstream]],
+        *,
+        max_idle: int,
+        idle_s: float,
+        stats: Stats,
+    ) -> None:
+        self._dial = dial
+        self.max_idle = max_idle
+        self.idle_s = idle_s
+        self._stats = stats
+        self._idle: list[Upstream] = []
+        self._closed = False
+
+    @property
+    def idle_count(self) -> int:
+        return len(self._idle)
+
+    def _usable(self, up: Upstream, now: float) -> bool:
+        return (
+            now < up.retire_at
+            and now - up.idle_since < self.idle_s
+            and not _socket_readable(up.tls)
+        )
+
+    async def acquire(self) -> Upstream:
+        """A connection ready for a request: an idle one if any is still good, else a new one."""
+        now = trio.current_time()
+        while self._idle:
+            up = self._idle.pop()
+            if self._usable(up, now):
+                up.reused = True
+                self._stats.pool_reused += 1
+                await trio.lowlevel.checkpoint()
+                return up
+            await close_quietly(up.tls)
+        up = await self._dial()
+        self._stats.pool_dialed += 1
+        return up
+
+    async def release(self, up: Upstream) -> None:
+        """Give a connection back after a request; it is kept only if it can carry another."""
+        now = trio.current_time()
+        if (
+            self._closed
+            or len(self._idle) >= self.max_idle
+            or now >= up.retire_at
+            or not up.http.reusable()
+        ):
+            await close_quietly(up.tls)
+            return
+        up.idle_since = now
+        self._idle.append(up)
+        await trio.lowlevel.checkpoint()
+
+    async def discard(self, up: Upstream) -> None:
+        await close_quietly(up.tls)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Sweep idle connections (rule 3) until cancelled, then close them all."""
+        task_status.started()
+        try:
+            while True:
+                await trio.sleep(SWEEP_S)
+                now = trio.current_time()
+                stale = [up for up in self._idle if not self._usable(up, now)]
+                self._idle = [up for up in self._idle if up not in stale]
+                for up in stale:
+                    await close_quietly(up.tls)
+        finally:
+            self._closed = True
+            idle, self._idle = self._idle, []
+            for up in idle:
+                await close_quietly(up.tls)

@@ -1,0 +1,211 @@
+"""Everything an operator can set on `tally proxy server` and `tally proxy client`, declared once.
+
+Rules:
+
+1. Exactly one identity source: the Workload API (``--workload-socket``, or
+   ``SPIFFE_ENDPOINT_SOCKET`` when nothing else is said) or the three files
+   ``--cert``/``--key``/``--bundle``.  Giving both is refused rather than
+   guessed at, because an operator who thinks the proxy rotates from the agent
+   while it actually serves a file would find out when the file expires.
+2. A server without an allow rule is refused: mutual TLS that admits any
+   certificate of the trust domain is rarely what was meant, so "everybody in
+   the trust domain" has to be written down (``--allow-trust-domain``).
+3. A client names the server it expects (``--expect-id``); the server's
+   certificate is otherwise only known to chain to a bundle.
+4. Timeouts are durations with a floor above zero: there is no "0 = forever".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from tally import authz
+from tally.config import Address, ConfigError, Duration, setting
+from tally.spiffeid import SpiffeId, SpiffeIdError, TrustDomain
+from tally.workload_client import ENDPOINT_ENV, EndpointError, endpoint_from_env, socket_path_of
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+@dataclass(frozen=True)
+class FileSourceSpec:
+    cert: Path
+    key: Path
+    bundle: Path
+    federated: Mapping[TrustDomain, Path]
+
+
+@dataclass(frozen=True)
+class WorkloadSourceSpec:
+    socket_path: str
+
+
+@dataclass(frozen=True)
+class ProxySettings:
+    """What both modes share."""
+
+    listen: Address = setting(help="where to accept connections: HOST:PORT or a unix socket path")
+    target: Address = setting(help="where to forward them: HOST:PORT or a unix socket path")
+    workload_socket: str | None = setting(
+        None,
+        metavar="SOCKET",
+        help=f"SPIFFE Workload API socket (unix:///path or /path); default ${ENDPOINT_ENV} "
+        "when no --cert is given",
+    )
+    spiffe_id: str | None = setting(
+        None,
+        metavar="ID",
+        help="which of several SVIDs to present (default: the first one offered)",
+    )
+    cert: Path | None = setting(
+        None, help="file source: PEM certificate chain, leaf first (reloaded when it changes)"
+    )
+    key: Path | None = setting(None, help="file source: PEM private key of --cert")
+    bundle: Path | None = setting(None, help="file source: PEM roots of our own trust domain")
+    federated_bundle: list[str] = setting(
+        [],
+        metavar="TD=PATH",
+        help="file source: TRUST_DOMAIN=PATH, PEM roots of a federated trust domain",
+    )
+    http: bool = setting(False, help="HTTP/1.1 mode: per-request forwarding, keep-alive, XFCC")
+    metrics: Address | None = setting(
+        None, help="serve /healthz, /readyz and /metrics on HOST:PORT"
+    )
+    max_connections: int = setting(
+        1024, help="connections served at once; further ones wait in the listen backlog"
+    )
+    handshake_timeout: Duration = setting(Duration(10), help="deadline for a TLS handshake")
+    idle_timeout: Duration = setting(
+        Duration(300), help="close a connection after this long without a byte either way"
+    )
+    connect_timeout: Duration = setting(Duration(10), help="deadline to connect to --target")
+    drain_timeout: Duration = setting(
+        Duration(30), help="on SIGTERM, how long open connections may take to finish"
+    )
+    allow_expired_peer_connections: bool = setting(
+        False, help="keep connections open after the peer's certificate expires"
+    )
+    access_log: bool = setting(True, help="HTTP mode: one log line per request")
+    log_level: str = setting("info", metavar="LEVEL", help="debug, info, warning or error")
+
+    def validate(self) -> None:
+        if self.log_level not in LOG_LEVELS:
+            raise ConfigError(f"setting 'log_level': unknown level {self.log_level!r}")
+        if self.max_connections < 1:
+            raise ConfigError("setting 'max_connections' must be at least 1")
+        for name in ("handshake_timeout", "idle_timeout", "connect_timeout"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"setting '{name}' must be above 0s")
+        if self.spiffe_id is not None:
+            try:
+                SpiffeId.parse(self.spiffe_id)
+            except SpiffeIdError as exc:
+                raise ConfigError(f"setting 'spiffe_id': {exc}") from exc
+        files = [self.cert, self.key, self.bundle]
+        if any(f is not None for f in files) and not all(f is not None for f in files):
+            raise ConfigError("settings 'cert', 'key' and 'bundle' go together (the file source)")
+        if self.cert is not None and self.workload_socket is not None:
+            raise ConfigError(
+                "give either --workload-socket or --cert/--key/--bundle, not both: "
+                "the proxy takes its identity from exactly one source"
+            )
+        if self.federated_bundle and self.cert is None:
+            raise ConfigError(
+                "setting 'federated_bundle' needs the file source; the Workload API "
+                "sends federated bundles itself"
+            )
+        self._federated()
+        self.policy()
+
+    def _federated(self) -> dict[TrustDomain, Path]:
+        out: dict[TrustDomain, Path] = {}
+        for item in self.federated_bundle:
+            name, sep, path = item.partition("=")
+            if not sep or not path:
+                raise ConfigError(
+                    f"setting 'federated_bundle': {item!r}: expected TRUST_DOMAIN=PATH"
+                )
+            try:
+                td = TrustDomain.parse(name)
+            except SpiffeIdError as exc:
+                raise ConfigError(f"setting 'federated_bundle': {exc}") from exc
+            out[td] = Path(path)
+        return out
+
+    def policy(self) -> authz.Policy:
+        raise NotImplementedError
+
+    def source(self, env: Mapping[str, str]) -> FileSourceSpec | WorkloadSourceSpec:
+        """Where identities come from; ``env`` supplies SPIFFE_ENDPOINT_SOCKET."""
+        if self.cert is not None and self.key is not None and self.bundle is not None:
+            return FileSourceSpec(self.cert, self.key, self.bundle, self._federated())
+        try:
+            if self.workload_socket is not None:
+                return WorkloadSourceSpec(socket_path_of(self.workload_socket))
+            return WorkloadSourceSpec(endpoint_from_env(env))
+        except EndpointError as exc:
+            raise ConfigError(
+                f"no identity source: {exc}; or give --cert, --key and --bundle"
+            ) from exc
+
+
+@dataclass(frozen=True)
+class ServerSettings(ProxySettings):
+    """`tally proxy server`: mutual TLS in, plain traffic out to the service."""
+
+    allow_id: list[str] = setting([], metavar="ID", help="admit this exact SPIFFE ID")
+    allow_trust_domain: list[str] = setting(
+        [], metavar="TD", help="admit every SPIFFE ID of this trust domain"
+    )
+    allow_path_prefix: list[str] = setting(
+        [],
+        metavar="PREFIX",
+        help="admit spiffe://TD/PREFIX and every ID below it (whole path segments)",
+    )
+
+    def policy(self) -> authz.Policy:
+        try:
+            rules = authz.parse_policy(
+                self.allow_id, self.allow_trust_domain, self.allow_path_prefix
+            )
+        except authz.RuleError as exc:
+            raise ConfigError(f"allow rule: {exc}") from exc
+        if rules.empty:
+            raise ConfigError(
+                "a server needs at least one allow rule: --allow-id, --allow-trust-domain "
+                "or --allow-path-prefix"
+            )
+        return rules
+
+
+@dataclass(frozen=True)
+class ClientSettings(ProxySettings):
+    """`tally proxy client`: plain traffic in from the app, mutual TLS out."""
+
+    expect_id: list[str] = setting(
+        [], metavar="ID", help="the server's SPIFFE ID must be one of these"
+    )
+    pool_size: int = setting(
+        64, help="HTTP mode: idle mTLS connections kept open to the target for reuse (0: none)"
+    )
+    pool_idle_timeout: Duration = setting(
+        Duration(30), help="HTTP mode: close a pooled connection idle for this long"
+    )
+
+    def validate(self) -> None:
+        super().validate()
+        if self.pool_size < 0:
+            raise ConfigError("setting 'pool_size' must be 0 or more")
+        if self.pool_idle_timeout <= 0:
+            raise ConfigError("setting 'pool_idle_timeout' must be above 0s")
+
+    def policy(self) -> authz.Policy:
+        try:
+            rules = authz.parse_policy(ids=self.expect_id)
+        except authz.RuleError as exc:
+            raise ConfigError(f"expected server: {exc}") from exc
+        if rules.empty:
+            raise ConfigError("a client needs --expect-id: the SPIFFE ID of the server")
+        return rules
