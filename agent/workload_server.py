@@ -251,7 +251,8 @@ class _Call:
         self.last_digest = b""
         self.blocked_since: float | None = None
         """When queued data last found the peer's window closed; None while it flows."""
-        # Set when the call must end early (protocol error); None status = no trailers.
+        # Why the call had to end early (a bad request frame, a reset); its trailers
+        # are sent only if the stream still exists.
         self.aborted: tuple[Status, str] | None = None
         self.counted = False
 

@@ -44,6 +44,22 @@ from cryptography.hazmat.primitives.serialization import load_der_private_key
 from tally import workload_pb as pb
 from tally.grpc import GrpcError, MessageDecoder, Status, encode_message, status_from_headers
 
+__all__ = [
+    "DEFAULT_FETCH_TIMEOUT_S",
+    "ENDPOINT_ENV",
+    "EndpointError",
+    "Status",
+    "WorkloadApiError",
+    "X509Context",
+    "X509Svid",
+    "endpoint_from_env",
+    "fetch_x509",
+    "parse_endpoint",
+    "parse_x509_svid_response",
+    "socket_path_of",
+    "watch_x509",
+]
+
 ENDPOINT_ENV = "SPIFFE_ENDPOINT_SOCKET"
 FETCH_X509_SVID_PATH = "/SpiffeWorkloadAPI/FetchX509SVID"
 DEFAULT_FETCH_TIMEOUT_S = 10.0

@@ -723,6 +723,30 @@ async def test_peer_that_never_opens_its_window_is_dropped(autojump_clock, cas):
     assert client.calls[stream_id].messages == []  # only the first 64 KiB ever arrived
 
 
+async def test_pings_do_not_keep_a_closed_window_alive(autojump_clock, cas):
+    server_side, client_side = trio.testing.memory_stream_pair()
+    stats = WorkloadStats()
+    backend = FakeBackend(snapshot(cas, 1, padding=400))
+    client = RawClient(client_side, ack=False)
+    client.call()
+    await client.flush()
+    async with trio.open_nursery() as nursery:
+
+        async def read_and_ping_forever():
+            while True:
+                client.conn.ping(b"12345678")
+                await client.flush()
+                with trio.move_on_after(5):
+                    while True:
+                        await client.read_once()
+
+        nursery.start_soon(read_and_ping_forever)
+        ended_at = await _serve_in_memory(server_side, backend, stats)
+        nursery.cancel_scope.cancel()
+    assert ended_at == pytest.approx(30.0)
+    assert stats.connections_dropped == 1
+
+
 async def test_idle_reader_is_never_dropped(autojump_clock, cas):
     server_side, client_side = trio.testing.memory_stream_pair()
     stats = WorkloadStats()
