@@ -26,7 +26,7 @@ are bound to the classes protobuf builds from the descriptor.
 from __future__ import annotations
 
 from collections.abc import Mapping, MutableMapping, MutableSequence, Sequence
-from typing import TYPE_CHECKING, Any, Self
+from typing import TYPE_CHECKING, Any, ClassVar, Self
 
 from google.protobuf import (  # type: ignore[import-untyped]
     descriptor_pb2,
@@ -166,6 +166,8 @@ if TYPE_CHECKING:
         """Raised by ``FromString`` on bytes that are not a valid encoding."""
 
     class _Message:
+        DESCRIPTOR: ClassVar[Any]
+
         def SerializeToString(self, *, deterministic: bool = ...) -> bytes: ...
         @classmethod
         def FromString(cls, data: bytes) -> Self: ...

@@ -452,6 +452,55 @@ async def test_py_spiffe_sees_permission_denied_without_identity(agent):
     assert agent.stats.requests[("FetchX509SVID", "PERMISSION_DENIED")] >= 1
 
 
+DESCRIBE_MESSAGES = """
+    import json, sys
+    from spiffe._proto import workload_pb2
+
+    def describe(message):
+        return [[f.name, f.number, f.type, f.is_repeated, nested(f)] for f in message.fields]
+
+    def nested(field):
+        if field.message_type is None:
+            return None
+        if field.message_type.GetOptions().map_entry:
+            return describe(field.message_type)
+        return field.message_type.name
+
+    print(json.dumps({name: describe(getattr(workload_pb2, name).DESCRIPTOR)
+                      for name in sys.argv[1:]}))
+"""
+
+MESSAGE_NAMES = [
+    "X509SVIDRequest", "X509SVIDResponse", "X509SVID", "X509BundlesRequest",
+    "X509BundlesResponse", "JWTSVIDRequest", "JWTSVIDResponse", "JWTSVID",
+    "JWTBundlesRequest", "JWTBundlesResponse", "ValidateJWTSVIDRequest",
+    "ValidateJWTSVIDResponse",
+]  # fmt: skip
+
+
+def _describe(message):
+    return [[f.name, f.number, f.type, f.is_repeated, _nested(f)] for f in message.fields]
+
+
+def _nested(field):
+    if field.message_type is None:
+        return None
+    if field.message_type.GetOptions().map_entry:
+        return _describe(field.message_type)
+    return field.message_type.name
+
+
+async def test_every_message_has_the_standard_wire_shape():
+    # py-spiffe's generated copy of workloadapi.proto is the oracle: same field
+    # names, numbers, types, repetition and nested shapes, map entries included.
+    result = await run_python(DESCRIBE_MESSAGES, *MESSAGE_NAMES)
+    assert result.returncode == 0, result.stderr.decode()
+    theirs = json.loads(result.stdout)
+    ours = {name: _describe(getattr(pb, name).DESCRIPTOR) for name in MESSAGE_NAMES}
+    assert ours == theirs
+    assert pb.X509SVID.DESCRIPTOR.full_name == "tally.workload.X509SVID"
+
+
 # (2) py-spiffe's X509Source follows a rotation.
 
 PY_SPIFFE_SOURCE = """
