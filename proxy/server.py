@@ -484,6 +484,9 @@ class Proxy:
                     self._access(ex, peer.spiffe_id)
                     return
                 self._access(ex, peer.spiffe_id)
+                if trio.current_time() >= peer.expires_at:  # rule: after the response in flight
+                    self._ended("peer_expired", peer.spiffe_id)
+                    return
                 if not backend.reusable():
                     await close_quietly(backend.stream)
                     backend = None
