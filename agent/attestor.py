@@ -30,6 +30,7 @@ import socket
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Protocol
 
 from tally.selectors import Selector
 
@@ -126,7 +127,13 @@ def _pidfd_pid(pidfd: int) -> int:
     raise AttestationError("kernel did not report the caller's pid")
 
 
-def _peer_pidfd(sock: socket.socket, pid: int) -> int:
+class PeerSocket(Protocol):
+    """A connected Unix socket (stdlib or trio): all attestation needs is getsockopt."""
+
+    def getsockopt(self, level: int, option: int, buflen: int, /) -> bytes: ...
+
+
+def _peer_pidfd(sock: PeerSocket, pid: int) -> int:
     try:
         raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD, struct.calcsize("i"))
         return int(struct.unpack("i", raw)[0])
@@ -146,7 +153,7 @@ def _read_groups(pid: int) -> tuple[int, ...]:
 
 
 def attest_socket(
-    sock: socket.socket, hashes: ExeHashCache
+    sock: PeerSocket, hashes: ExeHashCache
 ) -> tuple[ProcessFacts, frozenset[Selector]]:
     """Attest the process at the other end of a Unix socket (blocking: run it in a thread)."""
     raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))

@@ -67,6 +67,15 @@ def _issued(data: dict[str, Any]) -> Issued:
 
 
 class CAClient:
+    """Calls to the CA, each on a kept-alive connection of its own.
+
+    The agent's loops run at once (a long poll for entries, one for the bundle,
+    signing, renewal), so connections are pooled: a call takes an idle one or
+    opens one, and gives it back when done.  A new identity or bundle bumps the
+    generation, and connections from an older generation are closed instead of
+    reused.
+    """
+
     def __init__(
         self,
         server: Address,
@@ -83,25 +92,28 @@ class CAClient:
         self._identity: tuple[tuple[x509.Certificate, ...], ec.EllipticCurvePrivateKey] | None = (
             None
         )
-        self._client: http.HttpClient | None = None
-        self._stale: http.HttpClient | None = None
+        self._generation = 0
+        self._ctx: tls.TLSContext | None = None
+        self._idle: list[tuple[int, http.HttpClient]] = []
+        self._retired: list[http.HttpClient] = []
 
     def set_roots(self, roots: Sequence[x509.Certificate]) -> None:
         if tuple(roots) != self._roots:
             self._roots = tuple(roots)
-            self._drop()
+            self._new_generation()
 
     def set_identity(
         self, chain: Sequence[x509.Certificate], key: ec.EllipticCurvePrivateKey
     ) -> None:
         self._identity = (tuple(chain), key)
-        self._drop()
+        self._new_generation()
 
-    def _drop(self) -> None:
-        # Synchronous callers cannot await a close; the next call closes it.
-        if self._client is not None:
-            self._stale = self._client
-        self._client = None
+    def _new_generation(self) -> None:
+        # Synchronous callers cannot await a close; the next call closes them.
+        self._generation += 1
+        self._ctx = None
+        self._retired.extend(client for _, client in self._idle)
+        self._idle.clear()
 
     def _verify_ca(self, chain: list[x509.Certificate]) -> object:
         try:
@@ -113,45 +125,63 @@ class CAClient:
         return sid
 
     def _context(self) -> tls.TLSContext:
-        if self._identity is None:
-            return tls.client_context(roots=self._roots, verifier=self._verify_ca)
-        chain, key = self._identity
-        return tls.client_context(roots=self._roots, chain=chain, key=key, verifier=self._verify_ca)
+        if self._ctx is None:
+            if self._identity is None:
+                self._ctx = tls.client_context(roots=self._roots, verifier=self._verify_ca)
+            else:
+                chain, key = self._identity
+                self._ctx = tls.client_context(
+                    roots=self._roots, chain=chain, key=key, verifier=self._verify_ca
+                )
+        return self._ctx
 
-    async def _http(self) -> http.HttpClient:
-        stale = self._stale
-        if stale is not None:
-            self._stale = None
+    async def _close_retired(self) -> None:
+        retired, self._retired = self._retired, []
+        for client in retired:
             with trio.move_on_after(1):
-                await stale.aclose()
-        if self._client is None:
-            ctx = self._context()
+                await client.aclose()
 
-            async def open_stream() -> trio.abc.Stream:
-                raw = await connect(self.server)
-                stream = tls.TLSStream(raw, ctx, server_side=False)
-                try:
-                    with trio.fail_after(self.timeout):
-                        await stream.do_handshake()
-                except BaseException:
-                    await trio.aclose_forcefully(raw)
-                    raise
-                return stream
+    def _checkout(self) -> tuple[int, http.HttpClient]:
+        while self._idle:
+            generation, client = self._idle.pop()
+            if generation == self._generation:
+                return generation, client
+            self._retired.append(client)
+        ctx = self._context()
 
-            self._client = http.HttpClient(open_stream)
-        return self._client
+        async def open_stream() -> trio.abc.Stream:
+            raw = await connect(self.server)
+            stream = tls.TLSStream(raw, ctx, server_side=False)
+            try:
+                with trio.fail_after(self.timeout):
+                    await stream.do_handshake()
+            except BaseException:
+                await trio.aclose_forcefully(raw)
+                raise
+            return stream
+
+        return self._generation, http.HttpClient(open_stream)
 
     async def _call(
         self, method: str, target: str, body: object | None = None, *, wait: float = 0
     ) -> Any:
-        client = await self._http()
+        await self._close_retired()
+        generation, client = self._checkout()
         try:
             resp = await client.request(method, target, json_body=body, timeout=self.timeout + wait)
         except http.HttpClientError as exc:
+            self._retired.append(client)
             cause = exc.__cause__
             if isinstance(cause, tls.PeerRejected):
                 raise CAError("ca_rejected", f"the CA's certificate was refused: {cause}") from exc
             raise CAError("unreachable", f"CA at {self.server} unreachable: {exc}") from exc
+        except BaseException:
+            self._retired.append(client)
+            raise
+        if generation == self._generation:
+            self._idle.append((generation, client))
+        else:
+            self._retired.append(client)
         try:
             data = resp.json()
         except ValueError as exc:
@@ -194,9 +224,6 @@ class CAClient:
         return int(data["bundle_sequence"]), str(data["bundle"]).encode()
 
     async def aclose(self) -> None:
-        for client in (self._client, self._stale):
-            if client is not None:
-                with trio.move_on_after(1):
-                    await client.aclose()
-        self._client = None
-        self._stale = None
+        self._retired.extend(client for _, client in self._idle)
+        self._idle.clear()
+        await self._close_retired()

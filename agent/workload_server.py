@@ -40,8 +40,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-import socket
-import struct
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import AbstractAsyncContextManager
@@ -69,6 +67,7 @@ from tally.grpc import (
     trailers,
     trailers_only,
 )
+from tally.net import PeerCred, peer_credentials
 
 log = logging.getLogger("tally.workload")
 
@@ -87,15 +86,6 @@ _KNOWN_METHODS = frozenset(
         "FetchWITBundles",
     }
 )
-
-
-@dataclass(frozen=True)
-class PeerCred:
-    """The calling process as the kernel recorded it when it connected."""
-
-    pid: int
-    uid: int
-    gid: int
 
 
 @dataclass(frozen=True)
@@ -622,12 +612,6 @@ def _method_label(path: str) -> str:
     return name if name in _KNOWN_METHODS else "unknown"
 
 
-def read_peer_cred(sock: trio.socket.SocketType) -> PeerCred:
-    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    pid, uid, gid = struct.unpack("3i", raw)
-    return PeerCred(pid, uid, gid)
-
-
 async def serve_workload_connection(
     stream: trio.abc.Stream,
     peer: PeerCred,
@@ -669,7 +653,7 @@ async def serve_workload_api(
     async def handle(stream: trio.SocketStream) -> None:
         async with stream:
             try:
-                peer = read_peer_cred(stream.socket)
+                peer = peer_credentials(stream.socket)
             except OSError as exc:
                 log.debug("workload connection without peer credentials: %s", exc)
                 return

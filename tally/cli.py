@@ -50,16 +50,31 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         code: int = args.func(args)
-    except KeyboardInterrupt:
-        return 130
-    except (OperatorError, ConfigError) as exc:
-        print(f"tally: error: {exc}", file=sys.stderr)
-        return 1
-    except OSError as exc:
-        where = f" ({exc.filename})" if exc.filename else ""
-        print(f"tally: error: {exc.strerror or exc}{where}", file=sys.stderr)
-        return 1
+    except BaseException as exc:
+        problem = _operator_problem(exc)
+        if problem is None:
+            raise
+        print(f"tally: error: {problem}", file=sys.stderr)
+        return 130 if problem == "interrupted" else 1
     return code
+
+
+def _operator_problem(exc: BaseException) -> str | None:
+    """The one line to show for an operator's mistake, also from inside a nursery.
+
+    Daemons raise their startup errors from inside trio nurseries, which wrap
+    them in exception groups; the operator still gets one line, not a traceback.
+    """
+    if isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        return _operator_problem(exc.exceptions[0])
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted"
+    if isinstance(exc, OperatorError | ConfigError):
+        return str(exc)
+    if isinstance(exc, OSError):
+        where = f" ({exc.filename})" if exc.filename else ""
+        return f"{exc.strerror or exc}{where}"
+    return None
 
 
 if __name__ == "__main__":

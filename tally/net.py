@@ -19,7 +19,7 @@ import os
 import socket
 import stat
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import trio
@@ -34,16 +34,23 @@ class ListenError(OperatorError):
 
 @dataclass(frozen=True)
 class PeerCred:
+    """The calling process as the kernel recorded it when it connected.
+
+    ``sock`` is the connection itself, kept so that attestation can ask the
+    kernel for a handle on that exact process (see ``agent.attestor``).
+    """
+
     pid: int
     uid: int
     gid: int
+    sock: trio.socket.SocketType | None = field(default=None, compare=False, repr=False)
 
 
 def peer_credentials(sock: trio.socket.SocketType) -> PeerCred:
     """The pid, uid and gid the kernel recorded for a Unix socket's peer at connect time."""
     raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     pid, uid, gid = struct.unpack("3i", raw)
-    return PeerCred(pid, uid, gid)
+    return PeerCred(pid, uid, gid, sock)
 
 
 def stream_peer_credentials(stream: trio.abc.Stream) -> PeerCred | None:

@@ -38,7 +38,6 @@ from hypothesis import strategies as st
 
 from agent.workload_server import (
     NoIdentity,
-    PeerCred,
     SvidItem,
     WorkloadStats,
     X509Snapshot,
@@ -48,7 +47,7 @@ from agent.workload_server import (
 )
 from tally import workload_pb as pb
 from tally.grpc import MessageDecoder, Status, encode_message, status_from_headers
-from tally.net import open_unix_listener
+from tally.net import PeerCred, open_unix_listener
 from tally.workload_client import (
     EndpointError,
     WorkloadApiError,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +39,10 @@ class CA:
 
     def restart(self, *extra: str) -> None:
         self.daemon.stop()
+        self.start_again(*extra)
+
+    def start_again(self, *extra: str) -> None:
+        """Start on the same port and data dir (after stop or kill)."""
         start_ca(self, list(extra) or self.extra)
 
 
@@ -104,3 +110,74 @@ def openssl_available() -> bool:
     return any(
         os.access(os.path.join(p, "openssl"), os.X_OK) for p in os.environ["PATH"].split(":")
     )
+
+
+@dataclass
+class Agent:
+    daemon: Daemon
+    data_dir: Path
+    socket: str
+    metrics: str
+    spiffe_id: str
+    args: list[str]
+
+    def restart(self, *extra: str) -> None:
+        self.daemon.stop()
+        self.start(*extra)
+
+    def start(self, *extra: str) -> None:
+        self.daemon = Daemon("agent", [*self.args, *extra])
+        started = self.daemon.start("agent.started")
+        self.metrics = started.get("metrics", self.metrics)
+
+
+def public_dir() -> Path:
+    """A directory any uid may enter, for sockets that processes under other uids use."""
+    path = Path(tempfile.mkdtemp(prefix="tally-e2e-"))
+    path.chmod(0o755)
+    return path
+
+
+def start_agent(ca: CA, tmp_path: Path, name: str = "node-1", *extra: str) -> Agent:
+    spiffe_id = f"spiffe://{ca.trust_domain}/agent/{name}"
+    token = ca.json("token", "create", "--spiffe-id", spiffe_id)["token"]
+    bundle = tmp_path / f"{name}-bundle.pem"
+    bundle.write_text(ca.json("bundle", "show")["bundle"])
+    sockdir = public_dir()
+    args = [
+        "agent",
+        "run",
+        "--trust-domain",
+        ca.trust_domain,
+        "--server",
+        ca.listen,
+        "--trust-bundle",
+        str(bundle),
+        "--data-dir",
+        str(tmp_path / name),
+        "--socket",
+        str(sockdir / "agent.sock"),
+        "--metrics",
+        "127.0.0.1:0",
+        *extra,
+    ]
+    agent = Agent(
+        Daemon("agent", []), tmp_path / name, str(sockdir / "agent.sock"), "", spiffe_id, args
+    )
+    agent.start("--join-token", token)
+    return agent
+
+
+@pytest.fixture
+def agent_factory(ca_factory, tmp_path: Path) -> Iterator:
+    made: list[Agent] = []
+
+    def factory(ca: CA, name: str = "node-1", *extra: str) -> Agent:
+        agent = start_agent(ca, tmp_path, name, *extra)
+        made.append(agent)
+        return agent
+
+    yield factory
+    for agent in made:
+        agent.daemon.stop()
+        shutil.rmtree(Path(agent.socket).parent, ignore_errors=True)

@@ -1,0 +1,128 @@
+"""What a Workload API caller may see: attestation plus the agent's current state.
+
+Rules:
+
+1. A caller is attested once per connection, from the kernel's record of who
+   connected (`agent.attestor`); its selectors are then matched against every
+   entry the agent serves, afresh on each change, so a new entry reaches a
+   caller that is already streaming.
+2. Each message is the complete current state (the Workload API streams full
+   snapshots, never diffs), and a stream only sends when what this caller may
+   see actually changed.
+3. A caller with no matching identity gets PERMISSION_DENIED, and the agent
+   logs its pid and full selector set: the entry an operator forgot is then
+   one log line away.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+import trio
+from cryptography.hazmat.primitives import serialization
+
+from agent.attestor import AttestationError, ExeHashCache, attest_socket, describe
+from agent.manager import AgentCore, HeldSvid
+from agent.workload_server import NoIdentity, SvidItem, X509Snapshot
+from tally.logs import get_logger
+from tally.net import PeerCred
+from tally.selectors import Selector, matches
+
+log = get_logger("tally.agent")
+
+
+@dataclass
+class Stats:
+    denied: int = 0
+    attested: int = 0
+    attestation_failures: int = 0
+    by_status: dict[str, int] = field(default_factory=dict)
+
+
+def _item(held: HeldSvid, bundle_der: bytes) -> SvidItem:
+    return SvidItem(
+        spiffe_id=held.entry.spiffe_id,
+        cert_chain_der=b"".join(c.public_bytes(serialization.Encoding.DER) for c in held.chain),
+        private_key_pkcs8=held.key.private_bytes(
+            serialization.Encoding.DER,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        ),
+        bundle_der=bundle_der,
+        hint=held.entry.hint,
+    )
+
+
+class AgentBackend:
+    def __init__(self, core: AgentCore, trust_domain_id: str) -> None:
+        self.core = core
+        self.td_id = trust_domain_id
+        self.hashes = ExeHashCache()
+        self.stats = Stats()
+
+    def snapshot_for(self, selectors: frozenset[Selector]) -> X509Snapshot:
+        core = self.core
+        now = core.clock()
+        bundle_der = b"".join(c.public_bytes(serialization.Encoding.DER) for c in core.roots)
+        held = [
+            h
+            for h in core.svids.values()
+            if h.not_after > now and matches(h.entry.selectors, selectors)
+        ]
+        held.sort(key=lambda h: (h.entry.spiffe_id, h.entry.id))
+        items = tuple(_item(h, bundle_der) for h in held)
+        return X509Snapshot(svids=items, bundles={self.td_id: bundle_der})
+
+    async def _attest(self, peer: PeerCred) -> frozenset[Selector]:
+        sock = peer.sock
+        if sock is None:
+            raise NoIdentity("caller cannot be attested")
+        try:
+            _facts, selectors = await trio.to_thread.run_sync(attest_socket, sock, self.hashes)
+        except (AttestationError, OSError) as exc:
+            self.stats.attestation_failures += 1
+            log.warning("workload.attestation_failed", pid=peer.pid, uid=peer.uid, error=str(exc))
+            raise NoIdentity("caller could not be attested") from exc
+        self.stats.attested += 1
+        return selectors
+
+    @asynccontextmanager
+    async def watch_x509(self, peer: PeerCred) -> AsyncIterator[AsyncIterator[X509Snapshot]]:
+        selectors = await self._attest(peer)
+        yield self._stream(peer, selectors)
+
+    async def _stream(
+        self, peer: PeerCred, selectors: frozenset[Selector]
+    ) -> AsyncIterator[X509Snapshot]:
+        core = self.core
+        last: tuple[object, ...] | None = None
+        while True:
+            changed = core.changed
+            snap = self.snapshot_for(selectors)
+            if not snap.svids:
+                self.stats.denied += 1
+                log.warning(
+                    "workload.denied",
+                    pid=peer.pid,
+                    uid=peer.uid,
+                    selectors=describe(selectors),
+                    reason="no registration entry matches this caller"
+                    if not core.evicted
+                    else "agent evicted and no unexpired SVID matches",
+                )
+                raise NoIdentity("no identity issued")
+            key = (
+                tuple((s.spiffe_id, s.cert_chain_der) for s in snap.svids),
+                tuple(snap.bundles.items()),
+            )
+            if key != last:
+                last = key
+                yield snap
+            # Wake for agent changes, and at the next expiry of what this caller holds.
+            soonest = min(
+                h.not_after for h in core.svids.values() if matches(h.entry.selectors, selectors)
+            )
+            with trio.move_on_after(max(0.0, (soonest - core.clock()).total_seconds()) + 0.01):
+                await changed.wait()

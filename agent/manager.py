@@ -1,0 +1,406 @@
+"""The agent's working memory and the loops that keep it fresh.
+
+Rules:
+
+1. Four loops, one nursery: the agent's own SVID, the entry feed, the bundle
+   feed and the workload SVIDs.  Feeds are long polls on the CA, so an entry
+   created at the CA is minted here within a round trip, not a poll period.
+2. Workload keys are generated here and live only in memory; the CA sees
+   CSRs.  Each SVID is renewed at a random point just before its half-life
+   (`tally.rotation`), in batches, so one CA call serves many renewals.
+3. The CA being away is normal: every loop retries with capped, jittered
+   backoff and logs ``rotation.failed`` with the reason, while workloads keep
+   being served what is held until it expires.  Nothing is dropped early.
+4. Eviction is not an outage: when the CA says ``evicted`` (or no longer knows
+   the agent), the agent stops asking for new identities, says so once, and
+   waits for an operator; it never loops hot.
+5. Every change bumps `version` and wakes `changed`, and Workload API streams
+   recompute what their caller may see from this state.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import trio
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from agent import state
+from agent.ca_client import CAClient, CAError, make_csr
+from tally import rotation, x509profile
+from tally.logs import get_logger
+from tally.selectors import Selector, SelectorError
+
+log = get_logger("tally.agent")
+
+# The CA answers these when it will never serve this agent again without a new token.
+FATAL_CODES = frozenset({"evicted", "banned", "unknown_agent", "stale_svid"})
+# At most this many CSRs per CA call.
+BATCH = 200
+
+
+@dataclass(frozen=True)
+class Entry:
+    id: str
+    spiffe_id: str
+    selectors: frozenset[Selector]
+    revision: int
+    hint: str
+
+    @classmethod
+    def from_json(cls, data: dict[str, object]) -> Entry:
+        raw = data.get("selectors")
+        sels = (
+            frozenset(Selector.parse(str(s)) for s in raw) if isinstance(raw, list) else frozenset()
+        )
+        return cls(
+            id=str(data["id"]),
+            spiffe_id=str(data["spiffe_id"]),
+            selectors=sels,
+            revision=int(str(data.get("revision", 0))),
+            hint=str(data.get("hint") or ""),
+        )
+
+
+@dataclass(frozen=True)
+class HeldSvid:
+    entry: Entry
+    key: ec.EllipticCurvePrivateKey
+    chain: tuple[x509.Certificate, ...]
+    serial: str
+    not_after: datetime
+    renew_at: datetime
+
+
+@dataclass
+class Counters:
+    rotations: int = 0
+    rotation_failures: int = 0
+    issued: int = 0
+    by_reason: dict[str, int] = field(default_factory=dict)
+
+
+class AgentCore:
+    def __init__(
+        self,
+        client: CAClient,
+        identity: state.AgentIdentity,
+        roots: list[x509.Certificate],
+        bundle_sequence: int,
+        data_dir: Path,
+        *,
+        clock: Callable[[], datetime],
+        rng: random.Random | None = None,
+        poll_wait: float = 30,
+    ) -> None:
+        self.client = client
+        self.identity = identity
+        self.roots = roots
+        self.bundle_sequence = bundle_sequence
+        self.data_dir = data_dir
+        self.clock = clock
+        self.rng = rng or random.Random()
+        self.poll_wait = poll_wait
+        self.entries: dict[str, Entry] = {}
+        self.entries_revision = -1
+        self.entries_synced = False
+        self.svids: dict[str, HeldSvid] = {}
+        self.version = 0
+        self.changed = trio.Event()
+        self.evicted: str | None = None
+        self.counters = Counters()
+        self._wake_minter = trio.Event()
+        self._evicted_event = trio.Event()
+        self.agent_renew_at = self._renewal(identity.chain[0])
+
+    # -- shared state ------------------------------------------------------------------
+
+    @property
+    def agent_id(self) -> str:
+        return str(x509profile.validate_leaf(self.identity.chain[0]))
+
+    def _renewal(self, cert: x509.Certificate) -> datetime:
+        return rotation.renewal_time(cert.not_valid_before_utc, cert.not_valid_after_utc, self.rng)
+
+    def notify(self) -> None:
+        self.version += 1
+        self.changed.set()
+        self.changed = trio.Event()
+
+    def _fail(self, what: str, exc: Exception) -> None:
+        self.counters.rotation_failures += 1
+        reason = exc.code if isinstance(exc, CAError) else type(exc).__name__
+        self.counters.by_reason[reason] = self.counters.by_reason.get(reason, 0) + 1
+        log.warning("rotation.failed", what=what, reason=reason, error=str(exc))
+
+    def _check_fatal(self, exc: Exception) -> bool:
+        if isinstance(exc, CAError) and exc.code in FATAL_CODES:
+            if self.evicted is None:
+                self.evicted = exc.code
+                log.error(
+                    "agent.evicted",
+                    agent_id=self.agent_id,
+                    code=exc.code,
+                    detail=exc.message,
+                    action="this agent gets no new identities; restart it with a new --join-token",
+                )
+                self._evicted_event.set()
+                self.notify()
+            return True
+        return False
+
+    def drop_expired(self) -> None:
+        now = self.clock()
+        gone = [eid for eid, held in self.svids.items() if held.not_after <= now]
+        for eid in gone:
+            held = self.svids.pop(eid)
+            log.warning("svid.expired", spiffe_id=held.entry.spiffe_id, serial=held.serial)
+        if gone:
+            self.notify()
+
+    def soonest_expiry(self) -> datetime | None:
+        times = [h.not_after for h in self.svids.values()]
+        times.append(self.identity.chain[0].not_valid_after_utc)
+        return min(times) if times else None
+
+    def at_risk(self) -> list[str]:
+        """SVIDs three quarters through their life with no successor: renewal is failing."""
+        now = self.clock()
+        risky = []
+        for held in self.svids.values():
+            life = held.not_after - held.chain[0].not_valid_before_utc
+            if held.not_after - now < life / 4:
+                risky.append(held.entry.spiffe_id)
+        return risky
+
+    def _backoff(self, attempt: int) -> float:
+        """Retry delay: exponential, jittered, and capped by how soon something expires,
+        so a CA that comes back is noticed before the SVIDs it must renew run out."""
+        soonest = self.soonest_expiry()
+        left = (soonest - self.clock()).total_seconds() if soonest else 120.0
+        return rotation.backoff(attempt, self.rng, cap=max(1.0, min(30.0, left / 8)))
+
+    async def _sleep_until(self, when: datetime, *, cap: float = 3600) -> None:
+        delay = (when - self.clock()).total_seconds()
+        await trio.sleep(max(0.0, min(cap, delay)))
+
+    async def _wait_for_operator(self) -> None:
+        """After eviction: nothing to do until someone restarts us with a token."""
+        await trio.sleep_forever()
+
+    # -- the agent's own SVID ----------------------------------------------------------
+
+    async def agent_svid_loop(self) -> None:
+        attempt = 0
+        while self.evicted is None:
+            await self._sleep_until(self.agent_renew_at if attempt == 0 else self.clock())
+            if attempt:
+                await trio.sleep(self._backoff(attempt))
+            key = x509profile.generate_key()
+            old = self.identity.chain[0]
+            try:
+                issued = await self.client.renew(key)
+            except (CAError, trio.TooSlowError) as exc:
+                if self._check_fatal(exc):
+                    break
+                self._fail("agent_svid", exc)
+                attempt += 1
+                continue
+            attempt = 0
+            self.identity = state.AgentIdentity(key, issued.chain)
+            await trio.to_thread.run_sync(state.save_identity, self.data_dir, self.identity)
+            self.client.set_identity(issued.chain, key)
+            self.agent_renew_at = self._renewal(issued.chain[0])
+            self.counters.rotations += 1
+            log.info(
+                "svid.rotated",
+                kind="agent",
+                spiffe_id=issued.spiffe_id,
+                old_serial=format(old.serial_number, "x"),
+                new_serial=issued.serial,
+                not_after=issued.chain[0].not_valid_after_utc.isoformat(),
+            )
+        await self._wait_for_operator()
+
+    # -- feeds -------------------------------------------------------------------------
+
+    async def entries_loop(self) -> None:
+        attempt = 0
+        while self.evicted is None:
+            try:
+                revision, raw = await self.client.entries(
+                    since=self.entries_revision, wait=self.poll_wait if self.entries_synced else 0
+                )
+            except (CAError, trio.TooSlowError) as exc:
+                if self._check_fatal(exc):
+                    break
+                self._fail("entries", exc)
+                attempt += 1
+                await trio.sleep(self._backoff(attempt))
+                continue
+            attempt = 0
+            if revision != self.entries_revision or not self.entries_synced:
+                self._apply_entries(revision, raw)
+        await self._wait_for_operator()
+
+    def _apply_entries(self, revision: int, raw: Iterable[dict[str, object]]) -> None:
+        entries: dict[str, Entry] = {}
+        for item in raw:
+            try:
+                entry = Entry.from_json(item)
+            except (KeyError, ValueError, SelectorError) as exc:
+                log.warning("entry.ignored", entry=str(item.get("id")), error=str(exc))
+                continue
+            entries[entry.id] = entry
+        removed = set(self.entries) - set(entries)
+        for eid in removed:
+            held = self.svids.pop(eid, None)
+            log.info(
+                "entry.removed", entry_id=eid, spiffe_id=held.entry.spiffe_id if held else None
+            )
+        changed = any(
+            eid not in self.entries or self.entries[eid] != e for eid, e in entries.items()
+        )
+        self.entries = entries
+        self.entries_revision = revision
+        self.entries_synced = True
+        if removed or changed:
+            log.info("entries.synced", revision=revision, entries=len(entries))
+            self._wake_minter.set()
+            self.notify()
+
+    async def bundle_loop(self) -> None:
+        attempt = 0
+        while self.evicted is None:
+            try:
+                sequence, pem = await self.client.bundle(
+                    since=self.bundle_sequence, wait=self.poll_wait
+                )
+                roots = x509profile.chain_from_pem(pem)
+            except (CAError, trio.TooSlowError, ValueError) as exc:
+                self._fail("bundle", exc)
+                attempt += 1
+                await trio.sleep(self._backoff(attempt))
+                continue
+            attempt = 0
+            if sequence != self.bundle_sequence or roots != self.roots:
+                self.roots = roots
+                self.bundle_sequence = sequence
+                self.client.set_roots(roots)
+                await trio.to_thread.run_sync(state.save_bundle, self.data_dir, roots, sequence)
+                log.info("bundle.updated", sequence=sequence, roots=len(roots))
+                self.notify()
+        await self._wait_for_operator()
+
+    # -- workload SVIDs ----------------------------------------------------------------
+
+    def _due(self) -> list[Entry]:
+        now = self.clock()
+        due = []
+        for eid, entry in self.entries.items():
+            held = self.svids.get(eid)
+            if held is None or held.entry != entry or held.renew_at <= now:
+                due.append(entry)
+        return due
+
+    def _next_wake(self) -> datetime:
+        times = [h.renew_at for h in self.svids.values()]
+        times += [h.not_after for h in self.svids.values()]
+        return min(times, default=self.clock() + timedelta(hours=1))
+
+    async def minter_loop(self) -> None:
+        attempt = 0
+        while self.evicted is None:
+            self.drop_expired()
+            due = self._due() if self.entries_synced else []
+            if not due:
+                self._wake_minter = trio.Event()
+                with trio.move_on_after(
+                    max(0.0, (self._next_wake() - self.clock()).total_seconds())
+                ):
+                    await self._wake_minter.wait()
+                continue
+            try:
+                await self._mint(due[:BATCH])
+            except (CAError, trio.TooSlowError) as exc:
+                if self._check_fatal(exc):
+                    break
+                self._fail("workload_svids", exc)
+                attempt += 1
+                delay = self._backoff(attempt)
+                with trio.move_on_after(delay):
+                    # New entries still wait their turn: the CA is what is failing.
+                    await trio.sleep_forever()
+                continue
+            attempt = 0
+        # Evicted: keep what is held until it expires, then let it go.
+        while True:
+            self.drop_expired()
+            if not self.svids:
+                await trio.sleep_forever()
+            await self._sleep_until(min(h.not_after for h in self.svids.values()))
+
+    async def _mint(self, due: list[Entry]) -> None:
+        keys = await trio.to_thread.run_sync(lambda: [x509profile.generate_key() for _ in due])
+        csrs = await trio.to_thread.run_sync(lambda: [make_csr(k) for k in keys])
+        results = await self.client.sign([(e.id, csr) for e, csr in zip(due, csrs, strict=True)])
+        for entry, key, result in zip(due, keys, results, strict=True):
+            if "chain" not in result:
+                log.warning(
+                    "rotation.failed",
+                    what="workload_svid",
+                    entry_id=entry.id,
+                    spiffe_id=entry.spiffe_id,
+                    reason=str(result.get("error")),
+                    error=str(result.get("message")),
+                )
+                self.counters.rotation_failures += 1
+                continue
+            chain: tuple[x509.Certificate, ...] = tuple(result["chain"])
+            leaf = chain[0]
+            old = self.svids.get(entry.id)
+            self.svids[entry.id] = HeldSvid(
+                entry=entry,
+                key=key,
+                chain=chain,
+                serial=str(result["serial"]),
+                not_after=leaf.not_valid_after_utc,
+                renew_at=self._renewal(leaf),
+            )
+            self.counters.issued += 1
+            if old is None:
+                log.info(
+                    "svid.issued",
+                    spiffe_id=entry.spiffe_id,
+                    serial=result["serial"],
+                    not_after=leaf.not_valid_after_utc.isoformat(),
+                )
+            else:
+                self.counters.rotations += 1
+                log.info(
+                    "svid.rotated",
+                    kind="workload",
+                    spiffe_id=entry.spiffe_id,
+                    old_serial=old.serial,
+                    new_serial=result["serial"],
+                    not_after=leaf.not_valid_after_utc.isoformat(),
+                )
+        self.notify()
+
+    # -- running -----------------------------------------------------------------------
+
+    async def run(self) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self.agent_svid_loop)
+            nursery.start_soon(self.entries_loop)
+            nursery.start_soon(self.bundle_loop)
+            nursery.start_soon(self.minter_loop)
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)

@@ -1,0 +1,234 @@
+"""`tally agent run`: attest once, then keep identities fresh and serve them.
+
+Rules:
+
+1. A restart needs no token: the agent's own key and SVID are on disk.  A
+   token is needed only on first start, after eviction, or when the stored
+   SVID expired while the agent was down; then the agent says exactly that in
+   one line instead of hanging.
+2. The newest bundle is kept on disk too, so an agent that was down through a
+   root rotation still trusts the CA when it comes back.
+3. One nursery: the CA loops (`agent.manager`), the Workload API, metrics and
+   the signal watcher.  SIGTERM stops them and removes the socket.
+"""
+
+from __future__ import annotations
+
+import random
+import signal
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import trio
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from agent import state
+from agent.backend import AgentBackend
+from agent.ca_client import CAClient, CAError
+from agent.manager import AgentCore
+from agent.settings import AgentSettings
+from agent.workload_server import serve_workload_api
+from tally import rotation, x509profile
+from tally.cli_support import OperatorError
+from tally.health import serve_health
+from tally.logs import get_logger
+from tally.net import open_unix_listener
+from tally.spiffeid import TrustDomain
+
+log = get_logger("tally.agent")
+
+
+class AgentStartError(OperatorError):
+    pass
+
+
+def wall_clock() -> datetime:
+    return datetime.now(UTC)
+
+
+class _Metrics(Collector):
+    def __init__(self, server: AgentServer) -> None:
+        self.server = server
+
+    def collect(self) -> Iterator[Metric]:
+        core = self.server.core
+        backend = self.server.backend
+        if core is None or backend is None:
+            return
+        yield GaugeMetricFamily("tally_agent_svids", "workload SVIDs held", len(core.svids))
+        yield GaugeMetricFamily(
+            "tally_agent_entries", "entries this agent serves", len(core.entries)
+        )
+        yield CounterMetricFamily("tally_agent_rotations", "SVIDs renewed", core.counters.rotations)
+        failures = CounterMetricFamily(
+            "tally_agent_rotation_failures", "failed calls to the CA, by reason", labels=["reason"]
+        )
+        for reason, n in sorted(core.counters.by_reason.items()):
+            failures.add_metric([reason], n)
+        yield failures
+        soonest = core.soonest_expiry()
+        if soonest is not None:
+            yield GaugeMetricFamily(
+                "tally_agent_soonest_expiry_seconds",
+                "seconds until the soonest held SVID (or the agent's own) expires",
+                (soonest - core.clock()).total_seconds(),
+            )
+        yield GaugeMetricFamily(
+            "tally_agent_bundle_sequence", "trust bundle sequence", core.bundle_sequence
+        )
+        yield GaugeMetricFamily(
+            "tally_agent_evicted", "1 once the CA evicted this agent", int(bool(core.evicted))
+        )
+        stats = getattr(self.server.workload_stats, "__dict__", {})
+        for name, value in stats.items():
+            if isinstance(value, int):
+                yield GaugeMetricFamily(
+                    f"tally_agent_workload_{name}", f"Workload API {name}", value
+                )
+            elif isinstance(value, dict):
+                fam = CounterMetricFamily(
+                    f"tally_agent_workload_{name}", f"Workload API {name}", labels=["key"]
+                )
+                for key, n in sorted(value.items()):
+                    fam.add_metric([str(key)], n)
+                yield fam
+        yield CounterMetricFamily(
+            "tally_agent_workload_denied", "callers refused an identity", backend.stats.denied
+        )
+
+
+class AgentServer:
+    def __init__(self, cfg: AgentSettings, clock: Callable[[], datetime] = wall_clock) -> None:
+        self.cfg = cfg
+        self.clock = clock
+        self.td = TrustDomain.parse(cfg.trust_domain)
+        self.rng = random.Random()
+        self.core: AgentCore | None = None
+        self.backend: AgentBackend | None = None
+        self.workload_stats: object = None
+        self.registry = CollectorRegistry()
+        self.registry.register(_Metrics(self))
+        state.prepare_dir(cfg.data_dir)
+        stored = state.load_bundle(cfg.data_dir)
+        if stored is not None:
+            self.roots, self.sequence = stored
+        elif cfg.trust_bundle is not None:
+            try:
+                self.roots = x509profile.chain_from_pem(cfg.trust_bundle.read_bytes())
+            except (OSError, ValueError) as exc:
+                raise AgentStartError(f"trust bundle {cfg.trust_bundle}: {exc}") from exc
+            self.sequence = -1
+        else:
+            raise AgentStartError(
+                "no trust bundle: give --trust-bundle (the CA's roots, from `tally ca bundle show`)"
+                f" or keep the agent's data dir {cfg.data_dir}"
+            )
+        self.identity = state.load_identity(cfg.data_dir)
+
+    def _usable(self, ident: state.AgentIdentity | None) -> bool:
+        return ident is not None and ident.chain[0].not_valid_after_utc > self.clock()
+
+    async def bootstrap(self, client: CAClient) -> state.AgentIdentity:
+        ident = self.identity
+        if self._usable(ident):
+            assert ident is not None
+            client.set_identity(ident.chain, ident.key)
+            log.info("agent.resumed", spiffe_id=str(x509profile.validate_leaf(ident.chain[0])))
+            return ident
+        token = self.cfg.join_token
+        if token is None:
+            if ident is not None:
+                expired = ident.chain[0].not_valid_after_utc.isoformat()
+                raise AgentStartError(
+                    f"the agent's SVID expired at {expired} while it was down; "
+                    "start it again with a new --join-token (tally ca token create)"
+                )
+            raise AgentStartError(
+                f"no agent SVID in {self.cfg.data_dir}: give --join-token "
+                "(tally ca token create) for the first start"
+            )
+        attempt = 0
+        while True:
+            key = x509profile.generate_key()
+            try:
+                issued, bundle_pem, sequence = await client.attest(token, key)
+                break
+            except CAError as exc:
+                if exc.code != "unreachable":
+                    raise AgentStartError(f"attestation refused by the CA: {exc.message}") from exc
+                attempt += 1
+                log.warning(
+                    "rotation.failed", what="attestation", reason=exc.code, error=exc.message
+                )
+                await trio.sleep(rotation.backoff(attempt, self.rng))
+        ident = state.AgentIdentity(key, issued.chain)
+        state.save_identity(self.cfg.data_dir, ident)
+        self.roots = x509profile.chain_from_pem(bundle_pem)
+        self.sequence = sequence
+        state.save_bundle(self.cfg.data_dir, self.roots, sequence)
+        client.set_roots(self.roots)
+        client.set_identity(ident.chain, ident.key)
+        log.info("agent.attested", spiffe_id=issued.spiffe_id, serial=issued.serial)
+        return ident
+
+    def ready(self) -> tuple[bool, str]:
+        core = self.core
+        if core is None:
+            return False, "not attested yet"
+        if core.evicted:
+            return False, f"evicted by the CA ({core.evicted}); needs a new join token"
+        if not core.entries_synced:
+            return False, "entries not fetched from the CA yet"
+        missing = [e.spiffe_id for eid, e in core.entries.items() if eid not in core.svids]
+        if missing:
+            return False, f"no SVID yet for {', '.join(sorted(missing)[:3])}"
+        risky = core.at_risk()
+        if risky:
+            return False, f"close to expiry with no successor: {', '.join(sorted(risky)[:3])}"
+        return True, f"{len(core.svids)} SVIDs fresh"
+
+    async def run(
+        self, *, task_status: trio.TaskStatus[dict[str, str]] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        cfg = self.cfg
+        client = CAClient(cfg.server, self.td, self.roots, timeout=float(cfg.ca_timeout))
+        cfg.socket.parent.mkdir(parents=True, exist_ok=True)
+        listener = await open_unix_listener(Path(cfg.socket), 0o666)
+        try:
+            async with trio.open_nursery() as nursery:
+                addresses = {"socket": str(cfg.socket)}
+                if cfg.metrics is not None:
+                    addresses["metrics"] = await nursery.start(
+                        serve_health, cfg.metrics, self.registry, self.ready
+                    )
+                ident = await self.bootstrap(client)
+                self.core = AgentCore(
+                    client,
+                    ident,
+                    self.roots,
+                    self.sequence,
+                    cfg.data_dir,
+                    clock=self.clock,
+                    rng=self.rng,
+                    poll_wait=float(cfg.poll_wait),
+                )
+                self.backend = AgentBackend(self.core, str(self.td.id()))
+                nursery.start_soon(self.core.run)
+                self.workload_stats = await nursery.start(
+                    serve_workload_api, listener, self.backend
+                )
+                log.info("agent.started", spiffe_id=self.core.agent_id, **addresses)
+                task_status.started(addresses)
+                with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                    async for signum in signals:
+                        log.info("agent.stopping", signal=signal.Signals(signum).name)
+                        break
+                nursery.cancel_scope.cancel()
+        finally:
+            cfg.socket.unlink(missing_ok=True)
+            with trio.CancelScope(shield=True), trio.move_on_after(1):
+                await client.aclose()
+        log.info("agent.stopped")

@@ -1,0 +1,52 @@
+"""Everything an operator can set on `tally agent run`, declared once."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from tally.config import Address, ConfigError, Duration, setting
+from tally.spiffeid import SpiffeIdError, TrustDomain
+
+
+@dataclass(frozen=True)
+class AgentSettings:
+    trust_domain: str = setting(help="trust domain of the CA, e.g. example.org")
+    server: Address = setting(help="the CA's agent API, HOST:PORT")
+    trust_bundle: Path | None = setting(
+        None,
+        help="PEM roots to trust the CA by on first start (later starts use the bundle the "
+        "agent keeps in its data dir)",
+    )
+    join_token: str | None = setting(
+        None, help="one-time join token; needed only at first start or after eviction", secret=True
+    )
+    data_dir: Path = setting(
+        Path("/var/lib/tally/agent"), help="the agent's own key and SVID (mode 0600) live here"
+    )
+    socket: Path = setting(
+        Path("/run/tally/agent.sock"),
+        help="Workload API Unix socket (any local process may connect)",
+    )
+    metrics: Address | None = setting(
+        None, help="serve /healthz, /readyz and /metrics on HOST:PORT"
+    )
+    ca_timeout: Duration = setting(Duration(15), help="deadline for one call to the CA")
+    poll_wait: Duration = setting(
+        Duration(30), help="how long the CA may hold a change-feed request open"
+    )
+    log_level: str = setting("info", help="debug, info, warning or error")
+
+    def validate(self) -> None:
+        try:
+            TrustDomain.parse(self.trust_domain)
+        except SpiffeIdError as exc:
+            raise ConfigError(f"setting 'trust_domain': {exc}") from exc
+        if self.server.is_unix:
+            raise ConfigError("setting 'server' must be HOST:PORT (the CA API runs over TCP)")
+        if self.log_level not in ("debug", "info", "warning", "error"):
+            raise ConfigError(f"setting 'log_level': unknown level {self.log_level!r}")
+        if not 0 < self.poll_wait <= 55:
+            raise ConfigError("setting 'poll_wait' must be between 1s and 55s")
+        if self.ca_timeout < 1:
+            raise ConfigError("setting 'ca_timeout' must be at least 1s")

@@ -1,0 +1,243 @@
+"""The real `tally agent run` against a real CA, seen through py-spiffe and our own client."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import trio
+
+from tally import workload_client as wl
+from tally.launch import run_cli
+from tests.e2e.conftest import CA, Agent
+
+UID = os.geteuid()
+
+
+def probe(*args: str, timeout: float = 60) -> list[dict]:
+    result = subprocess.run(
+        [sys.executable, "-m", "tests.e2e.spiffe_probe", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        cwd=Path(__file__).parents[2],
+    )
+    assert result.returncode == 0, result.stderr
+    return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+
+
+def register(ca: CA, agent: Agent, name: str, *selectors: str, ttl: str | None = None) -> dict:
+    args = [
+        "entry",
+        "create",
+        "--spiffe-id",
+        f"spiffe://example.org/{name}",
+        "--parent-id",
+        agent.spiffe_id,
+    ]
+    for sel in selectors:
+        args += ["--selector", sel]
+    if ttl:
+        args += ["--ttl", ttl]
+    return ca.json(*args)
+
+
+def wait_fetch(agent: Agent, spiffe_id: str, timeout: float = 10) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        out = probe("fetch", agent.socket)[0]
+        if "svids" in out and any(s["spiffe_id"] == spiffe_id for s in out["svids"]):
+            return out
+        assert time.monotonic() < deadline, out
+        time.sleep(0.2)
+
+
+def readyz(agent: Agent) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://{agent.metrics}/readyz", timeout=5) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def test_py_spiffe_fetches_svid_and_bundle(ca: CA, agent_factory):
+    agent = agent_factory(ca)
+    register(ca, agent, "web", f"unix:uid:{UID}")
+    out = wait_fetch(agent, "spiffe://example.org/web")
+    assert out["bundles"] == {"example.org": 1}
+    svid = out["svids"][0]
+    assert 3500 < svid["not_after"] - time.time() <= 3600
+    status, body = readyz(agent)
+    assert status == 200, body
+    cli = run_cli("agent", "api", "fetch", "--socket", agent.socket, "--output", "json")
+    assert cli.returncode == 0, cli.stderr
+    assert json.loads(cli.stdout)["svids"][0]["serial"] == svid["serial"]
+
+
+def test_x509_source_sees_rotation_before_half_life(ca_factory, agent_factory):
+    ca = ca_factory("--default-svid-ttl", "8s")
+    agent = agent_factory(ca)
+    register(ca, agent, "short", f"unix:uid:{UID}")
+    wait_fetch(agent, "spiffe://example.org/short")
+    updates = probe("source", agent.socket, "14")
+    serials = [u["serial"] for u in updates]
+    assert len(set(serials)) >= 3, updates
+    # Each new serial arrived before its predecessor was past half its life.
+    for old, new in itertools.pairwise(updates):
+        if new["serial"] != old["serial"]:
+            half = old["not_before"] + (old["not_after"] - old["not_before"]) / 2
+            assert new["at"] < half + 0.05, (old, new)
+    rotated = agent.daemon.events("svid.rotated")
+    assert rotated and {"old_serial", "new_serial"} <= set(rotated[0])
+
+
+def test_other_uid_is_denied_until_it_has_its_own_entry(ca: CA, agent_factory):
+    if UID != 0:
+        pytest.skip("needs root to run a client under another uid")
+    agent = agent_factory(ca)
+    register(ca, agent, "root-only", "unix:uid:0")
+    wait_fetch(agent, "spiffe://example.org/root-only")
+    denied = probe("fetch", agent.socket, "--uid", "65534")[0]
+    assert "PERMISSION_DENIED" in denied["error"]
+    line = agent.daemon.wait_for("workload.denied")
+    assert line["uid"] == 65534 and "unix:uid:65534" in line["selectors"]
+    register(ca, agent, "nobody", "unix:uid:65534")
+    deadline = time.monotonic() + 10
+    while True:
+        out = probe("fetch", agent.socket, "--uid", "65534")[0]
+        if "svids" in out:
+            break
+        assert time.monotonic() < deadline, out
+        time.sleep(0.2)
+    assert [s["spiffe_id"] for s in out["svids"]] == ["spiffe://example.org/nobody"]
+
+
+async def test_new_entry_reaches_a_streaming_workload_within_a_second(ca: CA, agent_factory):
+    agent = agent_factory(ca)
+    register(ca, agent, "first", f"unix:uid:{UID}")
+    async with wl.watch_x509(agent.socket) as updates:
+        ctx = await updates.__anext__()
+        while [s.spiffe_id for s in ctx.svids] != ["spiffe://example.org/first"]:
+            ctx = await updates.__anext__()
+        await trio.to_thread.run_sync(lambda: register(ca, agent, "second", f"unix:uid:{UID}"))
+        created = time.monotonic()
+        with trio.fail_after(5):
+            ctx = await updates.__anext__()
+        elapsed = time.monotonic() - created
+        assert sorted(s.spiffe_id for s in ctx.svids) == [
+            "spiffe://example.org/first",
+            "spiffe://example.org/second",
+        ]
+        assert elapsed < 1.0, elapsed
+        # Deleted at the CA: no longer served.
+        entry = ca.json("entry", "list", "--spiffe-id", "spiffe://example.org/second")["entries"][0]
+        await trio.to_thread.run_sync(lambda: ca.cli("entry", "delete", entry["id"]))
+        with trio.fail_after(5):
+            ctx = await updates.__anext__()
+        assert [s.spiffe_id for s in ctx.svids] == ["spiffe://example.org/first"]
+
+
+def test_ca_outage_serves_cache_then_catches_up(ca_factory, agent_factory):
+    ca = ca_factory("--default-svid-ttl", "20s")
+    agent = agent_factory(ca)
+    register(ca, agent, "web", f"unix:uid:{UID}")
+    before = wait_fetch(agent, "spiffe://example.org/web")["svids"][0]
+    ca.daemon.stop()
+    time.sleep(2)
+    during = probe("fetch", agent.socket)[0]
+    assert during["svids"][0]["serial"] == before["serial"]  # served from the cache
+    # Past the renewal point the agent keeps trying and says so.
+    agent.daemon.wait_for("rotation.failed", timeout=20)
+    with urllib.request.urlopen(f"http://{agent.metrics}/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    assert "tally_agent_rotation_failures_total" in text
+    assert "tally_agent_soonest_expiry_seconds" in text
+    ca.start_again()
+    deadline = time.monotonic() + 40
+    while True:
+        now = probe("fetch", agent.socket)[0]
+        if "svids" in now and now["svids"][0]["serial"] != before["serial"]:
+            break
+        assert time.monotonic() < deadline, "rotation never resumed"
+        time.sleep(0.5)
+    assert agent.daemon.proc.poll() is None  # no agent restart was needed
+
+
+def test_sigkill_restart_needs_no_token(ca: CA, agent_factory):
+    agent = agent_factory(ca)
+    register(ca, agent, "web", f"unix:uid:{UID}")
+    wait_fetch(agent, "spiffe://example.org/web")
+    key_file = agent.data_dir / "agent_svid.pem"
+    assert oct(os.stat(key_file).st_mode & 0o777) == "0o600"
+    agent.daemon.kill()
+    agent.start()  # no --join-token
+    assert agent.daemon.events("agent.resumed")
+    wait_fetch(agent, "spiffe://example.org/web")
+
+
+def test_eviction_stops_new_identities_and_restart_says_why(ca_factory, agent_factory):
+    ca = ca_factory("--agent-svid-ttl", "4s")
+    agent = agent_factory(ca)
+    register(ca, agent, "web", f"unix:uid:{UID}")
+    wait_fetch(agent, "spiffe://example.org/web")
+    ca.cli("agent", "evict", agent.spiffe_id)
+    line = agent.daemon.wait_for("agent.evicted", timeout=15)
+    assert "join-token" in line["action"]
+    status, body = readyz(agent)
+    assert status == 503 and "evicted" in body
+    # It does not loop: after the first refusal the CA sees no more calls from it.
+    time.sleep(3)
+    assert len(agent.daemon.events("agent.evicted")) == 1
+    agent.daemon.stop()
+    time.sleep(4.5)  # the agent SVID (4s) has now expired
+    result = run_cli(*agent.args)
+    assert result.returncode == 1
+    assert "expired" in result.stderr and "--join-token" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_first_start_without_token_is_one_line(ca: CA, tmp_path: Path):
+    bundle = tmp_path / "b.pem"
+    bundle.write_text(ca.json("bundle", "show")["bundle"])
+    result = run_cli(
+        "agent",
+        "run",
+        "--trust-domain",
+        "example.org",
+        "--server",
+        ca.listen,
+        "--trust-bundle",
+        str(bundle),
+        "--data-dir",
+        str(tmp_path / "a"),
+        "--socket",
+        str(tmp_path / "a.sock"),
+    )
+    assert result.returncode == 1
+    assert "--join-token" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    result = run_cli(
+        "agent",
+        "run",
+        "--trust-domain",
+        "example.org",
+        "--server",
+        ca.listen,
+        "--trust-bundle",
+        str(bundle),
+        "--data-dir",
+        str(tmp_path / "b"),
+        "--socket",
+        str(tmp_path / "b.sock"),
+        "--join-token",
+        "0123456789abcdef.bad-secret-xxxxxxxxxxxxxxxxx",
+    )
+    assert result.returncode == 1 and "attestation refused" in result.stderr
