@@ -30,7 +30,7 @@ from agent.backend import AgentBackend
 from agent.ca_client import CAClient, CAError
 from agent.manager import AgentCore
 from agent.settings import AgentSettings
-from agent.workload_server import serve_workload_api
+from agent.workload_server import WorkloadStats, serve_workload_api
 from tally import rotation, x509profile
 from tally.cli_support import OperatorError
 from tally.health import serve_health
@@ -82,19 +82,24 @@ class _Metrics(Collector):
         yield GaugeMetricFamily(
             "tally_agent_evicted", "1 once the CA evicted this agent", int(bool(core.evicted))
         )
-        stats = getattr(self.server.workload_stats, "__dict__", {})
-        for name, value in stats.items():
-            if isinstance(value, int):
-                yield GaugeMetricFamily(
-                    f"tally_agent_workload_{name}", f"Workload API {name}", value
-                )
-            elif isinstance(value, dict):
-                fam = CounterMetricFamily(
-                    f"tally_agent_workload_{name}", f"Workload API {name}", labels=["key"]
-                )
-                for key, n in sorted(value.items()):
-                    fam.add_metric([str(key)], n)
-                yield fam
+        stats = self.server.workload_stats
+        if stats is not None:
+            yield GaugeMetricFamily(
+                "tally_agent_workload_clients",
+                "Workload API connections open",
+                stats.connections_open,
+            )
+            yield GaugeMetricFamily(
+                "tally_agent_workload_streams", "Workload API streams open", stats.streams_open
+            )
+            requests = CounterMetricFamily(
+                "tally_agent_workload_requests",
+                "Workload API calls finished, by method and status",
+                labels=["method", "status"],
+            )
+            for (method, status), n in sorted(stats.requests.items()):
+                requests.add_metric([method, status], n)
+            yield requests
         yield CounterMetricFamily(
             "tally_agent_workload_denied", "callers refused an identity", backend.stats.denied
         )
@@ -108,7 +113,7 @@ class AgentServer:
         self.rng = random.Random()
         self.core: AgentCore | None = None
         self.backend: AgentBackend | None = None
-        self.workload_stats: object = None
+        self.workload_stats: WorkloadStats | None = None
         self.registry = CollectorRegistry()
         self.registry.register(_Metrics(self))
         state.prepare_dir(cfg.data_dir)

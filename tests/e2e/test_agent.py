@@ -78,6 +78,11 @@ def test_py_spiffe_fetches_svid_and_bundle(ca: CA, agent_factory):
     assert 3500 < svid["not_after"] - time.time() <= 3600
     status, body = readyz(agent)
     assert status == 200, body
+    with urllib.request.urlopen(f"http://{agent.metrics}/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    assert "tally_agent_svids 1.0" in text
+    assert 'tally_agent_workload_requests_total{method="FetchX509SVID"' in text
+    assert "tally_agent_rotations_total" in text
     cli = run_cli("agent", "api", "fetch", "--socket", agent.socket, "--output", "json")
     assert cli.returncode == 0, cli.stderr
     assert json.loads(cli.stdout)["svids"][0]["serial"] == svid["serial"]
