@@ -89,13 +89,14 @@ class Issued:
     serial: str
     not_after: datetime
     chain: tuple[x509.Certificate, ...]
+    chain_pem: bytes
 
     def to_json(self) -> dict[str, object]:
         return {
             "spiffe_id": self.spiffe_id,
             "serial": self.serial,
             "not_after": iso(self.not_after),
-            "cert_chain": x509profile.chain_to_pem(self.chain).decode(),
+            "cert_chain": self.chain_pem.decode(),
         }
 
 
@@ -180,11 +181,9 @@ class Authority:
         now: datetime,
         dns_names: Sequence[str] = (),
     ) -> Issued:
-        cert = x509profile.build_leaf(
+        cert = signer.leaf_signer.sign(
             public_key,
             sid,
-            signer.cert,
-            signer.key,
             now - not_before_cushion(ttl),
             now + timedelta(seconds=ttl),
             dns_names=dns_names,
@@ -195,16 +194,16 @@ class Authority:
             serial_hex(cert.serial_number),
             cert.not_valid_after_utc,
             (cert, *signer.chain),
+            x509profile.chain_to_pem([cert]) + signer.chain_pem,
         )
 
     def _csr_key(self, csr: object) -> PublicKey:
         if not isinstance(csr, str):
             raise Denied(400, "bad_csr", "csr must be a PEM string")
         try:
-            req = x509profile.parse_csr(csr.encode())
+            return x509profile.csr_public_key(csr.encode())  # type: ignore[return-value]
         except ValueError as exc:
             raise Denied(400, "bad_csr", str(exc)) from exc
-        return req.public_key()  # type: ignore[return-value]
 
     # -- join tokens and attestation ---------------------------------------------------
 
@@ -502,6 +501,7 @@ class Authority:
         if not isinstance(requests, list) or not requests or len(requests) > 1000:
             raise Denied(400, "bad_request", "csrs must be a list of 1 to 1000 requests")
         entries = {e.id: e for e in self.store.list_entries(parent_id=agent_id)}
+        ids = {e.id: SpiffeId.parse(e.spiffe_id) for e in entries.values()}
         signer = self._signer()
         now = self._now()
         ts = int(now.timestamp())
@@ -530,9 +530,7 @@ class Authority:
                 results.append({"entry_id": entry_id, "error": exc.code, "message": exc.message})
                 continue
             ttl = entry.ttl or self.limits.default_ttl
-            issued = self._sign(
-                signer, public_key, SpiffeId.parse(entry.spiffe_id), ttl, now, entry.dns_names
-            )
+            issued = self._sign(signer, public_key, ids[entry.id], ttl, now, entry.dns_names)
             na = int(issued.not_after.timestamp())
             svids.append(IssuedSvid(issued.serial, entry.spiffe_id, agent_id, "workload", na, ts))
             events.append(

@@ -62,6 +62,8 @@ class Signer:
     key: PrivateKey
     chain: tuple[x509.Certificate, ...]  # intermediate first, then any upstream CA certs
     not_after: datetime
+    leaf_signer: x509profile.LeafSigner
+    chain_pem: bytes
 
 
 def check_key_file(path: Path) -> None:
@@ -393,8 +395,16 @@ class KeyManager:
             return
         cert = x509profile.chain_from_pem(active.cert_pem.encode())[0]
         extra = self.upstream.chain if self.upstream is not None else ()
+        key = self._private[active.id]
+        chain = (cert, *extra)
         self.signer = Signer(
-            active.id, cert, self._private[active.id], (cert, *extra), cert.not_valid_after_utc
+            active.id,
+            cert,
+            key,
+            chain,
+            cert.not_valid_after_utc,
+            x509profile.LeafSigner(cert, key),
+            x509profile.chain_to_pem(chain),
         )
 
     def key_summaries(self) -> list[dict[str, object]]:

@@ -663,6 +663,16 @@ def _verify_chain(chain: Sequence[x509.Certificate], bundle: Bundle, now: dateti
 
 
 def parse_csr(data: bytes) -> x509.CertificateSigningRequest:
+    """Load a CSR (PEM or DER) and check it; see `csr_public_key`."""
+    return _load_csr(data)[0]
+
+
+def csr_public_key(data: bytes) -> CertificatePublicKeyTypes:
+    """The proven public key of a CSR: all the CA takes from it (the issuance hot path)."""
+    return _load_csr(data)[1]
+
+
+def _load_csr(data: bytes) -> tuple[x509.CertificateSigningRequest, CertificatePublicKeyTypes]:
     """Load a CSR (PEM or DER) whose only use is to carry a proven public key.
 
     The CA ignores the CSR's subject, SANs and extensions: which SPIFFE ID a key
@@ -696,7 +706,7 @@ def parse_csr(data: bytes) -> x509.CertificateSigningRequest:
         raise ProfileError("bad_csr", f"CSR signature cannot be checked: {exc}") from exc
     if not valid:
         raise ProfileError("bad_csr", "CSR signature is invalid (proof of key possession failed)")
-    return csr
+    return csr, public_key
 
 
 def chain_to_pem(certs: Sequence[x509.Certificate]) -> bytes:
