@@ -64,8 +64,14 @@ log = logging.getLogger("tally.tls")
 PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
 ClientAuth = Literal["none", "optional", "required"]
 
-RECEIVE_SIZE = 1 << 16
-"""Ciphertext read from the transport per call, and the default ``max_bytes``."""
+RECEIVE_SIZE = 1 << 18
+"""Ciphertext read from the transport per call, and the default ``max_bytes``.
+
+Large on purpose: per-call overhead (a trio checkpoint, a socket read, Python
+frames) dominates below about 64 KiB; measured over loopback, 256 KiB chunks give
+twice the throughput of trio's SSLStream.
+"""
+_RECORD = 1 << 14  # TLS plaintext records are at most 16 KiB: OpenSSL returns one per read
 SEND_CHUNK = 1 << 18
 """Plaintext encrypted before the records are handed to the transport."""
 _BIO_READ = SEND_CHUNK + 8192  # one SEND_CHUNK of records plus their headers and tags
@@ -654,7 +660,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
                     break
             try:
                 self._queued += 1
-                chunk = self._conn.recv(max_bytes - total)
+                chunk = self._conn.recv(min(max_bytes - total, _RECORD))
             except SSL.WantReadError:
                 self._need_input = True
                 continue
