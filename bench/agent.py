@@ -1,0 +1,452 @@
+"""Workload API latency, throughput and rotation push delay through a real node agent.
+
+Rules / theory of operation: everything measured crosses real process
+boundaries, because that is where a workload pays.  A real `tally ca run` and a
+real `tally agent run` are child processes; this process is the workload
+(attested by its uid) and the load generator, so the clients' own Python cost
+(HTTP/2, protobuf, certificate and key parsing) is inside every number, and
+the tables say so.  py-spiffe runs in a child of its own because its protobuf
+module clashes with Tally's in one process (spiffe-spec.md 6.4, pitfall 1).
+The machine is small and shared, so each figure is the median of several runs
+with their min and max, and nothing here passes or fails on speed.  The entry
+asks for a 1 h SVID while fetches are measured, so renewals do not land in the
+middle of a run, and is switched to 6 s only for the rotation measurement.
+
+    .venv/bin/python -m bench.agent [--quick] [--runs 5] [--seconds 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from tally.launch import Daemon, run_cli
+from tally.workload_client import Status, WorkloadApiError, fetch_x509, watch_x509
+
+TRUST_DOMAIN = "bench.org"
+AGENT_ID = f"spiffe://{TRUST_DOMAIN}/agent/bench"
+WORKLOAD_ID = f"spiffe://{TRUST_DOMAIN}/w"
+FETCH_TTL = "1h"
+ROTATION_TTL = "6s"
+
+# Runs in a child process: py-spiffe must not share a protobuf pool with Tally.
+# argv: socket path, seconds per run, runs, "new" (a client per fetch) or "reuse".
+PY_SPIFFE_LOOP = """
+import json, sys, time
+from spiffe import WorkloadApiClient
+
+address, seconds, runs, mode = "unix://" + sys.argv[1], float(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+
+def fetch_new():
+    with WorkloadApiClient(socket_path=address, default_timeout=10) as client:
+        client.fetch_x509_svid()
+
+with WorkloadApiClient(socket_path=address, default_timeout=10) as shared:
+    fetch = fetch_new if mode == "new" else (lambda: shared.fetch_x509_svid())
+    for _ in range(5):
+        fetch()
+    for _ in range(runs):
+        count, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            fetch()
+            count += 1
+        print(json.dumps(count / (time.perf_counter() - t0)), flush=True)
+"""
+
+
+@dataclass(frozen=True)
+class Plan:
+    runs: int
+    fetches: int
+    seconds: float
+    clients: tuple[int, ...]
+    rotations: int
+
+
+@dataclass(frozen=True)
+class Stack:
+    ca: Daemon
+    agent: Daemon
+    admin: str
+    socket: str
+    entry_id: str
+
+
+@dataclass(frozen=True)
+class Load:
+    rate: float
+    errors: int
+    agent_cpu: float
+    client_cpu: float
+    """Both as a percentage of one core over the run."""
+
+
+def cli(admin: str, *args: str) -> Any:
+    result = run_cli("ca", *args, "--admin-socket", admin, "--output", "json")
+    if result.returncode != 0:
+        raise RuntimeError(f"tally ca {' '.join(args[:2])} failed: {result.stderr.strip()}")
+    return json.loads(result.stdout)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of a child, from /proc, to show which side is saturated."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def start_stack(work: Path, daemons: list[Daemon]) -> Stack:
+    """CA, then agent, then an entry for this process's uid; appends each daemon to
+    ``daemons`` before starting it so the caller stops it whatever happens."""
+    admin = str(work / "admin.sock")
+    ca = Daemon(
+        "ca",
+        [
+            "ca",
+            "run",
+            "--trust-domain",
+            TRUST_DOMAIN,
+            "--data-dir",
+            str(work / "ca"),
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-socket",
+            admin,
+        ],
+    )
+    daemons.append(ca)
+    listen = ca.start("ca.started")["listen"]
+    token = cli(admin, "token", "create", "--spiffe-id", AGENT_ID)["token"]
+    bundle = work / "bundle.pem"
+    bundle.write_text(cli(admin, "bundle", "show")["bundle"])
+    socket = str(work / "agent.sock")
+    agent = Daemon(
+        "agent",
+        [
+            "agent",
+            "run",
+            "--trust-domain",
+            TRUST_DOMAIN,
+            "--server",
+            listen,
+            "--trust-bundle",
+            str(bundle),
+            "--join-token",
+            token,
+            "--data-dir",
+            str(work / "agent"),
+            "--socket",
+            socket,
+            "--metrics",
+            "127.0.0.1:0",
+        ],
+    )
+    daemons.append(agent)
+    agent.start("agent.started")
+    entry = cli(
+        admin,
+        "entry",
+        "create",
+        "--spiffe-id",
+        WORKLOAD_ID,
+        "--parent-id",
+        AGENT_ID,
+        "--selector",
+        f"unix:uid:{os.getuid()}",
+        "--ttl",
+        FETCH_TTL,
+    )
+    agent.wait_for("svid.issued")
+    trio.run(wait_for_identity, socket)
+    return Stack(ca, agent, admin, socket, entry["id"])
+
+
+async def wait_for_identity(socket: str) -> None:
+    """The agent logs the SVID before it publishes it; poll briefly until a fetch succeeds."""
+    with trio.fail_after(30):
+        while True:
+            try:
+                ctx = await fetch_x509(socket)
+            except WorkloadApiError as exc:
+                if exc.status is not Status.PERMISSION_DENIED:
+                    raise
+                await trio.sleep(0.05)
+                continue
+            if ctx.default_svid.spiffe_id != WORKLOAD_ID:
+                raise RuntimeError(f"expected {WORKLOAD_ID}, got {ctx.default_svid.spiffe_id}")
+            return
+
+
+def percentile(samples: Sequence[float], q: int) -> float:
+    return statistics.quantiles(samples, n=100, method="inclusive")[q - 1]
+
+
+def row(cells: Sequence[object], widths: Sequence[int]) -> str:
+    return " ".join(f"{c:>{w}}" for c, w in zip(cells, widths, strict=True))
+
+
+def spread(values: Sequence[float], fmt: str) -> list[str]:
+    return [format(v, fmt) for v in (statistics.median(values), min(values), max(values))]
+
+
+# -- 1. first-response latency -------------------------------------------------------
+
+
+async def first_response_latencies(socket: str, n: int) -> list[float]:
+    await fetch_x509(socket)  # warm
+    samples = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        await fetch_x509(socket)
+        samples.append(time.perf_counter() - t0)
+    return samples
+
+
+def report_latency(stack: Stack, plan: Plan) -> None:
+    p50s, p99s = [], []
+    for _ in range(plan.runs):
+        samples = trio.run(first_response_latencies, stack.socket, plan.fetches)
+        p50s.append(percentile(samples, 50) * 1000)
+        p99s.append(percentile(samples, 99) * 1000)
+    print(
+        f"\n1. First response: fetch_x509 on a new connection, sequential, N={plan.fetches} a run"
+        "\n   (client connect + HTTP/2 setup + parsing the certificates and key + close)"
+    )
+    widths = (5, 10, 8, 8, 5)
+    print(row(("stat", "median ms", "min ms", "max ms", "runs"), widths))
+    for name, values in (("p50", p50s), ("p99", p99s)):
+        print(row((name, *spread(values, ".2f"), plan.runs), widths))
+
+
+# -- 2. fetches per second -------------------------------------------------------------
+
+
+async def fetch_load(socket: str, agent_pid: int, clients: int, seconds: float) -> Load:
+    done = errors = 0
+
+    async def client(deadline: float) -> None:
+        nonlocal done, errors
+        while trio.current_time() < deadline:
+            try:
+                await fetch_x509(socket)
+            except WorkloadApiError:
+                errors += 1
+            else:
+                done += 1
+
+    agent0, own0, t0 = cpu_seconds(agent_pid), time.process_time(), time.perf_counter()
+    async with trio.open_nursery() as nursery:
+        for _ in range(clients):
+            nursery.start_soon(client, trio.current_time() + seconds)
+    elapsed = time.perf_counter() - t0
+    agent_cpu = (cpu_seconds(agent_pid) - agent0) / elapsed * 100
+    client_cpu = (time.process_time() - own0) / elapsed * 100
+    return Load(done / elapsed, errors, agent_cpu, client_cpu)
+
+
+def report_throughput(stack: Stack, plan: Plan) -> None:
+    print(
+        f"\n2. Fetches/s, Tally client: each client loops fetch_x509 on a new connection for "
+        f"{plan.seconds:g} s\n   (all clients are trio tasks in ONE bench process, so the client's"
+        " own Python cost is in the figure;\n   CPU% is of one core: 100% on the client side means"
+        " the client, not the agent, is the limit)"
+    )
+    widths = (7, 10, 8, 8, 6, 9, 10, 4)
+    print(
+        row(
+            ("clients", "median/s", "min/s", "max/s", "errors", "agent%", "client%", "runs"), widths
+        )
+    )
+    for clients in plan.clients:
+        trio.run(first_response_latencies, stack.socket, 3)  # warm
+        loads = [
+            trio.run(fetch_load, stack.socket, stack.agent.pid, clients, plan.seconds)
+            for _ in range(plan.runs)
+        ]
+        rates = [load.rate for load in loads]
+        print(
+            row(
+                (
+                    clients,
+                    *spread(rates, ".0f"),
+                    sum(load.errors for load in loads),
+                    format(statistics.median(load.agent_cpu for load in loads), ".0f"),
+                    format(statistics.median(load.client_cpu for load in loads), ".0f"),
+                    plan.runs,
+                ),
+                widths,
+            )
+        )
+
+
+# -- 3. rotation to client -------------------------------------------------------------
+
+
+def serial_of(ctx: Any) -> str:
+    return format(ctx.default_svid.leaf.serial_number, "x")
+
+
+async def rotation_arrivals(
+    socket: str, count: int, switch_ttl: Callable[[], None]
+) -> list[tuple[str, float]]:
+    """(serial, wall-clock arrival) of the next ``count`` new SVIDs on one stream."""
+    arrivals: list[tuple[str, float]] = []
+    with trio.fail_after(30 + count * 6):
+        async with watch_x509(socket) as updates:
+            seen = {serial_of(await anext(updates))}
+            await trio.to_thread.run_sync(switch_ttl)
+            async for ctx in updates:
+                arrived = time.time()
+                serial = serial_of(ctx)
+                if serial in seen:
+                    continue
+                seen.add(serial)
+                arrivals.append((serial, arrived))
+                if len(arrivals) == count:
+                    break
+    return arrivals
+
+
+def logged_rotations(agent: Daemon, serials: set[str]) -> dict[str, float]:
+    """When the agent logged each rotation; its stderr is read on a thread, so wait briefly."""
+    deadline = time.monotonic() + 10
+    while True:
+        logged = {
+            str(e["new_serial"]): datetime.fromisoformat(e["ts"]).timestamp()
+            for e in agent.events("svid.rotated")
+            if e.get("kind") == "workload"
+        }
+        if serials <= logged.keys() or time.monotonic() > deadline:
+            return logged
+        time.sleep(0.05)
+
+
+def report_rotation(stack: Stack, plan: Plan) -> None:
+    def switch_ttl() -> None:
+        cli(stack.admin, "entry", "update", stack.entry_id, "--ttl", ROTATION_TTL)
+
+    arrivals = trio.run(rotation_arrivals, stack.socket, plan.rotations, switch_ttl)
+    logged = logged_rotations(stack.agent, {serial for serial, _ in arrivals})
+    delays = [(at - logged[serial]) * 1000 for serial, at in arrivals if serial in logged]
+    print(
+        f"\n3. Rotation to client: entry TTL {ROTATION_TTL} (renewed at 38-48% of life), one"
+        " watch_x509 stream;\n   delay = arrival of the new serial (parsed) - agent's"
+        " svid.rotated log ts (truncated to ms, so up to +1 ms)"
+    )
+    widths = (9, 8, 8, 8, 9)
+    print(row(("rotations", "p50 ms", "min ms", "max ms", "unmatched"), widths))
+    if not delays:
+        print(row((0, "-", "-", "-", len(arrivals)), widths))
+        return
+    print(
+        row(
+            (
+                len(delays),
+                format(statistics.median(delays), ".1f"),
+                format(min(delays), ".1f"),
+                format(max(delays), ".1f"),
+                len(arrivals) - len(delays),
+            ),
+            widths,
+        )
+    )
+
+
+# -- 4. py-spiffe ----------------------------------------------------------------------
+
+
+def py_spiffe_rates(socket: str, plan: Plan, mode: str) -> list[float]:
+    result = subprocess.run(
+        [sys.executable, "-c", PY_SPIFFE_LOOP, socket, str(plan.seconds), str(plan.runs), mode],
+        capture_output=True,
+        text=True,
+        timeout=60 + plan.runs * plan.seconds * 2,
+        check=False,
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"py-spiffe loop ({mode}) failed: {result.stderr.strip()[-2000:]}")
+    return [float(line) for line in result.stdout.split()]
+
+
+def report_py_spiffe(stack: Stack, plan: Plan) -> None:
+    print(
+        f"\n4. Fetches/s, py-spiffe (grpcio) fetch_x509_svid, 1 client in its own process,"
+        f" {plan.seconds:g} s a run\n   (client cost included, as above)"
+    )
+    widths = (28, 9, 8, 8, 4)
+    print(row(("client", "median/s", "min/s", "max/s", "runs"), widths))
+    for mode, label in (
+        ("new", "new WorkloadApiClient each"),
+        ("reuse", "one client, reused channel"),
+    ):
+        rates = py_spiffe_rates(stack.socket, plan, mode)
+        print(row((label, *spread(rates, ".0f"), len(rates)), widths))
+
+
+# -- main ------------------------------------------------------------------------------
+
+
+def parse_plan(argv: Sequence[str] | None = None) -> Plan:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0] if __doc__ else None)
+    parser.add_argument("--quick", action="store_true", help="about 40 s instead of about 3 min")
+    parser.add_argument("--runs", type=int)
+    parser.add_argument("--fetches", type=int, help="sequential fetches per latency run")
+    parser.add_argument("--seconds", type=float, help="length of one throughput run")
+    parser.add_argument("--clients", help="comma-separated concurrency levels")
+    parser.add_argument("--rotations", type=int)
+    args = parser.parse_args(argv)
+    base = (
+        Plan(runs=3, fetches=100, seconds=1.5, clients=(1, 10, 100), rotations=4)
+        if args.quick
+        else Plan(runs=5, fetches=300, seconds=4.0, clients=(1, 10, 100), rotations=10)
+    )
+    return Plan(
+        runs=args.runs or base.runs,
+        fetches=args.fetches or base.fetches,
+        seconds=args.seconds or base.seconds,
+        clients=tuple(int(c) for c in args.clients.split(",")) if args.clients else base.clients,
+        rotations=args.rotations or base.rotations,
+    )
+
+
+def main() -> None:
+    plan = parse_plan()
+    work = Path(tempfile.mkdtemp(prefix="tally-bench-agent-"))
+    daemons: list[Daemon] = []
+    started = time.monotonic()
+    try:
+        stack = start_stack(work, daemons)
+        affinity = len(os.sched_getaffinity(0))
+        print(
+            f"Tally node agent Workload API bench: {os.cpu_count()} CPUs ({affinity} usable),"
+            f" Python {platform.python_version()}, {platform.machine()}, load average"
+            f" {' '.join(format(x, '.2f') for x in os.getloadavg())} at start;\nagent and CA are"
+            f" child processes; median of {plan.runs} runs with min/max unless stated"
+        )
+        report_latency(stack, plan)
+        report_throughput(stack, plan)
+        report_py_spiffe(stack, plan)
+        report_rotation(stack, plan)
+        print(f"\n(total {time.monotonic() - started:.0f} s)")
+    finally:
+        for daemon in reversed(daemons):
+            daemon.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
