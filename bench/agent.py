@@ -36,7 +36,13 @@ from typing import Any
 import trio
 
 from tally.launch import Daemon, run_cli
-from tally.workload_client import Status, WorkloadApiError, fetch_x509, watch_x509
+from tally.workload_client import (
+    Status,
+    WorkloadApiError,
+    X509Context,
+    fetch_x509,
+    watch_x509,
+)
 
 TRUST_DOMAIN = "bench.org"
 AGENT_ID = f"spiffe://{TRUST_DOMAIN}/agent/bench"
@@ -57,7 +63,7 @@ def fetch_new():
         client.fetch_x509_svid()
 
 with WorkloadApiClient(socket_path=address, default_timeout=10) as shared:
-    fetch = fetch_new if mode == "new" else (lambda: shared.fetch_x509_svid())
+    fetch = fetch_new if mode == "new" else shared.fetch_x509_svid
     for _ in range(5):
         fetch()
     for _ in range(runs):
@@ -80,7 +86,6 @@ class Plan:
 
 @dataclass(frozen=True)
 class Stack:
-    ca: Daemon
     agent: Daemon
     admin: str
     socket: str
@@ -92,8 +97,8 @@ class Load:
     rate: float
     errors: int
     agent_cpu: float
+    """Percent of one core over the run, as is ``client_cpu``."""
     client_cpu: float
-    """Both as a percentage of one core over the run."""
 
 
 def cli(admin: str, *args: str) -> Any:
@@ -172,7 +177,7 @@ def start_stack(work: Path, daemons: list[Daemon]) -> Stack:
     )
     agent.wait_for("svid.issued")
     trio.run(wait_for_identity, socket)
-    return Stack(ca, agent, admin, socket, entry["id"])
+    return Stack(agent, admin, socket, entry["id"])
 
 
 async def wait_for_identity(socket: str) -> None:
@@ -327,7 +332,7 @@ def report_py_spiffe(stack: Stack, plan: Plan) -> None:
 # -- 4. rotation to client -------------------------------------------------------------
 
 
-def serial_of(ctx: Any) -> str:
+def serial_of(ctx: X509Context) -> str:
     return format(ctx.default_svid.leaf.serial_number, "x")
 
 
