@@ -188,7 +188,8 @@ class Proxy:
         self._first = trio.Event()
         self._stop = trio.Event()
         self._stopping = False
-        self._listening = False
+        self.serving = trio.Event()
+        """Set once the listener accepts connections (after the first SVID)."""
         self._handlers: trio.Nursery | None = None
         self._file_signature: Signature = ()
 
@@ -262,7 +263,7 @@ class Proxy:
         if cur is None:
             why = self.source.last_error or "no answer yet"
             return False, f"waiting for the first SVID from {self.source.describe()}: {why}"
-        if not self._listening:
+        if not self.serving.is_set():
             return False, "starting"
         ident = cur.identity
         left = (ident.not_after - self.clock()).total_seconds()
@@ -623,7 +624,7 @@ class Proxy:
     async def _serve_when_ready(self, sock: trio.socket.SocketType, handlers: trio.Nursery) -> None:
         await self._first.wait()
         listener = listen.start_listening(sock)
-        self._listening = True
+        self.serving.set()
         cur = self.current
         assert cur is not None
         log.info(
