@@ -297,12 +297,21 @@ class _Server:
 
     async def _call_handler(self, request: Request) -> Response:
         try:
-            return await self.handler(request)
+            response: object = await self.handler(request)
         except HttpError as exc:
             return _error(exc.status if 400 <= exc.status <= 599 else 500, exc.message)
         except Exception:
             log.exception("handler failed for %s %s", request.method, request.path)
             return _error(500, "internal error")
+        if not isinstance(response, Response):
+            log.error(
+                "handler for %s %s returned %s, not a Response",
+                request.method,
+                request.path,
+                type(response).__name__,
+            )
+            return _error(500, "internal error")
+        return response
 
     def _render(self, response: Response, *, close: bool = False) -> bytes:
         headers = [
@@ -364,6 +373,9 @@ class ClientResponse:
 
 class _Stale(Exception):
     """A kept-alive connection turned out closed before the server saw our request."""
+
+    def __init__(self) -> None:
+        super().__init__("the server closed the kept-alive connection before answering")
 
 
 _TRANSPORT_ERRORS = (

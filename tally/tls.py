@@ -34,8 +34,9 @@ blocks behind a writer that waits for the peer to read.  For the same reason a
 server's session tickets wait in the buffer for its first send: the client has
 finished its handshake by then and need not be reading.
 
-Resumption.  Servers hand out TLS 1.3 session tickets and client contexts keep the
-last session per server name, so a reconnect can skip certificate work.  A resumed
+Resumption.  Servers hand out TLS 1.3 session tickets (stateful ones: the server's
+session cache keeps the client's chain) and client contexts keep the last session
+per server name, so a reconnect can skip certificate work.  A resumed
 handshake carries no certificates, so OpenSSL's verify callback does not run; we
 then check the chain stored in the session against the context's roots again (at
 the current time, so an expired certificate is refused) and rerun the verifier.
@@ -56,6 +57,9 @@ import trio
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from OpenSSL import SSL, crypto
+
+# OpenSSL's own wording for a verification error code (X509_verify_cert_error_string)
+# is reachable only through pyOpenSSL's binding; its X509StoreContextError uses the same.
 from OpenSSL._util import ffi as _ffi
 from OpenSSL._util import lib as _lib
 
@@ -225,10 +229,14 @@ class TLSContext:
     def client_auth(self) -> ClientAuth:
         return self._client_auth
 
-    def _new_connection(self, server_hostname: str | None) -> tuple[SSL.Connection, _PeerCheck]:
+    def _new_connection(
+        self, server_hostname: str | None
+    ) -> tuple[SSL.Connection, _PeerCheck, bool]:
+        """A fresh OpenSSL connection over memory BIOs; the flag says a session was offered."""
         conn = SSL.Connection(self._ssl, None)
         check = _PeerCheck(self._verifier)
         conn.set_app_data(check)
+        session = None
         if self.server_side:
             conn.set_accept_state()
         else:
@@ -238,7 +246,7 @@ class TLSContext:
             if session is not None:
                 conn.set_session(session)
             conn.set_connect_state()
-        return conn, check
+        return conn, check, session is not None
 
     def _remember_session(self, server_hostname: str | None, session: SSL.Session) -> None:
         key = server_hostname or ""
@@ -423,8 +431,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
         self.transport = transport
         self._ctx = ctx
         self._server_hostname = server_hostname
-        self._conn, self._check = ctx._new_connection(server_hostname)
-        self._offered_session = not server_side and (server_hostname or "") in ctx._sessions
+        self._conn, self._check, self._offered_session = ctx._new_connection(server_hostname)
         self._send_guard = _Guard("sending")
         self._recv_guard = _Guard("receiving")
         self._flush_lock = _FlushLock()
@@ -472,25 +479,23 @@ class TLSStream(trio.abc.HalfCloseableStream):
         if self._broken is not None:
             raise trio.BrokenResourceError("this TLS stream is broken") from self._broken
 
-    async def _flush(self) -> bool:
-        """Hand everything OpenSSL queued to the transport, in order; True if anything went.
+    async def _flush(self) -> None:
+        """Hand everything OpenSSL queued to the transport, in order.
 
         Waits for the drain lock.  A failure (or cancellation) part way through a
         record leaves the peer unable to decrypt anything after it: the stream breaks.
         """
         await self._flush_lock.acquire()
-        sent = False
         try:
             while True:
                 queued = self._queued
                 try:
                     data = self._conn.bio_read(_BIO_READ)
                 except SSL.WantReadError:
-                    return sent
-                sent = True
+                    return
                 await self.transport.send_all(data)
                 if len(data) < _BIO_READ and queued == self._queued:
-                    return sent
+                    return  # drained, and nobody queued more while we were sending
         except BaseException as exc:
             if self._broken is None:
                 self._broken = exc

@@ -415,6 +415,15 @@ async def test_handler_crash_gives_generic_500_and_logs_the_traceback(autojump_c
     assert record.exc_info is not None and "hunter2" in str(record.exc_info[1])
 
 
+async def test_handler_returning_garbage_is_a_500(autojump_clock, caplog):
+    async def wrong(req: http.Request) -> http.Response:
+        return {"not": "a response"}  # type: ignore[return-value]
+
+    out, _ = await raw_exchange(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", handler=wrong)
+    assert [r[0] for r in parse_responses(out)] == [500]
+    assert any("not a Response" in r.getMessage() for r in caplog.records)
+
+
 async def test_http_error_from_handler_sets_status_and_message(autojump_clock):
     out, _ = await raw_exchange(b"GET /teapot HTTP/1.1\r\nHost: x\r\n\r\n")
     [(status, headers, body)] = parse_responses(out)
@@ -606,3 +615,28 @@ def test_random_bytes_never_escape_serve_http(start, chunks, close):
         assert b"hunter2" not in out
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(), children, max_size=4)
+    ),
+    max_leaves=20,
+)
+
+
+@given(st.dictionaries(st.text(), JSON_VALUES, max_size=5))
+def test_json_bodies_round_trip_from_response_to_request(obj):
+    body = http.Response.json(obj).body
+    assert http.Request("POST", "/", (), body).json() == obj
+
+
+@given(st.binary(max_size=200))
+def test_request_json_accepts_objects_or_raises_only_400(body):
+    try:
+        value = http.Request("POST", "/", (), body).json()
+    except http.HttpError as exc:
+        assert exc.status == 400
+    else:
+        assert isinstance(value, dict)

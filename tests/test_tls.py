@@ -19,6 +19,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tally import tls
 
@@ -458,6 +460,25 @@ async def test_resumed_peer_is_refused_when_the_verifier_now_says_no(pki):
     assert server.resumed
 
 
+def test_resumption_recheck_refuses_a_certificate_that_expired_since(pki):
+    # What a resumed handshake runs instead of OpenSSL's callback: the stored chain
+    # is checked at the current time, so a session cannot outlive its certificate.
+    now = _now()
+    old = make_leaf(
+        pki.root, not_before=now - dt.timedelta(hours=2), not_after=now - dt.timedelta(seconds=1)
+    )
+    with pytest.raises(tls.PeerRejected) as info:
+        pki.server_ctx()._reverify(old.cert, [])
+    assert info.value.reason == "expired"
+    stranger = make_leaf(make_root("stranger"))
+    with pytest.raises(tls.PeerRejected) as info:
+        pki.server_ctx()._reverify(stranger.cert, [])
+    assert info.value.reason == "untrusted"
+    chain, identity = pki.server_ctx()._reverify(pki.client.cert, [])
+    assert chain == [pki.client.cert, pki.root.cert]
+    assert identity == "spiffe://example.org/client"
+
+
 async def test_sessions_do_not_cross_contexts(pki):
     server_ctx = pki.server_ctx()
     await exchange(*tls_pair(pki.client_ctx(), server_ctx))
@@ -593,3 +614,25 @@ async def test_tls12_only_client_is_refused(pki, tmp_path):
         port = await nursery.start(serve_one, pki.server_ctx(), expect_failure)
         await trio.to_thread.run_sync(client, port)
     assert "version" in outcome["server"] or "protocol" in outcome["server"]
+
+
+# -- property: a peer's garbage fails the handshake with our errors only -------------------
+
+
+@settings(max_examples=150, deadline=None)
+@given(chunks=st.lists(st.binary(min_size=1, max_size=400), max_size=4), tls_like=st.booleans())
+def test_garbage_fails_a_server_handshake_only_with_tls_errors(pki, chunks, tls_like):
+    if tls_like and chunks:  # a TLS handshake record header, so OpenSSL parses further
+        chunks[0] = b"\x16\x03\x01" + len(chunks[0]).to_bytes(2, "big") + chunks[0]
+
+    async def main():
+        client, transport = trio.testing.memory_stream_pair()
+        server = tls.TLSStream(transport, pki.server_ctx(), server_side=True)
+        for chunk in chunks:
+            await client.send_all(chunk)
+        await client.send_eof()
+        with pytest.raises((tls.TLSError, trio.BrokenResourceError)):
+            await server.do_handshake()
+        await server.aclose()
+
+    trio.run(main)
