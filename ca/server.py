@@ -45,6 +45,7 @@ T = TypeVar("T")
 log = get_logger("tally.ca")
 DRAIN_SECONDS = 5.0
 SERVER_PATH = ("tally", "ca")
+SERVING_TTL = 3600
 
 
 def wall_clock() -> datetime:
@@ -150,7 +151,9 @@ class CAServer:
         assert signer is not None and bundle is not None
         now = self.clock().replace(microsecond=0)
         key = x509profile.generate_key()
-        lifetime = min(self.cfg.agent_svid_ttl, 3600)
+        # An hour, capped at the signing key's expiry; renewed at half-life by the key
+        # loop, which ticks far more often than that.
+        lifetime = SERVING_TTL
         cert = x509profile.build_leaf(
             key.public_key(),
             self.server_id,
