@@ -1,4 +1,4 @@
-"""Kept-alive outbound mTLS connections, shared by every local connection of the client proxy.
+"""Kept-alive connections to the target, shared by every connection the proxy serves.
 
 Rules:
 
@@ -6,7 +6,8 @@ Rules:
    handshake per request.  After a response ends cleanly the upstream
    connection goes back to the pool, and the next request from *any* local
    connection takes the most recently used one (LIFO keeps few connections
-   warm and lets the rest age out).
+   warm and lets the rest age out).  HTTP mode uses the same pool on the
+   server side for plain connections to the service.
 2. A pooled connection is retired before either certificate on it expires
    (`RETIRE_MARGIN_S` early): the server proxy closes connections whose
    client certificate has expired, and we would rather not send a request
@@ -51,9 +52,11 @@ class DialError(Exception):
 class Upstream:
     """One mTLS connection to the target and what we know about it."""
 
-    tls: tls.TLSStream
+    stream: trio.abc.Stream
+    """The mTLS stream (a `tally.tls.TLSStream` in the proxy)."""
     http: HttpStream
-    peer_id: SpiffeId
+    peer_id: SpiffeId | None
+    """The server proxy's ID (client mode); None for a plain connection to the service."""
     retire_at: float
     """trio time after which it must not carry a new request (rule 2)."""
     reused: bool = False
@@ -101,7 +104,7 @@ class Pool:
         return (
             now < up.retire_at
             and now - up.idle_since < self.idle_s
-            and not _socket_readable(up.tls)
+            and not _socket_readable(up.stream)
         )
 
     async def acquire(self) -> Upstream:
@@ -114,7 +117,7 @@ class Pool:
                 self._stats.pool_reused += 1
                 await trio.lowlevel.checkpoint()
                 return up
-            await close_quietly(up.tls)
+            await close_quietly(up.stream)
         up = await self._dial()
         self._stats.pool_dialed += 1
         return up
@@ -128,14 +131,14 @@ class Pool:
             or now >= up.retire_at
             or not up.http.reusable()
         ):
-            await close_quietly(up.tls)
+            await close_quietly(up.stream)
             return
         up.idle_since = now
         self._idle.append(up)
         await trio.lowlevel.checkpoint()
 
     async def discard(self, up: Upstream) -> None:
-        await close_quietly(up.tls)
+        await close_quietly(up.stream)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Sweep idle connections (rule 3) until cancelled, then close them all."""
@@ -147,9 +150,9 @@ class Pool:
                 stale = [up for up in self._idle if not self._usable(up, now)]
                 self._idle = [up for up in self._idle if up not in stale]
                 for up in stale:
-                    await close_quietly(up.tls)
+                    await close_quietly(up.stream)
         finally:
             self._closed = True
             idle, self._idle = self._idle, []
             for up in idle:
-                await close_quietly(up.tls)
+                await close_quietly(up.stream)

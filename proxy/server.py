@@ -78,6 +78,7 @@ RESTART_ONLY = (
     "http",
     "metrics",
 )
+XFCC = xfcc.HEADER.encode("ascii")
 _ACCEPT_RETRY = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 _VERSION_ERRORS = (
     "unsupported protocol",
@@ -176,9 +177,9 @@ class Proxy:
         else:
             self.source = WorkloadSource(spec.socket_path, want=want, clock=clock)
         self.pool: Pool | None = None
-        if isinstance(cfg, ClientSettings) and cfg.http:
+        if cfg.http:
             self.pool = Pool(
-                self._dial,
+                self._dial if self.mode == "client" else self._dial_target,
                 max_idle=cfg.pool_size,
                 idle_s=cfg.pool_idle_timeout,
                 stats=self.stats,
@@ -342,6 +343,11 @@ class Proxy:
         except OSError as exc:
             raise DialError(f"cannot connect to {self.cfg.target}: {exc.strerror or exc}") from exc
 
+    async def _dial_target(self) -> Upstream:
+        """Server mode, HTTP: a plain connection to the service for the pool."""
+        stream = await self._connect_target()
+        return Upstream(stream, HttpStream(stream, h11.CLIENT), None, math.inf)
+
     async def _dial(self) -> Upstream:
         """Client mode: a verified mTLS connection to the server proxy at --target."""
         cur = self.current
@@ -380,7 +386,12 @@ class Proxy:
             return
         try:
             if self.cfg.http:
-                await self._http_inbound(conn, peer, str(cur.identity.spiffe_id))
+                stamp = xfcc.proxy_element(
+                    str(cur.identity.spiffe_id), peer.leaf_der, str(peer.spiffe_id)
+                )
+                await self._relay_http(
+                    conn, caller=peer.spiffe_id, hard_at=peer.expires_at, stamp=stamp.encode()
+                )
             else:
                 await self._tcp(conn, peer)
         finally:
@@ -427,82 +438,12 @@ class Proxy:
                 down, ex.status, "upstream timed out" if exc.timeout else "bad gateway"
             )
 
-    async def _http_inbound(self, conn: tls.TLSStream, peer: Peer, own_id: str) -> None:
-        down = HttpStream(conn, h11.SERVER)
-        stamp = xfcc.proxy_element(own_id, peer.leaf_der, str(peer.spiffe_id)).encode("ascii")
-        backend: HttpStream | None = None
-
-        def closing() -> bool:
-            return self.idlers.draining or trio.current_time() >= peer.expires_at
-
-        try:
-            while True:
-                request, why = await next_request(
-                    down, self.idlers, self.cfg.idle_timeout, peer.expires_at
-                )
-                if request is None:
-                    self._ended(why, peer.spiffe_id)
-                    return
-                ex = Exchange(
-                    request.method.decode("ascii", "replace"),
-                    request.target.decode("ascii", "replace"),
-                )
-                if request.method == b"CONNECT":
-                    ex.status = 405
-                    await respond_error(down, 405, "CONNECT is not relayed in HTTP mode")
-                    self._access(ex, peer.spiffe_id)
-                    return
-                pending = has_body(request)
-                if not pending:
-                    await down.next_event()  # the EndOfMessage h11 already has
-                headers = request_headers(
-                    request,
-                    str(self.cfg.target),
-                    drop=frozenset({xfcc.HEADER.encode()}),
-                    add=[(xfcc.HEADER.encode(), stamp)],
-                )
-                try:
-                    if backend is None:
-                        backend = HttpStream(await self._connect_target(), h11.CLIENT)
-                    await exchange(
-                        down,
-                        backend,
-                        request,
-                        headers,
-                        body_pending=pending,
-                        ex=ex,
-                        idle_s=self.cfg.idle_timeout,
-                        closing=closing,
-                        count_to_target=self._count_to,
-                        count_from_target=self._count_from,
-                    )
-                except (UpstreamError, DialError) as exc:
-                    log.warning("target.failed", target=str(self.cfg.target), error=str(exc))
-                    await self._fail(down, ex, exc)
-                    self._access(ex, peer.spiffe_id)
-                    return
-                except DownstreamError:
-                    self._access(ex, peer.spiffe_id)
-                    return
-                self._access(ex, peer.spiffe_id)
-                if trio.current_time() >= peer.expires_at:  # rule: after the response in flight
-                    self._ended("peer_expired", peer.spiffe_id)
-                    return
-                if not backend.reusable():
-                    await close_quietly(backend.stream)
-                    backend = None
-                if not down.reusable():
-                    return
-        finally:
-            if backend is not None:
-                await close_quietly(backend.stream)
-
     # -- client mode ----------------------------------------------------------------------
 
     async def _serve_outbound(self, stream: trio.SocketStream) -> None:
         try:
             if self.cfg.http:
-                await self._http_outbound(stream)
+                await self._relay_http(stream, caller=None, hard_at=math.inf, stamp=None)
                 return
             try:
                 up = await self._dial()
@@ -512,24 +453,44 @@ class Proxy:
             try:
                 why = await splice(
                     stream,
-                    up.tls,
+                    up.stream,
                     Deadline(self.cfg.idle_timeout, up.retire_at + RETIRE_MARGIN_S),
                     self._count_to,
                     self._count_from,
                 )
                 self._ended(why, up.peer_id)
             finally:
-                await close_quietly(up.tls)
+                await close_quietly(up.stream)
         finally:
             await close_quietly(stream)
 
-    async def _http_outbound(self, stream: trio.SocketStream) -> None:
-        pool = self.pool
-        assert pool is not None
+    # -- HTTP mode (both directions) ------------------------------------------------------
+
+    async def _relay_http(
+        self,
+        stream: trio.abc.Stream,
+        *,
+        caller: SpiffeId | None,
+        hard_at: float,
+        stamp: bytes | None,
+    ) -> None:
+        """Serve requests from ``stream``, each through a pooled connection to the target.
+
+        ``caller`` is the authenticated peer in server mode (None for the local
+        app in client mode), ``hard_at`` when its certificate expires, and
+        ``stamp`` the XFCC value that replaces any the caller sent.
+        """
         down = HttpStream(stream, h11.SERVER)
+        drop = frozenset({XFCC}) if stamp is not None else frozenset()
+        add = [(XFCC, stamp)] if stamp is not None else []
+
+        def closing() -> bool:
+            return self.idlers.draining or trio.current_time() >= hard_at
+
         while True:
-            request, _ = await next_request(down, self.idlers, self.cfg.idle_timeout, math.inf)
+            request, why = await next_request(down, self.idlers, self.cfg.idle_timeout, hard_at)
             if request is None:
+                self._ended(why, caller)
                 return
             ex = Exchange(
                 request.method.decode("ascii", "replace"),
@@ -538,53 +499,69 @@ class Proxy:
             if request.method == b"CONNECT":
                 ex.status = 405
                 await respond_error(down, 405, "CONNECT is not relayed in HTTP mode")
-                self._access(ex, None)
+                self._access(ex, caller)
                 return
             pending = has_body(request)
             if not pending:
-                await down.next_event()
-            headers = request_headers(request, str(self.cfg.target))
-            up: Upstream | None = None
-            for attempt in (1, 2):
-                try:
-                    up = await pool.acquire()
-                    await exchange(
-                        down,
-                        up.http,
-                        request,
-                        headers,
-                        body_pending=pending,
-                        ex=ex,
-                        idle_s=self.cfg.idle_timeout,
-                        closing=lambda: self.idlers.draining,
-                        count_to_target=self._count_to,
-                        count_from_target=self._count_from,
-                    )
-                except (UpstreamError, DialError) as exc:
-                    if up is not None:
-                        await pool.discard(up)
-                    # A pooled connection the server closed just as we reused it: a request
-                    # without a body that got no answer yet is safe to send again.
-                    retry = up is not None and up.reused and not pending and not ex.response_started
-                    if retry and attempt == 1:
-                        log.debug("pool.retry", error=str(exc))
-                        up = None
-                        continue
-                    log.warning("target.failed", target=str(self.cfg.target), error=str(exc))
-                    await self._fail(down, ex, exc)
-                    self._access(ex, up.peer_id if up is not None else None)
-                    return
-                except DownstreamError:
-                    if up is not None:
-                        await pool.discard(up)
-                    self._access(ex, up.peer_id if up is not None else None)
-                    return
-                break
-            assert up is not None
-            self._access(ex, up.peer_id)
-            await pool.release(up)
+                await down.next_event()  # the EndOfMessage h11 already has
+            headers = request_headers(request, str(self.cfg.target), drop=drop, add=add)
+            ok, answered_by = await self._forward(down, request, headers, pending, ex, closing)
+            self._access(ex, caller if caller is not None else answered_by)
+            if not ok:
+                return
+            if trio.current_time() >= hard_at:  # closed after the response in flight
+                self._ended("peer_expired", caller)
+                return
             if not down.reusable():
                 return
+
+    async def _forward(
+        self,
+        down: HttpStream,
+        request: h11.Request,
+        headers: list[tuple[bytes, bytes]],
+        pending: bool,
+        ex: Exchange,
+        closing: Callable[[], bool],
+    ) -> tuple[bool, SpiffeId | None]:
+        """One request through the pool; False when ``down`` must be closed."""
+        pool = self.pool
+        assert pool is not None
+        for attempt in (1, 2):
+            up: Upstream | None = None
+            try:
+                up = await pool.acquire()
+                await exchange(
+                    down,
+                    up.http,
+                    request,
+                    headers,
+                    body_pending=pending,
+                    ex=ex,
+                    idle_s=self.cfg.idle_timeout,
+                    closing=closing,
+                    count_to_target=self._count_to,
+                    count_from_target=self._count_from,
+                )
+            except (UpstreamError, DialError) as exc:
+                if up is not None:
+                    await pool.discard(up)
+                # A kept-alive connection the target closed just as we reused it: a request
+                # without a body that got no answer yet is safe to send again.
+                if attempt == 1 and up is not None and up.reused and not pending:
+                    if not ex.response_started:
+                        log.debug("pool.retry", error=str(exc))
+                        continue
+                log.warning("target.failed", target=str(self.cfg.target), error=str(exc))
+                await self._fail(down, ex, exc)
+                return False, up.peer_id if up is not None else None
+            except DownstreamError:
+                if up is not None:
+                    await pool.discard(up)
+                return False, up.peer_id if up is not None else None
+            await pool.release(up)
+            return True, up.peer_id
+        raise AssertionError("unreachable: the second attempt always returns")
 
     # -- connections, signals, lifecycle -------------------------------------------------
 
@@ -661,7 +638,7 @@ class Proxy:
         self.policy = new.policy()
         self.limiter.total_tokens = new.max_connections
         setup_logging(new.log_level)
-        if self.pool is not None and isinstance(new, ClientSettings):
+        if self.pool is not None:
             self.pool.max_idle = new.pool_size
             self.pool.idle_s = new.pool_idle_timeout
         if self.policy != old_policy:

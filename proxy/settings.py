@@ -87,6 +87,12 @@ class ProxySettings:
     allow_expired_peer_connections: bool = setting(
         False, help="keep connections open after the peer's certificate expires"
     )
+    pool_size: int = setting(
+        64, help="HTTP mode: idle connections kept open to the target for reuse (0: none)"
+    )
+    pool_idle_timeout: Duration = setting(
+        Duration(30), help="HTTP mode: close a pooled connection idle for this long"
+    )
     access_log: bool = setting(True, help="HTTP mode: one log line per request")
     log_level: str = setting("info", metavar="LEVEL", help="debug, info, warning or error")
 
@@ -95,7 +101,9 @@ class ProxySettings:
             raise ConfigError(f"setting 'log_level': unknown level {self.log_level!r}")
         if self.max_connections < 1:
             raise ConfigError("setting 'max_connections' must be at least 1")
-        for name in ("handshake_timeout", "idle_timeout", "connect_timeout"):
+        if self.pool_size < 0:
+            raise ConfigError("setting 'pool_size' must be 0 or more")
+        for name in ("handshake_timeout", "idle_timeout", "connect_timeout", "pool_idle_timeout"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"setting '{name}' must be above 0s")
         if self.spiffe_id is not None:
@@ -187,19 +195,6 @@ class ClientSettings(ProxySettings):
     expect_id: list[str] = setting(
         [], metavar="ID", help="the server's SPIFFE ID must be one of these"
     )
-    pool_size: int = setting(
-        64, help="HTTP mode: idle mTLS connections kept open to the target for reuse (0: none)"
-    )
-    pool_idle_timeout: Duration = setting(
-        Duration(30), help="HTTP mode: close a pooled connection idle for this long"
-    )
-
-    def validate(self) -> None:
-        super().validate()
-        if self.pool_size < 0:
-            raise ConfigError("setting 'pool_size' must be 0 or more")
-        if self.pool_idle_timeout <= 0:
-            raise ConfigError("setting 'pool_idle_timeout' must be above 0s")
 
     def policy(self) -> authz.Policy:
         try:

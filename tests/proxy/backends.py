@@ -81,7 +81,8 @@ class EchoServer(_Server):
 
 class HttpServer(_Server):
     """/blob?size=N[&chunked=1] sends N bytes; /slow?until=EPOCH answers then; anything
-    else answers JSON with the request's headers and the SHA-256 and length of its body."""
+    else answers JSON with the request's headers and the SHA-256 and length of its body.
+    ``hangup=1`` anywhere in the path closes the connection after the answer."""
 
     def __init__(self) -> None:
         self.seen: list[Seen] = []
@@ -113,6 +114,8 @@ class HttpServer(_Server):
                 else:
                     return
             self._respond(h, conn, seen, digest.hexdigest(), length)
+            if "hangup=1" in seen.path:  # as a keep-alive timeout does: close, unannounced
+                return
             if h.our_state is h11.MUST_CLOSE or h.their_state is h11.MUST_CLOSE:
                 return
             h.start_next_cycle()

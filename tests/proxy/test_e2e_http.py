@@ -200,3 +200,14 @@ def test_backend_statuses_and_errors_pass_through(mesh):
     assert resp.status == 200 and resp.getheader("content-length") == "1000"
     assert resp.read() == b""
     conn.close()
+
+
+def test_a_backend_closing_kept_alive_connections_costs_no_request(mesh, http_server_proxy):
+    conn = http.client.HTTPConnection("127.0.0.1", mesh.port, timeout=10)
+    for i in range(4):
+        conn.request("GET", f"/hangup/{i}?hangup=1")
+        resp = conn.getresponse()
+        assert resp.status == 200
+        assert json.loads(resp.read())["path"] == f"/hangup/{i}?hangup=1"
+    conn.close()
+    assert http_server_proxy.metric("tally_proxy_http_requests_total", status="5xx") == 0

@@ -245,7 +245,7 @@ def test_max_connections_holds_the_next_one_in_the_backlog(start_proxy, certs, e
 def test_connections_close_when_the_peer_certificate_expires(
     cas, tcp_server_proxy, http_server_proxy, tmp_path
 ):
-    short = mint(cas["example.org"], tmp_path / "short", "spiffe://example.org/web", ttl="4s")
+    short = mint(cas["example.org"], tmp_path / "short", "spiffe://example.org/web", ttl="3s")
     not_after = x509profile.chain_from_pem(short.cert.read_bytes())[0].not_valid_after_utc
     ctx = client_context(short, short.bundle)
     tcp = tls_connect(tcp_server_proxy.port, ctx)

@@ -58,11 +58,13 @@ def test_tcp_mesh_echoes_and_passes_half_close(tcp_mesh, tcp_server_proxy):
     assert tcp_server_proxy.metric("tally_proxy_bytes_total", direction="to_target") >= len(payload)
 
 
-def test_tcp_mesh_many_concurrent_connections(tcp_mesh):
+def test_tcp_mesh_many_concurrent_connections_resume_sessions(tcp_mesh, tcp_server_proxy):
     payloads = [blob(10_000 + i) for i in range(20)]
     with ThreadPoolExecutor(10) as pool:
         results = list(pool.map(lambda p: echo_through(("127.0.0.1", tcp_mesh.port), p), payloads))
     assert results == payloads
+    # The client proxy keeps the server's session: later connections skip certificate work.
+    assert tcp_server_proxy.metric("tally_proxy_handshakes_total", outcome="resumed") >= 1
 
 
 class UnixEcho:

@@ -18,7 +18,7 @@ def ignore(n):
 
 
 def counter():
-    total = []
+    total: list[int] = []
     return total, total.append
 
 
