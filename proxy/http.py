@@ -29,6 +29,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import ParamSpec, TypeVar
 
 import h11
 import trio
@@ -41,6 +42,8 @@ HOP_BY_HOP = frozenset(
     {b"connection", b"keep-alive", b"proxy-connection", b"te", b"upgrade", b"http2-settings"}
 )
 Headers = list[tuple[bytes, bytes]]
+E = TypeVar("E", h11.Request, h11.Response, h11.InformationalResponse)
+P = ParamSpec("P")
 _IO_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError)
 
 
@@ -258,6 +261,14 @@ async def _from_down(down: HttpStream, activity: Deadline) -> object:
     return event
 
 
+def _build(kind: Callable[P, E], *args: P.args, **fields: P.kwargs) -> E:
+    """A head to forward; h11 refusing it (odd headers from either side) fails the exchange."""
+    try:
+        return kind(*args, **fields)
+    except h11.LocalProtocolError as exc:
+        raise UpstreamError(f"cannot relay this message head: {exc}") from exc
+
+
 async def _relay_request_body(
     down: HttpStream, up: HttpStream, ex: Exchange, activity: Deadline, count: Callable[[int], None]
 ) -> None:
@@ -289,8 +300,10 @@ async def _relay_response(
                 raise UpstreamError("the target switched protocols, which HTTP mode cannot relay")
             await _to_down(
                 down,
-                h11.InformationalResponse(
-                    status_code=event.status_code, headers=forwarded_headers(event.headers)
+                _build(
+                    h11.InformationalResponse,
+                    status_code=event.status_code,
+                    headers=forwarded_headers(event.headers),
                 ),
             )
         elif isinstance(event, h11.Response):
@@ -301,7 +314,12 @@ async def _relay_response(
             ex.response_started = True
             await _to_down(
                 down,
-                h11.Response(status_code=event.status_code, headers=headers, reason=event.reason),
+                _build(
+                    h11.Response,
+                    status_code=event.status_code,
+                    headers=headers,
+                    reason=event.reason,
+                ),
             )
         elif isinstance(event, h11.Data):
             await _to_down(down, h11.Data(data=event.data))
@@ -337,7 +355,8 @@ async def exchange(
     """
     activity = Deadline(idle_s)
     with activity.scope:
-        await _to_up(up, h11.Request(method=request.method, target=request.target, headers=headers))
+        head = _build(h11.Request, method=request.method, target=request.target, headers=headers)
+        await _to_up(up, head)
         if not body_pending:
             await _to_up(up, h11.EndOfMessage())
             await _relay_response(down, up, ex, activity, closing, count_from_target)

@@ -24,6 +24,7 @@ Rules:
 
 from __future__ import annotations
 
+import math
 import select
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -59,6 +60,8 @@ class Upstream:
     """The server proxy's ID (client mode); None for a plain connection to the service."""
     retire_at: float
     """trio time after which it must not carry a new request (rule 2)."""
+    peer_expires_at: float = math.inf
+    """trio time when the server's certificate expires (client mode)."""
     reused: bool = False
     idle_since: float = field(default_factory=trio.current_time)
 

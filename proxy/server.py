@@ -61,6 +61,7 @@ from tally.cli_support import CommandError
 from tally.config import ConfigError
 from tally.health import serve_health
 from tally.logs import get_logger, setup_logging
+from tally.net import ListenError
 from tally.spiffeid import SpiffeId
 
 log = get_logger("tally.proxy")
@@ -360,7 +361,9 @@ class Proxy:
             raise DialError(f"TLS handshake with {self.cfg.target} failed")
         own_left = (cur.identity.not_after - self.clock()).total_seconds()
         retire_at = min(peer.expires_at, trio.current_time() + own_left) - RETIRE_MARGIN_S
-        return Upstream(stream, HttpStream(stream, h11.CLIENT), peer.spiffe_id, retire_at)
+        return Upstream(
+            stream, HttpStream(stream, h11.CLIENT), peer.spiffe_id, retire_at, peer.expires_at
+        )
 
     def _count_to(self, n: int) -> None:
         self.stats.bytes_to_target += n
@@ -454,7 +457,7 @@ class Proxy:
                 why = await splice(
                     stream,
                     up.stream,
-                    Deadline(self.cfg.idle_timeout, up.retire_at + RETIRE_MARGIN_S),
+                    Deadline(self.cfg.idle_timeout, up.peer_expires_at),
                     self._count_to,
                     self._count_from,
                 )
@@ -689,9 +692,12 @@ class Proxy:
             async with trio.open_nursery() as outer:
                 await outer.start(self._signals)
                 if self.cfg.metrics is not None:
-                    self.addresses["metrics"] = await outer.start(
-                        serve_health, self.cfg.metrics, self.registry, self.ready
-                    )
+                    try:
+                        self.addresses["metrics"] = await outer.start(
+                            serve_health, self.cfg.metrics, self.registry, self.ready
+                        )
+                    except ListenError as exc:
+                        raise CommandError(f"--metrics: {exc}") from exc
                 async with trio.open_nursery() as handlers:
                     self._handlers = handlers
                     async with trio.open_nursery() as services:
