@@ -53,7 +53,7 @@ from proxy.http import (
 )
 from proxy.identity import FileSource, Identity, IdentityError, Signature, WorkloadSource
 from proxy.metrics import ProxyCollector, Stats, SvidInfo, registry_for
-from proxy.pool import RETIRE_MARGIN_S, DialError, Pool, Upstream, close_quietly
+from proxy.pool import CLOSE_TIMEOUT_S, RETIRE_MARGIN_S, DialError, Pool, Upstream, close_quietly
 from proxy.settings import ClientSettings, FileSourceSpec, ServerSettings
 from proxy.tcp import Deadline, splice
 from tally import authz, net, tls
@@ -372,9 +372,12 @@ class Proxy:
         self.stats.bytes_from_target += n
 
     def _ended(self, why: str, peer_id: SpiffeId | None) -> None:
+        """Note why a connection ended: closed, reset, idle, draining, bad_request, peer_expired."""
         if why == "peer_expired":
             self.stats.closed_peer_expired += 1
             log.info("connection.peer_expired", peer_id=str(peer_id))
+        else:
+            log.debug("connection.ended", why=why, peer_id=str(peer_id) if peer_id else None)
 
     # -- server mode ----------------------------------------------------------------------
 
@@ -620,7 +623,7 @@ class Proxy:
         try:
             await self._accept_loop(listener, handlers)
         finally:
-            with trio.CancelScope(shield=True):
+            with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT_S):
                 await listener.aclose()
 
     async def _reload(self) -> None:
@@ -720,7 +723,7 @@ class Proxy:
         finally:
             sock.close()
             if self.cfg.listen.path is not None:
-                with trio.CancelScope(shield=True):
+                with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT_S):
                     await trio.Path(self.cfg.listen.path).unlink(missing_ok=True)
         log.info(
             "proxy.stopped",

@@ -239,3 +239,21 @@ async def test_proxy_waits_for_its_first_svid_then_swaps_in_new_ones(ex, tmp_pat
         ]
         assert proxy.stats.rotations == 1
         nursery.cancel_scope.cancel()
+
+
+async def test_allow_expired_peer_connections_lifts_the_hard_stop(ex):
+    peer = ex.svid("spiffe://example.org/web").leaf
+
+    def proxy(allow_expired: bool) -> Proxy:
+        cfg = ServerSettings(
+            listen=Address.parse("127.0.0.1:0"),
+            target=Address.parse("127.0.0.1:1"),
+            workload_socket="/nonexistent.sock",
+            allow_id=["spiffe://example.org/web"],
+            allow_expired_peer_connections=allow_expired,
+        )
+        return Proxy(cfg, reload=lambda: cfg, env={})
+
+    left = (peer.not_valid_after_utc - now()).total_seconds()
+    assert proxy(False)._expires_at(peer) == pytest.approx(trio.current_time() + left, abs=2)
+    assert proxy(True)._expires_at(peer) == float("inf")
