@@ -395,7 +395,9 @@ def test_image_copies_every_package_and_nothing_else():
     copied: set[str] = set()
     for instruction, args in dockerfile_stages()[0]:
         if instruction == "COPY":
-            *sources, _dest = args.split()
+            *sources, dest = args.split()
+            # Into the same place under WORKDIR, where setuptools looks for them.
+            assert dest == (sources[0] if sources[0].endswith("/") else "./"), args
             copied.update(s.rstrip("/") for s in sources)
     packages = {
         p.rstrip("*") for p in PYPROJECT["tool"]["setuptools"]["packages"]["find"]["include"]
