@@ -25,7 +25,7 @@ class AgentSettings:
         Path("/var/lib/tally/agent"), help="the agent's own key and SVID (mode 0600) live here"
     )
     socket: Path = setting(
-        Path("/run/tally/agent.sock"),
+        Path("/run/tally/agent/agent.sock"),
         help="Workload API Unix socket (any local process may connect)",
     )
     metrics: Address | None = setting(

@@ -29,7 +29,7 @@ from tally.config import add_arguments, load
 from tally.durations import DurationError, parse_duration
 from tally.logs import setup_logging
 
-DEFAULT_ADMIN_SOCKET = "/run/tally/ca-admin.sock"
+DEFAULT_ADMIN_SOCKET = "/run/tally/ca/admin.sock"
 
 
 def _admin_socket_default() -> str:
@@ -336,7 +336,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--admin-socket",
         default=_admin_socket_default(),
-        help="CA admin socket (default: $TALLY_CA_ADMIN_SOCKET or /run/tally/ca-admin.sock)",
+        help="CA admin socket (default: $TALLY_CA_ADMIN_SOCKET or /run/tally/ca/admin.sock)",
     )
     p.add_argument("--output", choices=("text", "json"), default="text", help="output format")
 

@@ -23,7 +23,7 @@ class CASettings:
         Address.parse("127.0.0.1:8443"), help="agent API address (TLS), HOST:PORT"
     )
     admin_socket: Path = setting(
-        Path("/run/tally/ca-admin.sock"), help="admin API Unix socket (created with mode 0600)"
+        Path("/run/tally/ca/admin.sock"), help="admin API Unix socket (created with mode 0600)"
     )
     metrics: Address | None = setting(
         None, help="serve /healthz, /readyz and /metrics on HOST:PORT"
