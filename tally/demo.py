@@ -1,22 +1,112 @@
-"""`tally demo`: the real daemons on loopback in a temporary directory, narrated.
+"""`tally demo`: the whole system on loopback, rotating while you watch.
 
-The demo drives Tally only through what an operator has: the daemons as
-child processes and the `tally` CLI.  It imports no role, so it shows exactly
-what a user would see, and it always stops what it started (also on Ctrl-C).
+The demo drives Tally only through what an operator has: the daemons as child
+processes (`tally.launch`), the `tally` CLI, and the Workload API.  It imports
+no role, so it shows exactly what a user would see.  Whatever it started is
+stopped on the way out, also on Ctrl-C, and its temporary directory removed.
+
+The picture it builds:
+
+    traffic -> frontend (HTTP) -> client proxy ==mTLS==> server proxy -> backend (HTTP)
+
+with SVIDs that live a few seconds and one signing-key rotation half way, so
+identities are replaced many times while requests keep succeeding.
 """
 
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
+import os
 import shutil
+import socket
+import ssl
+import sys
 import tempfile
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from tally import x509profile
+import trio
+
+from tally import workload_client
 from tally.cli_support import CommandError
 from tally.launch import Daemon, DaemonError, run_cli
+
+TD = "demo.tally"
+FRONTEND = f"spiffe://{TD}/frontend"
+BACKEND = f"spiffe://{TD}/backend"
+AGENT = f"spiffe://{TD}/agent/node-1"
+SVID_TTL = "8s"
+
+
+@dataclass
+class Tally:
+    """What the traffic threads count and the view shows."""
+
+    ok: int = 0
+    failed: int = 0
+    last_error: str = ""
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def add(self, ok: bool, error: str = "") -> None:
+        with self.lock:
+            if ok:
+                self.ok += 1
+            else:
+                self.failed += 1
+                self.last_error = error
+
+
+class _Backend(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self) -> None:
+        caller = self.headers.get("X-Forwarded-Client-Cert", "")
+        uri = next((p[4:] for p in caller.split(";") if p.startswith("URI=")), "nobody")
+        self._send(200, json.dumps({"order": self.path, "caller": uri}).encode())
+
+    def _send(self, status: int, body: bytes) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def _frontend_handler(client_proxy: tuple[str, int]) -> type[BaseHTTPRequestHandler]:
+    class Frontend(_Backend):
+        """Calls the backend through its client proxy: no TLS, no credentials here."""
+
+        def do_GET(self) -> None:
+            conn = http.client.HTTPConnection(*client_proxy, timeout=10)
+            try:
+                conn.request("GET", f"/orders{self.path}")
+                resp = conn.getresponse()
+                body = resp.read()
+                self._send(resp.status, body)
+            except OSError as exc:
+                self._send(502, json.dumps({"error": str(exc)}).encode())
+            finally:
+                conn.close()
+
+    return Frontend
+
+
+def _serve(handler: type[BaseHTTPRequestHandler]) -> ThreadingHTTPServer:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
 
 
 def _cli(admin: str, *args: str) -> Any:
@@ -26,89 +116,299 @@ def _cli(admin: str, *args: str) -> Any:
     return json.loads(result.stdout)
 
 
-def _say(text: str) -> None:
-    print(text, flush=True)
+def _traffic(port: int, stop: threading.Event, tally: Tally, n: int) -> None:
+    """One worker: keep-alive requests to the frontend, reconnecting when needed."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    i = 0
+    while not stop.is_set():
+        i += 1
+        try:
+            conn.request("GET", f"/{n}-{i}")
+            resp = conn.getresponse()
+            body = resp.read()
+            tally.add(
+                resp.status == 200 and FRONTEND.encode() in body,
+                body[:100].decode(errors="replace"),
+            )
+        except (OSError, http.client.HTTPException) as exc:
+            tally.add(False, repr(exc))
+            conn.close()
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        time.sleep(0.02)
+    conn.close()
+
+
+def _identities(sock: str) -> list[tuple[str, str, float]]:
+    async def fetch() -> workload_client.X509Context:
+        return await workload_client.fetch_x509(sock, timeout_s=3)
+
+    try:
+        ctx = trio.run(fetch)
+    except (workload_client.WorkloadApiError, OSError, ValueError):
+        return []
+    now = datetime.now(UTC)
+    return [
+        (
+            s.spiffe_id,
+            format(s.leaf.serial_number, "x")[:12],
+            (s.leaf.not_valid_after_utc - now).total_seconds(),
+        )
+        for s in ctx.svids
+    ]
+
+
+def _intruder_refused(out: Path, server_proxy: str) -> tuple[bool, str]:
+    """A caller with a valid SVID for the wrong identity tries the server proxy."""
+    host, port = server_proxy.rsplit(":", 1)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.load_verify_locations(out / "bundle.pem")
+    ctx.load_cert_chain(out / "svid.pem", out / "key.pem")
+    try:
+        with (
+            socket.create_connection((host, int(port)), timeout=5) as raw,
+            ctx.wrap_socket(raw) as tls,
+        ):
+            tls.sendall(b"GET /orders/steal HTTP/1.1\r\nHost: x\r\n\r\n")
+            data = tls.recv(100)
+            return (not data), data[:60].decode(errors="replace")
+    except (ssl.SSLError, OSError) as exc:
+        return True, type(exc).__name__
+
+
+class View:
+    """Redraws in place on a terminal; plain lines (every few seconds) with --no-live."""
+
+    def __init__(self, live: bool) -> None:
+        self.live = live
+        self.lines_drawn = 0
+        self.last_plain = 0.0
+
+    def show(self, lines: list[str]) -> None:
+        if self.live:
+            out = f"\x1b[{self.lines_drawn}F" if self.lines_drawn else ""
+            out += "".join(f"\x1b[2K{line}\n" for line in lines)
+            sys.stdout.write(out)
+            sys.stdout.flush()
+            self.lines_drawn = len(lines)
+        elif time.monotonic() - self.last_plain >= 5:
+            self.last_plain = time.monotonic()
+            print(" | ".join(line.strip() for line in lines[1:4] if line.strip()), flush=True)
 
 
 def run_demo(args: argparse.Namespace) -> int:
+    live = not args.no_live and sys.stdout.isatty()
     workdir = Path(tempfile.mkdtemp(prefix="tally-demo-"))
-    admin = str(workdir / "ca-admin.sock")
-    ca = Daemon(
-        "ca",
-        [
-            "ca",
-            "run",
-            "--trust-domain",
-            "demo.tally",
-            "--data-dir",
-            str(workdir / "ca"),
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-socket",
-            admin,
-        ],
-    )
+    daemons: list[Daemon] = []
+    servers: list[ThreadingHTTPServer] = []
+    stop = threading.Event()
+
+    def start(name: str, argv: list[str], ready: str) -> dict[str, Any]:
+        daemon = Daemon(name, argv)
+        daemons.append(daemon)
+        return daemon.start(ready, timeout=30)
+
     try:
-        _say(f"== Tally demo in {workdir}")
-        started = ca.start("ca.started")
-        _say(f"CA for trust domain demo.tally is up: agent API on {started['listen']}")
-        bundle = _cli(admin, "bundle", "show")
-        roots = x509profile.chain_from_pem(bundle["bundle"].encode())
-        _say(f"Trust bundle: {len(roots)} root, sequence {bundle['bundle_sequence']}")
-        token = _cli(admin, "token", "create", "--spiffe-id", "spiffe://demo.tally/agent/node-1")
-        _say(f"Join token for {token['spiffe_id']} (single use, expires {token['expires_at']})")
-        entry = _cli(
-            admin,
-            "entry",
-            "create",
-            "--spiffe-id",
-            "spiffe://demo.tally/web",
-            "--parent-id",
-            token["spiffe_id"],
-            "--selector",
-            "unix:uid:1000",
-            "--ttl",
-            "1h",
+        admin = str(workdir / "ca-admin.sock")
+        agent_sock = str(workdir / "agent.sock")
+        print(f"== Tally demo in {workdir}")
+        ca = start(
+            "ca",
+            [
+                "ca",
+                "run",
+                "--trust-domain",
+                TD,
+                "--data-dir",
+                str(workdir / "ca"),
+                "--listen",
+                "127.0.0.1:0",
+                "--admin-socket",
+                admin,
+                "--default-svid-ttl",
+                SVID_TTL,
+                "--intermediate-ttl",
+                "10m",
+            ],
+            "ca.started",
         )
-        _say(
-            f"Registered {entry['spiffe_id']} for workloads matching "
-            + ", ".join(entry["selectors"])
+        print(f"CA up for {TD} (agent API {ca['listen']}); SVIDs live {SVID_TTL}")
+        (workdir / "bundle.pem").write_text(_cli(admin, "bundle", "show")["bundle"])
+        token = _cli(admin, "token", "create", "--spiffe-id", AGENT)["token"]
+        start(
+            "agent",
+            [
+                "agent",
+                "run",
+                "--trust-domain",
+                TD,
+                "--server",
+                ca["listen"],
+                "--trust-bundle",
+                str(workdir / "bundle.pem"),
+                "--join-token",
+                token,
+                "--data-dir",
+                str(workdir / "agent"),
+                "--socket",
+                agent_sock,
+            ],
+            "agent.started",
         )
-        out = workdir / "minted"
+        print(f"Agent attested as {AGENT} with a one-time join token")
+        uid = f"unix:uid:{os.geteuid()}"
+        for sid in (FRONTEND, BACKEND):
+            _cli(
+                admin,
+                "entry",
+                "create",
+                "--spiffe-id",
+                sid,
+                "--parent-id",
+                AGENT,
+                "--selector",
+                uid,
+            )
+        print(f"Registered {FRONTEND} and {BACKEND} for {uid}")
+
+        backend = _serve(_Backend)
+        servers.append(backend)
+        server_proxy = start(
+            "server-proxy",
+            [
+                "proxy",
+                "server",
+                "--listen",
+                "127.0.0.1:0",
+                "--target",
+                f"127.0.0.1:{backend.server_port}",
+                "--workload-socket",
+                agent_sock,
+                "--spiffe-id",
+                BACKEND,
+                "--allow-id",
+                FRONTEND,
+                "--http",
+                "--no-access-log",
+            ],
+            "proxy.started",
+        )
+        client_proxy = start(
+            "client-proxy",
+            [
+                "proxy",
+                "client",
+                "--listen",
+                "127.0.0.1:0",
+                "--target",
+                server_proxy["listen"],
+                "--workload-socket",
+                agent_sock,
+                "--spiffe-id",
+                FRONTEND,
+                "--expect-id",
+                BACKEND,
+                "--http",
+                "--no-access-log",
+            ],
+            "proxy.started",
+        )
+        host, port = client_proxy["listen"].rsplit(":", 1)
+        frontend = _serve(_frontend_handler((host, int(port))))
+        servers.append(frontend)
+        print(
+            f"backend <- server proxy {server_proxy['listen']} <=mTLS= client proxy "
+            f"{client_proxy['listen']} <- frontend :{frontend.server_port}"
+        )
+        print(
+            "The services hold no certificate and no password;"
+            " the proxies get theirs from the agent.\n"
+        )
+
+        tally = Tally()
+        workers = [
+            threading.Thread(
+                target=_traffic, args=(frontend.server_port, stop, tally, n), daemon=True
+            )
+            for n in range(3)
+        ]
+        for w in workers:
+            w.start()
+        view = View(live)
+        audit: deque[str] = deque(maxlen=4)
+        started_at = time.monotonic()
+        rotated_key = False
+        last_audit = 0.0
+        while (elapsed := time.monotonic() - started_at) < args.duration:
+            if not rotated_key and elapsed >= args.duration / 2:
+                _cli(admin, "rotate")
+                rotated_key = True
+            if time.monotonic() - last_audit > 2:
+                last_audit = time.monotonic()
+                for r in _cli(admin, "audit", "list", "--limit", "4")["records"]:
+                    audit.append(f"#{r['seq']:<5} {r['event']:<15} {(r['spiffe_id'] or '')[:40]}")
+            rotations = sum(len(d.events("svid.rotated")) for d in daemons)
+            lines = [
+                f"-- {elapsed:4.0f}s / {args.duration:.0f}s"
+                + (" -- signing key rotated" if rotated_key else "")
+            ]
+            for sid, serial, left in _identities(agent_sock):
+                lines.append(f"  {sid:<32} serial {serial}  expires in {left:4.1f}s")
+            lines.append(f"  requests ok {tally.ok}  failed {tally.failed}   rotations {rotations}")
+            lines += [f"  audit {a}" for a in list(audit)]
+            view.show(lines)
+            time.sleep(0.5)
+        stop.set()
+        for w in workers:
+            w.join(15)
+
+        out = workdir / "intruder"
         out.mkdir()
-        minted = _cli(
+        _cli(
             admin,
             "x509",
             "mint",
             "--spiffe-id",
-            "spiffe://demo.tally/web",
+            f"spiffe://{TD}/intruder",
             "--ttl",
-            "1h",
+            "5m",
             "--out",
             str(out),
         )
-        _say(f"Minted an SVID naming {minted['spiffe_id']}")
-        _say(
-            f"  serial {minted['serial']}, expires {minted['not_after']}"
-            " (one hour: a leak stops mattering soon)"
-        )
+        refused, how = _intruder_refused(out, server_proxy["listen"])
+        denied = daemons[2].wait_for("peer.denied", timeout=5) if refused else {}
         verdict = _cli(admin, "audit", "verify")
-        records = _cli(admin, "audit", "list")["records"]
-        for r in records[-4:]:
-            _say(f"  audit #{r['seq']:<3} {r['event']:<16} {r['spiffe_id'] or ''}")
-        state = "unbroken" if verdict["ok"] else f"BROKEN: {verdict['problem']}"
-        _say(f"Audit chain: {verdict['records']} records, {state}")
-        return 0 if verdict["ok"] else 1
+        rotations = sum(len(d.events("svid.rotated")) for d in daemons)
+        print()
+        print(
+            f"An SVID for spiffe://{TD}/intruder (valid, signed by this CA, wrong identity): "
+            + (f"refused ({denied.get('reason', how)})" if refused else "ACCEPTED")
+        )
+        print(
+            f"Summary: {tally.ok} requests ok, {tally.failed} failed, {rotations} certificate "
+            f"rotations (agent and proxies), audit chain of {verdict['records']} records "
+            + ("verified" if verdict["ok"] else f"BROKEN: {verdict['problem']}")
+        )
+        if tally.failed:
+            print(f"Last failure: {tally.last_error}")
+        return 0 if verdict["ok"] and refused and tally.ok and not tally.failed else 1
     except DaemonError as exc:
         raise CommandError(f"demo: {exc}") from exc
+    except KeyboardInterrupt:
+        print("\ninterrupted; stopping everything")
+        return 130
     finally:
-        code = ca.stop()
-        _say(f"CA stopped (exit {code}); removing {workdir}")
+        stop.set()
+        for server in servers:
+            server.shutdown()
+            server.server_close()
+        for daemon in reversed(daemons):
+            daemon.stop()
         shutil.rmtree(workdir, ignore_errors=True)
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("demo", help="run Tally on loopback and watch identities being issued")
-    p.add_argument("--duration", type=float, default=60, help="seconds of traffic (later issues)")
+    p = sub.add_parser("demo", help="run Tally on loopback and watch identities rotate")
+    p.add_argument("--duration", type=float, default=60, help="seconds of traffic (default 60)")
     p.add_argument("--no-live", action="store_true", help="plain log lines instead of a live view")
     p.set_defaults(func=run_demo)
