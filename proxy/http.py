@@ -22,6 +22,10 @@ Rules:
 4. Waiting for the next request is the only wait a drain or an expired peer
    certificate interrupts (`Idlers`); a request that has started is finished,
    and its response says ``Connection: close`` when we will close after it.
+5. Writes are coalesced.  What we forward is queued and sent only before we
+   would wait for more input, so a small response (head, body and end read
+   in one go) leaves as one write, and on the TLS side as one record, instead
+   of three.
 """
 
 from __future__ import annotations
@@ -60,11 +64,12 @@ class DownstreamError(Exception):
 
 
 class HttpStream:
-    """One h11 connection bound to one trio stream."""
+    """One h11 connection bound to one trio stream, with an output queue (rule 5)."""
 
     def __init__(self, stream: trio.abc.Stream, role: type[h11.CLIENT] | type[h11.SERVER]) -> None:
         self.stream = stream
         self.conn = h11.Connection(role, max_incomplete_event_size=MAX_HEAD_BYTES)
+        self._out = bytearray()
 
     @property
     def has_input(self) -> bool:
@@ -72,20 +77,33 @@ class HttpStream:
         data, closed = self.conn.trailing_data
         return bool(data) or closed
 
+    async def receive(self, activity: Deadline | None = None) -> None:
+        data = await self.stream.receive_some(CHUNK)
+        if activity is not None:
+            activity.touch()
+        self.conn.receive_data(bytes(data))
+
     async def next_event(self, activity: Deadline | None = None) -> object:
         while True:
             event = self.conn.next_event()
             if event is not h11.NEED_DATA:
                 return event
-            data = await self.stream.receive_some(CHUNK)
-            if activity is not None:
-                activity.touch()
-            self.conn.receive_data(bytes(data))
+            await self.receive(activity)
 
-    async def send(self, event: h11.Event) -> None:
+    def queue(self, event: h11.Event) -> None:
         data = self.conn.send(event)
         if data:
+            self._out += data
+
+    async def flush(self) -> None:
+        if self._out:
+            data = bytes(self._out)
+            self._out.clear()
             await self.stream.send_all(data)
+
+    async def send(self, event: h11.Event) -> None:
+        self.queue(event)
+        await self.flush()
 
     def reusable(self) -> bool:
         """Start the next cycle if both sides finished this one cleanly; False: close it."""
@@ -138,9 +156,11 @@ async def next_request(
             if scope.cancelled_caught:
                 return None, _why_woken(idlers, hard_at)
             down.conn.receive_data(bytes(data))
-        event: object = None
-        with trio.move_on_after(idle_s):
-            event = await down.next_event()
+        event: object = down.conn.next_event()  # usually the whole head came in one read
+        if event is h11.NEED_DATA:
+            event = None
+            with trio.move_on_after(idle_s):
+                event = await down.next_event()
         if isinstance(event, h11.Request):
             return event, ""
         if event is None:
@@ -227,38 +247,41 @@ class Exchange:
         return round((trio.current_time() - self.started) * 1000, 3)
 
 
-async def _to_up(up: HttpStream, event: h11.Event) -> None:
+Failure = type[UpstreamError] | type[DownstreamError]
+
+
+async def _next_from(
+    src: HttpStream, dst: HttpStream, activity: Deadline, src_fails: Failure, dst_fails: Failure
+) -> object:
+    """The next event from ``src``; before waiting for input, ``dst``'s queue goes out."""
+    while True:
+        try:
+            event = src.conn.next_event()
+        except h11.ProtocolError as exc:
+            raise src_fails(f"malformed message: {exc}") from exc
+        if isinstance(event, h11.ConnectionClosed):
+            raise src_fails("the connection closed in the middle of a message")
+        if event is not h11.NEED_DATA:
+            return event
+        await _flush(dst, dst_fails)
+        try:
+            await src.receive(activity)
+        except _IO_ERRORS as exc:
+            raise src_fails(f"reading failed: {exc!r}") from exc
+
+
+def _queue(dst: HttpStream, event: h11.Event, fails: Failure) -> None:
     try:
-        await up.send(event)
-    except _IO_ERRORS as exc:
-        raise UpstreamError(f"sending to the target failed: {exc!r}") from exc
+        dst.queue(event)
+    except h11.ProtocolError as exc:
+        raise fails(f"cannot relay this message: {exc}") from exc
 
 
-async def _from_up(up: HttpStream, activity: Deadline) -> object:
+async def _flush(dst: HttpStream, fails: Failure) -> None:
     try:
-        event = await up.next_event(activity)
+        await dst.flush()
     except _IO_ERRORS as exc:
-        raise UpstreamError(f"reading from the target failed: {exc!r}") from exc
-    if isinstance(event, h11.ConnectionClosed):
-        raise UpstreamError("the target closed the connection before the response ended")
-    return event
-
-
-async def _to_down(down: HttpStream, event: h11.Event) -> None:
-    try:
-        await down.send(event)
-    except _IO_ERRORS as exc:
-        raise DownstreamError(f"sending to the client failed: {exc!r}") from exc
-
-
-async def _from_down(down: HttpStream, activity: Deadline) -> object:
-    try:
-        event = await down.next_event(activity)
-    except _IO_ERRORS as exc:
-        raise DownstreamError(f"reading the request failed: {exc!r}") from exc
-    if isinstance(event, h11.ConnectionClosed):
-        raise DownstreamError("the client closed the connection mid-request")
-    return event
+        raise fails(f"sending failed: {exc!r}") from exc
 
 
 def _build(kind: Callable[P, E], *args: P.args, **fields: P.kwargs) -> E:
@@ -273,13 +296,14 @@ async def _relay_request_body(
     down: HttpStream, up: HttpStream, ex: Exchange, activity: Deadline, count: Callable[[int], None]
 ) -> None:
     while True:
-        event = await _from_down(down, activity)
+        event = await _next_from(down, up, activity, DownstreamError, UpstreamError)
         if isinstance(event, h11.Data):
-            await _to_up(up, h11.Data(data=event.data))
+            _queue(up, h11.Data(data=event.data), UpstreamError)
             ex.bytes_in += len(event.data)
             count(len(event.data))
         elif isinstance(event, h11.EndOfMessage):
-            await _to_up(up, h11.EndOfMessage(headers=event.headers))
+            _queue(up, h11.EndOfMessage(headers=event.headers), UpstreamError)
+            await _flush(up, UpstreamError)
             return
         else:
             raise DownstreamError(f"unexpected {type(event).__name__} in a request body")
@@ -294,39 +318,33 @@ async def _relay_response(
     count: Callable[[int], None],
 ) -> None:
     while True:
-        event = await _from_up(up, activity)
+        event = await _next_from(up, down, activity, UpstreamError, DownstreamError)
         if isinstance(event, h11.InformationalResponse):
             if event.status_code == 101:
                 raise UpstreamError("the target switched protocols, which HTTP mode cannot relay")
-            await _to_down(
-                down,
-                _build(
-                    h11.InformationalResponse,
-                    status_code=event.status_code,
-                    headers=forwarded_headers(event.headers),
-                ),
+            info = _build(
+                h11.InformationalResponse,
+                status_code=event.status_code,
+                headers=forwarded_headers(event.headers),
             )
+            _queue(down, info, DownstreamError)
         elif isinstance(event, h11.Response):
             headers = forwarded_headers(event.headers)
             if closing():
                 headers.append((b"connection", b"close"))
             ex.status = event.status_code
             ex.response_started = True
-            await _to_down(
-                down,
-                _build(
-                    h11.Response,
-                    status_code=event.status_code,
-                    headers=headers,
-                    reason=event.reason,
-                ),
+            head = _build(
+                h11.Response, status_code=event.status_code, headers=headers, reason=event.reason
             )
+            _queue(down, head, DownstreamError)
         elif isinstance(event, h11.Data):
-            await _to_down(down, h11.Data(data=event.data))
+            _queue(down, h11.Data(data=event.data), DownstreamError)
             ex.bytes_out += len(event.data)
             count(len(event.data))
         elif isinstance(event, h11.EndOfMessage):
-            await _to_down(down, h11.EndOfMessage(headers=event.headers))
+            _queue(down, h11.EndOfMessage(headers=event.headers), DownstreamError)
+            await _flush(down, DownstreamError)
             return
         else:
             raise UpstreamError(f"unexpected {type(event).__name__} from the target")
@@ -356,9 +374,11 @@ async def exchange(
     activity = Deadline(idle_s)
     with activity.scope:
         head = _build(h11.Request, method=request.method, target=request.target, headers=headers)
-        await _to_up(up, head)
+        _queue(up, head, UpstreamError)
         if not body_pending:
-            await _to_up(up, h11.EndOfMessage())
+            _queue(up, h11.EndOfMessage(), UpstreamError)
+        await _flush(up, UpstreamError)
+        if not body_pending:
             await _relay_response(down, up, ex, activity, closing, count_from_target)
             return
         try:
