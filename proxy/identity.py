@@ -27,18 +27,21 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import trio
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
-from tally import workload_client as wl
 from tally import x509profile
 from tally.bundle import Bundle, BundleError
 from tally.logs import get_logger
 from tally.spiffeid import SpiffeId, SpiffeIdError, TrustDomain
 from tally.tls import PrivateKey
+
+if TYPE_CHECKING:
+    from tally import workload_client as wl
 
 log = get_logger("tally.proxy.identity")
 
@@ -277,6 +280,10 @@ class WorkloadSource:
         return f"Workload API at {self.socket_path}"
 
     async def run(self, publish: Callable[[Identity], None]) -> None:
+        # Imported here: HTTP/2 and protobuf cost every proxy start, and the file source
+        # never needs them.
+        from tally import workload_client as wl
+
         backoff = BACKOFF_FIRST_S
         while True:
             try:
@@ -302,6 +309,8 @@ class WorkloadSource:
 
     async def _watch(self, publish: Callable[[Identity], None]) -> bool:
         """One connection: publish every good update; True if at least one arrived."""
+        from tally import workload_client as wl
+
         got_one = False
         async with wl.watch_x509(self.socket_path) as updates:
             while True:

@@ -24,7 +24,6 @@ from pathlib import Path
 from tally import authz
 from tally.config import Address, ConfigError, Duration, setting
 from tally.spiffeid import SpiffeId, SpiffeIdError, TrustDomain
-from tally.workload_client import ENDPOINT_ENV, EndpointError, endpoint_from_env, socket_path_of
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -51,7 +50,7 @@ class ProxySettings:
     workload_socket: str | None = setting(
         None,
         metavar="SOCKET",
-        help=f"SPIFFE Workload API socket (unix:///path or /path); default ${ENDPOINT_ENV} "
+        help="SPIFFE Workload API socket (unix:///path or /path); default $SPIFFE_ENDPOINT_SOCKET "
         "when no --cert is given",
     )
     spiffe_id: str | None = setting(
@@ -147,6 +146,9 @@ class ProxySettings:
 
     def source(self, env: Mapping[str, str]) -> FileSourceSpec | WorkloadSourceSpec:
         """Where identities come from; ``env`` supplies SPIFFE_ENDPOINT_SOCKET."""
+        # Imported here: HTTP/2 and protobuf cost every start, and the file source needs neither.
+        from tally.workload_client import EndpointError, endpoint_from_env, socket_path_of
+
         if self.cert is not None and self.key is not None and self.bundle is not None:
             return FileSourceSpec(self.cert, self.key, self.bundle, self._federated())
         try:
