@@ -183,6 +183,8 @@ class AgentCore:
         so a CA that comes back is noticed before the SVIDs it must renew run out."""
         soonest = self.soonest_expiry()
         left = (soonest - self.clock()).total_seconds() if soonest else 120.0
+        if any(eid not in self.svids for eid in self.entries):
+            left = min(left, 40.0)  # a workload is going without: look again soon
         return rotation.backoff(attempt, self.rng, cap=max(1.0, min(30.0, left / 8)))
 
     async def _sleep_until(self, when: datetime, *, cap: float = 3600) -> None:
