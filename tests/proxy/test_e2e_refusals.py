@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ssl
 import subprocess
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -85,7 +85,9 @@ def test_other_trust_domain_is_refused(http_server_proxy, certs):
 def test_expired_certificate_is_refused(http_server_proxy, certs):
     expired = certs["expired"]
     leaf = x509profile.chain_from_pem(expired.cert.read_bytes())[0]
-    wait_until(lambda: datetime.now(UTC) > leaf.not_valid_after_utc, what="the 1s SVID to expire")
+    # OpenSSL compares whole seconds: the certificate is expired once notAfter's second is over.
+    expired_at = leaf.not_valid_after_utc + timedelta(seconds=1)
+    wait_until(lambda: datetime.now(UTC) >= expired_at, what="the 1s SVID to expire")
     ctx = client_context(expired, expired.bundle)
     refused_with(http_server_proxy, "expired", lambda: via_stdlib(http_server_proxy, ctx))
 
@@ -148,3 +150,24 @@ def test_client_proxy_refuses_an_unexpected_server(start_proxy, http_server_prox
     line = client.denied()
     assert line["reason"] == "not_allowed"
     assert line["peer_id"] == "spiffe://example.org/api"
+
+
+def test_federated_trust_domain_is_trusted_only_for_its_own_ids(start_proxy, certs, echo_backend):
+    """With other.org's bundle configured, its workload gets through when a rule names it."""
+    proxy = start_proxy(
+        "server",
+        "--target",
+        echo_backend.address,
+        "--allow-id",
+        "spiffe://other.org/web",
+        "--federated-bundle",
+        f"other.org={certs['other'].bundle}",
+        *certs["api"].files(),
+    )
+    other = client_context(certs["other"], certs["web"].bundle)
+    with tls_connect(proxy.port, other) as sock:
+        sock.sendall(b"federated")
+        assert sock.recv(100) == b"federated"
+    web = client_context(certs["web"], certs["web"].bundle)
+    line = refused_with(proxy, "not_allowed", lambda: via_stdlib(proxy, web))
+    assert line["peer_id"] == "spiffe://example.org/web"
