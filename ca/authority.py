@@ -413,12 +413,7 @@ class Authority:
                 None if body["ttl"] is None else self._ttl(body["ttl"], self.limits.default_ttl)
             )
         if "dns_names" in body:
-            raw = body["dns_names"] or []
-            if not isinstance(raw, list) or not all(
-                isinstance(d, str) and _DNS_RE.fullmatch(d) for d in raw
-            ):
-                raise Denied(400, "bad_dns_name", "dns_names must be a list of lowercase DNS names")
-            fields["dns_names"] = tuple(dict.fromkeys(raw))
+            fields["dns_names"] = _dns_names(body["dns_names"])
         if "hint" in body:
             hint = body["hint"] or ""
             if (
@@ -554,11 +549,7 @@ class Authority:
         now = self._now()
         sid = self._own_id(body.get("spiffe_id"))
         ttl = self._ttl(body.get("ttl"), self.limits.default_ttl)
-        raw_dns = body.get("dns_names") or []
-        if not isinstance(raw_dns, list) or not all(
-            isinstance(d, str) and _DNS_RE.fullmatch(d) for d in raw_dns
-        ):
-            raise Denied(400, "bad_dns_name", "dns_names must be a list of lowercase DNS names")
+        raw_dns = _dns_names(body.get("dns_names"))
         key = x509profile.generate_key()
         issued = self._sign(self._signer(), key.public_key(), sid, ttl, now, raw_dns)
         ts = int(now.timestamp())
@@ -620,6 +611,16 @@ class Authority:
             "bundle": bundle.to_pem().decode(),
             "bundle_sequence": bundle.sequence,
         }
+
+
+def _dns_names(raw: object) -> tuple[str, ...]:
+    """DNS SANs from a request body: a list of lowercase names, duplicates dropped."""
+    raw = raw or []
+    if not isinstance(raw, list) or not all(
+        isinstance(d, str) and _DNS_RE.fullmatch(d) for d in raw
+    ):
+        raise Denied(400, "bad_dns_name", "dns_names must be a list of lowercase DNS names")
+    return tuple(dict.fromkeys(raw))
 
 
 def _entry_detail(entry: EntryRecord) -> dict[str, object]:
