@@ -310,7 +310,19 @@ def test_admin_cli_mistakes_are_one_line(ca: CA, tmp_path: Path):
         (["entry", "show", "no-such-entry"], "no entry"),
         (["agent", "show", "spiffe://example.org/agent/none"], "no agent"),
         (["token", "create", "--ttl", "soon"], "invalid duration"),
-        (["x509", "mint", "--spiffe-id", "spiffe://example.org/w", "--dns-name", "Bad_Name!", "--out", str(tmp_path)], "DNS names"),
+        (
+            [
+                "x509",
+                "mint",
+                "--spiffe-id",
+                "spiffe://example.org/w",
+                "--dns-name",
+                "Bad_Name!",
+                "--out",
+                str(tmp_path),
+            ],
+            "DNS names",
+        ),
     ]
     for args, needle in cases:
         result = ca.cli(*args, check=False)
