@@ -82,7 +82,7 @@ def shown_commands(path: Path) -> list[str]:
     """Each ``tally`` command line in the file's ```sh blocks, continuation lines joined."""
     commands = []
     for block in SHELL_BLOCK.findall(path.read_text()):
-        for line in block.replace("\\\n", " ").splitlines():
+        for line in re.sub(r"\s*\\\n\s*", " ", block).splitlines():
             line = line.split(" #", 1)[0].strip()
             if line.startswith("tally "):
                 commands.append(line)
@@ -118,7 +118,8 @@ def test_shown_command_is_real(doc, command):
         with contextlib.redirect_stderr(err):
             args = build_parser(argv[0]).parse_args(argv)
     except SystemExit:
-        pytest.fail(f"{doc}: `{command}` does not parse: {err.getvalue().strip()}")
+        problem = err.getvalue().strip().splitlines()[-1:]
+        pytest.fail(f"{doc}: `{command}` does not parse: {' '.join(problem)}")
     assert hasattr(args, "func"), f"{doc}: `{command}` is not a complete command"
     schema = SCHEMAS.get(args.func)
     if schema is not None and getattr(args, "config", None) is None:
