@@ -108,6 +108,11 @@ class CAClient:
         self._identity = (tuple(chain), key)
         self._new_generation()
 
+    def clear_identity(self) -> None:
+        """Back to server-authenticated TLS only, for a fresh attestation."""
+        self._identity = None
+        self._new_generation()
+
     def _new_generation(self) -> None:
         # Synchronous callers cannot await a close; the next call closes them.
         self._generation += 1

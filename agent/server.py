@@ -28,7 +28,7 @@ from prometheus_client.registry import Collector
 from agent import state
 from agent.backend import AgentBackend
 from agent.ca_client import CAClient, CAError
-from agent.manager import AgentCore
+from agent.manager import FATAL_CODES, AgentCore
 from agent.settings import AgentSettings
 from agent.workload_server import WorkloadStats, serve_workload_api
 from tally import rotation, x509profile
@@ -138,12 +138,15 @@ class AgentServer:
 
     async def bootstrap(self, client: CAClient) -> state.AgentIdentity:
         ident = self.identity
+        token = self.cfg.join_token
         if self._usable(ident):
             assert ident is not None
             client.set_identity(ident.chain, ident.key)
-            log.info("agent.resumed", spiffe_id=str(x509profile.validate_leaf(ident.chain[0])))
-            return ident
-        token = self.cfg.join_token
+            if token is None or not await self._refused(client):
+                log.info("agent.resumed", spiffe_id=str(x509profile.validate_leaf(ident.chain[0])))
+                return ident
+            # Evicted (or forgotten) while its SVID is still valid: the token brings it back.
+            client.clear_identity()
         if token is None:
             if ident is not None:
                 expired = ident.chain[0].not_valid_after_utc.isoformat()
@@ -178,6 +181,17 @@ class AgentServer:
         client.set_identity(ident.chain, ident.key)
         log.info("agent.attested", spiffe_id=issued.spiffe_id, serial=issued.serial)
         return ident
+
+    async def _refused(self, client: CAClient) -> bool:
+        """Does the CA refuse our stored identity?  Asked only when a token is at hand,
+        so that a token kept in the environment is not spent on every restart."""
+        try:
+            await client.entries()
+        except CAError as exc:
+            if exc.code in FATAL_CODES:
+                log.info("agent.reattesting", reason=exc.code)
+                return True
+        return False
 
     def ready(self) -> tuple[bool, str]:
         core = self.core

@@ -146,8 +146,14 @@ class AgentApi:
             since = _int_param(req, "since")
             await self.run(lambda: a.check_agent(agent_id))
 
+            def changed() -> bool:
+                agent = a.store.get_agent(agent_id)
+                # An eviction or ban ends the wait too, so the agent hears of it at once.
+                active = agent is not None and agent.status == "active"
+                return a.store.entries_revision() != since or not active
+
             async def entries_changed() -> bool:
-                return await self.run(a.store.entries_revision) != since
+                return await self.run(changed)
 
             await self.entries.wait_until(entries_changed, _wait_param(req))
             return http.Response.json(await self.run(lambda: a.entries_for(agent_id)))
@@ -227,7 +233,9 @@ class AdminApi:
             body = _body(req)
             agent_id = str(a.parse_id(body.get("spiffe_id")))
             status = "evicted" if path.endswith("evict") else "banned"
-            return J(await self.run(lambda: a.set_agent_status(agent_id, status, actor)))
+            result = await self.run(lambda: a.set_agent_status(agent_id, status, actor))
+            self.on_entries_changed()  # wakes the agent's long poll, which then refuses it
+            return J(result)
         if (method, path) == ("GET", "/v1/bundle"):
             bundle = a.keys.bundle
             assert bundle is not None

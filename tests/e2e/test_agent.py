@@ -212,6 +212,23 @@ def test_eviction_stops_new_identities_and_restart_says_why(ca_factory, agent_fa
     assert len(result.stderr.strip().splitlines()) == 1
 
 
+def test_evicted_agent_comes_back_with_a_new_token_while_its_svid_is_valid(ca: CA, agent_factory):
+    agent = agent_factory(ca)
+    register(ca, agent, "web", f"unix:uid:{UID}")
+    wait_fetch(agent, "spiffe://example.org/web")
+    ca.cli("agent", "evict", agent.spiffe_id)
+    agent.daemon.wait_for("agent.evicted", timeout=15)
+    agent.daemon.stop()
+    token = ca.json("token", "create", "--spiffe-id", agent.spiffe_id)["token"]
+    agent.start("--join-token", token)  # its stored SVID is still valid, but refused
+    assert agent.daemon.events("agent.reattesting")
+    assert agent.daemon.events("agent.attested")
+    wait_fetch(agent, "spiffe://example.org/web")
+    # A later restart with the same (now spent) token resumes instead of failing.
+    agent.restart("--join-token", token)
+    assert agent.daemon.events("agent.resumed")
+
+
 def test_first_start_without_token_is_one_line(ca: CA, tmp_path: Path):
     bundle = tmp_path / "b.pem"
     bundle.write_text(ca.json("bundle", "show")["bundle"])
