@@ -3,8 +3,9 @@
 Rules / theory of operation: the rotation test and the fault drills put real
 `tally proxy` processes between a load generator and a small HTTP service and
 judge the system by what the load saw.  So the load is counted by outcome
-(``ok``, ``bad`` answer, ``reset``, other ``failed``), with the first bad
-moment kept, and can be awaited ("N more good answers") instead of slept on.
+(``ok``; a ``bad`` answer; ``refused``, ``closed`` before an answer or
+``reset`` connections; anything else ``failed``), with the moment of each
+failure kept, and can be awaited ("N more good answers") instead of slept on.
 Waiting on daemons goes through their JSON log lines: an event that must
 happen is awaited with a deadline, never guessed with a sleep.
 """
@@ -26,7 +27,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from tally.launch import Daemon
+from tally.launch import Daemon, DaemonError
 from tests.e2e.conftest import CA, Agent, make_ca, start_agent
 
 UID = os.geteuid()
@@ -209,6 +210,30 @@ def wait_until(
         count += 1
 
 
+def wait_first(
+    daemons: list[Daemon],
+    event: str,
+    match: Callable[[dict[str, Any]], bool],
+    *,
+    after: list[int],
+    timeout: float = 30,
+) -> tuple[Daemon, dict[str, Any]]:
+    """Which of several daemons logs a matching ``event`` first (past its first ``after``)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        for daemon, skip in zip(daemons, after, strict=True):
+            for line in daemon.events(event)[skip:]:
+                if match(line):
+                    return daemon, line
+        left = deadline - time.monotonic()
+        assert left > 0, f"none of {[d.name for d in daemons]} logged a matching {event}"
+        first = daemons[0]
+        try:  # block on one daemon's log for a moment, then look at all again
+            first.wait_for(event, timeout=min(left, 0.05), count=count(first, event) + 1)
+        except DaemonError:
+            pass
+
+
 def count(daemon: Daemon, event: str) -> int:
     return len(daemon.events(event))
 
@@ -218,7 +243,7 @@ def timeline(daemon: Daemon, *events: str) -> str:
     keep = ("serial", "old_serial", "not_after", "error", "reason", "what")
     lines = [
         f"{line['ts'][11:23]} {daemon.name} {line['event']} "
-        + " ".join(f"{k}={str(line[k])[:48]}" for k in keep if k in line)
+        + " ".join(f"{k}={str(line[k])[:100]}" for k in keep if k in line)
         for line in daemon.lines
         if line.get("event") in events
     ]
@@ -228,28 +253,37 @@ def timeline(daemon: Daemon, *events: str) -> str:
 # -- load ----------------------------------------------------------------------------------
 
 
-@dataclass
 class Load:
-    """HTTP requests through ``address`` from keep-alive and new-connection workers.
+    """HTTP requests to ``host:port`` from keep-alive and new-connection workers.
 
     ``xfcc`` is the caller ID the backend must see in X-Forwarded-Client-Cert
     (HTTP mode).  ``pace`` is a pause between one worker's requests, so that a
     drill loads the mesh without starving the daemons of two shared cores.
     """
 
-    host: str
-    port: int
-    keepalive: int = 4
-    new_conn: int = 2
-    xfcc: str | None = None
-    pace: float = 0.0
-    results: Counter[str] = field(default_factory=Counter)
-    errors: list[str] = field(default_factory=list)
-    failed_at: list[tuple[float, str]] = field(default_factory=list)
-    """(wall time, outcome) of the first requests that did not get a good answer."""
-    _cond: threading.Condition = field(default_factory=threading.Condition)
-    _stop: threading.Event = field(default_factory=threading.Event)
-    _threads: list[threading.Thread] = field(default_factory=list)
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        keepalive: int = 4,
+        new_conn: int = 2,
+        xfcc: str | None = None,
+        pace: float = 0.0,
+    ) -> None:
+        self.host = host
+        self.port = port
+        self.keepalive = keepalive
+        self.new_conn = new_conn
+        self.xfcc = xfcc
+        self.pace = pace
+        self.results: Counter[str] = Counter()
+        self.errors: list[str] = []
+        self.failed_at: list[tuple[float, str]] = []
+        """(wall time, outcome) of the first requests that did not get a good answer."""
+        self._cond = threading.Condition()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
 
     def record(self, outcome: str, detail: str = "") -> None:
         with self._cond:

@@ -3,8 +3,9 @@
 Rules / theory of operation: one mesh (CA, two agents as two nodes, a server
 and a client proxy in HTTP mode, a backend) is shared by the drills in file
 order, because starting it costs more than most drills; each drill leaves it
-healthy, and the one that cannot (eviction) restores it and runs last.
-SVIDs live 8 s so that renewals fall due inside every drill.  Each drill
+healthy, the eviction drill (which takes a node out and brings it back) runs
+last but for the clock drill, which needs only the CA.  SVIDs live 8 s so
+that renewals fall due inside every drill.  Each drill
 runs load through the client proxy and asserts that no request failed and
 that every certificate the agents and proxies put in service has its audit
 record in an unbroken chain, unless the drill says otherwise.  Moments are
@@ -47,6 +48,7 @@ from tests.e2e.mesh import (
     log_time,
     start_mesh,
     timeline,
+    wait_first,
     wait_until,
 )
 
@@ -59,12 +61,34 @@ DRAIN_TIMEOUT = 5.0
 
 
 @pytest.fixture(scope="module")
-def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
+def shared_mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
     m = start_mesh(tmp_path_factory.mktemp("mesh"), CA_ARGS, PROXY_ARGS)
     try:
         yield m
     finally:
         m.close()
+
+
+@pytest.fixture
+def mesh(shared_mesh: Mesh) -> Mesh:
+    """The shared mesh, back on its feet if an earlier drill failed half-way, so that
+    one failure is reported once instead of again by every drill after it."""
+    recover(shared_mesh)
+    return shared_mesh
+
+
+def recover(mesh: Mesh) -> None:
+    if mesh.ca.daemon.proc is None or mesh.ca.daemon.proc.poll() is not None:
+        mesh.ca.start_again()
+    for agent in (mesh.client_agent, mesh.server_agent):
+        if agent.daemon.proc is None or agent.daemon.proc.poll() is not None:
+            mesh.retired.append(agent.daemon)
+            agent.start()
+    for proxy in (mesh.server.daemon, mesh.client.daemon):
+        last = (proxy.events("svid.rotated") or proxy.events("svid.loaded"))[-1]
+        if datetime.fromisoformat(last["not_after"]) < datetime.now(UTC) + timedelta(seconds=2):
+            wait_until(proxy, "svid.rotated", after=count(proxy, "svid.rotated"), timeout=30)
+    alive(mesh)
 
 
 def alive(mesh: Mesh) -> None:
@@ -117,32 +141,36 @@ def assert_audit_complete(mesh: Mesh) -> None:
 
 
 def test_ca_killed_under_load_agents_serve_from_cache(mesh: Mesh):
-    alive(mesh)
     pids = node_pids(mesh)
     proxies = (mesh.server, mesh.client)
-    agent = mesh.client_agent
+    agents = (mesh.client_agent, mesh.server_agent)
     with load_on(mesh.client, **LOAD) as load:
         load.wait_ok(20)
-        failed = count(agent.daemon, "rotation.failed")
+        failed = [count(a.daemon, "rotation.failed") for a in agents]
         mesh.ca.daemon.kill()
-        # A renewal falls due with the CA gone: it fails, and the agent keeps serving what it holds.
-        wait_until(
-            agent.daemon,
+        outage = load.mark()
+        # A renewal falls due with the CA gone: it fails, and the agents keep serving what
+        # they hold.  (The first such failure is the moment to bring the CA back: every
+        # SVID then still has more than half its life ahead.)
+        wait_first(
+            [a.daemon for a in agents],
             "rotation.failed",
             lambda line: line["what"] == "workload_svids",
             after=failed,
             timeout=10,
         )
-        cached = fetch(agent.socket).default_svid
-        assert cached.spiffe_id == FRONTEND
-        assert cached.leaf.not_valid_after_utc > datetime.now(UTC)
+        for agent, sid in zip(agents, (FRONTEND, BACKEND), strict=True):
+            cached = fetch(agent.socket).default_svid
+            assert cached.spiffe_id == sid
+            assert cached.leaf.not_valid_after_utc > datetime.now(UTC)
         load.wait_ok(20, timeout=5)  # traffic flows with no CA at all
-        rotated = {p.daemon.name: count(p.daemon, "svid.rotated") for p in proxies}
+        rotated = [count(p.daemon, "svid.rotated") for p in proxies]
         mesh.ca.start_again()
+        assert load.since(outage)["ok"] >= 20 and load.failures() == 0, load.results
         # Rotation resumes on its own: the same agents and proxies take new SVIDs.
-        for p in proxies:
-            line = wait_until(p.daemon, "svid.rotated", after=rotated[p.daemon.name], timeout=15)
-            assert line["spiffe_id"] in (FRONTEND, BACKEND)
+        for p, seen, sid in zip(proxies, rotated, (BACKEND, FRONTEND), strict=True):
+            line = wait_until(p.daemon, "svid.rotated", after=seen, timeout=15)
+            assert line["spiffe_id"] == sid
         load.wait_ok(20)
     assert load.failures() == 0, (load.results, load.errors)
     alive(mesh)
@@ -158,7 +186,7 @@ def test_agent_killed_under_load_proxy_keeps_svid_and_reconnects(mesh: Mesh):
     proxy_pid = proxy.pid
 
     def story() -> str:
-        return timeline(proxy, "svid.loaded", "svid.rotated", "workload.error", "target.failed")
+        return timeline(proxy, "svid.loaded", "svid.rotated", "workload.error")
 
     with load_on(mesh.client, **LOAD) as load:
         load.wait_ok(20)
@@ -303,7 +331,8 @@ def test_proxy_drained_with_sigterm_under_load(mesh: Mesh):
             draining = drain.daemon.wait_for("proxy.draining", timeout=5)
             assert draining["open_connections"] >= len(threads)
             # Within moments new connections are refused, each at once: nothing hangs.
-            # (Until the listener closes, a connection the kernel completes is reset.)
+            # (One that the kernel completes in the instant before the listener closes
+            # is reset; the load below may meet that, and only then.)
             outcomes = [connect_outcome(drain.host_port)]
             while outcomes[-1] != "refused" and time.time() < signalled + 0.5:
                 outcomes.append(connect_outcome(drain.host_port))
