@@ -202,12 +202,12 @@ def wait_until(
 ) -> dict[str, Any]:
     """The first ``event`` line past the first ``after`` ones for which ``match`` holds."""
     deadline = time.monotonic() + timeout
-    count = after + 1
+    nth = after + 1
     while True:
-        line = daemon.wait_for(event, timeout=max(0.0, deadline - time.monotonic()), count=count)
+        line = daemon.wait_for(event, timeout=max(0.0, deadline - time.monotonic()), count=nth)
         if match(line):
             return line
-        count += 1
+        nth += 1
 
 
 def wait_first(
