@@ -32,6 +32,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from ca.keys import KeyManager, Signer
+from ca.schedule import not_before_cushion
 from ca.store import (
     AgentRecord,
     AuditEvent,
@@ -46,17 +47,6 @@ from tally.selectors import Selector, SelectorError
 from tally.spiffeid import SpiffeId, SpiffeIdError, TrustDomain
 
 PublicKey = ec.EllipticCurvePublicKey | rsa.RSAPublicKey | ed25519.Ed25519PublicKey
-
-# Certificates start a little before they are issued, so that a peer whose clock is
-# a few seconds behind the CA's does not see a fresh SVID as not yet valid.  The
-# cushion is at most a tenth of the lifetime, so that half-life (when renewal is
-# due) stays after the moment of issue even for SVIDs that live seconds.
-MAX_NOT_BEFORE_CUSHION = 10
-
-
-def not_before_cushion(ttl: int) -> timedelta:
-    return timedelta(seconds=min(MAX_NOT_BEFORE_CUSHION, ttl // 10))
-
 
 _TOKEN_RE = re.compile(r"([0-9a-f]{16})\.([A-Za-z0-9_-]{20,100})")
 _HINT_MAX = 1024

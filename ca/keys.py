@@ -339,7 +339,8 @@ class KeyManager:
         key_id = "root-" + secrets.token_hex(6)
         key = self._new_key(key_id)
         not_after = now + _seconds(self.policy.root_ttl)
-        cert = x509profile.build_root(key, self.td, now, not_after)
+        start = now - schedule.not_before_cushion(self.policy.root_ttl)
+        cert = x509profile.build_root(key, self.td, start, not_after)
         return KeyRecord(
             key_id,
             "root",
@@ -359,9 +360,11 @@ class KeyManager:
         root_key = self._private[root.id]
         key_id = "int-" + secrets.token_hex(6)
         key = self._new_key(key_id)
-        not_after = min(now + _seconds(self.policy.intermediate_ttl), root_cert.not_valid_after_utc)
+        ttl = self.policy.intermediate_ttl
+        not_after = min(now + _seconds(ttl), root_cert.not_valid_after_utc)
+        start = now - schedule.not_before_cushion(ttl)
         cert = x509profile.build_intermediate(
-            key.public_key(), self.td, root_cert, root_key, now, not_after
+            key.public_key(), self.td, root_cert, root_key, start, not_after
         )
         return KeyRecord(
             key_id,

@@ -20,6 +20,11 @@ Rules (DESIGN.md, "Identity and rotation rules"):
 5. Without an upstream root the CA rotates its own root when it is two thirds
    through its life.  With an upstream root the operator owns that key, and
    the CA never replaces it.
+6. Every certificate the CA makes starts a little before it is made
+   (`not_before_cushion`), so that a peer whose clock is a few seconds behind
+   the CA's does not find a fresh root, intermediate or SVID not yet valid.
+   The schedule itself counts from the moment of issue, not from the backdated
+   not_before.
 
 `decide` looks at the keys as they are and says what to do next; the shell in
 ``ca.keys`` does it, stores the result and calls `decide` again until it
@@ -30,7 +35,19 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Literal
+
+# Seconds a certificate starts before the moment it is issued (rule 6).
+MAX_NOT_BEFORE_CUSHION = 10
+
+
+def not_before_cushion(ttl: int) -> timedelta:
+    """The backdating for a certificate that lives `ttl` seconds: at most a tenth of
+    its life, so that half-life (when renewal is due) stays after the moment of
+    issue even for SVIDs that live seconds."""
+    return timedelta(seconds=min(MAX_NOT_BEFORE_CUSHION, ttl // 10))
+
 
 StepKind = Literal[
     "create_root",

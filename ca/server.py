@@ -31,7 +31,7 @@ from prometheus_client.registry import Collector
 
 from ca import schedule
 from ca.api import AdminApi, AgentApi, AgentPeer, Changes
-from ca.authority import Authority, Limits, iso, not_before_cushion, serial_hex
+from ca.authority import Authority, Limits, iso, serial_hex
 from ca.keys import KeyManager, Signer, load_upstream
 from ca.settings import CASettings
 from ca.store import AuditEvent, IssuedSvid, Store
@@ -159,7 +159,7 @@ class CAServer:
             self.server_id,
             signer.cert,
             signer.key,
-            now - not_before_cushion(int(lifetime)),
+            now - schedule.not_before_cushion(int(lifetime)),
             now + timedelta(seconds=lifetime),
         )
         serial = serial_hex(cert.serial_number)

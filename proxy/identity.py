@@ -13,16 +13,20 @@ Rules:
    reloads on SIGHUP.  A half-finished replacement (new certificate, old key)
    fails rule 1 and is retried when the files change again, so writers need
    no particular order.
-4. The Workload API source reconnects for ever with capped exponential
-   backoff: a proxy waiting for its agent is more useful than one that
-   crash-loops, and ``/readyz`` says what it is waiting for.  Each attempt's
-   wait for the first answer is bounded, so a hung agent is noticed.
+4. The Workload API source reconnects for ever with capped, jittered
+   exponential backoff: a proxy waiting for its agent is more useful than one
+   that crash-loops, and ``/readyz`` says what it is waiting for.  A stream
+   that delivered an update resets the backoff, however it ended, so an agent
+   restarted again and again is found again within a second each time (the
+   next rotation must not be missed).  Each attempt's wait for the first
+   answer is bounded, so a hung agent is noticed.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import random
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -34,7 +38,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
-from tally import x509profile
+from tally import rotation, x509profile
 from tally.bundle import Bundle, BundleError
 from tally.logs import get_logger
 from tally.spiffeid import SpiffeId, SpiffeIdError, TrustDomain
@@ -48,7 +52,7 @@ log = get_logger("tally.proxy.identity")
 POLL_INTERVAL_S = 1.0
 FIRST_ANSWER_TIMEOUT_S = 30.0
 BACKOFF_FIRST_S = 0.5
-BACKOFF_MAX_S = 10.0
+BACKOFF_MAX_S = 5.0
 
 Clock = Callable[[], datetime]
 Signature = tuple[tuple[int, int, int], ...]
@@ -275,6 +279,10 @@ class WorkloadSource:
         self.want = want
         self.clock = clock
         self.last_error: str | None = "no answer yet"
+        # Whether the current connection delivered anything, and the wait before the
+        # next one: a stream that delivered resets the backoff, however it ended.
+        self._delivered = False
+        self.retry_delay = 0.0
 
     def describe(self) -> str:
         return f"Workload API at {self.socket_path}"
@@ -284,43 +292,47 @@ class WorkloadSource:
         # never needs them.
         from tally import workload_client as wl
 
-        backoff = BACKOFF_FIRST_S
+        rng = random.Random()
+        failures = 0
         while True:
+            self._delivered = False
             try:
-                got_one = await self._watch(publish)
+                await self._watch(publish)
             except (wl.WorkloadApiError, wl.EndpointError) as exc:
                 self._failed("workload.error", exc)
-                got_one = False
             except trio.TooSlowError:
                 self._failed(
                     "workload.error",
                     f"no answer within {FIRST_ANSWER_TIMEOUT_S:.0f}s "
                     "(is the agent running, and is there a registration entry for this workload?)",
                 )
-                got_one = False
-            if got_one:
-                backoff = BACKOFF_FIRST_S
-            await trio.sleep(backoff)
-            backoff = min(backoff * 2, BACKOFF_MAX_S)
+            # A stream that delivered was a success, however it ended: the agent was
+            # restarted, and it is back within a second or two.
+            failures = 0 if self._delivered else failures + 1
+            self.retry_delay = rotation.backoff(
+                failures, rng, base=BACKOFF_FIRST_S, cap=BACKOFF_MAX_S
+            )
+            await trio.sleep(self.retry_delay)
 
     def _failed(self, event: str, error: object) -> None:
         self.last_error = str(error)
         log.warning(event, socket=self.socket_path, error=str(error))
 
-    async def _watch(self, publish: Callable[[Identity], None]) -> bool:
-        """One connection: publish every good update; True if at least one arrived."""
+    async def _watch(self, publish: Callable[[Identity], None]) -> None:
+        """One connection: publish every good update until the stream ends."""
         from tally import workload_client as wl
 
-        got_one = False
         async with wl.watch_x509(self.socket_path) as updates:
             while True:
-                limit = math.inf if got_one else trio.current_time() + FIRST_ANSWER_TIMEOUT_S
+                limit = (
+                    math.inf if self._delivered else trio.current_time() + FIRST_ANSWER_TIMEOUT_S
+                )
                 with trio.fail_at(limit):
                     context = await anext(updates, None)
                 if context is None:
                     self._failed("workload.ended", "the Workload API ended the stream")
-                    return got_one
-                got_one = True
+                    return
+                self._delivered = True
                 try:
                     identity = from_workload(context, self.want, self.clock())
                 except IdentityError as exc:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from ca.keys import CAKeyError, KeyManager
-from ca.schedule import Policy
+from ca.schedule import MAX_NOT_BEFORE_CUSHION, Policy
 from ca.store import Store
 from tally.spiffeid import TrustDomain
 
@@ -48,6 +48,25 @@ def test_first_start_makes_root_and_intermediate_with_0600_keys(tmp_path):
     for path in (tmp_path / "keys").glob("*.pem"):
         assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
     assert km.signer.chain[0].issuer == km.bundle.x509_authorities[0].subject
+
+
+def test_signing_certificates_start_before_they_are_made(tmp_path):
+    """A peer whose clock is behind the CA's must not find a fresh root or intermediate
+    not yet valid (the clock-skew drill found them starting at the very second they
+    were made)."""
+    clock = Clock()
+    km = manager(tmp_path, clock)
+    cushion = timedelta(seconds=MAX_NOT_BEFORE_CUSHION)
+    assert km.bundle.x509_authorities[0].not_valid_before_utc == clock.now - cushion
+    assert km.signer.chain[0].not_valid_before_utc == clock.now - cushion
+    first = km.signer.chain[0]
+    for _ in range(50):  # past two thirds of the intermediate's 600 s, tick by tick
+        clock.advance(10)
+        km.tick()
+    second = km.signer.chain[0]
+    assert second != first
+    # Made when it was prepared (a third through the first one's life), then backdated.
+    assert second.not_valid_before_utc < second.not_valid_after_utc - timedelta(seconds=600)
 
 
 def test_rotation_over_time_deletes_keys_that_will_never_sign_again(tmp_path):

@@ -17,7 +17,7 @@ import h2.events
 import pytest
 import trio
 
-from proxy.identity import IdentityError, WorkloadSource, from_workload
+from proxy.identity import BACKOFF_FIRST_S, IdentityError, WorkloadSource, from_workload
 from proxy.server import Proxy
 from proxy.settings import ServerSettings
 from tally import tls, x509profile
@@ -160,10 +160,16 @@ async def test_workload_source_publishes_each_update_and_reconnects(ex, tmp_path
         await agent.send.send(response(ex, second))
         assert (await next_publication()).serial == format(second.leaf.serial_number, "x")
         assert len(published) == 2  # the bad update was refused, not published
-        await agent.send.send(End.UNAVAILABLE)  # the agent restarts...
-        await agent.send.send(response(ex, first))  # ...and serves the new connection
-        assert (await next_publication()).serial == format(first.leaf.serial_number, "x")
-        assert agent.connections == 2
+        # The agent restarts, again and again: each stream delivered, so each reconnect
+        # comes after the first, shortest wait, not after a backoff that kept growing.
+        for restart in range(1, 4):
+            await agent.send.send(End.UNAVAILABLE)
+            await agent.send.send(response(ex, first if restart % 2 else second))
+            assert (await next_publication()).serial == format(
+                (first if restart % 2 else second).leaf.serial_number, "x"
+            )
+            assert agent.connections == restart + 1
+            assert source.retry_delay <= BACKOFF_FIRST_S, restart
         assert source.last_error is None
         nursery.cancel_scope.cancel()
 
