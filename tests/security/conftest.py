@@ -1,0 +1,7 @@
+"""Security drills reuse the end-to-end fixtures: every attack hits a real daemon."""
+
+from __future__ import annotations
+
+from tests.e2e.conftest import agent_factory, ca, ca_factory
+
+__all__ = ["agent_factory", "ca", "ca_factory"]
