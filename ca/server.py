@@ -10,6 +10,12 @@ Rules:
 3. The agent API's TLS context is an immutable object swapped in one
    assignment whenever the signing key, the bundle or the CA's own serving
    certificate changes; each handshake takes the one current at its start.
+   A client may come without a certificate (it attests with a join token);
+   one that shows a certificate must show an agent's: the chain is judged in
+   the handshake by the same checks as the proxy's (`tally.authz`), then the
+   ID must be an agent on record, else the connection closes before any
+   request.  Every refusal is one ``peer.denied`` line and one count by
+   reason, with the same reason words as the proxy.
 4. Every store call goes through one worker thread (`run`), so SQLite sees
    one writer and the event loop never blocks on disk or on signing.
 """
@@ -18,7 +24,8 @@ from __future__ import annotations
 
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime, timedelta
 from functools import partial
 from typing import TypeVar
@@ -35,7 +42,7 @@ from ca.authority import Authority, Limits, iso, serial_hex
 from ca.keys import KeyManager, Signer, load_upstream
 from ca.settings import CASettings
 from ca.store import AuditEvent, IssuedSvid, Store
-from tally import http, tls, x509profile
+from tally import authz, http, tls, x509profile
 from tally.health import serve_health
 from tally.logs import get_logger
 from tally.net import bound_address, open_listener, open_unix_listener, stream_peer_credentials
@@ -65,9 +72,12 @@ class _Metrics(Collector):
         yield CounterMetricFamily(
             "tally_ca_attestation_failures", "node attestations refused", a.attestation_failures
         )
-        yield CounterMetricFamily(
-            "tally_ca_peer_denied", "agent API handshakes refused", s.peers_denied
+        denied = CounterMetricFamily(
+            "tally_ca_peer_denied", "agent API peers refused, by reason", labels=["reason"]
         )
+        for reason, n in sorted(s.peers_denied.items()):
+            denied.add_metric([reason], n)
+        yield denied
         signer = s.keys.signer
         now = s.clock()
         if signer is not None:
@@ -130,7 +140,7 @@ class CAServer:
         self._conn_limiter = trio.CapacityLimiter(cfg.max_connections)
         self.entries_changed = Changes()
         self.bundle_changed = Changes()
-        self.peers_denied = 0
+        self.peers_denied: Counter[str] = Counter()
         self.started = time.monotonic()
         self.server_id = SpiffeId.from_parts(self.td, *SERVER_PATH)
         self.tls_context: tls.TLSContext | None = None
@@ -191,20 +201,24 @@ class CAServer:
             key,
             roots=list(bundle.x509_authorities),
             client_auth="optional",
-            verifier=self._verify_agent,
+            verifier=self._agent_verifier(bundle.x509_authorities),
         )
         remaining = (cert.not_valid_after_utc - now).total_seconds()
         self._serving_refresh_at = time.monotonic() + remaining / 2
         self._serving_for = (signer.key_id, bundle.sequence)
 
-    def _verify_agent(self, chain: list[x509.Certificate]) -> object:
-        try:
-            sid = x509profile.validate_leaf(chain[0])
-        except x509profile.ProfileError as exc:
-            raise tls.PeerRejected(exc.reason, str(exc)) from exc
-        if sid.trust_domain != self.td:
-            raise tls.PeerRejected("wrong_trust_domain", f"{sid} is not in trust domain {self.td}")
-        return sid
+    def _agent_verifier(self, roots: Iterable[x509.Certificate]) -> tls.PeerVerifier:
+        """Any SVID of our trust domain passes the handshake; `_is_agent` then narrows it."""
+        trusted = {self.td: frozenset(authz.fingerprint(root) for root in roots)}
+        policy = authz.Policy(trust_domains=frozenset({self.td}))
+
+        def verify(chain: list[x509.Certificate]) -> SpiffeId:
+            try:
+                return authz.check_chain(chain, trusted, policy)
+            except authz.Refused as exc:
+                raise tls.PeerRejected(exc.reason, str(exc), exc.peer_id) from exc
+
+        return verify
 
     def _needs_new_context(self) -> bool:
         signer: Signer | None = self.keys.signer
@@ -263,6 +277,22 @@ class CAServer:
         finally:
             self._conn_limiter.release()
 
+    def _denied(self, reason: str, detail: str, peer_id: SpiffeId | None, address: str) -> None:
+        label = reason.split(":", 1)[0]  # "invalid_chain: <OpenSSL's words>" counts as one
+        self.peers_denied[label] += 1
+        log.warning(
+            "peer.denied",
+            peer_id=str(peer_id) if peer_id is not None else None,
+            reason=label,
+            detail=detail,
+            peer=address,
+            listener="agent_api",
+        )
+
+    def _is_agent(self, sid: SpiffeId) -> bool:
+        """Agents on record, whatever their status: the API itself answers evicted or banned."""
+        return self.store.get_agent(str(sid)) is not None
+
     async def _serve_agent(self, api: AgentApi, stream: trio.SocketStream) -> None:
         try:
             host, port = stream.socket.getpeername()[:2]
@@ -276,26 +306,23 @@ class CAServer:
             with trio.fail_after(self.cfg.handshake_timeout):
                 await conn.do_handshake()
         except tls.PeerRejected as exc:
-            self.peers_denied += 1
-            log.warning(
-                "peer.denied",
-                peer=address,
-                reason=exc.reason,
-                detail=str(exc),
-                listener="agent_api",
-            )
+            self._denied(exc.reason, str(exc), exc.peer_id, address)
             await stream.aclose()
             return
-        except (
-            tls.TLSError,
-            trio.BrokenResourceError,
-            trio.TooSlowError,
-            trio.ClosedResourceError,
-        ):
+        except tls.TLSError as exc:
+            if exc.reason is not None:
+                self._denied(exc.reason, str(exc), None, address)
+            await stream.aclose()
+            return
+        except (trio.BrokenResourceError, trio.TooSlowError, trio.ClosedResourceError):
             await stream.aclose()
             return
         ident = conn.peer_identity
         chain = conn.peer_chain
+        if isinstance(ident, SpiffeId) and not await self.run_sync(partial(self._is_agent, ident)):
+            self._denied("not_allowed", f"{ident} is not an agent on record", ident, address)
+            await conn.aclose()
+            return
         peer = AgentPeer(
             ident if isinstance(ident, SpiffeId) else None,
             serial_hex(chain[0].serial_number) if chain else None,

@@ -81,24 +81,10 @@ RESTART_ONLY = (
 )
 XFCC = xfcc.HEADER.encode("ascii")
 _ACCEPT_RETRY = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
-_VERSION_ERRORS = (
-    "unsupported protocol",
-    "no protocols available",
-    "wrong version number",
-    "protocol version",
-)
 
 
 def wall_clock() -> datetime:
     return datetime.now(UTC)
-
-
-class PeerDenied(tls.PeerRejected):
-    """A refusal by our allow rules or trust-domain check, carrying the peer's ID."""
-
-    def __init__(self, reason: str, message: str, peer_id: SpiffeId | None) -> None:
-        super().__init__(reason, message)
-        self.peer_id = peer_id
 
 
 def make_verifier(identity: Identity, policy: authz.Policy) -> tls.PeerVerifier:
@@ -108,7 +94,7 @@ def make_verifier(identity: Identity, policy: authz.Policy) -> tls.PeerVerifier:
         try:
             return authz.check_chain(chain, trusted, policy)
         except authz.Refused as exc:
-            raise PeerDenied(exc.reason, str(exc), exc.peer_id) from exc
+            raise tls.PeerRejected(exc.reason, str(exc), exc.peer_id) from exc
 
     return verify
 
@@ -138,16 +124,6 @@ def _address_of(stream: trio.abc.Stream) -> str:
         if isinstance(name, tuple):
             return f"{name[0]}:{name[1]}"
     return "unix"
-
-
-def _tls_failure_reason(error: tls.TLSError) -> str | None:
-    """A denial reason for handshakes a peer could never pass, else None (a plain failure)."""
-    text = str(error)
-    if "http request" in text:
-        return "not_tls"
-    if any(marker in text for marker in _VERSION_ERRORS):
-        return "tls_version"
-    return None
 
 
 class Proxy:
@@ -303,13 +279,11 @@ class Proxy:
             try:
                 await stream.do_handshake()
             except tls.PeerRejected as exc:
-                peer_id = exc.peer_id if isinstance(exc, PeerDenied) else None
-                self._denied(exc.reason, str(exc), peer_id, where)
+                self._denied(exc.reason, str(exc), exc.peer_id, where)
                 return None
             except tls.TLSError as exc:
-                reason = _tls_failure_reason(exc)
-                if reason is not None:
-                    self._denied(reason, str(exc), None, where)
+                if exc.reason is not None:
+                    self._denied(exc.reason, str(exc), None, where)
                 else:
                     self.stats.handshakes["failed"] += 1
                     log.info("handshake.failed", peer=where, error=str(exc), mode=self.mode)

@@ -13,6 +13,10 @@ Rules:
    depth, root first, and at depth 0 we run the caller's ``PeerVerifier`` on the
    chain we recorded.  A verifier that raises :class:`PeerRejected` makes OpenSSL
    fail the handshake itself, so a refused peer never gets a usable connection.
+   When OpenSSL finds a fault above the leaf (an unknown issuer, say) we record
+   the verdict but let it walk on down to the leaf and refuse there, so that
+   every refusal names the SPIFFE ID the peer claimed (``PeerRejected.peer_id``):
+   that is what an operator searches the logs for.
    The verdict is kept on the connection (pyOpenSSL's own error capture lives on the
    shared ``Context`` and would leak between concurrent handshakes) and raised by
    :meth:`TLSStream.do_handshake` once OpenSSL gives up.
@@ -63,6 +67,10 @@ from OpenSSL import SSL, crypto
 from OpenSSL._util import ffi as _ffi
 from OpenSSL._util import lib as _lib
 
+# The one SPIFFE ID a leaf claims, read leniently (any leaf, even one we refuse).
+from tally.authz import _claimed_id as claimed_id
+from tally.spiffeid import SpiffeId
+
 log = logging.getLogger("tally.tls")
 
 PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
@@ -101,21 +109,41 @@ _UNTRUSTED = frozenset(
         27,  # certificate not trusted
     }
 )
+# OpenSSL's wording when the two sides share no protocol version (a TLS 1.2-only peer).
+_VERSION_ERRORS = (
+    "unsupported protocol",
+    "no protocols available",
+    "wrong version number",
+    "protocol version",
+)
 
 
 class PeerRejected(Exception):
-    """The peer's certificate was refused; ``reason`` is a short fixed word for logs and metrics.
+    """The peer was refused; ``reason`` is a short fixed word for logs and metrics.
 
-    Peers only ever see a TLS alert; the message is for our own logs.
+    ``peer_id`` is the SPIFFE ID the peer's leaf claimed, when it had one, even if
+    the refusal came before anyone trusted that claim (an expired or unknown
+    certificate): a log line that names who knocked is worth more than one that
+    does not.  Peers only ever see a TLS alert; the message is for our own logs.
     """
 
-    def __init__(self, reason: str, message: str = "") -> None:
+    def __init__(self, reason: str, message: str = "", peer_id: SpiffeId | None = None) -> None:
         super().__init__(message or reason)
         self.reason = reason
+        self.peer_id = peer_id
 
 
 class TLSError(Exception):
-    """The TLS protocol failed (bad alert, unsupported version, corrupt record...)."""
+    """The TLS protocol failed (bad alert, unsupported version, corrupt record...).
+
+    ``reason`` is set, to a fixed word like :attr:`PeerRejected.reason`, when the peer
+    could never have got through (it speaks no TLS 1.3, or no TLS at all): servers
+    log and count those as refusals rather than as failures.
+    """
+
+    def __init__(self, message: str, *, reason: str | None = None) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 PeerVerifier = Callable[[list[x509.Certificate]], object]
@@ -143,6 +171,15 @@ def _rejection_for(code: int, text: str, depth: int, cert: x509.Certificate | No
         reason = f"invalid_chain: {text}"
     who = cert.subject.rfc4514_string() if cert is not None else "?"
     return PeerRejected(reason, f"{text} (certificate at depth {depth}, subject {who!r})")
+
+
+def _failure_reason(text: str) -> str | None:
+    """The refusal reason for a handshake this peer could never pass, else None."""
+    if "http request" in text:
+        return "not_tls"
+    if any(marker in text for marker in _VERSION_ERRORS):
+        return "tls_version"
+    return None
 
 
 def _run_verifier(verifier: PeerVerifier | None, chain: list[x509.Certificate]) -> object:
@@ -173,12 +210,15 @@ class _PeerCheck:
 
     def on_verify(self, cert: crypto.X509, code: int, depth: int, ok: int) -> bool:
         self.ran = True
-        if self.rejection is not None:
-            return False
         current = cert.to_cryptography()
         self.by_depth[depth] = current
-        if not ok:
+        if not ok and self.rejection is None:
             self.rejection = _rejection_for(code, _x509_error_text(code), depth, current)
+        if self.rejection is not None:
+            if depth > 0:
+                return True  # walk on to the leaf, which is refused (rule 4)
+            if self.rejection.peer_id is None:
+                self.rejection.peer_id = claimed_id(current)
             return False
         if depth != 0 or self.chain is not None:
             return True
@@ -272,7 +312,9 @@ class TLSContext:
         except crypto.X509StoreContextError as exc:
             code, depth, text = exc.errors[0], exc.errors[1], str(exc.errors[2])
             cert = exc.certificate.to_cryptography() if exc.certificate is not None else None
-            raise _rejection_for(int(code), text, int(depth), cert) from exc
+            rejection = _rejection_for(int(code), text, int(depth), cert)
+            rejection.peer_id = claimed_id(leaf)
+            raise rejection from exc
         return verified, _run_verifier(self._verifier, verified)
 
 
@@ -578,9 +620,13 @@ class TLSStream(trio.abc.HalfCloseableStream):
         text = _describe(exc)
         if self._ctx.server_side and "peer did not return a certificate" in text:
             return PeerRejected("no_certificate", "the client sent no certificate")
-        return TLSError(f"TLS handshake failed: {text}")
+        return TLSError(f"TLS handshake failed: {text}", reason=_failure_reason(text))
 
     def _finish_handshake(self) -> None:
+        if self._check.rejection is not None:
+            # Unreachable while the callback refuses at depth 0; kept so that a verdict
+            # can never be lost if OpenSSL ever finished without showing us the leaf.
+            raise self._check.rejection
         leaf = self._conn.get_peer_certificate(as_cryptography=True)
         if leaf is None:
             return
