@@ -11,10 +11,13 @@ Rules:
    kernel (``SO_PEERPIDFD``, Linux 6.5+), which pins that exact process and
    never another, reads ``/proc/<pid>``, and then checks through the pidfd that
    the same process is still alive.  If it died at any point, its pid may now
-   belong to someone else and the attestation is refused.  On older kernels
-   the agent falls back to ``pidfd_open(pid)`` at accept time, which leaves
-   only the window between the caller's ``connect`` and our ``accept`` (the
-   caller would have to exit and the pid space wrap inside it).
+   belong to someone else and the attestation is refused.  Only a kernel
+   that does not know ``SO_PEERPIDFD`` at all (before 6.5) gets the fallback,
+   ``pidfd_open(pid)``, which leaves the window between the caller's
+   ``connect`` and its call (the caller would have to exit and the pid space
+   wrap inside it).  Any other failure of ``SO_PEERPIDFD`` means the caller is
+   gone (kernels 6.5 to 6.15 refuse a pidfd for a reaped peer), and falling
+   back then would pin whoever holds the pid now.
 3. An executable's SHA-256 is cached by (device, inode, size, mtime), so a
    busy caller is hashed once, while a replaced binary is hashed again.
 4. `selectors_for` is pure; the I/O lives in `attest_socket`.
@@ -22,6 +25,7 @@ Rules:
 
 from __future__ import annotations
 
+import errno
 import grp
 import hashlib
 import os
@@ -137,11 +141,13 @@ def _peer_pidfd(sock: PeerSocket, pid: int) -> int:
     try:
         raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD, struct.calcsize("i"))
         return int(struct.unpack("i", raw)[0])
-    except OSError:
-        try:
-            return os.pidfd_open(pid)
-        except OSError as exc:
-            raise AttestationError(f"caller pid {pid} is gone") from exc
+    except OSError as exc:
+        if exc.errno != errno.ENOPROTOOPT:
+            raise AttestationError(f"caller pid {pid} exited before it could be attested") from exc
+    try:
+        return os.pidfd_open(pid)
+    except OSError as exc:
+        raise AttestationError(f"caller pid {pid} is gone") from exc
 
 
 def _read_groups(pid: int) -> tuple[int, ...]:

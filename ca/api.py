@@ -57,7 +57,10 @@ class Changes:
 
 
 def _error(exc: Denied) -> http.Response:
-    return http.Response.json({"error": exc.message, "code": exc.code}, status=exc.status)
+    body = http.Response.json({"error": exc.message, "code": exc.code}, status=exc.status)
+    if exc.retry_after is None:
+        return body
+    return http.Response(body.status, body.body, headers=(("Retry-After", str(exc.retry_after)),))
 
 
 def _wait_param(req: http.Request) -> float:

@@ -15,6 +15,11 @@ Rules:
    transaction that records the agent, so it cannot be used twice.
 5. `Denied` carries a status, a stable machine code and a message safe to
    show the peer; detail for the operator goes to the audit log and logs.
+6. Guessing is bounded twice.  Every failed attestation is an audit record
+   (the token id, never the secret) and takes one from the peer's bucket
+   (`ca.throttle`); an empty bucket gets 429 before the token is looked at.
+   A token id tried with a wrong secret `token_max_failures` times is
+   revoked: its id is evidently known to someone who does not hold it.
 """
 
 from __future__ import annotations
@@ -42,9 +47,13 @@ from ca.store import (
     Store,
     TokenRecord,
 )
+from ca.throttle import AttestThrottle, peer_key
 from tally import x509profile
+from tally.logs import get_logger
 from tally.selectors import Selector, SelectorError
 from tally.spiffeid import SpiffeId, SpiffeIdError, TrustDomain
+
+log = get_logger("tally.ca")
 
 PublicKey = ec.EllipticCurvePublicKey | rsa.RSAPublicKey | ed25519.Ed25519PublicKey
 
@@ -58,11 +67,14 @@ _DNS_RE = re.compile(
 class Denied(Exception):
     """A request refused; ``message`` is safe to send to the caller."""
 
-    def __init__(self, status: int, code: str, message: str) -> None:
+    def __init__(
+        self, status: int, code: str, message: str, retry_after: int | None = None
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
+        self.retry_after = retry_after
 
 
 @dataclass(frozen=True)
@@ -118,6 +130,13 @@ class Authority:
         self.clock = clock
         self.issued_total = 0
         self.attestation_failures = 0
+        self.throttle = AttestThrottle()
+        self.token_max_failures = 5
+
+    def limit_attestation(self, burst: int, refill: float, token_max_failures: int) -> None:
+        """Apply the `attest_burst`, `attest_refill` and `token_max_failures` settings."""
+        self.throttle = AttestThrottle(burst, refill)
+        self.token_max_failures = token_max_failures
 
     # -- helpers -----------------------------------------------------------------------
 
@@ -240,22 +259,76 @@ class Authority:
             return SpiffeId.parse(fixed)
         return SpiffeId.from_parts(self.td, "agent", "join_token", token_id)
 
-    def _fail_attest(self, now: datetime, reason: str, token_id: str | None, peer: str) -> Denied:
+    def _fail_attest(
+        self,
+        now: datetime,
+        reason: str,
+        token_id: str | None,
+        peer: str,
+        *,
+        wrong_secret: bool = False,
+    ) -> Denied:
         self.attestation_failures += 1
-        self.store.record(
-            AuditEvent(
-                iso(now),
-                f"peer:{peer}",
-                "attestation.failed",
-                None,
-                None,
-                {"reason": reason, "token_id": token_id},
-            )
+        self.throttle.failed(peer_key(peer))
+        failed = AuditEvent(
+            iso(now),
+            f"peer:{peer}",
+            "attestation.failed",
+            None,
+            None,
+            {"reason": reason, "token_id": token_id},
         )
+        if wrong_secret and token_id is not None:
+            # Counted even for ids we do not know (a no-op there), so that the
+            # work done does not tell a known id from an unknown one.
+            limit = self.token_max_failures
+            revoked = AuditEvent(
+                iso(now),
+                "ca",
+                "token.revoked",
+                None,
+                None,
+                {"token_id": token_id, "reason": f"{limit} attestations with a wrong secret"},
+            )
+            if self.store.count_wrong_secret(
+                token_id, int(now.timestamp()), limit, failed, revoked
+            ):
+                log.warning("token.revoked", token_id=token_id, failures=limit, peer=peer)
+        else:
+            self.store.record(failed)
         return Denied(403, "attestation_failed", f"attestation failed: {reason}")
+
+    def _throttled(self, now: datetime, peer: str) -> Denied | None:
+        """429 for a peer past its failed attempts, decided before the token is read."""
+        key = peer_key(peer)
+        wait = self.throttle.retry_after(key)
+        if not wait:
+            return None
+        self.attestation_failures += 1
+        if self.throttle.refuse(key):
+            # Once per throttled spell: the audit log grows with failures, not with 429s.
+            self.store.record(
+                AuditEvent(
+                    iso(now),
+                    f"peer:{peer}",
+                    "attestation.throttled",
+                    None,
+                    None,
+                    {"peer": key, "retry_after": wait},
+                )
+            )
+            log.warning("attestation.throttled", peer=key, retry_after=wait)
+        return Denied(
+            429,
+            "rate_limited",
+            f"too many failed attestations from {key}; retry in {wait}s",
+            retry_after=wait,
+        )
 
     def attest(self, token: object, csr: object, peer: str) -> dict[str, object]:
         now = self._now()
+        if (throttled := self._throttled(now, peer)) is not None:
+            raise throttled
         if not isinstance(token, str) or (m := _TOKEN_RE.fullmatch(token)) is None:
             raise self._fail_attest(now, "malformed join token", None, peer)
         token_id, secret = m.group(1), m.group(2)
@@ -263,7 +336,9 @@ class Authority:
         # Hash and compare even when the id is unknown, so timing does not tell.
         expected = record.secret_hash if record else hashlib.sha256(b"").digest()
         if not hmac.compare_digest(hash_secret(secret), expected) or record is None:
-            raise self._fail_attest(now, "unknown join token", token_id, peer)
+            raise self._fail_attest(now, "unknown join token", token_id, peer, wrong_secret=True)
+        if record.revoked_at is not None:
+            raise self._fail_attest(now, "join token revoked", token_id, peer)
         if record.used_at is not None:
             raise self._fail_attest(now, "join token already used", token_id, peer)
         if record.expires_at <= now.timestamp():

@@ -43,6 +43,17 @@ class CASettings:
         Duration(3600), help="how long a new root sits in the bundle before anything chains to it"
     )
     join_token_ttl: Duration = setting(Duration(600), help="default lifetime of join tokens")
+    attest_burst: int = setting(
+        10,
+        help="failed node attestations one peer address may make at once;"
+        " past them the agent API answers 429 without checking the token",
+    )
+    attest_refill: Duration = setting(
+        Duration(6), help="after the burst, one more failed attestation per peer per this long"
+    )
+    token_max_failures: int = setting(
+        5, help="wrong secrets tried against one join token's id before that token is revoked"
+    )
     upstream_cert: Path | None = setting(
         None, help="an existing CA certificate (PEM) to sign our intermediates"
     )
@@ -73,6 +84,11 @@ class CASettings:
             raise ConfigError(f"setting 'log_level': unknown level {self.log_level!r}")
         if self.max_connections < 1:
             raise ConfigError("setting 'max_connections' must be at least 1")
+        for name in ("attest_burst", "token_max_failures"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"setting '{name}' must be at least 1")
+        if self.attest_refill <= 0:
+            raise ConfigError("setting 'attest_refill' must be above 0s")
         for name in ("default_svid_ttl", "max_svid_ttl", "agent_svid_ttl", "intermediate_ttl"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"setting '{name}' must be at least 1s")

@@ -103,6 +103,11 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX audit_event ON audit (event);
     CREATE INDEX audit_spiffe_id ON audit (spiffe_id);
     """,
+    # 2: wrong secrets counted per join token, and tokens revoked for them.
+    """
+    ALTER TABLE join_tokens ADD COLUMN failures INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE join_tokens ADD COLUMN revoked_at INTEGER
+    """,
 )
 
 
@@ -185,6 +190,8 @@ class TokenRecord:
     expires_at: int
     used_at: int | None
     created_at: int
+    failures: int = 0
+    revoked_at: int | None = None
 
 
 @dataclass(frozen=True)
@@ -218,6 +225,7 @@ class Store:
 
     @classmethod
     def open(cls, path: Path) -> Store:
+        _refuse_symlinks(path)
         try:
             conn = sqlite3.connect(
                 str(path), isolation_level=None, check_same_thread=False, timeout=10
@@ -377,7 +385,8 @@ class Store:
     def create_token(self, token: TokenRecord, ev: AuditEvent) -> None:
         with self._tx() as conn:
             conn.execute(
-                "INSERT INTO join_tokens VALUES (?, ?, ?, ?, ?, ?)",
+                "INSERT INTO join_tokens (id, secret_hash, spiffe_id, expires_at, used_at, "
+                "created_at) VALUES (?, ?, ?, ?, ?, ?)",
                 (
                     token.id,
                     token.secret_hash,
@@ -393,11 +402,35 @@ class Store:
         row = self._conn.execute("SELECT * FROM join_tokens WHERE id = ?", (token_id,)).fetchone()
         return None if row is None else TokenRecord(*row)
 
+    def count_wrong_secret(
+        self, token_id: str, now: int, limit: int, ev: AuditEvent, revoked: AuditEvent
+    ) -> bool:
+        """Record a failed attestation that named ``token_id`` with a wrong secret.
+
+        The audit record ``ev`` and the token's failure count move together; at
+        ``limit`` failures the token is revoked and ``revoked`` is recorded too,
+        all in one transaction.  A spent, revoked or unknown token only gets
+        ``ev``.  True when this call revoked the token.
+        """
+        with self._tx() as conn:
+            self._append(conn, [ev])
+            row = conn.execute(
+                "UPDATE join_tokens SET failures = failures + 1 "
+                "WHERE id = ? AND used_at IS NULL AND revoked_at IS NULL RETURNING failures",
+                (token_id,),
+            ).fetchone()
+            if row is None or int(row[0]) < limit:
+                return False
+            conn.execute("UPDATE join_tokens SET revoked_at = ? WHERE id = ?", (now, token_id))
+            self._append(conn, [revoked])
+            return True
+
     def prune_tokens(self, now: int) -> int:
-        """Forget tokens that can never be used again (spent or expired a day ago)."""
+        """Forget tokens that can never be used again (spent, revoked or expired a day ago)."""
         with self._tx() as conn:
             cur = conn.execute(
-                "DELETE FROM join_tokens WHERE used_at IS NOT NULL OR expires_at < ?",
+                "DELETE FROM join_tokens "
+                "WHERE used_at IS NOT NULL OR revoked_at IS NOT NULL OR expires_at < ?",
                 (now - 86400,),
             )
             return cur.rowcount
@@ -419,11 +452,12 @@ class Store:
         """
         with self._tx() as conn:
             cur = conn.execute(
-                "UPDATE join_tokens SET used_at = ? WHERE id = ? AND used_at IS NULL",
+                "UPDATE join_tokens SET used_at = ? "
+                "WHERE id = ? AND used_at IS NULL AND revoked_at IS NULL",
                 (now, token_id),
             )
             if cur.rowcount != 1:
-                raise Conflict("join token already used")
+                raise Conflict("join token already used or revoked")
             conn.execute(
                 "INSERT INTO agents VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (spiffe_id) DO "
                 "UPDATE SET status = excluded.status, token_id = excluded.token_id, "
@@ -601,6 +635,17 @@ class Store:
             if bump_bundle:
                 self._bump(conn, "bundle_sequence")
             self._append(conn, events)
+
+
+def _refuse_symlinks(path: Path) -> None:
+    """A planted link must not make the CA keep its records where someone else chose.
+
+    The data dir and the datastore are checked; SQLite's side files (``-wal``,
+    ``-shm``) sit in the same directory, which the CA creates with mode 0700.
+    """
+    for candidate, what in ((path.parent, "data dir"), (path, "datastore")):
+        if candidate.is_symlink():
+            raise StoreError(f"{what} {candidate} is a symlink; refusing to follow it")
 
 
 def _load_detail(text: str) -> dict[str, object]:

@@ -1,0 +1,155 @@
+"""Guessing join tokens against a real CA: rate-limited, audited, and a known id gets revoked.
+
+Theory: a token's secret is 256 random bits, so the defence is not against
+success but against cost and noise.  Each failed attestation is an audit
+record naming the token id (never the secret) and takes one from the calling
+address's bucket; past the burst the CA answers 429 with ``Retry-After``
+without reading the token, and the audit log stops growing.  A token id tried
+with wrong secrets is revoked, because its id has leaked.  Every attack here
+has its control: a right secret, another address, the same token later.
+
+Single use, expiry, eviction at renewal and a ban surviving a new token are
+in tests/e2e/test_ca.py (test_token_single_use_expiry_eviction_and_ban).
+
+The attacks come from distinct loopback addresses (127.0.0.x), so the tests
+share one CA without sharing a bucket.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import secrets
+import ssl
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from agent.ca_client import make_csr
+from tally import x509profile
+from tally.launch import run_cli
+from tests.e2e.conftest import CA, make_ca
+
+KEY = x509profile.generate_key()
+_contexts: dict[str, ssl.SSLContext] = {}
+
+
+@pytest.fixture(scope="module")
+def shared_ca(tmp_path_factory) -> Iterator[CA]:
+    ca = make_ca(tmp_path_factory.mktemp("tokens"))
+    yield ca
+    ca.daemon.stop()
+
+
+def attest(ca: CA, token: str, source: str) -> tuple[int, dict, http.client.HTTPResponse]:
+    """POST /v1/attest from ``source`` with a client of our own, headers and all."""
+    ctx = _contexts.get(ca.listen)
+    if ctx is None:
+        ctx = ssl.create_default_context(cadata=ca.json("bundle", "show")["bundle"])
+        ctx.check_hostname = False  # the CA's certificate names a SPIFFE ID, not a host
+        _contexts[ca.listen] = ctx
+    host, port = ca.listen.rsplit(":", 1)
+    conn = http.client.HTTPSConnection(
+        host, int(port), context=ctx, source_address=(source, 0), timeout=30
+    )
+    try:
+        body = json.dumps({"token": token, "csr": make_csr(KEY)})
+        conn.request("POST", "/v1/attest", body, {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        return resp.status, json.loads(resp.read()), resp
+    finally:
+        conn.close()
+
+
+def new_token(ca: CA, *extra: str) -> str:
+    return ca.json("token", "create", *extra)["token"]
+
+
+def wrong_secret(token: str | None = None) -> str:
+    """A guess: the id of ``token`` (or a made-up id) with a random secret."""
+    token_id = token.split(".")[0] if token else secrets.token_hex(8)
+    return f"{token_id}.{secrets.token_urlsafe(32)}"
+
+
+def audit(ca: CA, event: str) -> list[dict]:
+    return ca.json("audit", "list", "--event", event, "--limit", "5000")["records"]
+
+
+def test_guessing_is_throttled_per_address_and_the_audit_stops_growing(shared_ca: CA):
+    ca = shared_ca
+    attacker, bystander = "127.0.0.10", "127.0.0.11"
+    guesses = [wrong_secret() for _ in range(10)]
+    sent = {g.split(".")[1] for g in guesses}
+    # A success takes nothing from the bucket: the attacker's address attests first.
+    assert attest(ca, new_token(ca), attacker)[0] == 200
+    for guess in guesses:  # the default burst is 10
+        status, body, _ = attest(ca, guess, attacker)
+        assert (status, body["code"]) == (403, "attestation_failed")
+    valid = new_token(ca)
+    for _ in range(5):  # throttled: even a valid token is not looked at
+        status, body, resp = attest(ca, valid, attacker)
+        assert (status, body["code"]) == (429, "rate_limited")
+        assert 1 <= int(resp.headers["Retry-After"]) <= 6  # one refill (6 s) at most
+        assert "127.0.0.10" in body["error"] and "\n" not in body["error"]
+    # The valid token was not spent, and another address is not throttled.
+    assert attest(ca, valid, bystander)[0] == 200
+    failed = [
+        r for r in audit(ca, "attestation.failed") if r["actor"].startswith("peer:127.0.0.10:")
+    ]
+    assert len(failed) == 10
+    assert {r["detail"]["token_id"] for r in failed} == {g.split(".")[0] for g in guesses}
+    # Five 429s, one audit record: flooding grows the log by failures, not requests.
+    throttled = [r for r in audit(ca, "attestation.throttled") if r["detail"]["peer"] == attacker]
+    assert len(throttled) == 1
+    text = ca.cli("audit", "list", "--limit", "5000", "--output", "json").stdout
+    assert not any(secret in text for secret in sent)
+    assert not any(secret in line for line in ca.daemon.raw for secret in sent)
+    assert ca.json("audit", "verify")["ok"]
+
+
+def test_a_token_id_tried_with_wrong_secrets_is_revoked(shared_ca: CA):
+    ca = shared_ca
+    attacker = "127.0.0.12"
+    target = ca.json("token", "create", "--spiffe-id", "spiffe://example.org/agent/victim")
+    control = new_token(ca)
+    # Control: four wrong secrets leave a token usable by its holder.
+    for _ in range(4):
+        assert attest(ca, wrong_secret(control), attacker)[0] == 403
+    assert attest(ca, control, attacker)[0] == 200
+    for _ in range(5):
+        status, body, _ = attest(ca, wrong_secret(target["token"]), attacker)
+        # The id is never confirmed to the guesser: same answer as for an unknown id.
+        assert body["error"] == "attestation failed: unknown join token"
+    status, body, _ = attest(ca, target["token"], "127.0.0.13")
+    assert status == 403 and body["error"] == "attestation failed: join token revoked"
+    revoked = audit(ca, "token.revoked")
+    assert [r["detail"]["token_id"] for r in revoked] == [target["token_id"]]
+    assert ca.daemon.wait_for("token.revoked")["token_id"] == target["token_id"]
+    assert ca.cli("agent", "show", "spiffe://example.org/agent/victim", check=False).returncode
+    assert ca.json("audit", "verify")["ok"]
+
+
+def test_throttle_settings_are_honoured_and_the_bucket_refills(ca_factory):
+    ca = ca_factory("--attest-burst", "2", "--attest-refill", "1s")
+    for _ in range(2):
+        assert attest(ca, wrong_secret(), "127.0.0.1")[0] == 403
+    status, _, resp = attest(ca, new_token(ca), "127.0.0.1")
+    assert status == 429 and resp.headers["Retry-After"] == "1"
+    assert ca.daemon.wait_for("attestation.throttled")["peer"] == "127.0.0.1"
+    # Refilled on the CA's clock: poll until it lets the next attempt through.
+    valid = new_token(ca)
+    deadline = time.monotonic() + 20
+    while (status := attest(ca, valid, "127.0.0.1")[0]) == 429:
+        assert time.monotonic() < deadline, "the bucket never refilled"
+        time.sleep(0.1)  # a poll interval, not a timing assumption
+    assert status == 200
+
+
+def test_throttle_settings_are_checked(tmp_path):
+    for flag, value in (("--attest-burst", "0"), ("--token-max-failures", "0")):
+        result = run_cli(
+            "ca", "run", "--trust-domain", "example.org", "--data-dir", str(tmp_path), flag, value
+        )
+        assert result.returncode != 0 and flag.strip("-").replace("-", "_") in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
