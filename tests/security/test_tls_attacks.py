@@ -40,7 +40,15 @@ from tally.config import Address
 from tally.spiffeid import TrustDomain
 from tests.e2e.conftest import CA, make_ca
 from tests.proxy.backends import HttpServer
-from tests.proxy.conftest import Minted, Running, client_context, launch, mint
+from tests.proxy.conftest import (
+    Minted,
+    Running,
+    client_context,
+    http_over,
+    launch,
+    mint,
+    tls_connect,
+)
 from tests.proxy.pki import Authority, Svid, now
 
 pytestmark = pytest.mark.e2e
@@ -54,23 +62,21 @@ OTHER_TD_ID = "spiffe://other.org/web"
 class Target:
     """One daemon under attack, with what its good client looks like."""
 
-    name: str
     running: Running
     good: Minted
     good_path: str  # a request only an admitted peer gets a 200 for
-    bundle: Path
+    denied_metric: str
 
     @property
     def good_id(self) -> str:
         return self.good.spiffe_id
 
+    @property
+    def bundle(self) -> Path:
+        return self.good.bundle
+
     def denied_total(self, reason: str) -> float:
-        metric = (
-            "tally_proxy_peer_denied_total"
-            if self.name == "proxy"
-            else "tally_ca_peer_denied_total"
-        )
-        return self.running.metric(metric, reason=reason)
+        return self.running.metric(self.denied_metric, reason=reason)
 
 
 @pytest.fixture(scope="module")
@@ -78,16 +84,17 @@ def pki() -> Authority:
     return Authority.create(TD)
 
 
-def save(svid: Svid, out: Path, spiffe_id: str, bundle_pem: bytes) -> Minted:
-    """Write an SVID where `client_context` and s_client look: svid/key/bundle.pem, and the
-    intermediates alone in chain.pem (s_client's -cert takes only the leaf)."""
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "svid.pem").write_bytes(x509profile.chain_to_pem(svid.chain))
-    (out / "chain.pem").write_bytes(x509profile.chain_to_pem(svid.chain[1:]))
-    (out / "key.pem").write_bytes(x509profile.key_to_pem(svid.key))
-    os.chmod(out / "key.pem", 0o600)
-    (out / "bundle.pem").write_bytes(bundle_pem)
-    return Minted(out, spiffe_id, format(svid.leaf.serial_number, "x"))
+def save(svid: Svid, out: Path, spiffe_id: str, pki: Authority) -> Minted:
+    """Files for all three clients: svid/key/bundle.pem as the proxy tests write them."""
+    svid.write(out, pki.bundle)
+    return with_chain_file(Minted(out, spiffe_id, format(svid.leaf.serial_number, "x")))
+
+
+def with_chain_file(minted: Minted) -> Minted:
+    """The intermediates alone in chain.pem: s_client's -cert sends only the leaf."""
+    chain = x509profile.chain_from_pem(minted.cert.read_bytes())
+    (minted.dir / "chain.pem").write_bytes(x509profile.chain_to_pem(chain[1:]))
+    return minted
 
 
 @pytest.fixture(scope="module")
@@ -115,26 +122,22 @@ def attest_agent(ca: CA, pki: Authority, out: Path) -> Minted:
             await client.aclose()
         return Svid(list(issued.chain), key)
 
-    return save(trio.run(attest), out, "spiffe://example.org/agent/node-1", pki.bundle.to_pem())
+    return save(trio.run(attest), out, "spiffe://example.org/agent/node-1", pki)
 
 
 @pytest.fixture(scope="module")
 def targets(pki, ca_daemon, tmp_path_factory) -> Iterator[dict[str, Target]]:
     base = tmp_path_factory.mktemp("tls-targets")
     backend = HttpServer()
-    api = save(
-        pki.svid("spiffe://example.org/api"),
-        base / "api",
-        "spiffe://example.org/api",
-        pki.bundle.to_pem(),
-    )
+    api_id = "spiffe://example.org/api"
+    api = save(pki.svid(api_id), base / "api", api_id, pki)
     proxy = launch("server", "--target", backend.address, "--http", "--allow-id", WEB, *api.files())
-    web = save(pki.svid(WEB), base / "web", WEB, pki.bundle.to_pem())
+    web = save(pki.svid(WEB), base / "web", WEB, pki)
     agent = attest_agent(ca_daemon, pki, base / "agent")
-    ca_running = Running(ca_daemon.daemon, ca_daemon.listen, ca_daemon.metrics)
+    ca = Running(ca_daemon.daemon, ca_daemon.listen, ca_daemon.metrics)
     yield {
-        "proxy": Target("proxy", proxy, web, "/", web.bundle),
-        "ca": Target("ca", ca_running, agent, "/v1/entries", agent.bundle),
+        "proxy": Target(proxy, web, "/", "tally_proxy_peer_denied_total"),
+        "ca": Target(ca, agent, "/v1/entries", "tally_ca_peer_denied_total"),
     }
     proxy.daemon.stop()
     backend.close()
@@ -155,7 +158,7 @@ class Attack:
 def _forged(svid: Callable[[Authority, str], Svid], claimed: Callable[[Target], str]):
     def make(pki: Authority, target: Target, out: Path, ca: CA) -> Minted:
         sid = claimed(target)
-        return save(svid(pki, sid), out, sid, target.bundle.read_bytes())
+        return save(svid(pki, sid), out, sid, pki)
 
     return make
 
@@ -202,10 +205,7 @@ def _ca_leaf(pki: Authority, sid: str) -> Svid:
 
 def _workload(pki: Authority, target: Target, out: Path, ca: CA) -> Minted:
     """A genuine SVID from the real CA, for a workload: valid, but not an admitted ID."""
-    minted = mint(ca, out, "spiffe://example.org/billing")
-    chain = x509profile.chain_from_pem(minted.cert.read_bytes())
-    (out / "chain.pem").write_bytes(x509profile.chain_to_pem(chain[1:]))
-    return minted
+    return with_chain_file(mint(ca, out, "spiffe://example.org/billing"))
 
 
 def _no_cert(pki: Authority, target: Target, out: Path, ca: CA) -> None:
@@ -236,7 +236,7 @@ ATTACKS = [
 ]
 
 
-# -- the two clients ------------------------------------------------------------------------
+# -- the three clients ----------------------------------------------------------------------
 
 
 def request(path: str) -> bytes:
@@ -246,15 +246,9 @@ def request(path: str) -> bytes:
 def via_stdlib(port: int, bundle: Path, cert: Minted | None, path: str, tls12: bool) -> bytes:
     """The response, or the client's error as text: anything but HTTP means refused."""
     extra = {"maximum_version": ssl.TLSVersion.TLSv1_2} if tls12 else {}
-    ctx = client_context(cert, bundle, **extra)
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=20) as raw:
-            with ctx.wrap_socket(raw, server_hostname="localhost") as sock:
-                sock.sendall(request(path))
-                chunks = []
-                while data := sock.recv(65536):
-                    chunks.append(data)
-                return b"".join(chunks)
+        with tls_connect(port, client_context(cert, bundle, **extra)) as sock:
+            return http_over(sock, path)
     except (ssl.SSLError, OSError) as exc:
         return repr(exc).encode()
 
@@ -307,15 +301,19 @@ def control(target: Target, client: str) -> None:
 # -- the matrix -----------------------------------------------------------------------------
 
 
+# The CA's handshake admits clients without a certificate (attestation): its refusal of
+# them is per call, in test_ca_refuses_agent_calls_without_a_certificate below.
+MATRIX = [
+    pytest.param(daemon, attack, id=f"{daemon}-{attack.name}")
+    for daemon in ("proxy", "ca")
+    for attack in ATTACKS
+    if (daemon, attack.name) != ("ca", "no_certificate")
+]
+
+
 @pytest.mark.parametrize("client", sorted(CLIENTS))
-@pytest.mark.parametrize(
-    "attack",
-    [pytest.param(a, id=a.name) for a in ATTACKS],
-)
-@pytest.mark.parametrize("daemon", ["proxy", "ca"])
+@pytest.mark.parametrize(("daemon", "attack"), MATRIX)
 def test_attack_is_refused_and_named(targets, pki, ca_daemon, tmp_path, daemon, attack, client):
-    if daemon == "ca" and attack.name == "no_certificate":
-        pytest.skip("the CA admits certificate-less clients to attest: see the 401 test")
     target = targets[daemon]
     cert = attack.make(pki, target, tmp_path / "cert", ca_daemon)
     log = target.running.daemon
@@ -342,11 +340,7 @@ def test_attack_is_refused_and_named(targets, pki, ca_daemon, tmp_path, daemon, 
 
 def plain_http(port: int) -> bytes:
     with socket.create_connection(("127.0.0.1", port), timeout=20) as sock:
-        sock.sendall(request("/must-not-arrive"))
-        chunks = []
-        while data := sock.recv(65536):
-            chunks.append(data)
-        return b"".join(chunks)
+        return http_over(sock, "/must-not-arrive")
 
 
 @pytest.mark.parametrize("daemon", ["proxy", "ca"])
