@@ -40,6 +40,9 @@ class AgentIdentity:
 
 
 def prepare_dir(data_dir: Path) -> None:
+    # Checked before mkdir too, so a dangling link is named as a link.
+    if data_dir.is_symlink():
+        raise StateError(f"data dir {data_dir} is a symlink; refusing to use it")
     data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     st = os.lstat(data_dir)
     if stat.S_ISLNK(st.st_mode):

@@ -97,10 +97,10 @@ class AttestThrottle:
         if bucket is None:
             bucket = _Bucket(float(self.burst), self.clock())
             self._peers[key] = bucket
-            self._trim()
         self._peers.move_to_end(key)
         bucket.tokens = max(0.0, bucket.tokens - 1)
         bucket.refused = False
+        self._trim()  # after the spend, so the newest bucket is never the one dropped
 
     def _trim(self) -> None:
         if len(self._peers) <= MAX_PEERS:

@@ -205,3 +205,28 @@ def test_no_key_or_token_secret_in_logs_metrics_or_cli_output(
         assert leaks(outputs, needle) == [], f"token secret {secret.split('.')[0]} leaked"
     # The token ids are there: the audit trail still names what was tried.
     assert guess.split(".")[0] in cli["audit json"]
+
+
+def test_group_readable_keys_stop_both_daemons_until_fixed(ca_factory, agent_factory):
+    """0644 on a CA key is tested in tests/e2e; here group-only and world-only bits, both
+    daemons, and the control: the same files at 0600 start again."""
+    ca: CA = ca_factory()
+    agent: Agent = agent_factory(ca)
+    agent.daemon.stop()
+    ca.daemon.stop()
+    key = next((ca.data_dir / "keys").glob("*.pem"))
+    os.chmod(key, 0o640)
+    result = run_cli(*ca.daemon.args)
+    plain = [line for line in result.stderr.splitlines() if not line.startswith("{")]
+    assert result.returncode == 1 and len(plain) == 1
+    assert str(key) in plain[0] and "0640" in plain[0]
+    os.chmod(key, 0o600)
+    ca.start_again()
+    own = agent.data_dir / "agent_svid.pem"
+    os.chmod(own, 0o604)
+    result = run_cli(*agent.args)
+    assert result.returncode == 1 and result.stderr.count("\n") == 1
+    assert str(own) in result.stderr and "readable by group or others" in result.stderr
+    os.chmod(own, 0o600)
+    agent.start()
+    assert agent.daemon.events("agent.resumed")

@@ -25,8 +25,12 @@ import time
 from collections.abc import Iterator
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from agent.ca_client import make_csr
+from ca import throttle
+from ca.throttle import AttestThrottle, peer_key
 from tally import x509profile
 from tally.launch import run_cli
 from tests.e2e.conftest import CA, make_ca
@@ -153,3 +157,66 @@ def test_throttle_settings_are_checked(tmp_path):
         )
         assert result.returncode != 0 and flag.strip("-").replace("-", "_") in result.stderr
         assert len(result.stderr.strip().splitlines()) == 1
+
+
+# -- the bucket itself, on a clock the test moves ------------------------------------------
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_bucket_spends_refills_and_reports_one_refusal_per_spell():
+    clock = Clock()
+    bucket = AttestThrottle(burst=3, refill=6.0, clock=clock)
+    assert bucket.retry_after("a") == 0
+    for _ in range(3):
+        bucket.failed("a")
+    assert bucket.retry_after("a") == 6 and bucket.retry_after("b") == 0
+    assert bucket.refuse("a") and not bucket.refuse("a")  # audited once
+    clock.now += 5.5
+    assert bucket.retry_after("a") == 1
+    clock.now += 0.5
+    assert bucket.retry_after("a") == 0
+    bucket.failed("a")  # the spell ended with a failure; the next one is reported again
+    assert bucket.retry_after("a") == 6 and bucket.refuse("a")
+    clock.now += 1e9  # never more than the burst, however long it rested
+    for _ in range(3):
+        assert bucket.retry_after("a") == 0
+        bucket.failed("a")
+    assert bucket.retry_after("a") > 0
+
+
+def test_bucket_table_is_bounded(monkeypatch):
+    monkeypatch.setattr(throttle, "MAX_PEERS", 50)
+    clock = Clock()
+    bucket = AttestThrottle(burst=2, refill=1.0, clock=clock)
+    bucket.failed("old")
+    bucket.failed("old")
+    for i in range(200):
+        bucket.failed(f"10.0.{i // 256}.{i % 256}")
+    assert len(bucket) == 50
+    assert bucket.retry_after("old") == 0  # the least recently seen went first
+
+
+@given(st.ip_addresses(), st.integers(0, 65535), st.ip_addresses())
+def test_peer_key_ignores_the_port_and_groups_ipv6_by_64(ip, port, other):
+    text = f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}"
+    bare = f"{ip}:{port}"  # what the CA makes of getpeername(), brackets or not
+    assert peer_key(text) == peer_key(bare) == peer_key(f"{ip}:1")
+    same_net = ip.version == other.version == 6 and (
+        int(ip) >> 64 == int(other) >> 64 and ip.ipv4_mapped is None and other.ipv4_mapped is None
+    )
+    if same_net or ip == other:
+        assert peer_key(bare) == peer_key(f"{other}:{port}")
+    elif ip.version == other.version == 4:
+        assert peer_key(bare) != peer_key(f"{other}:{port}")
+
+
+@given(st.text(max_size=80))
+def test_peer_key_takes_any_text(address):
+    assert isinstance(peer_key(address), str)
