@@ -1,9 +1,8 @@
 """TLS attacks on the two mTLS servers: the proxy's server mode and the CA's agent API.
 
 Rules / theory of operation: one table of hostile client certificates is played
-against both daemons, from two independent TLS stacks (Python's ``ssl`` and
-``openssl s_client``), so the matrix of who refuses what is visible in the test
-names.  Every attack must (1) get no answer, (2) make the daemon log exactly one
+against both daemons, from three clients (Python's ``ssl``, ``openssl s_client``
+and ``curl``), so the matrix of who refuses what is visible in the test names.  Every attack must (1) get no answer, (2) make the daemon log exactly one
 ``peer.denied`` line whose ``reason`` names the fault and whose ``peer_id`` names
 the SPIFFE ID the leaf claimed, when it claimed exactly one, and (3) move the
 denial counter for that reason.  Every attack is paired with its control: the
