@@ -21,6 +21,14 @@ Rules:
 3. An executable's SHA-256 is cached by (device, inode, size, mtime), so a
    busy caller is hashed once, while a replaced binary is hashed again.
 4. `selectors_for` is pure; the I/O lives in `attest_socket`.
+5. What /proc cannot tell.  ``unix:path`` and ``unix:sha256`` name what the
+   connecting process runs when its call arrives.  A process can connect,
+   fork a child that keeps the connection, and exec the selected binary: the
+   agent then attests that binary, truly, while the child reads the answer.
+   No kernel interface reports the exec, so these selectors only separate
+   processes that cannot run each other's binaries; pair them with a uid
+   selector (tests/security/test_workloads.py shows the attack).  The uid and
+   gid are safe from this: they are the kernel's record at ``connect``.
 """
 
 from __future__ import annotations
