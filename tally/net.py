@@ -7,7 +7,8 @@ Rules:
    message naming the path: a planted symlink must never redirect where a
    daemon listens.
 2. The socket's mode is set with the umask while it is bound, so there is no
-   moment at which it exists with looser permissions.
+   moment at which it exists with looser permissions, and no ``chmod`` by
+   path afterwards, which would follow a link swapped in after the bind.
 3. Peer credentials come from the kernel (``SO_PEERCRED``), never from
    anything the peer says.
 """
@@ -96,7 +97,6 @@ async def open_unix_listener(path: Path, mode: int) -> trio.SocketListener:
         raise ListenError(f"cannot listen on {path}: {exc.strerror}") from exc
     finally:
         os.umask(old_umask)
-    os.chmod(path, mode)
     sock.listen(256)
     return trio.SocketListener(sock)
 

@@ -27,6 +27,7 @@ import json
 import os
 import select
 import shutil
+import stat
 import subprocess
 import sys
 import time
@@ -330,3 +331,11 @@ def test_exec_after_connect_does_not_lend_the_binary_identity(node):
         if "svids" in got or time.monotonic() > deadline:
             break
     assert "svids" not in got, got
+
+
+def test_sockets_get_their_modes_at_bind_time(node):
+    """No chmod by path follows the bind (it would follow a link swapped in): the modes
+    come from the umask alone, and are still the right ones."""
+    ca, agent = node
+    assert stat.S_IMODE(os.stat(agent.socket).st_mode) == 0o666  # any uid may ask
+    assert stat.S_IMODE(os.stat(ca.admin_socket).st_mode) == 0o600
