@@ -11,15 +11,20 @@ schema, the gRPC framing round trip, XFCC on printable text, DER CSRs) are
 not repeated here; this file adds what those leave out: the four real
 settings schemas, the CA API's bodies and query parameters through its real
 handlers, PEM CSRs, gRPC prefixes that lie, Workload API messages in both
-directions, and XFCC for any text and any client headers.
+directions, XFCC for any text and any client headers, and damaged key files.
+Where a property found an escape in someone else's file, the example is kept
+as a strict xfail naming the file and function, and the property steps around
+exactly that exception until it is fixed.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import io
 import json
 import math
+import os
 import string
 from datetime import UTC, datetime
 from itertools import count
@@ -36,10 +41,11 @@ from hypothesis import strategies as st
 
 from agent.ca_client import make_csr
 from agent.settings import AgentSettings
+from agent.state import IDENTITY_FILE, StateError, load_identity
 from agent.workload_server import _STREAMING_METHODS, SvidItem, X509Snapshot, x509_svid_response
 from ca.api import AdminApi, AgentApi, AgentPeer, Changes
 from ca.authority import Authority, Limits
-from ca.keys import KeyManager
+from ca.keys import CAKeyError, KeyManager, load_private_key
 from ca.schedule import Policy
 from ca.settings import CASettings
 from ca.store import Store
@@ -53,7 +59,7 @@ from tally.config import ConfigError, describe, load
 from tally.grpc import GrpcError, MessageDecoder, Status, encode_message
 from tally.spiffeid import SpiffeId, TrustDomain
 from tally.workload_client import WorkloadApiError, parse_x509_svid_response
-from tally.x509profile import ProfileError, csr_public_key, generate_key
+from tally.x509profile import ProfileError, chain_to_pem, csr_public_key, generate_key
 from tests.proxy import pki as proxy_pki
 
 TD = TrustDomain.parse("example.org")
@@ -592,6 +598,77 @@ def test_damaged_svid_parts_are_our_error(part):
     with pytest.raises(WorkloadApiError) as info:
         parse_x509_svid_response(message.SerializeToString())
     assert info.value.status is Status.INTERNAL
+
+
+# -- key files: an operator's damaged file is a one-line error -----------------------------
+
+
+def _damaged_key_pem() -> bytes:
+    der = bytearray(
+        CSR_KEY.private_bytes(
+            serialization.Encoding.DER,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    der[10] ^= 1  # the key-type OID, as in test_damaged_svid_parts_are_our_error
+    body = base64.encodebytes(bytes(der))
+    return b"-----BEGIN PRIVATE KEY-----\n" + body + b"-----END PRIVATE KEY-----\n"
+
+
+def _load_ca_key(directory):
+    path = directory / "key.pem"
+    _write_0600(path, _damaged_key_pem())
+    with pytest.raises(CAKeyError) as info:
+        load_private_key(path)
+    return info.value
+
+
+def _load_agent_identity(directory):
+    svid = proxy_pki.Authority.create("example.org").svid("spiffe://example.org/agent/n")
+    _write_0600(directory / IDENTITY_FILE, _damaged_key_pem() + chain_to_pem(svid.chain))
+    with pytest.raises(StateError) as info:
+        load_identity(directory)
+    return info.value
+
+
+def _write_0600(path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize(
+    "load",
+    [
+        pytest.param(
+            _load_ca_key,
+            id="ca-key",
+            marks=pytest.mark.xfail(
+                strict=True,
+                raises=UnsupportedAlgorithm,
+                reason="ca/keys.py load_private_key catches OSError, ValueError and TypeError,"
+                " not UnsupportedAlgorithm: the CA stops with a traceback, not one line",
+            ),
+        ),
+        pytest.param(
+            _load_agent_identity,
+            id="agent-identity",
+            marks=pytest.mark.xfail(
+                strict=True,
+                raises=UnsupportedAlgorithm,
+                reason="agent/state.py load_identity catches ValueError only: the agent"
+                " stops with a traceback, not one line",
+            ),
+        ),
+    ],
+)
+def test_a_key_file_of_unknown_key_type_is_a_one_line_error(tmp_path, load):
+    exc = load(tmp_path)
+    one_line(exc)
+    assert str(tmp_path) in str(exc)
 
 
 # -- XFCC: any text, any client headers (printable text: tests/proxy/test_xfcc.py) -----------
