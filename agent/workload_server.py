@@ -24,10 +24,16 @@ Rules / theory of operation:
    ``send_stall_timeout_s``, the connection is closed.  Control frames that
    ``h2`` answers on its own (PING and SETTINGS acks) are bounded too.  Other
    connections are separate tasks and never wait on this one.
-6. **Nothing a peer sends can crash the server.**  A malformed frame or a
-   protocol violation closes that connection (after a GOAWAY when possible);
-   a bad call ends that call with its gRPC status.  Both are logged at debug
-   on ``tally.workload``; only backend failures are logged louder.
+6. **Nothing a peer sends can crash the server, or make it hold much.**  A
+   malformed frame or a protocol violation closes that connection (after a
+   GOAWAY when possible); a bad call ends that call with its gRPC status.
+   Both are logged at debug on ``tally.workload``; only backend failures are
+   logged louder.  ``h2`` buffers a frame whole before it checks the length
+   the frame declares (up to 16 MiB), and a header block over up to 64
+   CONTINUATION frames, so `_FrameGuard` reads the frame headers first and
+   drops a connection that declares a frame over our maximum frame size or a
+   header block over ``max_header_block``.  A connection with no call open
+   for ``idle_timeout_s`` is closed, so idle connections do not pile up.
 7. **Checks in the order the standard implies.**  The request must be gRPC
    (POST, ``application/grpc``); then the ``workload.spiffe.io: true``
    header, before the path or the caller is looked at (INVALID_ARGUMENT);
@@ -137,6 +143,12 @@ class WorkloadLimits:
     """How long a peer may leave queued data unread before it is dropped."""
     max_control_backlog: int = 256 * 1024
     """Bytes ``h2`` may queue on its own (acks) while a write is stalled."""
+    max_header_block: int = 64 * 1024
+    """Bytes of one header block (HEADERS plus CONTINUATION frames) before the
+    connection is dropped; requests need a few hundred."""
+    idle_timeout_s: float = 300.0
+    """A connection with no call open, and none started, for this long is closed
+    with a GOAWAY (gRPC clients reconnect when they next call)."""
 
 
 DEFAULT_LIMITS = WorkloadLimits()
@@ -218,6 +230,50 @@ def _only_no_identity(exc: BaseException) -> bool:
 
 class _Drop(Exception):
     """This connection must be closed at once; the message says why (for the debug log)."""
+
+
+_PREFACE_SIZE = len(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+_FRAME_HEADER_SIZE = 9
+_HEADER_BLOCK_TYPES = frozenset({0x1, 0x5, 0x9})  # HEADERS, PUSH_PROMISE, CONTINUATION
+_END_HEADERS = 0x4
+
+
+class _FrameGuard:
+    """Follows frame boundaries in the bytes a peer sends, before ``h2`` buffers them
+    (rule 6), so that a declared length is judged on the 9-byte header."""
+
+    def __init__(self, max_frame_size: int, max_header_block: int) -> None:
+        self._max_frame = max_frame_size
+        self._max_block = max_header_block
+        self._skip = _PREFACE_SIZE  # bytes that are not a frame header
+        self._header = bytearray()
+        self._block = 0  # header block bytes so far, while END_HEADERS is pending
+
+    def check(self, data: bytes | bytearray) -> str | None:
+        """Why the connection must be dropped, or None while the framing is within bounds."""
+        at = 0
+        while at < len(data):
+            if self._skip:
+                step = min(self._skip, len(data) - at)
+                self._skip -= step
+                at += step
+                continue
+            take = _FRAME_HEADER_SIZE - len(self._header)
+            self._header += data[at : at + take]
+            at += take
+            if len(self._header) < _FRAME_HEADER_SIZE:
+                return None
+            length = int.from_bytes(self._header[:3], "big")
+            kind, flags = self._header[3], self._header[4]
+            self._header.clear()
+            if length > self._max_frame:
+                return f"frame of {length} bytes exceeds the maximum frame size {self._max_frame}"
+            if kind in _HEADER_BLOCK_TYPES:
+                self._block = 0 if flags & _END_HEADERS else self._block + length
+                if self._block > self._max_block:
+                    return f"header block exceeds {self._max_block} bytes"
+            self._skip = length
+        return None
 
 
 class _Call:
@@ -313,6 +369,10 @@ class _Connection:
         self._wakeup = trio.Event()
         self._closing = False
         self._settings_seen = False
+        self._guard_frames = _FrameGuard(self._h2.max_inbound_frame_size, limits.max_header_block)
+        self._requests_seen = 0
+        self._idle = False
+        self._read_scope = trio.CancelScope()
 
     async def serve(self) -> None:
         self._h2.initiate_connection()
@@ -320,6 +380,7 @@ class _Connection:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             nursery.start_soon(self._guard, self._write_loop)
+            nursery.start_soon(self._idle_watch)
             await self._guard(self._read_loop)
 
     async def _guard(self, loop: Callable[[], Awaitable[None]]) -> None:
@@ -344,12 +405,24 @@ class _Connection:
         handshake_deadline = trio.current_time() + self._limits.request_timeout_s
         while True:
             data: bytes | bytearray | None = None
-            with trio.move_on_at(math.inf if self._settings_seen else handshake_deadline):
+            deadline = math.inf if self._settings_seen else handshake_deadline
+            with trio.CancelScope(deadline=deadline) as self._read_scope:
                 data = await self._stream.receive_some(_READ_SIZE)
+            if data is None and self._idle:
+                log.debug("workload connection from pid %d idle, closing", self._peer.pid)
+                self._h2.close_connection(h2.errors.ErrorCodes.NO_ERROR)
+                self._close_gracefully()
+                return
             if data is None:
                 raise _Drop("no HTTP/2 preface within the request timeout")
             if not data:
                 self._nursery.cancel_scope.cancel()
+                return
+            if (why := self._guard_frames.check(data)) is not None:
+                self._stats.connections_dropped += 1
+                log.debug("workload connection from pid %d: %s", self._peer.pid, why)
+                self._h2.close_connection(h2.errors.ErrorCodes.FRAME_SIZE_ERROR)
+                self._close_gracefully()
                 return
             try:
                 events = self._h2.receive_data(data)
@@ -371,6 +444,7 @@ class _Connection:
     def _handle(self, event: h2.events.Event) -> bool:
         """Apply one h2 event; True when the peer has ended the connection."""
         if isinstance(event, h2.events.RequestReceived):
+            self._requests_seen += 1
             self._on_request(event)
         elif isinstance(event, h2.events.DataReceived):
             self._h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
@@ -416,6 +490,19 @@ class _Connection:
         call = _Call(stream_id, label, request, self._limits.max_request_size)
         self._calls[stream_id] = call
         self._nursery.start_soon(self._run_call, call)
+
+    async def _idle_watch(self) -> None:
+        """Close the connection once it has had no call for a whole period (rule 6):
+        none open at the start and at the end of it, and none started in between."""
+        period = self._limits.idle_timeout_s
+        while True:
+            quiet, seen = not self._calls, self._requests_seen
+            await trio.sleep(period)
+            if quiet and not self._calls and self._requests_seen == seen:
+                # The reader is waiting for input; it says goodbye (one task reads).
+                self._idle = True
+                self._read_scope.cancel()
+                return
 
     def _close_gracefully(self) -> None:
         """Stop every call and let the writer flush what h2 queued (a GOAWAY)."""

@@ -18,7 +18,10 @@ Rules:
    answered with 502, or 504 on a timeout, if no response has started yet,
    otherwise the client connection is cut, because a half-sent response
    cannot be taken back.  `DownstreamError` (the side that sent the request
-   failed) ends both.  Peers never see exception text.
+   failed) ends both; when the client's body broke the framing (bad
+   chunking) and no response has started, the client gets a 400 first.  The
+   target has then seen a head and part of a body, never a complete request.
+   Peers never see exception text.
 4. Waiting for the next request is the only wait a drain or an expired peer
    certificate interrupts (`Idlers`); a request that has started is finished,
    and its response says ``Connection: close`` when we will close after it.
@@ -26,6 +29,13 @@ Rules:
    would wait for more input, so a small response (head, body and end read
    in one go) leaves as one write, and on the TLS side as one record, instead
    of three.
+6. Ambiguous framing is refused, not relayed.  h11 reads a request with both
+   Content-Length and Transfer-Encoding by the latter; a target that trusts
+   the former would read the rest as a second request (request smuggling).
+   Such a request, and one claiming an HTTP version other than 1.x (h11
+   parses ``PRI * HTTP/2.0`` as a request), get a 400/505 and the connection
+   closes.  Folded headers (obs-fold) and bare LF line ends are accepted as
+   h11 reads them: the request goes on re-serialized, one line per header.
 """
 
 from __future__ import annotations
@@ -61,6 +71,10 @@ class UpstreamError(Exception):
 
 class DownstreamError(Exception):
     """The side that sent the request failed or went away."""
+
+
+class MalformedBody(DownstreamError):
+    """The request body broke HTTP/1.1 framing (bad chunking): answered 400 if we still can."""
 
 
 class HttpStream:
@@ -162,7 +176,11 @@ async def next_request(
             with trio.move_on_after(idle_s):
                 event = await down.next_event()
         if isinstance(event, h11.Request):
-            return event, ""
+            refusal = _refusal(event)
+            if refusal is None:
+                return event, ""
+            await respond_error(down, *refusal)
+            return None, "bad_request"
         if event is None:
             await respond_error(down, 408, "request head took too long")
             return None, "idle"
@@ -172,6 +190,16 @@ async def next_request(
         return None, "bad_request"
     except (trio.BrokenResourceError, trio.ClosedResourceError):
         return None, "closed"
+
+
+def _refusal(request: h11.Request) -> tuple[int, str] | None:
+    """Requests h11 accepts that must not be relayed (rule 6), as (status, text)."""
+    if request.http_version not in (b"1.0", b"1.1"):
+        return 505, "HTTP version not supported"
+    names = {name for name, _ in request.headers}
+    if b"content-length" in names and b"transfer-encoding" in names:
+        return 400, "both Content-Length and Transfer-Encoding"
+    return None
 
 
 def _why_woken(idlers: Idlers, hard_at: float) -> str:
@@ -258,7 +286,8 @@ async def _next_from(
         try:
             event = src.conn.next_event()
         except h11.ProtocolError as exc:
-            raise src_fails(f"malformed message: {exc}") from exc
+            kind = MalformedBody if src_fails is DownstreamError else src_fails
+            raise kind(f"malformed message: {exc}") from exc
         if isinstance(event, h11.ConnectionClosed):
             raise src_fails("the connection closed in the middle of a message")
         if event is not h11.NEED_DATA:
@@ -394,7 +423,11 @@ async def exchange(
                 nursery.start_soon(body)
                 nursery.start_soon(response)
         except BaseExceptionGroup as group:
-            raise _ours(group) from None
+            error = _ours(group)
+            if isinstance(error, MalformedBody) and not ex.response_started:
+                ex.status = 400
+                await respond_error(down, 400, "malformed request body")
+            raise error from None
     if activity.scope.cancelled_caught:
         raise UpstreamError(f"no progress for {idle_s:g}s", timeout=True)
 

@@ -11,7 +11,9 @@ Rules:
 3. The peer never sees our exception text.  A handler's :class:`HttpError` becomes
    ``{"error": message}`` with its status; anything else a handler raises becomes a
    generic 500, and the traceback goes to the ``tally.http`` log.  Errors in the
-   peer's bytes become 400/408/413/431 with fixed messages.
+   peer's bytes become 400/408/413/431/501/505 with fixed messages.  A request
+   whose framing is ambiguous (both Content-Length and Transfer-Encoding) or
+   that claims an HTTP version other than 1.0 or 1.1 is refused, never guessed at.
 4. A peer cannot crash a server.  Transport, TLS and protocol failures end the
    connection quietly; :func:`serve_http` never raises them.  It does not close the
    stream either: the caller opened it and closes it (``async with stream:``).
@@ -153,6 +155,7 @@ _PROTOCOL_MESSAGES = {
     400: "bad request",
     414: "request target too long",
     431: "request headers too large",
+    501: "transfer coding not supported",
 }
 
 
@@ -280,8 +283,13 @@ class _Server:
         head_size = len(event.target) + sum(len(n) + len(v) + 4 for n, v in event.headers)
         if head_size > self.max_header_bytes:
             raise _Refuse(431, "request headers too large")
+        if event.http_version not in (b"1.0", b"1.1"):
+            raise _Refuse(505, "HTTP version not supported")
         headers = _decode_headers(event.headers)
         declared = _find_header(headers, "content-length")
+        if declared is not None and _find_header(headers, "transfer-encoding") is not None:
+            # RFC 9112 6.1: the classic request-smuggling shape; refused, never guessed at.
+            raise _Refuse(400, "request has both Content-Length and Transfer-Encoding")
         if declared is not None and declared.isdigit() and int(declared) > self.max_body:
             raise _Refuse(413, f"request body exceeds {self.max_body} bytes")
         if self.conn.they_are_waiting_for_100_continue:
