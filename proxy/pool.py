@@ -34,6 +34,7 @@ import trio
 from proxy.http import HttpStream
 from proxy.metrics import Stats
 from tally import tls
+from tally.plain import PlainStream
 from tally.spiffeid import SpiffeId
 
 RETIRE_MARGIN_S = 2.0
@@ -67,7 +68,7 @@ class Upstream:
 
 
 def _socket_readable(stream: trio.abc.Stream) -> bool:
-    transport = stream.transport if isinstance(stream, tls.TLSStream) else stream
+    transport = stream.transport if isinstance(stream, tls.TLSStream | PlainStream) else stream
     if not isinstance(transport, trio.SocketStream):
         return False
     poller = select.poll()

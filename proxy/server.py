@@ -62,6 +62,7 @@ from tally.config import ConfigError
 from tally.health import serve_health
 from tally.logs import get_logger, setup_logging
 from tally.net import ListenError
+from tally.plain import PlainStream
 from tally.spiffeid import SpiffeId
 
 log = get_logger("tally.proxy")
@@ -320,7 +321,7 @@ class Proxy:
 
     async def _dial_target(self) -> Upstream:
         """Server mode, HTTP: a plain connection to the service for the pool."""
-        stream = await self._connect_target()
+        stream = PlainStream(await self._connect_target())
         return Upstream(stream, HttpStream(stream, h11.CLIENT), None, math.inf)
 
     async def _dial(self) -> Upstream:
@@ -380,7 +381,7 @@ class Proxy:
     async def _tcp(self, conn: trio.abc.Stream, peer: Peer) -> None:
         """Splice an authenticated connection to the target (both modes)."""
         try:
-            target = await self._connect_target()
+            target = PlainStream(await self._connect_target())
         except DialError as exc:
             log.warning("target.unreachable", target=str(self.cfg.target), error=str(exc))
             return
@@ -420,7 +421,8 @@ class Proxy:
 
     # -- client mode ----------------------------------------------------------------------
 
-    async def _serve_outbound(self, stream: trio.SocketStream) -> None:
+    async def _serve_outbound(self, accepted: trio.SocketStream) -> None:
+        stream = PlainStream(accepted)
         try:
             if self.cfg.http:
                 await self._relay_http(stream, caller=None, hard_at=math.inf, stamp=None)

@@ -1,4 +1,4 @@
-"""Tally's one TLS layer: pyOpenSSL contexts from in-memory keys, driven over any trio stream.
+"""Tally's one TLS layer: pyOpenSSL contexts from in-memory keys, driven on trio sockets.
 
 Rules:
 
@@ -24,19 +24,20 @@ Rules:
    :meth:`TLSStream.do_handshake` and deadlines around reads.  A cancelled or timed
    out handshake leaves the stream broken; close it.
 
-Theory of operation of :class:`TLSStream`.  The OpenSSL ``Connection`` reads and
-writes two memory buffers (BIOs); it never touches a socket.  Every OpenSSL call is
-synchronous and either succeeds, or raises ``WantReadError`` meaning "feed me
-ciphertext from the peer".  Whatever OpenSSL queues in the outgoing buffer (records,
-alerts, session tickets, key updates) must reach the transport in order, so the
-outgoing buffer is only ever drained under one lock, by whichever task holds it,
-until it is empty.  After the handshake the receive side never writes at all: in
-TLS 1.3 nothing a read makes OpenSSL queue (a KeyUpdate reply) is something the
-peer waits for, so it goes out with our next send.  That is what makes full
-duplex safe: the proxy pumps both directions from two tasks, and a reader never
-blocks behind a writer that waits for the peer to read.  For the same reason a
-server's session tickets wait in the buffer for its first send: the client has
-finished its handshake by then and need not be reading.
+Theory of operation of :class:`TLSStream`.  OpenSSL is bound to the connection's
+non-blocking socket and does its own reads and writes: no buffer is copied through
+Python between the kernel and the cipher, which is where a proxy in Python spends
+its time.  Every OpenSSL call is synchronous and either succeeds or raises
+``WantReadError``/``WantWriteError``, meaning "call again once the socket is
+readable/writable"; we then park on trio's I/O wait for that socket.  One task
+sends and one task receives at a time (full duplex: the proxy pumps both
+directions from two tasks).  A receive can need to write (the reply to a peer's
+KeyUpdate) and a send to read; a second task waiting for the same readiness of
+the same socket waits for the first one's wake-up instead, since trio allows one
+waiter per direction.  In TLS 1.3 a read never waits on a write the peer must
+take first, so neither direction can block the other.  An OpenSSL write that
+stopped part way through a record must be finished before anything else is
+sent, so a send cancelled while waiting breaks the stream.
 
 Resumption.  Servers hand out TLS 1.3 session tickets (stateful ones: the server's
 session cache keeps the client's chain) and client contexts keep the last session
@@ -53,9 +54,10 @@ Half-close.  TLS 1.3 made ``close_notify`` close only the sender's direction
 from __future__ import annotations
 
 import logging
+import socket
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from typing import Literal
+from typing import Literal, cast
 
 import trio
 from cryptography import x509
@@ -77,18 +79,10 @@ PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519Pri
 ClientAuth = Literal["none", "optional", "required"]
 
 RECEIVE_SIZE = 1 << 18
-"""Ciphertext read from the transport per call, and the default ``max_bytes``.
-
-Large on purpose: per-call overhead (a trio checkpoint, a socket read, Python
-frames) dominates below about 64 KiB; measured over loopback, 256 KiB chunks give
-twice the throughput of trio's SSLStream.
-"""
+"""The default ``max_bytes`` of a receive: as many whole records as are already in."""
 _RECORD = 1 << 14  # TLS plaintext records are at most 16 KiB: OpenSSL returns one per read
 SEND_CHUNK = 1 << 18
-"""Plaintext encrypted before the records are handed to the transport."""
-_BIO_READ = SEND_CHUNK + 8192  # one SEND_CHUNK of records plus their headers and tags
-CLOSE_NOTIFY_TIMEOUT_S = 1.0
-"""How long ``aclose`` waits for the transport to take our close_notify."""
+"""Plaintext handed to OpenSSL per write call."""
 SESSION_TIMEOUT_S = 300
 """How long a server honours a session ticket; clients keep at most this long too."""
 _CLIENT_SESSIONS_MAX = 64
@@ -270,10 +264,11 @@ class TLSContext:
         return self._client_auth
 
     def _new_connection(
-        self, server_hostname: str | None
+        self, sock: trio.socket.SocketType, server_hostname: str | None
     ) -> tuple[SSL.Connection, _PeerCheck, bool]:
-        """A fresh OpenSSL connection over memory BIOs; the flag says a session was offered."""
-        conn = SSL.Connection(self._ssl, None)
+        """A fresh OpenSSL connection on `sock`; the flag says a session was offered."""
+        # pyOpenSSL only asks the socket for its fileno(); trio's socket has one.
+        conn = SSL.Connection(self._ssl, cast("socket.socket", sock))
         check = _PeerCheck(self._verifier)
         conn.set_app_data(check)
         session = None
@@ -328,7 +323,10 @@ def _base_context(
     ctx.set_min_proto_version(SSL.TLS1_3_VERSION)
     ctx.set_max_proto_version(SSL.TLS1_3_VERSION)
     ctx.set_options(SSL.OP_NO_COMPRESSION)
-    ctx.set_mode(_MODE_NO_AUTO_CHAIN)
+    # Idle connections give their record buffers back (about 34 KiB each); a
+    # close without close_notify reads as a plain end of stream, as on TCP.
+    ctx.set_mode(_MODE_NO_AUTO_CHAIN | SSL.MODE_RELEASE_BUFFERS)
+    ctx.set_options(_lib.SSL_OP_IGNORE_UNEXPECTED_EOF)
     if chain:
         if key is None:
             raise ValueError("a certificate chain was given without its private key")
@@ -418,42 +416,56 @@ def _describe(exc: SSL.Error) -> str:
 class _Guard:
     """Raises BusyResourceError when two tasks use the same direction at once."""
 
-    __slots__ = ("_busy", "_what")
+    __slots__ = ("_what", "busy")
 
     def __init__(self, what: str) -> None:
         self._what = what
-        self._busy = False
+        self.busy = False
 
     def __enter__(self) -> None:
-        if self._busy:
+        if self.busy:
             raise trio.BusyResourceError(f"another task is already {self._what} on this stream")
-        self._busy = True
+        self.busy = True
 
     def __exit__(self, *exc_info: object) -> None:
-        self._busy = False
+        self.busy = False
 
 
-class _FlushLock:
-    """A lock with no checkpoint when free: draining is on the hot path of every send."""
+class _Readiness:
+    """Waits for a socket to be readable or writable, shared by a sending and a receiving task.
 
-    __slots__ = ("_lot", "held")
+    trio lets one task wait for each readiness of a socket; a second one waits for
+    the first one's wake-up, then both retry their OpenSSL call.
+    """
 
-    def __init__(self) -> None:
-        self.held = False
-        self._lot = trio.lowlevel.ParkingLot()
+    __slots__ = ("_sock", "_waiting")
 
-    async def acquire(self) -> None:
-        while self.held:
-            await self._lot.park()
-        self.held = True
+    def __init__(self, sock: trio.socket.SocketType) -> None:
+        self._sock = sock
+        self._waiting: dict[bool, trio.Event] = {}
 
-    def release(self) -> None:
-        self.held = False
-        self._lot.unpark()
+    async def wait(self, writable: bool) -> None:
+        other = self._waiting.get(writable)
+        if other is not None:
+            await other.wait()
+            return
+        woken = self._waiting[writable] = trio.Event()
+        try:
+            if writable:
+                await trio.lowlevel.wait_writable(self._sock)
+            else:
+                await trio.lowlevel.wait_readable(self._sock)
+        finally:
+            del self._waiting[writable]
+            woken.set()
+
+
+def _eof_text(text: str) -> bool:
+    return "unexpected eof" in text.lower()
 
 
 class TLSStream(trio.abc.HalfCloseableStream):
-    """TLS 1.3 over a trio stream, safe for one sending and one receiving task at once.
+    """TLS 1.3 on a trio socket stream, safe for one sending and one receiving task at once.
 
     ``send_all``/``receive_some`` run the handshake if nobody has yet, but call
     :meth:`do_handshake` yourself under a deadline to learn why a peer failed.
@@ -461,7 +473,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
 
     def __init__(
         self,
-        transport: trio.abc.Stream,
+        transport: trio.SocketStream,
         ctx: TLSContext,
         *,
         server_side: bool,
@@ -470,20 +482,22 @@ class TLSStream(trio.abc.HalfCloseableStream):
         if server_side != ctx.server_side:
             side = "server" if server_side else "client"
             raise ValueError(f"a {side} stream needs a {side} context")
+        if not isinstance(transport, trio.SocketStream):
+            raise TypeError(f"TLS runs on a trio.SocketStream, got {type(transport).__name__}")
         self.transport = transport
         self._ctx = ctx
         self._server_hostname = server_hostname
-        self._conn, self._check, self._offered_session = ctx._new_connection(server_hostname)
+        self._conn, self._check, self._offered_session = ctx._new_connection(
+            transport.socket, server_hostname
+        )
+        self._ready = _Readiness(transport.socket)
         self._send_guard = _Guard("sending")
         self._recv_guard = _Guard("receiving")
-        self._flush_lock = _FlushLock()
         self._handshake_lock = trio.Lock()
         self._handshook = False
         self._handshake_error: BaseException | None = None
         self._broken: BaseException | None = None
         self._closed = False
-        self._need_input = False  # OpenSSL said WantRead and nothing was fed since
-        self._queued = 0  # bumped whenever OpenSSL may have queued outgoing bytes
         self._recv_eof = False
         self._sent_eof = False
         self._peer_chain: list[x509.Certificate] = []
@@ -513,46 +527,11 @@ class TLSStream(trio.abc.HalfCloseableStream):
         """The protocol version name ("TLSv1.3") once the handshake is done."""
         return self._conn.get_protocol_version_name() if self._handshook else None
 
-    # -- byte pumping --------------------------------------------------------------
-
     def _check_usable(self) -> None:
         if self._closed:
             raise trio.ClosedResourceError("this TLS stream was closed")
         if self._broken is not None:
             raise trio.BrokenResourceError("this TLS stream is broken") from self._broken
-
-    async def _flush(self) -> None:
-        """Hand everything OpenSSL queued to the transport, in order.
-
-        Waits for the drain lock.  A failure (or cancellation) part way through a
-        record leaves the peer unable to decrypt anything after it: the stream breaks.
-        """
-        await self._flush_lock.acquire()
-        try:
-            while True:
-                queued = self._queued
-                try:
-                    data = self._conn.bio_read(_BIO_READ)
-                except SSL.WantReadError:
-                    return
-                await self.transport.send_all(data)
-                if len(data) < _BIO_READ and queued == self._queued:
-                    return  # drained, and nobody queued more while we were sending
-        except BaseException as exc:
-            if self._broken is None:
-                self._broken = exc
-            raise
-        finally:
-            self._flush_lock.release()
-
-    async def _feed(self) -> bool:
-        """Move one chunk of ciphertext from the transport into OpenSSL; False at EOF."""
-        data = await self.transport.receive_some(RECEIVE_SIZE)
-        if not data:
-            return False
-        self._conn.bio_write(data)
-        self._need_input = False
-        return True
 
     # -- handshake -----------------------------------------------------------------
 
@@ -592,25 +571,23 @@ class TLSStream(trio.abc.HalfCloseableStream):
     async def _handshake(self) -> None:
         while True:
             try:
-                self._queued += 1
                 self._conn.do_handshake()
             except SSL.WantReadError:
-                await self._flush()
-                if not await self._feed():
+                await self._ready.wait(writable=False)
+            except SSL.WantWriteError:
+                await self._ready.wait(writable=True)
+            except (SSL.ZeroReturnError, SSL.SysCallError) as exc:
+                raise trio.BrokenResourceError(
+                    "the peer closed the connection during the TLS handshake"
+                ) from exc
+            except SSL.Error as exc:
+                if self._check.rejection is None and _eof_text(_describe(exc)):
                     raise trio.BrokenResourceError(
                         "the peer closed the connection during the TLS handshake"
-                    ) from None
-            except SSL.Error as exc:
-                # Best effort: let the peer see our alert before we give up.
-                try:
-                    await self._flush()
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    pass
+                    ) from exc
                 raise self._handshake_failure(exc) from exc
             else:
                 break
-        if not self._ctx.server_side:
-            await self._flush()  # our Finished; a server's tickets wait for its first send
         self._finish_handshake()
         self._handshook = True
 
@@ -647,23 +624,31 @@ class TLSStream(trio.abc.HalfCloseableStream):
         with self._send_guard:
             await trio.lowlevel.checkpoint_if_cancelled()
             self._check_usable()
+            waited = False
             if not self._handshook:
                 await self._implicit_handshake()
+                waited = True
             if self._sent_eof:
                 raise trio.ClosedResourceError("send_eof() was called on this TLS stream")
-            view = memoryview(data)
-            if not view.nbytes:
-                await trio.lowlevel.checkpoint()
-                return
-            view = view.cast("B")
-            for start in range(0, len(view), SEND_CHUNK):
+            view = memoryview(data).cast("B")
+            while view:
                 try:
-                    self._queued += 1
-                    self._conn.sendall(view[start : start + SEND_CHUNK])
+                    sent = self._conn.send(view[:SEND_CHUNK])
+                except (SSL.WantWriteError, SSL.WantReadError) as want:
+                    waited = True
+                    try:
+                        await self._ready.wait(writable=isinstance(want, SSL.WantWriteError))
+                    except BaseException as exc:
+                        # OpenSSL holds the rest of a record it began: nothing else may follow.
+                        self._broken = exc
+                        raise
+                    continue
                 except SSL.Error as exc:
                     err = self._fail(exc, "send")
                     raise trio.BrokenResourceError(str(err)) from err
-                await self._flush()
+                view = view[sent:]
+            if not waited:
+                await trio.lowlevel.cancel_shielded_checkpoint()
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         with self._recv_guard:
@@ -675,45 +660,42 @@ class TLSStream(trio.abc.HalfCloseableStream):
                 raise ValueError(f"max_bytes must be at least 1, got {max_bytes}")
             await trio.lowlevel.checkpoint_if_cancelled()
             self._check_usable()
-            yielded = False
+            waited = False
             if not self._handshook:
                 await self._implicit_handshake()
-                yielded = True
+                waited = True
             data = b""
             if not self._recv_eof:
-                data, fed = await self._receive(max_bytes)
-                yielded = yielded or fed
-            if not yielded:
+                data, blocked = await self._receive(max_bytes)
+                waited = waited or blocked
+            if not waited:
                 await trio.lowlevel.cancel_shielded_checkpoint()
             return data
 
     async def _receive(self, max_bytes: int) -> tuple[bytes, bool]:
-        """Decrypt up to max_bytes; the flag says whether we awaited the transport."""
-        fed = False
+        """Decrypt what has arrived, up to max_bytes, waiting only while nothing has.
+
+        One read returns one record.  A full record suggests a bulk transfer with
+        more already in the socket, so reading goes on; a short one is usually a
+        message's end, and asking again would only cost a failed read.
+        """
+        waited = False
         parts: list[bytes] = []
         total = 0
         while total < max_bytes:
-            if self._need_input:
-                if parts:
-                    break  # return what we have rather than wait for more
-                fed = True
-                try:
-                    more = await self._feed()
-                except trio.Cancelled:
-                    raise  # nothing was consumed: the stream is still whole
-                except trio.ClosedResourceError:
-                    raise
-                except BaseException as exc:
-                    self._broken = exc
-                    raise
-                if not more:
-                    self._recv_eof = True
-                    break
             try:
-                self._queued += 1
                 chunk = self._conn.recv(min(max_bytes - total, _RECORD))
             except SSL.WantReadError:
-                self._need_input = True
+                if parts:
+                    break
+                waited = True
+                await self._ready.wait(writable=False)
+                continue
+            except SSL.WantWriteError:  # the reply to a KeyUpdate did not fit
+                if parts:
+                    break
+                waited = True
+                await self._ready.wait(writable=True)
                 continue
             except SSL.ZeroReturnError:
                 self._recv_eof = True
@@ -721,13 +703,18 @@ class TLSStream(trio.abc.HalfCloseableStream):
             except SSL.Error as exc:
                 if parts:
                     break  # deliver what decrypted cleanly; the next call reports the error
+                if isinstance(exc, SSL.SysCallError) and exc.args[0] == -1:
+                    self._recv_eof = True  # end of stream without close_notify
+                    break
                 err = self._fail(exc, "receive")
                 raise trio.BrokenResourceError(str(err)) from err
             parts.append(chunk)
             total += len(chunk)
+            if len(chunk) < _RECORD:
+                break
         if parts and not self._session_saved:
             self._save_session()
-        return (parts[0] if len(parts) == 1 else b"".join(parts)), fed
+        return (parts[0] if len(parts) == 1 else b"".join(parts)), waited
 
     def _fail(self, exc: SSL.Error, during: str) -> TLSError:
         """Break the stream for an OpenSSL failure; callers raise BrokenResourceError from it."""
@@ -753,41 +740,42 @@ class TLSStream(trio.abc.HalfCloseableStream):
                 await trio.lowlevel.checkpoint()
                 return
             self._sent_eof = True
-            try:
-                self._queued += 1
-                self._conn.shutdown()
-            except SSL.Error as exc:
-                err = self._fail(exc, "shutdown")
-                raise trio.BrokenResourceError(str(err)) from err
-            await self._flush()
+            while True:
+                try:
+                    self._conn.shutdown()
+                except SSL.WantWriteError:
+                    await self._ready.wait(writable=True)
+                    continue
+                except SSL.Error as exc:
+                    err = self._fail(exc, "shutdown")
+                    raise trio.BrokenResourceError(str(err)) from err
+                break
+            await trio.lowlevel.checkpoint()
 
     async def wait_send_all_might_not_block(self) -> None:
         with self._send_guard:
             self._check_usable()
-            await self.transport.wait_send_all_might_not_block()
+            await self._ready.wait(writable=True)
 
     async def aclose(self) -> None:
-        """Send close_notify if we can do so quickly, then close the transport.
+        """Send close_notify if the socket takes it at once, then close the socket.
 
         The close_notify is skipped when the handshake never finished, when the
-        stream is broken, or when another task is mid-send; it gets at most
-        CLOSE_NOTIFY_TIMEOUT_S even if we are being cancelled.
+        stream is broken, or when another task is mid-send (it would cut into a
+        record).  Nothing here waits for the peer.
         """
         if self._closed:
             await trio.lowlevel.checkpoint()
             return
         self._closed = True
         try:
-            if self._handshook and self._broken is None and not self._flush_lock.held:
+            if self._handshook and self._broken is None and not self._send_guard.busy:
                 if not self._sent_eof:
-                    with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_NOTIFY_TIMEOUT_S):
-                        self._sent_eof = True
-                        try:
-                            self._queued += 1
-                            self._conn.shutdown()
-                            await self._flush()
-                        except (SSL.Error, trio.BrokenResourceError, trio.ClosedResourceError):
-                            pass
+                    self._sent_eof = True
+                    try:
+                        self._conn.shutdown()
+                    except SSL.Error:
+                        pass
         finally:
             await self.transport.aclose()
 

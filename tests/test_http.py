@@ -20,7 +20,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tally import http, tls
-from tests.test_tls import make_leaf, make_pki, make_root, spiffe_id, stdlib_client_context
+from tests.test_tls import _close_socket_pairs as _close_socket_pairs
+from tests.test_tls import (
+    make_leaf,
+    make_pki,
+    make_root,
+    socket_pair,
+    spiffe_id,
+    stdlib_client_context,
+)
 
 
 async def echo(req: http.Request) -> http.Response:
@@ -329,7 +337,7 @@ async def test_serve_http_swallows_a_failed_implicit_handshake():
     # serve_http over a TLSStream whose handshake was never run: the peer's garbage
     # fails it inside receive_some, and the connection just ends.
     pki = make_pki()
-    client, server = trio.testing.memory_stream_pair()
+    client, server = socket_pair()
     stream = tls.TLSStream(server, pki.server_ctx(), server_side=True)
 
     async def serve():
@@ -340,8 +348,11 @@ async def test_serve_http_swallows_a_failed_implicit_handshake():
         nursery.start_soon(serve)
         await client.send_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
         out = bytearray()
-        while chunk := await client.receive_some():
-            out += chunk
+        try:
+            while chunk := await client.receive_some():
+                out += chunk
+        except trio.BrokenResourceError:
+            pass  # closed with our request unread: the kernel resets the connection
     assert b"HTTP" not in out  # at most a TLS alert; the connection simply ended
 
 

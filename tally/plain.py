@@ -1,0 +1,138 @@
+"""Plain (unencrypted) socket streams for the proxy's data path, with one call per read or write.
+
+Rules / theory of operation: a proxy moves every byte twice per direction, so
+the cost of a stream call is paid four times per request.  trio's
+``SocketStream`` goes through its socket wrapper for each call (an async
+context manager, a conflict detector, a retry helper), which measured here is
+most of a small request's Python time.  `PlainStream` keeps trio's
+contract (one sender and one receiver at a time, a checkpoint per call,
+``BrokenResourceError``/``ClosedResourceError``) but reads and writes the
+non-blocking descriptor directly and parks on trio's I/O wait only when the
+kernel says "would block".  It wraps a trio ``SocketStream``, which still owns
+the socket and closes it.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+
+import trio
+
+RECEIVE_SIZE = 1 << 16
+
+
+class _Busy:
+    """Refuses a second task in one direction, like trio's own conflict detector."""
+
+    __slots__ = ("_what", "busy")
+
+    def __init__(self, what: str) -> None:
+        self._what = what
+        self.busy = False
+
+    def __enter__(self) -> None:
+        if self.busy:
+            raise trio.BusyResourceError(f"another task is already {self._what} on this stream")
+        self.busy = True
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.busy = False
+
+
+class PlainStream(trio.abc.HalfCloseableStream):
+    """A connected TCP or Unix stream socket, read and written with os.read/os.write."""
+
+    __slots__ = ("_closed", "_fd", "_receiving", "_sending", "_sent_eof", "transport")
+
+    def __init__(self, transport: trio.SocketStream) -> None:
+        self.transport = transport
+        self._fd = transport.socket.fileno()
+        self._sending = _Busy("sending")
+        self._receiving = _Busy("receiving")
+        self._closed = False
+        self._sent_eof = False
+
+    @property
+    def socket(self) -> trio.socket.SocketType:
+        return self.transport.socket
+
+    def _check_open(self) -> None:
+        # The descriptor number may be reused by a new socket once this one is closed,
+        # so no call may touch it after aclose().
+        if self._closed:
+            raise trio.ClosedResourceError("this stream was closed")
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        with self._sending:
+            await trio.lowlevel.checkpoint_if_cancelled()
+            self._check_open()
+            if self._sent_eof:
+                raise trio.ClosedResourceError("send_eof() was called on this stream")
+            view = memoryview(data).cast("B")
+            waited = False
+            while view:
+                try:
+                    sent = os.write(self._fd, view)
+                except BlockingIOError:
+                    waited = True
+                    await self._wait(writable=True)
+                    continue
+                except OSError as exc:
+                    raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc
+                view = view[sent:]
+            if not waited:
+                await trio.lowlevel.cancel_shielded_checkpoint()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        with self._receiving:
+            if max_bytes is None:
+                max_bytes = RECEIVE_SIZE
+            elif max_bytes < 1:
+                raise ValueError(f"max_bytes must be at least 1, got {max_bytes}")
+            await trio.lowlevel.checkpoint_if_cancelled()
+            self._check_open()
+            waited = False
+            while True:
+                try:
+                    data = os.read(self._fd, max_bytes)
+                except BlockingIOError:
+                    waited = True
+                    await self._wait(writable=False)
+                    continue
+                except OSError as exc:
+                    raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc
+                break
+            if not waited:
+                await trio.lowlevel.cancel_shielded_checkpoint()
+            return data
+
+    async def _wait(self, *, writable: bool) -> None:
+        self._check_open()
+        if writable:
+            await trio.lowlevel.wait_writable(self.transport.socket)
+        else:
+            await trio.lowlevel.wait_readable(self.transport.socket)
+        self._check_open()
+
+    async def send_eof(self) -> None:
+        with self._sending:
+            await trio.lowlevel.checkpoint()
+            self._check_open()
+            if self._sent_eof:
+                return
+            self._sent_eof = True
+            try:
+                self.transport.socket.shutdown(socket.SHUT_WR)
+            except OSError as exc:
+                if exc.errno != errno.ENOTCONN:  # the peer is gone already: so is our side
+                    raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc
+
+    async def wait_send_all_might_not_block(self) -> None:
+        with self._sending:
+            await self._wait(writable=True)
+
+    async def aclose(self) -> None:
+        self._closed = True
+        await self.transport.aclose()

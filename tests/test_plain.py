@@ -1,0 +1,69 @@
+"""PlainStream against trio's stream conformance suite, on real socket pairs."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import trio
+import trio.testing
+
+from tally.plain import PlainStream
+
+_OPEN: list[socket.socket] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_sockets():
+    yield
+    while _OPEN:
+        _OPEN.pop().close()
+
+
+def plain_pair() -> tuple[PlainStream, PlainStream]:
+    a, b = socket.socketpair()
+    _OPEN.extend((a, b))
+    return (
+        PlainStream(trio.SocketStream(trio.socket.from_stdlib_socket(a))),
+        PlainStream(trio.SocketStream(trio.socket.from_stdlib_socket(b))),
+    )
+
+
+def fill(stream: PlainStream) -> None:
+    """Write junk until the kernel refuses more: sends now block until the peer reads."""
+    fd = stream.socket.fileno()
+    try:
+        while True:
+            os.write(fd, b"x" * 65536)
+    except BlockingIOError:
+        pass
+
+
+async def test_conforms_to_trio_half_closeable_stream():
+    async def stream_maker():
+        return plain_pair()
+
+    async def clogged_stream_maker():
+        left, right = plain_pair()
+        fill(left)
+        fill(right)
+        return left, right
+
+    await trio.testing.check_half_closeable_stream(stream_maker, clogged_stream_maker)
+
+
+async def test_a_reset_peer_breaks_the_stream_and_a_closed_one_refuses_use():
+    left, right = plain_pair()
+    right.socket.setsockopt(
+        socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00"
+    )
+    await right.aclose()
+    with pytest.raises(trio.BrokenResourceError):
+        for _ in range(100):  # the first write may still be taken by the kernel
+            await left.send_all(b"x" * 65536)
+    await left.aclose()
+    with pytest.raises(trio.ClosedResourceError):
+        await left.receive_some()
+    with pytest.raises(trio.ClosedResourceError):
+        await left.send_all(b"late")
