@@ -16,6 +16,7 @@ Rules:
 from __future__ import annotations
 
 import errno
+import ipaddress
 import os
 import socket
 import stat
@@ -127,4 +128,15 @@ async def connect(addr: Address) -> trio.SocketStream:
         assert addr.path is not None
         return await trio.open_unix_socket(addr.path)
     assert addr.host is not None and addr.port is not None
-    return await trio.open_tcp_stream(addr.host, addr.port)
+    try:
+        family = socket.AF_INET6 if ipaddress.ip_address(addr.host).version == 6 else socket.AF_INET
+    except ValueError:  # a name: resolve it, and race its addresses (happy eyeballs)
+        return await trio.open_tcp_stream(addr.host, addr.port)
+    # A literal address needs neither: one socket, one connect.  Proxies dial per connection.
+    sock = trio.socket.socket(family, socket.SOCK_STREAM)
+    try:
+        await sock.connect((addr.host, addr.port))
+    except BaseException:
+        sock.close()
+        raise
+    return trio.SocketStream(sock)

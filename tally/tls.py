@@ -42,10 +42,16 @@ sent, so a send cancelled while waiting breaks the stream.
 Resumption.  Servers hand out TLS 1.3 session tickets (stateful ones: the server's
 session cache keeps the client's chain) and client contexts keep the last session
 per server name, so a reconnect can skip certificate work.  A resumed
-handshake carries no certificates, so OpenSSL's verify callback does not run; we
-then check the chain stored in the session against the context's roots again (at
-the current time, so an expired certificate is refused) and rerun the verifier.
-Sessions never cross contexts: a rotation starts with an empty cache.
+handshake carries no certificates, so OpenSSL's verify callback does not run; the
+peer must still be judged by this context.  A context remembers the verdict it
+reached on each leaf (by its exact DER) until the earliest expiry on the verified
+chain, and a resumed handshake with that leaf takes the verdict; otherwise the
+chain stored in the session is checked against the context's roots again (at the
+current time, so an expired certificate is refused) and the verifier reruns.
+The verdict depends only on the leaf, the context's roots and verifier (all
+fixed) and the time (the expiry bound), so remembering it changes nothing but
+the cost.  Sessions and verdicts never cross contexts: a rotation or a reload
+of the allow rules starts with empty caches.
 
 Half-close.  TLS 1.3 made ``close_notify`` close only the sender's direction
 (RFC 8446 section 6.1), so :meth:`TLSStream.send_eof` sends it and reading goes on.
@@ -55,8 +61,10 @@ from __future__ import annotations
 
 import logging
 import socket
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Literal, cast
 
 import trio
@@ -86,6 +94,7 @@ SEND_CHUNK = 1 << 18
 SESSION_TIMEOUT_S = 300
 """How long a server honours a session ticket; clients keep at most this long too."""
 _CLIENT_SESSIONS_MAX = 64
+_VERIFIED_MAX = 4096
 # SSL_MODE_NO_AUTO_CHAIN from ssl.h, which pyOpenSSL does not export: without it OpenSSL
 # completes a leaf-only chain from the trust store and sends our roots along with it.
 _MODE_NO_AUTO_CHAIN = 0x8
@@ -144,7 +153,9 @@ PeerVerifier = Callable[[list[x509.Certificate]], object]
 """Called with the verified chain, leaf first and ending in the trusted root.
 
 Raise :class:`PeerRejected` to refuse the peer; the return value becomes
-:attr:`TLSStream.peer_identity`.  Runs inside OpenSSL's callback: keep it pure and fast.
+:attr:`TLSStream.peer_identity`.  Runs inside OpenSSL's callback: keep it fast, and
+pure: its answer may depend on the chain only, because the context remembers it for
+resumed handshakes with the same leaf.  Build a new context when the rules change.
 """
 
 
@@ -235,6 +246,15 @@ def _verify_callback(
     return check.on_verify(cert, code, depth, ok)
 
 
+@dataclass(frozen=True, slots=True)
+class _Verified:
+    """A peer's chain as presented, what the verifier said, and until when that holds."""
+
+    chain: tuple[x509.Certificate, ...]
+    identity: object
+    valid_until: float  # the earliest not_after on the verified chain, as a Unix time
+
+
 class TLSContext:
     """An immutable TLS 1.3 configuration: our chain and key, the roots we trust, the verifier.
 
@@ -243,7 +263,7 @@ class TLSContext:
     losing it costs a full handshake, never correctness.
     """
 
-    __slots__ = ("_client_auth", "_sessions", "_ssl", "_verifier", "server_side")
+    __slots__ = ("_client_auth", "_sessions", "_ssl", "_verified", "_verifier", "server_side")
 
     def __init__(
         self,
@@ -258,6 +278,7 @@ class TLSContext:
         self._client_auth = client_auth
         self._verifier = verifier
         self._sessions: OrderedDict[str, SSL.Session] = OrderedDict()
+        self._verified: OrderedDict[bytes, _Verified] = OrderedDict()
 
     @property
     def client_auth(self) -> ClientAuth:
@@ -292,6 +313,29 @@ class TLSContext:
 
     def _forget_session(self, server_hostname: str | None) -> None:
         self._sessions.pop(server_hostname or "", None)
+
+    def _remember_verified(
+        self,
+        leaf_der: bytes,
+        chain: list[x509.Certificate],
+        identity: object,
+        verified: list[x509.Certificate],
+    ) -> None:
+        until = min(c.not_valid_after_utc for c in verified).timestamp()
+        self._verified[leaf_der] = _Verified(tuple(chain), identity, until)
+        self._verified.move_to_end(leaf_der)
+        while len(self._verified) > _VERIFIED_MAX:
+            self._verified.popitem(last=False)
+
+    def _recall_verified(self, leaf_der: bytes) -> _Verified | None:
+        """A verdict this context reached on the same leaf, while its chain is still valid."""
+        known = self._verified.get(leaf_der)
+        if known is None:
+            return None
+        if time.time() >= known.valid_until:
+            del self._verified[leaf_der]
+            return None
+        return known
 
     def _reverify(
         self, leaf: x509.Certificate, presented: list[x509.Certificate]
@@ -604,19 +648,27 @@ class TLSStream(trio.abc.HalfCloseableStream):
             # Unreachable while the callback refuses at depth 0; kept so that a verdict
             # can never be lost if OpenSSL ever finished without showing us the leaf.
             raise self._check.rejection
-        leaf = self._conn.get_peer_certificate(as_cryptography=True)
-        if leaf is None:
+        peer = self._conn.get_peer_certificate()
+        if peer is None:
             return
+        key = crypto.dump_certificate(crypto.FILETYPE_ASN1, peer)
+        if self._check.chain is None:
+            # No verify callback although the peer has a certificate: a resumed session.
+            self._resumed = True
+            known = self._ctx._recall_verified(key)
+            if known is not None:
+                self._peer_chain, self._peer_identity = list(known.chain), known.identity
+                return
+        leaf = peer.to_cryptography()
         presented = self._conn.get_peer_cert_chain(as_cryptography=True) or []
         if presented and presented[0] == leaf:  # clients see the leaf in the chain, servers not
             presented = presented[1:]
         self._peer_chain = [leaf, *presented]
         if self._check.chain is not None:
-            self._peer_identity = self._check.identity
-            return
-        # No verify callback although the peer has a certificate: a resumed session.
-        self._resumed = True
-        _, self._peer_identity = self._ctx._reverify(leaf, presented)
+            verified, self._peer_identity = self._check.chain, self._check.identity
+        else:
+            verified, self._peer_identity = self._ctx._reverify(leaf, presented)
+        self._ctx._remember_verified(key, self._peer_chain, self._peer_identity, verified)
 
     # -- trio.abc.Stream -------------------------------------------------------------
 

@@ -9,6 +9,8 @@ import pytest
 import trio
 import trio.testing
 
+from tally import net
+from tally.config import Address
 from tally.plain import PlainStream
 
 _OPEN: list[socket.socket] = []
@@ -67,3 +69,26 @@ async def test_a_reset_peer_breaks_the_stream_and_a_closed_one_refuses_use():
         await left.receive_some()
     with pytest.raises(trio.ClosedResourceError):
         await left.send_all(b"late")
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1", "localhost"])
+async def test_connect_reaches_literal_addresses_directly_and_names_by_resolving(host):
+    family = socket.AF_INET6 if host == "::1" else socket.AF_INET
+    try:
+        listeners = await trio.open_tcp_listeners(0, host="::1" if host == "::1" else "127.0.0.1")
+    except OSError:
+        pytest.skip("no IPv6 loopback here")
+    port = listeners[0].socket.getsockname()[1]
+    async with listeners[0]:
+        stream = await net.connect(
+            Address.parse(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+        )
+        accepted = await listeners[0].accept()
+        async with stream, accepted:
+            assert stream.socket.family == family
+            assert stream.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+            plain = PlainStream(stream)
+            await plain.send_all(b"ping")
+            assert await accepted.receive_some() == b"ping"
+    with pytest.raises(OSError):
+        await net.connect(Address.parse(f"127.0.0.1:{port}"))  # nobody listens any more

@@ -429,7 +429,7 @@ async def exchange(client: tls.TLSStream, server: tls.TLSStream) -> None:
     await server.aclose()
 
 
-async def test_client_resumes_and_both_sides_reverify(pki):
+async def test_client_resumes_and_both_sides_take_the_remembered_verdict(pki):
     calls = {"client": 0, "server": 0}
 
     def counting(side):
@@ -448,7 +448,8 @@ async def test_client_resumes_and_both_sides_reverify(pki):
     client, server = tls_pair(client_ctx, server_ctx)
     assert await handshake_both(client, server) == {}
     assert client.resumed and server.resumed
-    assert calls == {"client": 2, "server": 2}
+    # Judged once per context and leaf: the resumed handshake reuses the verdict.
+    assert calls == {"client": 1, "server": 1}
     assert server.peer_identity == "spiffe://example.org/client"
     assert client.peer_identity == "spiffe://example.org/server"
     assert server.peer_chain == [pki.client.cert]
@@ -456,23 +457,35 @@ async def test_client_resumes_and_both_sides_reverify(pki):
     await trio.aclose_forcefully(server)
 
 
-async def test_resumed_peer_is_refused_when_the_verifier_now_says_no(pki):
-    allowed = {"spiffe://example.org/client"}
+async def test_resumed_peer_without_a_remembered_verdict_is_judged_again(pki):
+    verdicts = []
 
     def verify(chain):
-        sid = spiffe_id(chain)
-        if sid not in allowed:
-            raise tls.PeerRejected("not_allowed", sid)
-        return sid
+        verdicts.append(spiffe_id(chain))
+        if len(verdicts) > 1:
+            raise tls.PeerRejected("not_allowed", verdicts[-1])
+        return verdicts[-1]
 
     client_ctx, server_ctx = pki.client_ctx(), pki.server_ctx(verifier=verify)
     await exchange(*tls_pair(client_ctx, server_ctx))
-    allowed.clear()
+    server_ctx._verified.clear()  # as when the verdict was evicted or ran out
     client, server = tls_pair(client_ctx, server_ctx)
     errors = await handshake_both(client, server)
     assert isinstance(errors["server"], tls.PeerRejected)
     assert errors["server"].reason == "not_allowed"
     assert server.resumed
+
+
+def test_a_remembered_verdict_ends_with_the_earliest_expiry_on_the_chain(pki):
+    now = _now()
+    short = make_leaf(pki.root, not_before=now - dt.timedelta(hours=1), not_after=now)
+    ctx = pki.server_ctx()
+    der = short.cert.public_bytes(serialization.Encoding.DER)
+    ctx._remember_verified(der, [short.cert], "id", [short.cert, pki.root.cert])
+    assert ctx._recall_verified(der) is None  # its leaf has expired: judge again
+    good = pki.client.cert.public_bytes(serialization.Encoding.DER)
+    ctx._remember_verified(good, [pki.client.cert], "id", [pki.client.cert, pki.root.cert])
+    assert ctx._recall_verified(good).identity == "id"
 
 
 def test_resumption_recheck_refuses_a_certificate_that_expired_since(pki):
