@@ -69,6 +69,8 @@ class Stack:
     echo_backend: EchoServer
     web: Minted
     """An SVID the proxies admit."""
+    api: Minted
+    """The proxies' own SVID."""
     bundle: Path
 
     @property
@@ -103,7 +105,10 @@ class Stack:
         return client_context(self.web, self.bundle)
 
 
-def build_stack(base: Path, ca_args: list[str], proxy_args: list[str]) -> Stack:
+def build_stack(
+    base: Path, ca_args: list[str], proxy_args: list[str], tcp_args: tuple[str, ...] = ()
+) -> Stack:
+    """``proxy_args`` go to both proxies, ``tcp_args`` to the TCP one only."""
     ca = make_ca(base, *ca_args)
     bundle = base / "bundle.pem"
     bundle.write_text(ca.json("bundle", "show")["bundle"])
@@ -114,8 +119,8 @@ def build_stack(base: Path, ca_args: list[str], proxy_args: list[str]) -> Stack:
     http_backend, echo_backend = HttpServer(), EchoServer()
     common = ["--allow-id", WEB, *api.files(), *proxy_args]
     proxy_http = launch("server", "--target", http_backend.address, "--http", *common)
-    proxy_tcp = launch("server", "--target", echo_backend.address, *common)
-    stack = Stack(ca, agent, proxy_http, proxy_tcp, http_backend, echo_backend, web, bundle)
+    proxy_tcp = launch("server", "--target", echo_backend.address, *common, *tcp_args)
+    stack = Stack(ca, agent, proxy_http, proxy_tcp, http_backend, echo_backend, web, api, bundle)
     wait_for_workload(stack)
     return stack
 
