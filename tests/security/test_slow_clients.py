@@ -30,7 +30,7 @@ import trio
 import trio.testing
 
 from agent.workload_server import DEFAULT_LIMITS, WorkloadStats, serve_workload_connection
-from tests.proxy.conftest import Running, launch
+from tests.proxy.conftest import Running, launch, wait_until
 from tests.security.test_garbage import (
     BY_NAME,
     WEB,
@@ -41,6 +41,7 @@ from tests.security.test_garbage import (
     build_stack,
     client_hello,
     read_to_eof,
+    rss_kib,
     status_of,
     stop_stack,
     tcp,
@@ -253,15 +254,43 @@ def test_max_connections_keeps_the_next_client_waiting_until_a_slot_frees(stack)
             sock.close()
 
 
+def fill_without_reading(sock: ssl.SSLSocket, data: bytes) -> None:
+    """Send until our side blocks: the peer (through the proxy) has stopped taking more."""
+    sock.settimeout(1.0)
+    try:
+        while True:
+            sock.sendall(data)
+    except TimeoutError:
+        pass
+
+
+@pytest.mark.parametrize("mode", ["http", "tcp"])
+def test_client_that_never_reads_is_cut_at_the_idle_timeout(stack, mode: str):
+    """A 1 GiB download (HTTP) or an echo (TCP) that the client never reads: the proxy
+    holds no more than socket buffers, and cuts the connection once nothing moves."""
+    proxy = stack.proxy_http if mode == "http" else stack.proxy_tcp
+    mark = stack.mark()
+    pid = proxy.daemon.pid
+    wait_until(lambda: proxy.metric("tally_proxy_connections_open") == 0, 30, "a quiet proxy")
+    before = rss_kib(pid)
+    with tls(proxy.listen, stack.web_context()) as sock:
+        if mode == "http":
+            sock.sendall(b"GET /blob?size=1073741824 HTTP/1.1\r\nHost: x\r\n\r\n")
+        else:
+            fill_without_reading(sock, bytes(1 << 16))
+        wait_until(lambda: proxy.metric("tally_proxy_connections_open") == 1, 10, "accepted")
+        all_controls(stack)  # others are served meanwhile
+        wait_until(
+            lambda: proxy.metric("tally_proxy_connections_open") == 0,
+            CEILING_S,
+            "the stalled connection to be cut",
+        )
+        grown = rss_kib(pid) - before
+    assert grown < 64 * 1024, f"{grown} KiB held for one stalled reader"
+    stack.assert_healthy(mark)
+
+
 # -- floods of idle connections: memory stays bounded ------------------------------------------
-
-
-def rss_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise AssertionError("no VmRSS")
 
 
 PER_CONNECTION_KIB = 256
