@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import signal
 import socket
 import ssl
 import struct
@@ -69,6 +70,8 @@ class Stack:
     echo_backend: EchoServer
     web: Minted
     """An SVID the proxies admit."""
+    api: Minted
+    """The proxies' own SVID."""
     bundle: Path
 
     @property
@@ -103,7 +106,10 @@ class Stack:
         return client_context(self.web, self.bundle)
 
 
-def build_stack(base: Path, ca_args: list[str], proxy_args: list[str]) -> Stack:
+def build_stack(
+    base: Path, ca_args: list[str], proxy_args: list[str], tcp_args: tuple[str, ...] = ()
+) -> Stack:
+    """``proxy_args`` go to both proxies, ``tcp_args`` to the TCP one only."""
     ca = make_ca(base, *ca_args)
     bundle = base / "bundle.pem"
     bundle.write_text(ca.json("bundle", "show")["bundle"])
@@ -114,13 +120,15 @@ def build_stack(base: Path, ca_args: list[str], proxy_args: list[str]) -> Stack:
     http_backend, echo_backend = HttpServer(), EchoServer()
     common = ["--allow-id", WEB, *api.files(), *proxy_args]
     proxy_http = launch("server", "--target", http_backend.address, "--http", *common)
-    proxy_tcp = launch("server", "--target", echo_backend.address, *common)
-    stack = Stack(ca, agent, proxy_http, proxy_tcp, http_backend, echo_backend, web, bundle)
+    proxy_tcp = launch("server", "--target", echo_backend.address, *common, *tcp_args)
+    stack = Stack(ca, agent, proxy_http, proxy_tcp, http_backend, echo_backend, web, api, bundle)
     wait_for_workload(stack)
     return stack
 
 
 def stop_stack(stack: Stack) -> None:
+    for daemon in stack.daemons.values():  # all at once: each drains on its own
+        daemon.signal(signal.SIGTERM)
     for daemon in stack.daemons.values():
         daemon.stop()
     stack.http_backend.close()
@@ -466,6 +474,35 @@ def test_smuggling_never_reaches_the_backend(stack, smuggled: bytes):
         two = b"GET /one HTTP/1.1\r\nHost: x\r\n\r\nGET /two HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
         assert send_hostile(sock, two).count(b"HTTP/1.1 200") == 2
     assert [r.path for r in stack.http_backend.seen[seen:]] == ["/one", "/two"]
+
+
+def test_proxy_streams_a_huge_body_in_bounded_memory(stack):
+    """The proxy does not refuse a large body (it is the service's to judge) but streams
+    it: a 64 MiB chunked upload, and the proxy's memory grows by less than a quarter of it."""
+    size, piece = 64 << 20, bytes(1 << 16)
+    pid = stack.proxy_http.daemon.pid
+    before = rss_kib(pid)
+    with tls(stack.proxy_http.listen, stack.web_context()) as sock:
+        sock.sendall(
+            b"POST /upload HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n"
+        )
+        for _ in range(size // len(piece)):
+            sock.sendall(b"10000\r\n" + piece + b"\r\n")
+        sock.sendall(b"0\r\n\r\n")
+        response = read_to_eof(sock)
+    assert status_of(response) == 200, response[:200]
+    assert json.loads(response.partition(b"\r\n\r\n")[2])["length"] == size
+    assert rss_kib(pid) - before < (size >> 10) // 4
+
+
+def rss_kib(pid: int) -> int:
+    """The daemon's resident memory, from the kernel."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError(f"no VmRSS for pid {pid}")
 
 
 # -- garbage in place of TLS --------------------------------------------------------------
