@@ -307,15 +307,15 @@ class CAServer:
                 await conn.do_handshake()
         except tls.PeerRejected as exc:
             self._denied(exc.reason, str(exc), exc.peer_id, address)
-            await stream.aclose()
+            await conn.aclose()  # drops unread bytes first: the peer gets our alert
             return
         except tls.TLSError as exc:
             if exc.reason is not None:
                 self._denied(exc.reason, str(exc), None, address)
-            await stream.aclose()
+            await conn.aclose()  # drops unread bytes first: the peer gets our alert
             return
         except (trio.BrokenResourceError, trio.TooSlowError, trio.ClosedResourceError):
-            await stream.aclose()
+            await conn.aclose()  # drops unread bytes first: the peer gets our alert
             return
         ident = conn.peer_identity
         chain = conn.peer_chain

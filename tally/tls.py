@@ -60,6 +60,7 @@ Half-close.  TLS 1.3 made ``close_notify`` close only the sender's direction
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import time
 from collections import OrderedDict
@@ -504,6 +505,22 @@ class _Readiness:
             woken.set()
 
 
+_DISCARD_MAX = 1 << 18
+
+
+def _discard_unread(fd: int) -> None:
+    """Read and drop what has arrived (up to `_DISCARD_MAX`), without waiting."""
+    dropped = 0
+    while dropped < _DISCARD_MAX:
+        try:
+            chunk = os.read(fd, 65536)
+        except OSError:  # would block, reset, or already closed: nothing (more) to drop
+            return
+        if not chunk:
+            return
+        dropped += len(chunk)
+
+
 def _eof_text(text: str) -> bool:
     return "unexpected eof" in text.lower()
 
@@ -814,7 +831,10 @@ class TLSStream(trio.abc.HalfCloseableStream):
 
         The close_notify is skipped when the handshake never finished, when the
         stream is broken, or when another task is mid-send (it would cut into a
-        record).  Nothing here waits for the peer.
+        record).  Nothing here waits for the peer.  Bytes the peer sent that nobody
+        read (a refused peer's first flight, a plain-HTTP request) are discarded
+        first: closing over unread bytes makes the kernel send a reset, which can
+        destroy our alert before the peer reads it.
         """
         if self._closed:
             await trio.lowlevel.checkpoint()
@@ -828,6 +848,8 @@ class TLSStream(trio.abc.HalfCloseableStream):
                         self._conn.shutdown()
                     except SSL.Error:
                         pass
+            if not self._recv_guard.busy:
+                _discard_unread(self.transport.socket.fileno())
         finally:
             await self.transport.aclose()
 
