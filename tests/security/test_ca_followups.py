@@ -14,6 +14,11 @@ notice: no stale refusal of its own, and a new entry still reaches it.
 The agent SVID lives 24s: renewal falls at 32-43% of a life, so the copy is
 replaced twice within 21s and still has at least 3s to live when it is tried
 (the attack must meet ``stale_svid``, not ``expired``).
+
+Startup: a CA refused at its admin socket or keys dir must say which path and
+why, and must have created nothing (no data dir, no keys) by then; each has a
+control that starts.  The attestation limits must hold for any `CAServer`,
+not only for the one `tally ca run` builds.
 """
 
 from __future__ import annotations
@@ -23,11 +28,13 @@ import shutil
 import subprocess
 import urllib.request
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 import trio
+from cryptography import x509
 
 from agent import state
 from agent.ca_client import CAClient, CAError, make_csr
@@ -66,29 +73,45 @@ def node(tmp_path_factory) -> Iterator[tuple[CA, Agent]]:
     shutil.rmtree(Path(agent.socket).parent, ignore_errors=True)
 
 
-def copy_identity(agent: Agent, out: Path) -> state.AgentIdentity:
-    """What a thief takes from the node: the agent's SVID file, key included."""
+@dataclass(frozen=True)
+class Loot:
+    """What a thief takes from the node: the agent's SVID file (key included) and bundle."""
+
+    identity: state.AgentIdentity
+    roots: list[x509.Certificate]
+
+    @property
+    def serial(self) -> str:
+        return format(self.identity.chain[0].serial_number, "x")
+
+
+def copy_identity(agent: Agent, out: Path) -> Loot:
     out.mkdir(mode=0o700)
     shutil.copy2(agent.data_dir / state.IDENTITY_FILE, out / state.IDENTITY_FILE)
-    stolen = state.load_identity(out)
-    assert stolen is not None
-    return stolen
+    identity = state.load_identity(out)
+    bundle = state.load_bundle(agent.data_dir)
+    assert identity is not None and bundle is not None
+    return Loot(identity, bundle[0])
 
 
-def thief(ca: CA, stolen: state.AgentIdentity) -> CAClient:
-    roots = x509profile.chain_from_pem(ca.json("bundle", "show")["bundle"].encode())
-    client = CAClient(Address.parse(ca.listen), TD, roots)
-    client.set_identity(stolen.chain, stolen.key)
-    return client
+def as_thief(ca: CA, loot: Loot, call):
+    """One agent call with the copy, through the agent's own client, on a fresh connection."""
 
-
-def refused(call) -> CAError:
-    async def attempt() -> CAError:
-        with pytest.raises(CAError) as info:
-            await call()
-        return info.value
+    async def attempt():
+        client = CAClient(Address.parse(ca.listen), TD, loot.roots)
+        client.set_identity(loot.identity.chain, loot.identity.key)
+        try:
+            return await call(client)
+        finally:
+            await client.aclose()
 
     return trio.run(attempt)
+
+
+def refused(ca: CA, loot: Loot, call) -> CAError:
+    with pytest.raises(CAError) as info:
+        as_thief(ca, loot, call)
+    return info.value
 
 
 def stale_lines(ca: CA) -> list[dict]:
@@ -100,40 +123,40 @@ def test_a_copied_agent_svid_is_refused_once_the_agent_renewed_twice(node, tmp_p
     web = register(ca, agent, "web", f"unix:uid:{UID}")
     wait_fetch(agent, "spiffe://example.org/web", timeout=30)
     rotated = len(agent.daemon.events("svid.rotated"))
-    stolen = copy_identity(agent, tmp_path / "stolen")
-    serial = format(stolen.chain[0].serial_number, "x")
-    assert ca.json("agent", "show", agent.spiffe_id)["serial"] == serial, (
+    loot = copy_identity(agent, tmp_path / "stolen")
+    assert ca.json("agent", "show", agent.spiffe_id)["serial"] == loot.serial, (
         "the agent renewed before the copy was taken; the drill needs its current SVID"
     )
-    client = thief(ca, stolen)
 
     # Controls: the copy works while it is the agent's current SVID, and its previous one.
-    trio.run(client.entries)
+    as_thief(ca, loot, lambda client: client.entries())
     agent.daemon.wait_for("svid.rotated", timeout=60, count=rotated + 1)
-    revision, entries = trio.run(client.entries)
+    revision, entries = as_thief(ca, loot, lambda client: client.entries())
     assert [e["id"] for e in entries] == [web["id"]]
-
-    agent.daemon.wait_for("svid.rotated", timeout=60, count=rotated + 2)
-    assert stolen.chain[0].not_valid_after_utc > datetime.now(UTC) + timedelta(seconds=1)
     issued_before = len(audit(ca, "svid.issued"))
     denied_before = metric(ca, "tally_ca_peer_denied_total", "stale_svid")
     csr = make_csr(x509profile.generate_key())
+
+    # Nothing slow from here on: the copy has seconds to live after the second renewal.
+    agent.daemon.wait_for("svid.rotated", timeout=60, count=rotated + 2)
     for call in (
-        client.entries,
-        lambda: client.entries(since=revision, wait=5),
-        lambda: client.sign([(web["id"], csr)]),
-        lambda: client.renew(x509profile.generate_key()),
+        lambda client: client.entries(),
+        lambda client: client.entries(since=revision, wait=5),
+        lambda client: client.sign([(web["id"], csr)]),
+        lambda client: client.renew(x509profile.generate_key()),
     ):
-        error = refused(call)
+        error = refused(ca, loot, call)
         assert (error.code, error.status) == ("stale_svid", 403), error.message
-    trio.run(client.aclose)
+    assert loot.identity.chain[0].not_valid_after_utc > datetime.now(UTC), "met stale, not expiry"
+    renewals = agent.daemon.events("svid.rotated")[rotated : rotated + 2]
+    assert [line["kind"] for line in renewals] == ["agent", "agent"], renewals
 
     lines = stale_lines(ca)
     assert len(lines) == 4, "the four stolen calls, and never the live agent"
     paths = ("/v1/entries", "/v1/entries", "/v1/svids", "/v1/agent/renew")
     for line, path in zip(lines, paths, strict=True):
         assert line["peer_id"] == agent.spiffe_id and path in line["detail"], line
-        assert serial in line["detail"], line
+        assert loot.serial in line["detail"], line
     assert metric(ca, "tally_ca_peer_denied_total", "stale_svid") == denied_before + 4
     assert len(audit(ca, "svid.issued")) == issued_before
 
