@@ -215,8 +215,10 @@ class AgentCore:
                 continue
             attempt = 0
             self.identity = state.AgentIdentity(key, issued.chain)
-            await trio.to_thread.run_sync(state.save_identity, self.data_dir, self.identity)
+            # Before any checkpoint: a call made from here on must carry the new SVID, as
+            # the CA accepts the old one only until the next renewal.
             self.client.set_identity(issued.chain, key)
+            await trio.to_thread.run_sync(state.save_identity, self.data_dir, self.identity)
             self.agent_renew_at = self._renewal(issued.chain[0])
             self.counters.rotations += 1
             log.info(

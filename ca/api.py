@@ -12,6 +12,10 @@ Rules:
    woken by `Changes`, so a new entry or bundle reaches a waiting agent at
    once instead of on the next poll.
 3. The wire format is documented in ``docs/ca-api.md``; keep them in step.
+4. Refusals on the agent door that say something about the peer rather than
+   the request (no certificate at all, an agent SVID that has been replaced)
+   are reported through ``on_denied``, like the server's handshake refusals:
+   one ``peer.denied`` line and one count by reason each.
 """
 
 from __future__ import annotations
@@ -29,6 +33,11 @@ from tally import http
 from tally.spiffeid import SpiffeId
 
 T = TypeVar("T")
+
+# reason, detail, the SPIFFE ID the certificate claimed, the peer's address
+DeniedHook = Callable[[str, str, SpiffeId | None, str], None]
+# Denial codes that describe the peer, and the peer.denied reason each is logged under.
+_PEER_REASONS = {"no_client_certificate": "no_certificate", "stale_svid": "stale_svid"}
 
 
 class RunSync(Protocol):
@@ -105,17 +114,28 @@ class AgentPeer:
 
 class AgentApi:
     def __init__(
-        self, authority: Authority, run: RunSync, entries: Changes, bundle: Changes
+        self,
+        authority: Authority,
+        run: RunSync,
+        entries: Changes,
+        bundle: Changes,
+        on_denied: DeniedHook = lambda reason, detail, peer_id, address: None,
     ) -> None:
         self.authority = authority
         self.run = run
         self.entries = entries
         self.bundle = bundle
+        self.on_denied = on_denied
 
     async def handle(self, peer: AgentPeer, req: http.Request) -> http.Response:
         try:
             return await self._route(peer, req)
         except Denied as exc:
+            reason = _PEER_REASONS.get(exc.code)
+            if reason is not None:
+                shown = f" with serial {peer.serial}" if peer.serial is not None else ""
+                detail = f"{req.method} {req.path}{shown}: {exc.message}"
+                self.on_denied(reason, detail, peer.spiffe_id, peer.address)
             return _error(exc)
 
     def _agent(self, peer: AgentPeer) -> tuple[str, str]:
@@ -144,25 +164,30 @@ class AgentApi:
         if route == ("POST", "/v1/agent/renew"):
             body = _body(req)
             result = await self.run(lambda: a.renew_agent(agent_id, serial, body.get("csr")))
+            # Ends the agent's own long poll (see below) while its certificate is still
+            # accepted as the previous one.
+            self.entries.notify()
             return http.Response.json(result)
         if route == ("GET", "/v1/entries"):
             since = _int_param(req, "since")
-            await self.run(lambda: a.check_agent(agent_id))
+            await self.run(lambda: a.check_agent(agent_id, serial))
 
             def changed() -> bool:
                 agent = a.store.get_agent(agent_id)
                 # An eviction or ban ends the wait too, so the agent hears of it at once.
-                active = agent is not None and agent.status == "active"
-                return a.store.entries_revision() != since or not active
+                # So does a renewal: the answer is judged on this call's certificate, which
+                # must not be two renewals old by then.
+                current = agent is not None and agent.status == "active" and agent.serial == serial
+                return a.store.entries_revision() != since or not current
 
             async def entries_changed() -> bool:
                 return await self.run(changed)
 
             await self.entries.wait_until(entries_changed, _wait_param(req))
-            return http.Response.json(await self.run(lambda: a.entries_for(agent_id)))
+            return http.Response.json(await self.run(lambda: a.entries_for(agent_id, serial)))
         if route == ("POST", "/v1/svids"):
             body = _body(req)
-            result = await self.run(lambda: a.sign_batch(agent_id, body.get("csrs")))
+            result = await self.run(lambda: a.sign_batch(agent_id, serial, body.get("csrs")))
             return http.Response.json(result)
         raise Denied(404, "not_found", f"no such call: {req.method} {req.path}")
 

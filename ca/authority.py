@@ -20,6 +20,11 @@ Rules:
    (`ca.throttle`); an empty bucket gets 429 before the token is looked at.
    A token id tried with a wrong secret `token_max_failures` times is
    revoked: its id is evidently known to someone who does not hold it.
+7. Every agent call (renewal, entries, signing) is judged on the serial of
+   the certificate it came with as well as the agent's status: only the
+   agent's current SVID or the one it replaced is accepted
+   (`presents_live_svid`), so a copy of an older, still unexpired one is
+   worthless once the agent has renewed twice.
 """
 
 from __future__ import annotations
@@ -396,8 +401,8 @@ class Authority:
         self.issued_total += 1
         return {**issued.to_json(), **self.bundle_json()}
 
-    def check_agent(self, agent_id: str) -> AgentRecord:
-        """The agent behind an mTLS call, if it may still talk to us."""
+    def check_agent(self, agent_id: str, serial: str) -> AgentRecord:
+        """The agent behind an mTLS call, if it may still talk to us with this certificate."""
         agent = self.store.get_agent(agent_id)
         if agent is None:
             raise Denied(403, "unknown_agent", "unknown agent; attest with a join token")
@@ -405,10 +410,12 @@ class Authority:
             raise Denied(403, "evicted", "agent was evicted; attest again with a new join token")
         if agent.status == "banned":
             raise Denied(403, "banned", "agent is banned")
+        if not presents_live_svid(agent, serial):
+            raise Denied(403, "stale_svid", "this agent SVID is no longer the agent's current one")
         return agent
 
     def renew_agent(self, agent_id: str, presented_serial: str, csr: object) -> dict[str, object]:
-        self.check_agent(agent_id)
+        self.check_agent(agent_id, presented_serial)
         now = self._now()
         public_key = self._csr_key(csr)
         sid = SpiffeId.parse(agent_id)
@@ -440,6 +447,8 @@ class Authority:
                 ),
             )
         except Conflict as exc:
+            # A renewal with the same certificate got in first (the store applies the
+            # rule of `presents_live_svid` again, atomically).
             raise Denied(
                 403, "stale_svid", "this agent SVID is no longer the agent's current one"
             ) from exc
@@ -448,8 +457,8 @@ class Authority:
 
     # -- entries -----------------------------------------------------------------------
 
-    def entries_for(self, agent_id: str) -> dict[str, object]:
-        self.check_agent(agent_id)
+    def entries_for(self, agent_id: str, serial: str) -> dict[str, object]:
+        self.check_agent(agent_id, serial)
         revision = self.store.entries_revision()
         entries = self.store.list_entries(parent_id=agent_id)
         return {"revision": revision, "entries": [e.to_json() for e in entries]}
@@ -555,9 +564,9 @@ class Authority:
 
     # -- issuance ----------------------------------------------------------------------
 
-    def sign_batch(self, agent_id: str, requests: object) -> dict[str, object]:
+    def sign_batch(self, agent_id: str, serial: str, requests: object) -> dict[str, object]:
         """Sign CSRs for entries this agent serves; one transaction for the batch."""
-        self.check_agent(agent_id)
+        self.check_agent(agent_id, serial)
         if not isinstance(requests, list) or not requests or len(requests) > 1000:
             raise Denied(400, "bad_request", "csrs must be a list of 1 to 1000 requests")
         entries = {e.id: e for e in self.store.list_entries(parent_id=agent_id)}
@@ -676,6 +685,17 @@ class Authority:
             "bundle": bundle.to_pem().decode(),
             "bundle_sequence": bundle.sequence,
         }
+
+
+def presents_live_svid(agent: AgentRecord, serial: str) -> bool:
+    """Whether an agent call may come with the agent SVID of this serial.
+
+    The one it replaced counts too: connections opened before a renewal still carry
+    it, and an agent that crashed before saving a renewal's answer holds only that
+    one.  Anything older has been replaced twice and is in no live agent's hands,
+    so whoever shows it holds a copy: a leaked backup, a theft.
+    """
+    return serial in (agent.serial, agent.prev_serial)
 
 
 def _dns_names(raw: object) -> tuple[str, ...]:

@@ -134,9 +134,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = load(CASettings, args)
     setup_logging(cfg.log_level)
     server = CAServer(cfg)
-    server.authority.limit_attestation(
-        cfg.attest_burst, float(cfg.attest_refill), cfg.token_max_failures
-    )
 
     async def main() -> None:
         await server.run()

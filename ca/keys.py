@@ -176,6 +176,10 @@ class KeyManager:
 
     def load(self) -> None:
         """Read stored keys and their private halves; refuse exposed key files."""
+        # Before mkdir, which a dangling link would fail as "File exists", and before the
+        # mode check, which would report a link's own mode (0777).
+        if self.keys_dir.is_symlink():
+            raise CAKeyError(f"key directory {self.keys_dir} is a symlink; refusing to follow it")
         self.keys_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         mode = stat.S_IMODE(os.lstat(self.keys_dir).st_mode)
         if mode & 0o077:

@@ -4,7 +4,9 @@ Rules:
 
 1. Startup is synchronous and fails fast with one line naming the problem
    (a loose key file, a datastore from the future, an address in use).  Only
-   once everything is open does the CA start serving.
+   once everything is open does the CA start serving.  The paths it will
+   create things at (the data dir, the admin socket) are checked before it
+   creates anything, so a refused start leaves no keys or log of keys behind.
 2. One nursery for listeners, one for connection handlers.  SIGTERM closes
    the listeners at once and gives in-flight requests `DRAIN_SECONDS` to end.
 3. The agent API's TLS context is an immutable object swapped in one
@@ -15,14 +17,17 @@ Rules:
    the handshake by the same checks as the proxy's (`tally.authz`), then the
    ID must be an agent on record, else the connection closes before any
    request.  Every refusal is one ``peer.denied`` line and one count by
-   reason, with the same reason words as the proxy.
+   reason, with the same reason words as the proxy; the API's own refusals of
+   a peer (no certificate, a replaced agent SVID) go through the same door.
 4. Every store call goes through one worker thread (`run`), so SQLite sees
    one writer and the event loop never blocks on disk or on signing.
 """
 
 from __future__ import annotations
 
+import os
 import signal
+import stat
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -43,9 +48,16 @@ from ca.keys import KeyManager, Signer, load_upstream
 from ca.settings import CASettings
 from ca.store import AuditEvent, IssuedSvid, Store
 from tally import authz, http, tls, x509profile
+from tally.cli_support import OperatorError
 from tally.health import serve_health
 from tally.logs import get_logger
-from tally.net import bound_address, open_listener, open_unix_listener, stream_peer_credentials
+from tally.net import (
+    _prepare_unix_path,
+    bound_address,
+    open_listener,
+    open_unix_listener,
+    stream_peer_credentials,
+)
 from tally.spiffeid import SpiffeId, TrustDomain
 
 T = TypeVar("T")
@@ -57,6 +69,28 @@ SERVING_TTL = 3600
 
 def wall_clock() -> datetime:
     return datetime.now(UTC)
+
+
+class StartupPathError(OperatorError):
+    """A path the CA would create something at is refused before anything is created."""
+
+
+def check_paths(cfg: CASettings) -> None:
+    """Refuse a planted symlink (dangling or not) or a stray file at the data dir, and
+    whatever `tally.net` would refuse at the admin socket, before anything is created."""
+    try:
+        mode = os.lstat(cfg.data_dir).st_mode
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise StartupPathError(f"cannot use data dir {cfg.data_dir}: {exc.strerror}") from exc
+    else:
+        if stat.S_ISLNK(mode):
+            raise StartupPathError(f"data dir {cfg.data_dir} is a symlink; refusing to follow it")
+        if not stat.S_ISDIR(mode):
+            raise StartupPathError(f"data dir {cfg.data_dir} is in the way: not a directory")
+    if cfg.admin_socket.parent.is_dir():  # else `run` creates it, and nothing can be there
+        _prepare_unix_path(cfg.admin_socket)
 
 
 class _Metrics(Collector):
@@ -109,6 +143,7 @@ class CAServer:
         self.cfg = cfg
         self.clock = clock
         self.td = TrustDomain.parse(cfg.trust_domain)
+        check_paths(cfg)
         cfg.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         upstream = None
         if cfg.upstream_cert is not None and cfg.upstream_key is not None:
@@ -135,6 +170,9 @@ class CAServer:
                 token_ttl=int(cfg.join_token_ttl),
             ),
             clock,
+        )
+        self.authority.limit_attestation(
+            cfg.attest_burst, float(cfg.attest_refill), cfg.token_max_failures
         )
         self._limiter = trio.CapacityLimiter(1)
         self._conn_limiter = trio.CapacityLimiter(cfg.max_connections)
@@ -371,7 +409,11 @@ class CAServer:
     ) -> None:
         await self.run_sync(self._build_tls_context)
         agent_api = AgentApi(
-            self.authority, self.run_sync, self.entries_changed, self.bundle_changed
+            self.authority,
+            self.run_sync,
+            self.entries_changed,
+            self.bundle_changed,
+            on_denied=self._denied,
         )
 
         async def keys_changed() -> None:

@@ -21,6 +21,9 @@ Rules:
    failed) ends both; when the client's body broke the framing (bad
    chunking) and no response has started, the client gets a 400 first.  The
    target has then seen a head and part of a body, never a complete request.
+   An exchange's idle deadline moves whenever bytes are read or written on
+   either side; when it fires during a write to a client that stopped
+   reading, the client is at fault (`DownstreamError`), not the target.
    Peers never see exception text.
 4. Waiting for the next request is the only wait a drain or an expired peer
    certificate interrupts (`Idlers`); a request that has started is finished,
@@ -84,6 +87,8 @@ class HttpStream:
         self.stream = stream
         self.conn = h11.Connection(role, max_incomplete_event_size=MAX_HEAD_BYTES)
         self._out = bytearray()
+        self.sending = False
+        """True while (or after) a write waits for the peer: who stalled, on a timeout."""
 
     @property
     def has_input(self) -> bool:
@@ -109,11 +114,15 @@ class HttpStream:
         if data:
             self._out += data
 
-    async def flush(self) -> None:
+    async def flush(self, activity: Deadline | None = None) -> None:
         if self._out:
             data = bytes(self._out)
             self._out.clear()
+            self.sending = True  # stays True if the write is cancelled or fails
             await self.stream.send_all(data)
+            self.sending = False
+            if activity is not None:
+                activity.touch()
 
     async def send(self, event: h11.Event) -> None:
         self.queue(event)
@@ -292,7 +301,7 @@ async def _next_from(
             raise src_fails("the connection closed in the middle of a message")
         if event is not h11.NEED_DATA:
             return event
-        await _flush(dst, dst_fails)
+        await _flush(dst, dst_fails, activity)
         try:
             await src.receive(activity)
         except _IO_ERRORS as exc:
@@ -306,9 +315,9 @@ def _queue(dst: HttpStream, event: h11.Event, fails: Failure) -> None:
         raise fails(f"cannot relay this message: {exc}") from exc
 
 
-async def _flush(dst: HttpStream, fails: Failure) -> None:
+async def _flush(dst: HttpStream, fails: Failure, activity: Deadline | None = None) -> None:
     try:
-        await dst.flush()
+        await dst.flush(activity)
     except _IO_ERRORS as exc:
         raise fails(f"sending failed: {exc!r}") from exc
 
@@ -332,7 +341,7 @@ async def _relay_request_body(
             count(len(event.data))
         elif isinstance(event, h11.EndOfMessage):
             _queue(up, h11.EndOfMessage(headers=event.headers), UpstreamError)
-            await _flush(up, UpstreamError)
+            await _flush(up, UpstreamError, activity)
             return
         else:
             raise DownstreamError(f"unexpected {type(event).__name__} in a request body")
@@ -373,7 +382,7 @@ async def _relay_response(
             count(len(event.data))
         elif isinstance(event, h11.EndOfMessage):
             _queue(down, h11.EndOfMessage(headers=event.headers), DownstreamError)
-            await _flush(down, DownstreamError)
+            await _flush(down, DownstreamError, activity)
             return
         else:
             raise UpstreamError(f"unexpected {type(event).__name__} from the target")
@@ -429,6 +438,8 @@ async def exchange(
                 await respond_error(down, 400, "malformed request body")
             raise error from None
     if activity.scope.cancelled_caught:
+        if down.sending:  # the response was flowing and the client stopped reading it
+            raise DownstreamError(f"the client read nothing for {idle_s:g}s")
         raise UpstreamError(f"no progress for {idle_s:g}s", timeout=True)
 
 

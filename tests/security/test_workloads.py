@@ -306,11 +306,6 @@ def test_pidfd_falls_back_to_the_pid_only_where_the_kernel_lacks_peer_pidfds():
         os.close(pidfd)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ca/server.py CAServer.__init__ runs data_dir.mkdir(exist_ok=True) before any check:"
-    " a dangling symlink gives 'File exists (<path>)', refused but not named as a link",
-)
 def test_ca_names_a_dangling_data_dir_link(node, tmp_path: Path):
     ca, _agent = node
     dangling = tmp_path / "dangling"
