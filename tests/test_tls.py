@@ -399,7 +399,7 @@ def test_context_construction_rejects_inconsistent_input(pki):
     with pytest.raises(ValueError, match="server stream needs a server context"):
         tls.TLSStream(socket_pair()[0], pki.client_ctx(), server_side=True)
     with pytest.raises(TypeError, match=r"trio\.SocketStream"):
-        tls.TLSStream(trio.testing.memory_stream_pair()[0], pki.client_ctx(), server_side=False)
+        tls.TLSStream(trio.testing.memory_stream_pair()[0], pki.client_ctx(), server_side=False)  # type: ignore[arg-type]
 
 
 async def test_hot_swap_new_handshakes_use_the_new_context_old_ones_keep_going(pki):

@@ -54,7 +54,7 @@ def key_needles(pem: bytes) -> set[str]:
         first, last = -(-at // 3) * 4, (at + len(raw)) // 3 * 4
         for encode in (base64.b64encode, base64.urlsafe_b64encode):
             forms.append(encode(der).decode()[first:last])
-    needles = set()
+    needles: set[str] = set()
     for form in forms:
         assert len(form) >= WINDOW
         needles.update(form[i : i + WINDOW] for i in range(0, len(form) - WINDOW + 1, 2))
