@@ -54,14 +54,20 @@ class Changes:
 
     def __init__(self) -> None:
         self._event = trio.Event()
+        self._stopped = False
 
     def notify(self) -> None:
         self._event.set()
         self._event = trio.Event()
 
+    def stop(self) -> None:
+        """The server is stopping: parked polls answer now, and new ones do not park."""
+        self._stopped = True
+        self.notify()
+
     async def wait_until(self, changed: Callable[[], Awaitable[bool]], seconds: float) -> None:
         with trio.move_on_after(seconds):
-            while not await changed():
+            while not self._stopped and not await changed():
                 await self._event.wait()
 
 

@@ -8,7 +8,8 @@ Rules:
    create things at (the data dir, the admin socket) are checked before it
    creates anything, so a refused start leaves no keys or log of keys behind.
 2. One nursery for listeners, one for connection handlers.  SIGTERM closes
-   the listeners at once and gives in-flight requests `DRAIN_SECONDS` to end.
+   the listeners at once, closes idle connections, answers parked long polls
+   and gives requests in flight `DRAIN_SECONDS` to end.
 3. The agent API's TLS context is an immutable object swapped in one
    assignment whenever the signing key, the bundle or the CA's own serving
    certificate changes; each handshake takes the one current at its start.
@@ -176,6 +177,7 @@ class CAServer:
         )
         self._limiter = trio.CapacityLimiter(1)
         self._conn_limiter = trio.CapacityLimiter(cfg.max_connections)
+        self.drain = http.Drain()
         self.entries_changed = Changes()
         self.bundle_changed = Changes()
         self.peers_denied: Counter[str] = Counter()
@@ -372,6 +374,7 @@ class CAServer:
                 partial(api.handle, peer),
                 idle_timeout=api_idle_timeout(),
                 request_timeout=self.cfg.request_timeout,
+                drain=self.drain,
             )
 
     async def _admin_connection(self, api: AdminApi, stream: trio.SocketStream) -> None:
@@ -379,7 +382,11 @@ class CAServer:
         uid = cred.uid if cred else -1
         async with stream:
             await http.serve_http(
-                stream, partial(api.handle, uid), idle_timeout=30, request_timeout=30
+                stream,
+                partial(api.handle, uid),
+                idle_timeout=30,
+                request_timeout=30,
+                drain=self.drain,
             )
 
     def health(self) -> dict[str, object]:
@@ -464,6 +471,11 @@ class CAServer:
                             )
                             break
                     services.cancel_scope.cancel()
+                # Idle connections close now, parked long polls answer now, requests in
+                # flight get DRAIN_SECONDS.
+                self.drain.start()
+                self.entries_changed.stop()
+                self.bundle_changed.stop()
                 handlers.cancel_scope.deadline = trio.current_time() + DRAIN_SECONDS
         finally:
             self.cfg.admin_socket.unlink(missing_ok=True)

@@ -181,6 +181,20 @@ _PEER_ERRORS = (
 )
 
 
+class Drain:
+    """A server's stop signal for its connections: idle ones close at once, busy ones
+    after the response in flight.  One per server, shared by its connections."""
+
+    def __init__(self) -> None:
+        self.started = False
+        self._idle: set[trio.CancelScope] = set()
+
+    def start(self) -> None:
+        self.started = True
+        for scope in self._idle:
+            scope.cancel()
+
+
 async def serve_http(
     stream: trio.abc.Stream,
     handler: Handler,
@@ -189,12 +203,16 @@ async def serve_http(
     request_timeout: float = 30,
     max_body: int = 1 << 20,
     max_header_bytes: int = 16384,
+    drain: Drain | None = None,
 ) -> None:
-    """Answer requests on ``stream`` until the peer leaves, misbehaves or is too slow.
+    """Answer requests on ``stream`` until the peer leaves, misbehaves or is too slow,
+    or the server drains.
 
     Returns normally whatever the peer does; only cancellation propagates.
     """
-    server = _Server(stream, handler, idle_timeout, request_timeout, max_body, max_header_bytes)
+    server = _Server(
+        stream, handler, idle_timeout, request_timeout, max_body, max_header_bytes, drain or Drain()
+    )
     try:
         while await server.one_cycle():
             pass
@@ -215,9 +233,11 @@ class _Server:
         request_timeout: float,
         max_body: int,
         max_header_bytes: int,
+        drain: Drain,
     ) -> None:
         self.stream = stream
         self.handler = handler
+        self.drain = drain
         self.idle_timeout = idle_timeout
         self.request_timeout = request_timeout
         self.max_body = max_body
@@ -242,7 +262,9 @@ class _Server:
         if request is None:
             return False
         response = await self._call_handler(request)
-        await self._write(self._render(response))
+        await self._write(self._render(response, close=self.drain.started))
+        if self.drain.started:
+            return False
         if self.conn.our_state is h11.DONE and self.conn.their_state is h11.DONE:
             self.conn.start_next_cycle()
             return True
@@ -264,11 +286,18 @@ class _Server:
         deadline = (
             trio.current_time() + self.idle_timeout if self.deadline is None else self.deadline
         )
+        if idle and self.drain.started:
+            raise _Quit("server draining")
         with trio.move_on_at(deadline) as scope:
-            data = await self.stream.receive_some(RECEIVE_SIZE)
+            if idle:
+                self.drain._idle.add(scope)
+            try:
+                data = await self.stream.receive_some(RECEIVE_SIZE)
+            finally:
+                self.drain._idle.discard(scope)
         if scope.cancelled_caught:
             if idle:
-                raise _Quit("idle timeout")
+                raise _Quit("server draining" if self.drain.started else "idle timeout")
             raise _Refuse(408, "request timeout")
         if data and self.deadline is None:
             self.deadline = trio.current_time() + self.request_timeout

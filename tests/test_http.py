@@ -651,3 +651,39 @@ def test_request_json_accepts_objects_or_raises_only_400(body):
         assert exc.status == 400
     else:
         assert isinstance(value, dict)
+
+
+async def test_drain_closes_idle_connections_at_once_and_busy_ones_after_their_answer(
+    autojump_clock,
+):
+    drain = http.Drain()
+    _idle_client, idle_server = trio.testing.memory_stream_pair()
+    busy_client, busy_server = trio.testing.memory_stream_pair()
+    ended = {}
+
+    async def serve(name, stream):
+        async with stream:
+            await http.serve_http(stream, echo, idle_timeout=300, drain=drain)
+        ended[name] = trio.current_time()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(serve, "idle", idle_server)
+        nursery.start_soon(serve, "busy", busy_server)
+        await busy_client.send_all(b"GET /sleep?s=5 HTTP/1.1\r\nHost: x\r\n\r\n")
+        await trio.sleep(1)
+        started = trio.current_time()
+        drain.start()
+        answer = bytearray()
+        while chunk := await busy_client.receive_some():
+            answer += chunk
+    assert ended["idle"] == started  # no idle timeout waited out
+    assert ended["busy"] == started + 4  # the request in flight finished first
+    [(status, headers, _)] = parse_responses(bytes(answer))
+    assert status == 200 and headers["connection"] == "close"
+    # A connection that gets through while the listener closes is closed unread.
+    late_client, late_server = trio.testing.memory_stream_pair()
+    before = trio.current_time()
+    with trio.fail_after(1):
+        await http.serve_http(late_server, echo, idle_timeout=300, drain=drain)
+    assert trio.current_time() == before
+    await late_client.aclose()

@@ -641,3 +641,20 @@ def test_upstream_root_signs_the_intermediates(ca_factory, tmp_path: Path):
     chain[1].verify_directly_issued_by(root)
     refused = ca.cli("rotate", "--root", check=False)
     assert refused.returncode == 1 and "upstream" in refused.stderr
+
+
+def test_sigterm_answers_parked_long_polls_and_closes_idle_connections_at_once(ca, agent_factory):
+    """An agent always has a long poll parked on the CA; stopping must not wait it out."""
+    from ca.server import DRAIN_SECONDS
+
+    agent = agent_factory(ca)
+    ca.cli(
+        "entry", "create", "--spiffe-id", "spiffe://example.org/parked",
+        "--parent-id", agent.spiffe_id, "--selector", "unix:uid:0",
+    )  # fmt: skip
+    agent.daemon.wait_for("entries.synced")  # answered; the agent parks its next poll
+    started = time.monotonic()
+    assert ca.daemon.stop(timeout=30) == 0
+    took = time.monotonic() - started
+    assert took < DRAIN_SECONDS, f"the CA took {took:.1f}s to stop: it waited out its drain"
+    assert ca.daemon.events("ca.stopped")
