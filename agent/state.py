@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -93,7 +94,7 @@ def load_identity(data_dir: Path) -> AgentIdentity | None:
     try:
         key = serialization.load_pem_private_key(data, password=None)
         chain = x509profile.chain_from_pem(data[data.index(b"-----BEGIN CERTIFICATE") :])
-    except ValueError as exc:
+    except (ValueError, UnsupportedAlgorithm) as exc:
         raise StateError(
             f"{path} is damaged ({exc}); remove it and attest with a new join token"
         ) from exc

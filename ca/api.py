@@ -92,9 +92,12 @@ def _wait_param(req: http.Request) -> float:
 def _int_param(req: http.Request, name: str) -> int:
     raw = req.query.get(name, "-1")
     try:
-        return int(raw)
+        value = int(raw)
     except ValueError:
         raise Denied(400, "bad_request", f"{name} must be an integer") from None
+    if not -(2**63) <= value < 2**63:  # what SQLite can hold
+        raise Denied(400, "bad_request", f"{name} must fit in 64 bits")
+    return value
 
 
 def _body(req: http.Request) -> dict[str, object]:

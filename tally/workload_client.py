@@ -38,6 +38,7 @@ import h2.events
 import h2.exceptions
 import trio
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from cryptography.hazmat.primitives.serialization import load_der_private_key
 
@@ -180,7 +181,7 @@ def _split_der(data: bytes, what: str) -> list[bytes]:
 def _certificates(data: bytes, what: str) -> tuple[x509.Certificate, ...]:
     try:
         return tuple(x509.load_der_x509_certificate(der) for der in _split_der(data, what))
-    except ValueError as exc:
+    except (ValueError, x509.InvalidVersion) as exc:
         raise WorkloadApiError(Status.INTERNAL, f"{what}: certificate does not parse") from exc
 
 
@@ -193,6 +194,10 @@ def _uri_sans(cert: x509.Certificate) -> list[str]:
         ext = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
     except x509.ExtensionNotFound:
         return []
+    except (x509.DuplicateExtension, x509.UnsupportedGeneralNameType, ValueError) as exc:
+        raise WorkloadApiError(
+            Status.INTERNAL, "X.509-SVID: certificate extensions do not parse"
+        ) from exc
     return ext.value.get_values_for_type(x509.UniformResourceIdentifier)
 
 
@@ -205,7 +210,7 @@ def _parse_svid(message: pb.X509SVID) -> X509Svid:
         raise WorkloadApiError(Status.INTERNAL, f"{what}: differs from the leaf's URI SAN")
     try:
         key = load_der_private_key(message.x509_svid_key, password=None)
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
         raise WorkloadApiError(Status.INTERNAL, f"{what}: private key does not parse") from exc
     return X509Svid(message.spiffe_id, chain, key, message.hint)
 
