@@ -34,8 +34,6 @@ from urllib.parse import urlencode
 import h11
 import pytest
 import trio
-from cryptography import x509
-from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
@@ -517,11 +515,8 @@ def _real_response() -> bytes:
 REAL_RESPONSE = _real_response()
 
 
-# What escapes tally/workload_client.py today (see test_damaged_svid_parts_are_our_error):
-# kept out of the property, which then shows that nothing else does.
-KNOWN_ESCAPES = (UnsupportedAlgorithm, x509.InvalidVersion, x509.DuplicateExtension, ValueError)
-
-
+# A damaged serial can come out non-positive: cryptography warns (an error under this
+# suite's filterwarnings) where a running daemon only warns, so the warning is let be.
 @pytest.mark.filterwarnings("ignore::cryptography.utils.CryptographyDeprecationWarning")
 @given(st.integers(0, len(REAL_RESPONSE) - 1), st.integers(1, 255), st.booleans())
 def test_damaged_svid_responses_raise_only_our_error(position, flip, cut):
@@ -534,8 +529,6 @@ def test_damaged_svid_responses_raise_only_our_error(position, flip, cut):
         context = parse_x509_svid_response(bytes(data))
     except WorkloadApiError as exc:
         assert exc.status is Status.INTERNAL
-        return
-    except KNOWN_ESCAPES:
         return
     for svid in context.svids:  # whatever survived still names the ID its leaf carries
         assert svid.spiffe_id.startswith("spiffe://") and svid.chain
