@@ -140,9 +140,11 @@ class HttpServer(_Server):
                 [("transfer-encoding", "chunked")] if chunked else [("content-length", str(size))]
             )
             conn.sendall(h.send(h11.Response(status_code=200, headers=headers)))
-            data = blob(size)
-            for start in range(0, size, 65536):
-                conn.sendall(h.send(h11.Data(data=data[start : start + 65536])))
+            # Chunk by chunk (each the start of PATTERN, as blob() is): a 1 GiB body
+            # must start at once, not after seconds spent building it in memory.
+            for start in range(0, size, len(PATTERN)):
+                chunk = PATTERN[: min(len(PATTERN), size - start)]
+                conn.sendall(h.send(h11.Data(data=chunk)))
             conn.sendall(h.send(h11.EndOfMessage()))
             return
         if url.path == "/slow":
