@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlencode
@@ -102,13 +103,21 @@ def _entry_text(e: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _when(epoch: int | None) -> str:
+    """The API's Unix times, as an operator reads them."""
+    if epoch is None:
+        return "-"
+    return datetime.fromtimestamp(epoch, UTC).isoformat().replace("+00:00", "Z")
+
+
 def _agent_text(a: dict[str, Any]) -> str:
     return "\n".join(
         [
             f"Agent ID   : {a['spiffe_id']}",
             f"Status     : {a['status']}",
             f"SVID serial: {a['serial']}",
-            f"Expires    : {a['not_after']}",
+            f"Expires    : {_when(a['not_after'])}",
+            f"Attested   : {_when(a['attested_at'])}",
         ]
     )
 

@@ -653,6 +653,9 @@ def test_sigterm_answers_parked_long_polls_and_closes_idle_connections_at_once(c
         "--parent-id", agent.spiffe_id, "--selector", "unix:uid:0",
     )  # fmt: skip
     agent.daemon.wait_for("entries.synced")  # answered; the agent parks its next poll
+    listed = ca.cli("agent", "list").stdout  # times as an operator reads them, not epochs
+    expires = next(line for line in listed.splitlines() if line.startswith("Expires"))
+    assert datetime.fromisoformat(expires.split(": ", 1)[1]) > datetime.now(UTC), listed
     started = time.monotonic()
     assert ca.daemon.stop(timeout=30) == 0
     took = time.monotonic() - started
