@@ -4,20 +4,23 @@ A daemon is ready when it logs its ``*.started`` event, which carries the
 addresses it actually bound (port 0 becomes a real port), so nobody has to
 guess a free port or sleep.  Its stderr is read on a thread into `lines`,
 so a chatty daemon never blocks on a full pipe and tests can assert on its
-log events.
+log events.  Every line is also checked for the shape of a secret (a PEM
+private key, a whole join token): `Daemon.leaks` names each daemon and event
+that logged one, so the test suite can require that no daemon ever did.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 
 def tally_argv(*args: str) -> list[str]:
@@ -28,7 +31,14 @@ class DaemonError(Exception):
     pass
 
 
+# A PEM private key, or a join token whole (`<16 hex id>.<secret>`); the id alone is fine.
+SECRET_SHAPE = re.compile(r"PRIVATE KEY|\b[0-9a-f]{16}\.[A-Za-z0-9_-]{20,}")
+
+
 class Daemon:
+    leaks: ClassVar[list[str]] = []
+    """"<daemon>: <event>" for each log line shaped like a secret, across every daemon."""
+
     def __init__(self, name: str, args: Sequence[str], env: dict[str, str] | None = None) -> None:
         self.name = name
         self.args = list(args)
@@ -61,6 +71,9 @@ class Daemon:
                 line = json.loads(raw)
             except ValueError:
                 line = {"event": "raw", "text": raw.rstrip()}
+            if SECRET_SHAPE.search(raw):
+                event = line.get("event") if isinstance(line, dict) else None
+                Daemon.leaks.append(f"{self.name}: {event or 'unparsed line'}")
             with self._cond:
                 self.raw.append(raw)
                 if isinstance(line, dict):

@@ -279,3 +279,19 @@ def test_a_broken_stream_does_not_raise_or_print(capsys):
     stream.close()
     log.error("lost")
     assert capsys.readouterr() == ("", "")
+
+
+@given(st.binary(min_size=8, max_size=8), st.binary(min_size=32, max_size=32))
+def test_the_suite_wide_leak_guard_knows_a_token_and_a_key_when_it_sees_one(raw_id, raw_secret):
+    """tests/conftest.py fails the run if any daemon logs a line of these shapes."""
+    import base64
+
+    from tally import x509profile
+    from tally.launch import SECRET_SHAPE
+
+    token_id = raw_id.hex()
+    secret = base64.urlsafe_b64encode(raw_secret).rstrip(b"=").decode()
+    assert SECRET_SHAPE.search(json.dumps({"event": "x", "token": f"{token_id}.{secret}"}))
+    assert not SECRET_SHAPE.search(json.dumps({"event": "x", "token_id": token_id}))
+    key = x509profile.key_to_pem(x509profile.generate_key()).decode()
+    assert SECRET_SHAPE.search(json.dumps({"event": "x", "detail": key}))
