@@ -23,8 +23,9 @@ import trio
 RECEIVE_SIZE = 1 << 16
 
 
-class _Busy:
-    """Refuses a second task in one direction, like trio's own conflict detector."""
+class DirectionGuard:
+    """Refuses a second task in one direction of a stream, like trio's own conflict
+    detector; shared by the plain and the TLS streams."""
 
     __slots__ = ("_what", "busy")
 
@@ -49,8 +50,8 @@ class PlainStream(trio.abc.HalfCloseableStream):
     def __init__(self, transport: trio.SocketStream) -> None:
         self.transport = transport
         self._fd = transport.socket.fileno()
-        self._sending = _Busy("sending")
-        self._receiving = _Busy("receiving")
+        self._sending = DirectionGuard("sending")
+        self._receiving = DirectionGuard("receiving")
         self._closed = False
         self._sent_eof = False
 

@@ -80,6 +80,7 @@ from OpenSSL._util import lib as _lib
 
 # The one SPIFFE ID a leaf claims, read leniently (any leaf, even one we refuse).
 from tally.authz import _claimed_id as claimed_id
+from tally.plain import DirectionGuard
 from tally.spiffeid import SpiffeId
 
 log = logging.getLogger("tally.tls")
@@ -458,24 +459,6 @@ def _describe(exc: SSL.Error) -> str:
     return "; ".join(reasons) or type(exc).__name__
 
 
-class _Guard:
-    """Raises BusyResourceError when two tasks use the same direction at once."""
-
-    __slots__ = ("_what", "busy")
-
-    def __init__(self, what: str) -> None:
-        self._what = what
-        self.busy = False
-
-    def __enter__(self) -> None:
-        if self.busy:
-            raise trio.BusyResourceError(f"another task is already {self._what} on this stream")
-        self.busy = True
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.busy = False
-
-
 class _Readiness:
     """Waits for a socket to be readable or writable, shared by a sending and a receiving task.
 
@@ -552,8 +535,8 @@ class TLSStream(trio.abc.HalfCloseableStream):
             transport.socket, server_hostname
         )
         self._ready = _Readiness(transport.socket)
-        self._send_guard = _Guard("sending")
-        self._recv_guard = _Guard("receiving")
+        self._send_guard = DirectionGuard("sending")
+        self._recv_guard = DirectionGuard("receiving")
         self._handshake_lock = trio.Lock()
         self._handshook = False
         self._handshake_error: BaseException | None = None

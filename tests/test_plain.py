@@ -12,24 +12,13 @@ import trio.testing
 from tally import net
 from tally.config import Address
 from tally.plain import PlainStream
-
-_OPEN: list[socket.socket] = []
-
-
-@pytest.fixture(autouse=True)
-def _close_sockets():
-    yield
-    while _OPEN:
-        _OPEN.pop().close()
+from tests.test_tls import _close_socket_pairs as _close_socket_pairs
+from tests.test_tls import socket_pair
 
 
 def plain_pair() -> tuple[PlainStream, PlainStream]:
-    a, b = socket.socketpair()
-    _OPEN.extend((a, b))
-    return (
-        PlainStream(trio.SocketStream(trio.socket.from_stdlib_socket(a))),
-        PlainStream(trio.SocketStream(trio.socket.from_stdlib_socket(b))),
-    )
+    a, b = socket_pair()
+    return PlainStream(a), PlainStream(b)
 
 
 def fill(stream: PlainStream) -> None:
