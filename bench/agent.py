@@ -35,6 +35,7 @@ from typing import Any
 
 import trio
 
+from bench.ca_daemon import TRUST_DOMAIN, ca_daemon
 from tally.launch import Daemon, run_cli
 from tally.workload_client import (
     Status,
@@ -44,7 +45,6 @@ from tally.workload_client import (
     watch_x509,
 )
 
-TRUST_DOMAIN = "bench.org"
 AGENT_ID = f"spiffe://{TRUST_DOMAIN}/agent/bench"
 WORKLOAD_ID = f"spiffe://{TRUST_DOMAIN}/w"
 FETCH_TTL = "1h"
@@ -117,22 +117,7 @@ def cpu_seconds(pid: int) -> float:
 def start_stack(work: Path, daemons: list[Daemon]) -> Stack:
     """CA, then agent, then an entry for this process's uid; appends each daemon to
     ``daemons`` before starting it so the caller stops it whatever happens."""
-    admin = str(work / "admin.sock")
-    ca = Daemon(
-        "ca",
-        [
-            "ca",
-            "run",
-            "--trust-domain",
-            TRUST_DOMAIN,
-            "--data-dir",
-            str(work / "ca"),
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-socket",
-            admin,
-        ],
-    )
+    ca, admin = ca_daemon(work)
     daemons.append(ca)
     listen = ca.start("ca.started")["listen"]
     token = cli(admin, "token", "create", "--spiffe-id", AGENT_ID)["token"]

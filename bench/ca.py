@@ -21,9 +21,10 @@ from pathlib import Path
 import trio
 
 from agent.ca_client import CAClient, make_csr
+from bench.ca_daemon import TRUST_DOMAIN, ca_daemon
 from tally import x509profile
 from tally.config import Address
-from tally.launch import Daemon, run_cli
+from tally.launch import run_cli
 from tally.spiffeid import TrustDomain
 
 
@@ -36,7 +37,7 @@ def cli(admin: str, *args: str):
 async def measure(ca_addr: str, admin: str, batch: int, seconds: float, runs: int) -> list[float]:
     roots = x509profile.chain_from_pem(cli(admin, "bundle", "show")["bundle"].encode())
     token = cli(admin, "token", "create")["token"]
-    client = CAClient(Address.parse(ca_addr), TrustDomain.parse("bench.org"), roots, timeout=60)
+    client = CAClient(Address.parse(ca_addr), TrustDomain.parse(TRUST_DOMAIN), roots, timeout=60)
     key = x509profile.generate_key()
     issued, _, _ = await client.attest(token, key)
     client.set_identity(issued.chain, key)
@@ -47,7 +48,7 @@ async def measure(ca_addr: str, admin: str, batch: int, seconds: float, runs: in
             "entry",
             "create",
             "--spiffe-id",
-            f"spiffe://bench.org/w{i}",
+            f"spiffe://{TRUST_DOMAIN}/w{i}",
             "--parent-id",
             issued.spiffe_id,
             "--selector",
@@ -76,22 +77,7 @@ def main() -> None:
     parser.add_argument("--batches", default="1,10,100,500")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="tally-bench-"))
-    admin = str(work / "admin.sock")
-    ca = Daemon(
-        "ca",
-        [
-            "ca",
-            "run",
-            "--trust-domain",
-            "bench.org",
-            "--data-dir",
-            str(work / "ca"),
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-socket",
-            admin,
-        ],
-    )
+    ca, admin = ca_daemon(work)
     started = ca.start("ca.started")
     print(f"{'batch':>6} {'median SVIDs/s':>15} {'min':>8} {'max':>8}  runs")
     try:

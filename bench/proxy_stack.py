@@ -30,9 +30,9 @@ import OpenSSL
 import trio
 from OpenSSL import SSL
 
+from bench.ca_daemon import TRUST_DOMAIN, ca_daemon
 from tally.launch import Daemon, run_cli
 
-TRUST_DOMAIN = "bench.org"
 CLIENT_ID = f"spiffe://{TRUST_DOMAIN}/client"
 SERVER_ID = f"spiffe://{TRUST_DOMAIN}/server"
 SMALL_BODY = 100
@@ -169,22 +169,7 @@ def host_busy_seconds() -> float:
 
 def mint_credentials(work: Path) -> Credentials:
     """Start a real CA, mint the two SVIDs (1 h), and stop the CA: it has no part in the runs."""
-    admin = str(work / "ca-admin.sock")
-    ca = Daemon(
-        "ca",
-        [
-            "ca",
-            "run",
-            "--trust-domain",
-            TRUST_DOMAIN,
-            "--data-dir",
-            str(work / "ca"),
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-socket",
-            admin,
-        ],
-    )
+    ca, admin = ca_daemon(work)
     with contextlib.ExitStack() as ca_scope:
         ca_scope.callback(ca.stop)
         ca.start("ca.started")
