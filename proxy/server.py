@@ -55,7 +55,7 @@ from proxy.identity import FileSource, Identity, IdentityError, Signature, Workl
 from proxy.metrics import ProxyCollector, Stats, SvidInfo, registry_for
 from proxy.pool import CLOSE_TIMEOUT_S, RETIRE_MARGIN_S, DialError, Pool, Upstream, close_quietly
 from proxy.settings import ClientSettings, FileSourceSpec, ServerSettings
-from proxy.tcp import Deadline, splice
+from proxy.tcp import Deadline, Relay
 from tally import authz, net, tls
 from tally.cli_support import CommandError
 from tally.config import ConfigError
@@ -144,6 +144,7 @@ class Proxy:
         self.current: Current | None = None
         self.stats = Stats()
         self.idlers = Idlers()
+        self.relay = Relay()
         self.limiter = trio.CapacityLimiter(cfg.max_connections)
         spec = cfg.source(env)
         want = SpiffeId.parse(cfg.spiffe_id) if cfg.spiffe_id is not None else None
@@ -378,7 +379,7 @@ class Proxy:
         finally:
             await close_quietly(conn)
 
-    async def _tcp(self, conn: trio.abc.Stream, peer: Peer) -> None:
+    async def _tcp(self, conn: tls.TLSStream, peer: Peer) -> None:
         """Splice an authenticated connection to the target (both modes)."""
         try:
             target = PlainStream(await self._connect_target())
@@ -386,7 +387,7 @@ class Proxy:
             log.warning("target.unreachable", target=str(self.cfg.target), error=str(exc))
             return
         try:
-            why = await splice(
+            why = await self.relay.splice(
                 conn,
                 target,
                 Deadline(self.cfg.idle_timeout, peer.expires_at),
@@ -433,7 +434,7 @@ class Proxy:
                 log.warning("target.failed", target=str(self.cfg.target), error=str(exc))
                 return
             try:
-                why = await splice(
+                why = await self.relay.splice(
                     stream,
                     up.stream,
                     Deadline(self.cfg.idle_timeout, up.peer_expires_at),
@@ -670,6 +671,7 @@ class Proxy:
             self._load_first()
             async with trio.open_nursery() as outer:
                 await outer.start(self._signals)
+                await outer.start(self.relay.run)
                 if self.cfg.metrics is not None:
                     try:
                         self.addresses["metrics"] = await outer.start(

@@ -16,11 +16,15 @@ from __future__ import annotations
 
 import errno
 import os
+import select
 import socket
+import threading
 
 import trio
 
 RECEIVE_SIZE = 1 << 16
+WANT_READ = select.EPOLLIN
+WANT_WRITE = select.EPOLLOUT
 
 
 class DirectionGuard:
@@ -137,3 +141,78 @@ class PlainStream(trio.abc.HalfCloseableStream):
     async def aclose(self) -> None:
         self._closed = True
         await self.transport.aclose()
+
+    def relay_end(self) -> PlainEnd:
+        """This stream for the proxy's relay (`proxy.tcp.Relay`), which owns it until it ends."""
+        self._check_open()
+        return PlainEnd(self)
+
+
+_buffers = threading.local()
+
+
+def _lent_buffer() -> bytearray:
+    buf: bytearray | None = getattr(_buffers, "plain", None)
+    if buf is None:
+        buf = _buffers.plain = bytearray(RECEIVE_SIZE)
+    return buf
+
+
+def _broken(exc: OSError) -> trio.BrokenResourceError:
+    return trio.BrokenResourceError(f"socket connection broken: {exc}")
+
+
+class PlainEnd:
+    """A plain stream as the relay drives it: calls that never wait.
+
+    The relay's contract for an end (`tally.tls.TLSEnd` is the other one):
+    ``read`` returns data, ``b""`` at the end of the stream, or None when it
+    would block.  The data is *lent*: a view of a buffer this thread's ends
+    share, valid until the next read of any end, so the relay writes it at once
+    and copies only what it could not write (no allocation and no copy per
+    chunk on the way through).  ``write`` returns how many bytes it took, or None; ``shut``
+    sends the half-close and returns False when it would block.  After a None
+    or False, ``wants`` says which readiness of ``fd`` (``WANT_READ`` or
+    ``WANT_WRITE``) lets the call go on.  After data, ``more`` says whether
+    reading again at once is likely to find more (the read filled its buffer);
+    when not, the relay waits for the socket instead of paying for a read that
+    would only say "would block".  Failures raise ``trio.BrokenResourceError``.
+    """
+
+    __slots__ = ("_stream", "fd", "more", "wants")
+
+    def __init__(self, stream: PlainStream) -> None:
+        self._stream = stream
+        self.fd = stream._fd
+        self.wants = WANT_READ
+        self.more = True
+
+    def read(self) -> memoryview | bytes | None:
+        buf = _lent_buffer()
+        try:
+            n = os.readv(self.fd, (buf,))
+        except BlockingIOError:
+            self.wants = WANT_READ
+            return None
+        except OSError as exc:
+            raise _broken(exc) from exc
+        self.more = n == RECEIVE_SIZE
+        return memoryview(buf)[:n] if n else b""
+
+    def write(self, data: bytes | memoryview) -> int | None:
+        try:
+            return os.write(self.fd, data)
+        except BlockingIOError:
+            self.wants = WANT_WRITE
+            return None
+        except OSError as exc:
+            raise _broken(exc) from exc
+
+    def shut(self) -> bool:
+        self._stream._sent_eof = True
+        try:
+            self._stream.transport.socket.shutdown(socket.SHUT_WR)
+        except OSError as exc:
+            if exc.errno != errno.ENOTCONN:  # the peer is gone already: so is our side
+                raise _broken(exc) from exc
+        return True

@@ -62,11 +62,12 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal, cast
+from typing import Any, Literal, cast
 
 import trio
 from cryptography import x509
@@ -80,7 +81,7 @@ from OpenSSL._util import lib as _lib
 
 # The one SPIFFE ID a leaf claims, read leniently (any leaf, even one we refuse).
 from tally.authz import _claimed_id as claimed_id
-from tally.plain import DirectionGuard
+from tally.plain import WANT_READ, WANT_WRITE, DirectionGuard
 from tally.spiffeid import SpiffeId
 
 log = logging.getLogger("tally.tls")
@@ -836,6 +837,13 @@ class TLSStream(trio.abc.HalfCloseableStream):
         finally:
             await self.transport.aclose()
 
+    def relay_end(self) -> TLSEnd:
+        """This stream for the proxy's relay (`proxy.tcp.Relay`), which owns it until it ends."""
+        self._check_usable()
+        if not self._handshook:
+            raise ValueError("the relay takes a TLS stream only after its handshake")
+        return TLSEnd(self)
+
     def _save_session(self) -> None:
         """Keep a client's session for the next connection from the same context.
 
@@ -848,3 +856,138 @@ class TLSStream(trio.abc.HalfCloseableStream):
         session = self._conn.get_session()
         if session is not None:
             self._ctx._remember_session(self._server_hostname, session)
+
+
+_ERROR_WANT_READ = _lib.SSL_ERROR_WANT_READ
+_ERROR_WANT_WRITE = _lib.SSL_ERROR_WANT_WRITE
+_ERROR_ZERO_RETURN = _lib.SSL_ERROR_ZERO_RETURN
+_LENT = 4 * _RECORD
+_buffers = threading.local()
+
+
+def _lent_buffer() -> Any:
+    """This thread's buffer for lent reads (OpenSSL fills it without holding the GIL)."""
+    buf = getattr(_buffers, "tls", None)
+    if buf is None:
+        buf = _buffers.tls = _ffi.new("char[]", _LENT)
+    return buf
+
+
+class TLSEnd:
+    """A TLS stream as the relay drives it: calls that never wait (see `tally.plain.PlainEnd`).
+
+    The stream's own state follows what the relay does (end of stream seen or
+    sent, broken), so closing the stream afterwards behaves as after
+    ``receive_some``/``send_all``.  An OpenSSL write that would block must be
+    retried with the same bytes, which the relay does: it keeps what it could
+    not write and offers it again.  A read returns whole records while they come
+    full (a bulk transfer, with more behind them: ``more``) up to four, and stops
+    at a short one (usually a message's end).  Without read-ahead OpenSSL takes
+    from the socket only the records it returns, so "readable" on the socket is
+    an exact signal.  An error after some records is reported by the next read,
+    after those records are delivered.
+
+    The relay calls these per chunk on every connection, so they call
+    ``SSL_read``/``SSL_write`` directly on pyOpenSSL's connection (its ``_ssl``)
+    and map "would block" from the return code: pyOpenSSL's wrappers raise an
+    exception for it and allocate a buffer per read, which cost more than the
+    call itself.  Anything else goes through pyOpenSSL's own error mapping, which
+    also empties OpenSSL's error queue.
+    """
+
+    __slots__ = ("_after", "_conn", "_ssl", "_stream", "fd", "more", "wants")
+
+    def __init__(self, stream: TLSStream) -> None:
+        self._after: BaseException | bool | None = None
+        self._stream = stream
+        self._conn = stream._conn
+        self._ssl = stream._conn._ssl
+        self.fd = stream.transport.socket.fileno()
+        self.wants = WANT_READ
+        self.more = True
+
+    def read(self) -> memoryview | bytes | None:
+        if self._after is not None:
+            return self._end_now()
+        ssl = self._ssl
+        buf = _lent_buffer()
+        total = 0
+        while True:  # whole records while they come full, as one chunk
+            n = _lib.SSL_read(ssl, buf + total, _RECORD)
+            if n <= 0:
+                break
+            total += n
+            if n < _RECORD or total > _LENT - _RECORD:
+                self.more = n == _RECORD
+                break
+        if total and not self._stream._session_saved:
+            self._stream._save_session()
+        if n > 0:
+            return memoryview(_ffi.buffer(buf, total))
+        code = _lib.SSL_get_error(ssl, n)
+        if code == _ERROR_WANT_READ or code == _ERROR_WANT_WRITE:
+            if total:
+                self.more = False
+                return memoryview(_ffi.buffer(buf, total))
+            self.wants = WANT_READ if code == _ERROR_WANT_READ else WANT_WRITE
+            return None
+        self._after = self._outcome(code, n)
+        if total:  # deliver what decrypted cleanly; the next read reports the end
+            self.more = True
+            return memoryview(_ffi.buffer(buf, total))
+        return self._end_now()
+
+    def _outcome(self, code: int, n: int) -> BaseException | bool:
+        """What a failed SSL_read means: True for an end of stream, else the error."""
+        if code == _ERROR_ZERO_RETURN:
+            return True
+        try:
+            self._conn._raise_ssl_error(self._ssl, n)
+        except SSL.SysCallError as exc:
+            if exc.args[0] == -1:
+                return True  # end of stream without close_notify: an end all the same
+            return self._broken(exc, "receive")
+        except SSL.Error as exc:
+            return self._broken(exc, "receive")
+        return self._broken(SSL.Error("SSL_read read nothing"), "receive")
+
+    def _end_now(self) -> bytes:
+        after = self._after
+        if isinstance(after, BaseException):
+            raise after
+        self._stream._recv_eof = True
+        return b""
+
+    def write(self, data: bytes | memoryview) -> int | None:
+        n = _lib.SSL_write(self._ssl, _ffi.from_buffer(data), len(data))
+        if n > 0:
+            return n  # type: ignore[no-any-return]
+        code = _lib.SSL_get_error(self._ssl, n)
+        if code == _ERROR_WANT_WRITE:
+            self.wants = WANT_WRITE
+            return None
+        if code == _ERROR_WANT_READ:
+            self.wants = WANT_READ
+            return None
+        try:
+            self._conn._raise_ssl_error(self._ssl, n)
+        except SSL.Error as exc:
+            raise self._broken(exc, "send") from exc
+        raise self._broken(SSL.Error("SSL_write wrote nothing"), "send")
+
+    def shut(self) -> bool:
+        self._stream._sent_eof = True
+        try:
+            self._conn.shutdown()
+        except SSL.WantWriteError:
+            self.wants = WANT_WRITE
+            return False
+        except SSL.Error as exc:
+            raise self._broken(exc, "shutdown") from exc
+        return True
+
+    def _broken(self, exc: SSL.Error, during: str) -> trio.BrokenResourceError:
+        err = self._stream._fail(exc, during)
+        broken = trio.BrokenResourceError(str(err))
+        broken.__cause__ = err
+        return broken

@@ -1,4 +1,4 @@
-"""proxy.tcp and proxy.http over in-memory streams, in virtual time (autojump clock)."""
+"""proxy.http over in-memory streams, in virtual time (autojump clock); the TCP relay is in test_relay."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import trio
 import trio.testing
 
 from proxy import http as ph
-from proxy.tcp import Deadline, splice
 
 
 def ignore(n):
@@ -20,84 +19,6 @@ def ignore(n):
 def counter():
     total: list[int] = []
     return total, total.append
-
-
-async def test_splice_forwards_both_ways_and_passes_half_close():
-    app, proxy_side = trio.testing.memory_stream_pair()
-    target_side, service = trio.testing.memory_stream_pair()
-    up, count_up = counter()
-    down, count_down = counter()
-    async with trio.open_nursery() as nursery:
-        result = []
-
-        async def run():
-            result.append(await splice(proxy_side, target_side, Deadline(60), count_up, count_down))
-
-        nursery.start_soon(run)
-        await app.send_all(b"request")
-        await app.send_eof()
-        assert await service.receive_some(100) == b"request"
-        assert await service.receive_some(100) == b""  # the half-close arrived
-        await service.send_all(b"response after half-close")
-        assert await app.receive_some(100) == b"response after half-close"
-        await service.send_eof()
-    assert result == ["closed"]
-    assert sum(up) == len(b"request") and sum(down) == len(b"response after half-close")
-
-
-async def test_splice_idle_timeout_in_virtual_time(autojump_clock):
-    app, proxy_side = trio.testing.memory_stream_pair()
-    target_side, service = trio.testing.memory_stream_pair()
-    start = trio.current_time()
-    async with trio.open_nursery() as nursery:
-        result = []
-
-        async def run():
-            result.append(await splice(proxy_side, target_side, Deadline(30), ignore, ignore))
-
-        nursery.start_soon(run)
-        await trio.sleep(20)
-        await app.send_all(b"x")  # activity pushes the deadline back
-        assert await service.receive_some(10) == b"x"
-    assert result == ["idle"]
-    assert trio.current_time() - start == pytest.approx(50, abs=0.01)
-
-
-async def test_splice_hard_stop_at_peer_expiry_despite_traffic(autojump_clock):
-    app, proxy_side = trio.testing.memory_stream_pair()
-    target_side, service = trio.testing.memory_stream_pair()
-    expires = trio.current_time() + 5
-
-    async def chatter():
-        while True:
-            await app.send_all(b"tick")
-            await service.receive_some(10)
-            await trio.sleep(1)
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(chatter)
-        assert (
-            await splice(proxy_side, target_side, Deadline(30, expires), ignore, ignore)
-            == "peer_expired"
-        )
-        assert trio.current_time() == pytest.approx(expires)
-        nursery.cancel_scope.cancel()
-
-
-async def test_splice_reset_on_one_side_ends_both(autojump_clock):
-    app, proxy_side = trio.testing.memory_stream_pair()
-    target_side, service = trio.testing.memory_stream_pair()
-    async with trio.open_nursery() as nursery:
-        result = []
-
-        async def run():
-            result.append(await splice(proxy_side, target_side, Deadline(60), ignore, ignore))
-
-        nursery.start_soon(run)
-        await service.aclose()  # the target vanished
-        await app.send_all(b"lost")  # so forwarding this breaks
-    assert result == ["reset"]
-    assert trio.current_time() < 1
 
 
 # -- HTTP ---------------------------------------------------------------------------
