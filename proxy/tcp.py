@@ -59,8 +59,10 @@ class Deadline:
         self._pushed_at = now
         self.scope = trio.CancelScope(deadline=min(now + idle_s, hard_at))
 
-    def touch(self) -> None:
-        now = trio.current_time()
+    def touch(self, now: float | None = None) -> None:
+        """Note activity at ``now`` (trio time; read from the clock when not given)."""
+        if now is None:
+            now = trio.current_time()
         if now - self._pushed_at >= PUSH_EVERY_S:
             self._pushed_at = now
             self.scope.deadline = min(now + self.idle_s, self.hard_at)
@@ -90,6 +92,9 @@ class Relayable(Protocol):
 
 BUDGET = 8
 """Chunks one direction moves per turn before the other connections get theirs."""
+REPOLL = 4
+"""Polls of the relay's own set per wake-up: under load, events arrive while a batch
+is served, and taking them at once skips a round through trio's scheduler."""
 _IDLE = -1
 
 
@@ -110,7 +115,7 @@ class _Flow:
 
 
 class _Splice:
-    __slots__ = ("a", "b", "deadline", "down", "finished", "live", "masks", "up", "why")
+    __slots__ = ("a", "b", "deadline", "down", "finished", "live", "mask_a", "mask_b", "up", "why")
 
     def __init__(self, a: End, b: End, deadline: Deadline, up: _Flow, down: _Flow) -> None:
         self.a = a
@@ -118,7 +123,8 @@ class _Splice:
         self.deadline = deadline
         self.up = up
         self.down = down
-        self.masks = {a.fd: 0, b.fd: 0}
+        self.mask_a = 0  # what the relay's epoll set watches on a.fd and on b.fd
+        self.mask_b = 0
         self.finished = trio.Event()
         self.live = True
         self.why = "closed"
@@ -149,15 +155,20 @@ class Relay:
                     await trio.lowlevel.wait_readable(fd)
                 again, self._again = self._again, []
                 by_fd = self._by_fd
-                for ready, _events in self._epoll.poll(0):
-                    s = by_fd.get(ready)
-                    if s is not None:
-                        self._serve(s, ready)
-                    elif ready == self._wake:
-                        os.eventfd_read(self._wake)
+                now = trio.current_time()
+                for _ in range(REPOLL):
+                    events = self._epoll.poll(0)
+                    if not events:
+                        break
+                    for ready, _events in events:
+                        s = by_fd.get(ready)
+                        if s is not None:
+                            self._serve(s, now, ready)
+                        elif ready == self._wake:
+                            os.eventfd_read(self._wake)
                 for s in again:
                     if s.live:
-                        self._serve(s)
+                        self._serve(s, now)
         finally:
             self._running = False
             for s in list(self._by_fd.values()):
@@ -185,7 +196,7 @@ class Relay:
         self._by_fd[a.fd] = self._by_fd[b.fd] = s
         try:
             with deadline.scope:
-                self._serve(s)  # bytes may be waiting already
+                self._serve(s, trio.current_time())  # bytes may be waiting already
                 if self._again:
                     os.eventfd_write(self._wake, 1)  # work that no socket event announces
                 await s.finished.wait()
@@ -195,7 +206,7 @@ class Relay:
             return deadline.why()
         return s.why
 
-    def _serve(self, s: _Splice, ready: int = _IDLE) -> None:
+    def _serve(self, s: _Splice, now: float, ready: int = _IDLE) -> None:
         """Move what can move now, then watch for what both directions wait on.
 
         With ``ready``, only a direction waiting on that descriptor is tried: the
@@ -205,9 +216,9 @@ class Relay:
         try:
             more = False
             if ready == _IDLE or up.wait_fd == ready or up.wait_fd == _IDLE:
-                more = self._pump(up, s.deadline)
+                more = self._pump(up, s.deadline, now)
             if ready == _IDLE or down.wait_fd == ready or down.wait_fd == _IDLE:
-                more |= self._pump(down, s.deadline)
+                more |= self._pump(down, s.deadline, now)
         except trio.BrokenResourceError:
             self._end(s, "reset")
             return
@@ -220,25 +231,28 @@ class Relay:
             return
         if more:
             self._again.append(s)
-        masks = s.masks
-        for fd in masks:
-            want = (up.wait_ev if up.wait_fd == fd else 0) | (
-                down.wait_ev if down.wait_fd == fd else 0
-            )
-            have = masks[fd]
-            if want != have:
-                # A descriptor nobody waits on leaves the set: its hang-up would
-                # otherwise be reported on every poll.
-                if not want:
-                    self._epoll.unregister(fd)
-                elif have:
-                    self._epoll.modify(fd, want)
-                else:
-                    self._epoll.register(fd, want)
-                masks[fd] = want
+        a, b = s.a.fd, s.b.fd
+        want_a = (up.wait_ev if up.wait_fd == a else 0) | (down.wait_ev if down.wait_fd == a else 0)
+        want_b = (up.wait_ev if up.wait_fd == b else 0) | (down.wait_ev if down.wait_fd == b else 0)
+        if want_a != s.mask_a:
+            self._watch(a, s.mask_a, want_a)
+            s.mask_a = want_a
+        if want_b != s.mask_b:
+            self._watch(b, s.mask_b, want_b)
+            s.mask_b = want_b
+
+    def _watch(self, fd: int, have: int, want: int) -> None:
+        # A descriptor nobody waits on leaves the set: its hang-up would otherwise
+        # be reported on every poll.
+        if not want:
+            self._epoll.unregister(fd)
+        elif have:
+            self._epoll.modify(fd, want)
+        else:
+            self._epoll.register(fd, want)
 
     @staticmethod
-    def _pump(f: _Flow, deadline: Deadline) -> bool:
+    def _pump(f: _Flow, deadline: Deadline, now: float) -> bool:
         """One direction's turn; True if it stopped only because its budget ran out."""
         if f.done:
             return False
@@ -273,7 +287,7 @@ class Relay:
                 f.eof = True
                 continue
             f.count(size)
-            deadline.touch()
+            deadline.touch(now)
             # The data is lent until the next read anywhere: write it now, keep a copy
             # of what did not fit.
             n = dst.write(data)
@@ -299,12 +313,12 @@ class Relay:
         if not s.live:
             return
         s.live = False
-        for fd, mask in s.masks.items():
-            if self._by_fd.get(fd) is s:
-                del self._by_fd[fd]
+        for end, mask in ((s.a, s.mask_a), (s.b, s.mask_b)):
+            if self._by_fd.get(end.fd) is s:
+                del self._by_fd[end.fd]
             if mask:
                 try:
-                    self._epoll.unregister(fd)
+                    self._epoll.unregister(end.fd)
                 except (OSError, ValueError):  # closed under us: the kernel dropped it
                     pass
-                s.masks[fd] = 0
+        s.mask_a = s.mask_b = 0
