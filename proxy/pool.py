@@ -54,8 +54,8 @@ class DialError(Exception):
 class Upstream:
     """One mTLS connection to the target and what we know about it."""
 
-    stream: tls.TLSStream | PlainStream
-    """The mTLS stream to the server proxy, or the plain one to the service."""
+    stream: trio.abc.Stream
+    """The mTLS stream (a `tally.tls.TLSStream` in the proxy)."""
     http: HttpStream
     peer_id: SpiffeId | None
     """The server proxy's ID (client mode); None for a plain connection to the service."""

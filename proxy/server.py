@@ -434,6 +434,8 @@ class Proxy:
                 log.warning("target.failed", target=str(self.cfg.target), error=str(exc))
                 return
             try:
+                # `_dial` makes TLS streams; the pool's type is wider only for its tests.
+                assert isinstance(up.stream, tls.TLSStream)
                 why = await self.relay.splice(
                     stream,
                     up.stream,

@@ -23,6 +23,9 @@ import threading
 import trio
 
 RECEIVE_SIZE = 1 << 16
+LENT_SIZE = 1 << 16
+"""The most a relay read returns: a bulk transfer moves in few, large chunks, and the
+buffer is one per thread, not per connection."""
 WANT_READ = select.EPOLLIN
 WANT_WRITE = select.EPOLLOUT
 
@@ -154,7 +157,7 @@ _buffers = threading.local()
 def _lent_buffer() -> bytearray:
     buf: bytearray | None = getattr(_buffers, "plain", None)
     if buf is None:
-        buf = _buffers.plain = bytearray(RECEIVE_SIZE)
+        buf = _buffers.plain = bytearray(LENT_SIZE)
     return buf
 
 
@@ -196,7 +199,7 @@ class PlainEnd:
             return None
         except OSError as exc:
             raise _broken(exc) from exc
-        self.more = n == RECEIVE_SIZE
+        self.more = n == LENT_SIZE
         return memoryview(buf)[:n] if n else b""
 
     def write(self, data: bytes | memoryview) -> int | None:

@@ -81,7 +81,7 @@ from OpenSSL._util import lib as _lib
 
 # The one SPIFFE ID a leaf claims, read leniently (any leaf, even one we refuse).
 from tally.authz import _claimed_id as claimed_id
-from tally.plain import WANT_READ, WANT_WRITE, DirectionGuard
+from tally.plain import LENT_SIZE, WANT_READ, WANT_WRITE, DirectionGuard
 from tally.spiffeid import SpiffeId
 
 log = logging.getLogger("tally.tls")
@@ -861,7 +861,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
 _ERROR_WANT_READ = _lib.SSL_ERROR_WANT_READ
 _ERROR_WANT_WRITE = _lib.SSL_ERROR_WANT_WRITE
 _ERROR_ZERO_RETURN = _lib.SSL_ERROR_ZERO_RETURN
-_LENT = 4 * _RECORD
+_LENT = LENT_SIZE
 _buffers = threading.local()
 
 
@@ -881,7 +881,7 @@ class TLSEnd:
     ``receive_some``/``send_all``.  An OpenSSL write that would block must be
     retried with the same bytes, which the relay does: it keeps what it could
     not write and offers it again.  A read returns whole records while they come
-    full (a bulk transfer, with more behind them: ``more``) up to four, and stops
+    full (a bulk transfer, with more behind them: ``more``) up to `LENT_SIZE`, and stops
     at a short one (usually a message's end).  Without read-ahead OpenSSL takes
     from the socket only the records it returns, so "readable" on the socket is
     an exact signal.  An error after some records is reported by the next read,

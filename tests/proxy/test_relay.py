@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from proxy.tcp import Deadline, Relay
 from tally import tls
-from tally.plain import RECEIVE_SIZE
+from tally.plain import LENT_SIZE
 from tests.test_plain import plain_pair
 from tests.test_tls import PKI, handshake_both, make_pki, tls_pair
 from tests.test_tls import _close_socket_pairs as _close_socket_pairs
@@ -144,7 +144,7 @@ async def test_a_slow_reader_holds_at_most_one_chunk_in_the_relay():
         # Unix socket pairs: what the relay wrote sits whole in the service's receive queue.
         queued = _inq(service.socket)
         assert sum(up) > queued > 0
-        assert sum(up) - queued <= RECEIVE_SIZE
+        assert sum(up) - queued <= LENT_SIZE
         nursery.cancel_scope.cancel()
 
 
