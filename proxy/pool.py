@@ -77,7 +77,8 @@ def _socket_readable(stream: trio.abc.Stream) -> bool:
 
 
 async def close_quietly(stream: trio.abc.Stream) -> None:
-    with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT_S):
+    # Shielded from the caller's cancellation, bounded by its own deadline.
+    with trio.CancelScope(shield=True, deadline=trio.current_time() + CLOSE_TIMEOUT_S):
         try:
             await stream.aclose()
         except (trio.BrokenResourceError, trio.ClosedResourceError):

@@ -111,7 +111,7 @@ class Current:
 @dataclass(frozen=True)
 class Peer:
     spiffe_id: SpiffeId
-    leaf_der: bytes
+    leaf: x509.Certificate
     expires_at: float
     """trio time when its certificate expires (inf with --allow-expired-peer-connections)."""
 
@@ -301,9 +301,7 @@ class Proxy:
                 return None
             self.stats.handshakes["resumed" if stream.resumed else "ok"] += 1
             leaf = chain[0]
-            return Peer(
-                verified, leaf.public_bytes(serialization.Encoding.DER), self._expires_at(leaf)
-            )
+            return Peer(verified, leaf, self._expires_at(leaf))
         self.stats.handshakes["timeout"] += 1
         log.info("handshake.timeout", peer=where, timeout_s=self.cfg.handshake_timeout)
         return None
@@ -369,7 +367,9 @@ class Proxy:
         try:
             if self.cfg.http:
                 stamp = xfcc.proxy_element(
-                    str(cur.identity.spiffe_id), peer.leaf_der, str(peer.spiffe_id)
+                    str(cur.identity.spiffe_id),
+                    peer.leaf.public_bytes(serialization.Encoding.DER),
+                    str(peer.spiffe_id),
                 )
                 await self._relay_http(
                     conn, caller=peer.spiffe_id, hard_at=peer.expires_at, stamp=stamp.encode()
@@ -561,7 +561,8 @@ class Proxy:
         except Exception as exc:  # rule 5
             log.error("connection.crashed", error=exc)
         finally:
-            await close_quietly(stream)
+            if stream.socket.fileno() != -1:  # the handler closes it on every normal path
+                await close_quietly(stream)
             self.stats.connections_open -= 1
             self.limiter.release_on_behalf_of(token)
 
