@@ -258,47 +258,36 @@ class Relay:
             return False
         src, dst = f.src, f.dst
         for _ in range(BUDGET):
-            pending = f.pending
-            if pending is not None:
-                n = dst.write(pending)
-                if n is None:
-                    f.wait_fd, f.wait_ev = dst.fd, dst.wants
-                    return False
-                if n < len(pending):
-                    f.pending = memoryview(pending)[n:]
-                    continue
-                f.pending = None
-                if not (src.more or f.eof):
-                    f.wait_fd, f.wait_ev = src.fd, WANT_READ
-                    return False
-            if f.eof:
-                if not dst.shut():
-                    f.wait_fd, f.wait_ev = dst.fd, dst.wants
-                    return False
-                f.done = True
-                f.wait_fd = _IDLE
-                return False
-            data = src.read()
+            data = f.pending
+            lent = data is None  # a fresh read is lent until the next one, anywhere
             if data is None:
-                f.wait_fd, f.wait_ev = src.fd, src.wants
-                return False
-            size = len(data)
-            if not size:
-                f.eof = True
-                continue
-            f.count(size)
-            deadline.touch(now)
-            # The data is lent until the next read anywhere: write it now, keep a copy
-            # of what did not fit.
+                if f.eof:
+                    if not dst.shut():
+                        f.wait_fd, f.wait_ev = dst.fd, dst.wants
+                        return False
+                    f.done = True
+                    f.wait_fd = _IDLE
+                    return False
+                data = src.read()
+                if data is None:
+                    f.wait_fd, f.wait_ev = src.fd, src.wants
+                    return False
+                if not len(data):
+                    f.eof = True
+                    continue
+                f.count(len(data))
+                deadline.touch(now)
+            # Write at once; keep what did not fit (a copy, if the data was lent).
             n = dst.write(data)
             if n is None:
-                f.pending = bytes(data)
+                f.pending = bytes(data) if lent else data
                 f.wait_fd, f.wait_ev = dst.fd, dst.wants
                 return False
-            if n < size:
-                f.pending = bytes(data[n:])
+            if n < len(data):
+                f.pending = bytes(data[n:]) if lent else memoryview(data)[n:]
                 continue
-            if not src.more:
+            f.pending = None
+            if not (src.more or f.eof):
                 f.wait_fd, f.wait_ev = src.fd, WANT_READ
                 return False
         f.wait_fd = _IDLE

@@ -861,7 +861,6 @@ class TLSStream(trio.abc.HalfCloseableStream):
 _ERROR_WANT_READ = _lib.SSL_ERROR_WANT_READ
 _ERROR_WANT_WRITE = _lib.SSL_ERROR_WANT_WRITE
 _ERROR_ZERO_RETURN = _lib.SSL_ERROR_ZERO_RETURN
-_LENT = LENT_SIZE
 _buffers = threading.local()
 
 
@@ -869,7 +868,7 @@ def _lent_buffer() -> Any:
     """This thread's buffer for lent reads (OpenSSL fills it without holding the GIL)."""
     buf = getattr(_buffers, "tls", None)
     if buf is None:
-        buf = _buffers.tls = _ffi.new("char[]", _LENT)
+        buf = _buffers.tls = _ffi.new("char[]", LENT_SIZE)
     return buf
 
 
@@ -917,7 +916,7 @@ class TLSEnd:
             if n <= 0:
                 break
             total += n
-            if n < _RECORD or total > _LENT - _RECORD:
+            if n < _RECORD or total > LENT_SIZE - _RECORD:
                 self.more = n == _RECORD
                 break
         if total and not self._stream._session_saved:

@@ -16,11 +16,6 @@ def ignore(n):
     pass
 
 
-def counter():
-    total: list[int] = []
-    return total, total.append
-
-
 # -- HTTP ---------------------------------------------------------------------------
 
 

@@ -21,14 +21,11 @@ from hypothesis import strategies as st
 from proxy.tcp import Deadline, Relay
 from tally import tls
 from tally.plain import LENT_SIZE
+from tests.proxy.test_forwarding import ignore
 from tests.test_plain import plain_pair
 from tests.test_tls import PKI, handshake_both, make_pki, tls_pair
 from tests.test_tls import _close_socket_pairs as _close_socket_pairs
 from tests.test_tls import pki as pki
-
-
-def ignore(n: int) -> None:
-    pass
 
 
 def counter() -> tuple[list[int], Callable[[int], None]]:
