@@ -129,8 +129,16 @@ def holder_result(proc: subprocess.Popen[str]) -> dict:
 
 
 def take_pid(pid: int) -> subprocess.Popen[bytes]:
-    """A process with the wanted group, started on exactly ``pid`` (which is free)."""
+    """A process with the wanted group, started on exactly ``pid`` (which is free).
+
+    A thread anywhere on the machine (a daemon's worker, say) may take the number
+    first; ``/proc/<tid>`` exists for threads too, so wait for it to be given back
+    (trio's idle worker threads leave after 10 s).
+    """
     for _ in range(50):
+        deadline = time.monotonic() + 30
+        while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
         Path("/proc/sys/kernel/ns_last_pid").write_text(str(pid - 1))
         proc = subprocess.Popen(["sleep", "120"], preexec_fn=lambda: os.setgroups([GROUP]))
         if proc.pid == pid:
