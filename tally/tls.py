@@ -901,6 +901,11 @@ class TLSEnd:
         self._stream = stream
         self._conn = stream._conn
         self._ssl = stream._conn._ssl
+        # pyOpenSSL turns on partial writes, with which SSL_write returns after each
+        # 16 KiB record: four calls, and three copies of what is left, per chunk.
+        # Without it one call writes the whole chunk or says "would block", and the
+        # relay retries with the same bytes, as OpenSSL then requires.
+        _lib.SSL_clear_mode(self._ssl, _lib.SSL_MODE_ENABLE_PARTIAL_WRITE)
         self.fd = stream.transport.socket.fileno()
         self.wants = WANT_READ
         self.more = True
