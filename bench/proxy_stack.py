@@ -4,7 +4,11 @@ Rules / theory of operation: every contender gets the same path and the same
 credentials, so the table compares proxies and nothing else.  One real
 `tally ca run` mints an EC P-256 SVID for the client side and one for the
 server side; Tally, stunnel and HAProxy all load those very files and speak
-TLS 1.3 only.  Each contender is two processes, an outbound (client) proxy and
+TLS 1.3 only, with the same cipher suites in the same order (Tally's:
+AES-128-GCM first, as Go and BoringSSL), so that all three encrypt alike.  Key
+exchange is each one's own: Tally's post-quantum hybrid X25519MLKEM768, which
+costs more per handshake, against plain X25519 for the two on OpenSSL 3.0.
+Each contender is two processes, an outbound (client) proxy and
 an inbound (server) proxy, as two sidecars would be, in front of one shared
 nginx.  Each runs with its own defaults for threads (Tally: one thread per
 process; stunnel: a thread per connection; HAProxy: one thread per core) and
@@ -32,6 +36,9 @@ from OpenSSL import SSL
 
 from bench.ca_daemon import TRUST_DOMAIN, ca_daemon
 from tally.launch import Daemon, run_cli
+from tally.tls import CIPHERSUITES as _SUITES
+
+CIPHERSUITES = _SUITES.decode()
 
 CLIENT_ID = f"spiffe://{TRUST_DOMAIN}/client"
 SERVER_ID = f"spiffe://{TRUST_DOMAIN}/server"
@@ -313,7 +320,10 @@ def start_stunnel(
     stack: contextlib.ExitStack, bins: Binaries, creds: Credentials, work: Path, backend: int
 ) -> Pair:
     inbound_port, outbound_port = free_port(), free_port()
-    common = "sslVersionMin = TLSv1.3\nsslVersionMax = TLSv1.3\nverifyChain = yes\n"
+    common = (
+        "sslVersionMin = TLSv1.3\nsslVersionMax = TLSv1.3\nverifyChain = yes\n"
+        f"ciphersuites = {CIPHERSUITES}\n"
+    )
     head = "foreground = yes\npid =\ndebug = 3\n"
     server = work / "stunnel-inbound.conf"
     server.write_text(
@@ -347,7 +357,7 @@ def start_haproxy(
     stack: contextlib.ExitStack, bins: Binaries, creds: Credentials, work: Path, backend: int
 ) -> Pair:
     inbound_port, outbound_port = free_port(), free_port()
-    tls13 = "ssl-min-ver TLSv1.3 ssl-max-ver TLSv1.3"
+    tls13 = f"ssl-min-ver TLSv1.3 ssl-max-ver TLSv1.3 ciphersuites {CIPHERSUITES}"
     server = work / "haproxy-inbound.cfg"
     server.write_text(
         f"{_HAPROXY_HEAD}frontend inbound\n"

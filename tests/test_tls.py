@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from OpenSSL import SSL
 
 from tally import tls
 
@@ -622,6 +623,79 @@ async def test_stdlib_ssl_client_interoperates(pki, tmp_path):
     assert reply == b"INTEROP"
     assert cert == pki.server.cert
     assert seen["identity"] == "spiffe://example.org/client"
+
+
+def key_share_groups(client_hello: bytes) -> list[int]:
+    """The groups a ClientHello (one TLS record) sends key shares for."""
+    body = client_hello[5 + 4 :]  # record header, handshake header
+    at = 2 + 32  # legacy_version, random
+    at += 1 + body[at]  # legacy_session_id
+    at += 2 + int.from_bytes(body[at : at + 2], "big")  # cipher_suites
+    at += 1 + body[at]  # legacy_compression_methods
+    end = at + 2 + int.from_bytes(body[at : at + 2], "big")
+    at += 2
+    while at < end:
+        kind, size = (
+            int.from_bytes(body[at : at + 2], "big"),
+            int.from_bytes(body[at + 2 : at + 4], "big"),
+        )
+        if kind == 51:  # key_share: a list of (group, key_exchange)
+            shares, groups = body[at + 6 : at + 4 + size], []
+            while shares:
+                groups.append(int.from_bytes(shares[:2], "big"))
+                shares = shares[4 + int.from_bytes(shares[2:4], "big") :]
+            return groups
+        at += 4 + size
+    raise AssertionError("no key_share extension")
+
+
+def test_a_client_sends_one_key_share_the_post_quantum_hybrid(pki):
+    conn = SSL.Connection(pki.client_ctx()._ssl, None)
+    conn.set_connect_state()
+    with pytest.raises(SSL.WantReadError):
+        conn.do_handshake()
+    assert key_share_groups(conn.bio_read(1 << 16)) == [0x11EC]  # X25519MLKEM768
+
+
+async def test_tally_peers_agree_on_aes128_gcm_and_the_hybrid(pki):
+    client, server = tls_pair(pki.client_ctx(), pki.server_ctx())
+    assert await handshake_both(client, server) == {}
+    for end in (client, server):
+        assert end._conn.get_cipher_name() == "TLS_AES_128_GCM_SHA256"
+        assert end._conn.get_group_name() == "X25519MLKEM768"
+
+
+async def test_a_server_without_the_hybrid_gets_x25519_after_a_retry(pki, tmp_path):
+    """The system's OpenSSL 3.0, under the stdlib, has no ML-KEM: it asks for X25519."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    cert_file, key_file = tmp_path / "server.pem", tmp_path / "server.key"
+    cert_file.write_text(pem(pki.server.cert))
+    key_file.write_bytes(
+        pki.server.key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    ctx.load_cert_chain(cert_file, key_file)
+    listener = socket.create_server(("127.0.0.1", 0))
+    _OPEN_SOCKETS.append(listener)
+
+    def serve() -> None:
+        raw, _ = listener.accept()
+        with ctx.wrap_socket(raw, server_side=True) as conn:
+            conn.sendall(conn.recv(100).upper())
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(trio.to_thread.run_sync, serve)
+        transport = await trio.open_tcp_stream(*listener.getsockname())
+        client = tls.TLSStream(transport, pki.client_ctx(), server_side=False)
+        with trio.fail_after(10):
+            await client.send_all(b"retry")
+            assert await client.receive_some() == b"RETRY"
+        assert client._conn.get_group_name() == "x25519"
+        assert client.peer_identity == "spiffe://example.org/server"
+        await client.aclose()
 
 
 async def test_tls12_only_client_is_refused(pki, tmp_path):
