@@ -82,6 +82,8 @@ class Pair:
     """Outbound first, then inbound; empty for the direct (no proxy) baseline."""
     inbound_metrics: str | None = None
     """Tally only: the inbound proxy's /metrics address."""
+    workloads: tuple[int, ...] = (1, 2, 3)
+    """The workloads (bench.proxy's numbers) this contender runs."""
 
 
 def _which(binary: str) -> str | None:
@@ -288,9 +290,18 @@ http {{
 
 
 def start_tally(
-    stack: contextlib.ExitStack, creds: Credentials, backend: int, *, http: bool
+    stack: contextlib.ExitStack,
+    creds: Credentials,
+    backend: int,
+    *,
+    http: bool,
+    groups: str | None = None,
+    workloads: tuple[int, ...] = (1, 2, 3),
 ) -> Pair:
+    """Tally's pair; ``groups`` replaces its key exchange groups (``--tls-groups``)."""
     mode = ["--http"] if http else []
+    if groups is not None:
+        mode += ["--tls-groups", groups]
     common = ["--no-access-log", "--max-connections", "8192", "--drain-timeout", "2s", *mode]
     inbound = Daemon(
         "tally-inbound",
@@ -312,8 +323,8 @@ def start_tally(
     )  # fmt: skip
     started_out = _start_daemon(stack, outbound)
     port = int(started_out["listen"].rsplit(":", 1)[1])
-    name = "tally http" if http else "tally tcp"
-    return Pair(name, port, (outbound.pid, inbound.pid), started_in["metrics"])
+    name = ("tally http" if http else "tally tcp") + (f" {groups.lower()}" if groups else "")
+    return Pair(name, port, (outbound.pid, inbound.pid), started_in["metrics"], workloads)
 
 
 def start_stunnel(

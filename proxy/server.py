@@ -79,6 +79,7 @@ RESTART_ONLY = (
     "federated_bundle",
     "http",
     "metrics",
+    "tls_groups",
 )
 XFCC = xfcc.HEADER.encode("ascii")
 _ACCEPT_RETRY = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
@@ -191,9 +192,14 @@ class Proxy:
                 roots=identity.roots(),
                 client_auth="required",
                 verifier=verifier,
+                groups=self.cfg.tls_groups,
             )
         return tls.client_context(
-            roots=identity.roots(), chain=identity.chain, key=identity.key, verifier=verifier
+            roots=identity.roots(),
+            chain=identity.chain,
+            key=identity.key,
+            verifier=verifier,
+            groups=self.cfg.tls_groups,
         )
 
     def publish(self, identity: Identity) -> None:

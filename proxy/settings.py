@@ -93,6 +93,12 @@ class ProxySettings:
         Duration(30), help="HTTP mode: close a pooled connection idle for this long"
     )
     access_log: bool = setting(True, help="HTTP mode: one log line per request")
+    tls_groups: str = setting(
+        "X25519MLKEM768:X25519:P-256",
+        metavar="LIST",
+        help="TLS key exchange groups, colon-separated, best first; a client sends a key "
+        "share for the first only (default: the post-quantum hybrid, then X25519, then P-256)",
+    )
     log_level: str = setting("info", metavar="LEVEL", help="debug, info, warning or error")
 
     def validate(self) -> None:
@@ -125,6 +131,17 @@ class ProxySettings:
             )
         self._federated()
         self.policy()
+        self._check_groups()
+
+    def _check_groups(self) -> None:
+        from OpenSSL import SSL  # imported here, as in `source`: only the proxy needs OpenSSL
+
+        from tally.tls import set_groups
+
+        try:
+            set_groups(SSL.Context(SSL.TLS_METHOD), self.tls_groups)
+        except ValueError as exc:
+            raise ConfigError(f"setting 'tls_groups': {exc}") from exc
 
     def _federated(self) -> dict[TrustDomain, Path]:
         out: dict[TrustDomain, Path] = {}

@@ -96,12 +96,14 @@ CIPHERSUITES = b"TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY
 ghostunnel and Envoy) on CPUs with AES instructions.  AES-128-GCM moves bulk data about a
 quarter faster than OpenSSL's first choice, AES-256-GCM, and its key schedule hashes with
 SHA-256, which the CPU does in hardware; 128-bit keys are not the weak point here."""
-GROUPS = b"X25519MLKEM768:X25519:P-256"
-"""Key exchange groups, best first.  A client sends a key share for the first only: the
-post-quantum hybrid, which Tally, Go >= 1.24 and OpenSSL >= 3.5 peers all accept.
-OpenSSL's default sends a second share, plain X25519, which costs a client about a tenth
-of a resumed handshake's instructions and is only used by peers without the hybrid; those
-now ask for X25519 with a HelloRetryRequest, one round trip more, and get it."""
+GROUPS = "X25519MLKEM768:X25519:P-256"
+"""Key exchange groups by default, best first (the proxy's ``tls_groups`` changes them).
+
+A client sends a key share for the first only: the post-quantum hybrid, which Tally,
+Go >= 1.24 and OpenSSL >= 3.5 peers all accept.  OpenSSL's default sends a second share,
+plain X25519, which costs a client about a tenth of a resumed handshake's instructions
+and is only used by peers without the hybrid; those now ask for X25519 with a
+HelloRetryRequest, one round trip more, and get it."""
 _RECORD = 1 << 14  # TLS plaintext records are at most 16 KiB: OpenSSL returns one per read
 SEND_CHUNK = 1 << 18
 """Plaintext handed to OpenSSL per write call."""
@@ -371,20 +373,27 @@ class TLSContext:
         return verified, _run_verifier(self._verifier, verified)
 
 
+def set_groups(ctx: SSL.Context, groups: str) -> None:
+    """Set the key exchange groups, colon-separated and best first; ValueError names a bad one."""
+    # pyOpenSSL has no call for this; its binding has (X25519MLKEM768 needs OpenSSL >= 3.5).
+    if _lib.SSL_CTX_set1_curves_list(ctx._context, groups.encode("ascii", "replace")) != 1:
+        _lib.ERR_clear_error()
+        raise ValueError(f"OpenSSL does not know all of the key exchange groups {groups!r}")
+
+
 def _base_context(
     method: int,
     chain: Sequence[x509.Certificate],
     key: PrivateKey | None,
     roots: Sequence[x509.Certificate],
+    groups: str,
 ) -> SSL.Context:
     ctx = SSL.Context(method)
     ctx.set_min_proto_version(SSL.TLS1_3_VERSION)
     ctx.set_max_proto_version(SSL.TLS1_3_VERSION)
     ctx.set_options(SSL.OP_NO_COMPRESSION)
     ctx.set_tls13_ciphersuites(CIPHERSUITES)
-    # pyOpenSSL has no call for the groups; its binding has (it needs OpenSSL >= 3.5).
-    if _lib.SSL_CTX_set1_curves_list(ctx._context, GROUPS) != 1:  # pragma: no cover
-        raise ValueError(f"OpenSSL refused the key exchange groups {GROUPS.decode()}")
+    set_groups(ctx, groups)
     # Idle connections give their record buffers back (about 34 KiB each); a
     # close without close_notify reads as a plain end of stream, as on TCP.
     ctx.set_mode(_MODE_NO_AUTO_CHAIN | SSL.MODE_RELEASE_BUFFERS)
@@ -419,6 +428,7 @@ def server_context(
     roots: Sequence[x509.Certificate] = (),
     client_auth: ClientAuth = "required",
     verifier: PeerVerifier | None = None,
+    groups: str = GROUPS,
 ) -> TLSContext:
     """A server context presenting ``chain`` (leaf first); clients are checked against ``roots``.
 
@@ -431,7 +441,7 @@ def server_context(
         raise ValueError(f"client_auth must be none, optional or required, got {client_auth!r}")
     if client_auth != "none" and not roots:
         raise ValueError(f"client_auth={client_auth} needs at least one root to verify clients")
-    ctx = _base_context(SSL.TLS_SERVER_METHOD, chain, key, roots)
+    ctx = _base_context(SSL.TLS_SERVER_METHOD, chain, key, roots, groups)
     if client_auth == "none":
         ctx.set_verify(SSL.VERIFY_NONE)
     elif client_auth == "optional":
@@ -453,13 +463,14 @@ def client_context(
     chain: Sequence[x509.Certificate] = (),
     key: PrivateKey | None = None,
     verifier: PeerVerifier | None = None,
+    groups: str = GROUPS,
 ) -> TLSContext:
     """A client context that trusts ``roots`` and presents ``chain`` when the server asks.
 
     There is no hostname check: SPIFFE peers are named by their URI SAN, which is
     the verifier's job.  ``server_hostname`` on the stream only sets SNI.
     """
-    ctx = _base_context(SSL.TLS_CLIENT_METHOD, chain, key, roots)
+    ctx = _base_context(SSL.TLS_CLIENT_METHOD, chain, key, roots, groups)
     ctx.set_verify(SSL.VERIFY_PEER, _verify_callback)
     ctx.set_timeout(SESSION_TIMEOUT_S)
     return TLSContext(ctx, server_side=False, client_auth="none", verifier=verifier)

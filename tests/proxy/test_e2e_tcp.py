@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import socket
+import subprocess
 import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -119,3 +120,32 @@ def test_unix_sockets_for_listen_and_target(start_proxy, certs):
         echo.sock.close()
     finally:
         shutil.rmtree(short, ignore_errors=True)
+
+
+@pytest.mark.parametrize(("groups", "shown"), [("P-256", "ECDH, prime256v1"), ("X25519", "X25519")])
+def test_tls_groups_choose_the_key_exchange(start_proxy, certs, echo_backend, groups, shown):
+    """openssl s_client (OpenSSL 3.0) offers X25519 first; the server's list decides."""
+    proxy = start_proxy(
+        "server",
+        "--target",
+        echo_backend.address,
+        "--allow-id",
+        "spiffe://example.org/web",
+        "--tls-groups",
+        groups,
+        *certs["api"].files(),
+    )
+    web = certs["web"]
+    result = subprocess.run(
+        [
+            *("openssl", "s_client", "-brief", "-verify_return_error"),
+            *("-connect", f"127.0.0.1:{proxy.port}", "-cert", str(web.cert)),
+            *("-key", str(web.key), "-CAfile", str(web.bundle)),
+        ],
+        input=b"",
+        capture_output=True,
+        timeout=20,
+        check=False,
+    )
+    assert b"Verification: OK" in result.stderr, result.stderr
+    assert f"Server Temp Key: {shown}".encode() in result.stderr, result.stderr

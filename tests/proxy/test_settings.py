@@ -81,11 +81,25 @@ def test_workload_socket_defaults_to_the_environment():
             "TRUST_DOMAIN=PATH",
         ),
         ("client", [*FILES, "--expect-id", "spiffe://x.org/a", "--pool-size", "-1"], "pool_size"),
+        (
+            "client",
+            [*FILES, "--expect-id", "spiffe://x.org/a", "--tls-groups", "X25519:nosuchcurve"],
+            "setting 'tls_groups': OpenSSL does not know all of the key exchange groups",
+        ),
     ],
 )
 def test_bad_settings_name_the_problem(mode, argv, message):
     with pytest.raises(ConfigError, match=message):
         parse(mode, *BASE, *argv)
+
+
+def test_tls_groups_default_is_the_tls_modules():
+    # The settings module keeps its own copy so that parsing flags needs no OpenSSL.
+    from tally import tls
+
+    assert parse("client", *BASE, *FILES, "--expect-id", "spiffe://x.org/a").tls_groups == (
+        tls.GROUPS
+    )
 
 
 def test_toml_config_is_strict(tmp_path):
