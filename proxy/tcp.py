@@ -56,15 +56,15 @@ class Deadline:
         now = trio.current_time()
         self.idle_s = idle_s
         self.hard_at = hard_at
-        self._pushed_at = now
+        self.pushed_at = now
         self.scope = trio.CancelScope(deadline=min(now + idle_s, hard_at))
 
     def touch(self, now: float | None = None) -> None:
         """Note activity at ``now`` (trio time; read from the clock when not given)."""
         if now is None:
             now = trio.current_time()
-        if now - self._pushed_at >= PUSH_EVERY_S:
-            self._pushed_at = now
+        if now - self.pushed_at >= PUSH_EVERY_S:
+            self.pushed_at = now
             self.scope.deadline = min(now + self.idle_s, self.hard_at)
 
     def why(self) -> str:
@@ -276,7 +276,8 @@ class Relay:
                     f.eof = True
                     continue
                 f.count(len(data))
-                deadline.touch(now)
+                if now - deadline.pushed_at >= PUSH_EVERY_S:  # `touch`, without its call per chunk
+                    deadline.touch(now)
             # Write at once; keep what did not fit (a copy, if the data was lent).
             n = dst.write(data)
             if n is None:

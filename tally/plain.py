@@ -185,25 +185,28 @@ class PlainEnd:
     would only say "would block".  Failures raise ``trio.BrokenResourceError``.
     """
 
-    __slots__ = ("_stream", "fd", "more", "wants")
+    __slots__ = ("_into", "_lent", "_stream", "fd", "more", "wants")
 
     def __init__(self, stream: PlainStream) -> None:
         self._stream = stream
+        # The relay reads in the thread that made its ends: this thread's buffer.
+        buf = _lent_buffer()
+        self._into = (buf,)
+        self._lent = memoryview(buf)
         self.fd = stream._fd
         self.wants = WANT_READ
         self.more = True
 
     def read(self) -> memoryview | bytes | None:
-        buf = _lent_buffer()
         try:
-            n = os.readv(self.fd, (buf,))
+            n = os.readv(self.fd, self._into)
         except BlockingIOError:
             self.wants = WANT_READ
             return None
         except OSError as exc:
             raise _broken(exc) from exc
         self.more = n == LENT_SIZE
-        return memoryview(buf)[:n] if n else b""
+        return self._lent[:n] if n else b""
 
     def write(self, data: bytes | memoryview) -> int | None:
         try:

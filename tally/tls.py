@@ -920,15 +920,30 @@ class TLSEnd:
     also empties OpenSSL's error queue.
     """
 
-    __slots__ = ("_after", "_conn", "_ssl", "_stream", "fd", "more", "wants")
+    __slots__ = (
+        "_after",
+        "_buf",
+        "_conn",
+        "_lent",
+        "_ssl",
+        "_stream",
+        "_unsaved",
+        "fd",
+        "more",
+        "wants",
+    )
 
     def __init__(self, stream: TLSStream) -> None:
         self._after: BaseException | bool | None = None
         self._stream = stream
         self._conn = stream._conn
         self._ssl = stream._conn._ssl
+        # The relay reads in the thread that made its ends: this thread's buffer.
+        self._buf = _lent_buffer()
+        self._lent = memoryview(_ffi.buffer(self._buf, LENT_SIZE))
+        self._unsaved = not stream._session_saved
         # pyOpenSSL turns on partial writes, with which SSL_write returns after each
-        # 16 KiB record: four calls, and three copies of what is left, per chunk.
+        # 16 KiB record: a call, and a copy of what is left, per record.
         # Without it one call writes the whole chunk or says "would block", and the
         # relay retries with the same bytes, as OpenSSL then requires.
         _lib.SSL_clear_mode(self._ssl, _lib.SSL_MODE_ENABLE_PARTIAL_WRITE)
@@ -939,32 +954,31 @@ class TLSEnd:
     def read(self) -> memoryview | bytes | None:
         if self._after is not None:
             return self._end_now()
-        ssl = self._ssl
-        buf = _lent_buffer()
-        total = 0
-        while True:  # whole records while they come full, as one chunk
+        ssl, buf = self._ssl, self._buf
+        n = total = _lib.SSL_read(ssl, buf, _RECORD)
+        while n == _RECORD and total <= LENT_SIZE - _RECORD:  # full records: a bulk transfer
             n = _lib.SSL_read(ssl, buf + total, _RECORD)
-            if n <= 0:
-                break
-            total += n
-            if n < _RECORD or total > LENT_SIZE - _RECORD:
-                self.more = n == _RECORD
-                break
-        if total and not self._stream._session_saved:
+            if n > 0:
+                total += n
+        if total > 0 and self._unsaved:
+            self._unsaved = False
             self._stream._save_session()
         if n > 0:
-            return memoryview(_ffi.buffer(buf, total))
+            self.more = n == _RECORD
+            return self._lent[:total]
+        if total < 0:
+            total = 0
         code = _lib.SSL_get_error(ssl, n)
         if code == _ERROR_WANT_READ or code == _ERROR_WANT_WRITE:
             if total:
                 self.more = False
-                return memoryview(_ffi.buffer(buf, total))
+                return self._lent[:total]
             self.wants = WANT_READ if code == _ERROR_WANT_READ else WANT_WRITE
             return None
         self._after = self._outcome(code, n)
         if total:  # deliver what decrypted cleanly; the next read reports the end
             self.more = True
-            return memoryview(_ffi.buffer(buf, total))
+            return self._lent[:total]
         return self._end_now()
 
     def _outcome(self, code: int, n: int) -> BaseException | bool:
