@@ -77,6 +77,9 @@ def _socket_readable(stream: trio.abc.Stream) -> bool:
 
 
 async def close_quietly(stream: trio.abc.Stream) -> None:
+    if isinstance(stream, tls.TLSStream | PlainStream):
+        stream.close_now()  # nothing in it waits: no scope and no trip through the scheduler
+        return
     # Shielded from the caller's cancellation, bounded by its own deadline.
     with trio.CancelScope(shield=True, deadline=trio.current_time() + CLOSE_TIMEOUT_S):
         try:

@@ -575,7 +575,10 @@ class Proxy:
     async def _accept_loop(self, listener: trio.SocketListener, handlers: trio.Nursery) -> None:
         while True:
             token = object()
-            await self.limiter.acquire_on_behalf_of(token)
+            try:  # the accept below is the loop's checkpoint; this need not be another
+                self.limiter.acquire_on_behalf_of_nowait(token)
+            except trio.WouldBlock:
+                await self.limiter.acquire_on_behalf_of(token)
             try:
                 stream = await listener.accept()
             except OSError as exc:

@@ -846,8 +846,12 @@ class TLSStream(trio.abc.HalfCloseableStream):
         first: closing over unread bytes makes the kernel send a reset, which can
         destroy our alert before the peer reads it.
         """
+        self.close_now()
+        await trio.lowlevel.checkpoint()
+
+    def close_now(self) -> None:
+        """`aclose` without its checkpoint: nothing in closing waits."""
         if self._closed:
-            await trio.lowlevel.checkpoint()
             return
         self._closed = True
         try:
@@ -861,7 +865,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
             if not self._recv_guard.busy:
                 _discard_unread(self.transport.socket.fileno())
         finally:
-            await self.transport.aclose()
+            self.transport.socket.close()
 
     def relay_end(self) -> TLSEnd:
         """This stream for the proxy's relay (`proxy.tcp.Relay`), which owns it until it ends."""
