@@ -91,7 +91,7 @@ class PlainStream(trio.abc.HalfCloseableStream):
                     await self._wait(writable=True)
                     continue
                 except OSError as exc:
-                    raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc
+                    raise _broken(exc) from exc
                 view = view[sent:]
             if not waited:
                 await trio.lowlevel.cancel_shielded_checkpoint()
@@ -113,7 +113,7 @@ class PlainStream(trio.abc.HalfCloseableStream):
                     await self._wait(writable=False)
                     continue
                 except OSError as exc:
-                    raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc
+                    raise _broken(exc) from exc
                 break
             if not waited:
                 await trio.lowlevel.cancel_shielded_checkpoint()
@@ -133,12 +133,7 @@ class PlainStream(trio.abc.HalfCloseableStream):
             self._check_open()
             if self._sent_eof:
                 return
-            self._sent_eof = True
-            try:
-                self.transport.socket.shutdown(socket.SHUT_WR)
-            except OSError as exc:
-                if exc.errno != errno.ENOTCONN:  # the peer is gone already: so is our side
-                    raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc
+            self._shut_write()
 
     async def wait_send_all_might_not_block(self) -> None:
         with self._sending:
@@ -152,6 +147,15 @@ class PlainStream(trio.abc.HalfCloseableStream):
         """`aclose` without its checkpoint: nothing in closing waits."""
         self._closed = True
         self.transport.socket.close()
+
+    def _shut_write(self) -> None:
+        """Send the half-close (send_eof's and the relay's)."""
+        self._sent_eof = True
+        try:
+            self.transport.socket.shutdown(socket.SHUT_WR)
+        except OSError as exc:
+            if exc.errno != errno.ENOTCONN:  # the peer is gone already: so is our side
+                raise _broken(exc) from exc
 
     def relay_end(self) -> PlainEnd:
         """This stream for the proxy's relay (`proxy.tcp.Relay`), which owns it until it ends."""
@@ -223,10 +227,5 @@ class PlainEnd:
             raise _broken(exc) from exc
 
     def shut(self) -> bool:
-        self._stream._sent_eof = True
-        try:
-            self._stream.transport.socket.shutdown(socket.SHUT_WR)
-        except OSError as exc:
-            if exc.errno != errno.ENOTCONN:  # the peer is gone already: so is our side
-                raise _broken(exc) from exc
+        self._stream._shut_write()
         return True
