@@ -11,6 +11,7 @@ import datetime as dt
 import socket
 import ssl
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import trio
@@ -569,18 +570,23 @@ def stdlib_client_context(pki: PKI, tmp_path, *, tls12_only: bool = False) -> ss
     if tls12_only:
         ctx.maximum_version = ssl.TLSVersion.TLSv1_2
     else:
-        # The stdlib loads keys only from files; a throwaway test key is fine on disk.
-        cert_file, key_file = tmp_path / "client.pem", tmp_path / "client.key"
-        cert_file.write_text(pem(pki.client.cert))
-        key_file.write_bytes(
-            pki.client.key.private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption(),
-            )
-        )
-        ctx.load_cert_chain(cert_file, key_file)
+        ctx.load_cert_chain(*key_files(pki.client, tmp_path / "client"))
     return ctx
+
+
+def key_files(issued: Issued, stem: Path) -> tuple[Path, Path]:
+    """``issued`` as PEM files for the stdlib, which loads keys only from files (a
+    throwaway test key is fine on disk): the certificate and the key paths."""
+    cert_file, key_file = stem.with_suffix(".pem"), stem.with_suffix(".key")
+    cert_file.write_text(pem(issued.cert))
+    key_file.write_bytes(
+        issued.key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_file, key_file
 
 
 async def serve_one(server_ctx: tls.TLSContext, handle, task_status=trio.TASK_STATUS_IGNORED):
@@ -668,16 +674,7 @@ async def test_tally_peers_agree_on_aes128_gcm_and_the_hybrid(pki):
 async def test_a_server_without_the_hybrid_gets_x25519_after_a_retry(pki, tmp_path):
     """The system's OpenSSL 3.0, under the stdlib, has no ML-KEM: it asks for X25519."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    cert_file, key_file = tmp_path / "server.pem", tmp_path / "server.key"
-    cert_file.write_text(pem(pki.server.cert))
-    key_file.write_bytes(
-        pki.server.key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    ctx.load_cert_chain(cert_file, key_file)
+    ctx.load_cert_chain(*key_files(pki.server, tmp_path / "server"))
     listener = socket.create_server(("127.0.0.1", 0))
     _OPEN_SOCKETS.append(listener)
 
