@@ -44,7 +44,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
-from tally.selectors import Selector
+from tally.spiffe.selectors import Selector
 
 SO_PEERPIDFD = getattr(socket, "SO_PEERPIDFD", 77)
 

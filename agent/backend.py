@@ -26,9 +26,9 @@ from cryptography.hazmat.primitives import serialization
 from agent.attestor import AttestationError, ExeHashCache, attest_socket, describe
 from agent.manager import AgentCore, HeldSvid
 from agent.workload_server import NoIdentity, SvidItem, X509Snapshot
-from tally.logs import get_logger
-from tally.net import PeerCred
-from tally.selectors import Selector, matches
+from tally.ops.logs import get_logger
+from tally.ops.net import PeerCred
+from tally.spiffe.selectors import Selector, matches
 
 log = get_logger("tally.agent")
 

@@ -28,10 +28,12 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from tally import http, tls, x509profile
-from tally.config import Address
-from tally.net import connect
-from tally.spiffeid import SpiffeId, TrustDomain
+from tally.ops.config import Address
+from tally.ops.net import connect
+from tally.spiffe import x509profile
+from tally.spiffe.spiffeid import SpiffeId, TrustDomain
+from tally.tls import stream as tls
+from tally.wire import http
 
 CA_PATH = ("tally", "ca")
 

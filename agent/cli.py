@@ -14,11 +14,11 @@ from typing import Any
 import trio
 from cryptography.hazmat.primitives import serialization
 
-from tally import workload_client as wl
-from tally import x509profile
-from tally.cli_support import CommandError, emit
-from tally.config import add_arguments, load
-from tally.logs import setup_logging
+from tally.ops.config import add_arguments, load
+from tally.ops.errors import CommandError, emit
+from tally.ops.logs import setup_logging
+from tally.spiffe import x509profile
+from tally.wire import workload_client as wl
 
 
 def cmd_run(args: argparse.Namespace) -> int:

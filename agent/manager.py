@@ -7,7 +7,7 @@ Rules:
    created at the CA is minted here within a round trip, not a poll period.
 2. Workload keys are generated here and live only in memory; the CA sees
    CSRs.  Each SVID is renewed at a random point just before its half-life
-   (`tally.rotation`), in batches, so one CA call serves many renewals.
+   (`tally.spiffe.rotation`), in batches, so one CA call serves many renewals.
 3. The CA being away is normal: every loop retries with capped, jittered
    backoff and logs ``rotation.failed`` with the reason, while workloads keep
    being served what is held until it expires.  Nothing is dropped early.
@@ -32,9 +32,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from agent import state
 from agent.ca_client import CAClient, CAError, make_csr
-from tally import rotation, x509profile
-from tally.logs import get_logger
-from tally.selectors import Selector, SelectorError
+from tally.ops.logs import get_logger
+from tally.spiffe import rotation, x509profile
+from tally.spiffe.selectors import Selector, SelectorError
 
 log = get_logger("tally.agent")
 

@@ -31,12 +31,12 @@ from agent.ca_client import CAClient, CAError
 from agent.manager import FATAL_CODES, AgentCore
 from agent.settings import AgentSettings
 from agent.workload_server import WorkloadStats, serve_workload_api
-from tally import rotation, x509profile
-from tally.cli_support import OperatorError
-from tally.health import serve_health
-from tally.logs import get_logger
-from tally.net import open_unix_listener
-from tally.spiffeid import TrustDomain
+from tally.ops.errors import OperatorError
+from tally.ops.health import serve_health
+from tally.ops.logs import get_logger
+from tally.ops.net import open_unix_listener
+from tally.spiffe import rotation, x509profile
+from tally.spiffe.spiffeid import TrustDomain
 
 log = get_logger("tally.agent")
 

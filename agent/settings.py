@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from tally.config import Address, ConfigError, Duration, setting
-from tally.spiffeid import SpiffeIdError, TrustDomain
+from tally.ops.config import Address, ConfigError, Duration, setting
+from tally.spiffe.spiffeid import SpiffeIdError, TrustDomain
 
 
 @dataclass(frozen=True)

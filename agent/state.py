@@ -23,8 +23,8 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from tally import x509profile
-from tally.cli_support import OperatorError
+from tally.ops.errors import OperatorError
+from tally.spiffe import x509profile
 
 IDENTITY_FILE = "agent_svid.pem"
 BUNDLE_FILE = "bundle.pem"

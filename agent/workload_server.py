@@ -60,8 +60,9 @@ import h2.exceptions
 import h2.settings
 import trio
 
-from tally import workload_pb as pb
-from tally.grpc import (
+from tally.ops.net import PeerCred, peer_credentials
+from tally.wire import workload_pb as pb
+from tally.wire.grpc import (
     DEFAULT_MAX_MESSAGE_SIZE,
     GrpcError,
     MessageDecoder,
@@ -73,7 +74,6 @@ from tally.grpc import (
     trailers,
     trailers_only,
 )
-from tally.net import PeerCred, peer_credentials
 
 log = logging.getLogger("tally.workload")
 
@@ -731,7 +731,7 @@ async def serve_workload_api(
 ) -> None:
     """Serve the Workload API on an open Unix socket listener until cancelled.
 
-    The listener is normally ``tally.net.open_unix_listener(path, 0o666)``:
+    The listener is normally ``tally.ops.net.open_unix_listener(path, 0o666)``:
     any local process may connect, because what it gets depends on attestation.
     ``task_status.started`` reports the stats object the caller can read.
     """

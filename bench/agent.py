@@ -36,8 +36,8 @@ from typing import Any
 import trio
 
 from bench.ca_daemon import TRUST_DOMAIN, ca_daemon
-from tally.launch import Daemon, run_cli
-from tally.workload_client import (
+from tally.app.launch import Daemon, run_cli
+from tally.wire.workload_client import (
     Status,
     WorkloadApiError,
     X509Context,

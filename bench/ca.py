@@ -22,10 +22,10 @@ import trio
 
 from agent.ca_client import CAClient, make_csr
 from bench.ca_daemon import TRUST_DOMAIN, ca_daemon
-from tally import x509profile
-from tally.config import Address
-from tally.launch import run_cli
-from tally.spiffeid import TrustDomain
+from tally.app.launch import run_cli
+from tally.ops.config import Address
+from tally.spiffe import x509profile
+from tally.spiffe.spiffeid import TrustDomain
 
 
 def cli(admin: str, *args: str):

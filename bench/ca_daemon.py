@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tally.launch import Daemon
+from tally.app.launch import Daemon
 
 TRUST_DOMAIN = "bench.org"
 

@@ -35,8 +35,8 @@ import trio
 from OpenSSL import SSL
 
 from bench.ca_daemon import TRUST_DOMAIN, ca_daemon
-from tally.launch import Daemon, run_cli
-from tally.tls import CIPHERSUITES as _SUITES
+from tally.app.launch import Daemon, run_cli
+from tally.tls.stream import CIPHERSUITES as _SUITES
 
 CIPHERSUITES = _SUITES.decode()
 

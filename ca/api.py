@@ -29,8 +29,8 @@ import trio
 
 from ca.authority import Authority, Denied
 from ca.keys import CAKeyError
-from tally import http
-from tally.spiffeid import SpiffeId
+from tally.spiffe.spiffeid import SpiffeId
+from tally.wire import http
 
 T = TypeVar("T")
 

@@ -53,10 +53,10 @@ from ca.store import (
     TokenRecord,
 )
 from ca.throttle import AttestThrottle, peer_key
-from tally import x509profile
-from tally.logs import get_logger
-from tally.selectors import Selector, SelectorError
-from tally.spiffeid import SpiffeId, SpiffeIdError, TrustDomain
+from tally.ops.logs import get_logger
+from tally.spiffe import x509profile
+from tally.spiffe.selectors import Selector, SelectorError
+from tally.spiffe.spiffeid import SpiffeId, SpiffeIdError, TrustDomain
 
 log = get_logger("tally.ca")
 

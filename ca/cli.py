@@ -24,11 +24,11 @@ from urllib.parse import quote, urlencode
 
 import trio
 
-from tally import http
-from tally.cli_support import CommandError, emit
-from tally.config import add_arguments, load
-from tally.durations import DurationError, parse_duration
-from tally.logs import setup_logging
+from tally.ops.config import add_arguments, load
+from tally.ops.durations import DurationError, parse_duration
+from tally.ops.errors import CommandError, emit
+from tally.ops.logs import setup_logging
+from tally.wire import http
 
 DEFAULT_ADMIN_SOCKET = "/run/tally/ca/admin.sock"
 

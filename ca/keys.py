@@ -32,10 +32,10 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from ca import schedule
 from ca.store import AuditEvent, KeyRecord, Store
-from tally import x509profile
-from tally.bundle import Bundle
-from tally.cli_support import OperatorError
-from tally.spiffeid import TrustDomain
+from tally.ops.errors import OperatorError
+from tally.spiffe import x509profile
+from tally.spiffe.bundle import Bundle
+from tally.spiffe.spiffeid import TrustDomain
 
 PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
 

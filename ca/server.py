@@ -15,7 +15,7 @@ Rules:
    certificate changes; each handshake takes the one current at its start.
    A client may come without a certificate (it attests with a join token);
    one that shows a certificate must show an agent's: the chain is judged in
-   the handshake by the same checks as the proxy's (`tally.authz`), then the
+   the handshake by the same checks as the proxy's (`tally.spiffe.authz`), then the
    ID must be an agent on record, else the connection closes before any
    request.  Every refusal is one ``peer.denied`` line and one count by
    reason, with the same reason words as the proxy; the API's own refusals of
@@ -48,18 +48,20 @@ from ca.authority import Authority, Limits, iso, serial_hex
 from ca.keys import KeyManager, Signer, load_upstream
 from ca.settings import CASettings
 from ca.store import AuditEvent, IssuedSvid, Store
-from tally import authz, http, tls, x509profile
-from tally.cli_support import OperatorError
-from tally.health import serve_health
-from tally.logs import get_logger
-from tally.net import (
+from tally.ops.errors import OperatorError
+from tally.ops.health import serve_health
+from tally.ops.logs import get_logger
+from tally.ops.net import (
     _prepare_unix_path,
     bound_address,
     open_listener,
     open_unix_listener,
     stream_peer_credentials,
 )
-from tally.spiffeid import SpiffeId, TrustDomain
+from tally.spiffe import authz, x509profile
+from tally.spiffe.spiffeid import SpiffeId, TrustDomain
+from tally.tls import stream as tls
+from tally.wire import http
 
 T = TypeVar("T")
 log = get_logger("tally.ca")
@@ -78,7 +80,7 @@ class StartupPathError(OperatorError):
 
 def check_paths(cfg: CASettings) -> None:
     """Refuse a planted symlink (dangling or not) or a stray file at the data dir, and
-    whatever `tally.net` would refuse at the admin socket, before anything is created."""
+    whatever `tally.ops.net` would refuse at the admin socket, before anything is created."""
     try:
         mode = os.lstat(cfg.data_dir).st_mode
     except FileNotFoundError:

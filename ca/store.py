@@ -30,7 +30,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ca import audit
-from tally.cli_support import OperatorError
+from tally.ops.errors import OperatorError
 
 MIGRATIONS: tuple[str, ...] = (
     # 1: the first schema.

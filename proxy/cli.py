@@ -1,7 +1,7 @@
 """`tally proxy server` and `tally proxy client`: flags and TOML come from `proxy.settings`.
 
 Startup problems (a bad flag, unreadable certificate files, an address in
-use) end the command with one line; `tally.cli` prints it.  Errors raised
+use) end the command with one line; `tally.app.cli` prints it.  Errors raised
 inside the proxy's nurseries arrive wrapped in exception groups, so the one
 operator error inside is unwrapped here.
 """
@@ -14,9 +14,9 @@ import os
 import trio
 
 from proxy.settings import ClientSettings, ServerSettings
-from tally.cli_support import OperatorError
-from tally.config import ConfigError, add_arguments, load
-from tally.logs import setup_logging
+from tally.ops.config import ConfigError, add_arguments, load
+from tally.ops.errors import OperatorError
+from tally.ops.logs import setup_logging
 
 
 def _operator_error(exc: BaseException) -> BaseException | None:

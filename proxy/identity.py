@@ -38,14 +38,14 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
-from tally import rotation, x509profile
-from tally.bundle import Bundle, BundleError
-from tally.logs import get_logger
-from tally.spiffeid import SpiffeId, SpiffeIdError, TrustDomain
-from tally.tls import PrivateKey
+from tally.ops.logs import get_logger
+from tally.spiffe import rotation, x509profile
+from tally.spiffe.bundle import Bundle, BundleError
+from tally.spiffe.spiffeid import SpiffeId, SpiffeIdError, TrustDomain
+from tally.tls.stream import PrivateKey
 
 if TYPE_CHECKING:
-    from tally import workload_client as wl
+    from tally.wire import workload_client as wl
 
 log = get_logger("tally.proxy.identity")
 
@@ -290,7 +290,7 @@ class WorkloadSource:
     async def run(self, publish: Callable[[Identity], None]) -> None:
         # Imported here: HTTP/2 and protobuf cost every proxy start, and the file source
         # never needs them.
-        from tally import workload_client as wl
+        from tally.wire import workload_client as wl
 
         rng = random.Random()
         failures = 0
@@ -320,7 +320,7 @@ class WorkloadSource:
 
     async def _watch(self, publish: Callable[[Identity], None]) -> None:
         """One connection: publish every good update until the stream ends."""
-        from tally import workload_client as wl
+        from tally.wire import workload_client as wl
 
         async with wl.watch_x509(self.socket_path) as updates:
             while True:

@@ -23,8 +23,8 @@ import stat
 
 import trio
 
-from tally.config import Address
-from tally.net import ListenError
+from tally.ops.config import Address
+from tally.ops.net import ListenError
 
 BACKLOG = 1024
 

@@ -33,9 +33,9 @@ import trio
 
 from proxy.http import HttpStream
 from proxy.metrics import Stats
-from tally import tls
-from tally.plain import PlainStream
-from tally.spiffeid import SpiffeId
+from tally.spiffe.spiffeid import SpiffeId
+from tally.tls import stream as tls
+from tally.tls.plain import PlainStream
 
 RETIRE_MARGIN_S = 2.0
 SWEEP_S = 1.0
@@ -55,7 +55,7 @@ class Upstream:
     """One mTLS connection to the target and what we know about it."""
 
     stream: trio.abc.Stream
-    """The mTLS stream (a `tally.tls.TLSStream` in the proxy)."""
+    """The mTLS stream (a `tally.tls.stream.TLSStream` in the proxy)."""
     http: HttpStream
     peer_id: SpiffeId | None
     """The server proxy's ID (client mode); None for a plain connection to the service."""

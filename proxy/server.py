@@ -7,8 +7,8 @@ Rules / theory of operation:
    built right there in the source's task, and is published together with
    the identity as one `Current` value.  A handshake takes whatever is current
    when it starts; connections already up keep the context they began with.
-2. Authorization runs inside the handshake (`tally.tls` rule 4) through
-   `tally.authz`; a refused peer never reaches the target.  Every refusal is
+2. Authorization runs inside the handshake (`tally.tls.stream` rule 4) through
+   `tally.spiffe.authz`; a refused peer never reaches the target.  Every refusal is
    one ``peer.denied`` line and one count by reason.
 3. Two nurseries, as DESIGN says: `services` (source, pool sweep, accept
    loop) and `handlers` (one task per connection).  SIGTERM cancels the
@@ -56,14 +56,16 @@ from proxy.metrics import ProxyCollector, Stats, SvidInfo, registry_for
 from proxy.pool import CLOSE_TIMEOUT_S, RETIRE_MARGIN_S, DialError, Pool, Upstream, close_quietly
 from proxy.settings import ClientSettings, FileSourceSpec, ServerSettings
 from proxy.tcp import Deadline, Relay
-from tally import authz, net, tls
-from tally.cli_support import CommandError
-from tally.config import ConfigError
-from tally.health import serve_health
-from tally.logs import get_logger, setup_logging
-from tally.net import ListenError
-from tally.plain import PlainStream
-from tally.spiffeid import SpiffeId
+from tally.ops import net
+from tally.ops.config import ConfigError
+from tally.ops.errors import CommandError
+from tally.ops.health import serve_health
+from tally.ops.logs import get_logger, setup_logging
+from tally.ops.net import ListenError
+from tally.spiffe import authz
+from tally.spiffe.spiffeid import SpiffeId
+from tally.tls import stream as tls
+from tally.tls.plain import PlainStream
 
 log = get_logger("tally.proxy")
 

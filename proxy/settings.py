@@ -21,9 +21,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from tally import authz
-from tally.config import Address, ConfigError, Duration, setting
-from tally.spiffeid import SpiffeId, SpiffeIdError, TrustDomain
+from tally.ops.config import Address, ConfigError, Duration, setting
+from tally.spiffe import authz
+from tally.spiffe.spiffeid import SpiffeId, SpiffeIdError, TrustDomain
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -136,7 +136,7 @@ class ProxySettings:
     def _check_groups(self) -> None:
         from OpenSSL import SSL  # imported here, as in `source`: only the proxy needs OpenSSL
 
-        from tally.tls import set_groups
+        from tally.tls.stream import set_groups
 
         try:
             set_groups(SSL.Context(SSL.TLS_METHOD), self.tls_groups)
@@ -164,7 +164,7 @@ class ProxySettings:
     def source(self, env: Mapping[str, str]) -> FileSourceSpec | WorkloadSourceSpec:
         """Where identities come from; ``env`` supplies SPIFFE_ENDPOINT_SOCKET."""
         # Imported here: HTTP/2 and protobuf cost every start, and the file source needs neither.
-        from tally.workload_client import EndpointError, endpoint_from_env, socket_path_of
+        from tally.wire.workload_client import EndpointError, endpoint_from_env, socket_path_of
 
         if self.cert is not None and self.key is not None and self.bundle is not None:
             return FileSourceSpec(self.cert, self.key, self.bundle, self._federated())

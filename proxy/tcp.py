@@ -25,7 +25,7 @@ bytes of every spliced connection: the relay keeps its own epoll set, in
 which each connection's two descriptors are registered for exactly the
 readiness their blocked calls wait for, and trio wakes that one task when
 the set has events.  Each wake-up then serves every ready connection with
-plain, non-waiting calls (`tally.plain.PlainEnd`, `tally.tls.TLSEnd`), a
+plain, non-waiting calls (`tally.tls.plain.PlainEnd`, `tally.tls.stream.TLSEnd`), a
 bounded number of chunks each (`BUDGET`) so one bulk transfer cannot starve
 the others.  The connection's own task only waits for the end, in its cancel
 scope, so deadlines, draining and cancellation work as for any trio task.
@@ -41,8 +41,8 @@ from typing import Protocol
 
 import trio
 
-from tally.logs import get_logger
-from tally.plain import WANT_READ
+from tally.ops.logs import get_logger
+from tally.tls.plain import WANT_READ
 
 log = get_logger("tally.proxy")
 
@@ -73,7 +73,7 @@ class Deadline:
 
 
 class End(Protocol):
-    """What the relay drives; see `tally.plain.PlainEnd` for the contract."""
+    """What the relay drives; see `tally.tls.plain.PlainEnd` for the contract."""
 
     fd: int
     wants: int

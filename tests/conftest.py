@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tally.launch import Daemon
+from tally.app.launch import Daemon
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -9,9 +9,9 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tally.bundle import MAX_SEQUENCE, Bundle, BundleError, public_key_jwk
-from tally.spiffeid import SpiffeId, TrustDomain
-from tally.x509profile import SigningKey, build_leaf, build_root, generate_key
+from tally.spiffe.bundle import MAX_SEQUENCE, Bundle, BundleError, public_key_jwk
+from tally.spiffe.spiffeid import SpiffeId, TrustDomain
+from tally.spiffe.x509profile import SigningKey, build_leaf, build_root, generate_key
 
 NOW = datetime(2026, 6, 1, tzinfo=UTC)
 TD = TrustDomain("example.org")

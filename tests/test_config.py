@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tally.config import (
+from tally.ops.config import (
     REQUIRED,
     Address,
     AddressError,
@@ -20,7 +20,7 @@ from tally.config import (
     load,
     setting,
 )
-from tally.durations import MAX_SECONDS
+from tally.ops.durations import MAX_SECONDS
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@
 Rules:
 
 1. Every TOML sample, in ``deploy/config`` or embedded in a Kubernetes
-   ConfigMap, is loaded by the real loader (`tally.config.load`) with the
+   ConfigMap, is loaded by the real loader (`tally.ops.config.load`) with the
    schema of the command that reads it, and that command line (a unit's
    ``ExecStart``, a container's arguments) is parsed by the real `tally`
    argument parser. Unknown keys and bad values therefore fail here.
@@ -42,8 +42,8 @@ import proxy.cli
 from agent.settings import AgentSettings
 from ca.settings import CASettings
 from proxy.settings import ClientSettings, ServerSettings
-from tally.cli import build_parser
-from tally.config import add_arguments, describe, load
+from tally.app.cli import build_parser
+from tally.ops.config import add_arguments, describe, load
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"

@@ -30,9 +30,9 @@ from agent.settings import AgentSettings
 from ca.cli import call
 from ca.settings import CASettings
 from proxy.settings import ClientSettings, ServerSettings
-from tally.cli import build_parser
-from tally.config import ConfigError, load
-from tally.launch import Daemon
+from tally.app.cli import build_parser
+from tally.app.launch import Daemon
+from tally.ops.config import ConfigError, load
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"

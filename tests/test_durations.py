@@ -2,7 +2,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tally.durations import MAX_SECONDS, DurationError, format_duration, parse_duration
+from tally.ops.durations import MAX_SECONDS, DurationError, format_duration, parse_duration
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tally.grpc import (
+from tally.wire.grpc import (
     GrpcError,
     MessageDecoder,
     Status,

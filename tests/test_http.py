@@ -1,4 +1,4 @@
-"""Tests for tally.http: server and client over TCP, memory streams and mutual TLS.
+"""Tests for tally.wire.http: server and client over TCP, memory streams and mutual TLS.
 
 Timeouts run on trio's autojump clock over memory streams (virtual time, exact
 assertions); real sockets are used where the kernel matters (interop, TCP resets).
@@ -19,7 +19,8 @@ import trio.testing
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tally import http, tls
+from tally.tls import stream as tls
+from tally.wire import http
 from tests.test_tls import _close_socket_pairs as _close_socket_pairs
 from tests.test_tls import (
     make_leaf,

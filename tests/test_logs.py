@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tally.logs import (
+from tally.ops.logs import (
     REDACTED,
     SECRET_FIELDS,
     JsonFormatter,
@@ -286,8 +286,8 @@ def test_the_suite_wide_leak_guard_knows_a_token_and_a_key_when_it_sees_one(raw_
     """tests/conftest.py fails the run if any daemon logs a line of these shapes."""
     import base64
 
-    from tally import x509profile
-    from tally.launch import SECRET_SHAPE
+    from tally.app.launch import SECRET_SHAPE
+    from tally.spiffe import x509profile
 
     token_id = raw_id.hex()
     secret = base64.urlsafe_b64encode(raw_secret).rstrip(b"=").decode()

@@ -9,9 +9,9 @@ import pytest
 import trio
 import trio.testing
 
-from tally import net
-from tally.config import Address
-from tally.plain import PlainStream
+from tally.ops import net
+from tally.ops.config import Address
+from tally.tls.plain import PlainStream
 from tests.test_tls import _close_socket_pairs as _close_socket_pairs
 from tests.test_tls import socket_pair
 

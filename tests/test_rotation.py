@@ -4,7 +4,7 @@ from datetime import UTC, datetime, timedelta
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tally.rotation import WINDOW, backoff, renewal_time
+from tally.spiffe.rotation import WINDOW, backoff, renewal_time
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 

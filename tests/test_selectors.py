@@ -2,7 +2,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tally.selectors import MAX_VALUE_BYTES, Selector, SelectorError, matches
+from tally.spiffe.selectors import MAX_VALUE_BYTES, Selector, SelectorError, matches
 
 
 def sel(text):

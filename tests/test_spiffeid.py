@@ -2,7 +2,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tally.spiffeid import MAX_ID_BYTES, SpiffeId, SpiffeIdError, TrustDomain
+from tally.spiffe.spiffeid import MAX_ID_BYTES, SpiffeId, SpiffeIdError, TrustDomain
 
 # Digest section 1.1, rows 1-9: valid, with the expected trust domain and path.
 VALID = [

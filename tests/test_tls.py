@@ -1,4 +1,4 @@
-"""Tests for tally.tls: trio's stream conformance suite, mTLS verdicts, resumption, interop.
+"""Tests for tally.tls.stream: trio's stream conformance suite, mTLS verdicts, resumption, interop.
 
 Certificates are minted here with plain ``cryptography`` (EC P-256 root -> SPIFFE
 leaf), from real now truncated to whole seconds, because OpenSSL checks validity
@@ -24,7 +24,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from OpenSSL import SSL
 
-from tally import tls
+from tally.tls import stream as tls
 
 # -- throwaway PKI -------------------------------------------------------------------
 

@@ -45,10 +45,10 @@ from agent.workload_server import (
     serve_workload_connection,
     x509_svid_response,
 )
-from tally import workload_pb as pb
-from tally.grpc import MessageDecoder, Status, encode_message, status_from_headers
-from tally.net import PeerCred, open_unix_listener
-from tally.workload_client import (
+from tally.ops.net import PeerCred, open_unix_listener
+from tally.wire import workload_pb as pb
+from tally.wire.grpc import MessageDecoder, Status, encode_message, status_from_headers
+from tally.wire.workload_client import (
     EndpointError,
     WorkloadApiError,
     endpoint_from_env,

@@ -9,9 +9,9 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tally.bundle import Bundle
-from tally.spiffeid import SpiffeId, TrustDomain
-from tally.x509profile import (
+from tally.spiffe.bundle import Bundle
+from tally.spiffe.spiffeid import SpiffeId, TrustDomain
+from tally.spiffe.x509profile import (
     MAX_CSR_BYTES,
     LeafSigner,
     ProfileError,

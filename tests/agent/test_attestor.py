@@ -20,7 +20,7 @@ from agent.attestor import (
     attest_socket,
     selectors_for,
 )
-from tally.selectors import Selector
+from tally.spiffe.selectors import Selector
 
 
 @given(

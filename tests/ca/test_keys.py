@@ -12,7 +12,7 @@ import pytest
 from ca.keys import CAKeyError, KeyManager
 from ca.schedule import MAX_NOT_BEFORE_CUSHION, Policy
 from ca.store import Store
-from tally.spiffeid import TrustDomain
+from tally.spiffe.spiffeid import TrustDomain
 
 TD = TrustDomain.parse("example.org")
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tally.launch import Daemon, run_cli
+from tally.app.launch import Daemon, run_cli
 
 pytestmark = pytest.mark.e2e
 

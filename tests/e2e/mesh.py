@@ -27,7 +27,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from tally.launch import Daemon, DaemonError
+from tally.app.launch import Daemon, DaemonError
 from tests.e2e.conftest import CA, Agent, make_ca, start_agent
 
 UID = os.geteuid()

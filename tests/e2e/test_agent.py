@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import trio
 
-from tally import workload_client as wl
-from tally.launch import run_cli
+from tally.app.launch import run_cli
+from tally.wire import workload_client as wl
 from tests.e2e.conftest import CA, Agent
 
 UID = os.geteuid()

@@ -24,10 +24,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from agent.ca_client import CAClient, CAError, make_csr
-from tally import x509profile
-from tally.config import Address
-from tally.launch import Daemon, run_cli
-from tally.spiffeid import SpiffeId, TrustDomain
+from tally.app.launch import Daemon, run_cli
+from tally.ops.config import Address
+from tally.spiffe import x509profile
+from tally.spiffe.spiffeid import SpiffeId, TrustDomain
 from tests.e2e.conftest import CA
 
 TD = TrustDomain.parse("example.org")
@@ -470,7 +470,7 @@ def test_sigkill_while_issuing_loses_nothing(ca_factory, tmp_path: Path):
     script = (
         "import json,subprocess,sys\n"
         "for i in range(10000):\n"
-        "    r = subprocess.run([sys.executable,'-m','tally.cli','ca','x509','mint','--spiffe-id',"
+        "    r = subprocess.run([sys.executable,'-m','tally.app.cli','ca','x509','mint','--spiffe-id',"
         "'spiffe://example.org/m','--out',sys.argv[2],'--admin-socket',sys.argv[1],'--output','json'],"
         "capture_output=True,text=True)\n"
         "    if r.returncode: break\n"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import re
 
-from tally.launch import run_cli
+from tally.app.launch import run_cli
 
 
 def test_demo_runs_rotates_refuses_and_cleans_up():

@@ -31,10 +31,10 @@ import trio
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 
-from tally import workload_client as wl
-from tally import x509profile
-from tally.bundle import Bundle
-from tally.spiffeid import TrustDomain
+from tally.spiffe import x509profile
+from tally.spiffe.bundle import Bundle
+from tally.spiffe.spiffeid import TrustDomain
+from tally.wire import workload_client as wl
 from tests.e2e.conftest import CA, openssl_available
 from tests.e2e.mesh import (
     BACKEND,
@@ -480,7 +480,7 @@ def test_peer_with_clock_behind_accepts_a_fresh_svid(mesh: Mesh, ca_factory, tmp
     start and just after a signing-key rotation (on the mesh CA, whose root is old
     by then), and validates each chain as a peer 5 s behind would: with OpenSSL
     (``verify -attime``) and with the chain validation every Tally proxy and agent
-    runs (`tally.x509profile.verify_chain`).  Controls at the real now must pass
+    runs (`tally.spiffe.x509profile.verify_chain`).  Controls at the real now must pass
     and before the leaf's not_before must fail, so the check can fail.
     """
     if not openssl_available():

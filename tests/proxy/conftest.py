@@ -23,8 +23,8 @@ from urllib.request import urlopen
 import pytest
 
 from ca.cli import cmd_x509_mint
-from tally import x509profile
-from tally.launch import Daemon
+from tally.app.launch import Daemon
+from tally.spiffe import x509profile
 from tests.e2e.conftest import CA, make_ca
 from tests.proxy.backends import EchoServer, HttpServer
 

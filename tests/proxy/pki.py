@@ -14,9 +14,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.x509.oid import NameOID
 
-from tally import x509profile
-from tally.bundle import Bundle
-from tally.spiffeid import SpiffeId, TrustDomain
+from tally.spiffe import x509profile
+from tally.spiffe.bundle import Bundle
+from tally.spiffe.spiffeid import SpiffeId, TrustDomain
 
 
 def now() -> datetime:

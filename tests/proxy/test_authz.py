@@ -1,4 +1,4 @@
-"""tally.authz: allow rules (hypothesis) and chain judgement (real certificates)."""
+"""tally.spiffe.authz: allow rules (hypothesis) and chain judgement (real certificates)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from tally import authz
-from tally.spiffeid import SpiffeId, TrustDomain
+from tally.spiffe import authz
+from tally.spiffe.spiffeid import SpiffeId, TrustDomain
 from tests.proxy.pki import Authority
 
 tds = st.lists(

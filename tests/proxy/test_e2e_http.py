@@ -11,7 +11,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from tally import x509profile
+from tally.spiffe import x509profile
 from tests.proxy.backends import blob
 from tests.proxy.conftest import client_context, http_over, tls_connect
 

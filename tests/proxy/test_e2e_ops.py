@@ -18,8 +18,8 @@ from urllib.request import urlopen
 import pytest
 from cryptography import x509
 
-from tally import x509profile
-from tally.launch import Daemon
+from tally.app.launch import Daemon
+from tally.spiffe import x509profile
 from tests.proxy.conftest import client_context, mint, tls_connect, wait_until
 
 pytestmark = pytest.mark.e2e

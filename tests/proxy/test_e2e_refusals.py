@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from tally import x509profile
+from tally.spiffe import x509profile
 from tests.proxy.conftest import client_context, http_over, tls_connect, wait_until
 
 pytestmark = pytest.mark.e2e

@@ -9,7 +9,7 @@ import trio.testing
 from proxy.http import HttpStream
 from proxy.metrics import Stats
 from proxy.pool import Pool, Upstream
-from tally.spiffeid import SpiffeId
+from tally.spiffe.spiffeid import SpiffeId
 
 PEER = SpiffeId.parse("spiffe://example.org/api")
 

@@ -19,8 +19,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from proxy.tcp import Deadline, Relay
-from tally import tls
-from tally.plain import LENT_SIZE
+from tally.tls import stream as tls
+from tally.tls.plain import LENT_SIZE
 from tests.proxy.test_forwarding import ignore
 from tests.test_plain import plain_pair
 from tests.test_tls import PKI, handshake_both, make_pki, tls_pair

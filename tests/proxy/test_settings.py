@@ -10,9 +10,9 @@ import pytest
 from proxy.cli import register
 from proxy.identity import FileSource, IdentityError
 from proxy.settings import ClientSettings, FileSourceSpec, ServerSettings, WorkloadSourceSpec
-from tally.config import ConfigError, load
-from tally.launch import run_cli
-from tally.spiffeid import SpiffeId, TrustDomain
+from tally.app.launch import run_cli
+from tally.ops.config import ConfigError, load
+from tally.spiffe.spiffeid import SpiffeId, TrustDomain
 from tests.proxy.pki import Authority, now
 
 BASE = ["--listen", "127.0.0.1:0", "--target", "127.0.0.1:8080"]
@@ -95,7 +95,7 @@ def test_bad_settings_name_the_problem(mode, argv, message):
 
 def test_tls_groups_default_is_the_tls_modules():
     # The settings module keeps its own copy so that parsing flags needs no OpenSSL.
-    from tally import tls
+    from tally.tls import stream as tls
 
     assert parse("client", *BASE, *FILES, "--expect-id", "spiffe://x.org/a").tls_groups == (
         tls.GROUPS

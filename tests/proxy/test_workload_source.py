@@ -1,7 +1,7 @@
 """The Workload API source against a fake agent speaking real gRPC over HTTP/2 on a Unix socket.
 
 The fake is a few lines of h2: it answers FetchX509SVID with whatever messages
-the test feeds it, so the proxy's source runs through `tally.workload_client`
+the test feeds it, so the proxy's source runs through `tally.wire.workload_client`
 exactly as it would against a Tally or SPIRE agent.
 """
 
@@ -20,12 +20,13 @@ import trio
 from proxy.identity import BACKOFF_FIRST_S, IdentityError, WorkloadSource, from_workload
 from proxy.server import Proxy
 from proxy.settings import ServerSettings
-from tally import tls, x509profile
-from tally import workload_pb as pb
-from tally.config import Address
-from tally.grpc import Status, encode_message, trailers
-from tally.spiffeid import SpiffeId
-from tally.workload_client import parse_x509_svid_response
+from tally.ops.config import Address
+from tally.spiffe import x509profile
+from tally.spiffe.spiffeid import SpiffeId
+from tally.tls import stream as tls
+from tally.wire import workload_pb as pb
+from tally.wire.grpc import Status, encode_message, trailers
+from tally.wire.workload_client import parse_x509_svid_response
 from tests.proxy.pki import Authority, Svid
 
 End = Status

@@ -40,10 +40,10 @@ from agent import state
 from agent.ca_client import CAClient, CAError, make_csr
 from ca.server import CAServer
 from ca.settings import CASettings
-from tally import x509profile
-from tally.config import Address, Duration
-from tally.launch import Daemon, run_cli
-from tally.spiffeid import TrustDomain
+from tally.app.launch import Daemon, run_cli
+from tally.ops.config import Address, Duration
+from tally.spiffe import x509profile
+from tally.spiffe.spiffeid import TrustDomain
 from tests.e2e.conftest import CA, Agent, ca_args, make_ca, start_agent
 from tests.e2e.test_agent import register, wait_fetch
 from tests.security.test_tokens import audit

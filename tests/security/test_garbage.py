@@ -39,9 +39,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agent.workload_server import _FrameGuard
-from tally.grpc import Status, encode_message, status_from_headers
-from tally.launch import Daemon, run_cli
-from tally.workload_client import fetch_x509
+from tally.app.launch import Daemon, run_cli
+from tally.wire.grpc import Status, encode_message, status_from_headers
+from tally.wire.workload_client import fetch_x509
 from tests.e2e.conftest import CA, Agent, make_ca, start_agent
 from tests.e2e.test_agent import probe, register
 from tests.proxy.backends import EchoServer, HttpServer

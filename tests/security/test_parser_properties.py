@@ -51,14 +51,14 @@ from ca.store import Store
 from proxy import xfcc
 from proxy.http import request_headers
 from proxy.settings import ClientSettings, ServerSettings
-from tally import http
-from tally import workload_pb as pb
-from tally.cli import build_parser
-from tally.config import ConfigError, describe, load
-from tally.grpc import GrpcError, MessageDecoder, Status, encode_message
-from tally.spiffeid import SpiffeId, TrustDomain
-from tally.workload_client import WorkloadApiError, parse_x509_svid_response
-from tally.x509profile import ProfileError, chain_to_pem, csr_public_key, generate_key
+from tally.app.cli import build_parser
+from tally.ops.config import ConfigError, describe, load
+from tally.spiffe.spiffeid import SpiffeId, TrustDomain
+from tally.spiffe.x509profile import ProfileError, chain_to_pem, csr_public_key, generate_key
+from tally.wire import http
+from tally.wire import workload_pb as pb
+from tally.wire.grpc import GrpcError, MessageDecoder, Status, encode_message
+from tally.wire.workload_client import WorkloadApiError, parse_x509_svid_response
 from tests.proxy import pki as proxy_pki
 
 TD = TrustDomain.parse("example.org")

@@ -31,7 +31,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from tally.launch import Daemon, run_cli
+from tally.app.launch import Daemon, run_cli
 from tests.e2e.conftest import CA, Agent
 
 WINDOW = 24  # characters: 18 bytes of a private number are never a coincidence

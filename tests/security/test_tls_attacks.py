@@ -34,9 +34,9 @@ import pytest
 import trio
 
 from agent.ca_client import CAClient
-from tally import x509profile
-from tally.config import Address
-from tally.spiffeid import TrustDomain
+from tally.ops.config import Address
+from tally.spiffe import x509profile
+from tally.spiffe.spiffeid import TrustDomain
 from tests.e2e.conftest import CA, make_ca
 from tests.proxy.backends import HttpServer
 from tests.proxy.conftest import (

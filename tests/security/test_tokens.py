@@ -31,8 +31,8 @@ from hypothesis import strategies as st
 from agent.ca_client import make_csr
 from ca import throttle
 from ca.throttle import AttestThrottle, peer_key
-from tally import x509profile
-from tally.launch import run_cli
+from tally.app.launch import run_cli
+from tally.spiffe import x509profile
 from tests.e2e.conftest import CA, make_ca
 
 KEY = x509profile.generate_key()

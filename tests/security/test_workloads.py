@@ -39,7 +39,7 @@ from pathlib import Path
 import pytest
 
 from agent.attestor import SO_PEERPIDFD, AttestationError, _peer_pidfd
-from tally.launch import run_cli
+from tally.app.launch import run_cli
 from tests.e2e.conftest import CA, Agent, ca_args, make_ca, start_agent
 
 ROOT = Path(__file__).parents[2]
@@ -53,7 +53,7 @@ needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for other 
 ATTACKER = r"""
 import json, os, socket, sys
 import trio
-from tally import workload_client as wl
+from tally.wire import workload_client as wl
 
 mode, path = sys.argv[1], sys.argv[2]
 sock = socket.socket(socket.AF_UNIX)

@@ -44,7 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
-from tally.durations import MAX_SECONDS, DurationError, format_duration, parse_duration
+from tally.ops.durations import MAX_SECONDS, DurationError, format_duration, parse_duration
 
 T = TypeVar("T")
 

@@ -48,10 +48,10 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from tally.spiffeid import SpiffeId, SpiffeIdError, TrustDomain
+from tally.spiffe.spiffeid import SpiffeId, SpiffeIdError, TrustDomain
 
 if TYPE_CHECKING:
-    from tally.bundle import Bundle
+    from tally.spiffe.bundle import Bundle
 
 SigningKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
 

@@ -42,8 +42,8 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from cryptography.hazmat.primitives.serialization import load_der_private_key
 
-from tally import workload_pb as pb
-from tally.grpc import GrpcError, MessageDecoder, Status, encode_message, status_from_headers
+from tally.wire import workload_pb as pb
+from tally.wire.grpc import GrpcError, MessageDecoder, Status, encode_message, status_from_headers
 
 __all__ = [
     "DEFAULT_FETCH_TIMEOUT_S",

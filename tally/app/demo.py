@@ -1,7 +1,7 @@
 """`tally demo`: the whole system on loopback, rotating while you watch.
 
 The demo drives Tally only through what an operator has: the daemons as child
-processes (`tally.launch`), the `tally` CLI, and the Workload API.  It imports
+processes (`tally.app.launch`), the `tally` CLI, and the Workload API.  It imports
 no role, so it shows exactly what a user would see.  Whatever it started is
 stopped on the way out, also on Ctrl-C, and its temporary directory removed.
 
@@ -35,9 +35,9 @@ from typing import Any
 
 import trio
 
-from tally import workload_client
-from tally.cli_support import CommandError
-from tally.launch import Daemon, DaemonError, run_cli
+from tally.app.launch import Daemon, DaemonError, run_cli
+from tally.ops.errors import CommandError
+from tally.wire import workload_client
 
 TD = "demo.tally"
 FRONTEND = f"spiffe://{TD}/frontend"

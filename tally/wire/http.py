@@ -10,7 +10,7 @@ Rules:
    Handlers themselves are not timed: long polls are legitimate.
 3. The peer never sees our exception text.  A handler's :class:`HttpError` becomes
    ``{"error": message}`` with its status; anything else a handler raises becomes a
-   generic 500, and the traceback goes to the ``tally.http`` log.  Errors in the
+   generic 500, and the traceback goes to the ``tally.wire.http`` log.  Errors in the
    peer's bytes become 400/408/413/431/501/505 with fixed messages.  A request
    whose framing is ambiguous (both Content-Length and Transfer-Encoding) or
    that claims an HTTP version other than 1.0 or 1.1 is refused, never guessed at.
@@ -34,7 +34,7 @@ from urllib.parse import parse_qsl
 import h11
 import trio
 
-from tally import tls
+from tally.tls import stream as tls
 
 log = logging.getLogger("tally.http")
 

@@ -26,8 +26,8 @@ from pathlib import Path
 
 import trio
 
-from tally.cli_support import OperatorError
-from tally.config import Address
+from tally.ops.config import Address
+from tally.ops.errors import OperatorError
 
 
 class ListenError(OperatorError):

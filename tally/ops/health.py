@@ -14,9 +14,9 @@ from functools import partial
 import trio
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from tally import http
-from tally.config import Address
-from tally.net import bound_address, open_listener
+from tally.ops.config import Address
+from tally.ops.net import bound_address, open_listener
+from tally.wire import http
 
 Readiness = Callable[[], tuple[bool, str]]
 

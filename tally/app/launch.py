@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 
 
 def tally_argv(*args: str) -> list[str]:
-    return [sys.executable, "-m", "tally.cli", *args]
+    return [sys.executable, "-m", "tally.app.cli", *args]
 
 
 class DaemonError(Exception):

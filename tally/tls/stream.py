@@ -80,9 +80,9 @@ from OpenSSL._util import ffi as _ffi
 from OpenSSL._util import lib as _lib
 
 # The one SPIFFE ID a leaf claims, read leniently (any leaf, even one we refuse).
-from tally.authz import _claimed_id as claimed_id
-from tally.plain import LENT_SIZE, WANT_READ, WANT_WRITE, DirectionGuard
-from tally.spiffeid import SpiffeId
+from tally.spiffe.authz import _claimed_id as claimed_id
+from tally.spiffe.spiffeid import SpiffeId
+from tally.tls.plain import LENT_SIZE, WANT_READ, WANT_WRITE, DirectionGuard
 
 log = logging.getLogger("tally.tls")
 
@@ -904,7 +904,7 @@ def _lent_buffer() -> Any:
 
 
 class TLSEnd:
-    """A TLS stream as the relay drives it: calls that never wait (see `tally.plain.PlainEnd`).
+    """A TLS stream as the relay drives it: calls that never wait (see `tally.tls.plain.PlainEnd`).
 
     The stream's own state follows what the relay does (end of stream seen or
     sent, broken), so closing the stream afterwards behaves as after

@@ -29,8 +29,8 @@ from dataclasses import dataclass
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 
-from tally.spiffeid import SpiffeId, SpiffeIdError, TrustDomain
-from tally.x509profile import ProfileError, validate_leaf
+from tally.spiffe.spiffeid import SpiffeId, SpiffeIdError, TrustDomain
+from tally.spiffe.x509profile import ProfileError, validate_leaf
 
 
 class RuleError(ValueError):
@@ -121,7 +121,7 @@ def _rule_prefix(text: str) -> SpiffeId:
 
 
 def fingerprint(cert: x509.Certificate) -> bytes:
-    """SHA-256 of the DER, the same digest `tally.bundle.Bundle.fingerprints` keeps."""
+    """SHA-256 of the DER, the same digest `tally.spiffe.bundle.Bundle.fingerprints` keeps."""
     return cert.fingerprint(hashes.SHA256())
 
 

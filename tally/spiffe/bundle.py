@@ -34,8 +34,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
-from tally.spiffeid import TrustDomain
-from tally.x509profile import (
+from tally.spiffe.spiffeid import TrustDomain
+from tally.spiffe.x509profile import (
     PARSE_ERRORS,
     ProfileError,
     chain_from_der,

@@ -12,14 +12,14 @@ import argparse
 import importlib
 import sys
 
-from tally.cli_support import OperatorError
-from tally.config import ConfigError
+from tally.ops.config import ConfigError
+from tally.ops.errors import OperatorError
 
 ROLES = {
     "ca": ("ca.cli", "the certificate authority and its admin commands"),
     "agent": ("agent.cli", "the node agent and Workload API client commands"),
     "proxy": ("proxy.cli", "the mTLS proxy"),
-    "demo": ("tally.demo", "run the whole system on loopback and watch it rotate"),
+    "demo": ("tally.app.demo", "run the whole system on loopback and watch it rotate"),
 }
 
 
