@@ -1,26 +1,45 @@
 """The `tally` command: one entry point for every role.
 
-`tally/` imports no role (roles are laid out side by side and never import one
-another), so the roles are found by module name and imported only when their
-command is run: `tally ca ...` never loads the proxy, and startup stays quick.
-Every role module exposes ``register(subparsers)``; each command sets ``func``.
+`tally.app` is the only room that imports the roles (they are laid out side by
+side and never import one another; the layering test holds both rules).  Each
+role is imported inside `_register`, only when its command is run: `tally ca ...`
+never loads the proxy, and startup stays quick.  Every role module exposes
+``register(subparsers)``; each command sets ``func``.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 
 from tally.ops.config import ConfigError
 from tally.ops.errors import OperatorError
 
 ROLES = {
-    "ca": ("ca.cli", "the certificate authority and its admin commands"),
-    "agent": ("agent.cli", "the node agent and Workload API client commands"),
-    "proxy": ("proxy.cli", "the mTLS proxy"),
-    "demo": ("tally.app.demo", "run the whole system on loopback and watch it rotate"),
+    "ca": "the certificate authority and its admin commands",
+    "agent": "the node agent and Workload API client commands",
+    "proxy": "the mTLS proxy",
+    "demo": "run the whole system on loopback and watch it rotate",
 }
+
+
+def _register(role: str, sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    if role == "ca":
+        from ca import cli as ca_cli
+
+        ca_cli.register(sub)
+    elif role == "agent":
+        from agent import cli as agent_cli
+
+        agent_cli.register(sub)
+    elif role == "proxy":
+        from proxy import cli as proxy_cli
+
+        proxy_cli.register(sub)
+    else:
+        from tally.app import demo
+
+        demo.register(sub)
 
 
 def build_parser(role: str | None) -> argparse.ArgumentParser:
@@ -28,9 +47,9 @@ def build_parser(role: str | None) -> argparse.ArgumentParser:
         prog="tally", description="Hour-lived SPIFFE identities: CA, node agent and mTLS proxy."
     )
     sub = parser.add_subparsers(dest="role", required=True, metavar="ROLE")
-    for name, (module, help_text) in ROLES.items():
+    for name, help_text in ROLES.items():
         if name == role:
-            importlib.import_module(module).register(sub)
+            _register(name, sub)
         else:
             sub.add_parser(name, help=help_text)
     return parser
