@@ -15,8 +15,9 @@ import trio
 from cryptography.hazmat.primitives import serialization
 
 from tally.ops.config import add_arguments, load
-from tally.ops.errors import CommandError, emit
+from tally.ops.errors import CommandError
 from tally.ops.logs import setup_logging
+from tally.ops.output import emit
 from tally.spiffe import x509profile
 from tally.wire import workload_client as wl
 

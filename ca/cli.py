@@ -26,8 +26,9 @@ import trio
 
 from tally.ops.config import add_arguments, load
 from tally.ops.durations import DurationError, parse_duration
-from tally.ops.errors import CommandError, emit
+from tally.ops.errors import CommandError
 from tally.ops.logs import setup_logging
+from tally.ops.output import emit
 from tally.wire import http
 
 DEFAULT_ADMIN_SOCKET = "/run/tally/ca/admin.sock"

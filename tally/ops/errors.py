@@ -1,11 +1,13 @@
-"""What every `tally` command shares: the error type for operator mistakes and output."""
+"""The one-line errors: faults an operator must fix, never shown as a traceback.
+
+Anything a daemon or command raises for a bad flag, file, socket or state on
+disk derives from `OperatorError`; `tally.app.cli` prints its message as the
+one line the operator sees and exits non-zero.  A layer that is not about
+operators (the pure SPIFFE code, the wire codecs) raises its own errors, and
+the role that meets them decides whether they are the operator's to fix.
+"""
 
 from __future__ import annotations
-
-import argparse
-import json
-from collections.abc import Callable
-from typing import Any
 
 
 class OperatorError(Exception):
@@ -14,10 +16,3 @@ class OperatorError(Exception):
 
 class CommandError(OperatorError):
     """A command's own refusal or an unreachable daemon."""
-
-
-def emit(args: argparse.Namespace, data: Any, text: Callable[[Any], str]) -> None:
-    if getattr(args, "output", "text") == "json":
-        print(json.dumps(data, indent=2, sort_keys=True))
-    else:
-        print(text(data))
