@@ -267,7 +267,13 @@ def _write_private(path: Path, data: bytes, mode: int) -> None:
 
 def cmd_x509_mint(args: argparse.Namespace) -> int:
     out = Path(args.out)
-    if not out.is_dir():
+    if not out.exists():
+        try:
+            out.mkdir(mode=0o700, parents=True)
+            out.chmod(0o700)
+        except OSError as exc:
+            raise CommandError(f"--out {out}: cannot create it ({exc.strerror})") from exc
+    elif not out.is_dir():
         raise CommandError(f"--out {out}: not a directory")
     body = {"spiffe_id": args.spiffe_id, "ttl": _ttl(args.ttl), "dns_names": args.dns_name or []}
     data = call(args.admin_socket, "POST", "/v1/x509/mint", body)
@@ -433,7 +439,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--spiffe-id", required=True)
     p.add_argument("--ttl")
     p.add_argument("--dns-name", action="append")
-    p.add_argument("--out", required=True, help="directory for svid.pem, key.pem, bundle.pem")
+    p.add_argument(
+        "--out",
+        required=True,
+        help="directory for svid.pem, key.pem, bundle.pem (created 0700 if missing)",
+    )
 
     p = leaf(
         ca_sub,

@@ -23,7 +23,9 @@ because they are read by people.
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
+import stat
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -226,6 +228,7 @@ class Store:
     @classmethod
     def open(cls, path: Path) -> Store:
         _refuse_symlinks(path)
+        _private_files(path)
         try:
             conn = sqlite3.connect(
                 str(path), isolation_level=None, check_same_thread=False, timeout=10
@@ -635,6 +638,38 @@ class Store:
             if bump_bundle:
                 self._bump(conn, "bundle_sequence")
             self._append(conn, events)
+
+
+SIDE_FILES = ("", "-wal", "-shm")
+
+
+def _private_files(path: Path) -> None:
+    """The datastore holds every token hash and audit record: 0600, whatever the umask.
+
+    A new datastore file is created 0600 before SQLite opens it; SQLite gives its
+    ``-wal`` and ``-shm`` side files the mode of the database file.  A file that is
+    already looser is refused, as a loose key file is.
+    """
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise StoreError(f"datastore {path}: {exc.strerror}") from exc
+    else:
+        os.fchmod(fd, 0o600)
+        os.close(fd)
+    for suffix in SIDE_FILES:
+        side = Path(f"{path}{suffix}")
+        try:
+            mode = stat.S_IMODE(os.lstat(side).st_mode)
+        except FileNotFoundError:
+            continue
+        if mode & 0o077:
+            raise StoreError(
+                f"datastore file {side} has mode {mode:04o}; it must not be readable by "
+                f"group or others (chmod 600 {path}*)"
+            )
 
 
 def _refuse_symlinks(path: Path) -> None:
