@@ -25,7 +25,7 @@ from pathlib import Path
 
 from agent.settings import AgentSettings
 from ca.settings import CASettings
-from proxy.server import RESTART_ONLY
+from proxy.daemon import RESTART_ONLY
 from proxy.settings import ClientSettings, ProxySettings, ServerSettings
 from tally.ops.config import SettingDoc, add_arguments, describe
 

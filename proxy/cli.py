@@ -31,7 +31,7 @@ def _operator_error(exc: BaseException) -> BaseException | None:
 
 
 def _run(cfg: ServerSettings | ClientSettings, args: argparse.Namespace) -> int:
-    from proxy.server import Proxy
+    from proxy.daemon import Proxy
 
     setup_logging(cfg.log_level)
     schema = type(cfg)

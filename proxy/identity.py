@@ -8,7 +8,7 @@ Rules:
    Anything less would be handed to every new handshake and fail them all, so
    a bad update is logged and the previous identity stays in use.
 2. Sources only publish; they never touch TLS.  The proxy turns each
-   published identity into a new TLS context (`proxy.server`).
+   published identity into a new TLS context (`proxy.hotswap`).
 3. The file source polls the files' (inode, size, mtime) once a second and
    reloads on SIGHUP.  A half-finished replacement (new certificate, old key)
    fails rule 1 and is retried when the files change again, so writers need

@@ -17,8 +17,8 @@ import h2.events
 import pytest
 import trio
 
+from proxy.daemon import Proxy
 from proxy.identity import BACKOFF_FIRST_S, IdentityError, WorkloadSource, from_workload
-from proxy.server import Proxy
 from proxy.settings import ServerSettings
 from tally.ops.config import Address
 from tally.spiffe import x509profile
@@ -196,7 +196,7 @@ async def test_proxy_waits_for_its_first_svid_then_swaps_in_new_ones(ex, tmp_pat
         )
         proxy = Proxy(cfg, reload=lambda: cfg, env={})
         published = trio.Event()
-        original = proxy.publish
+        original = proxy.swap.publish
 
         def publish(identity):
             nonlocal published
@@ -204,7 +204,7 @@ async def test_proxy_waits_for_its_first_svid_then_swaps_in_new_ones(ex, tmp_pat
             published.set()
             published = trio.Event()
 
-        monkeypatch.setattr(proxy, "publish", publish)
+        monkeypatch.setattr(proxy.swap, "publish", publish)
         addresses = await nursery.start(proxy.run)
         host, port = addresses["listen"].rsplit(":", 1)
         ok, why = proxy.ready()
@@ -262,5 +262,5 @@ async def test_allow_expired_peer_connections_lifts_the_hard_stop(ex):
         return Proxy(cfg, reload=lambda: cfg, env={})
 
     left = (peer.not_valid_after_utc - now()).total_seconds()
-    assert proxy(False)._expires_at(peer) == pytest.approx(trio.current_time() + left, abs=2)
-    assert proxy(True)._expires_at(peer) == float("inf")
+    assert proxy(False).traffic.expires_at(peer) == pytest.approx(trio.current_time() + left, abs=2)
+    assert proxy(True).traffic.expires_at(peer) == float("inf")

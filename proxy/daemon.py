@@ -1,0 +1,313 @@
+"""The proxy daemon: its nurseries, the accept loop, readiness, reload and drain.
+
+The work is elsewhere: `proxy.hotswap` (the identity and TLS context new
+handshakes take), `proxy.traffic` (what every connection shares),
+`proxy.inbound` (server mode), `proxy.outbound` (client mode) and
+`proxy.http_relay` (HTTP mode).  This module starts and stops them.
+
+Rules / theory of operation:
+
+1. Hot swap is one assignment (`proxy.hotswap` rule 1); the identity source
+   runs in the services nursery and publishes into it.
+2. Authorization runs inside the handshake (`tally.tls.stream` rule 4) through
+   `tally.spiffe.authz`; a refused peer never reaches the target.  Every refusal is
+   one ``peer.denied`` line and one count by reason.
+3. Two nurseries, as DESIGN says: `services` (source, pool sweep, accept
+   loop) and `handlers` (one task per connection).  SIGTERM cancels the
+   services, closes the listener, wakes HTTP connections idling between
+   requests so they close, and gives the rest ``drain_timeout``; a second
+   SIGTERM cuts them at once.  The signal receiver lives until the end, so a
+   SIGHUP during the drain is handled rather than killing the process.
+4. ``max_connections`` is a capacity limiter taken *before* accept: beyond
+   it, new connections wait in the kernel's backlog instead of being accepted
+   and dropped (ghostunnel's limit works the same way).  SIGHUP can change it.
+5. Each connection's handler catches its own errors: one broken connection
+   never takes the proxy down.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import signal
+from collections.abc import Callable
+from datetime import UTC, datetime
+from functools import partial
+
+import trio
+
+from proxy import listen
+from proxy.hotswap import HotSwap, Mode
+from proxy.identity import FileSource, IdentityError, Signature, WorkloadSource
+from proxy.inbound import dial_service, serve_inbound
+from proxy.metrics import ProxyCollector, Stats, registry_for
+from proxy.outbound import dial_server, serve_outbound
+from proxy.pool import CLOSE_TIMEOUT_S, Pool, close_quietly
+from proxy.settings import ClientSettings, FileSourceSpec, ServerSettings
+from proxy.traffic import Traffic
+from tally.ops.config import ConfigError
+from tally.ops.errors import CommandError
+from tally.ops.health import serve_health
+from tally.ops.logs import get_logger, setup_logging
+from tally.ops.net import ListenError
+from tally.spiffe.spiffeid import SpiffeId
+
+log = get_logger("tally.proxy")
+
+# Changing these needs a restart; a reload that changes them says so and keeps the old value.
+RESTART_ONLY = (
+    "listen",
+    "target",
+    "workload_socket",
+    "spiffe_id",
+    "cert",
+    "key",
+    "bundle",
+    "federated_bundle",
+    "http",
+    "metrics",
+    "tls_groups",
+)
+_ACCEPT_RETRY = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+
+
+def wall_clock() -> datetime:
+    return datetime.now(UTC)
+
+
+class Proxy:
+    def __init__(
+        self,
+        cfg: ServerSettings | ClientSettings,
+        *,
+        reload: Callable[[], ServerSettings | ClientSettings],
+        env: dict[str, str],
+        clock: Callable[[], datetime] = wall_clock,
+    ) -> None:
+        mode: Mode = "server" if isinstance(cfg, ServerSettings) else "client"
+        self.mode = mode
+        self._reload_config = reload
+        self.clock = clock
+        self.stats = Stats()
+        self.swap = HotSwap(mode, cfg.policy(), groups=cfg.tls_groups, stats=self.stats)
+        self.traffic = Traffic(cfg, mode=mode, clock=clock, stats=self.stats, swap=self.swap)
+        self.limiter = trio.CapacityLimiter(cfg.max_connections)
+        spec = cfg.source(env)
+        want = SpiffeId.parse(cfg.spiffe_id) if cfg.spiffe_id is not None else None
+        self.source: FileSource | WorkloadSource
+        if isinstance(spec, FileSourceSpec):
+            self.source = FileSource(
+                spec.cert, spec.key, spec.bundle, spec.federated, want=want, clock=clock
+            )
+        else:
+            self.source = WorkloadSource(spec.socket_path, want=want, clock=clock)
+        if cfg.http:
+            self.traffic.pool = Pool(
+                partial(dial_server if mode == "client" else dial_service, self.traffic),
+                max_idle=cfg.pool_size,
+                idle_s=cfg.pool_idle_timeout,
+                stats=self.stats,
+            )
+        self.registry = registry_for(ProxyCollector(self.stats, self.swap.svid_info, clock, mode))
+        self.addresses: dict[str, str] = {}
+        self._stop = trio.Event()
+        self._stopping = False
+        self.serving = trio.Event()
+        """Set once the listener accepts connections (after the first SVID)."""
+        self._handlers: trio.Nursery | None = None
+        self._file_signature: Signature = ()
+
+    @property
+    def cfg(self) -> ServerSettings | ClientSettings:
+        """The settings in force: a SIGHUP replaces them in `Traffic`, the one copy."""
+        return self.traffic.cfg
+
+    async def _run_source(self) -> None:
+        if isinstance(self.source, FileSource):
+            await self.source.run(self.swap.publish, self._file_signature)
+        else:
+            await self.source.run(self.swap.publish)
+
+    # -- readiness ------------------------------------------------------------------------
+
+    def ready(self) -> tuple[bool, str]:
+        if self._stopping:
+            return False, "draining: not accepting new connections"
+        cur = self.swap.current
+        if cur is None:
+            why = self.source.last_error or "no answer yet"
+            return False, f"waiting for the first SVID from {self.source.describe()}: {why}"
+        if not self.serving.is_set():
+            return False, "starting"
+        ident = cur.identity
+        left = (ident.not_after - self.clock()).total_seconds()
+        if left <= 0:
+            return False, (
+                f"SVID {ident.serial} expired {-left:.0f}s ago and no new one arrived"
+                f" ({self.source.last_error or 'no error reported'})"
+            )
+        return True, f"serving as {ident.spiffe_id}, SVID serial {ident.serial}, {left:.0f}s left"
+
+    async def _connection(self, stream: trio.SocketStream, token: object) -> None:
+        self.stats.connections_open += 1
+        self.stats.connections_total += 1
+        try:
+            if self.mode == "server":
+                await serve_inbound(self.traffic, stream)
+            else:
+                await serve_outbound(self.traffic, stream)
+        except Exception as exc:  # rule 5
+            log.error("connection.crashed", error=exc)
+        finally:
+            if stream.socket.fileno() != -1:  # the handler closes it on every normal path
+                await close_quietly(stream)
+            self.stats.connections_open -= 1
+            self.limiter.release_on_behalf_of(token)
+
+    async def _accept_loop(self, listener: trio.SocketListener, handlers: trio.Nursery) -> None:
+        while True:
+            token = object()
+            try:  # the accept below is the loop's checkpoint; this need not be another
+                self.limiter.acquire_on_behalf_of_nowait(token)
+            except trio.WouldBlock:
+                await self.limiter.acquire_on_behalf_of(token)
+            try:
+                stream = await listener.accept()
+            except OSError as exc:
+                self.limiter.release_on_behalf_of(token)
+                if exc.errno not in _ACCEPT_RETRY:
+                    raise
+                log.error("accept.failed", error=exc)
+                await trio.sleep(0.1)
+                continue
+            except BaseException:
+                self.limiter.release_on_behalf_of(token)
+                raise
+            handlers.start_soon(self._connection, stream, token)
+
+    async def _serve_when_ready(self, sock: trio.socket.SocketType, handlers: trio.Nursery) -> None:
+        await self.swap.first.wait()
+        listener = listen.start_listening(sock)
+        self.serving.set()
+        cur = self.swap.current
+        assert cur is not None
+        log.info(
+            "proxy.started",
+            mode=self.mode,
+            http=self.cfg.http,
+            target=str(self.cfg.target),
+            spiffe_id=str(cur.identity.spiffe_id),
+            serial=cur.identity.serial,
+            source="file" if isinstance(self.source, FileSource) else "workload",
+            **self.addresses,
+        )
+        try:
+            await self._accept_loop(listener, handlers)
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT_S):
+                await listener.aclose()
+
+    async def _reload(self) -> None:
+        """SIGHUP: re-read the config file, apply what can change live, reload the files."""
+        if isinstance(self.source, FileSource):
+            self.source.reload_now()
+        try:
+            new = await trio.to_thread.run_sync(self._reload_config)
+        except ConfigError as exc:
+            log.warning("config.reload_failed", error=str(exc))
+            return
+        fixed = [name for name in RESTART_ONLY if getattr(new, name) != getattr(self.cfg, name)]
+        if fixed:
+            log.warning("config.restart_needed", settings=fixed)
+            new = dataclasses.replace(new, **{name: getattr(self.cfg, name) for name in fixed})
+        self.traffic.cfg = new
+        policy = new.policy()
+        self.limiter.total_tokens = new.max_connections
+        setup_logging(new.log_level)
+        pool = self.traffic.pool
+        if pool is not None:
+            pool.max_idle = new.pool_size
+            pool.idle_s = new.pool_idle_timeout
+        self.swap.set_policy(policy)
+        log.info(
+            "config.reloaded",
+            rules=policy.describe(),
+            max_connections=new.max_connections,
+        )
+
+    async def _signals(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            task_status.started()
+            async for signum in signals:
+                if signum == signal.SIGHUP:
+                    await self._reload()
+                elif not self._stopping:
+                    log.info(
+                        "proxy.draining",
+                        signal=signal.Signals(signum).name,
+                        open_connections=self.stats.connections_open,
+                        drain_timeout_s=self.cfg.drain_timeout,
+                    )
+                    self._stopping = True
+                    self._stop.set()
+                elif self._handlers is not None:
+                    log.info("proxy.drain_cut", open_connections=self.stats.connections_open)
+                    self._handlers.cancel_scope.cancel()
+
+    def _load_first(self) -> None:
+        """The file source's first load happens before anything listens: bad files end the start."""
+        if isinstance(self.source, FileSource):
+            self._file_signature = self.source.signature()
+            try:
+                self.swap.publish(self.source.load())
+            except IdentityError as exc:
+                raise CommandError(f"identity: {exc}") from exc
+
+    async def run(
+        self, *, task_status: trio.TaskStatus[dict[str, str]] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        sock = await listen.bind(self.cfg.listen)
+        self.addresses["listen"] = listen.bound_name(sock)
+        try:
+            self._load_first()
+            async with trio.open_nursery() as outer:
+                await outer.start(self._signals)
+                await outer.start(self.traffic.relay.run)
+                if self.cfg.metrics is not None:
+                    try:
+                        self.addresses["metrics"] = await outer.start(
+                            serve_health, self.cfg.metrics, self.registry, self.ready
+                        )
+                    except ListenError as exc:
+                        raise CommandError(f"--metrics: {exc}") from exc
+                async with trio.open_nursery() as handlers:
+                    self._handlers = handlers
+                    async with trio.open_nursery() as services:
+                        services.start_soon(self._run_source)
+                        if self.traffic.pool is not None:
+                            await services.start(self.traffic.pool.run)
+                        services.start_soon(self._serve_when_ready, sock, handlers)
+                        if self.swap.current is None:
+                            log.info(
+                                "proxy.waiting",
+                                source=self.source.describe(),
+                                **self.addresses,
+                            )
+                        task_status.started(self.addresses)
+                        await self._stop.wait()
+                        services.cancel_scope.cancel()
+                    self.traffic.idlers.drain()
+                    handlers.cancel_scope.deadline = trio.current_time() + self.cfg.drain_timeout
+                outer.cancel_scope.cancel()
+        finally:
+            sock.close()
+            if self.cfg.listen.path is not None:
+                with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT_S):
+                    await trio.Path(self.cfg.listen.path).unlink(missing_ok=True)
+        log.info(
+            "proxy.stopped",
+            connections_total=self.stats.connections_total,
+            open_connections=self.stats.connections_open,
+        )

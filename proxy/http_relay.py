@@ -1,0 +1,163 @@
+"""HTTP mode, both directions: a connection's requests, one at a time, each through the pool.
+
+`proxy.http` moves one exchange; this loop strings them together for one
+downstream connection (the server proxy's authenticated peer, or the client
+proxy's local app) and decides what each outcome means for it:
+
+1. The server proxy replaces any ``X-Forwarded-Client-Cert`` a caller sent
+   with its own stamp (`proxy.xfcc`); the client proxy forwards headers as
+   they are.
+2. ``CONNECT`` is refused with 405: tunnels are TCP mode's job.
+3. A request without a body that met a kept-alive connection the target had
+   just closed is sent once more on another; anything else that failed
+   upstream is answered 502 (504 on a timeout) if no response has started.
+4. One access-log line and one count by status class per request.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import h11
+import trio
+
+from proxy import xfcc
+from proxy.http import (
+    DownstreamError,
+    Exchange,
+    HttpStream,
+    UpstreamError,
+    exchange,
+    has_body,
+    next_request,
+    request_headers,
+    respond_error,
+)
+from proxy.pool import DialError, Upstream
+from proxy.traffic import Traffic
+from tally.ops.logs import get_logger
+from tally.spiffe.spiffeid import SpiffeId
+
+log = get_logger("tally.proxy")
+
+XFCC = xfcc.HEADER.encode("ascii")
+
+
+async def relay_http(
+    t: Traffic,
+    stream: trio.abc.Stream,
+    *,
+    caller: SpiffeId | None,
+    hard_at: float,
+    stamp: bytes | None,
+) -> None:
+    """Serve requests from ``stream``, each through a pooled connection to the target.
+
+    ``caller`` is the authenticated peer in server mode (None for the local
+    app in client mode), ``hard_at`` when its certificate expires, and
+    ``stamp`` the XFCC value that replaces any the caller sent.
+    """
+    down = HttpStream(stream, h11.SERVER)
+    drop = frozenset({XFCC}) if stamp is not None else frozenset()
+    add = [(XFCC, stamp)] if stamp is not None else []
+
+    def closing() -> bool:
+        return t.idlers.draining or trio.current_time() >= hard_at
+
+    while True:
+        request, why = await next_request(down, t.idlers, t.cfg.idle_timeout, hard_at)
+        if request is None:
+            t.ended(why, caller)
+            return
+        ex = Exchange(
+            request.method.decode("ascii", "replace"),
+            request.target.decode("ascii", "replace"),
+        )
+        if request.method == b"CONNECT":
+            ex.status = 405
+            await respond_error(down, 405, "CONNECT is not relayed in HTTP mode")
+            _access(t, ex, caller)
+            return
+        pending = has_body(request)
+        if not pending:
+            await down.next_event()  # the EndOfMessage h11 already has
+        headers = request_headers(request, str(t.cfg.target), drop=drop, add=add)
+        ok, answered_by = await _forward(t, down, request, headers, pending, ex, closing)
+        _access(t, ex, caller if caller is not None else answered_by)
+        if not ok:
+            return
+        if trio.current_time() >= hard_at:  # closed after the response in flight
+            t.ended("peer_expired", caller)
+            return
+        if not down.reusable():
+            return
+
+
+async def _forward(
+    t: Traffic,
+    down: HttpStream,
+    request: h11.Request,
+    headers: list[tuple[bytes, bytes]],
+    pending: bool,
+    ex: Exchange,
+    closing: Callable[[], bool],
+) -> tuple[bool, SpiffeId | None]:
+    """One request through the pool; False when ``down`` must be closed."""
+    pool = t.pool
+    assert pool is not None
+    for attempt in (1, 2):
+        up: Upstream | None = None
+        try:
+            up = await pool.acquire()
+            await exchange(
+                down,
+                up.http,
+                request,
+                headers,
+                body_pending=pending,
+                ex=ex,
+                idle_s=t.cfg.idle_timeout,
+                closing=closing,
+                count_to_target=t.count_to,
+                count_from_target=t.count_from,
+            )
+        except (UpstreamError, DialError) as exc:
+            if up is not None:
+                await pool.discard(up)
+            # A kept-alive connection the target closed just as we reused it: a request
+            # without a body that got no answer yet is safe to send again (rule 3).
+            if attempt == 1 and up is not None and up.reused and not pending:
+                if not ex.response_started:
+                    log.debug("pool.retry", error=str(exc))
+                    continue
+            log.warning("target.failed", target=str(t.cfg.target), error=str(exc))
+            await _fail(down, ex, exc)
+            return False, up.peer_id if up is not None else None
+        except DownstreamError:
+            if up is not None:
+                await pool.discard(up)
+            return False, up.peer_id if up is not None else None
+        await pool.release(up)
+        return True, up.peer_id
+    raise AssertionError("unreachable: the second attempt always returns")
+
+
+def _access(t: Traffic, ex: Exchange, peer_id: SpiffeId | None) -> None:
+    t.stats.requests[f"{ex.status // 100}xx"] += 1
+    if t.cfg.access_log:
+        log.info(
+            "http.request",
+            method=ex.method,
+            path=ex.target,
+            status=ex.status,
+            peer_id=str(peer_id) if peer_id is not None else None,
+            bytes_in=ex.bytes_in,
+            bytes_out=ex.bytes_out,
+            duration_ms=ex.duration_ms,
+        )
+
+
+async def _fail(down: HttpStream, ex: Exchange, exc: UpstreamError | DialError) -> None:
+    if not ex.response_started:
+        ex.status = 504 if exc.timeout else 502
+        await respond_error(down, ex.status, "upstream timed out" if exc.timeout else "bad gateway")
