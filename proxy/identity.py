@@ -42,7 +42,7 @@ from tally.ops.logs import get_logger
 from tally.spiffe import rotation, x509profile
 from tally.spiffe.bundle import Bundle, BundleError
 from tally.spiffe.spiffeid import SpiffeId, SpiffeIdError, TrustDomain
-from tally.tls.stream import PrivateKey
+from tally.tls.contexts import PrivateKey
 
 if TYPE_CHECKING:
     from tally.wire import workload_client as wl

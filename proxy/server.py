@@ -7,7 +7,7 @@ Rules / theory of operation:
    built right there in the source's task, and is published together with
    the identity as one `Current` value.  A handshake takes whatever is current
    when it starts; connections already up keep the context they began with.
-2. Authorization runs inside the handshake (`tally.tls.stream` rule 4) through
+2. Authorization runs inside the handshake (`tally.tls.verify` rule 1) through
    `tally.spiffe.authz`; a refused peer never reaches the target.  Every refusal is
    one ``peer.denied`` line and one count by reason.
 3. Two nurseries, as DESIGN says: `services` (source, pool sweep, accept
@@ -62,10 +62,11 @@ from tally.ops.errors import CommandError
 from tally.ops.health import serve_health
 from tally.ops.logs import get_logger, setup_logging
 from tally.ops.net import ListenError
-from tally.spiffe import authz
 from tally.spiffe.spiffeid import SpiffeId
-from tally.tls import stream as tls
+from tally.tls.contexts import TLSContext, client_context, server_context
 from tally.tls.plain import PlainStream
+from tally.tls.stream import TLSStream
+from tally.tls.verify import PeerRejected, TLSError, authz_verifier
 
 log = get_logger("tally.proxy")
 
@@ -91,24 +92,12 @@ def wall_clock() -> datetime:
     return datetime.now(UTC)
 
 
-def make_verifier(identity: Identity, policy: authz.Policy) -> tls.PeerVerifier:
-    trusted = identity.trusted()
-
-    def verify(chain: list[x509.Certificate]) -> SpiffeId:
-        try:
-            return authz.check_chain(chain, trusted, policy)
-        except authz.Refused as exc:
-            raise tls.PeerRejected(exc.reason, str(exc), exc.peer_id) from exc
-
-    return verify
-
-
 @dataclass(frozen=True)
 class Current:
     """What new handshakes use: published in one assignment (rule 1)."""
 
     identity: Identity
-    context: tls.TLSContext
+    context: TLSContext
 
 
 @dataclass(frozen=True)
@@ -185,10 +174,10 @@ class Proxy:
         ident = cur.identity
         return SvidInfo(str(ident.spiffe_id), ident.serial, ident.not_after)
 
-    def _context_for(self, identity: Identity) -> tls.TLSContext:
-        verifier = make_verifier(identity, self.policy)
+    def _context_for(self, identity: Identity) -> TLSContext:
+        verifier = authz_verifier(identity.trusted(), self.policy)
         if self.mode == "server":
-            return tls.server_context(
+            return server_context(
                 identity.chain,
                 identity.key,
                 roots=identity.roots(),
@@ -196,7 +185,7 @@ class Proxy:
                 verifier=verifier,
                 groups=self.cfg.tls_groups,
             )
-        return tls.client_context(
+        return client_context(
             roots=identity.roots(),
             chain=identity.chain,
             key=identity.key,
@@ -283,15 +272,15 @@ class Proxy:
             mode=self.mode,
         )
 
-    async def _handshake(self, stream: tls.TLSStream, where: str) -> Peer | None:
+    async def _handshake(self, stream: TLSStream, where: str) -> Peer | None:
         """Run and judge a handshake; None (after logging and counting) if it failed."""
         with trio.move_on_after(self.cfg.handshake_timeout):
             try:
                 await stream.do_handshake()
-            except tls.PeerRejected as exc:
+            except PeerRejected as exc:
                 self._denied(exc.reason, str(exc), exc.peer_id, where)
                 return None
-            except tls.TLSError as exc:
+            except TLSError as exc:
                 if exc.reason is not None:
                     self._denied(exc.reason, str(exc), None, where)
                 else:
@@ -336,7 +325,7 @@ class Proxy:
         cur = self.current
         assert cur is not None
         transport = await self._connect_target()
-        stream = tls.TLSStream(transport, cur.context, server_side=False)
+        stream = TLSStream(transport, cur.context, server_side=False)
         peer = await self._handshake(stream, str(self.cfg.target))
         if peer is None:
             await close_quietly(stream)
@@ -367,7 +356,7 @@ class Proxy:
         cur = self.current
         assert cur is not None
         where = _address_of(stream)
-        conn = tls.TLSStream(stream, cur.context, server_side=True)
+        conn = TLSStream(stream, cur.context, server_side=True)
         peer = await self._handshake(conn, where)
         if peer is None:
             await close_quietly(conn)
@@ -387,7 +376,7 @@ class Proxy:
         finally:
             await close_quietly(conn)
 
-    async def _tcp(self, conn: tls.TLSStream, peer: Peer) -> None:
+    async def _tcp(self, conn: TLSStream, peer: Peer) -> None:
         """Splice an authenticated connection to the target (both modes)."""
         try:
             target = PlainStream(await self._connect_target())
@@ -443,7 +432,7 @@ class Proxy:
                 return
             try:
                 # `_dial` makes TLS streams; the pool's type is wider only for its tests.
-                assert isinstance(up.stream, tls.TLSStream)
+                assert isinstance(up.stream, TLSStream)
                 why = await self.relay.splice(
                     stream,
                     up.stream,

@@ -23,7 +23,8 @@ from proxy.settings import ServerSettings
 from tally.ops.config import Address
 from tally.spiffe import x509profile
 from tally.spiffe.spiffeid import SpiffeId
-from tally.tls import stream as tls
+from tally.tls.contexts import client_context
+from tally.tls.stream import TLSStream
 from tally.wire import workload_pb as pb
 from tally.wire.grpc import Status, encode_message, trailers
 from tally.wire.workload_client import parse_x509_svid_response
@@ -218,14 +219,12 @@ async def test_proxy_waits_for_its_first_svid_then_swaps_in_new_ones(ex, tmp_pat
             seen.append(format(chain[0].serial_number, "x"))
             return None
 
-        ctx = tls.client_context(
+        ctx = client_context(
             roots=[ex.root], chain=client.chain, key=client.key, verifier=note_serial
         )
 
         async def round_trip() -> None:
-            stream = tls.TLSStream(
-                await trio.open_tcp_stream(host, int(port)), ctx, server_side=False
-            )
+            stream = TLSStream(await trio.open_tcp_stream(host, int(port)), ctx, server_side=False)
             async with stream:
                 await stream.send_all(b"ping")
                 assert await stream.receive_some(10) == b"ping"
