@@ -52,8 +52,8 @@ from tally.ops.errors import OperatorError
 from tally.ops.health import serve_health
 from tally.ops.logs import get_logger
 from tally.ops.net import (
-    _prepare_unix_path,
     bound_address,
+    clear_stale_unix,
     open_listener,
     open_unix_listener,
     stream_peer_credentials,
@@ -95,7 +95,7 @@ def check_paths(cfg: CASettings) -> None:
         if not stat.S_ISDIR(mode):
             raise StartupPathError(f"data dir {cfg.data_dir} is in the way: not a directory")
     if cfg.admin_socket.parent.is_dir():  # else `run` creates it, and nothing can be there
-        _prepare_unix_path(cfg.admin_socket)
+        clear_stale_unix(cfg.admin_socket)
 
 
 class _Metrics(Collector):
