@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from tally.ops.config import Address
 from tally.ops.net import connect
-from tally.spiffe import x509profile
+from tally.spiffe import pem, x509profile
 from tally.spiffe.spiffeid import SpiffeId, TrustDomain
 from tally.tls.contexts import TLSContext, client_context
 from tally.tls.stream import TLSStream
@@ -66,7 +66,7 @@ def make_csr(key: ec.EllipticCurvePrivateKey) -> str:
 
 
 def _issued(data: dict[str, Any]) -> Issued:
-    chain = tuple(x509profile.chain_from_pem(str(data["cert_chain"]).encode()))
+    chain = tuple(pem.chain_from_pem(str(data["cert_chain"]).encode()))
     return Issued(str(data["spiffe_id"]), str(data["serial"]), chain)
 
 

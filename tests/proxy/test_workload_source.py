@@ -21,7 +21,7 @@ from proxy.identity import BACKOFF_FIRST_S, IdentityError, WorkloadSource, from_
 from proxy.server import Proxy
 from proxy.settings import ServerSettings
 from tally.ops.config import Address
-from tally.spiffe import x509profile
+from tally.spiffe import pem, x509profile
 from tally.spiffe.spiffeid import SpiffeId
 from tally.tls.contexts import client_context
 from tally.tls.stream import TLSStream
@@ -36,20 +36,19 @@ End = Status
 def response(
     authority: Authority, *svids: Svid, federated: dict[str, Authority] | None = None
 ) -> bytes:
-    root_der = x509profile.chain_to_der([authority.root])
+    root_der = pem.chain_to_der([authority.root])
     message = pb.X509SVIDResponse(
         svids=[
             pb.X509SVID(
                 spiffe_id=x509profile.validate_leaf(s.leaf).__str__(),
-                x509_svid=x509profile.chain_to_der(s.chain),
-                x509_svid_key=x509profile.key_to_pkcs8_der(s.key),
+                x509_svid=pem.chain_to_der(s.chain),
+                x509_svid_key=pem.key_to_pkcs8_der(s.key),
                 bundle=root_der,
             )
             for s in svids
         ],
         federated_bundles={
-            f"spiffe://{td}": x509profile.chain_to_der([a.root])
-            for td, a in (federated or {}).items()
+            f"spiffe://{td}": pem.chain_to_der([a.root]) for td, a in (federated or {}).items()
         },
     )
     return message.SerializeToString()
