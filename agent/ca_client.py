@@ -30,9 +30,11 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from tally.ops.config import Address
 from tally.ops.net import connect
-from tally.spiffe import x509profile
+from tally.spiffe import pem, x509profile
 from tally.spiffe.spiffeid import SpiffeId, TrustDomain
-from tally.tls import stream as tls
+from tally.tls.contexts import TLSContext, client_context
+from tally.tls.stream import TLSStream
+from tally.tls.verify import PeerRejected
 from tally.wire import http
 
 CA_PATH = ("tally", "ca")
@@ -64,7 +66,7 @@ def make_csr(key: ec.EllipticCurvePrivateKey) -> str:
 
 
 def _issued(data: dict[str, Any]) -> Issued:
-    chain = tuple(x509profile.chain_from_pem(str(data["cert_chain"]).encode()))
+    chain = tuple(pem.chain_from_pem(str(data["cert_chain"]).encode()))
     return Issued(str(data["spiffe_id"]), str(data["serial"]), chain)
 
 
@@ -95,7 +97,7 @@ class CAClient:
             None
         )
         self._generation = 0
-        self._ctx: tls.TLSContext | None = None
+        self._ctx: TLSContext | None = None
         self._idle: list[tuple[int, http.HttpClient]] = []
         self._retired: list[http.HttpClient] = []
 
@@ -126,18 +128,18 @@ class CAClient:
         try:
             sid = x509profile.validate_leaf(chain[0])
         except x509profile.ProfileError as exc:
-            raise tls.PeerRejected(exc.reason, str(exc)) from exc
+            raise PeerRejected(exc.reason, str(exc)) from exc
         if sid != self.ca_id:
-            raise tls.PeerRejected("not_allowed", f"expected the CA ({self.ca_id}), got {sid}")
+            raise PeerRejected("not_allowed", f"expected the CA ({self.ca_id}), got {sid}")
         return sid
 
-    def _context(self) -> tls.TLSContext:
+    def _context(self) -> TLSContext:
         if self._ctx is None:
             if self._identity is None:
-                self._ctx = tls.client_context(roots=self._roots, verifier=self._verify_ca)
+                self._ctx = client_context(roots=self._roots, verifier=self._verify_ca)
             else:
                 chain, key = self._identity
-                self._ctx = tls.client_context(
+                self._ctx = client_context(
                     roots=self._roots, chain=chain, key=key, verifier=self._verify_ca
                 )
         return self._ctx
@@ -158,7 +160,7 @@ class CAClient:
 
         async def open_stream() -> trio.abc.Stream:
             raw = await connect(self.server)
-            stream = tls.TLSStream(raw, ctx, server_side=False)
+            stream = TLSStream(raw, ctx, server_side=False)
             try:
                 with trio.fail_after(self.timeout):
                     await stream.do_handshake()
@@ -179,7 +181,7 @@ class CAClient:
         except http.HttpClientError as exc:
             self._retired.append(client)
             cause = exc.__cause__
-            if isinstance(cause, tls.PeerRejected):
+            if isinstance(cause, PeerRejected):
                 raise CAError("ca_rejected", f"the CA's certificate was refused: {cause}") from exc
             raise CAError("unreachable", f"CA at {self.server} unreachable: {exc}") from exc
         except BaseException:

@@ -18,7 +18,7 @@ from tally.ops.config import add_arguments, load
 from tally.ops.errors import CommandError
 from tally.ops.logs import setup_logging
 from tally.ops.output import emit
-from tally.spiffe import x509profile
+from tally.spiffe import pem
 from tally.wire import workload_client as wl
 
 
@@ -88,9 +88,9 @@ def _write(out: Path, ctx: wl.X509Context) -> list[str]:
         for c in certs
     ]
     files = {
-        "svid.pem": (x509profile.chain_to_pem(svid.chain), 0o644),
+        "svid.pem": (pem.chain_to_pem(svid.chain), 0o644),
         "key.pem": (key, 0o600),
-        "bundle.pem": (x509profile.chain_to_pem(roots), 0o644),
+        "bundle.pem": (pem.chain_to_pem(roots), 0o644),
     }
     for name, (data, mode) in files.items():
         fd = os.open(out / name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, mode)

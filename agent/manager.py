@@ -34,6 +34,7 @@ from agent import state
 from agent.ca_client import CAClient, CAError, make_csr
 from tally.ops.logs import get_logger
 from tally.spiffe import rotation, x509profile
+from tally.spiffe.pem import chain_from_pem
 from tally.spiffe.selectors import Selector, SelectorError
 
 log = get_logger("tally.agent")
@@ -285,7 +286,7 @@ class AgentCore:
                 sequence, pem = await self.client.bundle(
                     since=self.bundle_sequence, wait=self.poll_wait
                 )
-                roots = x509profile.chain_from_pem(pem)
+                roots = chain_from_pem(pem)
             except (CAError, trio.TooSlowError, ValueError) as exc:
                 self._fail("bundle", exc)
                 attempt += 1

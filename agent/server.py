@@ -35,7 +35,7 @@ from tally.ops.errors import OperatorError
 from tally.ops.health import serve_health
 from tally.ops.logs import get_logger
 from tally.ops.net import open_unix_listener
-from tally.spiffe import rotation, x509profile
+from tally.spiffe import pem, rotation, x509profile
 from tally.spiffe.spiffeid import TrustDomain
 
 log = get_logger("tally.agent")
@@ -122,7 +122,7 @@ class AgentServer:
             self.roots, self.sequence = stored
         elif cfg.trust_bundle is not None:
             try:
-                self.roots = x509profile.chain_from_pem(cfg.trust_bundle.read_bytes())
+                self.roots = pem.chain_from_pem(cfg.trust_bundle.read_bytes())
             except (OSError, ValueError) as exc:
                 raise AgentStartError(f"trust bundle {cfg.trust_bundle}: {exc}") from exc
             self.sequence = -1
@@ -174,7 +174,7 @@ class AgentServer:
                 await trio.sleep(rotation.backoff(attempt, self.rng))
         ident = state.AgentIdentity(key, issued.chain)
         state.save_identity(self.cfg.data_dir, ident)
-        self.roots = x509profile.chain_from_pem(bundle_pem)
+        self.roots = pem.chain_from_pem(bundle_pem)
         self.sequence = sequence
         state.save_bundle(self.cfg.data_dir, self.roots, sequence)
         client.set_roots(self.roots)

@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from tally.ops.errors import OperatorError
-from tally.spiffe import x509profile
+from tally.spiffe import pem
 
 IDENTITY_FILE = "agent_svid.pem"
 BUNDLE_FILE = "bundle.pem"
@@ -81,7 +81,7 @@ def save_identity(data_dir: Path, ident: AgentIdentity) -> None:
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-    write_atomic(data_dir / IDENTITY_FILE, key_pem + x509profile.chain_to_pem(ident.chain), 0o600)
+    write_atomic(data_dir / IDENTITY_FILE, key_pem + pem.chain_to_pem(ident.chain), 0o600)
 
 
 def load_identity(data_dir: Path) -> AgentIdentity | None:
@@ -93,7 +93,7 @@ def load_identity(data_dir: Path) -> AgentIdentity | None:
     data = path.read_bytes()
     try:
         key = serialization.load_pem_private_key(data, password=None)
-        chain = x509profile.chain_from_pem(data[data.index(b"-----BEGIN CERTIFICATE") :])
+        chain = pem.chain_from_pem(data[data.index(b"-----BEGIN CERTIFICATE") :])
     except (ValueError, UnsupportedAlgorithm) as exc:
         raise StateError(
             f"{path} is damaged ({exc}); remove it and attest with a new join token"
@@ -105,7 +105,7 @@ def load_identity(data_dir: Path) -> AgentIdentity | None:
 
 def save_bundle(data_dir: Path, roots: list[x509.Certificate], sequence: int) -> None:
     header = f"# tally bundle sequence {sequence}\n".encode()
-    write_atomic(data_dir / BUNDLE_FILE, header + x509profile.chain_to_pem(roots), 0o644)
+    write_atomic(data_dir / BUNDLE_FILE, header + pem.chain_to_pem(roots), 0o644)
 
 
 def load_bundle(data_dir: Path) -> tuple[list[x509.Certificate], int] | None:
@@ -117,4 +117,4 @@ def load_bundle(data_dir: Path) -> tuple[list[x509.Certificate], int] | None:
     first = data.split(b"\n", 1)[0]
     if first.startswith(b"# tally bundle sequence "):
         sequence = int(first.rsplit(b" ", 1)[1])
-    return x509profile.chain_from_pem(data[data.index(b"-----BEGIN") :]), sequence
+    return pem.chain_from_pem(data[data.index(b"-----BEGIN") :]), sequence

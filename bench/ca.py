@@ -24,7 +24,7 @@ from agent.ca_client import CAClient, make_csr
 from bench.ca_daemon import TRUST_DOMAIN, ca_daemon
 from tally.app.launch import run_cli
 from tally.ops.config import Address
-from tally.spiffe import x509profile
+from tally.spiffe import pem, x509profile
 from tally.spiffe.spiffeid import TrustDomain
 
 
@@ -35,7 +35,7 @@ def cli(admin: str, *args: str):
 
 
 async def measure(ca_addr: str, admin: str, batch: int, seconds: float, runs: int) -> list[float]:
-    roots = x509profile.chain_from_pem(cli(admin, "bundle", "show")["bundle"].encode())
+    roots = pem.chain_from_pem(cli(admin, "bundle", "show")["bundle"].encode())
     token = cli(admin, "token", "create")["token"]
     client = CAClient(Address.parse(ca_addr), TrustDomain.parse(TRUST_DOMAIN), roots, timeout=60)
     key = x509profile.generate_key()

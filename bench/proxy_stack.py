@@ -36,7 +36,7 @@ from OpenSSL import SSL
 
 from bench.ca_daemon import TRUST_DOMAIN, ca_daemon
 from tally.app.launch import Daemon, run_cli
-from tally.tls.stream import CIPHERSUITES as _SUITES
+from tally.tls.contexts import CIPHERSUITES as _SUITES
 
 CIPHERSUITES = _SUITES.decode()
 

@@ -54,7 +54,7 @@ from ca.store import (
 )
 from ca.throttle import AttestThrottle, peer_key
 from tally.ops.logs import get_logger
-from tally.spiffe import x509profile
+from tally.spiffe import pem, x509profile
 from tally.spiffe.selectors import Selector, SelectorError
 from tally.spiffe.spiffeid import SpiffeId, SpiffeIdError, TrustDomain
 
@@ -208,7 +208,7 @@ class Authority:
             serial_hex(cert.serial_number),
             cert.not_valid_after_utc,
             (cert, *signer.chain),
-            x509profile.chain_to_pem([cert]) + signer.chain_pem,
+            pem.chain_to_pem([cert]) + signer.chain_pem,
         )
 
     def _csr_key(self, csr: object) -> PublicKey:
@@ -647,7 +647,7 @@ class Authority:
         self.issued_total += 1
         return {
             **issued.to_json(),
-            "private_key": x509profile.key_to_pem(key).decode(),
+            "private_key": pem.key_to_pem(key).decode(),
             **self.bundle_json(),
         }
 

@@ -33,7 +33,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from ca import schedule
 from ca.store import AuditEvent, KeyRecord, Store
 from tally.ops.errors import OperatorError
-from tally.spiffe import x509profile
+from tally.spiffe import pem, x509profile
 from tally.spiffe.bundle import Bundle
 from tally.spiffe.spiffeid import TrustDomain
 
@@ -95,7 +95,7 @@ def load_private_key(path: Path) -> PrivateKey:
 
 
 def write_private_key(path: Path, key: PrivateKey) -> None:
-    data = x509profile.key_to_pem(key)
+    data = pem.key_to_pem(key)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     try:
         os.write(fd, data)
@@ -106,7 +106,7 @@ def write_private_key(path: Path, key: PrivateKey) -> None:
 
 def load_upstream(cert_path: Path, key_path: Path, bundle_path: Path | None) -> Upstream:
     try:
-        certs = x509profile.chain_from_pem(cert_path.read_bytes())
+        certs = pem.chain_from_pem(cert_path.read_bytes())
     except (OSError, ValueError) as exc:
         raise CAKeyError(f"upstream certificate {cert_path}: {exc}") from exc
     key = load_private_key(key_path)
@@ -124,7 +124,7 @@ def load_upstream(cert_path: Path, key_path: Path, bundle_path: Path | None) -> 
     self_signed = cert.issuer == cert.subject
     if bundle_path is not None:
         try:
-            roots = tuple(x509profile.chain_from_pem(bundle_path.read_bytes()))
+            roots = tuple(pem.chain_from_pem(bundle_path.read_bytes()))
         except (OSError, ValueError) as exc:
             raise CAKeyError(f"upstream bundle {bundle_path}: {exc}") from exc
     elif self_signed:
@@ -333,7 +333,7 @@ class KeyManager:
                 key_id,
                 "root",
                 state,
-                x509profile.chain_to_pem([cert]).decode(),
+                pem.chain_to_pem([cert]).decode(),
                 None,
                 True,
                 _ts(cert.not_valid_before_utc),
@@ -350,7 +350,7 @@ class KeyManager:
             key_id,
             "root",
             state,
-            x509profile.chain_to_pem([cert]).decode(),
+            pem.chain_to_pem([cert]).decode(),
             None,
             False,
             _ts(now),
@@ -361,7 +361,7 @@ class KeyManager:
 
     def _create_intermediate(self, now: datetime, *, activate: bool) -> KeyRecord:
         root = next(r for r in self._records if r.kind == "root" and r.state == "active")
-        root_cert = x509profile.chain_from_pem(root.cert_pem.encode())[0]
+        root_cert = pem.chain_from_pem(root.cert_pem.encode())[0]
         root_key = self._private[root.id]
         key_id = "int-" + secrets.token_hex(6)
         key = self._new_key(key_id)
@@ -375,7 +375,7 @@ class KeyManager:
             key_id,
             "intermediate",
             "active" if activate else "prepared",
-            x509profile.chain_to_pem([cert]).decode(),
+            pem.chain_to_pem([cert]).decode(),
             root.id,
             False,
             _ts(now),
@@ -393,7 +393,7 @@ class KeyManager:
                 if rec.upstream and self.upstream is not None:
                     roots.extend(self.upstream.bundle_roots)
                 else:
-                    roots.extend(x509profile.chain_from_pem(rec.cert_pem.encode()))
+                    roots.extend(pem.chain_from_pem(rec.cert_pem.encode()))
         self.bundle = Bundle(self.td, tuple(roots), sequence=self.store.bundle_sequence())
         active = next(
             (r for r in self._records if r.kind == "intermediate" and r.state == "active"), None
@@ -401,7 +401,7 @@ class KeyManager:
         if active is None or active.id not in self._private:
             self.signer = None
             return
-        cert = x509profile.chain_from_pem(active.cert_pem.encode())[0]
+        cert = pem.chain_from_pem(active.cert_pem.encode())[0]
         extra = self.upstream.chain if self.upstream is not None else ()
         key = self._private[active.id]
         chain = (cert, *extra)
@@ -412,7 +412,7 @@ class KeyManager:
             chain,
             cert.not_valid_after_utc,
             x509profile.LeafSigner(cert, key),
-            x509profile.chain_to_pem(chain),
+            pem.chain_to_pem(chain),
         )
 
     def key_summaries(self) -> list[dict[str, object]]:

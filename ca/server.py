@@ -52,15 +52,17 @@ from tally.ops.errors import OperatorError
 from tally.ops.health import serve_health
 from tally.ops.logs import get_logger
 from tally.ops.net import (
-    _prepare_unix_path,
     bound_address,
+    clear_stale_unix,
     open_listener,
     open_unix_listener,
     stream_peer_credentials,
 )
 from tally.spiffe import authz, x509profile
 from tally.spiffe.spiffeid import SpiffeId, TrustDomain
-from tally.tls import stream as tls
+from tally.tls.contexts import TLSContext, server_context
+from tally.tls.stream import TLSStream
+from tally.tls.verify import PeerRejected, PeerVerifier, TLSError, authz_verifier
 from tally.wire import http
 
 T = TypeVar("T")
@@ -93,7 +95,7 @@ def check_paths(cfg: CASettings) -> None:
         if not stat.S_ISDIR(mode):
             raise StartupPathError(f"data dir {cfg.data_dir} is in the way: not a directory")
     if cfg.admin_socket.parent.is_dir():  # else `run` creates it, and nothing can be there
-        _prepare_unix_path(cfg.admin_socket)
+        clear_stale_unix(cfg.admin_socket)
 
 
 class _Metrics(Collector):
@@ -185,7 +187,7 @@ class CAServer:
         self.peers_denied: Counter[str] = Counter()
         self.started = time.monotonic()
         self.server_id = SpiffeId.from_parts(self.td, *SERVER_PATH)
-        self.tls_context: tls.TLSContext | None = None
+        self.tls_context: TLSContext | None = None
         self._serving_refresh_at = 0.0
         self._serving_for: tuple[str, int] | None = None
         self.registry = CollectorRegistry()
@@ -238,7 +240,7 @@ class CAServer:
             ],
         )
         self.authority.issued_total += 1
-        self.tls_context = tls.server_context(
+        self.tls_context = server_context(
             [cert, *signer.chain],
             key,
             roots=list(bundle.x509_authorities),
@@ -249,18 +251,10 @@ class CAServer:
         self._serving_refresh_at = time.monotonic() + remaining / 2
         self._serving_for = (signer.key_id, bundle.sequence)
 
-    def _agent_verifier(self, roots: Iterable[x509.Certificate]) -> tls.PeerVerifier:
+    def _agent_verifier(self, roots: Iterable[x509.Certificate]) -> PeerVerifier:
         """Any SVID of our trust domain passes the handshake; `_is_agent` then narrows it."""
         trusted = {self.td: frozenset(authz.fingerprint(root) for root in roots)}
-        policy = authz.Policy(trust_domains=frozenset({self.td}))
-
-        def verify(chain: list[x509.Certificate]) -> SpiffeId:
-            try:
-                return authz.check_chain(chain, trusted, policy)
-            except authz.Refused as exc:
-                raise tls.PeerRejected(exc.reason, str(exc), exc.peer_id) from exc
-
-        return verify
+        return authz_verifier(trusted, authz.Policy(trust_domains=frozenset({self.td})))
 
     def _needs_new_context(self) -> bool:
         signer: Signer | None = self.keys.signer
@@ -343,15 +337,15 @@ class CAServer:
             address = "unknown"
         ctx = self.tls_context
         assert ctx is not None
-        conn = tls.TLSStream(stream, ctx, server_side=True)
+        conn = TLSStream(stream, ctx, server_side=True)
         try:
             with trio.fail_after(self.cfg.handshake_timeout):
                 await conn.do_handshake()
-        except tls.PeerRejected as exc:
+        except PeerRejected as exc:
             self._denied(exc.reason, str(exc), exc.peer_id, address)
             await conn.aclose()  # drops unread bytes first: the peer gets our alert
             return
-        except tls.TLSError as exc:
+        except TLSError as exc:
             if exc.reason is not None:
                 self._denied(exc.reason, str(exc), None, address)
             await conn.aclose()  # drops unread bytes first: the peer gets our alert

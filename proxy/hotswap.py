@@ -7,7 +7,7 @@ Rules:
    built right there in the source's task, and is published together with
    the identity as one `Current` value.  A handshake takes whatever is current
    when it starts; connections already up keep the context they began with.
-2. Authorization runs inside the handshake (`tally.tls.stream` rule 4) through
+2. Authorization runs inside the handshake (`tally.tls.verify` rule 1) through
    `tally.spiffe.authz`, with the trust bundles of the identity it was built
    with: a bundle update reaches peers' checks through the same swap.
 3. Publishing what is already current changes nothing (`Identity.same_as`):
@@ -21,30 +21,17 @@ from dataclasses import dataclass
 from typing import Literal
 
 import trio
-from cryptography import x509
 
 from proxy.identity import Identity
 from proxy.metrics import Stats, SvidInfo
 from tally.ops.logs import get_logger
 from tally.spiffe import authz
-from tally.spiffe.spiffeid import SpiffeId
-from tally.tls import stream as tls
+from tally.tls.contexts import TLSContext, client_context, server_context
+from tally.tls.verify import authz_verifier
 
 log = get_logger("tally.proxy")
 
 Mode = Literal["server", "client"]
-
-
-def make_verifier(identity: Identity, policy: authz.Policy) -> tls.PeerVerifier:
-    trusted = identity.trusted()
-
-    def verify(chain: list[x509.Certificate]) -> SpiffeId:
-        try:
-            return authz.check_chain(chain, trusted, policy)
-        except authz.Refused as exc:
-            raise tls.PeerRejected(exc.reason, str(exc), exc.peer_id) from exc
-
-    return verify
 
 
 @dataclass(frozen=True)
@@ -52,7 +39,7 @@ class Current:
     """What new handshakes use: published in one assignment (rule 1)."""
 
     identity: Identity
-    context: tls.TLSContext
+    context: TLSContext
 
 
 class HotSwap:
@@ -74,10 +61,10 @@ class HotSwap:
         ident = cur.identity
         return SvidInfo(str(ident.spiffe_id), ident.serial, ident.not_after)
 
-    def _context_for(self, identity: Identity) -> tls.TLSContext:
-        verifier = make_verifier(identity, self.policy)
+    def _context_for(self, identity: Identity) -> TLSContext:
+        verifier = authz_verifier(identity.trusted(), self.policy)
         if self.mode == "server":
-            return tls.server_context(
+            return server_context(
                 identity.chain,
                 identity.key,
                 roots=identity.roots(),
@@ -85,7 +72,7 @@ class HotSwap:
                 verifier=verifier,
                 groups=self.groups,
             )
-        return tls.client_context(
+        return client_context(
             roots=identity.roots(),
             chain=identity.chain,
             key=identity.key,

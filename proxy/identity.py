@@ -39,10 +39,10 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from tally.ops.logs import get_logger
-from tally.spiffe import rotation, x509profile
+from tally.spiffe import pem, rotation, x509profile
 from tally.spiffe.bundle import Bundle, BundleError
 from tally.spiffe.spiffeid import SpiffeId, SpiffeIdError, TrustDomain
-from tally.tls.stream import PrivateKey
+from tally.tls.contexts import PrivateKey
 
 if TYPE_CHECKING:
     from tally.wire import workload_client as wl
@@ -129,7 +129,7 @@ def make_identity(
             "no_bundle", f"no bundle for our own trust domain {spiffe_id.trust_domain}"
         )
     try:
-        x509profile.verify_chain(chain, own, now)
+        x509profile.verify_chain(chain, own.trust_domain, own.x509_authorities, now)
     except x509profile.ProfileError as exc:
         raise IdentityError(exc.reason, f"our own certificate chain: {exc}") from exc
     return Identity(spiffe_id, tuple(chain), key, dict(bundles))
@@ -218,11 +218,11 @@ class FileSource:
     def load(self) -> Identity:
         """Read and check all files (blocking; run it in a thread from async code)."""
         try:
-            chain = x509profile.chain_from_pem(_read(self.cert, "--cert"))
+            chain = pem.chain_from_pem(_read(self.cert, "--cert"))
         except x509profile.ProfileError as exc:
             raise IdentityError(exc.reason, f"--cert {self.cert}: {exc}") from exc
         try:
-            key = x509profile.key_from_pem(_read(self.key, "--key"))
+            key = pem.key_from_pem(_read(self.key, "--key"))
         except x509profile.ProfileError as exc:
             raise IdentityError(exc.reason, f"--key {self.key}: {exc}") from exc
         try:

@@ -26,8 +26,8 @@ from proxy.http_relay import relay_http
 from proxy.pool import DialError, Upstream, close_quietly
 from proxy.traffic import Peer, Traffic
 from tally.ops.logs import get_logger
-from tally.tls import stream as tls
 from tally.tls.plain import PlainStream
+from tally.tls.stream import TLSStream
 
 log = get_logger("tally.proxy")
 
@@ -48,7 +48,7 @@ async def serve_inbound(t: Traffic, stream: trio.SocketStream) -> None:
     cur = t.swap.current
     assert cur is not None
     where = address_of(stream)
-    conn = tls.TLSStream(stream, cur.context, server_side=True)
+    conn = TLSStream(stream, cur.context, server_side=True)
     peer = await t.handshake(conn, where)
     if peer is None:
         await close_quietly(conn)
@@ -69,7 +69,7 @@ async def serve_inbound(t: Traffic, stream: trio.SocketStream) -> None:
         await close_quietly(conn)
 
 
-async def _splice_to_service(t: Traffic, conn: tls.TLSStream, peer: Peer) -> None:
+async def _splice_to_service(t: Traffic, conn: TLSStream, peer: Peer) -> None:
     try:
         target = PlainStream(await t.connect_target())
     except DialError as exc:

@@ -11,47 +11,28 @@ Rules:
    completing a TCP handshake into a backlog that nobody reads, or being
    accepted and then closed, which looks like a broken server.
 2. A Unix socket path is only replaced when what is there is a stale socket
-   (nothing answers on it); a symlink or any other file is refused.
+   (nothing answers on it); a symlink or any other file is refused
+   (`tally.ops.net.clear_stale_unix`).
 """
 
 from __future__ import annotations
 
 import errno
-import os
 import socket
-import stat
+from pathlib import Path
 
 import trio
 
 from tally.ops.config import Address
-from tally.ops.net import ListenError
+from tally.ops.net import ListenError, clear_stale_unix
 
 BACKLOG = 1024
-
-
-def _clear_stale_unix(path: str) -> None:
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(st.st_mode):
-        raise ListenError(f"refusing to listen on {path}: it is not a socket (or is a symlink)")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.settimeout(1.0)
-        probe.connect(path)
-    except OSError:
-        os.unlink(path)
-    else:
-        raise ListenError(f"cannot listen on {path}: another process is serving it")
-    finally:
-        probe.close()
 
 
 async def bind(addr: Address) -> trio.socket.SocketType:
     """A socket bound to ``addr`` and not yet listening (rule 1)."""
     if addr.path is not None:
-        _clear_stale_unix(addr.path)
+        clear_stale_unix(Path(addr.path))
         sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         target: object = addr.path
     else:

@@ -25,8 +25,8 @@ from proxy.http_relay import relay_http
 from proxy.pool import RETIRE_MARGIN_S, DialError, Upstream, close_quietly
 from proxy.traffic import Traffic
 from tally.ops.logs import get_logger
-from tally.tls import stream as tls
 from tally.tls.plain import PlainStream
+from tally.tls.stream import TLSStream
 
 log = get_logger("tally.proxy")
 
@@ -44,7 +44,7 @@ async def serve_outbound(t: Traffic, accepted: trio.SocketStream) -> None:
             return
         try:
             # `dial_server` makes TLS streams; the pool's type is wider only for its tests.
-            assert isinstance(up.stream, tls.TLSStream)
+            assert isinstance(up.stream, TLSStream)
             await t.splice(stream, up.stream, up.peer_id, up.peer_expires_at)
         finally:
             await close_quietly(up.stream)
@@ -57,7 +57,7 @@ async def dial_server(t: Traffic) -> Upstream:
     cur = t.swap.current
     assert cur is not None
     transport = await t.connect_target()
-    stream = tls.TLSStream(transport, cur.context, server_side=False)
+    stream = TLSStream(transport, cur.context, server_side=False)
     peer = await t.handshake(stream, str(t.cfg.target))
     if peer is None:
         await close_quietly(stream)

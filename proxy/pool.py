@@ -34,8 +34,8 @@ import trio
 from proxy.http import HttpStream
 from proxy.metrics import Stats
 from tally.spiffe.spiffeid import SpiffeId
-from tally.tls import stream as tls
 from tally.tls.plain import PlainStream
+from tally.tls.stream import TLSStream
 
 RETIRE_MARGIN_S = 2.0
 SWEEP_S = 1.0
@@ -68,7 +68,7 @@ class Upstream:
 
 
 def _socket_readable(stream: trio.abc.Stream) -> bool:
-    transport = stream.transport if isinstance(stream, tls.TLSStream | PlainStream) else stream
+    transport = stream.transport if isinstance(stream, TLSStream | PlainStream) else stream
     if not isinstance(transport, trio.SocketStream):
         return False
     poller = select.poll()
@@ -77,7 +77,7 @@ def _socket_readable(stream: trio.abc.Stream) -> bool:
 
 
 async def close_quietly(stream: trio.abc.Stream) -> None:
-    if isinstance(stream, tls.TLSStream | PlainStream):
+    if isinstance(stream, TLSStream | PlainStream):
         stream.close_now()  # nothing in it waits: no scope and no trip through the scheduler
         return
     # Shielded from the caller's cancellation, bounded by its own deadline.

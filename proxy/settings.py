@@ -136,7 +136,7 @@ class ProxySettings:
     def _check_groups(self) -> None:
         from OpenSSL import SSL  # imported here, as in `source`: only the proxy needs OpenSSL
 
-        from tally.tls.stream import set_groups
+        from tally.tls.contexts import set_groups
 
         try:
             set_groups(SSL.Context(SSL.TLS_METHOD), self.tls_groups)

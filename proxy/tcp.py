@@ -25,7 +25,7 @@ bytes of every spliced connection: the relay keeps its own epoll set, in
 which each connection's two descriptors are registered for exactly the
 readiness their blocked calls wait for, and trio wakes that one task when
 the set has events.  Each wake-up then serves every ready connection with
-plain, non-waiting calls (`tally.tls.plain.PlainEnd`, `tally.tls.stream.TLSEnd`), a
+plain, non-waiting calls (`tally.tls.plain.PlainEnd`, `tally.tls.relay_end.TLSEnd`), a
 bounded number of chunks each (`BUDGET`) so one bulk transfer cannot starve
 the others.  The connection's own task only waits for the end, in its cancel
 scope, so deadlines, draining and cancellation work as for any trio task.

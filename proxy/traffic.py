@@ -32,7 +32,8 @@ from proxy.tcp import Deadline, Relay, Relayable
 from tally.ops import net
 from tally.ops.logs import get_logger
 from tally.spiffe.spiffeid import SpiffeId
-from tally.tls import stream as tls
+from tally.tls.stream import TLSStream
+from tally.tls.verify import PeerRejected, TLSError
 
 log = get_logger("tally.proxy")
 
@@ -86,15 +87,15 @@ class Traffic:
             mode=self.mode,
         )
 
-    async def handshake(self, stream: tls.TLSStream, where: str) -> Peer | None:
+    async def handshake(self, stream: TLSStream, where: str) -> Peer | None:
         """Run and judge a handshake; None (after logging and counting) if it failed."""
         with trio.move_on_after(self.cfg.handshake_timeout):
             try:
                 await stream.do_handshake()
-            except tls.PeerRejected as exc:
+            except PeerRejected as exc:
                 self._denied(exc.reason, str(exc), exc.peer_id, where)
                 return None
-            except tls.TLSError as exc:
+            except TLSError as exc:
                 if exc.reason is not None:
                     self._denied(exc.reason, str(exc), None, where)
                 else:

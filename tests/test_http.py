@@ -19,7 +19,9 @@ import trio.testing
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tally.tls import stream as tls
+from tally.tls.contexts import TLSContext
+from tally.tls.stream import TLSStream
+from tally.tls.verify import PeerRejected
 from tally.wire import http
 from tests.test_tls import _close_socket_pairs as _close_socket_pairs
 from tests.test_tls import (
@@ -213,7 +215,7 @@ async def test_stdlib_http_client_over_mutual_tls_interoperates(tmp_path):
         return http.Response.text(f"hello {req.header('x-peer')}")
 
     async def connection(raw: trio.SocketStream) -> None:
-        stream = tls.TLSStream(raw, server_ctx, server_side=True)
+        stream = TLSStream(raw, server_ctx, server_side=True)
         async with stream:
             with trio.fail_after(10):
                 await stream.do_handshake()
@@ -251,22 +253,22 @@ async def test_stdlib_http_client_over_mutual_tls_interoperates(tmp_path):
 
 
 class TlsServer(TcpServer):
-    def __init__(self, ctx: tls.TLSContext, **options):
+    def __init__(self, ctx: TLSContext, **options):
         super().__init__(self._whoami, **options)
         self.ctx = ctx
-        self.rejections: list[tls.PeerRejected] = []
+        self.rejections: list[PeerRejected] = []
 
     async def _whoami(self, req: http.Request) -> http.Response:
         return http.Response.json({"you": req.header("x-test-peer")})
 
     async def _connection(self, raw: trio.SocketStream) -> None:
         self.accepted += 1
-        stream = tls.TLSStream(raw, self.ctx, server_side=True)
+        stream = TLSStream(raw, self.ctx, server_side=True)
         async with stream:
             try:
                 with trio.fail_after(10):
                     await stream.do_handshake()
-            except tls.PeerRejected as exc:
+            except PeerRejected as exc:
                 self.rejections.append(exc)
                 return
             peer = str(stream.peer_identity)
@@ -277,10 +279,10 @@ class TlsServer(TcpServer):
 
             await http.serve_http(stream, handler, **self.options)
 
-    def tls_client(self, ctx: tls.TLSContext) -> http.HttpClient:
+    def tls_client(self, ctx: TLSContext) -> http.HttpClient:
         async def connect() -> trio.abc.Stream:
             raw = await trio.open_tcp_stream("127.0.0.1", self.port)
-            stream = tls.TLSStream(raw, ctx, server_side=False)
+            stream = TLSStream(raw, ctx, server_side=False)
             try:
                 with trio.fail_after(10):
                     await stream.do_handshake()
@@ -322,14 +324,14 @@ async def test_client_refusing_the_server_surfaces_peer_rejected_as_the_cause():
     pki = make_pki()
 
     def only_ca(chain):
-        raise tls.PeerRejected("not_allowed", f"{spiffe_id(chain)} is not the CA")
+        raise PeerRejected("not_allowed", f"{spiffe_id(chain)} is not the CA")
 
     async with trio.open_nursery() as nursery:
         server = await TlsServer(pki.server_ctx()).start(nursery)
         client = server.tls_client(pki.client_ctx(verifier=only_ca))
         with pytest.raises(http.HttpClientError) as info:
             await client.request("GET", "/")
-        assert isinstance(info.value.__cause__, tls.PeerRejected)
+        assert isinstance(info.value.__cause__, PeerRejected)
         assert info.value.__cause__.reason == "not_allowed"
         nursery.cancel_scope.cancel()
 
@@ -339,7 +341,7 @@ async def test_serve_http_swallows_a_failed_implicit_handshake():
     # fails it inside receive_some, and the connection just ends.
     pki = make_pki()
     client, server = socket_pair()
-    stream = tls.TLSStream(server, pki.server_ctx(), server_side=True)
+    stream = TLSStream(server, pki.server_ctx(), server_side=True)
 
     async def serve():
         async with stream:

@@ -287,11 +287,11 @@ def test_the_suite_wide_leak_guard_knows_a_token_and_a_key_when_it_sees_one(raw_
     import base64
 
     from tally.app.launch import SECRET_SHAPE
-    from tally.spiffe import x509profile
+    from tally.spiffe import pem, x509profile
 
     token_id = raw_id.hex()
     secret = base64.urlsafe_b64encode(raw_secret).rstrip(b"=").decode()
     assert SECRET_SHAPE.search(json.dumps({"event": "x", "token": f"{token_id}.{secret}"}))
     assert not SECRET_SHAPE.search(json.dumps({"event": "x", "token_id": token_id}))
-    key = x509profile.key_to_pem(x509profile.generate_key()).decode()
+    key = pem.key_to_pem(x509profile.generate_key()).decode()
     assert SECRET_SHAPE.search(json.dumps({"event": "x", "detail": key}))

@@ -1,4 +1,4 @@
-"""Tests for tally.tls.stream: trio's stream conformance suite, mTLS verdicts, resumption, interop.
+"""Tests for tally.tls (contexts, verify, stream): trio's conformance suite, mTLS verdicts, resumption, interop.
 
 Certificates are minted here with plain ``cryptography`` (EC P-256 root -> SPIFFE
 leaf), from real now truncated to whole seconds, because OpenSSL checks validity
@@ -24,7 +24,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from OpenSSL import SSL
 
-from tally.tls import stream as tls
+from tally.tls.contexts import TLSContext, client_context, server_context
+from tally.tls.stream import TLSStream
+from tally.tls.verify import PeerRejected, TLSError
 
 # -- throwaway PKI -------------------------------------------------------------------
 
@@ -130,17 +132,17 @@ class PKI:
     server: Issued
     client: Issued
 
-    def server_ctx(self, **kw) -> tls.TLSContext:
+    def server_ctx(self, **kw) -> TLSContext:
         kw.setdefault("roots", [self.root.cert])
         kw.setdefault("verifier", spiffe_id)
-        return tls.server_context(self.server.chain, self.server.key, **kw)
+        return server_context(self.server.chain, self.server.key, **kw)
 
-    def client_ctx(self, **kw) -> tls.TLSContext:
+    def client_ctx(self, **kw) -> TLSContext:
         kw.setdefault("roots", [self.root.cert])
         kw.setdefault("chain", self.client.chain)
         kw.setdefault("key", self.client.key)
         kw.setdefault("verifier", spiffe_id)
-        return tls.client_context(**kw)
+        return client_context(**kw)
 
 
 def make_pki() -> PKI:
@@ -178,21 +180,19 @@ def _close_socket_pairs():
 
 
 def tls_pair(
-    client_ctx: tls.TLSContext,
-    server_ctx: tls.TLSContext,
+    client_ctx: TLSContext,
+    server_ctx: TLSContext,
     transports: tuple[trio.SocketStream, trio.SocketStream] | None = None,
-) -> tuple[tls.TLSStream, tls.TLSStream]:
+) -> tuple[TLSStream, TLSStream]:
     c, s = transports or socket_pair()
-    return tls.TLSStream(c, client_ctx, server_side=False), tls.TLSStream(
-        s, server_ctx, server_side=True
-    )
+    return TLSStream(c, client_ctx, server_side=False), TLSStream(s, server_ctx, server_side=True)
 
 
-async def handshake_both(client: tls.TLSStream, server: tls.TLSStream) -> dict[str, BaseException]:
+async def handshake_both(client: TLSStream, server: TLSStream) -> dict[str, BaseException]:
     """Handshake both ends; returns the exception each side raised, if any."""
     errors: dict[str, BaseException] = {}
 
-    async def run(name: str, stream: tls.TLSStream) -> None:
+    async def run(name: str, stream: TLSStream) -> None:
         try:
             await stream.do_handshake()
         except Exception as exc:
@@ -249,7 +249,7 @@ async def test_client_from_another_root_is_refused_as_untrusted(pki):
     client_ctx = pki.client_ctx(chain=leaf.chain, key=leaf.key)
     client, server = tls_pair(client_ctx, pki.server_ctx())
     errors = await handshake_both(client, server)
-    assert isinstance(errors["server"], tls.PeerRejected)
+    assert isinstance(errors["server"], PeerRejected)
     assert errors["server"].reason == "untrusted"
     assert server.peer_identity is None
 
@@ -259,11 +259,11 @@ async def test_verifier_refusal_fails_the_handshake(pki):
 
     def deny(chain):
         seen.append(chain)
-        raise tls.PeerRejected("not_allowed", f"{spiffe_id(chain)} may not connect")
+        raise PeerRejected("not_allowed", f"{spiffe_id(chain)} may not connect")
 
     client, server = tls_pair(pki.client_ctx(), pki.server_ctx(verifier=deny))
     errors = await handshake_both(client, server)
-    assert isinstance(errors["server"], tls.PeerRejected)
+    assert isinstance(errors["server"], PeerRejected)
     assert errors["server"].reason == "not_allowed"
     assert str(errors["server"]) == "spiffe://example.org/client may not connect"
     # The verifier saw the chain OpenSSL built: our leaf, then the trusted root.
@@ -272,18 +272,18 @@ async def test_verifier_refusal_fails_the_handshake(pki):
     if "client" not in errors:
         with pytest.raises(trio.BrokenResourceError) as info:
             await client.receive_some()
-        assert isinstance(info.value.__cause__, tls.TLSError)
+        assert isinstance(info.value.__cause__, TLSError)
 
 
 async def test_client_verifier_refusal_fails_the_client_handshake(pki):
     def deny(chain):
-        raise tls.PeerRejected("not_allowed", "wrong server")
+        raise PeerRejected("not_allowed", "wrong server")
 
     client, server = tls_pair(pki.client_ctx(verifier=deny), pki.server_ctx())
     errors = await handshake_both(client, server)
-    assert isinstance(errors["client"], tls.PeerRejected)
+    assert isinstance(errors["client"], PeerRejected)
     assert errors["client"].reason == "not_allowed"
-    assert isinstance(errors["server"], tls.TLSError)
+    assert isinstance(errors["server"], TLSError)
 
 
 @pytest.mark.parametrize(
@@ -303,7 +303,7 @@ async def test_client_cert_outside_its_validity_is_refused(pki, shift, reason):
     leaf = make_leaf(pki.root, **times)
     client, server = tls_pair(pki.client_ctx(chain=leaf.chain, key=leaf.key), pki.server_ctx())
     errors = await handshake_both(client, server)
-    assert isinstance(errors["server"], tls.PeerRejected)
+    assert isinstance(errors["server"], PeerRejected)
     assert errors["server"].reason == reason
 
 
@@ -311,15 +311,15 @@ async def test_server_from_unknown_root_is_refused_by_the_client(pki):
     stranger = make_root("stranger")
     client, server = tls_pair(pki.client_ctx(roots=[stranger.cert]), pki.server_ctx())
     errors = await handshake_both(client, server)
-    assert isinstance(errors["client"], tls.PeerRejected)
+    assert isinstance(errors["client"], PeerRejected)
     assert errors["client"].reason == "untrusted"
-    assert isinstance(errors["server"], tls.TLSError)
+    assert isinstance(errors["server"], TLSError)
 
 
 async def test_required_client_cert_missing_is_refused(pki):
     client, server = tls_pair(pki.client_ctx(chain=(), key=None), pki.server_ctx())
     errors = await handshake_both(client, server)
-    assert isinstance(errors["server"], tls.PeerRejected)
+    assert isinstance(errors["server"], PeerRejected)
     assert errors["server"].reason == "no_certificate"
 
 
@@ -335,7 +335,7 @@ async def test_optional_client_auth_accepts_anonymous_and_verifies_presented(pki
 
 
 async def test_client_auth_none_never_asks(pki):
-    server_ctx = tls.server_context(pki.server.chain, pki.server.key, client_auth="none")
+    server_ctx = server_context(pki.server.chain, pki.server.key, client_auth="none")
     client, server = tls_pair(pki.client_ctx(), server_ctx)
     assert await handshake_both(client, server) == {}
     assert server.peer_chain == []
@@ -348,7 +348,7 @@ async def test_crashing_verifier_refuses_and_logs(pki, caplog):
 
     client, server = tls_pair(pki.client_ctx(), pki.server_ctx(verifier=broken))
     errors = await handshake_both(client, server)
-    assert isinstance(errors["server"], tls.PeerRejected)
+    assert isinstance(errors["server"], PeerRejected)
     assert errors["server"].reason == "verifier_error"
     assert "secret detail" not in str(errors["server"])
     assert any(r.name == "tally.tls" and r.exc_info for r in caplog.records)
@@ -366,7 +366,7 @@ async def test_operations_after_a_failed_handshake_report_broken(pki):
         nursery.start_soon(fresh_client.do_handshake)
         with pytest.raises(trio.BrokenResourceError) as info:
             await fresh_server.receive_some()
-    assert isinstance(info.value.__cause__, tls.PeerRejected)
+    assert isinstance(info.value.__cause__, PeerRejected)
     with pytest.raises(trio.BrokenResourceError):
         await fresh_server.do_handshake()
 
@@ -387,21 +387,21 @@ async def test_cancelled_handshake_leaves_the_stream_broken(pki, autojump_clock)
 def test_context_construction_rejects_inconsistent_input(pki):
     other = make_leaf(pki.root)
     with pytest.raises(ValueError, match="does not match"):
-        tls.server_context(pki.server.chain, other.key, roots=[pki.root.cert])
+        server_context(pki.server.chain, other.key, roots=[pki.root.cert])
     with pytest.raises(ValueError, match="needs at least one root"):
-        tls.server_context(pki.server.chain, pki.server.key)
+        server_context(pki.server.chain, pki.server.key)
     with pytest.raises(ValueError, match="client_auth must be"):
-        tls.server_context(pki.server.chain, pki.server.key, client_auth="sometimes")  # type: ignore[arg-type]
+        server_context(pki.server.chain, pki.server.key, client_auth="sometimes")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="empty"):
-        tls.server_context([], pki.server.key, client_auth="none")
+        server_context([], pki.server.key, client_auth="none")
     with pytest.raises(ValueError, match="without its private key"):
-        tls.client_context(roots=[pki.root.cert], chain=pki.client.chain)
+        client_context(roots=[pki.root.cert], chain=pki.client.chain)
     with pytest.raises(ValueError, match="without a certificate chain"):
-        tls.client_context(roots=[pki.root.cert], key=pki.client.key)
+        client_context(roots=[pki.root.cert], key=pki.client.key)
     with pytest.raises(ValueError, match="server stream needs a server context"):
-        tls.TLSStream(socket_pair()[0], pki.client_ctx(), server_side=True)
+        TLSStream(socket_pair()[0], pki.client_ctx(), server_side=True)
     with pytest.raises(TypeError, match=r"trio\.SocketStream"):
-        tls.TLSStream(trio.testing.memory_stream_pair()[0], pki.client_ctx(), server_side=False)  # type: ignore[arg-type]
+        TLSStream(trio.testing.memory_stream_pair()[0], pki.client_ctx(), server_side=False)  # type: ignore[arg-type]
 
 
 async def test_hot_swap_new_handshakes_use_the_new_context_old_ones_keep_going(pki):
@@ -409,7 +409,7 @@ async def test_hot_swap_new_handshakes_use_the_new_context_old_ones_keep_going(p
     current = pki.server_ctx()
     old_client, old_server = tls_pair(pki.client_ctx(), current)
     assert await handshake_both(old_client, old_server) == {}
-    current = tls.server_context(rotated.chain, rotated.key, roots=[pki.root.cert])
+    current = server_context(rotated.chain, rotated.key, roots=[pki.root.cert])
     new_client, new_server = tls_pair(pki.client_ctx(), current)
     assert await handshake_both(new_client, new_server) == {}
     assert new_client.peer_chain == [rotated.cert]
@@ -421,7 +421,7 @@ async def test_hot_swap_new_handshakes_use_the_new_context_old_ones_keep_going(p
 # -- resumption --------------------------------------------------------------------------
 
 
-async def exchange(client: tls.TLSStream, server: tls.TLSStream) -> None:
+async def exchange(client: TLSStream, server: TLSStream) -> None:
     """Handshake, one round trip (which delivers the session ticket), close."""
     assert await handshake_both(client, server) == {}
     await server.send_all(b"hello")
@@ -465,7 +465,7 @@ async def test_resumed_peer_without_a_remembered_verdict_is_judged_again(pki):
     def verify(chain):
         verdicts.append(spiffe_id(chain))
         if len(verdicts) > 1:
-            raise tls.PeerRejected("not_allowed", verdicts[-1])
+            raise PeerRejected("not_allowed", verdicts[-1])
         return verdicts[-1]
 
     client_ctx, server_ctx = pki.client_ctx(), pki.server_ctx(verifier=verify)
@@ -473,7 +473,7 @@ async def test_resumed_peer_without_a_remembered_verdict_is_judged_again(pki):
     server_ctx._verified.clear()  # as when the verdict was evicted or ran out
     client, server = tls_pair(client_ctx, server_ctx)
     errors = await handshake_both(client, server)
-    assert isinstance(errors["server"], tls.PeerRejected)
+    assert isinstance(errors["server"], PeerRejected)
     assert errors["server"].reason == "not_allowed"
     assert server.resumed
 
@@ -497,11 +497,11 @@ def test_resumption_recheck_refuses_a_certificate_that_expired_since(pki):
     old = make_leaf(
         pki.root, not_before=now - dt.timedelta(hours=2), not_after=now - dt.timedelta(seconds=1)
     )
-    with pytest.raises(tls.PeerRejected) as info:
+    with pytest.raises(PeerRejected) as info:
         pki.server_ctx()._reverify(old.cert, [])
     assert info.value.reason == "expired"
     stranger = make_leaf(make_root("stranger"))
-    with pytest.raises(tls.PeerRejected) as info:
+    with pytest.raises(PeerRejected) as info:
         pki.server_ctx()._reverify(stranger.cert, [])
     assert info.value.reason == "untrusted"
     chain, identity = pki.server_ctx()._reverify(pki.client.cert, [])
@@ -589,12 +589,12 @@ def key_files(issued: Issued, stem: Path) -> tuple[Path, Path]:
     return cert_file, key_file
 
 
-async def serve_one(server_ctx: tls.TLSContext, handle, task_status=trio.TASK_STATUS_IGNORED):
+async def serve_one(server_ctx: TLSContext, handle, task_status=trio.TASK_STATUS_IGNORED):
     listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
     task_status.started(listener.socket.getsockname()[1])
     async with listener:
         raw = await listener.accept()
-    stream = tls.TLSStream(raw, server_ctx, server_side=True)
+    stream = TLSStream(raw, server_ctx, server_side=True)
     async with stream:
         await handle(stream)
 
@@ -686,7 +686,7 @@ async def test_a_server_without_the_hybrid_gets_x25519_after_a_retry(pki, tmp_pa
     async with trio.open_nursery() as nursery:
         nursery.start_soon(trio.to_thread.run_sync, serve)
         transport = await trio.open_tcp_stream(*listener.getsockname())
-        client = tls.TLSStream(transport, pki.client_ctx(), server_side=False)
+        client = TLSStream(transport, pki.client_ctx(), server_side=False)
         with trio.fail_after(10):
             await client.send_all(b"retry")
             assert await client.receive_some() == b"RETRY"
@@ -700,7 +700,7 @@ async def test_tls12_only_client_is_refused(pki, tmp_path):
     outcome = {}
 
     async def expect_failure(stream):
-        with trio.fail_after(10), pytest.raises(tls.TLSError) as info:
+        with trio.fail_after(10), pytest.raises(TLSError) as info:
             await stream.do_handshake()
         outcome["server"] = str(info.value)
 
@@ -726,11 +726,11 @@ def test_garbage_fails_a_server_handshake_only_with_tls_errors(pki, chunks, tls_
 
     async def main():
         client, transport = socket_pair()
-        server = tls.TLSStream(transport, pki.server_ctx(), server_side=True)
+        server = TLSStream(transport, pki.server_ctx(), server_side=True)
         for chunk in chunks:
             await client.send_all(chunk)
         await client.send_eof()
-        with pytest.raises((tls.TLSError, trio.BrokenResourceError)):
+        with pytest.raises((TLSError, trio.BrokenResourceError)):
             await server.do_handshake()
         await server.aclose()
 

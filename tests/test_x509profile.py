@@ -9,7 +9,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tally.spiffe.bundle import Bundle
+from tally.spiffe.pem import chain_to_der, chain_to_pem, key_to_pkcs8_der
 from tally.spiffe.spiffeid import SpiffeId, TrustDomain
 from tally.spiffe.x509profile import (
     MAX_CSR_BYTES,
@@ -18,14 +18,7 @@ from tally.spiffe.x509profile import (
     build_intermediate,
     build_leaf,
     build_root,
-    chain_from_der,
-    chain_from_pem,
-    chain_to_der,
-    chain_to_pem,
     generate_key,
-    key_from_pem,
-    key_to_pem,
-    key_to_pkcs8_der,
     new_serial,
     parse_csr,
     validate_leaf,
@@ -64,7 +57,8 @@ class Pki:
             NOW - timedelta(minutes=1),
             NOW + timedelta(hours=1),
         )
-        self.bundle = Bundle(td, (self.root,))
+        self.td = td
+        self.roots = (self.root,)
 
 
 PKI = Pki()
@@ -189,7 +183,7 @@ def test_leaf_profile():
     )
     leaf.verify_directly_issued_by(PKI.inter)
     assert validate_leaf(leaf) == WEB
-    assert verify_chain([leaf, PKI.inter], PKI.bundle, NOW) == WEB
+    assert verify_chain([leaf, PKI.inter], PKI.td, PKI.roots, NOW) == WEB
 
 
 def test_leaf_with_dns_names_and_serial():
@@ -247,7 +241,7 @@ def test_time_errors():
     # The issuer is gone before the leaf would start: capping leaves nothing.
     late = PKI.inter.not_valid_after_utc + timedelta(seconds=1)
     assert reason_of(build_leaf, *args, late, late + timedelta(hours=1)) == "bad_lifetime"
-    assert reason_of(verify_chain, [PKI.leaf, PKI.inter], PKI.bundle, naive) == "bad_time"
+    assert reason_of(verify_chain, [PKI.leaf, PKI.inter], PKI.td, PKI.roots, naive) == "bad_time"
 
 
 def test_leaf_builder_refusals():
@@ -278,9 +272,7 @@ def test_other_key_types():
         NOW,
         NOW + timedelta(hours=1),
     )
-    assert verify_chain([leaf], Bundle(td, (root,)), NOW + timedelta(minutes=1)) == SpiffeId(
-        td, "/rsa"
-    )
+    assert verify_chain([leaf], td, (root,), NOW + timedelta(minutes=1)) == SpiffeId(td, "/rsa")
     p384 = ec.generate_private_key(ec.SECP384R1())
     root384 = build_root(p384, td, NOW, NOW + timedelta(days=1))
     assert isinstance(root384.signature_hash_algorithm, hashes.SHA384)
@@ -289,7 +281,7 @@ def test_other_key_types():
 def test_leaf_signer_matches_build_leaf_profile():
     signer = LeafSigner(PKI.inter, PKI.int_key)
     leaf = signer.sign(generate_key().public_key(), WEB, NOW, NOW + timedelta(hours=1))
-    assert verify_chain([leaf, PKI.inter], PKI.bundle, NOW) == WEB
+    assert verify_chain([leaf, PKI.inter], PKI.td, PKI.roots, NOW) == WEB
     assert [e.oid for e in leaf.extensions] == [e.oid for e in PKI.leaf.extensions]
 
 
@@ -348,7 +340,7 @@ NOT_A_LEAF_KU = x509.KeyUsage(True, False, False, False, False, True, False, Fal
 def test_single_mutation_is_rejected(changes, reason):
     leaf = custom_leaf(**changes)
     assert reason_of(validate_leaf, leaf) == reason
-    assert reason_of(verify_chain, [leaf, PKI.inter], PKI.bundle, NOW) == reason
+    assert reason_of(verify_chain, [leaf, PKI.inter], PKI.td, PKI.roots, NOW) == reason
 
 
 def test_tolerated_variations():
@@ -365,7 +357,7 @@ def test_tolerated_variations():
             ]
         ),
     ]:
-        assert verify_chain([leaf, PKI.inter], PKI.bundle, NOW) == WEB
+        assert verify_chain([leaf, PKI.inter], PKI.td, PKI.roots, NOW) == WEB
 
 
 # --- verify_chain ---------------------------------------------------------------------------
@@ -373,15 +365,15 @@ def test_tolerated_variations():
 
 def test_time_window_of_every_certificate():
     chain = [PKI.leaf, PKI.inter]
-    assert verify_chain(chain, PKI.bundle, PKI.leaf.not_valid_after_utc) == WEB
+    assert verify_chain(chain, PKI.td, PKI.roots, PKI.leaf.not_valid_after_utc) == WEB
     after = PKI.leaf.not_valid_after_utc + timedelta(seconds=1)
-    assert reason_of(verify_chain, chain, PKI.bundle, after) == "expired"
+    assert reason_of(verify_chain, chain, PKI.td, PKI.roots, after) == "expired"
     before = PKI.leaf.not_valid_before_utc - timedelta(seconds=1)
-    assert reason_of(verify_chain, chain, PKI.bundle, before) == "not_yet_valid"
+    assert reason_of(verify_chain, chain, PKI.td, PKI.roots, before) == "not_yet_valid"
     # A valid leaf under an issuer that is not yet valid (or already expired).
     early = custom_leaf(not_before=NOW - timedelta(days=3), not_after=NOW + timedelta(hours=1))
     at = NOW - timedelta(days=2)
-    assert reason_of(verify_chain, [early, PKI.inter], PKI.bundle, at) == "not_yet_valid"
+    assert reason_of(verify_chain, [early, PKI.inter], PKI.td, PKI.roots, at) == "not_yet_valid"
 
 
 def test_expired_intermediate():
@@ -395,15 +387,15 @@ def test_expired_intermediate():
         extensions=list(PKI.inter.extensions),
     ).sign(PKI.root_key, hashes.SHA256())
     leaf = custom_leaf(issuer=inter)
-    assert reason_of(verify_chain, [leaf, inter], PKI.bundle, NOW) == "expired"
+    assert reason_of(verify_chain, [leaf, inter], PKI.td, PKI.roots, NOW) == "expired"
 
 
 def test_wrong_trust_domain():
     other = Pki(TrustDomain("other.org"))
-    assert reason_of(verify_chain, [other.leaf, other.inter], PKI.bundle, NOW) == (
+    assert reason_of(verify_chain, [other.leaf, other.inter], PKI.td, PKI.roots, NOW) == (
         "wrong_trust_domain"
     )
-    assert verify_chain([other.leaf, other.inter], other.bundle, NOW).member_of(
+    assert verify_chain([other.leaf, other.inter], other.td, other.roots, NOW).member_of(
         TrustDomain("other.org")
     )
 
@@ -411,32 +403,32 @@ def test_wrong_trust_domain():
 def test_signed_by_an_untrusted_ca_with_the_same_names():
     stranger = Pki()  # same trust domain, same subject names, different keys
     chain = [stranger.leaf, stranger.inter]
-    assert reason_of(verify_chain, chain, PKI.bundle, NOW) == "untrusted"
+    assert reason_of(verify_chain, chain, PKI.td, PKI.roots, NOW) == "untrusted"
     # Presenting the stranger's root too does not help: it is not in the bundle.
-    assert reason_of(verify_chain, [*chain, stranger.root], PKI.bundle, NOW) == "untrusted"
+    assert reason_of(verify_chain, [*chain, stranger.root], PKI.td, PKI.roots, NOW) == "untrusted"
     # Without the intermediate, the leaf's issuer is nowhere.
-    assert reason_of(verify_chain, [PKI.leaf], PKI.bundle, NOW) == "untrusted"
+    assert reason_of(verify_chain, [PKI.leaf], PKI.td, PKI.roots, NOW) == "untrusted"
 
 
 def test_tampered_signature():
     # Claims (by name and AKI) to come from our intermediate but was signed by another key.
     forged = custom_leaf(issuer_key=generate_key())
-    assert reason_of(verify_chain, [forged, PKI.inter], PKI.bundle, NOW) == "bad_signature"
+    assert reason_of(verify_chain, [forged, PKI.inter], PKI.td, PKI.roots, NOW) == "bad_signature"
 
 
 def test_path_variations():
     chain = [PKI.leaf, PKI.inter]
-    assert verify_chain([*chain, PKI.root], PKI.bundle, NOW) == WEB  # root presented too
-    assert verify_chain([PKI.leaf, PKI.root, PKI.inter], PKI.bundle, NOW) == WEB  # any order
+    assert verify_chain([*chain, PKI.root], PKI.td, PKI.roots, NOW) == WEB  # root presented too
+    assert verify_chain([PKI.leaf, PKI.root, PKI.inter], PKI.td, PKI.roots, NOW) == WEB  # any order
     direct = custom_leaf(issuer=PKI.root, issuer_key=PKI.root_key)
-    assert verify_chain([direct], PKI.bundle, NOW) == WEB  # leaf straight under the root
+    assert verify_chain([direct], PKI.td, PKI.roots, NOW) == WEB  # leaf straight under the root
     # Root rotation: two roots with the same name in the bundle; either chain verifies.
     new = Pki()
-    both = Bundle(TD, (PKI.root, new.root))
-    assert verify_chain([new.leaf, new.inter], both, NOW) == WEB
-    assert verify_chain(chain, both, NOW) == WEB
-    assert reason_of(verify_chain, [], PKI.bundle, NOW) == "empty_chain"
-    assert reason_of(verify_chain, [PKI.leaf] + [PKI.inter] * 8, PKI.bundle, NOW) == (
+    both = (PKI.root, new.root)
+    assert verify_chain([new.leaf, new.inter], TD, both, NOW) == WEB
+    assert verify_chain(chain, TD, both, NOW) == WEB
+    assert reason_of(verify_chain, [], PKI.td, PKI.roots, NOW) == "empty_chain"
+    assert reason_of(verify_chain, [PKI.leaf] + [PKI.inter] * 8, PKI.td, PKI.roots, NOW) == (
         "chain_too_long"
     )
 
@@ -454,12 +446,12 @@ def test_path_length_is_enforced():
         subject_cn="Second",
     )
     leaf = custom_leaf(issuer=inter2, issuer_key=key2)
-    assert reason_of(verify_chain, [leaf, inter2, PKI.inter], PKI.bundle, NOW) == "path_len"
+    assert reason_of(verify_chain, [leaf, inter2, PKI.inter], PKI.td, PKI.roots, NOW) == "path_len"
 
 
 def test_a_leaf_cannot_issue():
     fake = custom_leaf(issuer=PKI.leaf, issuer_key=PKI.leaf_key, aki_from=PKI.leaf)
-    assert reason_of(verify_chain, [fake, PKI.leaf, PKI.inter], PKI.bundle, NOW) == "not_ca"
+    assert reason_of(verify_chain, [fake, PKI.leaf, PKI.inter], PKI.td, PKI.roots, NOW) == "not_ca"
 
 
 def test_validate_signing_cert_rules():
@@ -547,39 +539,6 @@ def test_mutated_csr_is_refused_or_still_proves_the_key(position, flip):
         assert exc.reason == "bad_csr"
 
 
-# --- encodings ---------------------------------------------------------------------------------
-
-
-def test_pem_chain_round_trip_and_strictness():
-    chain = [PKI.leaf, PKI.inter]
-    pem = chain_to_pem(chain)
-    assert chain_from_pem(pem) == chain
-    assert chain_from_pem(b"# our chain\n" + pem + b"trailing words\n") == chain
-    assert reason_of(chain_from_pem, b"") == "bad_pem"
-    assert reason_of(chain_from_pem, b"hello") == "bad_pem"
-    assert reason_of(chain_from_pem, key_to_pem(PKI.leaf_key) + pem) == "bad_pem"
-    assert reason_of(chain_from_pem, pem[:-30]) == "bad_pem"
-    broken = pem.replace(b"MII", b"MIX", 1)
-    assert reason_of(chain_from_pem, broken) == "bad_pem"
-
-
-def test_der_chain_round_trip():
-    chain = [PKI.leaf, PKI.inter, PKI.root]
-    assert chain_from_der(chain_to_der(chain)) == chain
-    assert reason_of(chain_from_der, b"") == "bad_der"
-    assert reason_of(chain_from_der, chain_to_der(chain)[:-1]) == "bad_der"
-    assert reason_of(chain_from_der, chain_to_der(chain) + b"\x00") == "bad_der"
-
-
-@given(st.binary(max_size=300))
-def test_chain_garbage_raises_only_profile_error(data):
-    for parse in (chain_from_pem, chain_from_der):
-        try:
-            parse(data)
-        except ProfileError:
-            pass
-
-
 @settings(max_examples=300)
 @given(st.data())
 def test_mutated_leaf_never_escapes_as_another_error(data):
@@ -593,22 +552,9 @@ def test_mutated_leaf_never_escapes_as_another_error(data):
         # release" of cryptography); either way this leaf never reaches verify_chain.
         return
     try:
-        assert verify_chain([leaf, PKI.inter], PKI.bundle, NOW) == WEB
+        assert verify_chain([leaf, PKI.inter], PKI.td, PKI.roots, NOW) == WEB
     except ProfileError:
         pass
-
-
-def test_keys_round_trip():
-    for key in (
-        generate_key(),
-        rsa.generate_private_key(65537, 2048),
-        ed25519.Ed25519PrivateKey.generate(),
-    ):
-        assert key_from_pem(key_to_pem(key)).public_key() == key.public_key()
-        loaded = serialization.load_der_private_key(key_to_pkcs8_der(key), None)
-        assert loaded.public_key() == key.public_key()
-    assert reason_of(key_from_pem, b"nope") == "bad_key"
-    assert reason_of(key_from_pem, chain_to_pem([PKI.root])) == "bad_key"
 
 
 # --- interop --------------------------------------------------------------------------------

@@ -61,10 +61,12 @@ def stream_peer_credentials(stream: trio.abc.Stream) -> PeerCred | None:
     return None
 
 
-def _prepare_unix_path(path: Path) -> None:
-    parent = path.parent
-    if not parent.is_dir():
-        raise ListenError(f"cannot listen on {path}: directory {parent} does not exist")
+def clear_stale_unix(path: Path) -> None:
+    """Make way for a Unix socket at ``path``: remove a stale socket there, refuse anything else.
+
+    Rule 1: a symlink or a non-socket file is refused, and so is a socket that a
+    live process still answers on; ListenError names the path.
+    """
     try:
         st = os.lstat(path)
     except FileNotFoundError:
@@ -88,7 +90,9 @@ def _prepare_unix_path(path: Path) -> None:
 
 async def open_unix_listener(path: Path, mode: int) -> trio.SocketListener:
     """Bind a Unix socket at ``path`` with ``mode`` (e.g. 0o600 for admin sockets)."""
-    _prepare_unix_path(path)
+    if not path.parent.is_dir():
+        raise ListenError(f"cannot listen on {path}: directory {path.parent} does not exist")
+    clear_stale_unix(path)
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     old_umask = os.umask(0o777 & ~mode)
     try:

@@ -34,14 +34,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
+from tally.spiffe.pem import chain_from_der, chain_from_pem, chain_to_pem
 from tally.spiffe.spiffeid import TrustDomain
-from tally.spiffe.x509profile import (
-    PARSE_ERRORS,
-    ProfileError,
-    chain_from_der,
-    chain_from_pem,
-    chain_to_pem,
-)
+from tally.spiffe.x509profile import PARSE_ERRORS, ProfileError
 
 MAX_JWKS_BYTES = 1024 * 1024
 MAX_SEQUENCE = 2**64 - 1  # go-spiffe reads spiffe_sequence into a uint64

@@ -8,8 +8,8 @@ Rules:
    `spiffe://<td>`; leaves have an empty subject, one critical URI SAN with a
    non-root path, CA=false, keyUsage digitalSignature only and EKU
    serverAuth+clientAuth (digest section 2.5).
-2. Pure: no OpenSSL store, no clock, no files. `verify_chain` takes `now` and
-   the bundle of the leaf's trust domain; path building is a short walk
+2. Pure: no OpenSSL store, no clock, no files. `verify_chain` takes `now`, the
+   leaf's trust domain and that domain's roots; path building is a short walk
    leaf -> presented intermediates -> bundle authority, with every signature
    checked by `verify_directly_issued_by`.
 3. Time is whole seconds, UTC, timezone-aware. ASN.1 time has no fraction, so
@@ -39,19 +39,15 @@ import re
 import secrets
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from tally.spiffe.spiffeid import SpiffeId, SpiffeIdError, TrustDomain
-
-if TYPE_CHECKING:
-    from tally.spiffe.bundle import Bundle
 
 SigningKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
 
@@ -84,7 +80,6 @@ PARSE_ERRORS = (
     x509.UnsupportedGeneralNameType,
 )
 _DNS_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
-_PEM_BLOCK = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----\r?\n(.*?)-----END \1-----", re.DOTALL)
 
 
 class ProfileError(ValueError):
@@ -599,7 +594,7 @@ def _claims_key_of(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
 
 
 def _find_issuer(
-    cert: x509.Certificate, candidates: Sequence[x509.Certificate], bundle: Bundle
+    cert: x509.Certificate, candidates: Sequence[x509.Certificate], trust_domain: TrustDomain
 ) -> x509.Certificate:
     named = [c for c in candidates if c.subject == cert.issuer]
     for candidate in named:
@@ -610,12 +605,20 @@ def _find_issuer(
     raise ProfileError(
         "untrusted",
         f"{_describe(cert)} was issued by {cert.issuer.rfc4514_string()!r}, which is neither "
-        f"in the presented chain nor an authority of the bundle for {bundle.trust_domain}",
+        f"in the presented chain nor an authority of the bundle for {trust_domain}",
     )
 
 
-def verify_chain(chain: Sequence[x509.Certificate], bundle: Bundle, now: datetime) -> SpiffeId:
-    """Full digest 2.4 validation of a presented chain (leaf first) against one bundle."""
+def verify_chain(
+    chain: Sequence[x509.Certificate],
+    trust_domain: TrustDomain,
+    roots: Sequence[x509.Certificate],
+    now: datetime,
+) -> SpiffeId:
+    """Full digest 2.4 validation of a presented chain (leaf first) against one trust domain.
+
+    ``roots`` are the X.509 authorities of that trust domain's bundle.
+    """
     if not chain:
         raise ProfileError("empty_chain", "no certificate was presented")
     if len(chain) > MAX_CHAIN_LENGTH:
@@ -625,25 +628,29 @@ def verify_chain(chain: Sequence[x509.Certificate], bundle: Bundle, now: datetim
     if now.tzinfo is None or now.utcoffset() is None:
         raise ProfileError("bad_time", f"now {now!r} must be timezone-aware (UTC)")
     with _malformed_is_profile_error():
-        return _verify_chain(chain, bundle, now)
+        return _verify_chain(chain, trust_domain, roots, now)
 
 
-def _verify_chain(chain: Sequence[x509.Certificate], bundle: Bundle, now: datetime) -> SpiffeId:
+def _verify_chain(
+    chain: Sequence[x509.Certificate],
+    trust_domain: TrustDomain,
+    anchors: Sequence[x509.Certificate],
+    now: datetime,
+) -> SpiffeId:
     leaf = chain[0]
     spiffe_id = validate_leaf(leaf)
-    if spiffe_id.trust_domain != bundle.trust_domain:
+    if spiffe_id.trust_domain != trust_domain:
         raise ProfileError(
             "wrong_trust_domain",
             f"{_describe(leaf)} is in trust domain {spiffe_id.trust_domain}, "
-            f"but the bundle is for {bundle.trust_domain}",
+            f"but the bundle is for {trust_domain}",
         )
     _check_time(leaf, now)
-    anchors = bundle.x509_authorities
     spare = list(chain[1:])
     current = leaf
     intermediates = 0  # CA certificates between the leaf and the current issuer
     while True:
-        issuer = _find_issuer(current, [*anchors, *spare], bundle)
+        issuer = _find_issuer(current, [*anchors, *spare], trust_domain)
         basic = _check_issuer_basics(issuer, _extensions(issuer))
         _check_time(issuer, now)
         if basic.path_length is not None and intermediates > basic.path_length:
@@ -659,7 +666,7 @@ def _verify_chain(chain: Sequence[x509.Certificate], bundle: Bundle, now: dateti
         intermediates += 1
 
 
-# --- CSRs, keys and encodings ------------------------------------------------------------
+# --- CSRs ------------------------------------------------------------
 
 
 def parse_csr(data: bytes) -> x509.CertificateSigningRequest:
@@ -707,104 +714,3 @@ def _load_csr(data: bytes) -> tuple[x509.CertificateSigningRequest, CertificateP
     if not valid:
         raise ProfileError("bad_csr", "CSR signature is invalid (proof of key possession failed)")
     return csr, public_key
-
-
-def chain_to_pem(certs: Sequence[x509.Certificate]) -> bytes:
-    return b"".join(cert.public_bytes(serialization.Encoding.PEM) for cert in certs)
-
-
-def chain_from_pem(data: bytes) -> list[x509.Certificate]:
-    """Read CERTIFICATE blocks; any other block (a key pasted in by mistake) is an error."""
-    blocks = list(_PEM_BLOCK.finditer(data))
-    if len(blocks) != data.count(b"-----BEGIN"):
-        raise ProfileError("bad_pem", "malformed PEM: a BEGIN line has no matching END line")
-    if not blocks:
-        raise ProfileError("bad_pem", "no PEM CERTIFICATE block found")
-    certs = []
-    for number, block in enumerate(blocks, 1):
-        label = block.group(1).decode("ascii")
-        if label != "CERTIFICATE":
-            raise ProfileError(
-                "bad_pem", f"PEM block {number} is {label!r}, expected only 'CERTIFICATE' blocks"
-            )
-        try:
-            certs.append(x509.load_pem_x509_certificate(block.group(0)))
-        except PARSE_ERRORS as exc:
-            raise ProfileError(
-                "bad_pem", f"PEM block {number} is not a certificate: {exc}"
-            ) from exc
-    return certs
-
-
-def chain_to_der(certs: Sequence[x509.Certificate]) -> bytes:
-    """Concatenated DER, the Workload API's encoding of chains and bundles."""
-    return b"".join(cert.public_bytes(serialization.Encoding.DER) for cert in certs)
-
-
-def chain_from_der(data: bytes) -> list[x509.Certificate]:
-    """Split concatenated DER certificates (each an ASN.1 SEQUENCE) and load each."""
-    if not data:
-        raise ProfileError("bad_der", "no DER certificate found")
-    certs = []
-    offset = 0
-    while offset < len(data):
-        end = _der_sequence_end(data, offset)
-        try:
-            certs.append(x509.load_der_x509_certificate(data[offset:end]))
-        except PARSE_ERRORS as exc:
-            raise ProfileError(
-                "bad_der", f"DER certificate {len(certs) + 1} cannot be parsed: {exc}"
-            ) from exc
-        offset = end
-    return certs
-
-
-def _der_sequence_end(data: bytes, offset: int) -> int:
-    """Return where the DER SEQUENCE starting at `offset` ends (definite lengths only)."""
-    where = f"DER certificate at byte {offset}"
-    if len(data) - offset < 2 or data[offset] != 0x30:
-        raise ProfileError("bad_der", f"{where}: expected an ASN.1 SEQUENCE")
-    first = data[offset + 1]
-    if first < 0x80:
-        start, length = offset + 2, first
-    else:
-        count = first & 0x7F
-        if not 1 <= count <= 4 or offset + 2 + count > len(data):
-            raise ProfileError("bad_der", f"{where}: unsupported or truncated length")
-        start = offset + 2 + count
-        length = int.from_bytes(data[offset + 2 : start], "big")
-    if start + length > len(data):
-        raise ProfileError("bad_der", f"{where}: truncated ({length} bytes announced)")
-    return start + length
-
-
-def key_to_pkcs8_der(key: SigningKey) -> bytes:
-    """PKCS#8 DER, the only private key encoding the Workload API (and py-spiffe) accept."""
-    return key.private_bytes(
-        serialization.Encoding.DER,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-
-
-def key_to_pem(key: SigningKey) -> bytes:
-    return key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-
-
-def key_from_pem(data: bytes) -> SigningKey:
-    """Load an unencrypted PEM private key of a type Tally can sign with."""
-    try:
-        key = serialization.load_pem_private_key(data, password=None)
-    except (*PARSE_ERRORS, TypeError) as exc:
-        raise ProfileError("bad_key", f"not an unencrypted PEM private key: {exc}") from exc
-    if not isinstance(
-        key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
-    ):
-        raise ProfileError(
-            "bad_key", f"unsupported private key {type(key).__name__}: use EC, RSA or Ed25519"
-        )
-    return key

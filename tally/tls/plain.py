@@ -180,7 +180,7 @@ def _broken(exc: OSError) -> trio.BrokenResourceError:
 class PlainEnd:
     """A plain stream as the relay drives it: calls that never wait.
 
-    The relay's contract for an end (`tally.tls.stream.TLSEnd` is the other one):
+    The relay's contract for an end (`tally.tls.relay_end.TLSEnd` is the other one):
     ``read`` returns data, ``b""`` at the end of the stream, or None when it
     would block.  The data is *lent*: a view of a buffer this thread's ends
     share, valid until the next read of any end, so the relay writes it at once

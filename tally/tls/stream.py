@@ -1,28 +1,12 @@
-"""Tally's one TLS layer: pyOpenSSL contexts from in-memory keys, driven on trio sockets.
+"""The trio stream of Tally's TLS layer: TLS 1.3 over a connection's non-blocking socket.
 
 Rules:
 
-1. Private keys never touch disk.  The stdlib ``ssl`` module loads keys only from
-   files, so contexts are built with pyOpenSSL from ``cryptography`` objects.
-2. TLS 1.3 only, in both directions.  Nothing here negotiates anything older.
-3. A context is never mutated once built.  Rotating a certificate means building a
-   new :class:`TLSContext` and handing the new reference to the next handshake;
-   connections already up keep the context they started with (DESIGN "hot swap").
-4. Authorization happens *inside* the handshake.  OpenSSL first checks the peer's
-   chain against the context's roots; when that succeeds it calls us once per chain
-   depth, root first, and at depth 0 we run the caller's ``PeerVerifier`` on the
-   chain we recorded.  A verifier that raises :class:`PeerRejected` makes OpenSSL
-   fail the handshake itself, so a refused peer never gets a usable connection.
-   When OpenSSL finds a fault above the leaf (an unknown issuer, say) we record
-   the verdict but let it walk on down to the leaf and refuse there, so that
-   every refusal names the SPIFFE ID the peer claimed (``PeerRejected.peer_id``):
-   that is what an operator searches the logs for.
-   The verdict is kept on the connection (pyOpenSSL's own error capture lives on the
-   shared ``Context`` and would leak between concurrent handshakes) and raised by
-   :meth:`TLSStream.do_handshake` once OpenSSL gives up.
-5. Timeouts belong to the caller: put ``trio.fail_after(handshake_timeout_s)`` around
+1. Timeouts belong to the caller: put ``trio.fail_after(handshake_timeout_s)`` around
    :meth:`TLSStream.do_handshake` and deadlines around reads.  A cancelled or timed
    out handshake leaves the stream broken; close it.
+2. The peer is judged inside the handshake (`tally.tls.verify`), and a resumed
+   handshake is judged by its context's caches (`tally.tls.contexts`, "Resumption").
 
 Theory of operation of :class:`TLSStream`.  OpenSSL is bound to the connection's
 non-blocking socket and does its own reads and writes: no buffer is copied through
@@ -39,442 +23,27 @@ take first, so neither direction can block the other.  An OpenSSL write that
 stopped part way through a record must be finished before anything else is
 sent, so a send cancelled while waiting breaks the stream.
 
-Resumption.  Servers hand out TLS 1.3 session tickets (stateful ones: the server's
-session cache keeps the client's chain) and client contexts keep the last session
-per server name, so a reconnect can skip certificate work.  A resumed
-handshake carries no certificates, so OpenSSL's verify callback does not run; the
-peer must still be judged by this context.  A context remembers the verdict it
-reached on each leaf (by its exact DER) until the earliest expiry on the verified
-chain, and a resumed handshake with that leaf takes the verdict; otherwise the
-chain stored in the session is checked against the context's roots again (at the
-current time, so an expired certificate is refused) and the verifier reruns.
-The verdict depends only on the leaf, the context's roots and verifier (all
-fixed) and the time (the expiry bound), so remembering it changes nothing but
-the cost.  Sessions and verdicts never cross contexts: a rotation or a reload
-of the allow rules starts with empty caches.
-
 Half-close.  TLS 1.3 made ``close_notify`` close only the sender's direction
 (RFC 8446 section 6.1), so :meth:`TLSStream.send_eof` sends it and reading goes on.
 """
 
 from __future__ import annotations
 
-import logging
 import os
-import socket
-import threading
-import time
-from collections import OrderedDict
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any, Literal, cast
 
 import trio
 from cryptography import x509
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from OpenSSL import SSL, crypto
 
-# OpenSSL's own wording for a verification error code (X509_verify_cert_error_string)
-# is reachable only through pyOpenSSL's binding; its X509StoreContextError uses the same.
-from OpenSSL._util import ffi as _ffi
-from OpenSSL._util import lib as _lib
-
-# The one SPIFFE ID a leaf claims, read leniently (any leaf, even one we refuse).
-from tally.spiffe.authz import _claimed_id as claimed_id
-from tally.spiffe.spiffeid import SpiffeId
-from tally.tls.plain import LENT_SIZE, WANT_READ, WANT_WRITE, DirectionGuard
-
-log = logging.getLogger("tally.tls")
-
-PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
-ClientAuth = Literal["none", "optional", "required"]
+from tally.tls.contexts import RECORD_SIZE, TLSContext
+from tally.tls.plain import DirectionGuard
+from tally.tls.relay_end import TLSEnd
+from tally.tls.verify import PeerRejected, TLSError, failure_reason
 
 RECEIVE_SIZE = 1 << 18
 """The default ``max_bytes`` of a receive: as many whole records as are already in."""
-CIPHERSUITES = b"TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256"
-"""TLS 1.3 suites, best first: the order of Go's crypto/tls and BoringSSL (so of SPIRE,
-ghostunnel and Envoy) on CPUs with AES instructions.  AES-128-GCM runs 10 AES rounds per
-block where OpenSSL's first choice, AES-256-GCM, runs 14, and its key schedule hashes with
-SHA-256, which current x86 and ARM CPUs compute in hardware.  128-bit keys are not a
-connection's weak point; AES-256 stays second for peers that prefer it."""
-GROUPS = "X25519MLKEM768:X25519:P-256"
-"""Key exchange groups by default, best first (the proxy's ``tls_groups`` changes them).
-
-A client sends a key share for the first only: the post-quantum hybrid, which Tally,
-Go >= 1.24 and OpenSSL >= 3.5 peers all accept.  OpenSSL's default sends a second share,
-plain X25519, which costs a client about a tenth of a resumed handshake's instructions
-and is only used by peers without the hybrid; those now ask for X25519 with a
-HelloRetryRequest, one round trip more, and get it."""
-_RECORD = 1 << 14  # TLS plaintext records are at most 16 KiB: OpenSSL returns one per read
 SEND_CHUNK = 1 << 18
 """Plaintext handed to OpenSSL per write call."""
-SESSION_TIMEOUT_S = 300
-"""How long a server honours a session ticket; clients keep at most this long too."""
-_CLIENT_SESSIONS_MAX = 64
-_VERIFIED_MAX = 4096
-# SSL_MODE_NO_AUTO_CHAIN from ssl.h, which pyOpenSSL does not export: without it OpenSSL
-# completes a leaf-only chain from the trust store and sends our roots along with it.
-_MODE_NO_AUTO_CHAIN = 0x8
-
-# X509_V_ERR_* codes from OpenSSL's x509_vfy.h (part of the ABI, never renumbered).
-_NOT_YET_VALID = 9
-_EXPIRED = 10
-_UNTRUSTED = frozenset(
-    {
-        2,  # unable to get issuer certificate
-        18,  # self-signed leaf
-        19,  # self-signed certificate in chain
-        20,  # unable to get local issuer certificate
-        21,  # unable to verify the first certificate
-        27,  # certificate not trusted
-    }
-)
-# OpenSSL's wording when the two sides share no protocol version (a TLS 1.2-only peer).
-_VERSION_ERRORS = (
-    "unsupported protocol",
-    "no protocols available",
-    "wrong version number",
-    "protocol version",
-)
-
-
-class PeerRejected(Exception):
-    """The peer was refused; ``reason`` is a short fixed word for logs and metrics.
-
-    ``peer_id`` is the SPIFFE ID the peer's leaf claimed, when it had one, even if
-    the refusal came before anyone trusted that claim (an expired or unknown
-    certificate): a log line that names who knocked is worth more than one that
-    does not.  Peers only ever see a TLS alert; the message is for our own logs.
-    """
-
-    def __init__(self, reason: str, message: str = "", peer_id: SpiffeId | None = None) -> None:
-        super().__init__(message or reason)
-        self.reason = reason
-        self.peer_id = peer_id
-
-
-class TLSError(Exception):
-    """The TLS protocol failed (bad alert, unsupported version, corrupt record...).
-
-    ``reason`` is set, to a fixed word like :attr:`PeerRejected.reason`, when the peer
-    could never have got through (it speaks no TLS 1.3, or no TLS at all): servers
-    log and count those as refusals rather than as failures.
-    """
-
-    def __init__(self, message: str, *, reason: str | None = None) -> None:
-        super().__init__(message)
-        self.reason = reason
-
-
-PeerVerifier = Callable[[list[x509.Certificate]], object]
-"""Called with the verified chain, leaf first and ending in the trusted root.
-
-Raise :class:`PeerRejected` to refuse the peer; the return value becomes
-:attr:`TLSStream.peer_identity`.  Runs inside OpenSSL's callback: keep it fast, and
-pure: its answer may depend on the chain only, because the context remembers it for
-resumed handshakes with the same leaf.  Build a new context when the rules change.
-"""
-
-
-def _x509_error_text(code: int) -> str:
-    raw = _lib.X509_verify_cert_error_string(code)
-    return str(_ffi.string(raw).decode("ascii", "replace")) if raw != _ffi.NULL else str(code)
-
-
-def _rejection_for(code: int, text: str, depth: int, cert: x509.Certificate | None) -> PeerRejected:
-    """Map an X.509 verification error to a fixed reason; the message keeps OpenSSL's detail."""
-    if code == _EXPIRED:
-        reason = "expired"
-    elif code == _NOT_YET_VALID:
-        reason = "not_yet_valid"
-    elif code in _UNTRUSTED:
-        reason = "untrusted"
-    else:
-        reason = f"invalid_chain: {text}"
-    who = cert.subject.rfc4514_string() if cert is not None else "?"
-    return PeerRejected(reason, f"{text} (certificate at depth {depth}, subject {who!r})")
-
-
-def _failure_reason(text: str) -> str | None:
-    """The refusal reason for a handshake this peer could never pass, else None."""
-    if "http request" in text:
-        return "not_tls"
-    if any(marker in text for marker in _VERSION_ERRORS):
-        return "tls_version"
-    return None
-
-
-def _run_verifier(verifier: PeerVerifier | None, chain: list[x509.Certificate]) -> object:
-    """Run the caller's hook; a bug in it refuses the peer loudly instead of escaping into C."""
-    if verifier is None:
-        return None
-    try:
-        return verifier(chain)
-    except PeerRejected:
-        raise
-    except Exception as exc:
-        log.exception("peer verifier crashed; refusing the peer")
-        raise PeerRejected("verifier_error", f"peer verifier raised {type(exc).__name__}") from exc
-
-
-class _PeerCheck:
-    """Per-connection verification state, reachable from OpenSSL's callback via app data."""
-
-    __slots__ = ("by_depth", "chain", "identity", "ran", "rejection", "verifier")
-
-    def __init__(self, verifier: PeerVerifier | None) -> None:
-        self.verifier = verifier
-        self.by_depth: dict[int, x509.Certificate] = {}
-        self.chain: list[x509.Certificate] | None = None
-        self.identity: object = None
-        self.rejection: PeerRejected | None = None
-        self.ran = False
-
-    def on_verify(self, cert: crypto.X509, code: int, depth: int, ok: int) -> bool:
-        self.ran = True
-        current = cert.to_cryptography()
-        self.by_depth[depth] = current
-        if not ok and self.rejection is None:
-            self.rejection = _rejection_for(code, _x509_error_text(code), depth, current)
-        if self.rejection is not None:
-            if depth > 0:
-                return True  # walk on to the leaf, which is refused (rule 4)
-            if self.rejection.peer_id is None:
-                self.rejection.peer_id = claimed_id(current)
-            return False
-        if depth != 0 or self.chain is not None:
-            return True
-        chain = [self.by_depth[d] for d in sorted(self.by_depth)]
-        try:
-            self.identity = _run_verifier(self.verifier, chain)
-        except PeerRejected as exc:
-            self.rejection = exc
-            return False
-        self.chain = chain
-        return True
-
-
-def _verify_callback(
-    conn: SSL.Connection, cert: crypto.X509, code: int, depth: int, ok: int
-) -> bool:
-    check = conn.get_app_data()
-    if not isinstance(check, _PeerCheck):  # a Connection we did not make: refuse
-        return False
-    return check.on_verify(cert, code, depth, ok)
-
-
-@dataclass(frozen=True, slots=True)
-class _Verified:
-    """A peer's chain as presented, what the verifier said, and until when that holds."""
-
-    chain: tuple[x509.Certificate, ...]
-    identity: object
-    valid_until: float  # the earliest not_after on the verified chain, as a Unix time
-
-
-class TLSContext:
-    """An immutable TLS 1.3 configuration: our chain and key, the roots we trust, the verifier.
-
-    Build one with :func:`server_context` or :func:`client_context`.  The only state
-    that changes after construction is the client's session cache, which is a cache:
-    losing it costs a full handshake, never correctness.
-    """
-
-    __slots__ = ("_client_auth", "_sessions", "_ssl", "_verified", "_verifier", "server_side")
-
-    def __init__(
-        self,
-        ssl_context: SSL.Context,
-        *,
-        server_side: bool,
-        client_auth: ClientAuth,
-        verifier: PeerVerifier | None,
-    ) -> None:
-        self._ssl = ssl_context
-        self.server_side = server_side
-        self._client_auth = client_auth
-        self._verifier = verifier
-        self._sessions: OrderedDict[str, SSL.Session] = OrderedDict()
-        self._verified: OrderedDict[bytes, _Verified] = OrderedDict()
-
-    @property
-    def client_auth(self) -> ClientAuth:
-        return self._client_auth
-
-    def _new_connection(
-        self, sock: trio.socket.SocketType, server_hostname: str | None
-    ) -> tuple[SSL.Connection, _PeerCheck, bool]:
-        """A fresh OpenSSL connection on `sock`; the flag says a session was offered."""
-        # pyOpenSSL only asks the socket for its fileno(); trio's socket has one.
-        conn = SSL.Connection(self._ssl, cast("socket.socket", sock))
-        check = _PeerCheck(self._verifier)
-        conn.set_app_data(check)
-        session = None
-        if self.server_side:
-            conn.set_accept_state()
-        else:
-            if server_hostname is not None:
-                conn.set_tlsext_host_name(server_hostname.encode("idna"))
-            session = self._sessions.get(server_hostname or "")
-            if session is not None:
-                conn.set_session(session)
-            conn.set_connect_state()
-        return conn, check, session is not None
-
-    def _remember_session(self, server_hostname: str | None, session: SSL.Session) -> None:
-        key = server_hostname or ""
-        self._sessions[key] = session
-        self._sessions.move_to_end(key)
-        while len(self._sessions) > _CLIENT_SESSIONS_MAX:
-            self._sessions.popitem(last=False)
-
-    def _forget_session(self, server_hostname: str | None) -> None:
-        self._sessions.pop(server_hostname or "", None)
-
-    def _remember_verified(
-        self,
-        leaf_der: bytes,
-        chain: list[x509.Certificate],
-        identity: object,
-        verified: list[x509.Certificate],
-    ) -> None:
-        until = min(c.not_valid_after_utc for c in verified).timestamp()
-        self._verified[leaf_der] = _Verified(tuple(chain), identity, until)
-        self._verified.move_to_end(leaf_der)
-        while len(self._verified) > _VERIFIED_MAX:
-            self._verified.popitem(last=False)
-
-    def _recall_verified(self, leaf_der: bytes) -> _Verified | None:
-        """A verdict this context reached on the same leaf, while its chain is still valid."""
-        known = self._verified.get(leaf_der)
-        if known is None:
-            return None
-        if time.time() >= known.valid_until:
-            del self._verified[leaf_der]
-            return None
-        return known
-
-    def _reverify(
-        self, leaf: x509.Certificate, presented: list[x509.Certificate]
-    ) -> tuple[list[x509.Certificate], object]:
-        """Check a resumed session's stored chain against our roots now, then run the verifier."""
-        store = self._ssl.get_cert_store()
-        if store is None:  # pragma: no cover - OpenSSL always gives a context a store
-            raise PeerRejected("untrusted", "context has no certificate store")
-        untrusted = [crypto.X509.from_cryptography(c) for c in presented]
-        ctx = crypto.X509StoreContext(store, crypto.X509.from_cryptography(leaf), untrusted)
-        try:
-            verified = [c.to_cryptography() for c in ctx.get_verified_chain()]
-        except crypto.X509StoreContextError as exc:
-            code, depth, text = exc.errors[0], exc.errors[1], str(exc.errors[2])
-            cert = exc.certificate.to_cryptography() if exc.certificate is not None else None
-            rejection = _rejection_for(int(code), text, int(depth), cert)
-            rejection.peer_id = claimed_id(leaf)
-            raise rejection from exc
-        return verified, _run_verifier(self._verifier, verified)
-
-
-def set_groups(ctx: SSL.Context, groups: str) -> None:
-    """Set the key exchange groups, colon-separated and best first; ValueError names a bad one."""
-    # pyOpenSSL has no call for this; its binding has (X25519MLKEM768 needs OpenSSL >= 3.5).
-    if _lib.SSL_CTX_set1_curves_list(ctx._context, groups.encode("ascii", "replace")) != 1:
-        _lib.ERR_clear_error()
-        raise ValueError(f"OpenSSL does not know all of the key exchange groups {groups!r}")
-
-
-def _base_context(
-    method: int,
-    chain: Sequence[x509.Certificate],
-    key: PrivateKey | None,
-    roots: Sequence[x509.Certificate],
-    groups: str,
-) -> SSL.Context:
-    ctx = SSL.Context(method)
-    ctx.set_min_proto_version(SSL.TLS1_3_VERSION)
-    ctx.set_max_proto_version(SSL.TLS1_3_VERSION)
-    ctx.set_options(SSL.OP_NO_COMPRESSION)
-    ctx.set_tls13_ciphersuites(CIPHERSUITES)
-    set_groups(ctx, groups)
-    # Idle connections give their record buffers back (about 34 KiB each); a
-    # close without close_notify reads as a plain end of stream, as on TCP.
-    ctx.set_mode(_MODE_NO_AUTO_CHAIN | SSL.MODE_RELEASE_BUFFERS)
-    ctx.set_options(_lib.SSL_OP_IGNORE_UNEXPECTED_EOF)
-    if chain:
-        if key is None:
-            raise ValueError("a certificate chain was given without its private key")
-        ctx.use_certificate(chain[0])
-        for extra in chain[1:]:
-            ctx.add_extra_chain_cert(extra)
-        try:
-            ctx.use_privatekey(key)
-            ctx.check_privatekey()
-        except SSL.Error as exc:
-            raise ValueError(
-                f"private key does not match certificate {chain[0].subject.rfc4514_string()!r}"
-            ) from exc
-    elif key is not None:
-        raise ValueError("a private key was given without a certificate chain")
-    store = ctx.get_cert_store()
-    if store is None:  # pragma: no cover - OpenSSL always gives a context a store
-        raise ValueError("OpenSSL context has no certificate store")
-    for root in roots:
-        store.add_cert(crypto.X509.from_cryptography(root))
-    return ctx
-
-
-def server_context(
-    chain: Sequence[x509.Certificate],
-    key: PrivateKey,
-    *,
-    roots: Sequence[x509.Certificate] = (),
-    client_auth: ClientAuth = "required",
-    verifier: PeerVerifier | None = None,
-    groups: str = GROUPS,
-) -> TLSContext:
-    """A server context presenting ``chain`` (leaf first); clients are checked against ``roots``.
-
-    ``client_auth="optional"`` requests a certificate and verifies one if sent; the
-    verifier only runs for clients that present one.
-    """
-    if not chain:
-        raise ValueError("a server needs a certificate chain, got an empty one")
-    if client_auth not in ("none", "optional", "required"):
-        raise ValueError(f"client_auth must be none, optional or required, got {client_auth!r}")
-    if client_auth != "none" and not roots:
-        raise ValueError(f"client_auth={client_auth} needs at least one root to verify clients")
-    ctx = _base_context(SSL.TLS_SERVER_METHOD, chain, key, roots, groups)
-    if client_auth == "none":
-        ctx.set_verify(SSL.VERIFY_NONE)
-    elif client_auth == "optional":
-        ctx.set_verify(SSL.VERIFY_PEER, _verify_callback)
-    else:
-        ctx.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, _verify_callback)
-    # Stateful tickets: the server's session cache keeps the client's whole chain,
-    # which a resumed handshake needs to check the client again (see "Resumption").
-    ctx.set_options(SSL.OP_NO_TICKET)
-    ctx.set_session_cache_mode(SSL.SESS_CACHE_SERVER)
-    ctx.set_session_id(b"tally")
-    ctx.set_timeout(SESSION_TIMEOUT_S)
-    return TLSContext(ctx, server_side=True, client_auth=client_auth, verifier=verifier)
-
-
-def client_context(
-    *,
-    roots: Sequence[x509.Certificate],
-    chain: Sequence[x509.Certificate] = (),
-    key: PrivateKey | None = None,
-    verifier: PeerVerifier | None = None,
-    groups: str = GROUPS,
-) -> TLSContext:
-    """A client context that trusts ``roots`` and presents ``chain`` when the server asks.
-
-    There is no hostname check: SPIFFE peers are named by their URI SAN, which is
-    the verifier's job.  ``server_hostname`` on the stream only sets SNI.
-    """
-    ctx = _base_context(SSL.TLS_CLIENT_METHOD, chain, key, roots, groups)
-    ctx.set_verify(SSL.VERIFY_PEER, _verify_callback)
-    ctx.set_timeout(SESSION_TIMEOUT_S)
-    return TLSContext(ctx, server_side=False, client_auth="none", verifier=verifier)
 
 
 def _describe(exc: SSL.Error) -> str:
@@ -669,7 +238,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
         text = _describe(exc)
         if self._ctx.server_side and "peer did not return a certificate" in text:
             return PeerRejected("no_certificate", "the client sent no certificate")
-        return TLSError(f"TLS handshake failed: {text}", reason=_failure_reason(text))
+        return TLSError(f"TLS handshake failed: {text}", reason=failure_reason(text))
 
     def _finish_handshake(self) -> None:
         if self._check.rejection is not None:
@@ -764,7 +333,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
         total = 0
         while total < max_bytes:
             try:
-                chunk = self._conn.recv(min(max_bytes - total, _RECORD))
+                chunk = self._conn.recv(min(max_bytes - total, RECORD_SIZE))
             except SSL.WantReadError:
                 if parts:
                     break
@@ -790,7 +359,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
                 raise trio.BrokenResourceError(str(err)) from err
             parts.append(chunk)
             total += len(chunk)
-            if len(chunk) < _RECORD:
+            if len(chunk) < RECORD_SIZE:
                 break
         if parts and not self._session_saved:
             self._save_session()
@@ -887,156 +456,3 @@ class TLSStream(trio.abc.HalfCloseableStream):
         session = self._conn.get_session()
         if session is not None:
             self._ctx._remember_session(self._server_hostname, session)
-
-
-_ERROR_WANT_READ = _lib.SSL_ERROR_WANT_READ
-_ERROR_WANT_WRITE = _lib.SSL_ERROR_WANT_WRITE
-_ERROR_ZERO_RETURN = _lib.SSL_ERROR_ZERO_RETURN
-_buffers = threading.local()
-
-
-def _lent_buffer() -> Any:
-    """This thread's buffer for lent reads (OpenSSL fills it without holding the GIL)."""
-    buf = getattr(_buffers, "tls", None)
-    if buf is None:
-        buf = _buffers.tls = _ffi.new("char[]", LENT_SIZE)
-    return buf
-
-
-class TLSEnd:
-    """A TLS stream as the relay drives it: calls that never wait (see `tally.tls.plain.PlainEnd`).
-
-    The stream's own state follows what the relay does (end of stream seen or
-    sent, broken), so closing the stream afterwards behaves as after
-    ``receive_some``/``send_all``.  An OpenSSL write that would block must be
-    retried with the same bytes, which the relay does: it keeps what it could
-    not write and offers it again.  A read returns whole records while they come
-    full (a bulk transfer, with more behind them: ``more``) up to `LENT_SIZE`, and stops
-    at a short one (usually a message's end).  Without read-ahead OpenSSL takes
-    from the socket only the records it returns, so "readable" on the socket is
-    an exact signal.  An error after some records is reported by the next read,
-    after those records are delivered.
-
-    The relay calls these per chunk on every connection, so they call
-    ``SSL_read``/``SSL_write`` directly on pyOpenSSL's connection (its ``_ssl``)
-    and map "would block" from the return code: pyOpenSSL's wrappers raise an
-    exception for it and allocate a buffer per read, which cost more than the
-    call itself.  Anything else goes through pyOpenSSL's own error mapping, which
-    also empties OpenSSL's error queue.
-    """
-
-    __slots__ = (
-        "_after",
-        "_buf",
-        "_conn",
-        "_lent",
-        "_ssl",
-        "_stream",
-        "_unsaved",
-        "fd",
-        "more",
-        "wants",
-    )
-
-    def __init__(self, stream: TLSStream) -> None:
-        self._after: BaseException | bool | None = None
-        self._stream = stream
-        self._conn = stream._conn
-        self._ssl = stream._conn._ssl
-        # The relay reads in the thread that made its ends: this thread's buffer.
-        self._buf = _lent_buffer()
-        self._lent = memoryview(_ffi.buffer(self._buf, LENT_SIZE))
-        self._unsaved = not stream._session_saved
-        # pyOpenSSL turns on partial writes, with which SSL_write returns after each
-        # 16 KiB record: a call, and a copy of what is left, per record.
-        # Without it one call writes the whole chunk or says "would block", and the
-        # relay retries with the same bytes, as OpenSSL then requires.
-        _lib.SSL_clear_mode(self._ssl, _lib.SSL_MODE_ENABLE_PARTIAL_WRITE)
-        self.fd = stream.transport.socket.fileno()
-        self.wants = WANT_READ
-        self.more = True
-
-    def read(self) -> memoryview | bytes | None:
-        if self._after is not None:
-            return self._end_now()
-        ssl, buf = self._ssl, self._buf
-        n = total = _lib.SSL_read(ssl, buf, _RECORD)
-        while n == _RECORD and total <= LENT_SIZE - _RECORD:  # full records: a bulk transfer
-            n = _lib.SSL_read(ssl, buf + total, _RECORD)
-            if n > 0:
-                total += n
-        if total > 0 and self._unsaved:
-            self._unsaved = False
-            self._stream._save_session()
-        if n > 0:
-            self.more = n == _RECORD
-            return self._lent[:total]
-        if total < 0:
-            total = 0
-        code = _lib.SSL_get_error(ssl, n)
-        if code == _ERROR_WANT_READ or code == _ERROR_WANT_WRITE:
-            if total:
-                self.more = False
-                return self._lent[:total]
-            self.wants = WANT_READ if code == _ERROR_WANT_READ else WANT_WRITE
-            return None
-        self._after = self._outcome(code, n)
-        if total:  # deliver what decrypted cleanly; the next read reports the end
-            self.more = True
-            return self._lent[:total]
-        return self._end_now()
-
-    def _outcome(self, code: int, n: int) -> BaseException | bool:
-        """What a failed SSL_read means: True for an end of stream, else the error."""
-        if code == _ERROR_ZERO_RETURN:
-            return True
-        try:
-            self._conn._raise_ssl_error(self._ssl, n)
-        except SSL.SysCallError as exc:
-            if exc.args[0] == -1:
-                return True  # end of stream without close_notify: an end all the same
-            return self._broken(exc, "receive")
-        except SSL.Error as exc:
-            return self._broken(exc, "receive")
-        return self._broken(SSL.Error("SSL_read read nothing"), "receive")
-
-    def _end_now(self) -> bytes:
-        after = self._after
-        if isinstance(after, BaseException):
-            raise after
-        self._stream._recv_eof = True
-        return b""
-
-    def write(self, data: bytes | memoryview) -> int | None:
-        n = _lib.SSL_write(self._ssl, _ffi.from_buffer(data), len(data))
-        if n > 0:
-            return n  # type: ignore[no-any-return]
-        code = _lib.SSL_get_error(self._ssl, n)
-        if code == _ERROR_WANT_WRITE:
-            self.wants = WANT_WRITE
-            return None
-        if code == _ERROR_WANT_READ:
-            self.wants = WANT_READ
-            return None
-        try:
-            self._conn._raise_ssl_error(self._ssl, n)
-        except SSL.Error as exc:
-            raise self._broken(exc, "send") from exc
-        raise self._broken(SSL.Error("SSL_write wrote nothing"), "send")
-
-    def shut(self) -> bool:
-        self._stream._sent_eof = True
-        try:
-            self._conn.shutdown()
-        except SSL.WantWriteError:
-            self.wants = WANT_WRITE
-            return False
-        except SSL.Error as exc:
-            raise self._broken(exc, "shutdown") from exc
-        return True
-
-    def _broken(self, exc: SSL.Error, during: str) -> trio.BrokenResourceError:
-        err = self._stream._fail(exc, during)
-        broken = trio.BrokenResourceError(str(err))
-        broken.__cause__ = err
-        return broken

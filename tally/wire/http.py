@@ -34,7 +34,7 @@ from urllib.parse import parse_qsl
 import h11
 import trio
 
-from tally.tls import stream as tls
+from tally.tls.verify import PeerRejected, TLSError
 
 log = logging.getLogger("tally.http")
 
@@ -174,8 +174,8 @@ class _Quit(Exception):
 _PEER_ERRORS = (
     trio.BrokenResourceError,
     trio.ClosedResourceError,
-    tls.TLSError,
-    tls.PeerRejected,
+    TLSError,
+    PeerRejected,
     OSError,
     _Quit,
 )
@@ -420,8 +420,8 @@ _TRANSPORT_ERRORS = (
     trio.BrokenResourceError,
     trio.ClosedResourceError,
     h11.ProtocolError,
-    tls.TLSError,
-    tls.PeerRejected,
+    TLSError,
+    PeerRejected,
     OSError,
     _Stale,
 )

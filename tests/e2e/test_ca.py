@@ -26,7 +26,7 @@ from cryptography.x509.oid import NameOID
 from agent.ca_client import CAClient, CAError, make_csr
 from tally.app.launch import Daemon, run_cli
 from tally.ops.config import Address
-from tally.spiffe import x509profile
+from tally.spiffe import pem, x509profile
 from tally.spiffe.spiffeid import SpiffeId, TrustDomain
 from tests.e2e.conftest import CA
 
@@ -34,7 +34,7 @@ TD = TrustDomain.parse("example.org")
 
 
 def bundle_roots(ca: CA) -> list[x509.Certificate]:
-    return x509profile.chain_from_pem(ca.json("bundle", "show")["bundle"].encode())
+    return pem.chain_from_pem(ca.json("bundle", "show")["bundle"].encode())
 
 
 async def attested_client(ca: CA, agent_id: str | None = None) -> tuple[CAClient, str]:
@@ -56,12 +56,12 @@ def test_mint_passes_openssl_verify_and_py_spiffe(ca: CA, tmp_path: Path):
     assert shown["spiffe_id"] == "spiffe://example.org/web"
     assert "private_key" not in shown
     assert stat.S_IMODE(os.stat(out / "key.pem").st_mode) == 0o600
-    chain = x509profile.chain_from_pem((out / "svid.pem").read_bytes())
+    chain = pem.chain_from_pem((out / "svid.pem").read_bytes())
     assert len(chain) == 2
     life = chain[0].not_valid_after_utc - datetime.now(UTC)
     assert timedelta(minutes=9) < life <= timedelta(minutes=10)
-    (out / "leaf.pem").write_bytes(x509profile.chain_to_pem(chain[:1]))
-    (out / "inter.pem").write_bytes(x509profile.chain_to_pem(chain[1:]))
+    (out / "leaf.pem").write_bytes(pem.chain_to_pem(chain[:1]))
+    (out / "inter.pem").write_bytes(pem.chain_to_pem(chain[1:]))
     verify = subprocess.run(
         [
             "openssl",
@@ -565,7 +565,7 @@ async def test_signing_key_rotation_and_root_rotation(ca_factory, tmp_path: Path
 
     def issuer_of_mint() -> x509.Certificate:
         ca.cli("x509", "mint", "--spiffe-id", "spiffe://example.org/r", "--out", str(out))
-        return x509profile.chain_from_pem((out / "svid.pem").read_bytes())[1]
+        return pem.chain_from_pem((out / "svid.pem").read_bytes())[1]
 
     first = issuer_of_mint()
     # Automatic rotation: within two intermediate lifetimes a new intermediate signs.
@@ -637,7 +637,7 @@ def test_upstream_root_signs_the_intermediates(ca_factory, tmp_path: Path):
     out = tmp_path / "m"
     out.mkdir()
     ca.cli("x509", "mint", "--spiffe-id", "spiffe://example.org/u", "--out", str(out))
-    chain = x509profile.chain_from_pem((out / "svid.pem").read_bytes())
+    chain = pem.chain_from_pem((out / "svid.pem").read_bytes())
     chain[1].verify_directly_issued_by(root)
     refused = ca.cli("rotate", "--root", check=False)
     assert refused.returncode == 1 and "upstream" in refused.stderr

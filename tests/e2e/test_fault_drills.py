@@ -31,7 +31,7 @@ import trio
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 
-from tally.spiffe import x509profile
+from tally.spiffe import pem, x509profile
 from tally.spiffe.bundle import Bundle
 from tally.spiffe.spiffeid import TrustDomain
 from tally.wire import workload_client as wl
@@ -222,13 +222,13 @@ def test_agent_killed_under_load_proxy_keeps_svid_and_reconnects(mesh: Mesh):
 
 
 def bundle_roots(ca: CA) -> list[x509.Certificate]:
-    return x509profile.chain_from_pem(ca.json("bundle", "show")["bundle"].encode())
+    return pem.chain_from_pem(ca.json("bundle", "show")["bundle"].encode())
 
 
 def chains_to(socket_path: str, root: x509.Certificate) -> bool:
     chain = fetch(socket_path).default_svid.chain
     try:
-        x509profile.verify_chain(chain, Bundle(TD, (root,)), datetime.now(UTC))
+        x509profile.verify_chain(chain, TD, (root,), datetime.now(UTC))
     except x509profile.ProfileError:
         return False
     return True
@@ -459,10 +459,10 @@ def mint(ca: CA, out: Path) -> tuple[list[x509.Certificate], Bundle, tuple[Path,
     ca.json(
         "x509", "mint", "--spiffe-id", "spiffe://example.org/skew", "--ttl", "1h", "--out", str(out)
     )
-    chain = x509profile.chain_from_pem((out / "svid.pem").read_bytes())
+    chain = pem.chain_from_pem((out / "svid.pem").read_bytes())
     bundle = Bundle.from_pem(TD, (out / "bundle.pem").read_bytes())
-    (out / "leaf.pem").write_bytes(x509profile.chain_to_pem(chain[:1]))
-    (out / "intermediates.pem").write_bytes(x509profile.chain_to_pem(chain[1:]))
+    (out / "leaf.pem").write_bytes(pem.chain_to_pem(chain[:1]))
+    (out / "intermediates.pem").write_bytes(pem.chain_to_pem(chain[1:]))
     return chain, bundle, (out / "leaf.pem", out / "intermediates.pem", out / "bundle.pem")
 
 
@@ -501,16 +501,18 @@ def test_peer_with_clock_behind_accepts_a_fresh_svid(mesh: Mesh, ca_factory, tmp
         cushion = timedelta(seconds=10)
         assert before - cushion <= leaf.not_valid_before_utc <= after - cushion, moment
         # Controls: valid now; not valid before its not_before, to either validator.
-        x509profile.verify_chain(chain, bundle, datetime.now(UTC))
+        x509profile.verify_chain(
+            chain, bundle.trust_domain, bundle.x509_authorities, datetime.now(UTC)
+        )
         assert openssl_verify(*files, datetime.now(UTC)) == "ok", moment
         too_early = leaf.not_valid_before_utc - timedelta(seconds=1)
         with pytest.raises(x509profile.ProfileError):
-            x509profile.verify_chain(chain, bundle, too_early)
+            x509profile.verify_chain(chain, bundle.trust_domain, bundle.x509_authorities, too_early)
         assert openssl_verify(*files, too_early) != "ok", moment
         # A peer 5 s behind the CA.
         behind = datetime.now(UTC) - timedelta(seconds=5)
         try:
-            x509profile.verify_chain(chain, bundle, behind)
+            x509profile.verify_chain(chain, bundle.trust_domain, bundle.x509_authorities, behind)
         except x509profile.ProfileError as exc:
             problems.append(f"{moment}: verify_chain 5 s behind: {exc}")
         verdict = openssl_verify(*files, behind)

@@ -24,7 +24,7 @@ import pytest
 
 from ca.cli import cmd_x509_mint
 from tally.app.launch import Daemon
-from tally.spiffe import x509profile
+from tally.spiffe import pem
 from tests.e2e.conftest import CA, make_ca
 from tests.proxy.backends import EchoServer, HttpServer
 
@@ -65,7 +65,7 @@ def mint(ca: CA, out: Path, spiffe_id: str, ttl: str = "1h", dns: str | None = N
     )
     with contextlib.redirect_stdout(io.StringIO()):
         assert cmd_x509_mint(args) == 0
-    leaf = x509profile.chain_from_pem((out / "svid.pem").read_bytes())[0]
+    leaf = pem.chain_from_pem((out / "svid.pem").read_bytes())[0]
     return Minted(out, spiffe_id, format(leaf.serial_number, "x"))
 
 

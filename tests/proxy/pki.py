@@ -14,7 +14,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.x509.oid import NameOID
 
-from tally.spiffe import x509profile
+from tally.spiffe import pem, x509profile
 from tally.spiffe.bundle import Bundle
 from tally.spiffe.spiffeid import SpiffeId, TrustDomain
 
@@ -34,8 +34,8 @@ class Svid:
 
     def write(self, directory: Path, bundle: Bundle) -> None:
         directory.mkdir(parents=True, exist_ok=True)
-        (directory / "svid.pem").write_bytes(x509profile.chain_to_pem(self.chain))
-        (directory / "key.pem").write_bytes(x509profile.key_to_pem(self.key))
+        (directory / "svid.pem").write_bytes(pem.chain_to_pem(self.chain))
+        (directory / "key.pem").write_bytes(pem.key_to_pem(self.key))
         (directory / "bundle.pem").write_bytes(bundle.to_pem())
 
 

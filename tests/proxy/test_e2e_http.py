@@ -11,7 +11,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from tally.spiffe import x509profile
+from tally.spiffe import pem
 from tests.proxy.backends import blob
 from tests.proxy.conftest import client_context, http_over, tls_connect
 
@@ -19,7 +19,7 @@ pytestmark = pytest.mark.e2e
 
 
 def leaf_sha256(minted) -> str:
-    leaf = x509profile.chain_from_pem(minted.cert.read_bytes())[0]
+    leaf = pem.chain_from_pem(minted.cert.read_bytes())[0]
     return hashlib.sha256(leaf.public_bytes(serialization.Encoding.DER)).hexdigest()
 
 

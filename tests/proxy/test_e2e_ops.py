@@ -19,7 +19,7 @@ import pytest
 from cryptography import x509
 
 from tally.app.launch import Daemon
-from tally.spiffe import x509profile
+from tally.spiffe import pem
 from tests.proxy.conftest import client_context, mint, tls_connect, wait_until
 
 pytestmark = pytest.mark.e2e
@@ -246,7 +246,7 @@ def test_connections_close_when_the_peer_certificate_expires(
     cas, tcp_server_proxy, http_server_proxy, tmp_path
 ):
     short = mint(cas["example.org"], tmp_path / "short", "spiffe://example.org/web", ttl="3s")
-    not_after = x509profile.chain_from_pem(short.cert.read_bytes())[0].not_valid_after_utc
+    not_after = pem.chain_from_pem(short.cert.read_bytes())[0].not_valid_after_utc
     ctx = client_context(short, short.bundle)
     tcp = tls_connect(tcp_server_proxy.port, ctx)
     assert echo_once(tcp, b"tcp") == b"tcp"

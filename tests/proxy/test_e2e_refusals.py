@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from tally.spiffe import x509profile
+from tally.spiffe import pem
 from tests.proxy.conftest import client_context, http_over, tls_connect, wait_until
 
 pytestmark = pytest.mark.e2e
@@ -84,7 +84,7 @@ def test_other_trust_domain_is_refused(http_server_proxy, certs):
 
 def test_expired_certificate_is_refused(http_server_proxy, certs):
     expired = certs["expired"]
-    leaf = x509profile.chain_from_pem(expired.cert.read_bytes())[0]
+    leaf = pem.chain_from_pem(expired.cert.read_bytes())[0]
     # OpenSSL compares whole seconds: the certificate is expired once notAfter's second is over.
     expired_at = leaf.not_valid_after_utc + timedelta(seconds=1)
     wait_until(lambda: datetime.now(UTC) >= expired_at, what="the 1s SVID to expire")

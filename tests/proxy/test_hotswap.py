@@ -7,7 +7,8 @@ import pytest
 from proxy.hotswap import HotSwap
 from proxy.metrics import Stats
 from tally.spiffe import authz
-from tally.tls import stream as tls
+from tally.tls.contexts import client_context, server_context
+from tally.tls.verify import PeerRejected
 from tests.proxy.inprocess import identity_of
 from tests.proxy.pki import Authority
 from tests.test_tls import _close_socket_pairs as _close_socket_pairs
@@ -31,7 +32,7 @@ async def connect_as(ex: Authority, swap: HotSwap, spiffe_id: str) -> dict[str, 
     """Handshake a client holding ``spiffe_id`` against ``swap``'s current context."""
     assert swap.current is not None
     peer = ex.svid(spiffe_id)
-    ctx = tls.client_context(roots=[ex.root], chain=peer.chain, key=peer.key)
+    ctx = client_context(roots=[ex.root], chain=peer.chain, key=peer.key)
     client, server = tls_pair(ctx, swap.current.context)
     return await handshake_both(client, server)
 
@@ -91,7 +92,7 @@ async def test_handshakes_take_the_allow_rules_of_the_current_context(ex):
     swap.publish(identity_of(ex, ex.svid("spiffe://example.org/api")))
     assert await connect_as(ex, swap, "spiffe://example.org/web") == {}
     refused = await connect_as(ex, swap, "spiffe://example.org/db")
-    assert isinstance(refused["server"], tls.PeerRejected)
+    assert isinstance(refused["server"], PeerRejected)
     assert refused["server"].reason == "not_allowed"
 
     before = swap.current
@@ -123,7 +124,7 @@ async def test_a_client_swap_verifies_the_server_it_reaches(ex):
     assert swap.current is not None
     for name, want in (("spiffe://example.org/api", True), ("spiffe://example.org/db", False)):
         server = ex.svid(name)
-        ctx = tls.server_context(server.chain, server.key, roots=[ex.root], client_auth="required")
+        ctx = server_context(server.chain, server.key, roots=[ex.root], client_auth="required")
         client_end, server_end = tls_pair(swap.current.context, ctx)
         errors = await handshake_both(client_end, server_end)
         assert ("client" not in errors) is want, name

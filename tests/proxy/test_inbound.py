@@ -6,7 +6,9 @@ import pytest
 import trio
 
 from proxy.inbound import address_of, serve_inbound
-from tally.tls import stream as tls
+from tally.tls.contexts import client_context
+from tally.tls.stream import TLSStream
+from tally.tls.verify import TLSError
 from tests.proxy.inprocess import Echo, identity_of, running, server_settings, traffic_for
 from tests.proxy.pki import Authority
 from tests.test_tls import _close_socket_pairs as _close_socket_pairs
@@ -18,10 +20,10 @@ def ex() -> Authority:
     return Authority.create("example.org")
 
 
-def client_stream(ex: Authority, spiffe_id: str, transport: trio.SocketStream) -> tls.TLSStream:
+def client_stream(ex: Authority, spiffe_id: str, transport: trio.SocketStream) -> TLSStream:
     svid = ex.svid(spiffe_id)
-    ctx = tls.client_context(roots=[ex.root], chain=svid.chain, key=svid.key)
-    return tls.TLSStream(transport, ctx, server_side=False)
+    ctx = client_context(roots=[ex.root], chain=svid.chain, key=svid.key)
+    return TLSStream(transport, ctx, server_side=False)
 
 
 async def test_an_allowed_peer_reaches_the_service_and_a_refused_one_never_does(ex):
@@ -35,7 +37,7 @@ async def test_an_allowed_peer_reaches_the_service_and_a_refused_one_never_does(
             a, b = socket_pair()
             nursery.start_soon(serve_inbound, t, b)
             refused = client_stream(ex, "spiffe://example.org/db", a)
-            with trio.fail_after(10), pytest.raises((tls.TLSError, trio.BrokenResourceError)):
+            with trio.fail_after(10), pytest.raises((TLSError, trio.BrokenResourceError)):
                 await refused.do_handshake()
                 await (
                     refused.receive_some()

@@ -19,8 +19,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from proxy.tcp import Deadline, Relay
-from tally.tls import stream as tls
 from tally.tls.plain import LENT_SIZE
+from tally.tls.stream import TLSStream
 from tests.proxy.test_forwarding import ignore
 from tests.test_plain import plain_pair
 from tests.test_tls import PKI, handshake_both, make_pki, tls_pair
@@ -42,7 +42,7 @@ async def running_relay() -> AsyncIterator[Relay]:
         nursery.cancel_scope.cancel()
 
 
-async def tls_front(pki: PKI) -> tuple[tls.TLSStream, tls.TLSStream]:
+async def tls_front(pki: PKI) -> tuple[TLSStream, TLSStream]:
     """A TLS client (the peer) and the proxy's server end of it, handshake done."""
     peer, proxy_side = tls_pair(pki.client_ctx(), pki.server_ctx())
     assert await handshake_both(peer, proxy_side) == {}

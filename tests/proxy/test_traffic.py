@@ -10,7 +10,9 @@ import trio
 from proxy.pool import DialError
 from proxy.settings import ServerSettings
 from proxy.traffic import Traffic
-from tally.tls import stream as tls
+from tally.tls.contexts import client_context
+from tally.tls.stream import TLSStream
+from tally.tls.verify import TLSError
 from tests.proxy.inprocess import closed_port, identity_of, running, server_settings, traffic_for
 from tests.proxy.pki import Authority
 from tests.test_plain import plain_pair
@@ -33,19 +35,19 @@ async def handshake_as(ex: Authority, t: Traffic, spiffe_id: str | None):
     """The proxy's judgement of a client holding ``spiffe_id`` (None: a silent peer)."""
     assert t.swap.current is not None
     a, b = socket_pair()
-    proxy_end = tls.TLSStream(b, t.swap.current.context, server_side=True)
+    proxy_end = TLSStream(b, t.swap.current.context, server_side=True)
     result = []
     async with trio.open_nursery() as nursery:
         if spiffe_id is not None:
             svid = ex.svid(spiffe_id)
-            ctx = tls.client_context(roots=[ex.root], chain=svid.chain, key=svid.key)
-            client = tls.TLSStream(a, ctx, server_side=False)
+            ctx = client_context(roots=[ex.root], chain=svid.chain, key=svid.key)
+            client = TLSStream(a, ctx, server_side=False)
 
             async def client_side() -> None:
                 try:
                     await client.do_handshake()
                     await client.receive_some()  # until the proxy closes
-                except (tls.TLSError, trio.BrokenResourceError):
+                except (TLSError, trio.BrokenResourceError):
                     pass
 
             nursery.start_soon(client_side)

@@ -21,9 +21,10 @@ from proxy.daemon import Proxy
 from proxy.identity import BACKOFF_FIRST_S, IdentityError, WorkloadSource, from_workload
 from proxy.settings import ServerSettings
 from tally.ops.config import Address
-from tally.spiffe import x509profile
+from tally.spiffe import pem, x509profile
 from tally.spiffe.spiffeid import SpiffeId
-from tally.tls import stream as tls
+from tally.tls.contexts import client_context
+from tally.tls.stream import TLSStream
 from tally.wire import workload_pb as pb
 from tally.wire.grpc import Status, encode_message, trailers
 from tally.wire.workload_client import parse_x509_svid_response
@@ -35,20 +36,19 @@ End = Status
 def response(
     authority: Authority, *svids: Svid, federated: dict[str, Authority] | None = None
 ) -> bytes:
-    root_der = x509profile.chain_to_der([authority.root])
+    root_der = pem.chain_to_der([authority.root])
     message = pb.X509SVIDResponse(
         svids=[
             pb.X509SVID(
                 spiffe_id=x509profile.validate_leaf(s.leaf).__str__(),
-                x509_svid=x509profile.chain_to_der(s.chain),
-                x509_svid_key=x509profile.key_to_pkcs8_der(s.key),
+                x509_svid=pem.chain_to_der(s.chain),
+                x509_svid_key=pem.key_to_pkcs8_der(s.key),
                 bundle=root_der,
             )
             for s in svids
         ],
         federated_bundles={
-            f"spiffe://{td}": x509profile.chain_to_der([a.root])
-            for td, a in (federated or {}).items()
+            f"spiffe://{td}": pem.chain_to_der([a.root]) for td, a in (federated or {}).items()
         },
     )
     return message.SerializeToString()
@@ -218,14 +218,12 @@ async def test_proxy_waits_for_its_first_svid_then_swaps_in_new_ones(ex, tmp_pat
             seen.append(format(chain[0].serial_number, "x"))
             return None
 
-        ctx = tls.client_context(
+        ctx = client_context(
             roots=[ex.root], chain=client.chain, key=client.key, verifier=note_serial
         )
 
         async def round_trip() -> None:
-            stream = tls.TLSStream(
-                await trio.open_tcp_stream(host, int(port)), ctx, server_side=False
-            )
+            stream = TLSStream(await trio.open_tcp_stream(host, int(port)), ctx, server_side=False)
             async with stream:
                 await stream.send_all(b"ping")
                 assert await stream.receive_some(10) == b"ping"

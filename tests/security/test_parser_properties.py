@@ -53,8 +53,9 @@ from proxy.http import request_headers
 from proxy.settings import ClientSettings, ServerSettings
 from tally.app.cli import build_parser
 from tally.ops.config import ConfigError, describe, load
+from tally.spiffe.pem import chain_to_pem
 from tally.spiffe.spiffeid import SpiffeId, TrustDomain
-from tally.spiffe.x509profile import ProfileError, chain_to_pem, csr_public_key, generate_key
+from tally.spiffe.x509profile import ProfileError, csr_public_key, generate_key
 from tally.wire import http
 from tally.wire import workload_pb as pb
 from tally.wire.grpc import GrpcError, MessageDecoder, Status, encode_message

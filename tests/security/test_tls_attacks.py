@@ -35,7 +35,7 @@ import trio
 
 from agent.ca_client import CAClient
 from tally.ops.config import Address
-from tally.spiffe import x509profile
+from tally.spiffe import pem, x509profile
 from tally.spiffe.spiffeid import TrustDomain
 from tests.e2e.conftest import CA, make_ca
 from tests.proxy.backends import HttpServer
@@ -91,8 +91,8 @@ def save(svid: Svid, out: Path, spiffe_id: str, pki: Authority) -> Minted:
 
 def with_chain_file(minted: Minted) -> Minted:
     """The intermediates alone in chain.pem: s_client's -cert sends only the leaf."""
-    chain = x509profile.chain_from_pem(minted.cert.read_bytes())
-    (minted.dir / "chain.pem").write_bytes(x509profile.chain_to_pem(chain[1:]))
+    chain = pem.chain_from_pem(minted.cert.read_bytes())
+    (minted.dir / "chain.pem").write_bytes(pem.chain_to_pem(chain[1:]))
     return minted
 
 
@@ -100,8 +100,8 @@ def with_chain_file(minted: Minted) -> Minted:
 def ca_daemon(pki, tmp_path_factory) -> Iterator[CA]:
     base = tmp_path_factory.mktemp("tls-ca")
     root, key = base / "upstream.pem", base / "upstream-key.pem"
-    root.write_bytes(x509profile.chain_to_pem([pki.root]))
-    key.write_bytes(x509profile.key_to_pem(pki.root_key))
+    root.write_bytes(pem.chain_to_pem([pki.root]))
+    key.write_bytes(pem.key_to_pem(pki.root_key))
     os.chmod(key, 0o600)
     ca = make_ca(base, "--upstream-cert", str(root), "--upstream-key", str(key), trust_domain=TD)
     yield ca
