@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives import serialization
 
 from agent.attestor import AttestationError, ExeHashCache, attest_socket, describe
 from agent.manager import AgentCore, HeldSvid
-from agent.workload_server import NoIdentity, SvidItem, X509Snapshot
+from agent.workload_messages import NoIdentity, SvidItem, X509Snapshot
 from tally.ops.logs import get_logger
 from tally.ops.net import PeerCred
 from tally.spiffe.selectors import Selector, matches
