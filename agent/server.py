@@ -18,7 +18,6 @@ import random
 import signal
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
-from pathlib import Path
 
 import trio
 from prometheus_client import CollectorRegistry
@@ -216,7 +215,7 @@ class AgentServer:
         cfg = self.cfg
         client = CAClient(cfg.server, self.td, self.roots, timeout=float(cfg.ca_timeout))
         cfg.socket.parent.mkdir(parents=True, exist_ok=True)
-        listener = await open_unix_listener(Path(cfg.socket), 0o666)
+        listener = await open_unix_listener(cfg.socket, 0o666)
         try:
             async with trio.open_nursery() as nursery:
                 addresses = {"socket": str(cfg.socket)}

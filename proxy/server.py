@@ -157,7 +157,7 @@ class Proxy:
                 spec.cert, spec.key, spec.bundle, spec.federated, want=want, clock=clock
             )
         else:
-            self.source = WorkloadSource(spec.socket_path, want=want, clock=clock)
+            self.source = WorkloadSource(spec.endpoint_socket, want=want, clock=clock)
         self.pool: Pool | None = None
         if cfg.http:
             self.pool = Pool(

@@ -5,6 +5,8 @@ Calls against a running server are in ``tests/agent/test_workload_server.py``.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -15,9 +17,9 @@ from tally.wire.workload_client import (
     EndpointError,
     WorkloadApiError,
     endpoint_from_env,
+    endpoint_socket_of,
     parse_endpoint,
     parse_x509_svid_response,
-    socket_path_of,
 )
 from tests.agent.test_workload_server import SPIFFE_ID, cas, make_svid
 
@@ -75,8 +77,8 @@ _PATHS = st.lists(
 def test_endpoint_round_trip(path):
     from urllib.parse import quote
 
-    assert parse_endpoint("unix://" + quote(path)) == path
-    assert parse_endpoint("unix:" + quote(path)) == path
+    assert parse_endpoint("unix://" + quote(path)) == Path(path)
+    assert parse_endpoint("unix:" + quote(path)) == Path(path)
 
 
 @given(st.text(max_size=40))
@@ -86,7 +88,7 @@ def test_endpoint_garbage_raises_only_endpoint_error_and_accepted_is_absolute(va
     except EndpointError:
         return
     assert value.startswith("unix:")
-    assert path.startswith("/") and len(path) > 1 and "\x00" not in path
+    assert str(path).startswith("/") and len(str(path)) > 1 and "\x00" not in str(path)
 
 
 @pytest.mark.parametrize(
@@ -111,12 +113,15 @@ def test_endpoint_rejections_name_the_value(value, why):
 def test_endpoint_from_env_requires_the_variable():
     with pytest.raises(EndpointError, match="SPIFFE_ENDPOINT_SOCKET is not set"):
         endpoint_from_env({})
-    assert endpoint_from_env({"SPIFFE_ENDPOINT_SOCKET": "unix:///run/a.sock"}) == "/run/a.sock"
+    assert endpoint_from_env({"SPIFFE_ENDPOINT_SOCKET": "unix:///run/a.sock"}) == Path(
+        "/run/a.sock"
+    )
 
 
 def test_explicit_address_may_be_a_plain_path():
-    assert socket_path_of("/run/tally/agent.sock") == "/run/tally/agent.sock"
-    assert socket_path_of("unix:///run/tally/agent.sock") == "/run/tally/agent.sock"
-    assert socket_path_of("unix:/run/tally/agent.sock") == "/run/tally/agent.sock"
+    socket = Path("/run/tally/agent.sock")
+    assert endpoint_socket_of("/run/tally/agent.sock") == socket
+    assert endpoint_socket_of("unix:///run/tally/agent.sock") == socket
+    assert endpoint_socket_of("unix:/run/tally/agent.sock") == socket
     with pytest.raises(EndpointError):
-        socket_path_of("")
+        endpoint_socket_of("")

@@ -39,7 +39,12 @@ from agent.workload_server import WorkloadStats, serve_workload_api, serve_workl
 from tally.ops.net import PeerCred, open_unix_listener
 from tally.wire import workload_pb as pb
 from tally.wire.grpc import MessageDecoder, Status, encode_message, status_from_headers
-from tally.wire.workload_client import WorkloadApiError, fetch_x509, watch_x509
+from tally.wire.workload_client import (
+    WorkloadApiError,
+    endpoint_socket_of,
+    fetch_x509,
+    watch_x509,
+)
 
 SPIFFE_ID = "spiffe://example.org/workload"
 X509_SVID = "/SpiffeWorkloadAPI/FetchX509SVID"
@@ -608,7 +613,7 @@ async def test_empty_snapshot_ends_with_permission_denied(agent, cas):
 
 async def _still_serves(agent: Agent) -> None:
     with trio.fail_after(5):
-        context = await fetch_x509(str(agent.path))
+        context = await fetch_x509(agent.path)
     assert context.default_svid.spiffe_id == SPIFFE_ID
 
 
@@ -686,7 +691,7 @@ async def test_stalled_reader_does_not_delay_another_clients_rotation(agent, cas
     slow.call()
     await slow.flush()  # ... and never reads again
     with trio.fail_after(5):
-        async with watch_x509(str(agent.path)) as updates:
+        async with watch_x509(agent.path) as updates:
             first = await anext(updates)
             assert first.default_svid.leaf.serial_number == 2001
             agent.backend.publish(snapshot(cas, serial=2002, padding=2000))
@@ -823,7 +828,7 @@ async def test_client_deadline_ends_the_stream(autojump_clock, cas):
 
 
 async def test_own_client_fetches_and_parses(agent, cas):
-    context = await fetch_x509(agent.uri)
+    context = await fetch_x509(endpoint_socket_of(agent.uri))
     svid = context.default_svid
     assert svid.spiffe_id == SPIFFE_ID
     assert svid.leaf.serial_number == 1001
@@ -834,7 +839,7 @@ async def test_own_client_fetches_and_parses(agent, cas):
 
 
 async def test_own_client_watches_rotation_and_revocation(agent, cas):
-    async with watch_x509(f"unix:{agent.path}") as updates:
+    async with watch_x509(endpoint_socket_of(f"unix:{agent.path}")) as updates:
         assert (await anext(updates)).default_svid.leaf.serial_number == 1001
         agent.backend.publish(snapshot(cas, serial=1002))
         assert (await anext(updates)).default_svid.leaf.serial_number == 1002
@@ -847,14 +852,14 @@ async def test_own_client_watches_rotation_and_revocation(agent, cas):
 async def test_own_client_reports_permission_denied(agent):
     agent.backend.deny = True
     with pytest.raises(WorkloadApiError) as info:
-        await fetch_x509(str(agent.path))
+        await fetch_x509(agent.path)
     assert info.value.status is Status.PERMISSION_DENIED
     assert info.value.message == "no identity issued"
 
 
 async def test_own_client_reports_a_missing_socket(sock_dir):
     with pytest.raises(WorkloadApiError) as info:
-        await fetch_x509(str(sock_dir / "absent.sock"))
+        await fetch_x509(sock_dir / "absent.sock")
     assert info.value.status is Status.UNAVAILABLE
     assert "absent.sock" in info.value.message
 
@@ -862,6 +867,6 @@ async def test_own_client_reports_a_missing_socket(sock_dir):
 async def test_own_client_times_out(autojump_clock, sock_dir):
     listener = await open_unix_listener(sock_dir / "mute.sock", 0o600)  # accepts, never answers
     with pytest.raises(WorkloadApiError) as info:
-        await fetch_x509(str(sock_dir / "mute.sock"), timeout_s=3)
+        await fetch_x509(sock_dir / "mute.sock", timeout_s=3)
     assert info.value.status is Status.DEADLINE_EXCEEDED
     await listener.aclose()

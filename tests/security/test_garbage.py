@@ -200,7 +200,7 @@ def tls(address: str, ctx: ssl.SSLContext) -> ssl.SSLSocket:
 
 def workload_fetch(stack: Stack) -> str:
     """Tally's own Workload API client, in this process: the default SVID's ID."""
-    context = trio.run(fetch_x509, stack.agent.socket)
+    context = trio.run(fetch_x509, Path(stack.agent.socket))
     return context.default_svid.spiffe_id
 
 
