@@ -24,8 +24,9 @@ import trio
 from cryptography.hazmat.primitives import serialization
 
 from agent.attestor import AttestationError, ExeHashCache, attest_socket, describe
-from agent.manager import AgentCore, HeldSvid
-from agent.workload_server import NoIdentity, SvidItem, X509Snapshot
+from agent.keeper import SvidKeeper
+from agent.renewal import HeldSvid
+from agent.workload_messages import NoIdentity, SvidItem, X509Snapshot
 from tally.ops.logs import get_logger
 from tally.ops.net import PeerCred
 from tally.spiffe.selectors import Selector, matches
@@ -56,19 +57,19 @@ def _item(held: HeldSvid, bundle_der: bytes) -> SvidItem:
 
 
 class AgentBackend:
-    def __init__(self, core: AgentCore, trust_domain_id: str) -> None:
-        self.core = core
+    def __init__(self, keeper: SvidKeeper, trust_domain_id: str) -> None:
+        self.keeper = keeper
         self.td_id = trust_domain_id
         self.hashes = ExeHashCache()
         self.stats = Stats()
 
     def snapshot_for(self, selectors: frozenset[Selector]) -> X509Snapshot:
-        core = self.core
-        now = core.clock()
-        bundle_der = b"".join(c.public_bytes(serialization.Encoding.DER) for c in core.roots)
+        keeper = self.keeper
+        now = keeper.clock()
+        bundle_der = b"".join(c.public_bytes(serialization.Encoding.DER) for c in keeper.roots)
         held = [
             h
-            for h in core.svids.values()
+            for h in keeper.svids.values()
             if h.not_after > now and matches(h.entry.selectors, selectors)
         ]
         held.sort(key=lambda h: (h.entry.spiffe_id, h.entry.id))
@@ -96,10 +97,10 @@ class AgentBackend:
     async def _stream(
         self, peer: PeerCred, selectors: frozenset[Selector]
     ) -> AsyncIterator[X509Snapshot]:
-        core = self.core
+        keeper = self.keeper
         last: tuple[object, ...] | None = None
         while True:
-            changed = core.changed
+            changed = keeper.changed
             snap = self.snapshot_for(selectors)
             if not snap.svids:
                 self.stats.denied += 1
@@ -109,7 +110,7 @@ class AgentBackend:
                     uid=peer.uid,
                     selectors=describe(selectors),
                     reason="no registration entry matches this caller"
-                    if not core.evicted
+                    if not keeper.evicted
                     else "agent evicted and no unexpired SVID matches",
                 )
                 raise NoIdentity("no identity issued")
@@ -122,7 +123,7 @@ class AgentBackend:
                 yield snap
             # Wake for agent changes, and at the next expiry of what this caller holds.
             soonest = min(
-                h.not_after for h in core.svids.values() if matches(h.entry.selectors, selectors)
+                h.not_after for h in keeper.svids.values() if matches(h.entry.selectors, selectors)
             )
-            with trio.move_on_after(max(0.0, (soonest - core.clock()).total_seconds()) + 0.01):
+            with trio.move_on_after(max(0.0, (soonest - keeper.clock()).total_seconds()) + 0.01):
                 await changed.wait()

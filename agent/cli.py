@@ -33,9 +33,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _socket(args: argparse.Namespace) -> str:
+def _endpoint_socket(args: argparse.Namespace) -> Path:
+    """The Workload API endpoint socket: ``--socket``, else ``SPIFFE_ENDPOINT_SOCKET``."""
     if args.socket:
-        return str(args.socket)
+        return wl.endpoint_socket_of(str(args.socket))
     try:
         return wl.endpoint_from_env(os.environ)
     except wl.WorkloadApiError as exc:
@@ -71,8 +72,8 @@ def _svid_text(data: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _failure(exc: wl.WorkloadApiError, socket: str) -> CommandError:
-    return CommandError(f"Workload API at {socket}: {exc}")
+def _failure(exc: wl.WorkloadApiError, endpoint_socket: Path) -> CommandError:
+    return CommandError(f"Workload API at {endpoint_socket}: {exc}")
 
 
 def _write(out: Path, ctx: wl.X509Context) -> list[str]:
@@ -103,11 +104,11 @@ def _write(out: Path, ctx: wl.X509Context) -> list[str]:
 
 
 def cmd_api_fetch(args: argparse.Namespace) -> int:
-    socket = _socket(args)
+    endpoint_socket = _endpoint_socket(args)
     try:
-        ctx = trio.run(wl.fetch_x509, socket)
+        ctx = trio.run(wl.fetch_x509, endpoint_socket)
     except wl.WorkloadApiError as exc:
-        raise _failure(exc, socket) from exc
+        raise _failure(exc, endpoint_socket) from exc
     data = _svid_json(ctx)
     if args.write:
         out = Path(args.write)
@@ -123,10 +124,10 @@ def cmd_api_fetch(args: argparse.Namespace) -> int:
 
 
 def cmd_api_watch(args: argparse.Namespace) -> int:
-    socket = _socket(args)
+    endpoint_socket = _endpoint_socket(args)
 
     async def watch() -> None:
-        async with wl.watch_x509(socket) as updates:
+        async with wl.watch_x509(endpoint_socket) as updates:
             async for ctx in updates:
                 data = _svid_json(ctx)
                 stamp = datetime.now(UTC).isoformat(timespec="seconds")
@@ -142,7 +143,7 @@ def cmd_api_watch(args: argparse.Namespace) -> int:
     try:
         trio.run(watch)
     except wl.WorkloadApiError as exc:
-        raise _failure(exc, socket) from exc
+        raise _failure(exc, endpoint_socket) from exc
     return 0
 
 
@@ -157,14 +158,14 @@ def cmd_health(args: argparse.Namespace) -> int:
             return 1
         except OSError as exc:
             raise CommandError(f"agent metrics at {args.metrics}: {exc}") from exc
-    socket = _socket(args)
+    endpoint_socket = _endpoint_socket(args)
     try:
-        trio.run(wl.fetch_x509, socket)
+        trio.run(wl.fetch_x509, endpoint_socket)
     except wl.WorkloadApiError as exc:
         if exc.status == wl.Status.PERMISSION_DENIED:
             print("agent is serving (this caller has no identity)")
             return 0
-        raise _failure(exc, socket) from exc
+        raise _failure(exc, endpoint_socket) from exc
     print("agent is serving")
     return 0
 

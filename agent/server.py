@@ -8,7 +8,7 @@ Rules:
    one line instead of hanging.
 2. The newest bundle is kept on disk too, so an agent that was down through a
    root rotation still trusts the CA when it comes back.
-3. One nursery: the CA loops (`agent.manager`), the Workload API, metrics and
+3. One nursery: the CA loops (`agent.keeper`), the Workload API, metrics and
    the signal watcher.  SIGTERM stops them and removes the socket.
 """
 
@@ -18,7 +18,6 @@ import random
 import signal
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
-from pathlib import Path
 
 import trio
 from prometheus_client import CollectorRegistry
@@ -28,7 +27,8 @@ from prometheus_client.registry import Collector
 from agent import state
 from agent.backend import AgentBackend
 from agent.ca_client import CAClient, CAError
-from agent.manager import FATAL_CODES, AgentCore
+from agent.keeper import SvidKeeper
+from agent.renewal import FATAL_CODES
 from agent.settings import AgentSettings
 from agent.workload_server import WorkloadStats, serve_workload_api
 from tally.ops.errors import OperatorError
@@ -54,33 +54,33 @@ class _Metrics(Collector):
         self.server = server
 
     def collect(self) -> Iterator[Metric]:
-        core = self.server.core
+        keeper = self.server.keeper
         backend = self.server.backend
-        if core is None or backend is None:
+        if keeper is None or backend is None:
             return
-        yield GaugeMetricFamily("tally_agent_svids", "workload SVIDs held", len(core.svids))
+        yield GaugeMetricFamily("tally_agent_svids", "workload SVIDs held", len(keeper.svids))
         yield GaugeMetricFamily(
-            "tally_agent_entries", "entries this agent serves", len(core.entries)
+            "tally_agent_entries", "entries this agent serves", len(keeper.entries)
         )
-        yield CounterMetricFamily("tally_agent_rotations", "SVIDs renewed", core.counters.rotations)
+        yield CounterMetricFamily(
+            "tally_agent_rotations", "SVIDs renewed", keeper.counters.rotations
+        )
         failures = CounterMetricFamily(
             "tally_agent_rotation_failures", "failed calls to the CA, by reason", labels=["reason"]
         )
-        for reason, n in sorted(core.counters.by_reason.items()):
+        for reason, n in sorted(keeper.counters.by_reason.items()):
             failures.add_metric([reason], n)
         yield failures
-        soonest = core.soonest_expiry()
-        if soonest is not None:
-            yield GaugeMetricFamily(
-                "tally_agent_soonest_expiry_seconds",
-                "seconds until the soonest held SVID (or the agent's own) expires",
-                (soonest - core.clock()).total_seconds(),
-            )
         yield GaugeMetricFamily(
-            "tally_agent_bundle_sequence", "trust bundle sequence", core.bundle_sequence
+            "tally_agent_soonest_expiry_seconds",
+            "seconds until the soonest held SVID (or the agent's own) expires",
+            (keeper.soonest_expiry() - keeper.clock()).total_seconds(),
         )
         yield GaugeMetricFamily(
-            "tally_agent_evicted", "1 once the CA evicted this agent", int(bool(core.evicted))
+            "tally_agent_bundle_sequence", "trust bundle sequence", keeper.bundle_sequence
+        )
+        yield GaugeMetricFamily(
+            "tally_agent_evicted", "1 once the CA evicted this agent", int(bool(keeper.evicted))
         )
         stats = self.server.workload_stats
         if stats is not None:
@@ -111,7 +111,7 @@ class AgentServer:
         self.clock = clock
         self.td = TrustDomain.parse(cfg.trust_domain)
         self.rng = random.Random()
-        self.core: AgentCore | None = None
+        self.keeper: SvidKeeper | None = None
         self.backend: AgentBackend | None = None
         self.workload_stats: WorkloadStats | None = None
         self.registry = CollectorRegistry()
@@ -194,20 +194,20 @@ class AgentServer:
         return False
 
     def ready(self) -> tuple[bool, str]:
-        core = self.core
-        if core is None:
+        keeper = self.keeper
+        if keeper is None:
             return False, "not attested yet"
-        if core.evicted:
-            return False, f"evicted by the CA ({core.evicted}); needs a new join token"
-        if not core.entries_synced:
+        if keeper.evicted:
+            return False, f"evicted by the CA ({keeper.evicted}); needs a new join token"
+        if not keeper.entries_synced:
             return False, "entries not fetched from the CA yet"
-        missing = [e.spiffe_id for eid, e in core.entries.items() if eid not in core.svids]
+        missing = [e.spiffe_id for eid, e in keeper.entries.items() if eid not in keeper.svids]
         if missing:
             return False, f"no SVID yet for {', '.join(sorted(missing)[:3])}"
-        risky = core.at_risk()
+        risky = keeper.at_risk()
         if risky:
             return False, f"close to expiry with no successor: {', '.join(sorted(risky)[:3])}"
-        return True, f"{len(core.svids)} SVIDs fresh"
+        return True, f"{len(keeper.svids)} SVIDs fresh"
 
     async def run(
         self, *, task_status: trio.TaskStatus[dict[str, str]] = trio.TASK_STATUS_IGNORED
@@ -215,7 +215,7 @@ class AgentServer:
         cfg = self.cfg
         client = CAClient(cfg.server, self.td, self.roots, timeout=float(cfg.ca_timeout))
         cfg.socket.parent.mkdir(parents=True, exist_ok=True)
-        listener = await open_unix_listener(Path(cfg.socket), 0o666)
+        listener = await open_unix_listener(cfg.socket, 0o666)
         try:
             async with trio.open_nursery() as nursery:
                 addresses = {"socket": str(cfg.socket)}
@@ -224,7 +224,7 @@ class AgentServer:
                         serve_health, cfg.metrics, self.registry, self.ready
                     )
                 ident = await self.bootstrap(client)
-                self.core = AgentCore(
+                self.keeper = SvidKeeper(
                     client,
                     ident,
                     self.roots,
@@ -234,12 +234,12 @@ class AgentServer:
                     rng=self.rng,
                     poll_wait=float(cfg.poll_wait),
                 )
-                self.backend = AgentBackend(self.core, str(self.td.id()))
-                nursery.start_soon(self.core.run)
+                self.backend = AgentBackend(self.keeper, str(self.td.id()))
+                nursery.start_soon(self.keeper.run)
                 self.workload_stats = await nursery.start(
                     serve_workload_api, listener, self.backend
                 )
-                log.info("agent.started", spiffe_id=self.core.agent_id, **addresses)
+                log.info("agent.started", spiffe_id=self.keeper.agent_id, **addresses)
                 task_status.started(addresses)
                 with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
                     async for signum in signals:

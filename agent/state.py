@@ -31,7 +31,8 @@ BUNDLE_FILE = "bundle.pem"
 
 
 class StateError(OperatorError):
-    pass
+    """The agent's data dir or a state file in it is unsafe or damaged: a fault the
+    operator must fix (a mode, a planted link, a file to remove), shown as one line."""
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""The SPIFFE Workload API server: gRPC over HTTP/2 (``h2``) on a Unix socket.
+"""The SPIFFE Workload API server: the trio shell around `agent.workload_calls`.
 
 Rules / theory of operation:
 
@@ -9,149 +9,63 @@ Rules / theory of operation:
    a reader and a writer; each call (HTTP/2 stream) runs in its own task and
    never touches the socket.  A call hands finished messages to the
    connection, and the writer alone moves bytes to the peer.
-3. **Only the newest state is worth sending.**  Every Workload API message
-   is the complete current state, so a call keeps at most the message being
-   sent and the newest one after it; a newer message replaces one that has
-   not started yet.  With at most ``max_concurrent_streams`` calls, a
-   connection's buffering is bounded however slowly the peer reads.
-4. **Flow control is obeyed both ways.**  DATA goes out only within the
-   peer's stream and connection windows, in frames of at most its maximum
-   frame size, round-robin over the calls so that one large chain does not
-   starve the others.  Received DATA is acknowledged as soon as it is
-   consumed.
-5. **A peer that stops reading is dropped, not waited for.**  If a write
+3. **Only the newest state is worth sending** and **flow control is obeyed
+   both ways**: that bookkeeping is pure and lives in `agent.workload_calls`
+   (a connection's buffering is bounded however slowly the peer reads).
+   Received DATA is acknowledged as soon as it is consumed.
+4. **A peer that stops reading is dropped, not waited for.**  If a write
    stalls, or queued data is held back by a closed flow-control window, for
    ``send_stall_timeout_s``, the connection is closed.  Control frames that
    ``h2`` answers on its own (PING and SETTINGS acks) are bounded too.  Other
    connections are separate tasks and never wait on this one.
-6. **Nothing a peer sends can crash the server, or make it hold much.**  A
+5. **Nothing a peer sends can crash the server, or make it hold much.**  A
    malformed frame or a protocol violation closes that connection (after a
    GOAWAY when possible); a bad call ends that call with its gRPC status.
    Both are logged at debug on ``tally.workload``; only backend failures are
-   logged louder.  ``h2`` buffers a frame whole before it checks the length
-   the frame declares (up to 16 MiB), and a header block over up to 64
-   CONTINUATION frames, so `_FrameGuard` reads the frame headers first and
-   drops a connection that declares a frame over our maximum frame size or a
-   header block over ``max_header_block``.  A connection with no call open
+   logged louder.  A frame or header block over our limits is caught on its
+   header (`agent.workload_calls.FrameGuard`).  A connection with no call open
    for ``idle_timeout_s`` is closed, so idle connections do not pile up.
-7. **Checks in the order the standard implies.**  The request must be gRPC
-   (POST, ``application/grpc``); then the ``workload.spiffe.io: true``
-   header, before the path or the caller is looked at (INVALID_ARGUMENT);
-   then the method (UNIMPLEMENTED for the JWT and WIT RPCs and unknown paths);
+6. **Checks in the order the standard implies** (`agent.workload_messages`),
    then the caller's identity (PERMISSION_DENIED "no identity issued").
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from contextlib import AbstractAsyncContextManager
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Protocol
 
-import h2.config
-import h2.connection
 import h2.errors
 import h2.events
 import h2.exceptions
-import h2.settings
 import trio
 
-from tally.ops.net import PeerCred, peer_credentials
-from tally.wire import workload_pb as pb
-from tally.wire.grpc import (
-    DEFAULT_MAX_MESSAGE_SIZE,
-    GrpcError,
-    MessageDecoder,
-    Request,
-    Status,
-    encode_message,
-    parse_request_headers,
-    response_headers,
-    trailers,
-    trailers_only,
+from agent.workload_calls import (
+    DEFAULT_LIMITS,
+    WRITE_ROUND,
+    Call,
+    FrameGuard,
+    WorkloadLimits,
+    pump,
+    reject,
+    server_connection,
+    stall_deadline,
 )
+from agent.workload_messages import (
+    STREAMING_METHODS,
+    Method,
+    Rejected,
+    WorkloadBackend,
+    only_no_identity,
+    parse_request_message,
+    route_request,
+)
+from tally.ops.net import PeerCred, peer_credentials
+from tally.wire.grpc import GrpcError, Status
 
 log = logging.getLogger("tally.workload")
-
-SECURITY_HEADER = "workload.spiffe.io"
-
-_SERVICE = "/SpiffeWorkloadAPI/"
-# Every method of the standard service, so that stats have a bounded set of labels.
-_KNOWN_METHODS = frozenset(
-    {
-        "FetchX509SVID",
-        "FetchX509Bundles",
-        "FetchJWTSVID",
-        "FetchJWTBundles",
-        "ValidateJWTSVID",
-        "FetchWITSVID",
-        "FetchWITBundles",
-    }
-)
-
-
-@dataclass(frozen=True)
-class SvidItem:
-    spiffe_id: str
-    cert_chain_der: bytes
-    """Leaf first, then intermediates; DER certificates concatenated."""
-    private_key_pkcs8: bytes
-    bundle_der: bytes
-    """The CA certificates of the SVID's own trust domain, DER concatenated."""
-    hint: str = ""
-
-
-@dataclass(frozen=True)
-class X509Snapshot:
-    """Everything one caller may see right now; the first SVID is its default identity."""
-
-    svids: tuple[SvidItem, ...]
-    bundles: Mapping[str, bytes]
-    """``"spiffe://<td>"`` to DER CA certificates: the own trust domain and federated ones."""
-
-
-class NoIdentity(Exception):
-    """The caller has no identity (yet, or any more); its calls end with PERMISSION_DENIED."""
-
-
-class WorkloadBackend(Protocol):
-    def watch_x509(
-        self, peer: PeerCred
-    ) -> AbstractAsyncContextManager[AsyncIterator[X509Snapshot]]:
-        """Attest ``peer`` on enter (may raise NoIdentity); the iterator yields the
-        current snapshot at once, then a complete new one on every change, and may
-        raise NoIdentity when the caller loses its identity."""
-        ...
-
-
-@dataclass(frozen=True)
-class WorkloadLimits:
-    max_concurrent_streams: int = 100
-    """Advertised in SETTINGS; a peer that opens more loses its connection."""
-    max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
-    """Largest response; gRPC clients refuse bigger ones by default, so a call
-    whose state outgrows it ends with RESOURCE_EXHAUSTED."""
-    max_request_size: int = 64 * 1024
-    """Largest request message; Workload API requests are empty or a few strings."""
-    request_timeout_s: float = 10.0
-    """Time to get the HTTP/2 preface after connecting, and a call's request message."""
-    send_stall_timeout_s: float = 30.0
-    """How long a peer may leave queued data unread before it is dropped."""
-    max_control_backlog: int = 256 * 1024
-    """Bytes ``h2`` may queue on its own (acks) while a write is stalled."""
-    max_header_block: int = 64 * 1024
-    """Bytes of one header block (HEADERS plus CONTINUATION frames) before the
-    connection is dropped; requests need a few hundred."""
-    idle_timeout_s: float = 300.0
-    """A connection with no call open, and none started, for this long is closed
-    with a GOAWAY (gRPC clients reconnect when they next call)."""
-
-
-DEFAULT_LIMITS = WorkloadLimits()
 
 
 @dataclass
@@ -167,178 +81,20 @@ class WorkloadStats:
     streams_open: int = 0
 
 
-# Bytes handed to h2 per writer round: large enough to fill a socket buffer,
-# small enough that one round never holds much memory.
-_WRITE_ROUND = 256 * 1024
 _READ_SIZE = 64 * 1024
 _LINGER_S = 1.0
-
-
-def _trust_domain_key(spiffe_id: str) -> str:
-    """``spiffe://td/path`` -> ``spiffe://td``, the form bundle maps are keyed by."""
-    rest = spiffe_id.removeprefix("spiffe://")
-    return "spiffe://" + rest.split("/", 1)[0]
-
-
-def x509_svid_response(snapshot: X509Snapshot) -> bytes:
-    """The FetchX509SVID message for a snapshot; own trust domains stay out of federated_bundles."""
-    if not snapshot.svids:
-        raise NoIdentity("snapshot has no SVIDs")
-    own = {_trust_domain_key(item.spiffe_id) for item in snapshot.svids}
-    message = pb.X509SVIDResponse(
-        svids=[
-            pb.X509SVID(
-                spiffe_id=item.spiffe_id,
-                x509_svid=item.cert_chain_der,
-                x509_svid_key=item.private_key_pkcs8,
-                bundle=item.bundle_der,
-                hint=item.hint,
-            )
-            for item in snapshot.svids
-        ],
-        federated_bundles={td: der for td, der in snapshot.bundles.items() if td not in own},
-    )
-    return message.SerializeToString(deterministic=True)
-
-
-def x509_bundles_response(snapshot: X509Snapshot) -> bytes:
-    if not snapshot.bundles:
-        raise NoIdentity("snapshot has no bundles")
-    message = pb.X509BundlesResponse(bundles=dict(snapshot.bundles))
-    return message.SerializeToString(deterministic=True)
-
-
-@dataclass(frozen=True)
-class _Method:
-    parse_request: Callable[[bytes], object]
-    build_response: Callable[[X509Snapshot], bytes]
-
-
-_STREAMING_METHODS: Mapping[str, _Method] = {
-    "FetchX509SVID": _Method(pb.X509SVIDRequest.FromString, x509_svid_response),
-    "FetchX509Bundles": _Method(pb.X509BundlesRequest.FromString, x509_bundles_response),
-}
-
-
-def _only_no_identity(exc: BaseException) -> bool:
-    """True for NoIdentity, also when a backend's nursery wrapped it in a group."""
-    if isinstance(exc, BaseExceptionGroup):
-        _, rest = exc.split(NoIdentity)
-        return rest is None
-    return isinstance(exc, NoIdentity)
 
 
 class _Drop(Exception):
     """This connection must be closed at once; the message says why (for the debug log)."""
 
 
-_PREFACE_SIZE = len(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
-_FRAME_HEADER_SIZE = 9
-_HEADER_BLOCK_TYPES = frozenset({0x1, 0x5, 0x9})  # HEADERS, PUSH_PROMISE, CONTINUATION
-_END_HEADERS = 0x4
+class _CallTask:
+    """What the task running one call waits on: its request, and its cancellation."""
 
-
-class _FrameGuard:
-    """Follows frame boundaries in the bytes a peer sends, before ``h2`` buffers them
-    (rule 6), so that a declared length is judged on the 9-byte header."""
-
-    def __init__(self, max_frame_size: int, max_header_block: int) -> None:
-        self._max_frame = max_frame_size
-        self._max_block = max_header_block
-        self._skip = _PREFACE_SIZE  # bytes that are not a frame header
-        self._header = bytearray()
-        self._block = 0  # header block bytes so far, while END_HEADERS is pending
-
-    def check(self, data: bytes | bytearray) -> str | None:
-        """Why the connection must be dropped, or None while the framing is within bounds."""
-        at = 0
-        while at < len(data):
-            if self._skip:
-                step = min(self._skip, len(data) - at)
-                self._skip -= step
-                at += step
-                continue
-            take = _FRAME_HEADER_SIZE - len(self._header)
-            self._header += data[at : at + take]
-            at += take
-            if len(self._header) < _FRAME_HEADER_SIZE:
-                return None
-            length = int.from_bytes(self._header[:3], "big")
-            kind, flags = self._header[3], self._header[4]
-            self._header.clear()
-            if length > self._max_frame:
-                return f"frame of {length} bytes exceeds the maximum frame size {self._max_frame}"
-            if kind in _HEADER_BLOCK_TYPES:
-                self._block = 0 if flags & _END_HEADERS else self._block + length
-                if self._block > self._max_block:
-                    return f"header block exceeds {self._max_block} bytes"
-            self._skip = length
-        return None
-
-
-class _Call:
-    """One HTTP/2 stream: its request as it arrives and its response as it leaves."""
-
-    def __init__(self, stream_id: int, method: str, request: Request, max_request: int) -> None:
-        self.stream_id = stream_id
-        self.method = method
-        self.request = request
+    def __init__(self) -> None:
         self.cancel_scope = trio.CancelScope()
-        # Receiving side.
-        self._decoder = MessageDecoder(max_request)
-        self.request_message: bytes | None = None
         self.request_ready = trio.Event()
-        # Sending side: the message in flight, and the newest one after it.
-        self.headers_sent = False
-        self.current = b""
-        self.offset = 0
-        self.latest: bytes | None = None
-        self.final: tuple[Status, str] | None = None
-        self.last_digest = b""
-        self.blocked_since: float | None = None
-        """When queued data last found the peer's window closed; None while it flows."""
-        # Why the call had to end early (a bad request frame, a reset); its trailers
-        # are sent only if the stream still exists.
-        self.aborted: tuple[Status, str] | None = None
-        self.counted = False
-
-    def receive(self, data: bytes) -> None:
-        """Take request DATA; a second message or a bad frame aborts the call."""
-        if self.aborted is not None:
-            return
-        try:
-            self._decoder.receive_data(data)
-            while (message := self._decoder.next_message()) is not None:
-                if self.request_message is not None:
-                    raise GrpcError(Status.INTERNAL, "more than one request message")
-                self.request_message = message
-                self.request_ready.set()
-        except GrpcError as exc:
-            self.abort(exc.status, exc.message)
-
-    def end_of_request(self) -> None:
-        try:
-            self._decoder.end_of_stream()
-        except GrpcError as exc:
-            self.abort(exc.status, exc.message)
-        self.request_ready.set()
-
-    def abort(self, status: Status, message: str) -> None:
-        if self.aborted is None:
-            self.aborted = (status, message)
-        self.request_ready.set()
-        self.cancel_scope.cancel()
-
-    def queue(self, payload: bytes) -> None:
-        framed = encode_message(payload)
-        if self.offset == 0:
-            self.current = framed
-        else:
-            self.latest = framed
-
-    @property
-    def has_data(self) -> bool:
-        return bool(self.current) or self.latest is not None
 
 
 class _Connection:
@@ -355,21 +111,16 @@ class _Connection:
         self._backend = backend
         self._limits = limits
         self._stats = stats
-        config = h2.config.H2Configuration(client_side=False, header_encoding=None)
-        self._h2 = h2.connection.H2Connection(config=config)
-        self._h2.local_settings = h2.settings.Settings(
-            client=False,
-            initial_values={
-                h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: limits.max_concurrent_streams,
-                h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: 16 * 1024,
-            },
-        )
-        self._calls: dict[int, _Call] = {}
+        self._h2 = server_connection(limits)
+        self._calls: dict[int, Call] = {}
+        """Calls still sending, by stream id (`agent.workload_calls.pump` removes them)."""
+        self._tasks: dict[int, _CallTask] = {}
+        """The task of every call still running, by stream id."""
         self._outbox = bytearray()
         self._wakeup = trio.Event()
         self._closing = False
         self._settings_seen = False
-        self._guard_frames = _FrameGuard(self._h2.max_inbound_frame_size, limits.max_header_block)
+        self._guard_frames = FrameGuard(self._h2.max_inbound_frame_size, limits.max_header_block)
         self._requests_seen = 0
         self._idle = False
         self._read_scope = trio.CancelScope()
@@ -451,14 +202,17 @@ class _Connection:
             call = self._calls.get(event.stream_id)
             if call is not None:
                 call.receive(event.data)
+                self._signal(call)
         elif isinstance(event, h2.events.StreamEnded):
             call = self._calls.get(event.stream_id)
             if call is not None:
                 call.end_of_request()
+                self._signal(call)
         elif isinstance(event, h2.events.StreamReset):
             call = self._calls.pop(event.stream_id, None)
             if call is not None:
                 call.abort(Status.CANCELLED, "reset by the client")
+                self._signal(call)
         elif isinstance(event, h2.events.RemoteSettingsChanged):
             self._settings_seen = True
         elif isinstance(event, h2.events.ConnectionTerminated):
@@ -467,29 +221,27 @@ class _Connection:
 
     def _on_request(self, event: h2.events.RequestReceived) -> None:
         stream_id = event.stream_id
-        label = "unknown"
         try:
-            request = parse_request_headers(event.headers)
-            label = _method_label(request.path)
-            if request.metadata.get(SECURITY_HEADER) != "true":
-                raise GrpcError(
-                    Status.INVALID_ARGUMENT, f"security header missing: {SECURITY_HEADER}: true"
-                )
-            if label not in _STREAMING_METHODS:
-                raise GrpcError(Status.UNIMPLEMENTED, f"method not implemented: {request.path}")
-        except GrpcError as exc:
-            self._count(label, exc.status)
-            log.debug("workload call on %s rejected: %s", label, exc)
-            self._h2.send_headers(
-                stream_id,
-                trailers_only(exc.status, exc.message, http_status=exc.http_status),
-                end_stream=True,
-            )
-            self._stop_request(stream_id)
+            label, request = route_request(event.headers)
+        except Rejected as exc:
+            self._count(exc.label, exc.error.status)
+            log.debug("workload call on %s rejected: %s", exc.label, exc.error)
+            reject(self._h2, stream_id, exc.error)
             return
-        call = _Call(stream_id, label, request, self._limits.max_request_size)
+        call = Call(stream_id, label, request, self._limits.max_request_size)
         self._calls[stream_id] = call
+        self._tasks[stream_id] = _CallTask()
         self._nursery.start_soon(self._run_call, call)
+
+    def _signal(self, call: Call) -> None:
+        """Wake the call's task for what just happened to its state: a request, an abort."""
+        task = self._tasks.get(call.stream_id)
+        if task is None:
+            return
+        if call.request_done:
+            task.request_ready.set()
+        if call.aborted is not None:
+            task.cancel_scope.cancel()
 
     async def _idle_watch(self) -> None:
         """Close the connection once it has had no call for a whole period (rule 6):
@@ -508,6 +260,7 @@ class _Connection:
         """Stop every call and let the writer flush what h2 queued (a GOAWAY)."""
         for call in self._calls.values():
             call.abort(Status.UNAVAILABLE, "connection closing")
+            self._signal(call)
         self._calls.clear()
         self._closing = True
         self._collect()
@@ -515,49 +268,46 @@ class _Connection:
 
     # -- calls -----------------------------------------------------------------
 
-    async def _run_call(self, call: _Call) -> None:
+    async def _run_call(self, call: Call) -> None:
         self._stats.streams_open += 1
         try:
-            with call.cancel_scope:
+            with self._tasks[call.stream_id].cancel_scope:
                 status, message = await self._call(call)
                 self._finish(call, status, message)
             if call.aborted is not None and call.stream_id in self._calls:
                 self._finish(call, *call.aborted)
         finally:
+            del self._tasks[call.stream_id]
             self._stats.streams_open -= 1
             if not call.counted:
                 self._count(call.method, Status.CANCELLED)
 
-    async def _call(self, call: _Call) -> tuple[Status, str]:
+    async def _call(self, call: Call) -> tuple[Status, str]:
         timeout = math.inf if call.request.timeout is None else call.request.timeout
         with trio.move_on_after(timeout):
-            method = _STREAMING_METHODS[call.method]
+            method = STREAMING_METHODS[call.method]
             try:
                 await self._receive_request(call, method)
                 await self._stream_snapshots(call, method)
             except GrpcError as exc:
                 return exc.status, exc.message
             except Exception as exc:
-                if _only_no_identity(exc):
+                if only_no_identity(exc):
                     return Status.PERMISSION_DENIED, "no identity issued"
                 log.error("workload API backend failed on %s", call.method, exc_info=True)
                 return Status.INTERNAL, "internal error"
             return Status.UNAVAILABLE, "identity stream ended, reconnect"
         return Status.DEADLINE_EXCEEDED, "deadline exceeded"
 
-    async def _receive_request(self, call: _Call, method: _Method) -> None:
+    async def _receive_request(self, call: Call, method: Method) -> None:
+        ready = self._tasks[call.stream_id].request_ready
         with trio.move_on_after(self._limits.request_timeout_s):
-            await call.request_ready.wait()
-        if not call.request_ready.is_set():
+            await ready.wait()
+        if not ready.is_set():
             raise GrpcError(Status.DEADLINE_EXCEEDED, "request message not received in time")
-        if call.request_message is None:
-            raise GrpcError(Status.INTERNAL, "request ended without a message")
-        try:
-            method.parse_request(call.request_message)
-        except pb.DecodeError as exc:
-            raise GrpcError(Status.INTERNAL, "request message does not parse") from exc
+        parse_request_message(method, call.request_message)
 
-    async def _stream_snapshots(self, call: _Call, method: _Method) -> None:
+    async def _stream_snapshots(self, call: Call, method: Method) -> None:
         async with self._backend.watch_x509(self._peer) as snapshots:
             async for snapshot in snapshots:
                 payload = method.build_response(snapshot)
@@ -569,14 +319,10 @@ class _Connection:
                         self._limits.max_message_size,
                     )
                     raise GrpcError(Status.RESOURCE_EXHAUSTED, "response too large")
-                digest = hashlib.sha256(payload).digest()
-                if digest == call.last_digest:
-                    continue  # nothing this method shows has changed
-                call.last_digest = digest
-                call.queue(payload)
-                self._wakeup.set()
+                if call.offer(payload):
+                    self._wakeup.set()
 
-    def _finish(self, call: _Call, status: Status, message: str) -> None:
+    def _finish(self, call: Call, status: Status, message: str) -> None:
         if call.final is None:
             call.final = (status, message)
             self._count(call.method, status)
@@ -593,7 +339,7 @@ class _Connection:
 
     async def _write_loop(self) -> None:
         while True:
-            if not self._closing and len(self._outbox) < _WRITE_ROUND:
+            if not self._closing and len(self._outbox) < WRITE_ROUND:
                 self._pump()
             self._collect()
             if self._outbox:
@@ -608,8 +354,7 @@ class _Connection:
                 await self._linger()
                 self._nursery.cancel_scope.cancel()
                 return
-            blocked = [c.blocked_since for c in self._calls.values() if c.blocked_since is not None]
-            deadline = min(blocked, default=math.inf) + self._limits.send_stall_timeout_s
+            deadline = stall_deadline(self._calls.values(), self._limits.send_stall_timeout_s)
             with trio.move_on_at(deadline):
                 await self._wakeup.wait()
             if not self._wakeup.is_set():
@@ -626,77 +371,11 @@ class _Connection:
                 pass
 
     def _pump(self) -> None:
-        """Move queued messages and trailers into h2, within the peer's windows,
-        one frame per call per round so that every call makes progress."""
-        budget = _WRITE_ROUND
-        progress = True
-        while budget > 0 and progress:
-            progress = False
-            for call in list(self._calls.values()):
-                try:
-                    moved = self._pump_call(call, budget)
-                except h2.exceptions.ProtocolError as exc:
-                    # The stream went away under us (reset, GOAWAY): end the call quietly.
-                    log.debug("workload stream %d closed while sending: %s", call.stream_id, exc)
-                    self._calls.pop(call.stream_id, None)
-                    call.abort(Status.CANCELLED, "stream closed")
-                    continue
-                budget -= moved
-                progress = progress or moved > 0
-                if moved or not call.has_data:
-                    call.blocked_since = None
-                elif call.blocked_since is None:
-                    call.blocked_since = trio.current_time()
-
-    def _pump_call(self, call: _Call, budget: int) -> int:
-        """Send what one call may send now; returns the number of bytes handed to h2."""
-        stream_id = call.stream_id
-        if not call.headers_sent:
-            if call.has_data:
-                self._h2.send_headers(stream_id, response_headers())
-                call.headers_sent = True
-            elif call.final is not None:
-                self._h2.send_headers(stream_id, trailers_only(*call.final), end_stream=True)
-                self._end_call(call)
-                return 1
-            else:
-                return 0
-        if not call.current and call.latest is not None:
-            call.current, call.latest, call.offset = call.latest, None, 0
-        if call.current:
-            window = min(
-                self._h2.local_flow_control_window(stream_id),
-                self._h2.max_outbound_frame_size,
-                budget,
-            )
-            if window <= 0:
-                return 0
-            chunk = call.current[call.offset : call.offset + window]
-            self._h2.send_data(stream_id, chunk)
-            call.offset += len(chunk)
-            if call.offset == len(call.current):
-                call.current, call.offset = b"", 0
-            return len(chunk)
-        if call.final is not None:
-            self._h2.send_headers(stream_id, trailers(*call.final), end_stream=True)
-            self._end_call(call)
-            return 1
-        return 0
-
-    def _end_call(self, call: _Call) -> None:
-        del self._calls[call.stream_id]
-        self._stop_request(call.stream_id)
-
-    def _stop_request(self, stream_id: int) -> None:
-        """After a complete response, ask a client still sending to stop, without error."""
-        stream = self._h2.streams.get(stream_id)
-        if stream is not None and not stream.closed:
-            self._h2.reset_stream(stream_id, h2.errors.ErrorCodes.NO_ERROR)
-
-
-def _method_label(path: str) -> str:
-    name = path.removeprefix(_SERVICE) if path.startswith(_SERVICE) else ""
-    return name if name in _KNOWN_METHODS else "unknown"
+        """Move what the calls may send now into h2 (`agent.workload_calls.pump`)."""
+        for call, exc in pump(self._h2, self._calls, trio.current_time()):
+            # The stream went away under us (reset, GOAWAY): the call ends quietly.
+            log.debug("workload stream %d closed while sending: %s", call.stream_id, exc)
+            self._signal(call)
 
 
 async def serve_workload_connection(

@@ -88,7 +88,7 @@ class Plan:
 class Stack:
     agent: Daemon
     admin: str
-    socket: str
+    endpoint_socket: Path
     entry_id: str
 
 
@@ -123,7 +123,7 @@ def start_stack(work: Path, daemons: list[Daemon]) -> Stack:
     token = cli(admin, "token", "create", "--spiffe-id", AGENT_ID)["token"]
     bundle = work / "bundle.pem"
     bundle.write_text(cli(admin, "bundle", "show")["bundle"])
-    socket = str(work / "agent.sock")
+    endpoint_socket = work / "agent.sock"
     agent = Daemon(
         "agent",
         [
@@ -140,7 +140,7 @@ def start_stack(work: Path, daemons: list[Daemon]) -> Stack:
             "--data-dir",
             str(work / "agent"),
             "--socket",
-            socket,
+            str(endpoint_socket),
             "--metrics",
             "127.0.0.1:0",
         ],
@@ -161,16 +161,16 @@ def start_stack(work: Path, daemons: list[Daemon]) -> Stack:
         FETCH_TTL,
     )
     agent.wait_for("svid.issued")
-    trio.run(wait_for_identity, socket)
-    return Stack(agent, admin, socket, entry["id"])
+    trio.run(wait_for_identity, endpoint_socket)
+    return Stack(agent, admin, endpoint_socket, entry["id"])
 
 
-async def wait_for_identity(socket: str) -> None:
+async def wait_for_identity(endpoint_socket: Path) -> None:
     """The agent logs the SVID before it publishes it; poll briefly until a fetch succeeds."""
     with trio.fail_after(30):
         while True:
             try:
-                ctx = await fetch_x509(socket)
+                ctx = await fetch_x509(endpoint_socket)
             except WorkloadApiError as exc:
                 if exc.status is not Status.PERMISSION_DENIED:
                     raise
@@ -196,12 +196,12 @@ def spread(values: Sequence[float], fmt: str) -> list[str]:
 # -- 1. first-response latency -------------------------------------------------------
 
 
-async def first_response_latencies(socket: str, n: int) -> list[float]:
-    await fetch_x509(socket)  # warm
+async def first_response_latencies(endpoint_socket: Path, n: int) -> list[float]:
+    await fetch_x509(endpoint_socket)  # warm
     samples = []
     for _ in range(n):
         t0 = time.perf_counter()
-        await fetch_x509(socket)
+        await fetch_x509(endpoint_socket)
         samples.append(time.perf_counter() - t0)
     return samples
 
@@ -209,7 +209,7 @@ async def first_response_latencies(socket: str, n: int) -> list[float]:
 def report_latency(stack: Stack, plan: Plan) -> None:
     p50s, p99s = [], []
     for _ in range(plan.runs):
-        samples = trio.run(first_response_latencies, stack.socket, plan.fetches)
+        samples = trio.run(first_response_latencies, stack.endpoint_socket, plan.fetches)
         p50s.append(percentile(samples, 50) * 1000)
         p99s.append(percentile(samples, 99) * 1000)
     print(
@@ -225,14 +225,14 @@ def report_latency(stack: Stack, plan: Plan) -> None:
 # -- 2. fetches per second -------------------------------------------------------------
 
 
-async def fetch_load(socket: str, agent_pid: int, clients: int, seconds: float) -> Load:
+async def fetch_load(endpoint_socket: Path, agent_pid: int, clients: int, seconds: float) -> Load:
     done = errors = 0
 
     async def client(deadline: float) -> None:
         nonlocal done, errors
         while trio.current_time() < deadline:
             try:
-                await fetch_x509(socket)
+                await fetch_x509(endpoint_socket)
             except WorkloadApiError:
                 errors += 1
             else:
@@ -262,9 +262,9 @@ def report_throughput(stack: Stack, plan: Plan) -> None:
         )
     )
     for clients in plan.clients:
-        trio.run(first_response_latencies, stack.socket, 3)  # warm
+        trio.run(first_response_latencies, stack.endpoint_socket, 3)  # warm
         loads = [
-            trio.run(fetch_load, stack.socket, stack.agent.pid, clients, plan.seconds)
+            trio.run(fetch_load, stack.endpoint_socket, stack.agent.pid, clients, plan.seconds)
             for _ in range(plan.runs)
         ]
         rates = [load.rate for load in loads]
@@ -286,9 +286,17 @@ def report_throughput(stack: Stack, plan: Plan) -> None:
 # -- 3. py-spiffe ----------------------------------------------------------------------
 
 
-def py_spiffe_rates(socket: str, plan: Plan, mode: str) -> list[float]:
+def py_spiffe_rates(endpoint_socket: Path, plan: Plan, mode: str) -> list[float]:
     result = subprocess.run(
-        [sys.executable, "-c", PY_SPIFFE_LOOP, socket, str(plan.seconds), str(plan.runs), mode],
+        [
+            sys.executable,
+            "-c",
+            PY_SPIFFE_LOOP,
+            str(endpoint_socket),
+            str(plan.seconds),
+            str(plan.runs),
+            mode,
+        ],
         capture_output=True,
         text=True,
         timeout=60 + plan.runs * plan.seconds * 2,
@@ -310,7 +318,7 @@ def report_py_spiffe(stack: Stack, plan: Plan) -> None:
         ("new", "new WorkloadApiClient each"),
         ("reuse", "one client, reused channel"),
     ):
-        rates = py_spiffe_rates(stack.socket, plan, mode)
+        rates = py_spiffe_rates(stack.endpoint_socket, plan, mode)
         print(row((label, *spread(rates, ".0f"), len(rates)), widths))
 
 
@@ -322,7 +330,7 @@ def serial_of(ctx: X509Context) -> str:
 
 
 async def rotation_arrivals(
-    socket: str, count: int, switch_ttl: Callable[[], None]
+    endpoint_socket: Path, count: int, switch_ttl: Callable[[], None]
 ) -> list[tuple[str, float]]:
     """(serial, wall-clock arrival) of the next ``count`` timer-driven renewals on one stream.
 
@@ -331,7 +339,7 @@ async def rotation_arrivals(
     the change is still exiting and this loop is not yet listening."""
     arrivals: list[tuple[str, float]] = []
     with trio.fail_after(30 + count * 6):
-        async with watch_x509(socket) as updates:
+        async with watch_x509(endpoint_socket) as updates:
             seen = {serial_of(await anext(updates))}
             await trio.to_thread.run_sync(switch_ttl)
             async for ctx in updates:
@@ -364,7 +372,7 @@ def report_rotation(stack: Stack, plan: Plan) -> None:
     def switch_ttl() -> None:
         cli(stack.admin, "entry", "update", stack.entry_id, "--ttl", ROTATION_TTL)
 
-    arrivals = trio.run(rotation_arrivals, stack.socket, plan.rotations, switch_ttl)
+    arrivals = trio.run(rotation_arrivals, stack.endpoint_socket, plan.rotations, switch_ttl)
     logged = logged_rotations(stack.agent, {serial for serial, _ in arrivals})
     delays = [(at - logged[serial]) * 1000 for serial, at in arrivals if serial in logged]
     print(

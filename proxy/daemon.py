@@ -100,7 +100,7 @@ class Proxy:
                 spec.cert, spec.key, spec.bundle, spec.federated, want=want, clock=clock
             )
         else:
-            self.source = WorkloadSource(spec.socket_path, want=want, clock=clock)
+            self.source = WorkloadSource(spec.endpoint_socket, want=want, clock=clock)
         if cfg.http:
             self.traffic.pool = Pool(
                 partial(dial_server if mode == "client" else dial_service, self.traffic),

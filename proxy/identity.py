@@ -274,8 +274,8 @@ class FileSource:
 class WorkloadSource:
     """SVIDs and bundles streamed by a SPIFFE Workload API (a Tally agent, SPIRE, ...)."""
 
-    def __init__(self, socket_path: str, *, want: SpiffeId | None, clock: Clock) -> None:
-        self.socket_path = socket_path
+    def __init__(self, endpoint_socket: Path, *, want: SpiffeId | None, clock: Clock) -> None:
+        self.endpoint_socket = endpoint_socket
         self.want = want
         self.clock = clock
         self.last_error: str | None = "no answer yet"
@@ -285,7 +285,7 @@ class WorkloadSource:
         self.retry_delay = 0.0
 
     def describe(self) -> str:
-        return f"Workload API at {self.socket_path}"
+        return f"Workload API at {self.endpoint_socket}"
 
     async def run(self, publish: Callable[[Identity], None]) -> None:
         # Imported here: HTTP/2 and protobuf cost every proxy start, and the file source
@@ -316,13 +316,13 @@ class WorkloadSource:
 
     def _failed(self, event: str, error: object) -> None:
         self.last_error = str(error)
-        log.warning(event, socket=self.socket_path, error=str(error))
+        log.warning(event, socket=str(self.endpoint_socket), error=str(error))
 
     async def _watch(self, publish: Callable[[Identity], None]) -> None:
         """One connection: publish every good update until the stream ends."""
         from tally.wire import workload_client as wl
 
-        async with wl.watch_x509(self.socket_path) as updates:
+        async with wl.watch_x509(self.endpoint_socket) as updates:
             while True:
                 limit = (
                     math.inf if self._delivered else trio.current_time() + FIRST_ANSWER_TIMEOUT_S

@@ -38,7 +38,8 @@ class FileSourceSpec:
 
 @dataclass(frozen=True)
 class WorkloadSourceSpec:
-    socket_path: str
+    endpoint_socket: Path
+    """The Workload API endpoint socket, resolved from ``workload_socket`` or the environment."""
 
 
 @dataclass(frozen=True)
@@ -164,13 +165,13 @@ class ProxySettings:
     def source(self, env: Mapping[str, str]) -> FileSourceSpec | WorkloadSourceSpec:
         """Where identities come from; ``env`` supplies SPIFFE_ENDPOINT_SOCKET."""
         # Imported here: HTTP/2 and protobuf cost every start, and the file source needs neither.
-        from tally.wire.workload_client import EndpointError, endpoint_from_env, socket_path_of
+        from tally.wire.workload_client import EndpointError, endpoint_from_env, endpoint_socket_of
 
         if self.cert is not None and self.key is not None and self.bundle is not None:
             return FileSourceSpec(self.cert, self.key, self.bundle, self._federated())
         try:
             if self.workload_socket is not None:
-                return WorkloadSourceSpec(socket_path_of(self.workload_socket))
+                return WorkloadSourceSpec(endpoint_socket_of(self.workload_socket))
             return WorkloadSourceSpec(endpoint_from_env(env))
         except EndpointError as exc:
             raise ConfigError(

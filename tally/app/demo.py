@@ -138,9 +138,9 @@ def _traffic(port: int, stop: threading.Event, tally: Tally, n: int) -> None:
     conn.close()
 
 
-def _identities(sock: str) -> list[tuple[str, str, float]]:
+def _identities(endpoint_socket: Path) -> list[tuple[str, str, float]]:
     async def fetch() -> workload_client.X509Context:
-        return await workload_client.fetch_x509(sock, timeout_s=3)
+        return await workload_client.fetch_x509(endpoint_socket, timeout_s=3)
 
     try:
         ctx = trio.run(fetch)
@@ -352,7 +352,7 @@ def run_demo(args: argparse.Namespace) -> int:
                 f"-- {elapsed:4.0f}s / {args.duration:.0f}s"
                 + (" -- signing key rotated" if rotated_key else "")
             ]
-            for sid, serial, left in _identities(agent_sock):
+            for sid, serial, left in _identities(Path(agent_sock)):
                 lines.append(f"  {sid:<32} serial {serial}  expires in {left:4.1f}s")
             lines.append(f"  requests ok {tally.ok}  failed {tally.failed}   rotations {rotations}")
             lines += [f"  audit {a}" for a in list(audit)]

@@ -2,12 +2,13 @@
 
 Rules / theory of operation:
 
-1. **Where to connect.**  An address given explicitly wins; otherwise
-   ``SPIFFE_ENDPOINT_SOCKET`` is used, and it must be a URI as the standard
-   says (``unix:///path``; py-spiffe's ``unix:/path`` is accepted too).  An
-   explicit address may also be a plain path.  Only Unix sockets are
-   supported: the Tally agent serves nowhere else, and a ``tcp://`` endpoint
-   is refused with a message that says so.
+1. **Where to connect.**  The Workload API endpoint socket is a `Path`,
+   resolved once at the edge: an address given explicitly wins
+   (`endpoint_socket_of`); otherwise ``SPIFFE_ENDPOINT_SOCKET`` is used, and
+   it must be a URI as the standard says (``unix:///path``; py-spiffe's
+   ``unix:/path`` is accepted too).  An explicit address may also be a plain
+   path.  Only Unix sockets are supported: the Tally agent serves nowhere
+   else, and a ``tcp://`` endpoint is refused with a message that says so.
 2. **One connection, one stream.**  A watch opens its own connection and asks
    for ``FetchX509SVID`` with the ``workload.spiffe.io: true`` header.
 3. **The reader never waits for the consumer.**  A background task reads the
@@ -30,6 +31,7 @@ import os
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 import h2.config
@@ -54,10 +56,10 @@ __all__ = [
     "X509Context",
     "X509Svid",
     "endpoint_from_env",
+    "endpoint_socket_of",
     "fetch_x509",
     "parse_endpoint",
     "parse_x509_svid_response",
-    "socket_path_of",
     "watch_x509",
 ]
 
@@ -107,7 +109,7 @@ class X509Context:
         return self.svids[0]
 
 
-def parse_endpoint(value: str, *, source: str = "endpoint") -> str:
+def parse_endpoint(value: str, *, source: str = "endpoint") -> Path:
     """The socket path of a Workload API URI such as ``unix:///run/tally/agent.sock``."""
     try:
         parts = urlsplit(value)
@@ -125,14 +127,14 @@ def parse_endpoint(value: str, *, source: str = "endpoint") -> str:
         raise EndpointError(f"{source} {value!r}: a host is not allowed; {_EXPECTED_URI}")
     if parts.query or parts.fragment or "?" in value or "#" in value:
         raise EndpointError(f"{source} {value!r}: query and fragment are not allowed")
-    if not path.startswith("/") or path == "/":
+    if not path.startswith("/") or Path(path) == Path("/"):
         raise EndpointError(f"{source} {value!r}: the socket path must be absolute")
     if "\x00" in path:
         raise EndpointError(f"{source} {value!r}: the socket path contains a NUL byte")
-    return path
+    return Path(path)
 
 
-def endpoint_from_env(env: Mapping[str, str]) -> str:
+def endpoint_from_env(env: Mapping[str, str]) -> Path:
     """The socket path named by ``SPIFFE_ENDPOINT_SOCKET`` in ``env``."""
     value = env.get(ENDPOINT_ENV)
     if not value:
@@ -143,13 +145,13 @@ def endpoint_from_env(env: Mapping[str, str]) -> str:
     return parse_endpoint(value, source=ENDPOINT_ENV)
 
 
-def socket_path_of(address: str) -> str:
-    """An explicit address: a ``unix:`` URI or a plain filesystem path."""
+def endpoint_socket_of(address: str) -> Path:
+    """The endpoint socket of an explicit address: a ``unix:`` URI or a plain path."""
     if address.startswith("unix:") or "://" in address:
         return parse_endpoint(address)
     if not address or "\x00" in address:
         raise EndpointError(f"socket path {address!r} is empty or contains a NUL byte")
-    return address
+    return Path(address)
 
 
 def _split_der(data: bytes, what: str) -> list[bytes]:
@@ -234,12 +236,12 @@ def parse_x509_svid_response(payload: bytes) -> X509Context:
     return X509Context(svids, bundles)
 
 
-async def _connect(socket_path: str) -> trio.SocketStream:
+async def _connect(endpoint_socket: Path) -> trio.SocketStream:
     try:
-        return await trio.open_unix_socket(socket_path)
+        return await trio.open_unix_socket(endpoint_socket)
     except OSError as exc:
         raise WorkloadApiError(
-            Status.UNAVAILABLE, f"cannot connect to the Workload API at {socket_path}: {exc}"
+            Status.UNAVAILABLE, f"cannot connect to the Workload API at {endpoint_socket}: {exc}"
         ) from exc
 
 
@@ -361,18 +363,19 @@ async def _read_contexts(stream: trio.abc.Stream, latest: _Latest) -> None:
 
 
 @asynccontextmanager
-async def watch_x509(socket_path: str | None = None) -> AsyncIterator[_Updates]:
+async def watch_x509(endpoint_socket: Path | None = None) -> AsyncIterator[_Updates]:
     """Watch the caller's X.509 identities.
 
-    Use as ``async with watch_x509(path) as updates: async for ctx in updates: ...``.
+    Use as ``async with watch_x509(socket) as updates: async for ctx in updates: ...``.
     The first context arrives as soon as the server answers, then one after each
     change.  The iteration stops when the server ends the stream normally and raises
     :class:`WorkloadApiError` when it ends otherwise; callers that keep watching
-    reconnect with backoff.  ``socket_path`` None means ``SPIFFE_ENDPOINT_SOCKET``.
+    reconnect with backoff.  ``endpoint_socket`` None means ``SPIFFE_ENDPOINT_SOCKET``.
     Waiting for a context has no deadline: wrap it in ``trio.fail_after`` if needed.
     """
-    path = endpoint_from_env(os.environ) if socket_path is None else socket_path_of(socket_path)
-    stream = await _connect(path)
+    if endpoint_socket is None:
+        endpoint_socket = endpoint_from_env(os.environ)
+    stream = await _connect(endpoint_socket)
     latest = _Latest()
     try:
         async with stream, trio.open_nursery() as nursery:
@@ -390,12 +393,12 @@ async def watch_x509(socket_path: str | None = None) -> AsyncIterator[_Updates]:
 
 
 async def fetch_x509(
-    socket_path: str | None = None, *, timeout_s: float = DEFAULT_FETCH_TIMEOUT_S
+    endpoint_socket: Path | None = None, *, timeout_s: float = DEFAULT_FETCH_TIMEOUT_S
 ) -> X509Context:
     """The caller's current X.509 identities; WorkloadApiError with DEADLINE_EXCEEDED
     when none arrives within ``timeout_s``."""
     with trio.move_on_after(timeout_s):
-        async with watch_x509(socket_path) as updates:
+        async with watch_x509(endpoint_socket) as updates:
             async for context in updates:
                 return context
             raise WorkloadApiError(Status.UNAVAILABLE, "the stream ended before any identity")

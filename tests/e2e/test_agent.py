@@ -129,7 +129,7 @@ def test_other_uid_is_denied_until_it_has_its_own_entry(ca: CA, agent_factory):
 async def test_new_entry_reaches_a_streaming_workload_within_a_second(ca: CA, agent_factory):
     agent = agent_factory(ca)
     register(ca, agent, "first", f"unix:uid:{UID}")
-    async with wl.watch_x509(agent.socket) as updates:
+    async with wl.watch_x509(Path(agent.socket)) as updates:
         ctx = await updates.__anext__()
         while [s.spiffe_id for s in ctx.svids] != ["spiffe://example.org/first"]:
             ctx = await updates.__anext__()

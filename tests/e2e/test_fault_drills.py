@@ -105,7 +105,7 @@ def node_pids(mesh: Mesh) -> list[int]:
 
 
 def fetch(socket_path: str) -> wl.X509Context:
-    return trio.run(wl.fetch_x509, socket_path)
+    return trio.run(wl.fetch_x509, Path(socket_path))
 
 
 def audited(ca: CA) -> set[tuple[str, str]]:

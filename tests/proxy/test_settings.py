@@ -49,7 +49,7 @@ def test_server_flags_build_the_policy():
 def test_workload_socket_defaults_to_the_environment():
     cfg = parse("client", *BASE, "--expect-id", "spiffe://example.org/api")
     assert cfg.source({"SPIFFE_ENDPOINT_SOCKET": "unix:///run/agent.sock"}) == WorkloadSourceSpec(
-        "/run/agent.sock"
+        Path("/run/agent.sock")
     )
     with pytest.raises(ConfigError, match="no identity source: SPIFFE_ENDPOINT_SOCKET is not set"):
         cfg.source({})

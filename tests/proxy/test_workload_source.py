@@ -149,7 +149,7 @@ async def test_workload_source_publishes_each_update_and_reconnects(ex, tmp_path
         got = trio.Event()
         return published[-1]
 
-    source = WorkloadSource(agent.path, want=None, clock=now)
+    source = WorkloadSource(Path(agent.path), want=None, clock=now)
     first, second = ex.svid("spiffe://example.org/api"), ex.svid("spiffe://example.org/api")
     async with trio.open_nursery() as nursery:
         await nursery.start(agent.run)

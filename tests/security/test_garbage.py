@@ -38,7 +38,7 @@ import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent.workload_server import _FrameGuard
+from agent.workload_calls import FrameGuard
 from tally.app.launch import Daemon, run_cli
 from tally.wire.grpc import Status, encode_message, status_from_headers
 from tally.wire.workload_client import fetch_x509
@@ -200,7 +200,7 @@ def tls(address: str, ctx: ssl.SSLContext) -> ssl.SSLSocket:
 
 def workload_fetch(stack: Stack) -> str:
     """Tally's own Workload API client, in this process: the default SVID's ID."""
-    context = trio.run(fetch_x509, stack.agent.socket)
+    context = trio.run(fetch_x509, Path(stack.agent.socket))
     return context.default_svid.spiffe_id
 
 
@@ -876,7 +876,7 @@ def test_frame_guard_finds_every_oversized_frame_however_the_bytes_are_cut(
         encoded.insert(index, frame(0, 0, 1, b"", length=oversized))
         bad_end = before + 9
     data = preface + b"".join(encoded)
-    guard = _FrameGuard(16384, 64 * 1024)
+    guard = FrameGuard(16384, 64 * 1024)
     fed = 0
     for chunk in split(data, cuts):
         why = guard.check(chunk)
@@ -889,7 +889,7 @@ def test_frame_guard_finds_every_oversized_frame_however_the_bytes_are_cut(
 
 
 def test_frame_guard_bounds_a_header_block_over_continuations():
-    guard = _FrameGuard(16384, 64 * 1024)
+    guard = FrameGuard(16384, 64 * 1024)
     assert guard.check(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + frame(1, 0, 1, bytes(16384))) is None
     for _ in range(2):
         assert guard.check(frame(9, 0, 1, bytes(16384))) is None

@@ -41,7 +41,7 @@ from hypothesis import strategies as st
 from agent.ca_client import make_csr
 from agent.settings import AgentSettings
 from agent.state import IDENTITY_FILE, StateError, load_identity
-from agent.workload_server import _STREAMING_METHODS, SvidItem, X509Snapshot, x509_svid_response
+from agent.workload_messages import STREAMING_METHODS, SvidItem, X509Snapshot, x509_svid_response
 from ca.api import AdminApi, AgentApi, AgentPeer, Changes
 from ca.authority import Authority, Limits
 from ca.keys import CAKeyError, KeyManager, load_private_key
@@ -489,11 +489,11 @@ def test_a_stream_cut_inside_a_message_is_reported_and_whole_ones_survive(payloa
 # -- Workload API messages, both directions --------------------------------------------------
 
 
-@given(st.sampled_from(sorted(_STREAMING_METHODS)), st.binary(max_size=200))
+@given(st.sampled_from(sorted(STREAMING_METHODS)), st.binary(max_size=200))
 def test_request_messages_parse_or_raise_only_decode_error(method, payload):
     """The server turns DecodeError, and only that, into INTERNAL for the call."""
     with contextlib.suppress(pb.DecodeError):
-        _STREAMING_METHODS[method].parse_request(payload)
+        STREAMING_METHODS[method].parse_request(payload)
 
 
 def _real_response() -> bytes:

@@ -29,7 +29,9 @@ import pytest
 import trio
 import trio.testing
 
-from agent.workload_server import DEFAULT_LIMITS, WorkloadStats, serve_workload_connection
+from agent.workload_calls import DEFAULT_LIMITS
+from agent.workload_server import WorkloadStats, serve_workload_connection
+from tests.agent.test_workload_server import PEER, FakeBackend, RawClient, cas, snapshot
 from tests.proxy.conftest import Running, launch, wait_until
 from tests.security.test_garbage import (
     BY_NAME,
@@ -49,7 +51,6 @@ from tests.security.test_garbage import (
     unix,
     workload_fetch,
 )
-from tests.test_workload_server import PEER, FakeBackend, RawClient, cas, snapshot
 
 pytestmark = pytest.mark.e2e
 

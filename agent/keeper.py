@@ -1,4 +1,4 @@
-"""The agent's working memory and the loops that keep it fresh.
+"""The agent's working memory and the trio loops that keep it fresh (`SvidKeeper`).
 
 Rules:
 
@@ -8,6 +8,7 @@ Rules:
 2. Workload keys are generated here and live only in memory; the CA sees
    CSRs.  Each SVID is renewed at a random point just before its half-life
    (`tally.spiffe.rotation`), in batches, so one CA call serves many renewals.
+   What is due when is decided in `agent.renewal`; this shell waits and calls.
 3. The CA being away is normal: every loop retries with capped, jittered
    backoff and logs ``rotation.failed`` with the reason, while workloads keep
    being served what is held until it expires.  Nothing is dropped early.
@@ -21,61 +22,58 @@ Rules:
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
+from functools import partial
 from pathlib import Path
+from typing import Any, Protocol, TypeVar
 
 import trio
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from agent import state
-from agent.ca_client import CAClient, CAError, make_csr
+from agent import renewal, state
+from agent.ca_client import CAError, Issued, make_csr
+from agent.renewal import BATCH, Entry, HeldSvid
 from tally.ops.logs import get_logger
 from tally.spiffe import rotation, x509profile
 from tally.spiffe.pem import chain_from_pem
-from tally.spiffe.selectors import Selector, SelectorError
 
 log = get_logger("tally.agent")
 
-# The CA answers these when it will never serve this agent again without a new token.
-FATAL_CODES = frozenset({"evicted", "banned", "unknown_agent", "stale_svid"})
-# At most this many CSRs per CA call.
-BATCH = 200
+_T = TypeVar("_T")
 
 
-@dataclass(frozen=True)
-class Entry:
-    id: str
-    spiffe_id: str
-    selectors: frozenset[Selector]
-    revision: int
-    hint: str
+class CAApi(Protocol):
+    """What the keeper needs of the CA (`agent.ca_client.CAClient` in the daemon)."""
 
-    @classmethod
-    def from_json(cls, data: dict[str, object]) -> Entry:
-        raw = data.get("selectors")
-        sels = (
-            frozenset(Selector.parse(str(s)) for s in raw) if isinstance(raw, list) else frozenset()
-        )
-        return cls(
-            id=str(data["id"]),
-            spiffe_id=str(data["spiffe_id"]),
-            selectors=sels,
-            revision=int(str(data.get("revision", 0))),
-            hint=str(data.get("hint") or ""),
-        )
+    async def renew(self, key: ec.EllipticCurvePrivateKey) -> Issued: ...
+
+    async def entries(
+        self, since: int = -1, wait: float = 0
+    ) -> tuple[int, list[dict[str, Any]]]: ...
+
+    async def sign(self, requests: Sequence[tuple[str, str]]) -> list[dict[str, Any]]: ...
+
+    async def bundle(self, since: int = -1, wait: float = 0) -> tuple[int, bytes]: ...
+
+    def set_identity(
+        self, chain: Sequence[x509.Certificate], key: ec.EllipticCurvePrivateKey
+    ) -> None: ...
+
+    def set_roots(self, roots: Sequence[x509.Certificate]) -> None: ...
 
 
-@dataclass(frozen=True)
-class HeldSvid:
-    entry: Entry
-    key: ec.EllipticCurvePrivateKey
-    chain: tuple[x509.Certificate, ...]
-    serial: str
-    not_after: datetime
-    renew_at: datetime
+class Offload(Protocol):
+    """Runs CPU or disk work (key generation, state files) away from the event loop."""
+
+    def __call__(self, work: Callable[[], _T], /) -> Awaitable[_T]: ...
+
+
+async def in_thread(work: Callable[[], _T]) -> _T:
+    """The daemon's `Offload`: a trio worker thread."""
+    return await trio.to_thread.run_sync(work)
 
 
 @dataclass
@@ -86,10 +84,13 @@ class Counters:
     by_reason: dict[str, int] = field(default_factory=dict)
 
 
-class AgentCore:
+class SvidKeeper:
+    """Holds the agent's identity, entries, bundle and workload SVIDs, and runs the
+    loops that keep them fresh against the CA (`run`)."""
+
     def __init__(
         self,
-        client: CAClient,
+        client: CAApi,
         identity: state.AgentIdentity,
         roots: list[x509.Certificate],
         bundle_sequence: int,
@@ -98,6 +99,7 @@ class AgentCore:
         clock: Callable[[], datetime],
         rng: random.Random | None = None,
         poll_wait: float = 30,
+        offload: Offload = in_thread,
     ) -> None:
         self.client = client
         self.identity = identity
@@ -107,6 +109,7 @@ class AgentCore:
         self.clock = clock
         self.rng = rng or random.Random()
         self.poll_wait = poll_wait
+        self._offload = offload
         self.entries: dict[str, Entry] = {}
         self.entries_revision = -1
         self.entries_synced = False
@@ -140,7 +143,7 @@ class AgentCore:
         log.warning("rotation.failed", what=what, reason=reason, error=str(exc))
 
     def _check_fatal(self, exc: Exception) -> bool:
-        if isinstance(exc, CAError) and exc.code in FATAL_CODES:
+        if isinstance(exc, CAError) and exc.code in renewal.FATAL_CODES:
             if self.evicted is None:
                 self.evicted = exc.code
                 log.error(
@@ -156,37 +159,26 @@ class AgentCore:
         return False
 
     def drop_expired(self) -> None:
-        now = self.clock()
-        gone = [eid for eid, held in self.svids.items() if held.not_after <= now]
+        gone = renewal.expired(self.svids, self.clock())
         for eid in gone:
             held = self.svids.pop(eid)
             log.warning("svid.expired", spiffe_id=held.entry.spiffe_id, serial=held.serial)
         if gone:
             self.notify()
 
-    def soonest_expiry(self) -> datetime | None:
-        times = [h.not_after for h in self.svids.values()]
-        times.append(self.identity.chain[0].not_valid_after_utc)
-        return min(times) if times else None
+    def soonest_expiry(self) -> datetime:
+        return renewal.soonest_expiry(self.svids, self.identity.chain[0])
 
     def at_risk(self) -> list[str]:
         """SVIDs three quarters through their life with no successor: renewal is failing."""
-        now = self.clock()
-        risky = []
-        for held in self.svids.values():
-            life = held.not_after - held.chain[0].not_valid_before_utc
-            if held.not_after - now < life / 4:
-                risky.append(held.entry.spiffe_id)
-        return risky
+        return renewal.at_risk(self.svids, self.clock())
 
     def _backoff(self, attempt: int) -> float:
         """Retry delay: exponential, jittered, and capped by how soon something expires,
         so a CA that comes back is noticed before the SVIDs it must renew run out."""
-        soonest = self.soonest_expiry()
-        left = (soonest - self.clock()).total_seconds() if soonest else 120.0
-        if any(eid not in self.svids for eid in self.entries):
-            left = min(left, 40.0)  # a workload is going without: look again soon
-        return rotation.backoff(attempt, self.rng, cap=max(1.0, min(30.0, left / 8)))
+        waiting = any(eid not in self.svids for eid in self.entries)
+        cap = renewal.retry_cap(self.clock(), self.soonest_expiry(), waiting)
+        return rotation.backoff(attempt, self.rng, cap=cap)
 
     async def _sleep_until(self, when: datetime, *, cap: float = 3600) -> None:
         delay = (when - self.clock()).total_seconds()
@@ -219,7 +211,7 @@ class AgentCore:
             # Before any checkpoint: a call made from here on must carry the new SVID, as
             # the CA accepts the old one only until the next renewal.
             self.client.set_identity(issued.chain, key)
-            await trio.to_thread.run_sync(state.save_identity, self.data_dir, self.identity)
+            await self._offload(partial(state.save_identity, self.data_dir, self.identity))
             self.agent_renew_at = self._renewal(issued.chain[0])
             self.counters.rotations += 1
             log.info(
@@ -254,28 +246,19 @@ class AgentCore:
         await self._wait_for_operator()
 
     def _apply_entries(self, revision: int, raw: Iterable[dict[str, object]]) -> None:
-        entries: dict[str, Entry] = {}
-        for item in raw:
-            try:
-                entry = Entry.from_json(item)
-            except (KeyError, ValueError, SelectorError) as exc:
-                log.warning("entry.ignored", entry=str(item.get("id")), error=str(exc))
-                continue
-            entries[entry.id] = entry
-        removed = set(self.entries) - set(entries)
-        for eid in removed:
+        change = renewal.compare_entries(self.entries, raw)
+        for eid, error in change.ignored:
+            log.warning("entry.ignored", entry=eid, error=error)
+        for eid in change.removed:
             held = self.svids.pop(eid, None)
             log.info(
                 "entry.removed", entry_id=eid, spiffe_id=held.entry.spiffe_id if held else None
             )
-        changed = any(
-            eid not in self.entries or self.entries[eid] != e for eid, e in entries.items()
-        )
-        self.entries = entries
+        self.entries = change.entries
         self.entries_revision = revision
         self.entries_synced = True
-        if removed or changed:
-            log.info("entries.synced", revision=revision, entries=len(entries))
+        if change.removed or change.changed:
+            log.info("entries.synced", revision=revision, entries=len(change.entries))
             self._wake_minter.set()
             self.notify()
 
@@ -297,37 +280,22 @@ class AgentCore:
                 self.roots = roots
                 self.bundle_sequence = sequence
                 self.client.set_roots(roots)
-                await trio.to_thread.run_sync(state.save_bundle, self.data_dir, roots, sequence)
+                await self._offload(partial(state.save_bundle, self.data_dir, roots, sequence))
                 log.info("bundle.updated", sequence=sequence, roots=len(roots))
                 self.notify()
         await self._wait_for_operator()
 
     # -- workload SVIDs ----------------------------------------------------------------
 
-    def _due(self) -> list[Entry]:
-        now = self.clock()
-        due = []
-        for eid, entry in self.entries.items():
-            held = self.svids.get(eid)
-            if held is None or held.entry != entry or held.renew_at <= now:
-                due.append(entry)
-        return due
-
-    def _next_wake(self) -> datetime:
-        times = [h.renew_at for h in self.svids.values()]
-        times += [h.not_after for h in self.svids.values()]
-        return min(times, default=self.clock() + timedelta(hours=1))
-
     async def minter_loop(self) -> None:
         attempt = 0
         while self.evicted is None:
             self.drop_expired()
-            due = self._due() if self.entries_synced else []
+            due = renewal.due(self.entries, self.svids, self.clock()) if self.entries_synced else []
             if not due:
                 self._wake_minter = trio.Event()
-                with trio.move_on_after(
-                    max(0.0, (self._next_wake() - self.clock()).total_seconds())
-                ):
+                wake = renewal.next_wake(self.svids, self.clock())
+                with trio.move_on_after(max(0.0, (wake - self.clock()).total_seconds())):
                     await self._wake_minter.wait()
                 continue
             try:
@@ -351,8 +319,8 @@ class AgentCore:
             await self._sleep_until(min(h.not_after for h in self.svids.values()))
 
     async def _mint(self, due: list[Entry]) -> None:
-        keys = await trio.to_thread.run_sync(lambda: [x509profile.generate_key() for _ in due])
-        csrs = await trio.to_thread.run_sync(lambda: [make_csr(k) for k in keys])
+        keys = await self._offload(lambda: [x509profile.generate_key() for _ in due])
+        csrs = await self._offload(lambda: [make_csr(k) for k in keys])
         results = await self.client.sign([(e.id, csr) for e, csr in zip(due, csrs, strict=True)])
         for entry, key, result in zip(due, keys, results, strict=True):
             if "chain" not in result:
@@ -405,7 +373,3 @@ class AgentCore:
             nursery.start_soon(self.entries_loop)
             nursery.start_soon(self.bundle_loop)
             nursery.start_soon(self.minter_loop)
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)

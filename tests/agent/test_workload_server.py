@@ -33,29 +33,16 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from hypothesis import given
-from hypothesis import strategies as st
 
-from agent.workload_server import (
-    NoIdentity,
-    SvidItem,
-    WorkloadStats,
-    X509Snapshot,
-    serve_workload_api,
-    serve_workload_connection,
-    x509_svid_response,
-)
+from agent.workload_messages import NoIdentity, SvidItem, X509Snapshot
+from agent.workload_server import WorkloadStats, serve_workload_api, serve_workload_connection
 from tally.ops.net import PeerCred, open_unix_listener
 from tally.wire import workload_pb as pb
 from tally.wire.grpc import MessageDecoder, Status, encode_message, status_from_headers
 from tally.wire.workload_client import (
-    EndpointError,
     WorkloadApiError,
-    endpoint_from_env,
+    endpoint_socket_of,
     fetch_x509,
-    parse_endpoint,
-    parse_x509_svid_response,
-    socket_path_of,
     watch_x509,
 )
 
@@ -611,17 +598,6 @@ async def test_bundles_stream_over_raw_http2(agent, cas):
     }
 
 
-def test_federated_bundles_hold_foreign_trust_domains_only(cas):
-    message = pb.X509SVIDResponse.FromString(x509_svid_response(snapshot(cas, serial=5)))
-    assert list(message.federated_bundles) == ["spiffe://other.org"]
-    assert message.svids[0].bundle == cas["example.org"].der
-
-
-def test_empty_svids_are_never_sent(cas):
-    with pytest.raises(NoIdentity):
-        x509_svid_response(X509Snapshot((), {"spiffe://example.org": cas["example.org"].der}))
-
-
 async def test_empty_snapshot_ends_with_permission_denied(agent, cas):
     agent.backend.publish(X509Snapshot((), {"spiffe://example.org": cas["example.org"].der}))
     client = await agent.raw()
@@ -637,7 +613,7 @@ async def test_empty_snapshot_ends_with_permission_denied(agent, cas):
 
 async def _still_serves(agent: Agent) -> None:
     with trio.fail_after(5):
-        context = await fetch_x509(str(agent.path))
+        context = await fetch_x509(agent.path)
     assert context.default_svid.spiffe_id == SPIFFE_ID
 
 
@@ -715,7 +691,7 @@ async def test_stalled_reader_does_not_delay_another_clients_rotation(agent, cas
     slow.call()
     await slow.flush()  # ... and never reads again
     with trio.fail_after(5):
-        async with watch_x509(str(agent.path)) as updates:
+        async with watch_x509(agent.path) as updates:
             first = await anext(updates)
             assert first.default_svid.leaf.serial_number == 2001
             agent.backend.publish(snapshot(cas, serial=2002, padding=2000))
@@ -852,7 +828,7 @@ async def test_client_deadline_ends_the_stream(autojump_clock, cas):
 
 
 async def test_own_client_fetches_and_parses(agent, cas):
-    context = await fetch_x509(agent.uri)
+    context = await fetch_x509(endpoint_socket_of(agent.uri))
     svid = context.default_svid
     assert svid.spiffe_id == SPIFFE_ID
     assert svid.leaf.serial_number == 1001
@@ -863,7 +839,7 @@ async def test_own_client_fetches_and_parses(agent, cas):
 
 
 async def test_own_client_watches_rotation_and_revocation(agent, cas):
-    async with watch_x509(f"unix:{agent.path}") as updates:
+    async with watch_x509(endpoint_socket_of(f"unix:{agent.path}")) as updates:
         assert (await anext(updates)).default_svid.leaf.serial_number == 1001
         agent.backend.publish(snapshot(cas, serial=1002))
         assert (await anext(updates)).default_svid.leaf.serial_number == 1002
@@ -876,14 +852,14 @@ async def test_own_client_watches_rotation_and_revocation(agent, cas):
 async def test_own_client_reports_permission_denied(agent):
     agent.backend.deny = True
     with pytest.raises(WorkloadApiError) as info:
-        await fetch_x509(str(agent.path))
+        await fetch_x509(agent.path)
     assert info.value.status is Status.PERMISSION_DENIED
     assert info.value.message == "no identity issued"
 
 
 async def test_own_client_reports_a_missing_socket(sock_dir):
     with pytest.raises(WorkloadApiError) as info:
-        await fetch_x509(str(sock_dir / "absent.sock"))
+        await fetch_x509(sock_dir / "absent.sock")
     assert info.value.status is Status.UNAVAILABLE
     assert "absent.sock" in info.value.message
 
@@ -891,104 +867,6 @@ async def test_own_client_reports_a_missing_socket(sock_dir):
 async def test_own_client_times_out(autojump_clock, sock_dir):
     listener = await open_unix_listener(sock_dir / "mute.sock", 0o600)  # accepts, never answers
     with pytest.raises(WorkloadApiError) as info:
-        await fetch_x509(str(sock_dir / "mute.sock"), timeout_s=3)
+        await fetch_x509(sock_dir / "mute.sock", timeout_s=3)
     assert info.value.status is Status.DEADLINE_EXCEEDED
     await listener.aclose()
-
-
-def test_response_with_mismatched_spiffe_id_is_refused(cas):
-    svid = make_svid(cas["example.org"], 7)
-    message = pb.X509SVIDResponse(
-        svids=[
-            pb.X509SVID(
-                spiffe_id="spiffe://example.org/other",
-                x509_svid=svid.cert_chain_der,
-                x509_svid_key=svid.private_key_pkcs8,
-                bundle=svid.bundle_der,
-            )
-        ]
-    )
-    with pytest.raises(WorkloadApiError, match="URI SAN"):
-        parse_x509_svid_response(message.SerializeToString())
-
-
-@given(st.binary(max_size=300))
-def test_response_parser_on_garbage_raises_only_its_error(payload):
-    try:
-        parse_x509_svid_response(payload)
-    except WorkloadApiError as exc:
-        assert exc.status is Status.INTERNAL
-
-
-@given(st.binary(max_size=200), st.binary(max_size=200))
-def test_response_parser_on_garbage_certificates_raises_only_its_error(chain, bundle):
-    message = pb.X509SVIDResponse(
-        svids=[pb.X509SVID(spiffe_id=SPIFFE_ID, x509_svid=chain, bundle=bundle)]
-    )
-    with pytest.raises(WorkloadApiError):
-        parse_x509_svid_response(message.SerializeToString())
-
-
-# ---------------------------------------------------------------------------
-# Endpoint addresses (SPIFFE_ENDPOINT_SOCKET, reference §5.5).
-
-_PATHS = st.lists(
-    st.text(
-        alphabet=st.characters(blacklist_categories=["Cs"], blacklist_characters="/\x00"),
-        min_size=1,
-        max_size=12,
-    ),
-    min_size=1,
-    max_size=4,
-).map(lambda parts: "/" + "/".join(parts))
-
-
-@given(_PATHS)
-def test_endpoint_round_trip(path):
-    from urllib.parse import quote
-
-    assert parse_endpoint("unix://" + quote(path)) == path
-    assert parse_endpoint("unix:" + quote(path)) == path
-
-
-@given(st.text(max_size=40))
-def test_endpoint_garbage_raises_only_endpoint_error_and_accepted_is_absolute(value):
-    try:
-        path = parse_endpoint(value)
-    except EndpointError:
-        return
-    assert value.startswith("unix:")
-    assert path.startswith("/") and len(path) > 1 and "\x00" not in path
-
-
-@pytest.mark.parametrize(
-    ("value", "why"),
-    [
-        ("/tmp/agent.sock", "scheme"),
-        ("unix://host/tmp/agent.sock", "host"),
-        ("unix://", "absolute"),
-        ("unix:///tmp/a.sock?x=1", "query"),
-        ("unix:///tmp/a.sock#f", "fragment"),
-        ("tcp://127.0.0.1:8081", "tcp endpoints are not supported"),
-        ("http://x/y", "scheme"),
-    ],
-)
-def test_endpoint_rejections_name_the_value(value, why):
-    with pytest.raises(EndpointError) as info:
-        endpoint_from_env({"SPIFFE_ENDPOINT_SOCKET": value})
-    assert why in str(info.value)
-    assert "SPIFFE_ENDPOINT_SOCKET" in str(info.value)
-
-
-def test_endpoint_from_env_requires_the_variable():
-    with pytest.raises(EndpointError, match="SPIFFE_ENDPOINT_SOCKET is not set"):
-        endpoint_from_env({})
-    assert endpoint_from_env({"SPIFFE_ENDPOINT_SOCKET": "unix:///run/a.sock"}) == "/run/a.sock"
-
-
-def test_explicit_address_may_be_a_plain_path():
-    assert socket_path_of("/run/tally/agent.sock") == "/run/tally/agent.sock"
-    assert socket_path_of("unix:///run/tally/agent.sock") == "/run/tally/agent.sock"
-    assert socket_path_of("unix:/run/tally/agent.sock") == "/run/tally/agent.sock"
-    with pytest.raises(EndpointError):
-        socket_path_of("")

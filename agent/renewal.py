@@ -1,0 +1,143 @@
+"""What the agent should do next with the SVIDs it holds: pure decisions over its state.
+
+`tally.spiffe.rotation` says when *one* certificate is due; this module applies
+that to everything the agent holds, so the loops in `agent.keeper` only wait
+and call the CA.
+
+Rules:
+
+1. **Pure.**  No trio, socket, os or time: every function takes ``now`` and
+   the state it judges, and returns what to do.
+2. **An entry needs a new SVID** when none is held for it, when the entry
+   changed since its SVID was minted, or when the SVID's renewal time has
+   come (`due`).
+3. **Nothing is dropped early.**  An SVID leaves only at its ``not_after``
+   (`expired`); one three quarters through its life with no successor is
+   reported (`at_risk`), not removed.
+4. **Retries are capped by what is at stake** (`retry_cap`): the sooner
+   something expires, or while a workload goes without, the sooner the CA is
+   asked again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from tally.spiffe.selectors import Selector, SelectorError
+
+# The CA answers these when it will never serve this agent again without a new token.
+FATAL_CODES = frozenset({"evicted", "banned", "unknown_agent", "stale_svid"})
+# At most this many CSRs per CA call.
+BATCH = 200
+
+
+@dataclass(frozen=True)
+class Entry:
+    id: str
+    spiffe_id: str
+    selectors: frozenset[Selector]
+    revision: int
+    hint: str
+
+    @classmethod
+    def from_json(cls, data: dict[str, object]) -> Entry:
+        raw = data.get("selectors")
+        sels = (
+            frozenset(Selector.parse(str(s)) for s in raw) if isinstance(raw, list) else frozenset()
+        )
+        return cls(
+            id=str(data["id"]),
+            spiffe_id=str(data["spiffe_id"]),
+            selectors=sels,
+            revision=int(str(data.get("revision", 0))),
+            hint=str(data.get("hint") or ""),
+        )
+
+
+@dataclass(frozen=True)
+class HeldSvid:
+    entry: Entry
+    key: ec.EllipticCurvePrivateKey
+    chain: tuple[x509.Certificate, ...]
+    serial: str
+    not_after: datetime
+    renew_at: datetime
+
+
+@dataclass(frozen=True)
+class EntryChange:
+    """A new entry list from the CA, compared with the one held."""
+
+    entries: dict[str, Entry]
+    removed: frozenset[str]
+    changed: bool
+    """Some entry is new or differs from the one held."""
+    ignored: tuple[tuple[str, str], ...]
+    """(entry id, why) for every item that does not parse; the rest still apply."""
+
+
+def compare_entries(held: Mapping[str, Entry], raw: Iterable[dict[str, object]]) -> EntryChange:
+    entries: dict[str, Entry] = {}
+    ignored: list[tuple[str, str]] = []
+    for item in raw:
+        try:
+            entry = Entry.from_json(item)
+        except (KeyError, ValueError, SelectorError) as exc:
+            ignored.append((str(item.get("id")), str(exc)))
+            continue
+        entries[entry.id] = entry
+    removed = frozenset(held) - frozenset(entries)
+    changed = any(eid not in held or held[eid] != e for eid, e in entries.items())
+    return EntryChange(entries, removed, changed, tuple(ignored))
+
+
+def due(entries: Mapping[str, Entry], svids: Mapping[str, HeldSvid], now: datetime) -> list[Entry]:
+    """The entries to mint an SVID for now (rule 2), in entry order."""
+    out = []
+    for eid, entry in entries.items():
+        held = svids.get(eid)
+        if held is None or held.entry != entry or held.renew_at <= now:
+            out.append(entry)
+    return out
+
+
+def next_wake(svids: Mapping[str, HeldSvid], now: datetime) -> datetime:
+    """When something held next needs renewing or letting go; an hour on with nothing held."""
+    times = [h.renew_at for h in svids.values()]
+    times += [h.not_after for h in svids.values()]
+    return min(times, default=now + timedelta(hours=1))
+
+
+def expired(svids: Mapping[str, HeldSvid], now: datetime) -> list[str]:
+    """The entry ids whose SVID has reached its ``not_after``."""
+    return [eid for eid, held in svids.items() if held.not_after <= now]
+
+
+def soonest_expiry(svids: Mapping[str, HeldSvid], agent_leaf: x509.Certificate) -> datetime:
+    """The first ``not_after`` among the workload SVIDs and the agent's own."""
+    return min([*(h.not_after for h in svids.values()), agent_leaf.not_valid_after_utc])
+
+
+def at_risk(svids: Mapping[str, HeldSvid], now: datetime) -> list[str]:
+    """SVIDs three quarters through their life with no successor: renewal is failing."""
+    risky = []
+    for held in svids.values():
+        life = held.not_after - held.chain[0].not_valid_before_utc
+        if held.not_after - now < life / 4:
+            risky.append(held.entry.spiffe_id)
+    return risky
+
+
+def retry_cap(now: datetime, soonest: datetime, someone_waits: bool) -> float:
+    """The ceiling of the next retry delay, in seconds (rule 4): an eighth of the time
+    left before ``soonest``, between 1 s and 30 s, and at most 5 s while an entry has
+    no SVID yet (``someone_waits``), so a CA that comes back is noticed in time."""
+    left = (soonest - now).total_seconds()
+    if someone_waits:
+        left = min(left, 40.0)  # a workload is going without: look again soon
+    return max(1.0, min(30.0, left / 8))

@@ -1,0 +1,219 @@
+"""The agent's renewal loops in virtual time, against a fake CA at the CA-client boundary.
+
+The fake implements `agent.keeper.CAApi` and mints real X.509-SVIDs with the
+CA's own certificate code (`tally.spiffe.x509profile`); everything inside the
+boundary is the real keeper and the real Workload API backend.  Key generation
+and state files run inline (the ``offload``), so no worker thread lets the
+autojump clock move while work is in flight.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any, TypeVar
+
+import pytest
+import trio
+import trio.lowlevel
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from agent import state
+from agent.backend import AgentBackend
+from agent.ca_client import CAError, Issued
+from agent.keeper import SvidKeeper
+from agent.renewal import Entry
+from tally.spiffe import pem, rotation, x509profile
+from tally.spiffe.spiffeid import SpiffeId, TrustDomain
+
+T = TypeVar("T")
+
+EPOCH = datetime(2026, 1, 1, tzinfo=UTC)
+TD = TrustDomain.parse("example.org")
+SVID_TTL = 3600.0
+AGENT_ID = "spiffe://example.org/tally/agent/n1"
+ENTRY: dict[str, object] = {
+    "id": "e1",
+    "spiffe_id": "spiffe://example.org/web",
+    "selectors": ["unix:uid:1000"],
+    "revision": 1,
+}
+
+
+def clock() -> datetime:
+    """Wall time derived from trio's clock, so autojump moves both (STYLE 10)."""
+    return EPOCH + timedelta(seconds=trio.current_time())
+
+
+def at(when: datetime) -> float:
+    """The trio time of a wall-clock instant."""
+    return (when - EPOCH).total_seconds()
+
+
+async def inline(work: Callable[[], T]) -> T:
+    return work()
+
+
+class FakeCA:
+    """The CA behind `CAApi`: one entry, one bundle, and a switch that makes it fail."""
+
+    def __init__(self) -> None:
+        self.key = x509profile.generate_key()
+        self.root = x509profile.build_root(
+            self.key, TD, EPOCH - timedelta(days=1), EPOCH + timedelta(days=3650)
+        )
+        self.failing = False
+        self.sign_calls: list[float] = []
+        """trio times of every sign call, failed ones included."""
+        self.called = trio.Event()
+
+    def leaf(self, public_key: Any, spiffe_id: str, ttl: float) -> x509.Certificate:
+        now = clock()
+        return x509profile.build_leaf(
+            public_key,
+            SpiffeId.parse(spiffe_id),
+            self.root,
+            self.key,
+            now,
+            now + timedelta(seconds=ttl),
+        )
+
+    async def renew(self, key: ec.EllipticCurvePrivateKey) -> Issued:
+        leaf = self.leaf(key.public_key(), AGENT_ID, 86400)
+        return Issued(AGENT_ID, format(leaf.serial_number, "x"), (leaf, self.root))
+
+    async def entries(self, since: int = -1, wait: float = 0) -> tuple[int, list[dict[str, Any]]]:
+        if since != 1:
+            return 1, [dict(ENTRY)]
+        await trio.sleep(wait)  # a long poll with nothing new
+        return 1, [dict(ENTRY)]
+
+    async def sign(self, requests: Sequence[tuple[str, str]]) -> list[dict[str, Any]]:
+        self.sign_calls.append(trio.current_time())
+        self.called.set()
+        self.called = trio.Event()
+        if self.failing:
+            raise CAError("unreachable", "CA at ca:8081 unreachable: connection refused")
+        results = []
+        for entry_id, csr in requests:
+            assert entry_id == ENTRY["id"]
+            leaf = self.leaf(
+                x509profile.csr_public_key(csr.encode()), str(ENTRY["spiffe_id"]), SVID_TTL
+            )
+            results.append(
+                {
+                    "entry_id": entry_id,
+                    "serial": format(leaf.serial_number, "x"),
+                    "chain": (leaf, self.root),
+                }
+            )
+        return results
+
+    async def bundle(self, since: int = -1, wait: float = 0) -> tuple[int, bytes]:
+        await trio.sleep(wait)
+        return 1, pem.chain_to_pem([self.root])
+
+    def set_identity(
+        self, chain: Sequence[x509.Certificate], key: ec.EllipticCurvePrivateKey
+    ) -> None:
+        pass
+
+    def set_roots(self, roots: Sequence[x509.Certificate]) -> None:
+        pass
+
+    async def wait_sign_calls(self, count: int) -> None:
+        while len(self.sign_calls) < count:
+            await self.called.wait()
+
+
+@pytest.fixture
+def ca() -> FakeCA:
+    return FakeCA()
+
+
+def make_keeper(ca: FakeCA, tmp_path) -> SvidKeeper:
+    key = x509profile.generate_key()
+    agent_leaf = ca.leaf(key.public_key(), AGENT_ID, 86400)
+    return SvidKeeper(
+        ca,
+        state.AgentIdentity(key, (agent_leaf, ca.root)),
+        [ca.root],
+        1,
+        tmp_path,
+        clock=clock,
+        rng=random.Random(7),
+        offload=inline,
+    )
+
+
+def served_serial(keeper: SvidKeeper) -> int:
+    """The serial the Workload API would hand the entry's workload right now."""
+    backend = AgentBackend(keeper, str(TD.id()))
+    snapshot = backend.snapshot_for(Entry.from_json(ENTRY).selectors)
+    [item] = snapshot.svids
+    return pem.chain_from_der(item.cert_chain_der)[0].serial_number
+
+
+def _ceiling(attempt: int) -> float:
+    """`rotation.backoff`'s ceiling while the cap is 30 s (far from any expiry)."""
+    return min(30.0, 0.5 * 2**attempt)
+
+
+async def test_renews_at_half_life_retries_with_backoff_and_serves_the_old_svid(
+    autojump_clock, ca, tmp_path
+):
+    keeper = make_keeper(ca, tmp_path)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(keeper.run)
+        await ca.wait_sign_calls(1)
+        await trio.lowlevel.checkpoint()  # let the minter store what it got
+        first = keeper.svids["e1"]
+        assert ca.sign_calls == [0.0]
+        assert served_serial(keeper) == first.chain[0].serial_number
+
+        # Renewal is planned inside the jitter window, before half the life is gone.
+        life = (first.not_after - first.chain[0].not_valid_before_utc).total_seconds()
+        assert life == SVID_TTL
+        low, high = rotation.WINDOW
+        assert low * life <= at(first.renew_at) <= high * life < life / 2
+
+        # The CA goes away: the first attempt comes exactly at the planned time ...
+        ca.failing = True
+        await ca.wait_sign_calls(2)
+        assert ca.sign_calls[1] == pytest.approx(at(first.renew_at), abs=1e-3)
+
+        # ... and retries back off, jittered, doubling up to the 30 s cap.
+        recover_at = at(first.renew_at) + 600
+        await trio.sleep_until(recover_at)
+        attempts = ca.sign_calls[1:]
+        gaps = [b - a for a, b in itertools.pairwise(attempts)]
+        assert len(gaps) >= 20
+        for attempt, gap in enumerate(gaps, start=1):
+            assert _ceiling(attempt) / 2 - 1e-3 <= gap <= _ceiling(attempt) + 1e-3, attempt
+        assert keeper.counters.rotation_failures == len(attempts)
+        assert keeper.counters.by_reason == {"unreachable": len(attempts)}
+
+        # Meanwhile the held SVID is served, past its half-life, not dropped early.
+        assert trio.current_time() > life / 2
+        assert keeper.svids["e1"] is first
+        assert served_serial(keeper) == first.chain[0].serial_number
+        assert keeper.at_risk() == []
+
+        # The CA comes back: the next retry (within one capped delay) renews.
+        ca.failing = False
+        failed = len(ca.sign_calls)
+        await ca.wait_sign_calls(failed + 1)
+        await trio.lowlevel.checkpoint()
+        assert ca.sign_calls[-1] - recover_at <= 30.0 + 1e-3
+        second = keeper.svids["e1"]
+        assert second is not first
+        assert served_serial(keeper) == second.chain[0].serial_number
+        assert keeper.counters.rotations == 1
+
+        # And the successor is renewed on its own schedule, with no retries.
+        await ca.wait_sign_calls(failed + 2)
+        assert ca.sign_calls[-1] == pytest.approx(at(second.renew_at), abs=1e-3)
+        nursery.cancel_scope.cancel()
