@@ -112,7 +112,9 @@ MIGRATIONS: tuple[str, ...] = (
 
 
 class StoreError(OperatorError):
-    """The datastore cannot be used (wrong version, unreadable file)."""
+    """The datastore cannot be used: a schema from a newer Tally, a file SQLite cannot
+    read, a planted symlink.  An operator's fault to fix (`OperatorError`), so the CA
+    stops with the one line that names the file, before it serves anything."""
 
 
 class Conflict(Exception):
