@@ -2,12 +2,13 @@
 
 Rules:
 
-1. Handlers parse the request, hand the decision to `Authority` in the
-   store's worker thread, and turn `Denied` into a JSON error with a stable
-   ``code``.  Nothing here decides who may do what, except which door a
-   request came through: the agent door knows the caller only by the SPIFFE
-   ID its verified certificate carries; the admin door only by the uid the
-   kernel reports for the socket's peer.
+1. Handlers read the request through `ca.messages`, hand the decision to
+   `Authority` in the store's worker thread, answer with `ca.messages`' JSON,
+   and turn `Denied` into a JSON error with a stable ``code``.  Nothing here
+   decides who may do what, except which door a request came through: the
+   agent door knows the caller only by the SPIFFE ID its verified certificate
+   carries; the admin door only by the uid the kernel reports for the
+   socket's peer.
 2. Long polls (``wait``) are bounded (at most `MAX_WAIT` seconds) and are
    woken by `Changes`, so a new entry or bundle reaches a waiting agent at
    once instead of on the next poll.
@@ -16,6 +17,9 @@ Rules:
    the request (no certificate at all, an agent SVID that has been replaced)
    are reported through ``on_denied``, like the server's handshake refusals:
    one ``peer.denied`` line and one count by reason each.
+5. A caller or a target that is refused is refused before anything is said
+   about the rest of the body: an agent's batch of CSRs is read after the
+   agent is judged, an entry's changes after the entry is found.
 """
 
 from __future__ import annotations
@@ -27,8 +31,10 @@ from typing import Protocol, TypeVar
 
 import trio
 
-from ca.authority import Authority, Denied
+from ca import messages
+from ca.authority import AgentStatus, Authority, Denied, Issued, NotSigned
 from ca.keys import CAKeyError
+from ca.store import EntryRecord
 from tally.spiffe.spiffeid import SpiffeId
 from tally.wire import http
 
@@ -100,18 +106,6 @@ def _int_param(req: http.Request, name: str) -> int:
     return value
 
 
-def _body(req: http.Request) -> dict[str, object]:
-    if not req.body:
-        return {}
-    try:
-        value = req.json()
-    except http.HttpError as exc:
-        raise Denied(400, "bad_json", exc.message) from exc
-    if not isinstance(value, dict):
-        raise Denied(400, "bad_json", "request body must be a JSON object")
-    return value
-
-
 @dataclass(frozen=True)
 class AgentPeer:
     """Who is calling on the agent API: a verified agent SVID, or nobody yet."""
@@ -147,20 +141,21 @@ class AgentApi:
                 self.on_denied(reason, detail, peer.spiffe_id, peer.address)
             return _error(exc)
 
-    def _agent(self, peer: AgentPeer) -> tuple[str, str]:
+    def _agent(self, peer: AgentPeer) -> tuple[SpiffeId, str]:
         if peer.spiffe_id is None or peer.serial is None:
             raise Denied(401, "no_client_certificate", "this call needs the agent's SVID (mTLS)")
-        return str(peer.spiffe_id), peer.serial
+        return peer.spiffe_id, peer.serial
 
     async def _route(self, peer: AgentPeer, req: http.Request) -> http.Response:
         a = self.authority
+        J = http.Response.json
         route = (req.method, req.path)
         if route == ("POST", "/v1/attest"):
-            body = _body(req)
-            result = await self.run(
-                lambda: a.attest(body.get("token"), body.get("csr"), peer.address)
-            )
-            return http.Response.json(result)
+            body = messages.body_object(req)
+            token = messages.text_or_none(body.get("token"))
+            csr = messages.text_or_none(body.get("csr"))
+            attested = await self.run(lambda: a.attest(token, csr, peer.address))
+            return J(messages.attested_json(attested))
         if route == ("GET", "/v1/bundle"):
             since = _int_param(req, "since")
 
@@ -168,21 +163,21 @@ class AgentApi:
                 return (a.keys.bundle is not None) and a.keys.bundle.sequence != since
 
             await self.bundle.wait_until(bundle_changed, _wait_param(req))
-            return http.Response.json(a.bundle_json())
+            return J(messages.bundle_json(a.bundle()))
         agent_id, serial = self._agent(peer)
         if route == ("POST", "/v1/agent/renew"):
-            body = _body(req)
-            result = await self.run(lambda: a.renew_agent(agent_id, serial, body.get("csr")))
+            csr = messages.text_or_none(messages.body_object(req).get("csr"))
+            issued = await self.run(lambda: a.renew_agent(agent_id, serial, csr))
             # Ends the agent's own long poll (see below) while its certificate is still
             # accepted as the previous one.
             self.entries.notify()
-            return http.Response.json(result)
+            return J(messages.svid_json(issued))
         if route == ("GET", "/v1/entries"):
             since = _int_param(req, "since")
             await self.run(lambda: a.check_agent(agent_id, serial))
 
             def changed() -> bool:
-                agent = a.store.get_agent(agent_id)
+                agent = a.store.get_agent(str(agent_id))
                 # An eviction or ban ends the wait too, so the agent hears of it at once.
                 # So does a renewal: the answer is judged on this call's certificate, which
                 # must not be two renewals old by then.
@@ -193,11 +188,16 @@ class AgentApi:
                 return await self.run(changed)
 
             await self.entries.wait_until(entries_changed, _wait_param(req))
-            return http.Response.json(await self.run(lambda: a.entries_for(agent_id, serial)))
+            view = await self.run(lambda: a.entries_for(agent_id, serial))
+            return J(messages.agent_entries_json(view))
         if route == ("POST", "/v1/svids"):
-            body = _body(req)
-            result = await self.run(lambda: a.sign_batch(agent_id, serial, body.get("csrs")))
-            return http.Response.json(result)
+            csrs = messages.body_object(req).get("csrs")
+
+            def sign() -> list[Issued | NotSigned]:
+                a.check_agent(agent_id, serial)  # before a word about the CSRs (rule 5)
+                return a.sign_batch(agent_id, serial, messages.sign_requests(csrs))
+
+            return J(messages.signed_json(csrs, await self.run(sign)))
         raise Denied(404, "not_found", f"no such call: {req.method} {req.path}")
 
 
@@ -229,61 +229,68 @@ class AdminApi:
         if (method, path) == ("GET", "/v1/health"):
             return J(self.health())
         if (method, path) == ("POST", "/v1/tokens"):
-            body = _body(req)
-            return J(
-                await self.run(
-                    lambda: a.create_token(body.get("spiffe_id"), body.get("ttl"), actor)
-                )
-            )
+            body = messages.body_object(req)
+            sid = messages.token_spiffe_id(body.get("spiffe_id"))
+            ttl = messages.token_ttl(body.get("ttl"))
+            token = await self.run(lambda: a.create_token(sid, ttl, actor))
+            return J(messages.token_json(token))
         if path == "/v1/entries":
             if method == "POST":
-                body = _body(req)
-                result = await self.run(lambda: a.create_entry(body, actor))
+                spec = messages.entry_spec(messages.body_object(req))
+                created = await self.run(lambda: a.create_entry(spec, actor))
                 self.on_entries_changed()
-                return J(result, status=201)
+                return J(messages.entry_json(created), status=201)
             if method == "GET":
                 entries = await self.run(
                     lambda: a.store.list_entries(
                         spiffe_id=q.get("spiffe_id"), parent_id=q.get("parent_id")
                     )
                 )
-                return J({"entries": [e.to_json() for e in entries]})
+                return J(messages.entries_json(entries))
         if path.startswith("/v1/entries/"):
             entry_id = path.removeprefix("/v1/entries/")
             if method == "GET":
-                return J((await self.run(lambda: a.get_entry(entry_id))).to_json())
+                return J(messages.entry_json(await self.run(lambda: a.get_entry(entry_id))))
             if method == "PATCH":
-                body = _body(req)
-                result = await self.run(lambda: a.update_entry(entry_id, body, actor))
+                body = messages.body_object(req)
+
+                def update() -> EntryRecord:
+                    a.get_entry(entry_id)  # 404 before a word about the body (rule 5)
+                    return a.update_entry(entry_id, messages.entry_patch(body), actor)
+
+                updated = await self.run(update)
                 self.on_entries_changed()
-                return J(result)
+                return J(messages.entry_json(updated))
             if method == "DELETE":
-                result = await self.run(lambda: a.delete_entry(entry_id, actor))
+                await self.run(lambda: a.delete_entry(entry_id, actor))
                 self.on_entries_changed()
-                return J(result)
+                return J({"deleted": entry_id})
         if (method, path) == ("GET", "/v1/agents"):
-            return J({"agents": await self.run(a.list_agents)})
+            agents = await self.run(a.list_agents)
+            return J({"agents": [messages.agent_json(agent) for agent in agents]})
         if (method, path) == ("GET", "/v1/agents/show"):
-            agent_id = str(a.parse_id(q.get("spiffe_id")))
-            return J(await self.run(lambda: a.get_agent(agent_id)))
+            agent_id = messages.parse_id(q.get("spiffe_id"))
+            return J(messages.agent_json(await self.run(lambda: a.get_agent(agent_id))))
         if method == "POST" and path in ("/v1/agents/evict", "/v1/agents/ban"):
-            body = _body(req)
-            agent_id = str(a.parse_id(body.get("spiffe_id")))
-            status = "evicted" if path.endswith("evict") else "banned"
-            result = await self.run(lambda: a.set_agent_status(agent_id, status, actor))
+            agent_id = messages.parse_id(messages.body_object(req).get("spiffe_id"))
+            status: AgentStatus = "evicted" if path.endswith("evict") else "banned"
+            agent = await self.run(lambda: a.set_agent_status(agent_id, status, actor))
             self.on_entries_changed()  # wakes the agent's long poll, which then refuses it
-            return J(result)
+            return J(messages.agent_json(agent))
         if (method, path) == ("GET", "/v1/bundle"):
-            bundle = a.keys.bundle
-            assert bundle is not None
+            bundle = a.bundle()
             if q.get("format", "pem") == "spiffe":
                 return http.Response(200, bundle.to_jwks(), content_type="application/json")
-            return J(a.bundle_json())
+            return J(messages.bundle_json(bundle))
         if (method, path) == ("POST", "/v1/x509/mint"):
-            body = _body(req)
-            return J(await self.run(lambda: a.mint(body, actor)))
+            body = messages.body_object(req)
+            sid = messages.parse_id(body.get("spiffe_id"))
+            ttl = messages.svid_ttl(body.get("ttl"))
+            dns_names = messages.dns_names(body.get("dns_names"))
+            minted = await self.run(lambda: a.mint(sid, ttl, dns_names, actor))
+            return J(messages.minted_json(minted))
         if (method, path) == ("POST", "/v1/rotate"):
-            body = _body(req)
+            body = messages.body_object(req)
             root = bool(body.get("root"))
             try:
                 step = await self.run(
@@ -311,7 +318,7 @@ class AdminApi:
                     limit=limit if limit > 0 else 1000,
                 )
             )
-            return J({"records": [r.to_json() for r in records]})
+            return J(messages.audit_json(records))
         if (method, path) == ("GET", "/v1/audit/verify"):
-            return J((await self.run(a.store.verify_audit)).to_json())
+            return J(messages.verify_json(await self.run(a.store.verify_audit)))
         raise Denied(404, "not_found", f"no such call: {method} {path}")

@@ -38,18 +38,6 @@ class AuditRecord:
     prev_hash: str = GENESIS
     hash: str = ""
 
-    def to_json(self) -> dict[str, object]:
-        return {
-            "seq": self.seq,
-            "ts": self.ts,
-            "actor": self.actor,
-            "event": self.event,
-            "spiffe_id": self.spiffe_id,
-            "serial": self.serial,
-            "detail": dict(self.detail),
-            "hash": self.hash,
-        }
-
 
 def canonical_detail(detail: Mapping[str, object]) -> str:
     return json.dumps(detail, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
@@ -93,14 +81,6 @@ class VerifyResult:
     records: int
     bad_seq: int | None = None
     problem: str = ""
-
-    def to_json(self) -> dict[str, object]:
-        return {
-            "ok": self.ok,
-            "records": self.records,
-            "bad_seq": self.bad_seq,
-            "problem": self.problem,
-        }
 
 
 @dataclass(frozen=True)

@@ -3,9 +3,10 @@
 Rules:
 
 1. Every method here is synchronous and runs in the store's worker thread;
-   the trio shells (`ca.api`, `ca.admin`) only move requests in and answers
-   out.  A method either completes with its audit record committed or raises
-   `Denied` having changed nothing.
+   the trio shell (`ca.api`) only moves requests in and answers out, and
+   `ca.messages` turns JSON into the typed values taken here and the
+   dataclasses given back into JSON.  A method either completes with its
+   audit record committed or raises `Denied` having changed nothing.
 2. Identity comes from the registration entry, never from the requester: a
    CSR contributes its public key and nothing else.
 3. Every certificate the CA signs passes the SPIFFE profile validator before
@@ -25,10 +26,17 @@ Rules:
    agent's current SVID or the one it replaced is accepted
    (`presents_live_svid`), so a copy of an older, still unexpired one is
    worthless once the agent has renewed twice.
+8. What is checked here is policy: the trust domain, TTL limits, token and
+   agent state.  The shape of a request (types, SPIFFE ID and selector
+   syntax, DNS names, hints) is `ca.messages`' to check.  A CSR and a join
+   token are read here, after the checks that come before them (a throttled
+   peer gets 429 whatever it sent, a live token is not spent on a bad CSR);
+   ``None`` for either means the request carried no string for it.
 """
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import hmac
 import re
@@ -37,11 +45,12 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
+from typing import Literal
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
-from ca.keys import KeyManager, Signer
+from ca.keys import KeyManager, PrivateKey, Signer
 from ca.schedule import not_before_cushion
 from ca.store import (
     AgentRecord,
@@ -55,18 +64,17 @@ from ca.store import (
 from ca.throttle import AttestThrottle, peer_key
 from tally.ops.logs import get_logger
 from tally.spiffe import pem, x509profile
-from tally.spiffe.selectors import Selector, SelectorError
-from tally.spiffe.spiffeid import SpiffeId, SpiffeIdError, TrustDomain
+from tally.spiffe.bundle import Bundle
+from tally.spiffe.selectors import Selector
+from tally.spiffe.spiffeid import SpiffeId, TrustDomain
 
 log = get_logger("tally.ca")
 
 PublicKey = ec.EllipticCurvePublicKey | rsa.RSAPublicKey | ed25519.Ed25519PublicKey
+AgentStatus = Literal["evicted", "banned"]
 
+TOKEN_MAX_TTL = 30 * 86400
 _TOKEN_RE = re.compile(r"([0-9a-f]{16})\.([A-Za-z0-9_-]{20,100})")
-_HINT_MAX = 1024
-_DNS_RE = re.compile(
-    r"(?=.{1,253}$)(\*\.)?([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)*[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?"
-)
 
 
 class Denied(Exception):
@@ -82,6 +90,16 @@ class Denied(Exception):
         self.retry_after = retry_after
 
 
+def bad_ttl() -> Denied:
+    """An SVID TTL that is not a positive whole number of seconds."""
+    return Denied(400, "bad_ttl", "ttl must be a positive number of seconds")
+
+
+def bad_token_ttl() -> Denied:
+    """A join token TTL outside 1 s to 30 d (or not a whole number of seconds)."""
+    return Denied(400, "bad_ttl", "token ttl must be between 1s and 30d")
+
+
 @dataclass(frozen=True)
 class Limits:
     default_ttl: int
@@ -90,21 +108,97 @@ class Limits:
     token_ttl: int
 
 
+class Keep(enum.Enum):
+    """An `EntryPatch` field left as it is."""
+
+    KEEP = "keep"
+
+
+KEEP = Keep.KEEP
+
+
+@dataclass(frozen=True)
+class EntrySpec:
+    """A new registration entry; ``selectors`` holds at least one."""
+
+    spiffe_id: SpiffeId
+    parent_id: SpiffeId
+    selectors: tuple[Selector, ...]
+    ttl: int | None = None  # None: the CA's default SVID TTL
+    dns_names: tuple[str, ...] = ()
+    hint: str = ""
+
+
+@dataclass(frozen=True)
+class EntryPatch:
+    """The fields of an entry to change; the others `KEEP` their value."""
+
+    spiffe_id: SpiffeId | Keep = KEEP
+    parent_id: SpiffeId | Keep = KEEP
+    selectors: tuple[Selector, ...] | Keep = KEEP
+    ttl: int | Keep | None = KEEP
+    dns_names: tuple[str, ...] | Keep = KEEP
+    hint: str | Keep = KEEP
+
+
+@dataclass(frozen=True)
+class NewToken:
+    """A join token as created: ``token`` holds the secret and is shown once."""
+
+    token: str
+    token_id: str
+    spiffe_id: SpiffeId  # the agent ID it attests to
+    expires_at: datetime
+
+
 @dataclass(frozen=True)
 class Issued:
-    spiffe_id: str
+    spiffe_id: SpiffeId
     serial: str
     not_after: datetime
     chain: tuple[x509.Certificate, ...]
     chain_pem: bytes
 
-    def to_json(self) -> dict[str, object]:
-        return {
-            "spiffe_id": self.spiffe_id,
-            "serial": self.serial,
-            "not_after": iso(self.not_after),
-            "cert_chain": self.chain_pem.decode(),
-        }
+
+@dataclass(frozen=True)
+class Attested:
+    """An agent's first SVID and the bundle to trust the CA by."""
+
+    svid: Issued
+    bundle: Bundle
+
+
+@dataclass(frozen=True)
+class Minted:
+    """An SVID with the key made for it, and the bundle it chains to."""
+
+    svid: Issued
+    private_key: PrivateKey
+    bundle: Bundle
+
+
+@dataclass(frozen=True)
+class AgentEntries:
+    """The entries an agent serves, at one revision of the entry set."""
+
+    revision: int
+    entries: tuple[EntryRecord, ...]
+
+
+@dataclass(frozen=True)
+class SignRequest:
+    """One CSR of a batch; ``None`` for a field the request had no string for."""
+
+    entry_id: str | None
+    csr: str | None
+
+
+@dataclass(frozen=True)
+class NotSigned:
+    """Why one request of a batch got no SVID; the rest of the batch goes on."""
+
+    code: str
+    message: str
 
 
 def iso(dt: datetime) -> str:
@@ -154,17 +248,7 @@ class Authority:
             raise Denied(503, "unavailable", "the CA has no active signing key")
         return signer
 
-    def parse_id(self, text: object, what: str = "spiffe_id") -> SpiffeId:
-        if not isinstance(text, str):
-            raise Denied(400, "bad_request", f"{what} must be a string")
-        try:
-            sid = SpiffeId.parse(text)
-        except SpiffeIdError as exc:
-            raise Denied(400, "bad_spiffe_id", str(exc)) from exc
-        return sid
-
-    def _own_id(self, text: object, what: str = "spiffe_id") -> SpiffeId:
-        sid = self.parse_id(text, what)
+    def _own_id(self, sid: SpiffeId, what: str = "spiffe_id") -> SpiffeId:
         if sid.trust_domain != self.td:
             raise Denied(
                 400, "wrong_trust_domain", f"{what} {sid} is not in trust domain {self.td}"
@@ -173,11 +257,11 @@ class Authority:
             raise Denied(400, "bad_spiffe_id", f"{what} {sid} must have a path")
         return sid
 
-    def _ttl(self, ttl: object, default: int) -> int:
+    def _ttl(self, ttl: int | None, default: int) -> int:
         if ttl is None:
             return default
-        if not isinstance(ttl, int) or isinstance(ttl, bool) or ttl <= 0:
-            raise Denied(400, "bad_ttl", "ttl must be a positive number of seconds")
+        if ttl <= 0:
+            raise bad_ttl()
         if ttl > self.limits.max_ttl:
             raise Denied(
                 400,
@@ -204,41 +288,48 @@ class Authority:
         )
         x509profile.validate_leaf(cert)
         return Issued(
-            str(sid),
+            sid,
             serial_hex(cert.serial_number),
             cert.not_valid_after_utc,
             (cert, *signer.chain),
             pem.chain_to_pem([cert]) + signer.chain_pem,
         )
 
-    def _csr_key(self, csr: object) -> PublicKey:
-        if not isinstance(csr, str):
+    def _csr_key(self, csr: str | None) -> PublicKey:
+        if csr is None:
             raise Denied(400, "bad_csr", "csr must be a PEM string")
         try:
             return x509profile.csr_public_key(csr.encode())  # type: ignore[return-value]
         except ValueError as exc:
             raise Denied(400, "bad_csr", str(exc)) from exc
 
+    def bundle(self) -> Bundle:
+        """The trust bundle now (the key manager has one once it has loaded)."""
+        bundle = self.keys.bundle
+        assert bundle is not None
+        return bundle
+
     # -- join tokens and attestation ---------------------------------------------------
 
-    def create_token(self, spiffe_id: object, ttl: object, actor: str) -> dict[str, object]:
+    def create_token(self, spiffe_id: SpiffeId | None, ttl: int | None, actor: str) -> NewToken:
+        """A join token for ``spiffe_id``, or for an agent ID derived from the token's id."""
         now = self._now()
         sid = None if spiffe_id is None else self._own_id(spiffe_id)
         if ttl is None:
             lifetime = self.limits.token_ttl
-        elif isinstance(ttl, int) and not isinstance(ttl, bool) and 0 < ttl <= 30 * 86400:
+        elif 0 < ttl <= TOKEN_MAX_TTL:
             lifetime = ttl
         else:
-            raise Denied(400, "bad_ttl", "token ttl must be between 1s and 30d")
+            raise bad_token_ttl()
         token_id = secrets.token_hex(8)
         secret = secrets.token_urlsafe(32)
         expires = now + timedelta(seconds=lifetime)
-        agent_id = str(sid) if sid else str(self.agent_id_for(token_id, None))
+        agent_id = sid if sid is not None else self.agent_id_for(token_id, None)
         self.store.create_token(
             TokenRecord(
                 token_id,
                 hash_secret(secret),
-                str(sid) if sid else None,
+                None if sid is None else str(sid),
                 int(expires.timestamp()),
                 None,
                 int(now.timestamp()),
@@ -247,17 +338,12 @@ class Authority:
                 iso(now),
                 actor,
                 "token.created",
-                agent_id,
+                str(agent_id),
                 None,
                 {"token_id": token_id, "expires_at": iso(expires)},
             ),
         )
-        return {
-            "token": f"{token_id}.{secret}",
-            "token_id": token_id,
-            "spiffe_id": agent_id,
-            "expires_at": iso(expires),
-        }
+        return NewToken(f"{token_id}.{secret}", token_id, agent_id, expires)
 
     def agent_id_for(self, token_id: str, fixed: str | None) -> SpiffeId:
         if fixed is not None:
@@ -330,11 +416,12 @@ class Authority:
             retry_after=wait,
         )
 
-    def attest(self, token: object, csr: object, peer: str) -> dict[str, object]:
+    def attest(self, token: str | None, csr: str | None, peer: str) -> Attested:
+        """Spend a join token on the agent SVID for the CSR's key; ``peer`` is host:port."""
         now = self._now()
         if (throttled := self._throttled(now, peer)) is not None:
             raise throttled
-        if not isinstance(token, str) or (m := _TOKEN_RE.fullmatch(token)) is None:
+        if token is None or (m := _TOKEN_RE.fullmatch(token)) is None:
             raise self._fail_attest(now, "malformed join token", None, peer)
         token_id, secret = m.group(1), m.group(2)
         record = self.store.get_token(token_id)
@@ -399,11 +486,11 @@ class Authority:
         except Conflict as exc:
             raise self._fail_attest(now, "join token already used", token_id, peer) from exc
         self.issued_total += 1
-        return {**issued.to_json(), **self.bundle_json()}
+        return Attested(issued, self.bundle())
 
-    def check_agent(self, agent_id: str, serial: str) -> AgentRecord:
+    def check_agent(self, agent_id: SpiffeId, serial: str) -> AgentRecord:
         """The agent behind an mTLS call, if it may still talk to us with this certificate."""
-        agent = self.store.get_agent(agent_id)
+        agent = self.store.get_agent(str(agent_id))
         if agent is None:
             raise Denied(403, "unknown_agent", "unknown agent; attest with a join token")
         if agent.status == "evicted":
@@ -414,30 +501,30 @@ class Authority:
             raise Denied(403, "stale_svid", "this agent SVID is no longer the agent's current one")
         return agent
 
-    def renew_agent(self, agent_id: str, presented_serial: str, csr: object) -> dict[str, object]:
+    def renew_agent(self, agent_id: SpiffeId, presented_serial: str, csr: str | None) -> Issued:
         self.check_agent(agent_id, presented_serial)
         now = self._now()
         public_key = self._csr_key(csr)
-        sid = SpiffeId.parse(agent_id)
-        issued = self._sign(self._signer(), public_key, sid, self.limits.agent_ttl, now)
+        issued = self._sign(self._signer(), public_key, agent_id, self.limits.agent_ttl, now)
         ts = int(now.timestamp())
+        aid = str(agent_id)
         try:
             self.store.renew_agent(
-                agent_id,
+                aid,
                 presented_serial,
                 IssuedSvid(
                     issued.serial,
-                    agent_id,
-                    agent_id,
+                    aid,
+                    aid,
                     "agent",
                     int(issued.not_after.timestamp()),
                     ts,
                 ),
                 AuditEvent(
                     iso(now),
-                    agent_id,
+                    aid,
                     "svid.renewed",
-                    agent_id,
+                    aid,
                     issued.serial,
                     {
                         "kind": "agent",
@@ -453,70 +540,36 @@ class Authority:
                 403, "stale_svid", "this agent SVID is no longer the agent's current one"
             ) from exc
         self.issued_total += 1
-        return issued.to_json()
+        return issued
 
     # -- entries -----------------------------------------------------------------------
 
-    def entries_for(self, agent_id: str, serial: str) -> dict[str, object]:
+    def entries_for(self, agent_id: SpiffeId, serial: str) -> AgentEntries:
         self.check_agent(agent_id, serial)
         revision = self.store.entries_revision()
-        entries = self.store.list_entries(parent_id=agent_id)
-        return {"revision": revision, "entries": [e.to_json() for e in entries]}
+        entries = self.store.list_entries(parent_id=str(agent_id))
+        return AgentEntries(revision, tuple(entries))
 
-    def _entry_fields(self, body: dict[str, object], base: EntryRecord | None) -> dict[str, object]:
-        fields: dict[str, object] = {}
-        if "spiffe_id" in body or base is None:
-            fields["spiffe_id"] = str(self._own_id(body.get("spiffe_id")))
-        if "parent_id" in body or base is None:
-            fields["parent_id"] = str(self._own_id(body.get("parent_id"), "parent_id"))
-        if "selectors" in body or base is None:
-            raw = body.get("selectors")
-            if not isinstance(raw, list) or not raw or not all(isinstance(s, str) for s in raw):
-                raise Denied(
-                    400,
-                    "bad_selectors",
-                    "selectors must be a non-empty list of 'type:value' strings",
-                )
-            try:
-                sels = sorted({Selector.parse(s) for s in raw})
-            except SelectorError as exc:
-                raise Denied(400, "bad_selectors", str(exc)) from exc
-            fields["selectors"] = tuple(str(s) for s in sels)
-        if "ttl" in body:
-            fields["ttl"] = (
-                None if body["ttl"] is None else self._ttl(body["ttl"], self.limits.default_ttl)
-            )
-        if "dns_names" in body:
-            fields["dns_names"] = _dns_names(body["dns_names"])
-        if "hint" in body:
-            hint = body["hint"] or ""
-            if (
-                not isinstance(hint, str)
-                or len(hint.encode()) > _HINT_MAX
-                or not hint.isprintable()
-            ):
-                raise Denied(400, "bad_hint", "hint must be printable text of at most 1024 bytes")
-            fields["hint"] = hint
-        return fields
-
-    def create_entry(self, body: dict[str, object], actor: str) -> dict[str, object]:
+    def create_entry(self, spec: EntrySpec, actor: str) -> EntryRecord:
         now = self._now()
-        f = self._entry_fields(body, None)
+        sid = self._own_id(spec.spiffe_id)
+        parent = self._own_id(spec.parent_id, "parent_id")
+        ttl = None if spec.ttl is None else self._ttl(spec.ttl, self.limits.default_ttl)
         ts = int(now.timestamp())
         entry = EntryRecord(
             id=str(uuid.uuid4()),
-            spiffe_id=str(f["spiffe_id"]),
-            parent_id=str(f["parent_id"]),
-            selectors=f["selectors"],  # type: ignore[arg-type]
-            ttl=f.get("ttl"),  # type: ignore[arg-type]
-            dns_names=f.get("dns_names", ()),  # type: ignore[arg-type]
-            hint=str(f.get("hint", "")),
+            spiffe_id=str(sid),
+            parent_id=str(parent),
+            selectors=_selector_texts(spec.selectors),
+            ttl=ttl,
+            dns_names=spec.dns_names,
+            hint=spec.hint,
             revision=0,
             created_at=ts,
             updated_at=ts,
         )
         try:
-            stored = self.store.create_entry(
+            return self.store.create_entry(
                 entry,
                 AuditEvent(
                     iso(now), actor, "entry.created", entry.spiffe_id, None, _entry_detail(entry)
@@ -524,7 +577,6 @@ class Authority:
             )
         except Conflict as exc:
             raise Denied(409, "exists", str(exc)) from exc
-        return stored.to_json()
 
     def get_entry(self, entry_id: str) -> EntryRecord:
         entry = self.store.get_entry(entry_id)
@@ -532,13 +584,25 @@ class Authority:
             raise Denied(404, "not_found", f"no entry {entry_id}")
         return entry
 
-    def update_entry(self, entry_id: str, body: dict[str, object], actor: str) -> dict[str, object]:
+    def update_entry(self, entry_id: str, patch: EntryPatch, actor: str) -> EntryRecord:
         now = self._now()
-        base = self.get_entry(entry_id)
-        f = self._entry_fields(body, base)
-        entry = replace(base, **f, updated_at=int(now.timestamp()))  # type: ignore[arg-type]
+        entry = self.get_entry(entry_id)
+        if not isinstance(patch.spiffe_id, Keep):
+            entry = replace(entry, spiffe_id=str(self._own_id(patch.spiffe_id)))
+        if not isinstance(patch.parent_id, Keep):
+            entry = replace(entry, parent_id=str(self._own_id(patch.parent_id, "parent_id")))
+        if not isinstance(patch.selectors, Keep):
+            entry = replace(entry, selectors=_selector_texts(patch.selectors))
+        if not isinstance(patch.ttl, Keep):
+            ttl = None if patch.ttl is None else self._ttl(patch.ttl, self.limits.default_ttl)
+            entry = replace(entry, ttl=ttl)
+        if not isinstance(patch.dns_names, Keep):
+            entry = replace(entry, dns_names=patch.dns_names)
+        if not isinstance(patch.hint, Keep):
+            entry = replace(entry, hint=patch.hint)
+        entry = replace(entry, updated_at=int(now.timestamp()))
         try:
-            stored = self.store.update_entry(
+            return self.store.update_entry(
                 entry,
                 AuditEvent(
                     iso(now), actor, "entry.updated", entry.spiffe_id, None, _entry_detail(entry)
@@ -546,9 +610,8 @@ class Authority:
             )
         except Conflict as exc:
             raise Denied(404, "not_found", str(exc)) from exc
-        return stored.to_json()
 
-    def delete_entry(self, entry_id: str, actor: str) -> dict[str, object]:
+    def delete_entry(self, entry_id: str, actor: str) -> None:
         now = self._now()
         entry = self.get_entry(entry_id)
         try:
@@ -560,72 +623,65 @@ class Authority:
             )
         except Conflict as exc:
             raise Denied(404, "not_found", str(exc)) from exc
-        return {"deleted": entry_id}
 
     # -- issuance ----------------------------------------------------------------------
 
-    def sign_batch(self, agent_id: str, serial: str, requests: object) -> dict[str, object]:
-        """Sign CSRs for entries this agent serves; one transaction for the batch."""
+    def sign_batch(
+        self, agent_id: SpiffeId, serial: str, requests: Sequence[SignRequest]
+    ) -> list[Issued | NotSigned]:
+        """Sign CSRs for entries this agent serves; one transaction for the batch.
+
+        The answer has one item per request, in order.
+        """
         self.check_agent(agent_id, serial)
-        if not isinstance(requests, list) or not requests or len(requests) > 1000:
-            raise Denied(400, "bad_request", "csrs must be a list of 1 to 1000 requests")
-        entries = {e.id: e for e in self.store.list_entries(parent_id=agent_id)}
+        aid = str(agent_id)
+        entries = {e.id: e for e in self.store.list_entries(parent_id=aid)}
         ids = {e.id: SpiffeId.parse(e.spiffe_id) for e in entries.values()}
         signer = self._signer()
         now = self._now()
         ts = int(now.timestamp())
-        results: list[dict[str, object]] = []
+        results: list[Issued | NotSigned] = []
         svids: list[IssuedSvid] = []
         events: list[AuditEvent] = []
-        for item in requests:
-            if not isinstance(item, dict):
-                raise Denied(
-                    400, "bad_request", "each request must be an object with entry_id and csr"
-                )
-            entry_id = item.get("entry_id")
-            entry = entries.get(entry_id) if isinstance(entry_id, str) else None
+        for request in requests:
+            entry = None if request.entry_id is None else entries.get(request.entry_id)
             if entry is None:
-                results.append(
-                    {
-                        "entry_id": entry_id,
-                        "error": "not_authorized",
-                        "message": "no such entry for this agent",
-                    }
-                )
+                results.append(NotSigned("not_authorized", "no such entry for this agent"))
                 continue
             try:
-                public_key = self._csr_key(item.get("csr"))
+                public_key = self._csr_key(request.csr)
             except Denied as exc:
-                results.append({"entry_id": entry_id, "error": exc.code, "message": exc.message})
+                results.append(NotSigned(exc.code, exc.message))
                 continue
             ttl = entry.ttl or self.limits.default_ttl
             issued = self._sign(signer, public_key, ids[entry.id], ttl, now, entry.dns_names)
             na = int(issued.not_after.timestamp())
-            svids.append(IssuedSvid(issued.serial, entry.spiffe_id, agent_id, "workload", na, ts))
+            svids.append(IssuedSvid(issued.serial, entry.spiffe_id, aid, "workload", na, ts))
             events.append(
                 AuditEvent(
                     iso(now),
-                    agent_id,
+                    aid,
                     "svid.issued",
                     entry.spiffe_id,
                     issued.serial,
                     {"kind": "workload", "entry_id": entry.id, "not_after": iso(issued.not_after)},
                 )
             )
-            results.append({"entry_id": entry.id, **issued.to_json()})
+            results.append(issued)
         if svids:
             self.store.record_issued(svids, events)
             self.issued_total += len(svids)
-        return {"svids": results}
+        return results
 
-    def mint(self, body: dict[str, object], actor: str) -> dict[str, object]:
+    def mint(
+        self, spiffe_id: SpiffeId, ttl: int | None, dns_names: tuple[str, ...], actor: str
+    ) -> Minted:
         """An SVID for bootstrap and tests; the key is made here and returned once."""
         now = self._now()
-        sid = self._own_id(body.get("spiffe_id"))
-        ttl = self._ttl(body.get("ttl"), self.limits.default_ttl)
-        raw_dns = _dns_names(body.get("dns_names"))
+        sid = self._own_id(spiffe_id)
+        lifetime = self._ttl(ttl, self.limits.default_ttl)
         key = x509profile.generate_key()
-        issued = self._sign(self._signer(), key.public_key(), sid, ttl, now, raw_dns)
+        issued = self._sign(self._signer(), key.public_key(), sid, lifetime, now, dns_names)
         ts = int(now.timestamp())
         self.store.record_issued(
             [
@@ -645,46 +701,30 @@ class Authority:
             ],
         )
         self.issued_total += 1
-        return {
-            **issued.to_json(),
-            "private_key": pem.key_to_pem(key).decode(),
-            **self.bundle_json(),
-        }
+        return Minted(issued, key, self.bundle())
 
     # -- agents ------------------------------------------------------------------------
 
-    def list_agents(self) -> list[dict[str, object]]:
-        return [a.to_json() for a in self.store.list_agents()]
+    def list_agents(self) -> list[AgentRecord]:
+        return self.store.list_agents()
 
-    def get_agent(self, agent_id: str) -> dict[str, object]:
-        agent = self.store.get_agent(agent_id)
+    def get_agent(self, agent_id: SpiffeId) -> AgentRecord:
+        agent = self.store.get_agent(str(agent_id))
         if agent is None:
             raise Denied(404, "not_found", f"no agent {agent_id}")
-        return agent.to_json()
+        return agent
 
-    def set_agent_status(self, agent_id: str, status: str, actor: str) -> dict[str, object]:
+    def set_agent_status(self, agent_id: SpiffeId, status: AgentStatus, actor: str) -> AgentRecord:
         now = self._now()
         event = {"evicted": "agent.evicted", "banned": "agent.banned"}[status]
-        agent = self.store.get_agent(agent_id)
-        if agent is None:
-            raise Denied(404, "not_found", f"no agent {agent_id}")
+        agent = self.get_agent(agent_id)
         self.store.set_agent_status(
-            agent_id,
+            str(agent_id),
             status,
             int(now.timestamp()),
-            AuditEvent(iso(now), actor, event, agent_id, agent.serial, {}),
+            AuditEvent(iso(now), actor, event, str(agent_id), agent.serial, {}),
         )
         return self.get_agent(agent_id)
-
-    # -- bundle ------------------------------------------------------------------------
-
-    def bundle_json(self) -> dict[str, object]:
-        bundle = self.keys.bundle
-        assert bundle is not None
-        return {
-            "bundle": bundle.to_pem().decode(),
-            "bundle_sequence": bundle.sequence,
-        }
 
 
 def presents_live_svid(agent: AgentRecord, serial: str) -> bool:
@@ -698,14 +738,9 @@ def presents_live_svid(agent: AgentRecord, serial: str) -> bool:
     return serial in (agent.serial, agent.prev_serial)
 
 
-def _dns_names(raw: object) -> tuple[str, ...]:
-    """DNS SANs from a request body: a list of lowercase names, duplicates dropped."""
-    raw = raw or []
-    if not isinstance(raw, list) or not all(
-        isinstance(d, str) and _DNS_RE.fullmatch(d) for d in raw
-    ):
-        raise Denied(400, "bad_dns_name", "dns_names must be a list of lowercase DNS names")
-    return tuple(dict.fromkeys(raw))
+def _selector_texts(selectors: Sequence[Selector]) -> tuple[str, ...]:
+    """Selectors as stored: sorted, duplicates dropped."""
+    return tuple(str(s) for s in sorted(set(selectors)))
 
 
 def _entry_detail(entry: EntryRecord) -> dict[str, object]:

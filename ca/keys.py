@@ -41,7 +41,10 @@ PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519Pri
 
 
 class CAKeyError(OperatorError):
-    """A key file is missing, unreadable or exposed; the message names it."""
+    """A key file is missing, unreadable or exposed, or a rotation asked for cannot
+    happen.  An operator's fault to fix (`OperatorError`): at startup the CA stops
+    with the one line that names the file; the admin API answers a refused rotation
+    as ``409 cannot_rotate`` with the same line."""
 
 
 @dataclass(frozen=True)

@@ -114,7 +114,9 @@ MIGRATIONS: tuple[str, ...] = (
 
 
 class StoreError(OperatorError):
-    """The datastore cannot be used (wrong version, unreadable file)."""
+    """The datastore cannot be used: a schema from a newer Tally, a file SQLite cannot
+    read, a planted symlink.  An operator's fault to fix (`OperatorError`), so the CA
+    stops with the one line that names the file, before it serves anything."""
 
 
 class Conflict(Exception):
@@ -144,17 +146,6 @@ class AgentRecord:
     attested_at: int
     updated_at: int
 
-    def to_json(self) -> dict[str, object]:
-        return {
-            "spiffe_id": self.spiffe_id,
-            "status": self.status,
-            "token_id": self.token_id,
-            "serial": self.serial,
-            "not_after": self.not_after,
-            "attested_at": self.attested_at,
-            "updated_at": self.updated_at,
-        }
-
 
 @dataclass(frozen=True)
 class EntryRecord:
@@ -168,20 +159,6 @@ class EntryRecord:
     revision: int
     created_at: int
     updated_at: int
-
-    def to_json(self) -> dict[str, object]:
-        return {
-            "id": self.id,
-            "spiffe_id": self.spiffe_id,
-            "parent_id": self.parent_id,
-            "selectors": list(self.selectors),
-            "ttl": self.ttl,
-            "dns_names": list(self.dns_names),
-            "hint": self.hint,
-            "revision": self.revision,
-            "created_at": self.created_at,
-            "updated_at": self.updated_at,
-        }
 
 
 @dataclass(frozen=True)

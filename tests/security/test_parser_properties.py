@@ -43,7 +43,7 @@ from agent.settings import AgentSettings
 from agent.state import IDENTITY_FILE, StateError, load_identity
 from agent.workload_messages import STREAMING_METHODS, SvidItem, X509Snapshot, x509_svid_response
 from ca.api import AdminApi, AgentApi, AgentPeer, Changes
-from ca.authority import Authority, Limits
+from ca.authority import Authority, EntrySpec, Limits
 from ca.keys import CAKeyError, KeyManager, load_private_key
 from ca.schedule import Policy
 from ca.settings import CASettings
@@ -54,6 +54,7 @@ from proxy.settings import ClientSettings, ServerSettings
 from tally.app.cli import build_parser
 from tally.ops.config import ConfigError, describe, load
 from tally.spiffe.pem import chain_to_pem
+from tally.spiffe.selectors import Selector
 from tally.spiffe.spiffeid import SpiffeId, TrustDomain
 from tally.spiffe.x509profile import ProfileError, csr_public_key, generate_key
 from tally.wire import http
@@ -233,21 +234,22 @@ class _CA:
 
         self.agent_api = AgentApi(a, run, Changes(), Changes())
         self.admin_api = AdminApi(a, run, lambda: None, keys_changed, lambda: {"status": "ok"})
-        token = a.create_token(AGENT_ID, None, "admin:uid=0")["token"]
-        issued = a.attest(token, make_csr(generate_key()), "10.0.0.1:1")
-        self.agent = AgentPeer(SpiffeId.parse(AGENT_ID), str(issued["serial"]), "10.0.0.1:1")
+        token = a.create_token(SpiffeId.parse(AGENT_ID), None, "admin:uid=0").token
+        issued = a.attest(token, make_csr(generate_key()), "10.0.0.1:1").svid
+        self.agent = AgentPeer(SpiffeId.parse(AGENT_ID), issued.serial, "10.0.0.1:1")
         entry = a.create_entry(
-            {
-                "spiffe_id": "spiffe://example.org/web",
-                "parent_id": AGENT_ID,
-                "selectors": ["unix:uid:1000"],
-            },
+            EntrySpec(
+                SpiffeId.parse("spiffe://example.org/web"),
+                SpiffeId.parse(AGENT_ID),
+                (Selector.parse("unix:uid:1000"),),
+            ),
             "admin:uid=0",
         )
-        self.entry_id = str(entry["id"])
+        self.entry_id = entry.id
         # A live token the attestation property must never spend with a bad CSR.
-        spare = a.create_token("spiffe://example.org/agent/spare", None, "admin:uid=0")
-        self.spare_token, self.spare_id = str(spare["token"]), str(spare["token_id"])
+        spare_id = SpiffeId.parse("spiffe://example.org/agent/spare")
+        spare = a.create_token(spare_id, None, "admin:uid=0")
+        self.spare_token, self.spare_id = spare.token, spare.token_id
         self.csr = make_csr(generate_key())
         self._peers = count(2)  # 10.0.0.1 is the agent's
 
