@@ -77,6 +77,7 @@ def test_an_older_file_is_migrated_forward_keeping_its_rows(tmp_path: Path):
     conn.execute("PRAGMA user_version = 1")
     conn.commit()
     conn.close()
+    path.chmod(0o600)  # the CA refuses a looser datastore
     store = Store.open(path)
     assert store.schema_version == len(MIGRATIONS)
     assert store.get_token("0123456789abcdef") == token()  # no failures, not revoked
@@ -88,6 +89,7 @@ def test_a_file_from_a_newer_tally_is_refused_in_one_line(tmp_path: Path):
     conn = sqlite3.connect(path)
     conn.execute(f"PRAGMA user_version = {len(MIGRATIONS) + 1}")
     conn.close()
+    path.chmod(0o600)
     with pytest.raises(StoreError) as info:
         Store.open(path)
     assert str(info.value) == (
@@ -100,6 +102,7 @@ def test_a_file_from_a_newer_tally_is_refused_in_one_line(tmp_path: Path):
 def test_a_file_that_is_not_sqlite_is_refused_naming_it(tmp_path: Path):
     path = tmp_path / "ca.db"
     path.write_bytes(b"not a database at all, not even close" * 100)
+    path.chmod(0o600)
     with pytest.raises(StoreError, match=f"^datastore {path}: "):
         Store.open(path)
 
