@@ -7,13 +7,13 @@ import json
 import os
 import urllib.error
 import urllib.request
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import trio
 from cryptography.hazmat.primitives import serialization
 
+from tally.ops.clock import wall_clock
 from tally.ops.config import add_arguments, load
 from tally.ops.errors import CommandError
 from tally.ops.logs import setup_logging
@@ -44,7 +44,7 @@ def _endpoint_socket(args: argparse.Namespace) -> Path:
 
 
 def _svid_json(ctx: wl.X509Context) -> dict[str, Any]:
-    now = datetime.now(UTC)
+    now = wall_clock()
     return {
         "svids": [
             {
@@ -130,7 +130,7 @@ def cmd_api_watch(args: argparse.Namespace) -> int:
         async with wl.watch_x509(endpoint_socket) as updates:
             async for ctx in updates:
                 data = _svid_json(ctx)
-                stamp = datetime.now(UTC).isoformat(timespec="seconds")
+                stamp = wall_clock().isoformat(timespec="seconds")
                 if args.output == "json":
                     print(json.dumps({"at": stamp, **data}), flush=True)
                 else:

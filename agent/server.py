@@ -16,13 +16,10 @@ from __future__ import annotations
 
 import random
 import signal
-from collections.abc import Callable, Iterator
-from datetime import UTC, datetime
+from collections.abc import Iterator
 
 import trio
-from prometheus_client import CollectorRegistry
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
+from prometheus_client.core import Metric
 
 from agent import state
 from agent.backend import AgentBackend
@@ -31,6 +28,8 @@ from agent.keeper import SvidKeeper
 from agent.renewal import FATAL_CODES
 from agent.settings import AgentSettings
 from agent.workload_server import WorkloadStats, serve_workload_api
+from tally.ops import metrics
+from tally.ops.clock import Clock, wall_clock
 from tally.ops.errors import OperatorError
 from tally.ops.health import serve_health
 from tally.ops.logs import get_logger
@@ -45,68 +44,55 @@ class AgentStartError(OperatorError):
     pass
 
 
-def wall_clock() -> datetime:
-    return datetime.now(UTC)
-
-
-class _Metrics(Collector):
-    def __init__(self, server: AgentServer) -> None:
-        self.server = server
-
-    def collect(self) -> Iterator[Metric]:
-        keeper = self.server.keeper
-        backend = self.server.backend
-        if keeper is None or backend is None:
-            return
-        yield GaugeMetricFamily("tally_agent_svids", "workload SVIDs held", len(keeper.svids))
-        yield GaugeMetricFamily(
-            "tally_agent_entries", "entries this agent serves", len(keeper.entries)
+def _metrics(server: AgentServer) -> Iterator[Metric]:
+    """What ``/metrics`` shows, read from the daemon's counters at scrape time."""
+    keeper = server.keeper
+    backend = server.backend
+    if keeper is None or backend is None:
+        return
+    yield metrics.gauge("tally_agent_svids", "workload SVIDs held", len(keeper.svids))
+    yield metrics.gauge("tally_agent_entries", "entries this agent serves", len(keeper.entries))
+    yield metrics.counter("tally_agent_rotations", "SVIDs renewed", keeper.counters.rotations)
+    yield metrics.counter_by(
+        "tally_agent_rotation_failures",
+        "failed calls to the CA, by reason",
+        ["reason"],
+        keeper.counters.by_reason,
+    )
+    yield metrics.gauge(
+        "tally_agent_soonest_expiry_seconds",
+        "seconds until the soonest held SVID (or the agent's own) expires",
+        (keeper.soonest_expiry() - keeper.clock()).total_seconds(),
+    )
+    yield metrics.gauge(
+        "tally_agent_bundle_sequence", "trust bundle sequence", keeper.bundle_sequence
+    )
+    yield metrics.gauge(
+        "tally_agent_evicted", "1 once the CA evicted this agent", int(bool(keeper.evicted))
+    )
+    stats = server.workload_stats
+    if stats is not None:
+        yield metrics.gauge(
+            "tally_agent_workload_clients",
+            "Workload API connections open",
+            stats.connections_open,
         )
-        yield CounterMetricFamily(
-            "tally_agent_rotations", "SVIDs renewed", keeper.counters.rotations
+        yield metrics.gauge(
+            "tally_agent_workload_streams", "Workload API streams open", stats.streams_open
         )
-        failures = CounterMetricFamily(
-            "tally_agent_rotation_failures", "failed calls to the CA, by reason", labels=["reason"]
+        yield metrics.counter_by(
+            "tally_agent_workload_requests",
+            "Workload API calls finished, by method and status",
+            ["method", "status"],
+            stats.requests,
         )
-        for reason, n in sorted(keeper.counters.by_reason.items()):
-            failures.add_metric([reason], n)
-        yield failures
-        yield GaugeMetricFamily(
-            "tally_agent_soonest_expiry_seconds",
-            "seconds until the soonest held SVID (or the agent's own) expires",
-            (keeper.soonest_expiry() - keeper.clock()).total_seconds(),
-        )
-        yield GaugeMetricFamily(
-            "tally_agent_bundle_sequence", "trust bundle sequence", keeper.bundle_sequence
-        )
-        yield GaugeMetricFamily(
-            "tally_agent_evicted", "1 once the CA evicted this agent", int(bool(keeper.evicted))
-        )
-        stats = self.server.workload_stats
-        if stats is not None:
-            yield GaugeMetricFamily(
-                "tally_agent_workload_clients",
-                "Workload API connections open",
-                stats.connections_open,
-            )
-            yield GaugeMetricFamily(
-                "tally_agent_workload_streams", "Workload API streams open", stats.streams_open
-            )
-            requests = CounterMetricFamily(
-                "tally_agent_workload_requests",
-                "Workload API calls finished, by method and status",
-                labels=["method", "status"],
-            )
-            for (method, status), n in sorted(stats.requests.items()):
-                requests.add_metric([method, status], n)
-            yield requests
-        yield CounterMetricFamily(
-            "tally_agent_workload_denied", "callers refused an identity", backend.stats.denied
-        )
+    yield metrics.counter(
+        "tally_agent_workload_denied", "callers refused an identity", backend.stats.denied
+    )
 
 
 class AgentServer:
-    def __init__(self, cfg: AgentSettings, clock: Callable[[], datetime] = wall_clock) -> None:
+    def __init__(self, cfg: AgentSettings, clock: Clock = wall_clock) -> None:
         self.cfg = cfg
         self.clock = clock
         self.td = TrustDomain.parse(cfg.trust_domain)
@@ -114,8 +100,7 @@ class AgentServer:
         self.keeper: SvidKeeper | None = None
         self.backend: AgentBackend | None = None
         self.workload_stats: WorkloadStats | None = None
-        self.registry = CollectorRegistry()
-        self.registry.register(_Metrics(self))
+        self.registry = metrics.registry_of(lambda: _metrics(self))
         state.prepare_dir(cfg.data_dir)
         stored = state.load_bundle(cfg.data_dir)
         if stored is not None:

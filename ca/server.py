@@ -32,15 +32,13 @@ import stat
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from functools import partial
 from typing import TypeVar
 
 import trio
 from cryptography import x509
-from prometheus_client import CollectorRegistry
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
+from prometheus_client.core import Metric
 
 from ca import schedule
 from ca.api import AdminApi, AgentApi, AgentPeer, Changes
@@ -48,6 +46,8 @@ from ca.authority import Authority, Limits, iso, serial_hex
 from ca.keys import KeyManager, Signer, load_upstream
 from ca.settings import CASettings
 from ca.store import AuditEvent, IssuedSvid, Store
+from tally.ops import metrics
+from tally.ops.clock import Clock, wall_clock
 from tally.ops.errors import OperatorError
 from tally.ops.health import serve_health
 from tally.ops.logs import get_logger
@@ -72,10 +72,6 @@ SERVER_PATH = ("tally", "ca")
 SERVING_TTL = 3600
 
 
-def wall_clock() -> datetime:
-    return datetime.now(UTC)
-
-
 class StartupPathError(OperatorError):
     """A path the CA would create something at is refused before anything is created."""
 
@@ -98,53 +94,47 @@ def check_paths(cfg: CASettings) -> None:
         clear_stale_unix(cfg.admin_socket)
 
 
-class _Metrics(Collector):
-    def __init__(self, server: CAServer) -> None:
-        self.server = server
-
-    def collect(self) -> Iterator[Metric]:
-        s = self.server
-        a = s.authority
-        yield CounterMetricFamily(
-            "tally_ca_svids_issued", "SVIDs signed (workload, agent and minted)", a.issued_total
+def _metrics(server: CAServer) -> Iterator[Metric]:
+    """What ``/metrics`` shows, read from the daemon's counters at scrape time."""
+    s = server
+    a = s.authority
+    yield metrics.counter(
+        "tally_ca_svids_issued", "SVIDs signed (workload, agent and minted)", a.issued_total
+    )
+    yield metrics.counter(
+        "tally_ca_attestation_failures", "node attestations refused", a.attestation_failures
+    )
+    yield metrics.counter_by(
+        "tally_ca_peer_denied", "agent API peers refused, by reason", ["reason"], s.peers_denied
+    )
+    signer = s.keys.signer
+    now = s.clock()
+    if signer is not None:
+        age = (now - signer.cert.not_valid_before_utc).total_seconds()
+        left = (signer.not_after - now).total_seconds()
+        yield metrics.gauge(
+            "tally_ca_signing_key_age_seconds", "age of the active signing key", age
         )
-        yield CounterMetricFamily(
-            "tally_ca_attestation_failures", "node attestations refused", a.attestation_failures
+        yield metrics.gauge(
+            "tally_ca_signing_key_expiry_seconds",
+            "seconds until the active signing key expires",
+            left,
         )
-        denied = CounterMetricFamily(
-            "tally_ca_peer_denied", "agent API peers refused, by reason", labels=["reason"]
+    if s.keys.bundle is not None:
+        yield metrics.gauge(
+            "tally_ca_bundle_sequence",
+            "sequence number of the trust bundle",
+            s.keys.bundle.sequence,
         )
-        for reason, n in sorted(s.peers_denied.items()):
-            denied.add_metric([reason], n)
-        yield denied
-        signer = s.keys.signer
-        now = s.clock()
-        if signer is not None:
-            age = (now - signer.cert.not_valid_before_utc).total_seconds()
-            left = (signer.not_after - now).total_seconds()
-            yield GaugeMetricFamily(
-                "tally_ca_signing_key_age_seconds", "age of the active signing key", age
-            )
-            yield GaugeMetricFamily(
-                "tally_ca_signing_key_expiry_seconds",
-                "seconds until the active signing key expires",
-                left,
-            )
-        if s.keys.bundle is not None:
-            yield GaugeMetricFamily(
-                "tally_ca_bundle_sequence",
-                "sequence number of the trust bundle",
-                s.keys.bundle.sequence,
-            )
-            yield GaugeMetricFamily(
-                "tally_ca_bundle_roots",
-                "root certificates in the bundle",
-                len(s.keys.bundle.x509_authorities),
-            )
+        yield metrics.gauge(
+            "tally_ca_bundle_roots",
+            "root certificates in the bundle",
+            len(s.keys.bundle.x509_authorities),
+        )
 
 
 class CAServer:
-    def __init__(self, cfg: CASettings, clock: Callable[[], datetime] = wall_clock) -> None:
+    def __init__(self, cfg: CASettings, clock: Clock = wall_clock) -> None:
         self.cfg = cfg
         self.clock = clock
         self.td = TrustDomain.parse(cfg.trust_domain)
@@ -190,8 +180,7 @@ class CAServer:
         self.tls_context: TLSContext | None = None
         self._serving_refresh_at = 0.0
         self._serving_for: tuple[str, int] | None = None
-        self.registry = CollectorRegistry()
-        self.registry.register(_Metrics(self))
+        self.registry = metrics.registry_of(lambda: _metrics(self))
 
     async def run_sync(self, fn: Callable[[], T]) -> T:
         return await trio.to_thread.run_sync(fn, limiter=self._limiter)

@@ -31,7 +31,6 @@ import dataclasses
 import errno
 import signal
 from collections.abc import Callable
-from datetime import UTC, datetime
 from functools import partial
 
 import trio
@@ -40,11 +39,13 @@ from proxy import listen
 from proxy.hotswap import HotSwap, Mode
 from proxy.identity import FileSource, IdentityError, Signature, WorkloadSource
 from proxy.inbound import dial_service, serve_inbound
-from proxy.metrics import ProxyCollector, Stats, registry_for
+from proxy.metrics import ProxyCollector, Stats
 from proxy.outbound import dial_server, serve_outbound
 from proxy.pool import CLOSE_TIMEOUT_S, Pool, close_quietly
 from proxy.settings import ClientSettings, FileSourceSpec, ServerSettings
 from proxy.traffic import Traffic
+from tally.ops import metrics
+from tally.ops.clock import Clock, wall_clock
 from tally.ops.config import ConfigError
 from tally.ops.errors import CommandError
 from tally.ops.health import serve_health
@@ -71,10 +72,6 @@ RESTART_ONLY = (
 _ACCEPT_RETRY = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 
 
-def wall_clock() -> datetime:
-    return datetime.now(UTC)
-
-
 class Proxy:
     def __init__(
         self,
@@ -82,7 +79,7 @@ class Proxy:
         *,
         reload: Callable[[], ServerSettings | ClientSettings],
         env: dict[str, str],
-        clock: Callable[[], datetime] = wall_clock,
+        clock: Clock = wall_clock,
     ) -> None:
         mode: Mode = "server" if isinstance(cfg, ServerSettings) else "client"
         self.mode = mode
@@ -108,7 +105,8 @@ class Proxy:
                 idle_s=cfg.pool_idle_timeout,
                 stats=self.stats,
             )
-        self.registry = registry_for(ProxyCollector(self.stats, self.swap.svid_info, clock, mode))
+        collector = ProxyCollector(self.stats, self.swap.svid_info, clock, mode)
+        self.registry = metrics.registry_of(collector.collect)
         self.addresses: dict[str, str] = {}
         self._stop = trio.Event()
         self._stopping = False

@@ -14,9 +14,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from prometheus_client import CollectorRegistry
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
-from prometheus_client.registry import Collector
+from prometheus_client.core import Metric
+
+from tally.ops import metrics
 
 
 @dataclass
@@ -44,7 +44,7 @@ class SvidInfo:
     not_after: datetime
 
 
-class ProxyCollector(Collector):
+class ProxyCollector:
     def __init__(
         self,
         stats: Stats,
@@ -59,67 +59,52 @@ class ProxyCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         s = self.stats
-        yield GaugeMetricFamily(
+        yield metrics.gauge(
             "tally_proxy_connections_open", "connections being served", s.connections_open
         )
-        yield CounterMetricFamily(
+        yield metrics.counter(
             "tally_proxy_connections", "connections accepted", s.connections_total
         )
-        handshakes = CounterMetricFamily(
-            "tally_proxy_handshakes", "TLS handshakes by outcome", labels=["outcome"]
+        yield metrics.counter_by(
+            "tally_proxy_handshakes", "TLS handshakes by outcome", ["outcome"], s.handshakes
         )
-        for outcome, n in sorted(s.handshakes.items()):
-            handshakes.add_metric([outcome], n)
-        yield handshakes
-        denied = CounterMetricFamily(
-            "tally_proxy_peer_denied", "peers refused during the handshake", labels=["reason"]
+        yield metrics.counter_by(
+            "tally_proxy_peer_denied", "peers refused during the handshake", ["reason"], s.denied
         )
-        for reason, n in sorted(s.denied.items()):
-            denied.add_metric([reason], n)
-        yield denied
-        moved = CounterMetricFamily(
-            "tally_proxy_bytes", "payload bytes forwarded", labels=["direction"]
+        yield metrics.counter_by(
+            "tally_proxy_bytes",
+            "payload bytes forwarded",
+            ["direction"],
+            {"to_target": s.bytes_to_target, "from_target": s.bytes_from_target},
         )
-        moved.add_metric(["to_target"], s.bytes_to_target)
-        moved.add_metric(["from_target"], s.bytes_from_target)
-        yield moved
-        requests = CounterMetricFamily(
-            "tally_proxy_http_requests", "HTTP requests by status class", labels=["status"]
+        yield metrics.counter_by(
+            "tally_proxy_http_requests", "HTTP requests by status class", ["status"], s.requests
         )
-        for status, n in sorted(s.requests.items()):
-            requests.add_metric([status], n)
-        yield requests
-        yield CounterMetricFamily(
+        yield metrics.counter(
             "tally_proxy_rotations", "new SVIDs or bundles put into service", s.rotations
         )
-        yield CounterMetricFamily(
+        yield metrics.counter(
             "tally_proxy_peer_expired_closed",
             "connections closed because the peer certificate expired",
             s.closed_peer_expired,
         )
-        yield CounterMetricFamily(
+        yield metrics.counter(
             "tally_proxy_pool_reused",
             "requests sent on a reused upstream connection",
             s.pool_reused,
         )
-        yield CounterMetricFamily(
+        yield metrics.counter(
             "tally_proxy_pool_dialed", "upstream mTLS connections opened for HTTP", s.pool_dialed
         )
         svid = self.svid()
         if svid is not None:
-            info = InfoMetricFamily("tally_proxy_svid", "the SVID this proxy presents")
-            info.add_metric(
-                [], {"spiffe_id": svid.spiffe_id, "serial": svid.serial, "mode": self.mode}
+            yield metrics.info(
+                "tally_proxy_svid",
+                "the SVID this proxy presents",
+                {"spiffe_id": svid.spiffe_id, "serial": svid.serial, "mode": self.mode},
             )
-            yield info
-            yield GaugeMetricFamily(
+            yield metrics.gauge(
                 "tally_proxy_svid_expiry_seconds",
                 "seconds until the presented SVID expires",
                 (svid.not_after - self.clock()).total_seconds(),
             )
-
-
-def registry_for(collector: ProxyCollector) -> CollectorRegistry:
-    registry = CollectorRegistry()
-    registry.register(collector)
-    return registry

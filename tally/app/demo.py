@@ -28,7 +28,6 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -36,6 +35,7 @@ from typing import Any
 import trio
 
 from tally.app.launch import Daemon, DaemonError, run_cli
+from tally.ops.clock import wall_clock
 from tally.ops.errors import CommandError
 from tally.wire import workload_client
 
@@ -146,7 +146,7 @@ def _identities(endpoint_socket: Path) -> list[tuple[str, str, float]]:
         ctx = trio.run(fetch)
     except (workload_client.WorkloadApiError, OSError, ValueError):
         return []
-    now = datetime.now(UTC)
+    now = wall_clock()
     return [
         (
             s.spiffe_id,

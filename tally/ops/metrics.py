@@ -26,7 +26,7 @@ def counter_by(
     name: str,
     doc: str,
     labels: Sequence[str],
-    counts: Mapping[str, int] | Mapping[tuple[str, ...], int],
+    counts: Mapping[str, int] | Mapping[tuple[str, str], int],
 ) -> Metric:
     """A counter with one sample per label value (or tuple of values), in sorted order."""
     family = CounterMetricFamily(name, doc, labels=list(labels))
