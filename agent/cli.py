@@ -36,10 +36,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 def _endpoint_socket(args: argparse.Namespace) -> Path:
     """The Workload API endpoint socket: ``--socket``, else ``SPIFFE_ENDPOINT_SOCKET``."""
     if args.socket:
-        return wl.endpoint_socket_of(str(args.socket))
+        try:
+            return wl.endpoint_socket_of(str(args.socket))
+        except wl.EndpointError as exc:
+            raise CommandError(f"--socket: {exc}") from exc
     try:
         return wl.endpoint_from_env(os.environ)
-    except wl.WorkloadApiError as exc:
+    except wl.EndpointError as exc:
         raise CommandError(f"{exc} (or give --socket)") from exc
 
 
