@@ -1,12 +1,17 @@
-"""Suite-wide guards."""
+"""Suite-wide guards, and the interpreter for children that drop to another uid."""
 
 from __future__ import annotations
 
+import shutil
+import stat
+import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from tally.app.launch import Daemon
+from tests.dropped import build
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -14,3 +19,23 @@ def no_daemon_ever_logs_a_secret() -> Iterator[None]:
     """Across every real daemon every test starts: no private key, no whole join token."""
     yield
     assert not Daemon.leaks, f"secret-shaped log lines: {sorted(set(Daemon.leaks))}"
+
+
+@pytest.fixture(scope="session")
+def dropped_python() -> Iterator[Path]:
+    """An interpreter with py-spiffe that still imports after a drop to uid 65534.
+
+    Every child that drops privileges runs this one, not ``sys.executable``: the
+    clone (and its ``.venv``) may live where that uid cannot read (tests/dropped.py).
+    Built once per session, so once per xdist worker that needs it: about 0.2 s
+    with hard links, 1.5 s where it must copy, which is not worth a lock shared
+    between workers.
+    """
+    dest = Path(tempfile.mkdtemp(prefix="tally-dropped-"))
+    try:
+        for parent in dest.parents:
+            if not parent.stat().st_mode & stat.S_IXOTH:
+                pytest.fail(f"{parent} is closed to other users; point TMPDIR elsewhere")
+        yield build(dest, "spiffe")
+    finally:
+        shutil.rmtree(dest, ignore_errors=True)

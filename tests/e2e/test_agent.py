@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -22,14 +23,27 @@ from tests.e2e.conftest import CA, Agent
 UID = os.geteuid()
 
 
-def probe(*args: str, timeout: float = 60) -> list[dict]:
+def probe(*args: str, timeout: float = 60, python: Path | None = None) -> list[dict]:
+    """Run tests/e2e/spiffe_probe.py; with ``python`` (the ``dropped_python`` fixture's),
+    from a copy beside that interpreter, which a probe that drops its uid can still read.
+    """
+    if python is None:
+        command = [sys.executable, "-m", "tests.e2e.spiffe_probe"]
+        cwd = Path(__file__).parents[2]
+    else:
+        cwd = python.parents[1]
+        script = cwd / "spiffe_probe.py"
+        if not script.exists():
+            shutil.copyfile(Path(__file__).with_name("spiffe_probe.py"), script)
+            script.chmod(0o644)
+        command = [str(python), "-I", str(script)]
     result = subprocess.run(
-        [sys.executable, "-m", "tests.e2e.spiffe_probe", *args],
+        [*command, *args],
         capture_output=True,
         text=True,
         timeout=timeout,
         check=False,
-        cwd=Path(__file__).parents[2],
+        cwd=cwd,
     )
     assert result.returncode == 0, result.stderr
     return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
@@ -105,20 +119,21 @@ def test_x509_source_sees_rotation_before_half_life(ca_factory, agent_factory):
     assert rotated and {"old_serial", "new_serial"} <= set(rotated[0])
 
 
-def test_other_uid_is_denied_until_it_has_its_own_entry(ca: CA, agent_factory):
+def test_other_uid_is_denied_until_it_has_its_own_entry(ca: CA, agent_factory, request):
     if UID != 0:
         pytest.skip("needs root to run a client under another uid")
+    python = request.getfixturevalue("dropped_python")  # not built where the test skips
     agent = agent_factory(ca)
     register(ca, agent, "root-only", "unix:uid:0")
     wait_fetch(agent, "spiffe://example.org/root-only")
-    denied = probe("fetch", agent.socket, "--uid", "65534")[0]
+    denied = probe("fetch", agent.socket, "--uid", "65534", python=python)[0]
     assert "PERMISSION_DENIED" in denied["error"]
     line = agent.daemon.wait_for("workload.denied")
     assert line["uid"] == 65534 and "unix:uid:65534" in line["selectors"]
     register(ca, agent, "nobody", "unix:uid:65534")
     deadline = time.monotonic() + 10
     while True:
-        out = probe("fetch", agent.socket, "--uid", "65534")[0]
+        out = probe("fetch", agent.socket, "--uid", "65534", python=python)[0]
         if "svids" in out:
             break
         assert time.monotonic() < deadline, out

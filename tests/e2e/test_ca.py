@@ -334,8 +334,11 @@ def test_admin_cli_mistakes_are_one_line(ca: CA, tmp_path: Path):
     assert missing.returncode == 1 and "does not exist" in missing.stderr
 
 
-def _connect_as_nobody(path: str) -> str:
-    """Connect to a Unix socket from a child that dropped to uid/gid 65534 after starting."""
+def _connect_as_nobody(python: Path, path: str) -> str:
+    """Connect to a Unix socket from a child that dropped to uid/gid 65534 after starting.
+
+    ``python`` is the ``dropped_python`` fixture's, which that uid can still read.
+    """
     script = (
         "import os, socket, sys\n"
         "os.setgroups([]); os.setgid(65534); os.setuid(65534)\n"
@@ -346,15 +349,16 @@ def _connect_as_nobody(path: str) -> str:
         "    print('denied')\n"
     )
     result = subprocess.run(
-        [sys.executable, "-c", script, path], capture_output=True, text=True, check=True
+        [str(python), "-I", "-c", script, path], capture_output=True, text=True, check=True
     )
     return result.stdout.strip()
 
 
-def test_admin_socket_is_0600_and_refuses_other_users(ca: CA, tmp_path: Path):
+def test_admin_socket_is_0600_and_refuses_other_users(ca: CA, tmp_path: Path, request):
     assert stat.S_IMODE(os.stat(ca.admin_socket).st_mode) == 0o600
     if os.geteuid() != 0:
         pytest.skip("needs root to drop to another uid")
+    python = request.getfixturevalue("dropped_python")
     # A directory the other user may enter, so only the socket's own mode decides.
     public = Path(tempfile.mkdtemp(prefix="tally-perm-"))
     try:
@@ -364,8 +368,8 @@ def test_admin_socket_is_0600_and_refuses_other_users(ca: CA, tmp_path: Path):
         open_sock.bind(str(public / "open.sock"))
         os.chmod(public / "open.sock", 0o666)
         open_sock.listen(1)
-        assert _connect_as_nobody(str(public / "open.sock")) == "connected"  # the control
-        assert _connect_as_nobody(str(public / "admin.sock")) == "denied"
+        assert _connect_as_nobody(python, str(public / "open.sock")) == "connected"  # the control
+        assert _connect_as_nobody(python, str(public / "admin.sock")) == "denied"
         open_sock.close()
     finally:
         shutil.rmtree(public)
