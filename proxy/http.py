@@ -25,6 +25,14 @@ Rules:
    either side; when it fires during a write to a client that stopped
    reading, the client is at fault (`DownstreamError`), not the target.
    Peers never see exception text.
+7. A request has a total deadline (``request_timeout``, as Envoy's
+   ``request_timeout`` or HAProxy's ``timeout http-request``), counted from
+   its first byte to the end of its body, because the idle deadline alone is
+   pushed back by every byte: a client trickling one byte per second would
+   hold the connection forever.  On expiry while we wait on the client
+   (`RequestTimeout`) it gets a 408 if no response has started, and the
+   connection closes; when it fires while the target is not taking the body,
+   the target is at fault (504).
 4. Waiting for the next request is the only wait a drain or an expired peer
    certificate interrupts (`Idlers`); a request that has started is finished,
    and its response says ``Connection: close`` when we will close after it.
@@ -43,6 +51,7 @@ Rules:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -76,6 +85,15 @@ class DownstreamError(Exception):
     """The side that sent the request failed or went away."""
 
 
+class RequestTimeout(DownstreamError):
+    """The client did not send the whole request within ``request_timeout`` (rule 7)."""
+
+    def __init__(self, message: str, *, phase: str) -> None:
+        super().__init__(message)
+        self.phase = phase
+        """``head`` or ``body``: what was still arriving."""
+
+
 class MalformedBody(DownstreamError):
     """The request body broke HTTP/1.1 framing (bad chunking): answered 400 if we still can."""
 
@@ -89,6 +107,8 @@ class HttpStream:
         self._out = bytearray()
         self.sending = False
         """True while (or after) a write waits for the peer: who stalled, on a timeout."""
+        self.due = math.inf
+        """trio time by which the request being read must have arrived whole (rule 7)."""
 
     @property
     def has_input(self) -> bool:
@@ -160,12 +180,14 @@ class Idlers:
 
 
 async def next_request(
-    down: HttpStream, idlers: Idlers, idle_s: float, hard_at: float
+    down: HttpStream, idlers: Idlers, idle_s: float, hard_at: float, request_s: float = math.inf
 ) -> tuple[h11.Request | None, str]:
-    """The next request, or None and why not: closed, idle, draining, peer_expired, bad_request.
+    """The next request, or None and why not: closed, idle, draining, peer_expired,
+    bad_request, request_timeout.
 
     Only the wait for the first byte is interruptible (rule 4); once a request
-    has begun, its head gets ``idle_s`` to arrive.
+    has begun, its head gets ``idle_s`` to arrive, and head and body together
+    ``request_s`` (rule 7: ``down.due`` is set when its first byte is here).
     """
     if idlers.draining:
         return None, "draining"
@@ -179,10 +201,12 @@ async def next_request(
             if scope.cancelled_caught:
                 return None, _why_woken(idlers, hard_at)
             down.conn.receive_data(bytes(data))
+        began = trio.current_time()
+        down.due = began + request_s
         event: object = down.conn.next_event()  # usually the whole head came in one read
         if event is h11.NEED_DATA:
             event = None
-            with trio.move_on_after(idle_s):
+            with trio.CancelScope(deadline=min(began + idle_s, down.due)):
                 event = await down.next_event()
         if isinstance(event, h11.Request):
             refusal = _refusal(event)
@@ -192,7 +216,7 @@ async def next_request(
             return None, "bad_request"
         if event is None:
             await respond_error(down, 408, "request head took too long")
-            return None, "idle"
+            return None, "request_timeout" if trio.current_time() >= down.due else "idle"
         return None, "closed"
     except h11.RemoteProtocolError as exc:
         await respond_error(down, exc.error_status_hint, "malformed request")
@@ -278,6 +302,8 @@ class Exchange:
     bytes_in: int = 0
     bytes_out: int = 0
     response_started: bool = False
+    timed_out: str = ""
+    """The phase (``body``) that ``request_timeout`` cut off, if it did (rule 7)."""
 
     @property
     def duration_ms(self) -> float:
@@ -331,6 +357,18 @@ def _build(kind: Callable[P, E], *args: P.args, **fields: P.kwargs) -> E:
 
 
 async def _relay_request_body(
+    down: HttpStream, up: HttpStream, ex: Exchange, activity: Deadline, count: Callable[[int], None]
+) -> None:
+    """The body, streamed, until ``down.due`` (rule 7): then the one who stalled fails."""
+    with trio.CancelScope(deadline=down.due) as scope:
+        await _relay_body(down, up, ex, activity, count)
+    if scope.cancelled_caught:
+        if up.sending:  # the target stopped taking the body: not the client's fault
+            raise UpstreamError("the target did not take the request body in time", timeout=True)
+        raise RequestTimeout("the request body did not arrive in time", phase="body")
+
+
+async def _relay_body(
     down: HttpStream, up: HttpStream, ex: Exchange, activity: Deadline, count: Callable[[int], None]
 ) -> None:
     while True:
@@ -436,6 +474,11 @@ async def exchange(
             if isinstance(error, MalformedBody) and not ex.response_started:
                 ex.status = 400
                 await respond_error(down, 400, "malformed request body")
+            if isinstance(error, RequestTimeout):
+                ex.timed_out = error.phase
+                if not ex.response_started:
+                    ex.status = 408
+                    await respond_error(down, 408, "request body took too long")
             raise error from None
     if activity.scope.cancelled_caught:
         if down.sending:  # the response was flowing and the client stopped reading it

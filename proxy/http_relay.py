@@ -12,6 +12,10 @@ proxy's local app) and decides what each outcome means for it:
    just closed is sent once more on another; anything else that failed
    upstream is answered 502 (504 on a timeout) if no response has started.
 4. One access-log line and one count by status class per request.
+5. A request that did not arrive whole within ``request_timeout`` (`proxy.http`
+   rule 7) is counted by phase and logged once (``http.request_timeout``,
+   without the path or headers, which may carry secrets); the connection
+   closes.
 """
 
 from __future__ import annotations
@@ -65,8 +69,12 @@ async def relay_http(
         return t.idlers.draining or trio.current_time() >= hard_at
 
     while True:
-        request, why = await next_request(down, t.idlers, t.cfg.idle_timeout, hard_at)
+        request, why = await next_request(
+            down, t.idlers, t.cfg.idle_timeout, hard_at, t.cfg.request_timeout
+        )
         if request is None:
+            if why == "request_timeout":
+                _timed_out(t, "head", caller)
             t.ended(why, caller)
             return
         ex = Exchange(
@@ -83,7 +91,10 @@ async def relay_http(
             await down.next_event()  # the EndOfMessage h11 already has
         headers = request_headers(request, str(t.cfg.target), drop=drop, add=add)
         ok, answered_by = await _forward(t, down, request, headers, pending, ex, closing)
-        _access(t, ex, caller if caller is not None else answered_by)
+        peer_id = caller if caller is not None else answered_by
+        if ex.timed_out:
+            _timed_out(t, ex.timed_out, peer_id, ex.bytes_in)
+        _access(t, ex, peer_id)
         if not ok:
             return
         if trio.current_time() >= hard_at:  # closed after the response in flight
@@ -140,6 +151,17 @@ async def _forward(
         await pool.release(up)
         return True, up.peer_id
     raise AssertionError("unreachable: the second attempt always returns")
+
+
+def _timed_out(t: Traffic, phase: str, peer_id: SpiffeId | None, bytes_in: int = 0) -> None:
+    t.stats.request_timeouts[phase] += 1
+    log.warning(
+        "http.request_timeout",
+        phase=phase,
+        timeout_s=t.cfg.request_timeout,
+        bytes_in=bytes_in,
+        peer_id=str(peer_id) if peer_id is not None else None,
+    )
 
 
 def _access(t: Traffic, ex: Exchange, peer_id: SpiffeId | None) -> None:

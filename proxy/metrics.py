@@ -31,6 +31,8 @@ class Stats:
     bytes_from_target: int = 0
     requests: Counter[str] = field(default_factory=Counter)
     """HTTP mode, by status class: 2xx, 4xx, 5xx..."""
+    request_timeouts: Counter[str] = field(default_factory=Counter)
+    """HTTP mode, requests that did not arrive whole in time, by phase: head, body."""
     rotations: int = 0
     closed_peer_expired: int = 0
     pool_reused: int = 0
@@ -79,6 +81,12 @@ class ProxyCollector:
         )
         yield metrics.counter_by(
             "tally_proxy_http_requests", "HTTP requests by status class", ["status"], s.requests
+        )
+        yield metrics.counter_by(
+            "tally_proxy_http_request_timeouts",
+            "HTTP requests cut off by request_timeout, by what was still arriving",
+            ["phase"],
+            s.request_timeouts,
         )
         yield metrics.counter(
             "tally_proxy_rotations", "new SVIDs or bundles put into service", s.rotations

@@ -93,6 +93,11 @@ class ProxySettings:
     pool_idle_timeout: Duration = setting(
         Duration(30), help="HTTP mode: close a pooled connection idle for this long"
     )
+    request_timeout: Duration = setting(
+        Duration(60),
+        help="HTTP mode: deadline for a whole request (head and body) to arrive from the client, "
+        "counted from its first byte, however steadily it trickles; then 408 and close",
+    )
     access_log: bool = setting(True, help="HTTP mode: one log line per request")
     tls_groups: str = setting(
         "X25519MLKEM768:X25519:P-256",
@@ -109,7 +114,13 @@ class ProxySettings:
             raise ConfigError("setting 'max_connections' must be at least 1")
         if self.pool_size < 0:
             raise ConfigError("setting 'pool_size' must be 0 or more")
-        for name in ("handshake_timeout", "idle_timeout", "connect_timeout", "pool_idle_timeout"):
+        for name in (
+            "handshake_timeout",
+            "idle_timeout",
+            "connect_timeout",
+            "pool_idle_timeout",
+            "request_timeout",
+        ):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"setting '{name}' must be above 0s")
         if self.spiffe_id is not None:

@@ -275,3 +275,63 @@ async def test_closing_adds_connection_close_to_the_response():
     assert (b"connection", b"close") in head.headers
     assert up.reusable()  # the target's side stays keep-alive
     assert not down.reusable()
+
+
+# -- request_timeout (rule 7): a trickle does not keep a request alive -----------------------
+
+
+async def trickle(client_stream, data: bytes, every_s: float = 1.0) -> None:
+    """One byte per ``every_s``: well inside any idle timeout, forever if nobody stops it."""
+    try:
+        for byte in data:
+            await client_stream.send_all(bytes([byte]))
+            await trio.sleep(every_s)
+    except trio.BrokenResourceError:
+        pass
+
+
+async def test_a_trickled_head_is_cut_at_the_request_deadline(autojump_clock):
+    client, proxy_side = trio.testing.memory_stream_pair()
+    down = ph.HttpStream(proxy_side, h11.SERVER)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(trickle, client, b"GET / HTTP/1.1\r\nX-Slow: " + b"a" * 1000)
+        request, why = await ph.next_request(down, ph.Idlers(), 30, math.inf, 10)
+        nursery.cancel_scope.cancel()
+    assert (request, why) == (None, "request_timeout")
+    assert trio.current_time() == pytest.approx(10)
+    assert (await client.receive_some(65536)).startswith(b"HTTP/1.1 408 ")
+
+
+async def test_a_trickled_body_is_cut_at_the_request_deadline_with_408(autojump_clock):
+    """Each byte comes well within the 30 s idle timeout; the 10 s total deadline,
+    counted from the request's first byte, ends it anyway."""
+    client, down, up, _service = await exchange_setup()
+    await client.stream.send_all(
+        b"POST /upload HTTP/1.1\r\nHost: svc\r\nContent-Length: 1000\r\n\r\n"
+    )
+    request, why = await ph.next_request(down, ph.Idlers(), 30, math.inf, 10)
+    assert isinstance(request, h11.Request) and why == ""
+    ex = ph.Exchange("POST", "/upload")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(trickle, client.stream, b"x" * 1000)
+        with pytest.raises(ph.RequestTimeout) as info:
+            await ph.exchange(
+                down,
+                up,
+                request,
+                ph.request_headers(request, "svc"),
+                body_pending=True,
+                ex=ex,
+                idle_s=30,
+                closing=lambda: False,
+                count_to_target=ignore,
+                count_from_target=ignore,
+            )
+        nursery.cancel_scope.cancel()
+    assert info.value.phase == "body"
+    assert trio.current_time() == pytest.approx(10)
+    assert (ex.status, ex.timed_out) == (408, "body")
+    assert 0 < ex.bytes_in < 1000
+    assert not down.reusable()
+    head, _ = await client.response()
+    assert head.status_code == 408

@@ -17,6 +17,7 @@ until a slot frees, then serves it.
 
 from __future__ import annotations
 
+import json
 import socket
 import ssl
 import threading
@@ -474,3 +475,86 @@ async def _idle_then_closed(client, server_side, stats, cas, idle: float) -> Non
         quiet_from = trio.current_time()
         await client.wait_closed()
     assert idle <= trio.current_time() - quiet_from <= 2 * idle + 2
+
+
+# -- request_timeout: a trickle that the idle timeout alone would never end -------------------
+
+
+TRICKLE_REQUEST_S = 4.0
+TRICKLE_IDLE_S = 30.0
+
+
+@pytest.fixture(scope="module")
+def strict_proxy(stack) -> Iterator[Running]:
+    """HTTP mode with a long idle timeout and a short request deadline, so that only the
+    deadline can be what cuts a trickle (each byte comes well inside the idle timeout)."""
+    proxy = launch(
+        "server",
+        "--target",
+        stack.http_backend.address,
+        "--http",
+        "--allow-id",
+        WEB,
+        "--idle-timeout",
+        f"{TRICKLE_IDLE_S:g}s",
+        "--request-timeout",
+        f"{TRICKLE_REQUEST_S:g}s",
+        *stack.api.files(),
+    )
+    yield proxy
+    proxy.daemon.stop()
+
+
+def trickle_body(sock: socket.socket, start: float) -> Ending:
+    """A whole head at once, then a 1000-byte body one byte per 0.25 s (250 s in all)."""
+    sock.sendall(b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n")
+    return trickle(sock, b"x" * 1000, start)
+
+
+def steady_upload(sock: socket.socket, size: int, pieces: int, over_s: float) -> bytes:
+    """``size`` bytes in ``pieces`` chunks sent on a fixed schedule spread over ``over_s``:
+    a client that is slow but keeps moving (the pacing is the behaviour under test)."""
+    piece = bytes(size // pieces)
+    with sock:
+        sock.sendall(
+            b"POST /upload HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+            + f"Content-Length: {len(piece) * pieces}\r\n\r\n".encode()
+        )
+        start = time.monotonic()
+        for i in range(pieces):
+            time.sleep(max(0.0, start + i * over_s / pieces - time.monotonic()))
+            sock.sendall(piece)
+        return read_to_eof(sock)
+
+
+def test_trickled_requests_are_cut_at_the_request_deadline_while_a_steady_upload_succeeds(
+    stack, strict_proxy
+):
+    """A head and a body trickled one byte per 0.25 s never idle for 30 s, so only
+    ``--request-timeout`` (4 s from the first byte) ends them: with a 408, counted by
+    phase, one ``http.request_timeout`` line each.  Meanwhile an 8 MiB upload paced over
+    2 s, under the deadline, is relayed whole."""
+    proxy = strict_proxy
+    seen = len(proxy.daemon.events("http.request_timeout"))
+    size = 8 << 20
+    with ThreadPoolExecutor(3) as pool:
+        now = time.monotonic()
+        head_sock = tls(proxy.listen, stack.web_context())
+        head_end = pool.submit(trickle, head_sock, ENDLESS_HEAD, now)
+        now = time.monotonic()
+        body_end = pool.submit(trickle_body, tls(proxy.listen, stack.web_context()), now)
+        steady = pool.submit(steady_upload, tls(proxy.listen, stack.web_context()), size, 64, 2.0)
+        endings = {"head": head_end.result(), "body": body_end.result()}
+        uploaded = steady.result()
+    for phase, ending in endings.items():
+        assert ending.closed, f"{phase}: still open after {CEILING_S}s"
+        assert TRICKLE_REQUEST_S - 1 <= ending.seconds < TRICKLE_IDLE_S, (phase, ending.seconds)
+        assert status_of(ending.reply) == 408, (phase, ending.reply[:200])
+    assert status_of(uploaded) == 200, uploaded[:200]
+    assert json.loads(uploaded.partition(b"\r\n\r\n")[2])["length"] == size
+    lines = proxy.daemon.events("http.request_timeout")[seen:]
+    assert sorted(line["phase"] for line in lines) == ["body", "head"]
+    assert all(line["timeout_s"] == TRICKLE_REQUEST_S for line in lines)
+    for phase in ("head", "body"):
+        assert proxy.metric("tally_proxy_http_request_timeouts_total", phase=phase) == 1
+    assert proxy.metric("tally_proxy_http_requests_total", status="4xx") >= 1
