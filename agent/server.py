@@ -17,6 +17,7 @@ from __future__ import annotations
 import random
 import signal
 from collections.abc import Iterator
+from functools import partial
 
 import trio
 from prometheus_client.core import Metric
@@ -29,6 +30,7 @@ from agent.renewal import FATAL_CODES
 from agent.settings import AgentSettings
 from agent.workload_server import WorkloadStats, serve_workload_api
 from tally.ops import metrics
+from tally.ops.admission import Admission
 from tally.ops.clock import Clock, wall_clock
 from tally.ops.errors import OperatorError
 from tally.ops.health import serve_health
@@ -86,6 +88,12 @@ def _metrics(server: AgentServer) -> Iterator[Metric]:
             ["method", "status"],
             stats.requests,
         )
+    yield metrics.counter_by(
+        "tally_agent_workload_refused",
+        "Workload API connections refused over a cap, by reason",
+        ["reason"],
+        server.admission.refused,
+    )
     yield metrics.counter(
         "tally_agent_workload_denied", "callers refused an identity", backend.stats.denied
     )
@@ -100,6 +108,9 @@ class AgentServer:
         self.keeper: SvidKeeper | None = None
         self.backend: AgentBackend | None = None
         self.workload_stats: WorkloadStats | None = None
+        self.admission = Admission(
+            cfg.workload_max_connections, cfg.workload_max_connections_per_uid
+        )
         self.registry = metrics.registry_of(lambda: _metrics(self))
         state.prepare_dir(cfg.data_dir)
         stored = state.load_bundle(cfg.data_dir)
@@ -222,7 +233,7 @@ class AgentServer:
                 self.backend = AgentBackend(self.keeper, str(self.td.id()))
                 nursery.start_soon(self.keeper.run)
                 self.workload_stats = await nursery.start(
-                    serve_workload_api, listener, self.backend
+                    partial(serve_workload_api, listener, self.backend, admission=self.admission)
                 )
                 log.info("agent.started", spiffe_id=self.keeper.agent_id, **addresses)
                 task_status.started(addresses)

@@ -28,6 +28,16 @@ class AgentSettings:
         Path("/run/tally/agent/agent.sock"),
         help="Workload API Unix socket (any local process may connect)",
     )
+    workload_max_connections: int = setting(
+        1024,
+        help="Workload API connections served at once; past it a new one gets a GOAWAY"
+        " and is closed",
+    )
+    workload_max_connections_per_uid: int = setting(
+        128,
+        help="Workload API connections one local uid may hold at once, so that one"
+        " user's flood leaves the others served",
+    )
     metrics: Address | None = setting(
         None, help="serve /healthz, /readyz and /metrics on HOST:PORT"
     )
@@ -48,5 +58,8 @@ class AgentSettings:
             raise ConfigError(f"setting 'log_level': unknown level {self.log_level!r}")
         if not 0 < self.poll_wait <= 55:
             raise ConfigError("setting 'poll_wait' must be between 1s and 55s")
+        for name in ("workload_max_connections", "workload_max_connections_per_uid"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"setting '{name}' must be at least 1")
         if self.ca_timeout < 1:
             raise ConfigError("setting 'ca_timeout' must be at least 1s")

@@ -27,6 +27,11 @@ Rules / theory of operation:
    for ``idle_timeout_s`` is closed, so idle connections do not pile up.
 6. **Checks in the order the standard implies** (`agent.workload_messages`),
    then the caller's identity (PERMISSION_DENIED "no identity issued").
+7. **Connections are capped, in all and per uid** (`tally.ops.admission`).
+   Over a cap a connection is accepted, sent our SETTINGS and a GOAWAY
+   (ENHANCE_YOUR_CALM, "too many connections") and closed at once: a gRPC
+   client sees the connection refused by the server, not a hang, and nothing
+   is held for it.  One local user flooding the socket leaves the others served.
 """
 
 from __future__ import annotations
@@ -62,10 +67,13 @@ from agent.workload_messages import (
     parse_request_message,
     route_request,
 )
+from tally.ops.admission import Admission
+from tally.ops.logs import get_logger
 from tally.ops.net import PeerCred, peer_credentials
 from tally.wire.grpc import GrpcError, Status
 
 log = logging.getLogger("tally.workload")
+events = get_logger("tally.workload")
 
 
 @dataclass
@@ -406,6 +414,7 @@ async def serve_workload_api(
     *,
     limits: WorkloadLimits = DEFAULT_LIMITS,
     stats: WorkloadStats | None = None,
+    admission: Admission | None = None,
     task_status: trio.TaskStatus[WorkloadStats] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the Workload API on an open Unix socket listener until cancelled.
@@ -413,6 +422,7 @@ async def serve_workload_api(
     The listener is normally ``tally.ops.net.open_unix_listener(path, 0o666)``:
     any local process may connect, because what it gets depends on attestation.
     ``task_status.started`` reports the stats object the caller can read.
+    ``admission`` caps the connections (rule 7); without it there is no cap.
     """
     stats = WorkloadStats() if stats is None else stats
 
@@ -423,8 +433,52 @@ async def serve_workload_api(
             except OSError as exc:
                 log.debug("workload connection without peer credentials: %s", exc)
                 return
-            await serve_workload_connection(stream, peer, backend, limits=limits, stats=stats)
+            if admission is None:
+                await serve_workload_connection(stream, peer, backend, limits=limits, stats=stats)
+                return
+            reason = admission.admit(peer.uid)
+            if reason is not None:
+                await _refuse(stream, peer, reason, admission, limits)
+                return
+            try:
+                await serve_workload_connection(stream, peer, backend, limits=limits, stats=stats)
+            finally:
+                admission.release(peer.uid)
 
     async with trio.open_nursery() as nursery:
         task_status.started(stats)
         await trio.serve_listeners(handle, [listener], handler_nursery=nursery)
+
+
+async def _refuse(
+    stream: trio.SocketStream,
+    peer: PeerCred,
+    reason: str,
+    admission: Admission,
+    limits: WorkloadLimits,
+) -> None:
+    """Answer a connection over a cap with SETTINGS and GOAWAY, then close it (rule 7).
+
+    Nothing is read: the bytes fit an empty socket buffer, and the write is
+    bounded anyway so a refused peer can never hold this task.
+    """
+    count = admission.report(trio.current_time())
+    if count is not None:
+        events.warning(
+            "workload.refused",
+            reason=reason,
+            refused=count,
+            uid=peer.uid,
+            pid=peer.pid,
+            open=admission.open,
+        )
+    conn = server_connection(limits)
+    conn.initiate_connection()
+    conn.close_connection(
+        h2.errors.ErrorCodes.ENHANCE_YOUR_CALM, additional_data=b"too many connections"
+    )
+    with trio.move_on_after(1.0):
+        try:
+            await stream.send_all(conn.data_to_send())
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass

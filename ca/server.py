@@ -47,6 +47,7 @@ from ca.keys import KeyManager, Signer, load_upstream
 from ca.settings import CASettings
 from ca.store import AuditEvent, IssuedSvid, Store
 from tally.ops import metrics
+from tally.ops.admission import Admission
 from tally.ops.clock import Clock, wall_clock
 from tally.ops.errors import OperatorError
 from tally.ops.health import serve_health
@@ -103,6 +104,12 @@ def _metrics(server: CAServer) -> Iterator[Metric]:
     )
     yield metrics.counter(
         "tally_ca_attestation_failures", "node attestations refused", a.attestation_failures
+    )
+    yield metrics.counter_by(
+        "tally_ca_admin_refused",
+        "admin socket connections refused over admin_max_connections",
+        ["reason"],
+        s.admin_admission.refused,
     )
     yield metrics.counter_by(
         "tally_ca_peer_denied", "agent API peers refused, by reason", ["reason"], s.peers_denied
@@ -171,6 +178,7 @@ class CAServer:
         )
         self._limiter = trio.CapacityLimiter(1)
         self._conn_limiter = trio.CapacityLimiter(cfg.max_connections)
+        self.admin_admission = Admission(cfg.admin_max_connections)
         self.drain = http.Drain()
         self.entries_changed = Changes()
         self.bundle_changed = Changes()
@@ -363,16 +371,49 @@ class CAServer:
             )
 
     async def _admin_connection(self, api: AdminApi, stream: trio.SocketStream) -> None:
+        """Serve one admin connection, or refuse it when ``admin_max_connections`` are open.
+
+        A refused one still gets an answer (503 naming the cap, then close), read with a
+        short deadline, so the CLI prints one clear line rather than a reset.
+        """
         cred = stream_peer_credentials(stream)
         uid = cred.uid if cred else -1
+        admission = self.admin_admission
         async with stream:
-            await http.serve_http(
-                stream,
-                partial(api.handle, uid),
-                idle_timeout=30,
-                request_timeout=30,
-                drain=self.drain,
-            )
+            reason = admission.admit(None)
+            if reason is not None:
+                await self._refuse_admin(stream, uid)
+                return
+            try:
+                await self._serve_admin(api, stream, uid)
+            finally:
+                admission.release(None)
+
+    async def _refuse_admin(self, stream: trio.SocketStream, uid: int) -> None:
+        admission = self.admin_admission
+        count = admission.report(trio.current_time())
+        if count is not None:
+            log.warning("admin.refused", reason="max_connections", refused=count, uid=uid)
+        done = http.Drain()
+        message = (
+            f"admin socket busy: {admission.total} connections open"
+            " (admin_max_connections); try again"
+        )
+
+        async def busy(request: http.Request) -> http.Response:
+            done.start()  # one answer, then close
+            return http.Response.json({"error": message, "code": "busy"}, status=503)
+
+        await http.serve_http(stream, busy, idle_timeout=2, request_timeout=2, drain=done)
+
+    async def _serve_admin(self, api: AdminApi, stream: trio.SocketStream, uid: int) -> None:
+        await http.serve_http(
+            stream,
+            partial(api.handle, uid),
+            idle_timeout=30,
+            request_timeout=30,
+            drain=self.drain,
+        )
 
     def health(self) -> dict[str, object]:
         signer = self.keys.signer

@@ -64,6 +64,11 @@ class CASettings:
     handshake_timeout: Duration = setting(Duration(10), help="TLS handshake deadline")
     request_timeout: Duration = setting(Duration(30), help="deadline to receive one request")
     max_connections: int = setting(1024, help="agent API connections served at once")
+    admin_max_connections: int = setting(
+        64,
+        help="admin socket connections served at once; past it a new one is answered"
+        " 503 and closed",
+    )
     log_level: str = setting("info", help="debug, info, warning or error")
 
     def validate(self) -> None:
@@ -84,7 +89,7 @@ class CASettings:
             raise ConfigError(f"setting 'log_level': unknown level {self.log_level!r}")
         if self.max_connections < 1:
             raise ConfigError("setting 'max_connections' must be at least 1")
-        for name in ("attest_burst", "token_max_failures"):
+        for name in ("attest_burst", "token_max_failures", "admin_max_connections"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"setting '{name}' must be at least 1")
         if self.attest_refill <= 0:

@@ -120,14 +120,15 @@ def sections() -> list[Section]:
             "Also checked at start: `default_svid_ttl` is at most `max_svid_ttl`; "
             "`root_propagation` is under a third of `root_ttl`; `upstream_cert` and "
             "`upstream_key` go together; the SVID and intermediate TTLs are at least 1s; "
-            "`max_connections` is at least 1.",
+            "`max_connections` and `admin_max_connections` are at least 1.",
         ),
         Section(
             "Agent",
             "`tally agent run`",
             AgentSettings,
             "Also checked at start: `server` is a TCP address; `poll_wait` is 1s to 55s "
-            "(the CA holds a long poll at most 55s); `ca_timeout` is at least 1s.",
+            "(the CA holds a long poll at most 55s); `ca_timeout` is at least 1s; "
+            "`workload_max_connections` and `workload_max_connections_per_uid` are at least 1.",
         ),
         Section(
             "Proxy: settings of both modes",
