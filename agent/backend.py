@@ -110,8 +110,9 @@ class AgentBackend:
                     uid=peer.uid,
                     selectors=describe(selectors),
                     reason="no registration entry matches this caller"
-                    if not keeper.evicted
-                    else "agent evicted and no unexpired SVID matches",
+                    if not keeper.halted
+                    else f"the CA refused this agent ({keeper.halted}) "
+                    "and no unexpired SVID matches",
                 )
                 raise NoIdentity("no identity issued")
             key = (

@@ -14,7 +14,10 @@ Rules:
    being served what is held until it expires.  Nothing is dropped early.
 4. Eviction is not an outage: when the CA says ``evicted`` (or no longer knows
    the agent), the agent stops asking for new identities, says so once, and
-   waits for an operator; it never loops hot.
+   waits for an operator; it never loops hot.  ``stale_svid`` halts the same
+   way but is not eviction: the CA knows a newer SVID for this agent, so this
+   state is older (a restored backup, or a second agent on the same data dir),
+   and the agent says that (``agent.stale``) and how to recover.
 5. Every change bumps `version` and wakes `changed`, and Workload API streams
    recompute what their caller may see from this state.
 """
@@ -116,10 +119,10 @@ class SvidKeeper:
         self.svids: dict[str, HeldSvid] = {}
         self.version = 0
         self.changed = trio.Event()
-        self.evicted: str | None = None
+        # The CA's code once it refused this agent for good; the loops stop on it.
+        self.halted: str | None = None
         self.counters = Counters()
         self._wake_minter = trio.Event()
-        self._evicted_event = trio.Event()
         self.agent_renew_at = self._renewal(identity.chain[0])
 
     # -- shared state ------------------------------------------------------------------
@@ -142,21 +145,48 @@ class SvidKeeper:
         self.counters.by_reason[reason] = self.counters.by_reason.get(reason, 0) + 1
         log.warning("rotation.failed", what=what, reason=reason, error=str(exc))
 
+    @property
+    def evicted(self) -> str | None:
+        """Why the CA evicted (or forgot, or banned) this agent; None while it has not."""
+        return None if self.halted == renewal.STALE else self.halted
+
+    @property
+    def stale(self) -> bool:
+        """Whether the CA knows a newer SVID for this agent than the one it holds."""
+        return self.halted == renewal.STALE
+
     def _check_fatal(self, exc: Exception) -> bool:
         if isinstance(exc, CAError) and exc.code in renewal.FATAL_CODES:
-            if self.evicted is None:
-                self.evicted = exc.code
-                log.error(
-                    "agent.evicted",
-                    agent_id=self.agent_id,
-                    code=exc.code,
-                    detail=exc.message,
-                    action="this agent gets no new identities; restart it with a new --join-token",
-                )
-                self._evicted_event.set()
+            if self.halted is None:
+                self.halted = exc.code
+                if exc.code == renewal.STALE:
+                    self._say_stale(exc)
+                else:
+                    log.error(
+                        "agent.evicted",
+                        agent_id=self.agent_id,
+                        code=exc.code,
+                        detail=exc.message,
+                        action="this agent gets no new identities; "
+                        "restart it with a new --join-token",
+                    )
                 self.notify()
             return True
         return False
+
+    def _say_stale(self, exc: CAError) -> None:
+        """One line that tells the operator what happened and the safe way back."""
+        agent_id = self.agent_id
+        log.error(
+            "agent.stale",
+            agent_id=agent_id,
+            serial=format(self.identity.chain[0].serial_number, "x"),
+            detail=f"{exc.message}; this agent's state is older — restored from a backup, "
+            "or a second agent with the same data dir?",
+            action="make sure no other agent runs on this data dir; then "
+            f"`tally ca token create --spiffe-id {agent_id}` and restart this agent with "
+            "--join-token: it keeps its SPIFFE ID and its entries",
+        )
 
     def drop_expired(self) -> None:
         gone = renewal.expired(self.svids, self.clock())
@@ -192,7 +222,7 @@ class SvidKeeper:
 
     async def agent_svid_loop(self) -> None:
         attempt = 0
-        while self.evicted is None:
+        while self.halted is None:
             await self._sleep_until(self.agent_renew_at if attempt == 0 else self.clock())
             if attempt:
                 await trio.sleep(self._backoff(attempt))
@@ -228,7 +258,7 @@ class SvidKeeper:
 
     async def entries_loop(self) -> None:
         attempt = 0
-        while self.evicted is None:
+        while self.halted is None:
             try:
                 revision, raw = await self.client.entries(
                     since=self.entries_revision, wait=self.poll_wait if self.entries_synced else 0
@@ -264,7 +294,7 @@ class SvidKeeper:
 
     async def bundle_loop(self) -> None:
         attempt = 0
-        while self.evicted is None:
+        while self.halted is None:
             try:
                 sequence, pem = await self.client.bundle(
                     since=self.bundle_sequence, wait=self.poll_wait
@@ -289,7 +319,7 @@ class SvidKeeper:
 
     async def minter_loop(self) -> None:
         attempt = 0
-        while self.evicted is None:
+        while self.halted is None:
             self.drop_expired()
             due = renewal.due(self.entries, self.svids, self.clock()) if self.entries_synced else []
             if not due:

@@ -32,6 +32,8 @@ from tally.spiffe.selectors import Selector, SelectorError
 
 # The CA answers these when it will never serve this agent again without a new token.
 FATAL_CODES = frozenset({"evicted", "banned", "unknown_agent", "stale_svid"})
+# Of those, the one that is not eviction: the CA knows a newer SVID for this agent.
+STALE = "stale_svid"
 # At most this many CSRs per CA call.
 BATCH = 200
 

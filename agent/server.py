@@ -3,9 +3,10 @@
 Rules:
 
 1. A restart needs no token: the agent's own key and SVID are on disk.  A
-   token is needed only on first start, after eviction, or when the stored
-   SVID expired while the agent was down; then the agent says exactly that in
-   one line instead of hanging.
+   token is needed only on first start, after eviction, when the stored SVID
+   is stale (the CA knows a newer one: a restored backup) or expired while the
+   agent was down; then the agent says exactly that in one line instead of
+   hanging.  Given a token, a refused stored SVID is replaced by re-attesting.
 2. The newest bundle is kept on disk too, so an agent that was down through a
    root rotation still trusts the CA when it comes back.
 3. One nursery: the CA loops (`agent.keeper`), the Workload API, metrics and
@@ -185,7 +186,9 @@ class AgentServer:
             await client.entries()
         except CAError as exc:
             if exc.code in FATAL_CODES:
-                log.info("agent.reattesting", reason=exc.code)
+                # A token the operator made for this agent's ID is the authority to take
+                # over from whatever SVID the CA now holds for it (see `ca.authority`).
+                log.info("agent.reattesting", reason=exc.code, detail=exc.message)
                 return True
         return False
 
@@ -193,6 +196,11 @@ class AgentServer:
         keeper = self.keeper
         if keeper is None:
             return False, "not attested yet"
+        if keeper.stale:
+            return (
+                False,
+                "stale state: the CA knows a newer SVID for this agent; needs a new join token",
+            )
         if keeper.evicted:
             return False, f"evicted by the CA ({keeper.evicted}); needs a new join token"
         if not keeper.entries_synced:

@@ -439,6 +439,10 @@ class Authority:
         existing = self.store.get_agent(str(agent_id))
         if existing is not None and existing.status == "banned":
             raise self._fail_attest(now, f"agent {agent_id} is banned", token_id, peer)
+        # An agent ID already on record comes back (stale state, eviction, lost data
+        # dir) only with a token the operator made for that very ID, so no agent can
+        # be taken over without an operator saying so; the audit log names it.
+        attested = _attest_event(existing, token_id)
         public_key = self._csr_key(csr)
         issued = self._sign(self._signer(), public_key, agent_id, self.limits.agent_ttl, now)
         ts = int(now.timestamp())
@@ -468,10 +472,10 @@ class Authority:
                     AuditEvent(
                         iso(now),
                         str(agent_id),
-                        "agent.attested",
+                        attested[0],
                         str(agent_id),
                         issued.serial,
-                        {"token_id": token_id, "method": "join_token"},
+                        attested[1],
                     ),
                     AuditEvent(
                         iso(now),
@@ -485,6 +489,15 @@ class Authority:
             )
         except Conflict as exc:
             raise self._fail_attest(now, "join token already used", token_id, peer) from exc
+        if existing is not None:
+            log.warning(
+                "agent.reattested",
+                agent_id=str(agent_id),
+                token_id=token_id,
+                previous_status=existing.status,
+                previous_serial=existing.serial,
+                serial=issued.serial,
+            )
         self.issued_total += 1
         return Attested(issued, self.bundle())
 
@@ -498,7 +511,7 @@ class Authority:
         if agent.status == "banned":
             raise Denied(403, "banned", "agent is banned")
         if not presents_live_svid(agent, serial):
-            raise Denied(403, "stale_svid", "this agent SVID is no longer the agent's current one")
+            raise stale_svid(agent)
         return agent
 
     def renew_agent(self, agent_id: SpiffeId, presented_serial: str, csr: str | None) -> Issued:
@@ -536,9 +549,7 @@ class Authority:
         except Conflict as exc:
             # A renewal with the same certificate got in first (the store applies the
             # rule of `presents_live_svid` again, atomically).
-            raise Denied(
-                403, "stale_svid", "this agent SVID is no longer the agent's current one"
-            ) from exc
+            raise stale_svid(self.store.get_agent(aid)) from exc
         self.issued_total += 1
         return issued
 
@@ -736,6 +747,23 @@ def presents_live_svid(agent: AgentRecord, serial: str) -> bool:
     so whoever shows it holds a copy: a leaked backup, a theft.
     """
     return serial in (agent.serial, agent.prev_serial)
+
+
+def stale_svid(agent: AgentRecord | None) -> Denied:
+    """The refusal of a superseded agent SVID, naming the serial the CA holds as current,
+    so that the agent (restored from a backup, or sharing a data dir) can say so."""
+    current = f" (serial {agent.serial})" if agent is not None else ""
+    return Denied(403, "stale_svid", f"the CA knows a newer SVID for this agent{current}")
+
+
+def _attest_event(existing: AgentRecord | None, token_id: str) -> tuple[str, dict[str, object]]:
+    """The audit event of an attestation: ``agent.reattested`` when the ID was on record,
+    with what it replaced, so an operator can see which token took over which SVID."""
+    detail: dict[str, object] = {"token_id": token_id, "method": "join_token"}
+    if existing is None:
+        return "agent.attested", detail
+    detail |= {"previous_status": existing.status, "previous_serial": existing.serial}
+    return "agent.reattested", detail
 
 
 def _selector_texts(selectors: Sequence[Selector]) -> tuple[str, ...]:

@@ -66,6 +66,8 @@ class FakeCA:
             self.key, TD, EPOCH - timedelta(days=1), EPOCH + timedelta(days=3650)
         )
         self.failing = False
+        self.refusal: CAError | None = None
+        """Set to make every call about the agent refuse, as the CA does for good."""
         self.sign_calls: list[float] = []
         """trio times of every sign call, failed ones included."""
         self.called = trio.Event()
@@ -86,6 +88,8 @@ class FakeCA:
         return Issued(AGENT_ID, format(leaf.serial_number, "x"), (leaf, self.root))
 
     async def entries(self, since: int = -1, wait: float = 0) -> tuple[int, list[dict[str, Any]]]:
+        if self.refusal is not None:
+            raise self.refusal
         if since != 1:
             return 1, [dict(ENTRY)]
         await trio.sleep(wait)  # a long poll with nothing new
@@ -217,3 +221,30 @@ async def test_renews_at_half_life_retries_with_backoff_and_serves_the_old_svid(
         await ca.wait_sign_calls(failed + 2)
         assert ca.sign_calls[-1] == pytest.approx(at(second.renew_at), abs=1e-3)
         nursery.cancel_scope.cancel()
+
+
+async def test_a_stale_svid_halts_the_agent_but_is_not_eviction(
+    autojump_clock, ca, tmp_path, caplog
+):
+    """The CA knows a newer SVID (a restored backup): say so and how to recover, once."""
+    ca.refusal = CAError("stale_svid", "the CA knows a newer SVID for this agent (serial abc)")
+    keeper = make_keeper(ca, tmp_path)
+    with trio.move_on_after(600):
+        await keeper.run()
+    assert keeper.halted == "stale_svid" and keeper.stale
+    assert keeper.evicted is None  # so tally_agent_evicted stays 0
+    [line] = [r for r in caplog.records if r.getMessage() == "agent.stale"]
+    assert not [r for r in caplog.records if r.getMessage() == "agent.evicted"]
+    fields = line.tally_fields
+    assert fields["serial"] == format(keeper.identity.chain[0].serial_number, "x")
+    assert "(serial abc)" in fields["detail"] and "restored from a backup" in fields["detail"]
+    assert f"--spiffe-id {AGENT_ID}" in fields["action"] and "--join-token" in fields["action"]
+
+
+async def test_eviction_is_still_eviction(autojump_clock, ca, tmp_path, caplog):
+    ca.refusal = CAError("evicted", "agent was evicted; attest again with a new join token")
+    keeper = make_keeper(ca, tmp_path)
+    with trio.move_on_after(600):
+        await keeper.run()
+    assert keeper.evicted == "evicted" and not keeper.stale
+    assert [r.getMessage() for r in caplog.records].count("agent.evicted") == 1

@@ -221,6 +221,38 @@ def test_an_agent_call_is_judged_on_status_and_serial(authority):
     assert events(authority)[-2:] == ["agent.evicted", "agent.banned"]
 
 
+def test_a_stale_svid_is_refused_naming_the_current_serial(authority):
+    first = attest(authority)
+    second = authority.renew_agent(AGENT, first.serial, csr())
+    third = authority.renew_agent(AGENT, second.serial, csr())
+    exc = refused(authority.check_agent, AGENT, first.serial)
+    assert exc.code == "stale_svid"
+    assert exc.message == f"the CA knows a newer SVID for this agent (serial {third.serial})"
+
+
+def test_a_new_token_for_the_same_id_reattests_and_is_audited(authority):
+    """Recovery from a stale data dir: the operator's token for that ID is the authority."""
+    first = attest(authority)
+    again = attest(authority)  # a token made for AGENT, as `token create --spiffe-id`
+    assert authority.get_agent(AGENT).serial == again.serial
+    assert refused(authority.check_agent, AGENT, first.serial).code == "stale_svid"
+    [record] = [r for r in authority.store.audit_records() if r.event == "agent.reattested"]
+    assert record.serial == again.serial
+    assert record.detail["previous_serial"] == first.serial
+    assert record.detail["previous_status"] == "active"
+    assert events(authority).count("agent.attested") == 1
+
+
+def test_a_token_for_another_id_cannot_take_over_an_agent(authority):
+    """A token without --spiffe-id names a fresh agent ID, never an existing one."""
+    first = attest(authority)
+    token = authority.create_token(None, None, ADMIN)
+    other = authority.attest(token.token, csr(), PEER).svid
+    assert other.spiffe_id != AGENT
+    authority.check_agent(AGENT, first.serial)  # the live agent is untouched
+    assert "agent.reattested" not in events(authority)
+
+
 def test_unknown_agents_are_not_found(authority):
     assert refused(authority.get_agent, AGENT).status == 404
     assert refused(authority.set_agent_status, AGENT, "evicted", ADMIN).message == (

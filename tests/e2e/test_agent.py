@@ -244,6 +244,40 @@ def test_evicted_agent_comes_back_with_a_new_token_while_its_svid_is_valid(ca: C
     assert agent.daemon.events("agent.resumed")
 
 
+def test_restored_backup_is_stale_not_evicted_and_a_new_token_recovers_it(
+    ca_factory, agent_factory, tmp_path: Path
+):
+    # 40 s agent SVIDs: two renewals come by 0.96 of the first one's life, so the copy
+    # taken before them is superseded twice (stale) and still unexpired when restored.
+    ca = ca_factory("--agent-svid-ttl", "40s")
+    agent = agent_factory(ca)
+    backup = tmp_path / "backup"
+    shutil.copytree(agent.data_dir, backup)
+    register(ca, agent, "web", f"unix:uid:{UID}")
+    wait_fetch(agent, "spiffe://example.org/web")
+    agent.daemon.wait_for("svid.rotated", timeout=40, count=2)
+    agent.daemon.stop()
+    shutil.rmtree(agent.data_dir)
+    shutil.copytree(backup, agent.data_dir)
+    agent.start()  # no token: the restored SVID is valid, so the agent resumes with it
+    line = agent.daemon.wait_for("agent.stale", timeout=15)
+    assert "restored from a backup" in line["detail"] and "(serial " in line["detail"]
+    assert f"--spiffe-id {agent.spiffe_id}" in line["action"]
+    assert not agent.daemon.events("agent.evicted")
+    with urllib.request.urlopen(f"http://{agent.metrics}/metrics", timeout=5) as resp:
+        assert "tally_agent_evicted 0.0" in resp.read().decode()
+    status, body = readyz(agent)
+    assert status == 503 and "stale" in body
+    agent.daemon.stop()
+    token = ca.json("token", "create", "--spiffe-id", agent.spiffe_id)["token"]
+    agent.start("--join-token", token)
+    assert agent.daemon.events("agent.reattesting")[0]["reason"] == "stale_svid"
+    assert agent.daemon.events("agent.attested")[0]["spiffe_id"] == agent.spiffe_id
+    wait_fetch(agent, "spiffe://example.org/web")  # its entries stayed parented to it
+    records = ca.json("audit", "list", "--event", "agent.reattested")["records"]
+    assert [r["spiffe_id"] for r in records] == [agent.spiffe_id]
+
+
 def test_first_start_without_token_is_one_line(ca: CA, tmp_path: Path):
     bundle = tmp_path / "b.pem"
     bundle.write_text(ca.json("bundle", "show")["bundle"])
