@@ -139,7 +139,7 @@ def sections() -> list[Section]:
             "SIGHUP re-reads the `--config` file and the certificate files and applies "
             "every setting except "
             + ", ".join(f"`{name}`" for name in RESTART_ONLY)
-            + ": changing those needs a restart (the proxy logs `config.restart_needed` "
+            + ": changing those needs a restart (the proxy logs `config.restart_required` "
             "and keeps the old value).",
         ),
         Section(
