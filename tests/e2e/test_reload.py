@@ -103,9 +103,7 @@ async def test_ca_sighup_applies_ttls_keeps_a_parked_poll_and_old_settings_on_a_
         ):
             conf.write_text('trust_domain = "example.org"\n' + bad)
             n = len(ca.daemon.events("config.reload_failed")) + 1
-            failed = await trio.to_thread.run_sync(
-                lambda n=n: _reload(ca.daemon, n, "config.reload_failed")
-            )
+            failed = await trio.to_thread.run_sync(_reload, ca.daemon, n, "config.reload_failed")
             assert words in failed["error"], failed
             assert "\n" not in failed["error"]
         assert len(ca.daemon.events("config.reloaded")) == 1
