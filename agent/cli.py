@@ -28,7 +28,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     cfg = load(AgentSettings, args)
     setup_logging(cfg.log_level)
-    server = AgentServer(cfg)
+    server = AgentServer(cfg, reload=lambda: load(AgentSettings, args))
     trio.run(server.run)
     return 0
 

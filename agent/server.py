@@ -11,13 +11,17 @@ Rules:
    root rotation still trusts the CA when it comes back.
 3. One nursery: the CA loops (`agent.keeper`), the Workload API, metrics and
    the signal watcher.  SIGTERM stops them and removes the socket.
+4. SIGHUP re-reads the ``--config`` file (`tally.ops.reload`): the log
+   level, ``poll_wait`` and ``ca_timeout`` change at once (the next call to
+   the CA takes them) and no Workload API stream is dropped; `RESTART_ONLY`
+   keep their old value.
 """
 
 from __future__ import annotations
 
 import random
 import signal
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from functools import partial
 
 import trio
@@ -35,12 +39,24 @@ from tally.ops.admission import Admission
 from tally.ops.clock import Clock, wall_clock
 from tally.ops.errors import OperatorError
 from tally.ops.health import serve_health
-from tally.ops.logs import get_logger
+from tally.ops.logs import get_logger, setup_logging
 from tally.ops.net import open_unix_listener
+from tally.ops.reload import reread
 from tally.spiffe import pem, rotation, x509profile
 from tally.spiffe.spiffeid import TrustDomain
 
 log = get_logger("tally.agent")
+# Changing these needs a restart; a reload that changes them says so and keeps the old value.
+# The join token and the first-start bundle are read only at start, so they wait for one too.
+RESTART_ONLY = (
+    "trust_domain",
+    "server",
+    "trust_bundle",
+    "join_token",
+    "data_dir",
+    "socket",
+    "metrics",
+)
 
 
 class AgentStartError(OperatorError):
@@ -101,8 +117,16 @@ def _metrics(server: AgentServer) -> Iterator[Metric]:
 
 
 class AgentServer:
-    def __init__(self, cfg: AgentSettings, clock: Clock = wall_clock) -> None:
+    def __init__(
+        self,
+        cfg: AgentSettings,
+        clock: Clock = wall_clock,
+        *,
+        reload: Callable[[], AgentSettings] | None = None,
+    ) -> None:
         self.cfg = cfg
+        self._reload_config = reload
+        self._client: CAClient | None = None
         self.clock = clock
         self.td = TrustDomain.parse(cfg.trust_domain)
         self.rng = random.Random()
@@ -213,11 +237,33 @@ class AgentServer:
             return False, f"close to expiry with no successor: {', '.join(sorted(risky)[:3])}"
         return True, f"{len(keeper.svids)} SVIDs fresh"
 
+    async def reload(self) -> None:
+        """SIGHUP (rule 4): apply the live settings of the re-read file."""
+        if self._reload_config is None:
+            log.warning("config.reload_failed", error="started without a config loader")
+            return
+        new = await reread(self.cfg, self._reload_config, RESTART_ONLY, log)
+        if new is None:
+            return
+        self.cfg = new
+        setup_logging(new.log_level)
+        if self._client is not None:
+            self._client.timeout = float(new.ca_timeout)
+        if self.keeper is not None:
+            self.keeper.poll_wait = float(new.poll_wait)
+        log.info(
+            "config.reloaded",
+            log_level=new.log_level,
+            poll_wait=float(new.poll_wait),
+            ca_timeout=float(new.ca_timeout),
+        )
+
     async def run(
         self, *, task_status: trio.TaskStatus[dict[str, str]] = trio.TASK_STATUS_IGNORED
     ) -> None:
         cfg = self.cfg
         client = CAClient(cfg.server, self.td, self.roots, timeout=float(cfg.ca_timeout))
+        self._client = client
         cfg.socket.parent.mkdir(parents=True, exist_ok=True)
         listener = await open_unix_listener(cfg.socket, 0o666)
         try:
@@ -245,8 +291,13 @@ class AgentServer:
                 )
                 log.info("agent.started", spiffe_id=self.keeper.agent_id, **addresses)
                 task_status.started(addresses)
-                with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                with trio.open_signal_receiver(
+                    signal.SIGTERM, signal.SIGINT, signal.SIGHUP
+                ) as signals:
                     async for signum in signals:
+                        if signum == signal.SIGHUP:
+                            await self.reload()
+                            continue
                         log.info("agent.stopping", signal=signal.Signals(signum).name)
                         break
                 nursery.cancel_scope.cancel()

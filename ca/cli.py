@@ -143,7 +143,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     cfg = load(CASettings, args)
     setup_logging(cfg.log_level)
-    server = CAServer(cfg)
+    server = CAServer(cfg, reload=lambda: load(CASettings, args))
 
     async def main() -> None:
         await server.run()

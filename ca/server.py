@@ -22,10 +22,17 @@ Rules:
    a peer (no certificate, a replaced agent SVID) go through the same door.
 4. Every store call goes through one worker thread (`run`), so SQLite sees
    one writer and the event loop never blocks on disk or on signing.
+5. SIGHUP re-reads the ``--config`` file (`tally.ops.reload`): TTLs, the
+   key schedule, the attestation throttle, timeouts, ``max_connections`` and
+   the log level change at once, for the next request or connection, with no
+   connection dropped; `RESTART_ONLY` keep their old value.  The signal
+   receiver lives until the end, so a SIGHUP during the drain does not kill
+   the process.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import stat
@@ -51,7 +58,7 @@ from tally.ops.admission import Admission
 from tally.ops.clock import Clock, wall_clock
 from tally.ops.errors import OperatorError
 from tally.ops.health import serve_health
-from tally.ops.logs import get_logger
+from tally.ops.logs import get_logger, setup_logging
 from tally.ops.net import (
     bound_address,
     clear_stale_unix,
@@ -59,6 +66,7 @@ from tally.ops.net import (
     open_unix_listener,
     stream_peer_credentials,
 )
+from tally.ops.reload import reread
 from tally.spiffe import authz, x509profile
 from tally.spiffe.spiffeid import SpiffeId, TrustDomain
 from tally.tls.contexts import TLSContext, server_context
@@ -71,6 +79,17 @@ log = get_logger("tally.ca")
 DRAIN_SECONDS = 5.0
 SERVER_PATH = ("tally", "ca")
 SERVING_TTL = 3600
+# Changing these needs a restart; a reload that changes them says so and keeps the old value.
+RESTART_ONLY = (
+    "trust_domain",
+    "data_dir",
+    "listen",
+    "admin_socket",
+    "metrics",
+    "upstream_cert",
+    "upstream_key",
+    "upstream_bundle",
+)
 
 
 class StartupPathError(OperatorError):
@@ -140,9 +159,25 @@ def _metrics(server: CAServer) -> Iterator[Metric]:
         )
 
 
+def _limits(cfg: CASettings) -> Limits:
+    return Limits(
+        default_ttl=int(cfg.default_svid_ttl),
+        max_ttl=int(cfg.max_svid_ttl),
+        agent_ttl=int(cfg.agent_svid_ttl),
+        token_ttl=int(cfg.join_token_ttl),
+    )
+
+
 class CAServer:
-    def __init__(self, cfg: CASettings, clock: Clock = wall_clock) -> None:
+    def __init__(
+        self,
+        cfg: CASettings,
+        clock: Clock = wall_clock,
+        *,
+        reload: Callable[[], CASettings] | None = None,
+    ) -> None:
         self.cfg = cfg
+        self._reload_config = reload
         self.clock = clock
         self.td = TrustDomain.parse(cfg.trust_domain)
         check_paths(cfg)
@@ -165,12 +200,7 @@ class CAServer:
             self.store,
             self.keys,
             self.td,
-            Limits(
-                default_ttl=int(cfg.default_svid_ttl),
-                max_ttl=int(cfg.max_svid_ttl),
-                agent_ttl=int(cfg.agent_svid_ttl),
-                token_ttl=int(cfg.join_token_ttl),
-            ),
+            _limits(cfg),
             clock,
         )
         self.authority.limit_attestation(
@@ -437,6 +467,41 @@ class CAServer:
             return False, "agent API not serving yet"
         return True, f"signing with {self.keys.signer.key_id}"
 
+    async def reload(self) -> None:
+        """SIGHUP (rule 5): apply the live settings of the re-read file."""
+        if self._reload_config is None:
+            log.warning("config.reload_failed", error="started without a config loader")
+            return
+        old = self.cfg
+        new = await reread(old, self._reload_config, RESTART_ONLY, log)
+        if new is None:
+            return
+        changed = [
+            f.name for f in dataclasses.fields(new) if getattr(new, f.name) != getattr(old, f.name)
+        ]
+        self.cfg = new
+        setup_logging(new.log_level)
+        self.authority.limits = _limits(new)
+        throttle = ("attest_burst", "attest_refill", "token_max_failures")
+        if any(name in changed for name in throttle):  # a new throttle forgets past failures
+            self.authority.limit_attestation(
+                new.attest_burst, float(new.attest_refill), new.token_max_failures
+            )
+        self.keys.policy = dataclasses.replace(
+            self.keys.policy,
+            intermediate_ttl=int(new.intermediate_ttl),
+            root_ttl=int(new.root_ttl),
+            root_propagation=int(new.root_propagation),
+        )
+        self._conn_limiter.total_tokens = new.max_connections
+        log.info(
+            "config.reloaded",
+            changed=changed,
+            default_svid_ttl=int(new.default_svid_ttl),
+            max_svid_ttl=int(new.max_svid_ttl),
+            max_connections=new.max_connections,
+        )
+
     async def run(
         self, *, task_status: trio.TaskStatus[dict[str, str]] = trio.TASK_STATUS_IGNORED
     ) -> None:
@@ -463,46 +528,49 @@ class CAServer:
             "admin_socket": str(self.cfg.admin_socket),
         }
         try:
-            async with trio.open_nursery() as handlers:
-                async with trio.open_nursery() as services:
-                    services.start_soon(self._key_loop)
-                    services.start_soon(
-                        partial(
-                            trio.serve_listeners,
-                            partial(self._agent_connection, agent_api),
-                            [agent_listener],
-                            handler_nursery=handlers,
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+                async with trio.open_nursery() as handlers:
+                    async with trio.open_nursery() as services:
+                        services.start_soon(self._key_loop)
+                        services.start_soon(
+                            partial(
+                                trio.serve_listeners,
+                                partial(self._agent_connection, agent_api),
+                                [agent_listener],
+                                handler_nursery=handlers,
+                            )
                         )
-                    )
-                    services.start_soon(
-                        partial(
-                            trio.serve_listeners,
-                            partial(self._admin_connection, admin_api),
-                            [admin_listener],
-                            handler_nursery=handlers,
+                        services.start_soon(
+                            partial(
+                                trio.serve_listeners,
+                                partial(self._admin_connection, admin_api),
+                                [admin_listener],
+                                handler_nursery=handlers,
+                            )
                         )
-                    )
-                    if self.cfg.metrics is not None:
-                        addresses["metrics"] = await services.start(
-                            serve_health, self.cfg.metrics, self.registry, self.ready
-                        )
-                    log.info("ca.started", trust_domain=str(self.td), **addresses)
-                    task_status.started(addresses)
-                    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                        if self.cfg.metrics is not None:
+                            addresses["metrics"] = await services.start(
+                                serve_health, self.cfg.metrics, self.registry, self.ready
+                            )
+                        log.info("ca.started", trust_domain=str(self.td), **addresses)
+                        task_status.started(addresses)
                         async for signum in signals:
+                            if signum == signal.SIGHUP:
+                                await self.reload()
+                                continue
                             log.info(
                                 "ca.stopping",
                                 signal=signal.Signals(signum).name,
                                 drain_seconds=DRAIN_SECONDS,
                             )
                             break
-                    services.cancel_scope.cancel()
-                # Idle connections close now, parked long polls answer now, requests in
-                # flight get DRAIN_SECONDS.
-                self.drain.start()
-                self.entries_changed.stop()
-                self.bundle_changed.stop()
-                handlers.cancel_scope.deadline = trio.current_time() + DRAIN_SECONDS
+                        services.cancel_scope.cancel()
+                    # Idle connections close now, parked long polls answer now, requests in
+                    # flight get DRAIN_SECONDS.
+                    self.drain.start()
+                    self.entries_changed.stop()
+                    self.bundle_changed.stop()
+                    handlers.cancel_scope.deadline = trio.current_time() + DRAIN_SECONDS
         finally:
             self.cfg.admin_socket.unlink(missing_ok=True)
             self.store.close()

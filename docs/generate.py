@@ -23,7 +23,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from agent.server import RESTART_ONLY as AGENT_RESTART_ONLY
 from agent.settings import AgentSettings
+from ca.server import RESTART_ONLY as CA_RESTART_ONLY
 from ca.settings import CASettings
 from proxy.daemon import RESTART_ONLY
 from proxy.settings import ClientSettings, ProxySettings, ServerSettings
@@ -110,6 +112,15 @@ def _env_vars(schema: type) -> dict[str, str]:
     return found
 
 
+def _reload_note(daemon: str, restart_only: tuple[str, ...]) -> str:
+    return (
+        "SIGHUP re-reads the `--config` file (flags still win) and applies every setting "
+        "except " + ", ".join(f"`{name}`" for name in restart_only) + ": changing those "
+        f"needs a restart (the {daemon} logs `config.restart_required` and keeps the old "
+        "value); a bad file changes nothing and logs `config.reload_failed`."
+    )
+
+
 def sections() -> list[Section]:
     shared = frozenset(row.name for row in describe(ProxySettings))
     return [
@@ -120,7 +131,8 @@ def sections() -> list[Section]:
             "Also checked at start: `default_svid_ttl` is at most `max_svid_ttl`; "
             "`root_propagation` is under a third of `root_ttl`; `upstream_cert` and "
             "`upstream_key` go together; the SVID and intermediate TTLs are at least 1s; "
-            "`max_connections` and `admin_max_connections` are at least 1.",
+            "`max_connections` and `admin_max_connections` are at least 1. "
+            + _reload_note("CA", CA_RESTART_ONLY),
         ),
         Section(
             "Agent",
@@ -128,7 +140,8 @@ def sections() -> list[Section]:
             AgentSettings,
             "Also checked at start: `server` is a TCP address; `poll_wait` is 1s to 55s "
             "(the CA holds a long poll at most 55s); `ca_timeout` is at least 1s; "
-            "`workload_max_connections` and `workload_max_connections_per_uid` are at least 1.",
+            "`workload_max_connections` and `workload_max_connections_per_uid` are at least 1. "
+            + _reload_note("agent", AGENT_RESTART_ONLY),
         ),
         Section(
             "Proxy: settings of both modes",
@@ -140,7 +153,7 @@ def sections() -> list[Section]:
             "SIGHUP re-reads the `--config` file and the certificate files and applies "
             "every setting except "
             + ", ".join(f"`{name}`" for name in RESTART_ONLY)
-            + ": changing those needs a restart (the proxy logs `config.restart_needed` "
+            + ": changing those needs a restart (the proxy logs `config.restart_required` "
             "and keeps the old value).",
         ),
         Section(

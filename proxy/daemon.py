@@ -27,7 +27,6 @@ Rules / theory of operation:
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import signal
 from collections.abc import Callable
@@ -46,11 +45,11 @@ from proxy.settings import ClientSettings, FileSourceSpec, ServerSettings
 from proxy.traffic import Traffic
 from tally.ops import metrics
 from tally.ops.clock import Clock, wall_clock
-from tally.ops.config import ConfigError
 from tally.ops.errors import CommandError
 from tally.ops.health import serve_health
 from tally.ops.logs import get_logger, setup_logging
 from tally.ops.net import ListenError
+from tally.ops.reload import reread
 from tally.spiffe.spiffeid import SpiffeId
 
 log = get_logger("tally.proxy")
@@ -209,15 +208,9 @@ class Proxy:
         """SIGHUP: re-read the config file, apply what can change live, reload the files."""
         if isinstance(self.source, FileSource):
             self.source.reload_now()
-        try:
-            new = await trio.to_thread.run_sync(self._reload_config)
-        except ConfigError as exc:
-            log.warning("config.reload_failed", error=str(exc))
+        new = await reread(self.cfg, self._reload_config, RESTART_ONLY, log)
+        if new is None:
             return
-        fixed = [name for name in RESTART_ONLY if getattr(new, name) != getattr(self.cfg, name)]
-        if fixed:
-            log.warning("config.restart_needed", settings=fixed)
-            new = dataclasses.replace(new, **{name: getattr(self.cfg, name) for name in fixed})
         self.traffic.cfg = new
         policy = new.policy()
         self.limiter.total_tokens = new.max_connections

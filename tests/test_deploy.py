@@ -239,9 +239,9 @@ def test_unit_is_sandboxed_and_restarts(name):
     assert one(s, "RuntimeDirectory").startswith("tally/")
     assert one(s, "KillSignal") == "SIGTERM"
     assert one(u["Install"], "WantedBy") == "multi-user.target"
-    # Only the proxy handles SIGHUP; for the CA and the agent it would be fatal.
+    # All three daemons reload their configuration on SIGHUP.
     reloads = [v for k, v in s if k == "ExecReload"]
-    assert reloads == (["/bin/kill -HUP $MAINPID"] if name == "tally-proxy@.service" else [])
+    assert reloads == ["/bin/kill -HUP $MAINPID"]
 
 
 def test_ca_unit_matches_its_config():
