@@ -107,13 +107,17 @@ class Stack:
 
 
 def build_stack(
-    base: Path, ca_args: list[str], proxy_args: list[str], tcp_args: tuple[str, ...] = ()
+    base: Path,
+    ca_args: list[str],
+    proxy_args: list[str],
+    tcp_args: tuple[str, ...] = (),
+    agent_args: tuple[str, ...] = (),
 ) -> Stack:
     """``proxy_args`` go to both proxies, ``tcp_args`` to the TCP one only."""
     ca = make_ca(base, *ca_args)
     bundle = base / "bundle.pem"
     bundle.write_text(ca.json("bundle", "show")["bundle"])
-    agent = start_agent(ca, base, "node-1")
+    agent = start_agent(ca, base, "node-1", *agent_args)
     register(ca, agent, "garbage-workload", f"unix:uid:{UID}")
     api = mint(ca, base / "api", "spiffe://example.org/api", dns="localhost")
     web = mint(ca, base / "web", WEB)

@@ -71,9 +71,18 @@ FLOOD = 500
 def stack(tmp_path_factory) -> Iterator[Stack]:
     made = build_stack(
         tmp_path_factory.mktemp("slow"),
-        ["--handshake-timeout", f"{HANDSHAKE_S:g}s", "--request-timeout", f"{REQUEST_S:g}s"],
+        [
+            "--handshake-timeout",
+            f"{HANDSHAKE_S:g}s",
+            "--request-timeout",
+            f"{REQUEST_S:g}s",
+            # The floods measure memory per idle connection, above the connection caps.
+            "--admin-max-connections",
+            str(4 * FLOOD),
+        ],
         ["--handshake-timeout", f"{HANDSHAKE_S:g}s", "--idle-timeout", f"{IDLE_S:g}s"],
         ("--max-connections", str(MAX_CONNECTIONS)),
+        ("--workload-max-connections-per-uid", str(4 * FLOOD)),
     )
     yield made
     stop_stack(made)
