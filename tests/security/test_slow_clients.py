@@ -561,6 +561,8 @@ def test_trickled_requests_are_cut_at_the_request_deadline_while_a_steady_upload
         assert status_of(ending.reply) == 408, (phase, ending.reply[:200])
     assert status_of(uploaded) == 200, uploaded[:200]
     assert json.loads(uploaded.partition(b"\r\n\r\n")[2])["length"] == size
+    # The log reader thread may be behind the client that just saw its 408: wait for both.
+    proxy.daemon.wait_for("http.request_timeout", timeout=10, count=seen + 2)
     lines = proxy.daemon.events("http.request_timeout")[seen:]
     assert sorted(line["phase"] for line in lines) == ["body", "head"]
     assert all(line["timeout_s"] == TRICKLE_REQUEST_S for line in lines)
