@@ -10,8 +10,14 @@ Rules:
    carries; the admin door only by the uid the kernel reports for the
    socket's peer.
 2. Long polls (``wait``) are bounded (at most `MAX_WAIT` seconds) and are
-   woken by `Changes`, so a new entry or bundle reaches a waiting agent at
-   once instead of on the next poll.
+   woken by the change feed (`ca.feed`), so a new entry or bundle reaches a
+   waiting agent at once instead of on the next poll, and a change wakes only
+   the agents it concerns: a renewal its own agent, an entry change the
+   agents it moves in or out of, a bundle change every bundle poll.
+6. ``/v1/entries?delta=1`` is the delta sync (`Authority.entries_since`):
+   answers are pages of at most `ENTRY_PAGE` entries, changes since the
+   revision the agent holds, or the whole set again when the change log no
+   longer reaches back that far.
 3. The wire format is documented in ``docs/ca-api.md``; keep them in step.
 4. Refusals on the agent door that say something about the peer rather than
    the request (no certificate at all, an agent SVID that has been replaced)
@@ -25,14 +31,13 @@ Rules:
 from __future__ import annotations
 
 import math
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
-import trio
-
 from ca import messages
-from ca.authority import AgentStatus, Authority, Denied, Issued, NotSigned
+from ca.authority import ENTRY_PAGE, AgentStatus, Authority, Denied, EntrySync, Issued, NotSigned
+from ca.feed import BUNDLE, ChangeFeed, concerned_agents
 from ca.keys import CAKeyError
 from ca.store import EntryRecord
 from tally.spiffe.spiffeid import SpiffeId
@@ -55,28 +60,6 @@ class RunSync(Protocol):
 MAX_WAIT = 55.0
 
 
-class Changes:
-    """Revision counters with a broadcast wake-up, for long polls."""
-
-    def __init__(self) -> None:
-        self._event = trio.Event()
-        self._stopped = False
-
-    def notify(self) -> None:
-        self._event.set()
-        self._event = trio.Event()
-
-    def stop(self) -> None:
-        """The server is stopping: parked polls answer now, and new ones do not park."""
-        self._stopped = True
-        self.notify()
-
-    async def wait_until(self, changed: Callable[[], Awaitable[bool]], seconds: float) -> None:
-        with trio.move_on_after(seconds):
-            while not self._stopped and not await changed():
-                await self._event.wait()
-
-
 def _error(exc: Denied) -> http.Response:
     body = http.Response.json({"error": exc.message, "code": exc.code}, status=exc.status)
     if exc.retry_after is None:
@@ -95,8 +78,22 @@ def _wait_param(req: http.Request) -> float:
     return min(value, MAX_WAIT)
 
 
-def _int_param(req: http.Request, name: str) -> int:
-    raw = req.query.get(name, "-1")
+def entry_sync_json(page: EntrySync) -> dict[str, object]:
+    """The wire form of one page of the delta sync (``docs/ca-api.md``)."""
+    body: dict[str, object] = {
+        "revision": page.revision,
+        "full": page.full,
+        "entries": [messages.entry_json(e) for e in page.entries],
+        "deleted": list(page.deleted),
+        "more": page.more,
+    }
+    if page.cursor is not None:
+        body["cursor"] = page.cursor
+    return body
+
+
+def _int_param(req: http.Request, name: str, default: int = -1) -> int:
+    raw = req.query.get(name, str(default))
     try:
         value = int(raw)
     except ValueError:
@@ -120,8 +117,8 @@ class AgentApi:
         self,
         authority: Authority,
         run: RunSync,
-        entries: Changes,
-        bundle: Changes,
+        entries: ChangeFeed,
+        bundle: ChangeFeed,
         on_denied: DeniedHook = lambda reason, detail, peer_id, address: None,
     ) -> None:
         self.authority = authority
@@ -162,32 +159,41 @@ class AgentApi:
             async def bundle_changed() -> bool:
                 return (a.keys.bundle is not None) and a.keys.bundle.sequence != since
 
-            await self.bundle.wait_until(bundle_changed, _wait_param(req))
+            await self.bundle.wait_until(BUNDLE, bundle_changed, _wait_param(req))
             return J(messages.bundle_json(a.bundle()))
         agent_id, serial = self._agent(peer)
         if route == ("POST", "/v1/agent/renew"):
             csr = messages.text_or_none(messages.body_object(req).get("csr"))
             issued = await self.run(lambda: a.renew_agent(agent_id, serial, csr))
             # Ends the agent's own long poll (see below) while its certificate is still
-            # accepted as the previous one.
-            self.entries.notify()
+            # accepted as the previous one; no other agent's poll hears of it.
+            self.entries.wake([str(agent_id)])
             return J(messages.svid_json(issued))
         if route == ("GET", "/v1/entries"):
             since = _int_param(req, "since")
+            delta = req.query.get("delta") == "1"
+            after = req.query.get("after", "")
+            limit = _int_param(req, "limit", ENTRY_PAGE)
             await self.run(lambda: a.check_agent(agent_id, serial))
+            aid = str(agent_id)
 
             def changed() -> bool:
-                agent = a.store.get_agent(str(agent_id))
+                agent = a.store.get_agent(aid)
                 # An eviction or ban ends the wait too, so the agent hears of it at once.
                 # So does a renewal: the answer is judged on this call's certificate, which
                 # must not be two renewals old by then.
                 current = agent is not None and agent.status == "active" and agent.serial == serial
-                return a.store.entries_revision() != since or not current
+                return a.store.entries_changed_for(aid, since) or not current
 
             async def entries_changed() -> bool:
                 return await self.run(changed)
 
-            await self.entries.wait_until(entries_changed, _wait_param(req))
+            await self.entries.wait_until(aid, entries_changed, _wait_param(req))
+            if delta:
+                page = await self.run(
+                    lambda: a.entries_since(agent_id, serial, since, after, limit)
+                )
+                return J(entry_sync_json(page))
             view = await self.run(lambda: a.entries_for(agent_id, serial))
             return J(messages.agent_entries_json(view))
         if route == ("POST", "/v1/svids"):
@@ -206,7 +212,7 @@ class AdminApi:
         self,
         authority: Authority,
         run: RunSync,
-        on_entries_changed: Callable[[], None],
+        on_entries_changed: Callable[[Iterable[str]], object],
         on_keys_changed: Callable[[], Awaitable[None]],
         health: Callable[[], dict[str, object]],
     ) -> None:
@@ -238,7 +244,7 @@ class AdminApi:
             if method == "POST":
                 spec = messages.entry_spec(messages.body_object(req))
                 created = await self.run(lambda: a.create_entry(spec, actor))
-                self.on_entries_changed()
+                self.on_entries_changed(concerned_agents(None, created))
                 return J(messages.entry_json(created), status=201)
             if method == "GET":
                 entries = await self.run(
@@ -254,16 +260,22 @@ class AdminApi:
             if method == "PATCH":
                 body = messages.body_object(req)
 
-                def update() -> EntryRecord:
-                    a.get_entry(entry_id)  # 404 before a word about the body (rule 5)
-                    return a.update_entry(entry_id, messages.entry_patch(body), actor)
+                def update() -> tuple[EntryRecord, EntryRecord]:
+                    before = a.get_entry(entry_id)  # 404 before a word about the body (rule 5)
+                    return before, a.update_entry(entry_id, messages.entry_patch(body), actor)
 
-                updated = await self.run(update)
-                self.on_entries_changed()
+                before, updated = await self.run(update)
+                self.on_entries_changed(concerned_agents(before, updated))
                 return J(messages.entry_json(updated))
             if method == "DELETE":
-                await self.run(lambda: a.delete_entry(entry_id, actor))
-                self.on_entries_changed()
+
+                def delete() -> EntryRecord:
+                    before = a.get_entry(entry_id)
+                    a.delete_entry(entry_id, actor)
+                    return before
+
+                gone = await self.run(delete)
+                self.on_entries_changed(concerned_agents(gone, None))
                 return J({"deleted": entry_id})
         if (method, path) == ("GET", "/v1/agents"):
             agents = await self.run(a.list_agents)
@@ -275,7 +287,7 @@ class AdminApi:
             agent_id = messages.parse_id(messages.body_object(req).get("spiffe_id"))
             status: AgentStatus = "evicted" if path.endswith("evict") else "banned"
             agent = await self.run(lambda: a.set_agent_status(agent_id, status, actor))
-            self.on_entries_changed()  # wakes the agent's long poll, which then refuses it
+            self.on_entries_changed([str(agent_id)])  # its long poll wakes, then refuses it
             return J(messages.agent_json(agent))
         if (method, path) == ("GET", "/v1/bundle"):
             bundle = a.bundle()

@@ -186,6 +186,29 @@ class AgentEntries:
 
 
 @dataclass(frozen=True)
+class EntrySync:
+    """One page of an agent's entry sync (`Authority.entries_since`).
+
+    ``full``: ``entries`` is a page of the whole set, by id, to be collected until
+    ``more`` is false (ask for the next one with ``after=cursor``); the set then
+    stands at the first page's ``revision``.  Otherwise ``entries`` and ``deleted``
+    are the changes since the revision the agent holds, and ``revision`` is where
+    the agent stands once it has applied them.
+    """
+
+    revision: int
+    full: bool
+    entries: tuple[EntryRecord, ...]
+    deleted: tuple[str, ...]
+    more: bool
+    cursor: str | None = None
+
+
+ENTRY_PAGE = 500
+"""Most entries in one answer of the entries sync (about 200 KiB of JSON)."""
+
+
+@dataclass(frozen=True)
 class SignRequest:
     """One CSR of a batch; ``None`` for a field the request had no string for."""
 
@@ -560,6 +583,23 @@ class Authority:
         revision = self.store.entries_revision()
         entries = self.store.list_entries(parent_id=str(agent_id))
         return AgentEntries(revision, tuple(entries))
+
+    def entries_since(
+        self, agent_id: SpiffeId, serial: str, since: int, after: str, limit: int = ENTRY_PAGE
+    ) -> EntrySync:
+        """A page of the delta sync: changes since ``since``, or a page of the full set
+        from ``after`` when the change log does not reach back to ``since``."""
+        self.check_agent(agent_id, serial)
+        aid = str(agent_id)
+        limit = max(1, min(limit, ENTRY_PAGE))
+        store = self.store
+        if store.needs_resync(since):
+            revision = store.entries_revision()
+            page, more = store.entries_page(aid, after, limit)
+            cursor = page[-1].id if more else None
+            return EntrySync(revision, True, tuple(page), (), more, cursor)
+        delta = store.entry_delta(aid, since, limit)
+        return EntrySync(delta.revision, False, delta.upserts, delta.deleted, delta.more)
 
     def create_entry(self, spec: EntrySpec, actor: str) -> EntryRecord:
         now = self._now()

@@ -48,8 +48,9 @@ from cryptography import x509
 from prometheus_client.core import Metric
 
 from ca import schedule
-from ca.api import AdminApi, AgentApi, AgentPeer, Changes
+from ca.api import AdminApi, AgentApi, AgentPeer
 from ca.authority import Authority, Limits, iso, serial_hex
+from ca.feed import ChangeFeed
 from ca.keys import KeyManager, Signer, load_upstream
 from ca.settings import CASettings
 from ca.store import AuditEvent, IssuedSvid, Store
@@ -133,6 +134,20 @@ def _metrics(server: CAServer) -> Iterator[Metric]:
     yield metrics.counter_by(
         "tally_ca_peer_denied", "agent API peers refused, by reason", ["reason"], s.peers_denied
     )
+    polls = (s.entries_changed, s.bundle_changed)
+    yield metrics.counter(
+        "tally_ca_poll_wakeups",
+        "parked long polls woken by a change that concerns them (entries and bundle)",
+        sum(feed.wakeups for feed in polls),
+    )
+    yield metrics.counter(
+        "tally_ca_poll_checks",
+        "checks long polls made of whether their agent has news (on arrival and on each wake-up)",
+        sum(feed.checks for feed in polls),
+    )
+    yield metrics.gauge(
+        "tally_ca_polls_parked", "long polls parked now", sum(feed.parked for feed in polls)
+    )
     signer = s.keys.signer
     now = s.clock()
     if signer is not None:
@@ -210,8 +225,8 @@ class CAServer:
         self._conn_limiter = trio.CapacityLimiter(cfg.max_connections)
         self.admin_admission = Admission(cfg.admin_max_connections)
         self.drain = http.Drain()
-        self.entries_changed = Changes()
-        self.bundle_changed = Changes()
+        self.entries_changed = ChangeFeed()
+        self.bundle_changed = ChangeFeed()
         self.peers_denied: Counter[str] = Counter()
         self.started = time.monotonic()
         self.server_id = SpiffeId.from_parts(self.td, *SERVER_PATH)
@@ -305,7 +320,7 @@ class CAServer:
         after = self.keys.bundle.sequence if self.keys.bundle else None
         if before != after:
             log.info("bundle.updated", sequence=after)
-        self.bundle_changed.notify()
+            self.bundle_changed.wake_all()  # once per change, not once per tick
 
     def tick_interval(self) -> float:
         return max(0.2, min(30.0, self.cfg.intermediate_ttl / 100))
@@ -314,6 +329,7 @@ class CAServer:
         now = int(self.clock().timestamp())
         self.store.prune_svids(now - 3600)
         self.store.prune_tokens(now)
+        self.store.prune_entry_log()
 
     async def _key_loop(self) -> None:
         last_prune = 0.0
@@ -518,7 +534,7 @@ class CAServer:
             await self.refresh_keys()
 
         admin_api = AdminApi(
-            self.authority, self.run_sync, self.entries_changed.notify, keys_changed, self.health
+            self.authority, self.run_sync, self.entries_changed.wake, keys_changed, self.health
         )
         agent_listener = await open_listener(self.cfg.listen)
         self.cfg.admin_socket.parent.mkdir(parents=True, exist_ok=True)

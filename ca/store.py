@@ -110,7 +110,24 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE join_tokens ADD COLUMN failures INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE join_tokens ADD COLUMN revoked_at INTEGER
     """,
+    # 3: the entry change log, for delta sync: one row per agent an entry change concerns.
+    # The log is complete above ``entry_log_floor``; older history was never logged.
+    """
+    CREATE TABLE entry_log (
+        revision INTEGER NOT NULL,
+        agent_id TEXT NOT NULL,
+        entry_id TEXT NOT NULL
+    );
+    CREATE INDEX entry_log_agent ON entry_log (agent_id, revision);
+    CREATE INDEX entry_log_revision ON entry_log (revision);
+    CREATE INDEX entries_parent_page ON entries (parent_id, id);
+    INSERT INTO meta (key, value)
+        SELECT 'entry_log_floor', value FROM meta WHERE key = 'entries_revision'
+    """,
 )
+
+ENTRY_LOG_KEEP = 100_000
+"""Entry revisions the change log keeps; an agent further behind resyncs in full."""
 
 
 class StoreError(OperatorError):
@@ -159,6 +176,20 @@ class EntryRecord:
     revision: int
     created_at: int
     updated_at: int
+
+
+@dataclass(frozen=True)
+class EntryDelta:
+    """What changed for one agent since a revision: entries now held, ids now gone.
+
+    ``revision`` is the revision the agent holds once it has applied this page;
+    ``more`` says another page follows at once (ask again with ``since=revision``).
+    """
+
+    revision: int
+    upserts: tuple[EntryRecord, ...]
+    deleted: tuple[str, ...]
+    more: bool
 
 
 @dataclass(frozen=True)
@@ -514,11 +545,13 @@ class Store:
             conn.execute(
                 "INSERT INTO entries VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", _entry_row(stored)
             )
+            self._log_entry(conn, revision, stored.id, {stored.parent_id})
             self._append(conn, [ev])
         return stored
 
     def update_entry(self, entry: EntryRecord, ev: AuditEvent) -> EntryRecord:
         with self._tx() as conn:
+            old = conn.execute("SELECT parent_id FROM entries WHERE id = ?", (entry.id,)).fetchone()
             revision = self._bump(conn, "entries_revision")
             stored = _replace_revision(entry, revision)
             cur = conn.execute(
@@ -526,17 +559,21 @@ class Store:
                 "dns_names = ?, hint = ?, revision = ?, updated_at = ? WHERE id = ?",
                 (*_entry_row(stored)[1:8], stored.updated_at, stored.id),
             )
-            if cur.rowcount != 1:
+            if cur.rowcount != 1 or old is None:
                 raise Conflict(f"no entry {entry.id}")
+            self._log_entry(conn, revision, stored.id, {str(old[0]), stored.parent_id})
             self._append(conn, [ev])
         return stored
 
     def delete_entry(self, entry_id: str, ev: AuditEvent) -> None:
         with self._tx() as conn:
-            cur = conn.execute("DELETE FROM entries WHERE id = ?", (entry_id,))
-            if cur.rowcount != 1:
+            old = conn.execute(
+                "DELETE FROM entries WHERE id = ? RETURNING parent_id", (entry_id,)
+            ).fetchone()
+            if old is None:
                 raise Conflict(f"no entry {entry_id}")
-            self._bump(conn, "entries_revision")
+            revision = self._bump(conn, "entries_revision")
+            self._log_entry(conn, revision, entry_id, {str(old[0])})
             self._append(conn, [ev])
 
     def get_entry(self, entry_id: str) -> EntryRecord | None:
@@ -556,6 +593,86 @@ class Store:
         where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
         sql = f"SELECT * FROM entries {where} ORDER BY spiffe_id, id"  # noqa: S608
         return [_entry_from_row(r) for r in self._conn.execute(sql, params)]
+
+    # -- the entry change log (delta sync) ---------------------------------------------
+
+    def _log_entry(
+        self, conn: sqlite3.Connection, revision: int, entry_id: str, agents: set[str]
+    ) -> None:
+        """One log row per agent the change concerns (`ca.feed.concerned_agents`)."""
+        conn.executemany(
+            "INSERT INTO entry_log (revision, agent_id, entry_id) VALUES (?, ?, ?)",
+            [(revision, agent, entry_id) for agent in sorted(agents)],
+        )
+
+    def entry_log_floor(self) -> int:
+        """The log holds every change above this revision, and nothing at or below it."""
+        return int(self._get_meta("entry_log_floor") or 0)
+
+    def needs_resync(self, since: int) -> bool:
+        """Whether an agent holding revision ``since`` must fetch its entries in full:
+        it holds nothing yet, or the log no longer reaches back to it, or it names a
+        revision this datastore never had (a CA restored from an older backup)."""
+        return since < 0 or since < self.entry_log_floor() or since > self.entries_revision()
+
+    def entries_changed_for(self, agent_id: str, since: int) -> bool:
+        """Whether a long poll holding ``since`` has something to hear (one indexed probe)."""
+        if self.needs_resync(since):
+            return True
+        row = self._conn.execute(
+            "SELECT 1 FROM entry_log WHERE agent_id = ? AND revision > ? LIMIT 1",
+            (agent_id, since),
+        ).fetchone()
+        return row is not None
+
+    def entry_delta(self, agent_id: str, since: int, limit: int) -> EntryDelta:
+        """Up to ``limit`` entries changed for ``agent_id`` after ``since``, oldest first.
+
+        Each entry named in the log is reported as it is *now*: held (and still this
+        agent's) or deleted.  Every revision changes one entry, so the last change of
+        each entry has a revision of its own, and a page that stops at entry N's last
+        change leaves nothing at or below it for the next page.  Callers check
+        `needs_resync` first.
+        """
+        current = self.entries_revision()
+        rows = self._conn.execute(
+            "SELECT entry_id, MAX(revision) AS last FROM entry_log "
+            "WHERE agent_id = ? AND revision > ? GROUP BY entry_id ORDER BY last LIMIT ?",
+            (agent_id, since, limit + 1),
+        ).fetchall()
+        more = len(rows) > limit
+        rows = rows[:limit]
+        upserts: list[EntryRecord] = []
+        deleted: list[str] = []
+        for entry_id, _ in rows:
+            entry = self.get_entry(str(entry_id))
+            if entry is not None and entry.parent_id == agent_id:
+                upserts.append(entry)
+            else:
+                deleted.append(str(entry_id))
+        revision = int(rows[-1][1]) if more else current
+        return EntryDelta(revision, tuple(upserts), tuple(deleted), more)
+
+    def entries_page(
+        self, parent_id: str, after: str, limit: int
+    ) -> tuple[list[EntryRecord], bool]:
+        """Up to ``limit`` of an agent's entries with ids above ``after``, by id; and
+        whether more follow.  A full sync walks these pages."""
+        rows = self._conn.execute(
+            "SELECT * FROM entries WHERE parent_id = ? AND id > ? ORDER BY id LIMIT ?",
+            (parent_id, after, limit + 1),
+        ).fetchall()
+        return [_entry_from_row(r) for r in rows[:limit]], len(rows) > limit
+
+    def prune_entry_log(self, keep: int = ENTRY_LOG_KEEP) -> int:
+        """Forget changes more than ``keep`` revisions old; agents that far behind resync."""
+        with self._tx() as conn:
+            cutoff = self.entries_revision() - keep
+            if cutoff <= self.entry_log_floor():
+                return 0
+            cur = conn.execute("DELETE FROM entry_log WHERE revision <= ?", (cutoff,))
+            self._set_meta(conn, "entry_log_floor", str(cutoff))
+            return cur.rowcount
 
     # -- issued SVIDs ------------------------------------------------------------------
 

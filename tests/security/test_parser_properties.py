@@ -42,8 +42,9 @@ from agent.ca_client import make_csr
 from agent.settings import AgentSettings
 from agent.state import IDENTITY_FILE, StateError, load_identity
 from agent.workload_messages import STREAMING_METHODS, SvidItem, X509Snapshot, x509_svid_response
-from ca.api import AdminApi, AgentApi, AgentPeer, Changes
+from ca.api import AdminApi, AgentApi, AgentPeer
 from ca.authority import Authority, EntrySpec, Limits
+from ca.feed import ChangeFeed
 from ca.keys import CAKeyError, KeyManager, load_private_key
 from ca.schedule import Policy
 from ca.settings import CASettings
@@ -232,8 +233,10 @@ class _CA:
         async def keys_changed() -> None:
             return None
 
-        self.agent_api = AgentApi(a, run, Changes(), Changes())
-        self.admin_api = AdminApi(a, run, lambda: None, keys_changed, lambda: {"status": "ok"})
+        self.agent_api = AgentApi(a, run, ChangeFeed(), ChangeFeed())
+        self.admin_api = AdminApi(
+            a, run, lambda agents: None, keys_changed, lambda: {"status": "ok"}
+        )
         token = a.create_token(SpiffeId.parse(AGENT_ID), None, "admin:uid=0").token
         issued = a.attest(token, make_csr(generate_key()), "10.0.0.1:1").svid
         self.agent = AgentPeer(SpiffeId.parse(AGENT_ID), issued.serial, "10.0.0.1:1")

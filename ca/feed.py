@@ -1,0 +1,107 @@
+"""Who a change concerns, and the wake-ups that tell only them (the CA's change feed).
+
+Rules:
+
+1. **A change wakes whom it concerns, nobody else.**  Every parked long poll
+   waits under a key (the calling agent's SPIFFE ID for ``/v1/entries``, one
+   shared key for ``/v1/bundle``).  An entry change wakes the agents whose
+   authorized set it changes (`concerned_agents`); a renewal, an eviction or
+   a ban wakes that one agent; a bundle change wakes every bundle poll, once.
+   So the CA's work per change grows with the agents it concerns, never with
+   the agents connected: with one broadcast event, every renewal of a fleet
+   of N agents cost N datastore checks, and the fleet's cost grew as N².
+2. **No wake-up is lost.**  A poll registers its wake-up *before* it checks
+   the datastore, so a change that commits while the check runs (in the
+   worker thread) still finds it registered and the poll checks again.
+3. **Counted.**  `wakeups` counts parked polls woken; `checks` counts the
+   datastore checks polls made (one when a poll arrives, one per wake-up).
+   ``tally_ca_poll_wakeups_total`` and ``tally_ca_poll_checks_total`` show
+   them; a renewal that moves either by more than one is a regression.
+
+`concerned_agents` is the pure core: an agent is served the entries whose
+``parent_id`` is its SPIFFE ID (`ca.authority.Authority.entries_for`), so a
+change concerns the entry's parent before the change and its parent after.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Protocol
+
+import trio
+
+BUNDLE = "*bundle*"
+"""The one key every bundle poll waits under."""
+
+
+class HasParent(Protocol):
+    @property
+    def parent_id(self) -> str: ...
+
+
+def concerned_agents(before: HasParent | None, after: HasParent | None) -> frozenset[str]:
+    """The agents whose authorized entry set a change from ``before`` to ``after`` alters.
+
+    ``before`` is None for a creation, ``after`` None for a deletion.  An update
+    that moves an entry to another agent concerns both: one loses it, one gains it.
+    An update that keeps the parent concerns that parent even when no field the
+    agent reads has changed, because the entry's revision has.
+    """
+    return frozenset(e.parent_id for e in (before, after) if e is not None)
+
+
+class ChangeFeed:
+    """Parked long polls by key, woken only for their key (rule 1)."""
+
+    def __init__(self) -> None:
+        self._waiting: dict[str, set[trio.Event]] = {}
+        self._stopped = False
+        self.wakeups = 0
+        self.checks = 0
+
+    @property
+    def parked(self) -> int:
+        """Polls waiting right now."""
+        return sum(len(events) for events in self._waiting.values())
+
+    def wake(self, keys: Iterable[str]) -> int:
+        """Wake the polls parked under ``keys``; how many were woken."""
+        woken = 0
+        for key in keys:
+            events = self._waiting.pop(key, None)
+            if not events:
+                continue
+            for event in events:
+                event.set()
+            woken += len(events)
+        self.wakeups += woken
+        return woken
+
+    def wake_all(self) -> int:
+        """Wake every parked poll (a bundle change, the server stopping)."""
+        return self.wake(list(self._waiting))
+
+    def stop(self) -> None:
+        """The server is stopping: parked polls answer now, and new ones do not park."""
+        self._stopped = True
+        self.wake_all()
+
+    async def wait_until(
+        self, key: str, changed: Callable[[], Awaitable[bool]], seconds: float
+    ) -> None:
+        """Return once ``changed()`` is true, the server stops, or ``seconds`` pass."""
+        with trio.move_on_after(seconds):
+            while not self._stopped:
+                event = trio.Event()
+                self._waiting.setdefault(key, set()).add(event)  # before the check (rule 2)
+                try:
+                    self.checks += 1
+                    if await changed():
+                        return
+                    await event.wait()
+                finally:
+                    events = self._waiting.get(key)
+                    if events is not None:
+                        events.discard(event)
+                        if not events:
+                            del self._waiting[key]
