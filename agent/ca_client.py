@@ -28,6 +28,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from agent.renewal import EntriesPage
 from tally.ops.config import Address
 from tally.ops.net import connect
 from tally.spiffe import pem, x509profile
@@ -41,11 +42,30 @@ CA_PATH = ("tally", "ca")
 
 
 class CAError(Exception):
-    def __init__(self, code: str, message: str, status: int = 0) -> None:
+    """A refused or failed CA call; ``retry_after`` is the CA's ``Retry-After`` in
+    seconds when it said how long to stay away (429 when it is overloaded)."""
+
+    def __init__(
+        self, code: str, message: str, status: int = 0, retry_after: float | None = None
+    ) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         self.status = status
+        self.retry_after = retry_after
+
+
+def _retry_after(value: str | None) -> float | None:
+    """``Retry-After`` in seconds (the delay form only), bounded to an hour."""
+    if value is None:
+        return None
+    try:
+        seconds = float(value.strip())
+    except ValueError:
+        return None
+    if not seconds >= 0:  # also NaN
+        return None
+    return min(seconds, 3600.0)
 
 
 @dataclass(frozen=True)
@@ -200,7 +220,12 @@ class CAClient:
         if resp.status >= 400:
             code = str(data.get("code", "error")) if isinstance(data, dict) else "error"
             message = str(data.get("error", "")) if isinstance(data, dict) else ""
-            raise CAError(code, message or f"CA answered {resp.status}", resp.status)
+            raise CAError(
+                code,
+                message or f"CA answered {resp.status}",
+                resp.status,
+                _retry_after(resp.header("retry-after")),
+            )
         return data
 
     async def attest(
@@ -216,6 +241,23 @@ class CAClient:
         q = urlencode({"since": since, "wait": wait})
         data = await self._call("GET", f"/v1/entries?{q}", wait=wait)
         return int(data["revision"]), list(data["entries"])
+
+    async def entries_sync(
+        self, since: int = -1, wait: float = 0, after: str = "", limit: int | None = None
+    ) -> EntriesPage:
+        """One page of the delta sync (``agent.renewal.EntrySync`` says what to ask)."""
+        query: dict[str, object] = {"since": since, "wait": wait, "delta": 1}
+        if after:
+            query["after"] = after
+        if limit is not None:
+            query["limit"] = limit
+        data = await self._call("GET", f"/v1/entries?{urlencode(query)}", wait=wait)
+        if not isinstance(data, dict):
+            raise CAError("bad_response", "the CA's entries answer is not a JSON object")
+        try:
+            return EntriesPage.from_json(data)
+        except (KeyError, ValueError) as exc:
+            raise CAError("bad_response", f"the CA's entries answer is malformed: {exc}") from exc
 
     async def sign(self, requests: Sequence[tuple[str, str]]) -> list[dict[str, Any]]:
         body = {"csrs": [{"entry_id": entry_id, "csr": csr} for entry_id, csr in requests]}

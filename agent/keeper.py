@@ -25,7 +25,7 @@ Rules:
 from __future__ import annotations
 
 import random
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import partial
@@ -38,7 +38,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from agent import renewal, state
 from agent.ca_client import CAError, Issued, make_csr
-from agent.renewal import BATCH, Entry, HeldSvid
+from agent.renewal import BATCH, EntriesPage, Entry, EntryChange, EntrySync, HeldSvid
 from tally.ops.logs import get_logger
 from tally.spiffe import rotation, x509profile
 from tally.spiffe.pem import chain_from_pem
@@ -56,6 +56,10 @@ class CAApi(Protocol):
     async def entries(
         self, since: int = -1, wait: float = 0
     ) -> tuple[int, list[dict[str, Any]]]: ...
+
+    async def entries_sync(
+        self, since: int = -1, wait: float = 0, after: str = "", limit: int | None = None
+    ) -> EntriesPage: ...
 
     async def sign(self, requests: Sequence[tuple[str, str]]) -> list[dict[str, Any]]: ...
 
@@ -114,8 +118,7 @@ class SvidKeeper:
         self.poll_wait = poll_wait
         self._offload = offload
         self.entries: dict[str, Entry] = {}
-        self.entries_revision = -1
-        self.entries_synced = False
+        self.sync = EntrySync()
         self.svids: dict[str, HeldSvid] = {}
         self.version = 0
         self.changed = trio.Event()
@@ -124,6 +127,14 @@ class SvidKeeper:
         self.counters = Counters()
         self._wake_minter = trio.Event()
         self.agent_renew_at = self._renewal(identity.chain[0])
+
+    @property
+    def entries_revision(self) -> int:
+        return self.sync.revision
+
+    @property
+    def entries_synced(self) -> bool:
+        return self.sync.synced
 
     # -- shared state ------------------------------------------------------------------
 
@@ -203,12 +214,16 @@ class SvidKeeper:
         """SVIDs three quarters through their life with no successor: renewal is failing."""
         return renewal.at_risk(self.svids, self.clock())
 
-    def _backoff(self, attempt: int) -> float:
+    def _backoff(self, attempt: int, exc: Exception | None = None) -> float:
         """Retry delay: exponential, jittered, and capped by how soon something expires,
-        so a CA that comes back is noticed before the SVIDs it must renew run out."""
+        so a CA that comes back is noticed before the SVIDs it must renew run out.  A CA
+        that said how long to stay away (429 with ``Retry-After``) is given that long,
+        spread by jitter so that a refused herd does not come back as one."""
         waiting = any(eid not in self.svids for eid in self.entries)
         cap = renewal.retry_cap(self.clock(), self.soonest_expiry(), waiting)
-        return rotation.backoff(attempt, self.rng, cap=cap)
+        delay = rotation.backoff(attempt, self.rng, cap=cap)
+        told = exc.retry_after if isinstance(exc, CAError) else None
+        return renewal.honor_retry_after(delay, told, self.clock(), self.soonest_expiry(), self.rng)
 
     async def _sleep_until(self, when: datetime, *, cap: float = 3600) -> None:
         delay = (when - self.clock()).total_seconds()
@@ -222,10 +237,11 @@ class SvidKeeper:
 
     async def agent_svid_loop(self) -> None:
         attempt = 0
+        failure: Exception | None = None
         while self.halted is None:
             await self._sleep_until(self.agent_renew_at if attempt == 0 else self.clock())
             if attempt:
-                await trio.sleep(self._backoff(attempt))
+                await trio.sleep(self._backoff(attempt, failure))
             key = x509profile.generate_key()
             old = self.identity.chain[0]
             try:
@@ -235,6 +251,7 @@ class SvidKeeper:
                     break
                 self._fail("agent_svid", exc)
                 attempt += 1
+                failure = exc
                 continue
             attempt = 0
             self.identity = state.AgentIdentity(key, issued.chain)
@@ -257,26 +274,29 @@ class SvidKeeper:
     # -- feeds -------------------------------------------------------------------------
 
     async def entries_loop(self) -> None:
+        """Keep the entry set in step by delta sync (`agent.renewal.EntrySync`): park a
+        long poll while in step, page through a full set when the CA asks for one."""
         attempt = 0
         while self.halted is None:
+            since, after, park = self.sync.request()
             try:
-                revision, raw = await self.client.entries(
-                    since=self.entries_revision, wait=self.poll_wait if self.entries_synced else 0
+                page = await self.client.entries_sync(
+                    since=since, wait=self.poll_wait if park else 0, after=after
                 )
             except (CAError, trio.TooSlowError) as exc:
                 if self._check_fatal(exc):
                     break
                 self._fail("entries", exc)
                 attempt += 1
-                await trio.sleep(self._backoff(attempt))
+                await trio.sleep(self._backoff(attempt, exc))
                 continue
             attempt = 0
-            if revision != self.entries_revision or not self.entries_synced:
-                self._apply_entries(revision, raw)
+            change = self.sync.receive(self.entries, page)
+            if change is not None:
+                self._apply_entries(page.revision, change)
         await self._wait_for_operator()
 
-    def _apply_entries(self, revision: int, raw: Iterable[dict[str, object]]) -> None:
-        change = renewal.compare_entries(self.entries, raw)
+    def _apply_entries(self, revision: int, change: EntryChange) -> None:
         for eid, error in change.ignored:
             log.warning("entry.ignored", entry=eid, error=error)
         for eid in change.removed:
@@ -285,10 +305,8 @@ class SvidKeeper:
                 "entry.removed", entry_id=eid, spiffe_id=held.entry.spiffe_id if held else None
             )
         self.entries = change.entries
-        self.entries_revision = revision
-        self.entries_synced = True
         if change.removed or change.changed:
-            log.info("entries.synced", revision=revision, entries=len(change.entries))
+            log.info("entries.synced", revision=self.sync.revision, entries=len(change.entries))
             self._wake_minter.set()
             self.notify()
 
@@ -303,7 +321,7 @@ class SvidKeeper:
             except (CAError, trio.TooSlowError, ValueError) as exc:
                 self._fail("bundle", exc)
                 attempt += 1
-                await trio.sleep(self._backoff(attempt))
+                await trio.sleep(self._backoff(attempt, exc))
                 continue
             attempt = 0
             if sequence != self.bundle_sequence or roots != self.roots:
@@ -335,7 +353,7 @@ class SvidKeeper:
                     break
                 self._fail("workload_svids", exc)
                 attempt += 1
-                delay = self._backoff(attempt)
+                delay = self._backoff(attempt, exc)
                 with trio.move_on_after(delay):
                     # New entries still wait their turn: the CA is what is failing.
                     await trio.sleep_forever()

@@ -24,6 +24,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from random import Random
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -98,6 +99,107 @@ def compare_entries(held: Mapping[str, Entry], raw: Iterable[dict[str, object]])
     return EntryChange(entries, removed, changed, tuple(ignored))
 
 
+@dataclass(frozen=True)
+class EntriesPage:
+    """One answer of the CA's entry sync (``GET /v1/entries?delta=1``).
+
+    ``full``: a page of the whole set (collect pages until ``more`` is false, asking
+    for the next with ``after=cursor``).  Otherwise the changes since the revision
+    asked about: ``entries`` now held (new or changed), ``deleted`` ids gone.
+    """
+
+    revision: int
+    full: bool
+    entries: tuple[dict[str, object], ...]
+    deleted: tuple[str, ...] = ()
+    more: bool = False
+    cursor: str | None = None
+
+    @classmethod
+    def from_json(cls, data: dict[str, object]) -> EntriesPage:
+        entries = data.get("entries")
+        deleted = data.get("deleted")
+        cursor = data.get("cursor")
+        return cls(
+            revision=int(str(data["revision"])),
+            full=bool(data.get("full", True)),
+            entries=tuple(e for e in entries if isinstance(e, dict))
+            if isinstance(entries, list)
+            else (),
+            deleted=tuple(str(d) for d in deleted) if isinstance(deleted, list) else (),
+            more=bool(data.get("more", False)),
+            cursor=None if cursor is None else str(cursor),
+        )
+
+
+def apply_delta(
+    held: Mapping[str, Entry], upserts: Iterable[dict[str, object]], deleted: Iterable[str]
+) -> EntryChange:
+    """The entry set after a delta: ``upserts`` replace or join, ``deleted`` leave.
+
+    An upsert that does not parse leaves too (and is reported in ``ignored``): the
+    CA changed that entry, so what is held for it is no longer the CA's word.
+    """
+    entries = dict(held)
+    ignored: list[tuple[str, str]] = []
+    for eid in deleted:
+        entries.pop(eid, None)
+    for item in upserts:
+        try:
+            entry = Entry.from_json(item)
+        except (KeyError, ValueError, SelectorError) as exc:
+            ignored.append((str(item.get("id")), str(exc)))
+            entries.pop(str(item.get("id")), None)
+            continue
+        entries[entry.id] = entry
+    removed = frozenset(held) - frozenset(entries)
+    changed = any(eid not in held or held[eid] != e for eid, e in entries.items())
+    return EntryChange(entries, removed, changed, tuple(ignored))
+
+
+@dataclass
+class EntrySync:
+    """Where the agent stands in the CA's entry sync: a sans-IO state machine.
+
+    `request` says what to ask for next, `receive` takes the answer and returns the
+    new entry set once there is one.  A full sync is collected page by page and
+    stands, once complete, at its *first* page's revision: whatever changed while
+    the pages were read comes again in the next delta, and applying a change twice
+    gives the same set.
+    """
+
+    revision: int = -1
+    synced: bool = False
+    """A whole entry set has been received (and then kept up by deltas)."""
+    _more: bool = False
+    _pages: list[dict[str, object]] | None = None
+    _pages_revision: int = -1
+    _cursor: str = ""
+
+    def request(self) -> tuple[int, str, bool]:
+        """(since, after, may park): the query of the next call."""
+        if self._pages is not None:
+            return -1, self._cursor, False
+        return self.revision, "", self.synced and not self._more
+
+    def receive(self, held: Mapping[str, Entry], page: EntriesPage) -> EntryChange | None:
+        """Apply one answer; the new entry set, or None while a full sync is unfinished."""
+        if page.full:
+            if self._pages is None:
+                self._pages, self._pages_revision = [], page.revision
+            self._pages.extend(page.entries)
+            if page.more and page.cursor is not None:
+                self._cursor = page.cursor
+                return None
+            raw, self._pages, self._cursor = self._pages, None, ""
+            self.revision, self.synced, self._more = self._pages_revision, True, False
+            return compare_entries(held, raw)
+        self._pages = None
+        self.revision = page.revision
+        self._more = page.more  # more to come: ask again at once, without parking
+        return apply_delta(held, page.entries, page.deleted)
+
+
 def due(entries: Mapping[str, Entry], svids: Mapping[str, HeldSvid], now: datetime) -> list[Entry]:
     """The entries to mint an SVID for now (rule 2), in entry order."""
     out = []
@@ -143,3 +245,20 @@ def retry_cap(now: datetime, soonest: datetime, someone_waits: bool) -> float:
     if someone_waits:
         left = min(left, 40.0)  # a workload is going without: look again soon
     return max(1.0, min(30.0, left / 8))
+
+
+def honor_retry_after(
+    delay: float, retry_after: float | None, now: datetime, soonest: datetime, rng: Random
+) -> float:
+    """The retry delay once the CA's ``Retry-After`` (seconds, or None) is heeded.
+
+    An overloaded CA is given at least what it asked, stretched by up to half again
+    at random, so that agents it refused together do not return together.  The wait
+    never runs past a quarter of the time before the soonest expiry (at least 1 s):
+    being polite to the CA must not let a workload's SVID run out.
+    """
+    if retry_after is None:
+        return delay
+    asked = retry_after * (1 + rng.random() / 2)
+    ceiling = max(1.0, (soonest - now).total_seconds() / 4)
+    return max(delay, min(asked, ceiling))

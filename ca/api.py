@@ -58,6 +58,8 @@ class RunSync(Protocol):
 
 
 MAX_WAIT = 55.0
+MAX_BATCH = 1000
+"""Most entries one ``POST /v1/entries/batch`` creates."""
 
 
 def _error(exc: Denied) -> http.Response:
@@ -120,7 +122,10 @@ class AgentApi:
         entries: ChangeFeed,
         bundle: ChangeFeed,
         on_denied: DeniedHook = lambda reason, detail, peer_id, address: None,
+        overloaded: Callable[[], int | None] = lambda: None,
     ) -> None:
+        self.overloaded = overloaded
+        self.refused_overloaded = 0
         self.authority = authority
         self.run = run
         self.entries = entries
@@ -147,6 +152,11 @@ class AgentApi:
         a = self.authority
         J = http.Response.json
         route = (req.method, req.path)
+        if route != ("GET", "/v1/bundle") and (wait := self.overloaded()) is not None:
+            # Admission control (`ca.throttle.overload_retry_after`): the bundle is
+            # served from memory, everything else would queue for the datastore.
+            self.refused_overloaded += 1
+            raise Denied(429, "overloaded", f"the CA is busy; retry in {wait}s", retry_after=wait)
         if route == ("POST", "/v1/attest"):
             body = messages.body_object(req)
             token = messages.text_or_none(body.get("token"))
@@ -253,6 +263,16 @@ class AdminApi:
                     )
                 )
                 return J(messages.entries_json(entries))
+        if (method, path) == ("POST", "/v1/entries/batch"):
+            items = messages.body_object(req).get("entries")
+            if not isinstance(items, list) or not 1 <= len(items) <= MAX_BATCH:
+                raise Denied(
+                    400, "bad_request", f"entries must be a list of 1 to {MAX_BATCH} entries"
+                )
+            specs = [messages.entry_spec(i if isinstance(i, dict) else {}) for i in items]
+            made = await self.run(lambda: a.create_entries(specs, actor))
+            self.on_entries_changed({e.parent_id for e in made})
+            return J({"entries": [messages.entry_json(e) for e in made]}, status=201)
         if path.startswith("/v1/entries/"):
             entry_id = path.removeprefix("/v1/entries/")
             if method == "GET":

@@ -602,30 +602,39 @@ class Authority:
         return EntrySync(delta.revision, False, delta.upserts, delta.deleted, delta.more)
 
     def create_entry(self, spec: EntrySpec, actor: str) -> EntryRecord:
+        [created] = self.create_entries([spec], actor)
+        return created
+
+    def create_entries(self, specs: Sequence[EntrySpec], actor: str) -> list[EntryRecord]:
+        """Create entries together (one transaction, one audit record each): a fleet's
+        registrations in one call rather than one round trip per entry."""
         now = self._now()
-        sid = self._own_id(spec.spiffe_id)
-        parent = self._own_id(spec.parent_id, "parent_id")
-        ttl = None if spec.ttl is None else self._ttl(spec.ttl, self.limits.default_ttl)
         ts = int(now.timestamp())
-        entry = EntryRecord(
-            id=str(uuid.uuid4()),
-            spiffe_id=str(sid),
-            parent_id=str(parent),
-            selectors=_selector_texts(spec.selectors),
-            ttl=ttl,
-            dns_names=spec.dns_names,
-            hint=spec.hint,
-            revision=0,
-            created_at=ts,
-            updated_at=ts,
-        )
-        try:
-            return self.store.create_entry(
-                entry,
-                AuditEvent(
-                    iso(now), actor, "entry.created", entry.spiffe_id, None, _entry_detail(entry)
-                ),
+        entries: list[EntryRecord] = []
+        for spec in specs:
+            sid = self._own_id(spec.spiffe_id)
+            parent = self._own_id(spec.parent_id, "parent_id")
+            ttl = None if spec.ttl is None else self._ttl(spec.ttl, self.limits.default_ttl)
+            entries.append(
+                EntryRecord(
+                    id=str(uuid.uuid4()),
+                    spiffe_id=str(sid),
+                    parent_id=str(parent),
+                    selectors=_selector_texts(spec.selectors),
+                    ttl=ttl,
+                    dns_names=spec.dns_names,
+                    hint=spec.hint,
+                    revision=0,
+                    created_at=ts,
+                    updated_at=ts,
+                )
             )
+        events = [
+            AuditEvent(iso(now), actor, "entry.created", e.spiffe_id, None, _entry_detail(e))
+            for e in entries
+        ]
+        try:
+            return self.store.create_entries(entries, events)
         except Conflict as exc:
             raise Denied(409, "exists", str(exc)) from exc
 

@@ -28,12 +28,18 @@ Rules:
    connection dropped; `RESTART_ONLY` keep their old value.  The signal
    receiver lives until the end, so a SIGHUP during the drain does not kill
    the process.
+6. Sized for a fleet: at start the CA raises its open-file limit toward what
+   ``max_connections`` needs (`raise_open_files`) and says in one line when the
+   hard limit stops it short.  Past ``overload_queue`` calls waiting for the
+   datastore, agent calls are answered 429 with ``Retry-After`` at once
+   (`ca.throttle.overload_retry_after`), so a herd queues outside the CA.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import resource
 import signal
 import stat
 import time
@@ -54,6 +60,7 @@ from ca.feed import ChangeFeed
 from ca.keys import KeyManager, Signer, load_upstream
 from ca.settings import CASettings
 from ca.store import AuditEvent, IssuedSvid, Store
+from ca.throttle import overload_retry_after
 from tally.ops import metrics
 from tally.ops.admission import Admission
 from tally.ops.clock import Clock, wall_clock
@@ -133,6 +140,11 @@ def _metrics(server: CAServer) -> Iterator[Metric]:
     )
     yield metrics.counter_by(
         "tally_ca_peer_denied", "agent API peers refused, by reason", ["reason"], s.peers_denied
+    )
+    yield metrics.counter(
+        "tally_ca_overloaded",
+        "agent calls answered 429 overloaded (more than overload_queue waiting for the store)",
+        0 if s.agent_api is None else s.agent_api.refused_overloaded,
     )
     polls = (s.entries_changed, s.bundle_changed)
     yield metrics.counter(
@@ -231,6 +243,7 @@ class CAServer:
         self.started = time.monotonic()
         self.server_id = SpiffeId.from_parts(self.td, *SERVER_PATH)
         self.tls_context: TLSContext | None = None
+        self.agent_api: AgentApi | None = None
         self._serving_refresh_at = 0.0
         self._serving_for: tuple[str, int] | None = None
         self.registry = metrics.registry_of(lambda: _metrics(self))
@@ -355,6 +368,11 @@ class CAServer:
             await self._serve_agent(api, stream)
         finally:
             self._conn_limiter.release()
+
+    def _overloaded(self) -> int | None:
+        """Retry-After seconds while too many calls wait for the datastore, else None."""
+        queued = self._limiter.statistics().tasks_waiting
+        return overload_retry_after(queued, self.cfg.overload_queue)
 
     def _denied(self, reason: str, detail: str, peer_id: SpiffeId | None, address: str) -> None:
         label = reason.split(":", 1)[0]  # "invalid_chain: <OpenSSL's words>" counts as one
@@ -518,9 +536,27 @@ class CAServer:
             max_connections=new.max_connections,
         )
 
+    def _size_open_files(self) -> None:
+        """Rule 6: room for ``max_connections``, or one line saying why there is not."""
+        cfg = self.cfg
+        needed = cfg.max_connections + cfg.admin_max_connections + OPEN_FILES_SPARE
+        soft, hard = raise_open_files(needed)
+        if soft < needed:
+            log.warning(
+                "ca.open_files_limited",
+                open_files=soft,
+                hard_limit=hard,
+                needed=needed,
+                max_connections=cfg.max_connections,
+                detail=f"about {max(0, soft - OPEN_FILES_SPARE) // 3} agents can park at"
+                " once; raise the hard limit (ulimit -Hn, systemd LimitNOFILE) or lower"
+                " max_connections",
+            )
+
     async def run(
         self, *, task_status: trio.TaskStatus[dict[str, str]] = trio.TASK_STATUS_IGNORED
     ) -> None:
+        self._size_open_files()
         await self.run_sync(self._build_tls_context)
         agent_api = AgentApi(
             self.authority,
@@ -528,7 +564,9 @@ class CAServer:
             self.entries_changed,
             self.bundle_changed,
             on_denied=self._denied,
+            overloaded=self._overloaded,
         )
+        self.agent_api = agent_api
 
         async def keys_changed() -> None:
             await self.refresh_keys()
@@ -591,6 +629,30 @@ class CAServer:
             self.cfg.admin_socket.unlink(missing_ok=True)
             self.store.close()
         log.info("ca.stopped")
+
+
+OPEN_FILES_SPARE = 256
+"""Descriptors beyond the connection caps: the datastore, key files, listeners, logs."""
+
+
+def raise_open_files(needed: int) -> tuple[int, int]:
+    """Raise the soft ``RLIMIT_NOFILE`` toward ``needed``, as far as the hard limit allows.
+
+    A fleet parks about three connections per agent, so `max_connections` of 32,768
+    needs as many descriptors; the usual soft limit of 1,024 would stop the CA at some
+    340 agents, each later one failing in accept with EMFILE.  The hard limit is the
+    operator's (or systemd's ``LimitNOFILE``) to raise; the CA only uses what it is
+    allowed.  Returns (soft limit now, hard limit).
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    ceiling = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+    if ceiling > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (ceiling, hard))
+            soft = ceiling
+        except (ValueError, OSError):
+            pass
+    return soft, hard
 
 
 def api_idle_timeout() -> float:

@@ -63,7 +63,16 @@ class CASettings:
     )
     handshake_timeout: Duration = setting(Duration(10), help="TLS handshake deadline")
     request_timeout: Duration = setting(Duration(30), help="deadline to receive one request")
-    max_connections: int = setting(1024, help="agent API connections served at once")
+    max_connections: int = setting(
+        32768,
+        help="agent API connections served at once (each agent holds about 3); the CA"
+        " raises its open-file limit to fit at start",
+    )
+    overload_queue: int = setting(
+        256,
+        help="agent calls waiting for the datastore past which new ones are answered 429"
+        " with Retry-After (admission control for a reconnecting herd)",
+    )
     admin_max_connections: int = setting(
         64,
         help="admin socket connections served at once; past it a new one is answered"
@@ -89,7 +98,12 @@ class CASettings:
             raise ConfigError(f"setting 'log_level': unknown level {self.log_level!r}")
         if self.max_connections < 1:
             raise ConfigError("setting 'max_connections' must be at least 1")
-        for name in ("attest_burst", "token_max_failures", "admin_max_connections"):
+        for name in (
+            "attest_burst",
+            "token_max_failures",
+            "admin_max_connections",
+            "overload_queue",
+        ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"setting '{name}' must be at least 1")
         if self.attest_refill <= 0:

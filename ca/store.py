@@ -533,20 +533,32 @@ class Store:
     # -- entries -----------------------------------------------------------------------
 
     def create_entry(self, entry: EntryRecord, ev: AuditEvent) -> EntryRecord:
+        [stored] = self.create_entries([entry], [ev])
+        return stored
+
+    def create_entries(
+        self, entries: Sequence[EntryRecord], events: Sequence[AuditEvent]
+    ) -> list[EntryRecord]:
+        """Create entries in one transaction, each with a revision of its own: all or none
+        (a duplicate, of a stored entry or within the batch, refuses the whole batch)."""
+        stored: list[EntryRecord] = []
         with self._tx() as conn:
-            dup = conn.execute(
-                "SELECT id FROM entries WHERE spiffe_id = ? AND parent_id = ? AND selectors = ?",
-                (entry.spiffe_id, entry.parent_id, json.dumps(list(entry.selectors))),
-            ).fetchone()
-            if dup is not None:
-                raise Conflict(f"an identical entry exists already: {dup[0]}")
-            revision = self._bump(conn, "entries_revision")
-            stored = _replace_revision(entry, revision)
-            conn.execute(
-                "INSERT INTO entries VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", _entry_row(stored)
-            )
-            self._log_entry(conn, revision, stored.id, {stored.parent_id})
-            self._append(conn, [ev])
+            for entry in entries:
+                dup = conn.execute(
+                    "SELECT id FROM entries "
+                    "WHERE spiffe_id = ? AND parent_id = ? AND selectors = ?",
+                    (entry.spiffe_id, entry.parent_id, json.dumps(list(entry.selectors))),
+                ).fetchone()
+                if dup is not None:
+                    raise Conflict(f"an identical entry exists already: {dup[0]}")
+                revision = self._bump(conn, "entries_revision")
+                one = _replace_revision(entry, revision)
+                conn.execute(
+                    "INSERT INTO entries VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", _entry_row(one)
+                )
+                self._log_entry(conn, revision, one.id, {one.parent_id})
+                stored.append(one)
+            self._append(conn, events)
         return stored
 
     def update_entry(self, entry: EntryRecord, ev: AuditEvent) -> EntryRecord:

@@ -114,3 +114,22 @@ class AttestThrottle:
 
     def __len__(self) -> int:
         return len(self._peers)
+
+
+def overload_retry_after(queued: int, limit: int) -> int | None:
+    """Whole seconds an agent should stay away while ``queued`` store calls wait; None
+    while the queue is under ``limit`` (the CA is keeping up).
+
+    This is admission control for a thundering herd (all agents reconnecting at once):
+    past ``limit`` waiting calls, a new one would only wait behind them and time out,
+    so it is answered 429 at once, without touching the datastore.  The more is
+    queued, the longer the wait asked (one second per ``limit`` / 2 queued, between
+    1 s and `OVERLOAD_MAX_RETRY_S`); agents add jitter of their own, so the refused
+    come back spread out rather than as the next herd.
+    """
+    if queued < limit:
+        return None
+    return max(1, min(OVERLOAD_MAX_RETRY_S, math.ceil(2 * queued / max(1, limit))))
+
+
+OVERLOAD_MAX_RETRY_S = 30

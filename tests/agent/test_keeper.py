@@ -25,7 +25,7 @@ from agent import state
 from agent.backend import AgentBackend
 from agent.ca_client import CAError, Issued
 from agent.keeper import SvidKeeper
-from agent.renewal import Entry
+from agent.renewal import EntriesPage, Entry
 from tally.spiffe import pem, rotation, x509profile
 from tally.spiffe.spiffeid import SpiffeId, TrustDomain
 
@@ -66,6 +66,8 @@ class FakeCA:
             self.key, TD, EPOCH - timedelta(days=1), EPOCH + timedelta(days=3650)
         )
         self.failing = False
+        self.busy = 0
+        """Calls to sign still to refuse with 429 and ``Retry-After: 20``."""
         self.refusal: CAError | None = None
         """Set to make every call about the agent refuse, as the CA does for good."""
         self.sign_calls: list[float] = []
@@ -95,10 +97,23 @@ class FakeCA:
         await trio.sleep(wait)  # a long poll with nothing new
         return 1, [dict(ENTRY)]
 
+    async def entries_sync(
+        self, since: int = -1, wait: float = 0, after: str = "", limit: int | None = None
+    ) -> EntriesPage:
+        if self.refusal is not None:
+            raise self.refusal
+        if since != 1:
+            return EntriesPage(1, True, (dict(ENTRY),))
+        await trio.sleep(wait)  # a long poll with nothing new
+        return EntriesPage(1, False, ())
+
     async def sign(self, requests: Sequence[tuple[str, str]]) -> list[dict[str, Any]]:
         self.sign_calls.append(trio.current_time())
         self.called.set()
         self.called = trio.Event()
+        if self.busy:
+            self.busy -= 1
+            raise CAError("overloaded", "the CA is busy; retry in 20s", 429, retry_after=20)
         if self.failing:
             raise CAError("unreachable", "CA at ca:8081 unreachable: connection refused")
         results = []
@@ -248,3 +263,25 @@ async def test_eviction_is_still_eviction(autojump_clock, ca, tmp_path, caplog):
         await keeper.run()
     assert keeper.evicted == "evicted" and not keeper.stale
     assert [r.getMessage() for r in caplog.records].count("agent.evicted") == 1
+
+
+async def test_an_overloaded_ca_is_given_its_retry_after_with_jitter(autojump_clock, tmp_path):
+    """429 + Retry-After: each retry waits at least what the CA asked, up to half again
+    at random, so agents refused together come back spread out."""
+    gaps: list[list[float]] = []
+    for seed in range(3):
+        ca = FakeCA()
+        ca.busy = 3
+        keeper = make_keeper(ca, tmp_path)
+        keeper.rng = random.Random(seed)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(keeper.run)
+            await ca.wait_sign_calls(4)
+            await trio.lowlevel.checkpoint()
+            assert "e1" in keeper.svids  # the fourth call was served
+            nursery.cancel_scope.cancel()
+        steps = [b - a for a, b in itertools.pairwise(ca.sign_calls)]
+        assert all(20 <= gap <= 30 + 1e-3 for gap in steps), steps
+        assert keeper.counters.by_reason == {"overloaded": 3}
+        gaps.append(steps)
+    assert len({round(g[0], 3) for g in gaps}) == 3  # jittered: no two agents in step

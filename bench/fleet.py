@@ -1,0 +1,439 @@
+"""A fleet of simulated agents against one real CA: what a change, a renewal and a herd cost.
+
+Starts a real `tally ca run` (its own process, so its CPU and memory are its
+own) and N simulated agents in this process.  Each simulated agent is an agent
+as the CA sees it: its own join token (made through the admin socket), its own
+key and agent SVID, mutual TLS with the real client (`agent.ca_client.CAClient`,
+pooled connections as the agent has them), and the real agent's loops: a parked
+entries long poll with delta sync (`agent.renewal.EntrySync`), a parked bundle
+long poll, renewal of its own SVID, and renewal of its W workloads' SVIDs in one
+batch, each at a random point before half-life (`tally.spiffe.rotation`).
+Lifetimes are compressed: ``--ttl 60`` makes an hour pass in a minute, so the CA
+sees the renewals of 60 times as many agents at 1 h.
+
+Phases: attest everyone, run steady for ``--seconds`` (the table's steady
+figures), make one entry change (what it wakes), then the herd: every agent
+drops its connections and comes back at once, and the clock runs until each holds
+a fresh agent SVID and all its workload SVIDs again.
+
+    .venv/bin/python -m bench.fleet --agents 100,1000 [--workloads 10] [--ttl 60]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import statistics
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from agent.ca_client import CAClient, CAError, make_csr
+from agent.renewal import Entry, EntrySync
+from bench.ca_daemon import TRUST_DOMAIN
+from tally.app.launch import Daemon
+from tally.ops.config import Address
+from tally.spiffe import pem, rotation, x509profile
+from tally.spiffe.spiffeid import TrustDomain
+from tally.wire import http
+
+TD = TrustDomain.parse(TRUST_DOMAIN)
+POLL_WAIT = 30.0
+
+
+def ca_pid_stats(pid: int) -> tuple[float, int]:
+    """(CPU seconds used, RSS in KiB) of a process, from /proc."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    cpu = (int(fields[11]) + int(fields[12])) / ticks
+    rss = 0
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                rss = int(line.split()[1])
+    return cpu, rss
+
+
+def own_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+class Admin:
+    """The admin API over its Unix socket, as `tally ca` calls it."""
+
+    def __init__(self, path: str) -> None:
+        async def connect() -> trio.abc.Stream:
+            return await trio.open_unix_socket(path)
+
+        self.http = http.HttpClient(connect)
+
+    async def call(self, method: str, target: str, body: object = None) -> Any:
+        resp = await self.http.request(method, target, json_body=body, timeout=120)
+        if resp.status >= 300:
+            raise RuntimeError(f"admin {method} {target}: {resp.status} {resp.body[:200]!r}")
+        return resp.json()
+
+    async def metrics(self, address: str) -> dict[str, float]:
+        host, port = address.rsplit(":", 1)
+
+        async def connect() -> trio.abc.Stream:
+            return await trio.open_tcp_stream(host, int(port))
+
+        client = http.HttpClient(connect)
+        resp = await client.request("GET", "/metrics", timeout=30)
+        await client.aclose()
+        out: dict[str, float] = {}
+        for line in resp.body.decode().splitlines():
+            if line.startswith("tally_ca_") and " " in line:
+                name, value = line.rsplit(" ", 1)
+                out[name] = float(value)
+        return out
+
+
+@dataclass
+class Stats:
+    renew_ms: list[float] = field(default_factory=list)
+    sign_ms: list[float] = field(default_factory=list)
+    renewals: int = 0
+    signed: int = 0
+    overloaded: int = 0
+    errors: Counter[str] = field(default_factory=Counter)
+
+    def failed(self, exc: Exception) -> None:
+        if isinstance(exc, CAError) and exc.status == 429:
+            self.overloaded += 1
+        else:
+            self.errors[exc.code if isinstance(exc, CAError) else type(exc).__name__] += 1
+
+
+class SimAgent:
+    """One simulated agent: its own identity and the agent's loops, nothing served."""
+
+    def __init__(self, n: int, ca: Address, roots: list[Any], csr: str, stats: Stats) -> None:
+        self.n = n
+        self.ca = ca
+        self.roots = roots
+        self.csr = csr  # workload CSRs: the CA checks and signs them; one key does for all
+        self.stats = stats
+        self.rng = random.Random(n)
+        self.key = x509profile.generate_key()
+        self.client = CAClient(ca, TD, roots, timeout=60)
+        self.sync = EntrySync()
+        self.entries: dict[str, Entry] = {}
+        self.identity: tuple[Any, Any] | None = None
+        self.renew_at = 0.0  # trio time
+        self.workloads_at = 0.0
+        self.fresh = trio.Event()  # set when agent SVID and workload SVIDs were renewed
+        self.bundle_sequence = -1
+
+    async def attest(self, token: str) -> None:
+        issued, _, sequence = await self.client.attest(token, self.key)
+        self.client.set_identity(issued.chain, self.key)
+        self.identity = (issued.chain, self.key)
+        self.bundle_sequence = sequence
+        self.renew_at = self._when(issued.chain[0])
+
+    def _when(self, leaf: Any) -> float:
+        at = rotation.renewal_time(leaf.not_valid_before_utc, leaf.not_valid_after_utc, self.rng)
+        return trio.current_time() + (at - datetime.now(UTC)).total_seconds()
+
+    async def _retry_pause(self, exc: Exception, attempt: int) -> None:
+        told = exc.retry_after if isinstance(exc, CAError) else None
+        delay = rotation.backoff(attempt, self.rng, cap=10.0)
+        if told is not None:
+            delay = max(delay, told * (1 + self.rng.random() / 2))
+        await trio.sleep(delay)
+
+    async def entries_loop(self) -> None:
+        attempt = 0
+        while True:
+            since, after, park = self.sync.request()
+            try:
+                page = await self.client.entries_sync(
+                    since=since, wait=POLL_WAIT if park else 0, after=after
+                )
+            except (CAError, trio.TooSlowError) as exc:
+                self.stats.failed(exc)
+                attempt += 1
+                await self._retry_pause(exc, attempt)
+                continue
+            attempt = 0
+            change = self.sync.receive(self.entries, page)
+            if change is not None:
+                self.entries = change.entries
+
+    async def bundle_loop(self) -> None:
+        attempt = 0
+        while True:
+            try:
+                self.bundle_sequence, _ = await self.client.bundle(
+                    since=self.bundle_sequence, wait=POLL_WAIT
+                )
+            except (CAError, trio.TooSlowError) as exc:
+                self.stats.failed(exc)
+                attempt += 1
+                await self._retry_pause(exc, attempt)
+                continue
+            attempt = 0
+
+    async def renew_loop(self) -> None:
+        attempt = 0
+        while True:
+            await trio.sleep_until(min(self.renew_at, self.workloads_at))
+            now = trio.current_time()
+            try:
+                if self.renew_at <= now:
+                    t0 = time.perf_counter()
+                    key = x509profile.generate_key()
+                    issued = await self.client.renew(key)
+                    self.stats.renew_ms.append((time.perf_counter() - t0) * 1000)
+                    self.stats.renewals += 1
+                    self.client.set_identity(issued.chain, key)
+                    self.identity = (issued.chain, key)
+                    self.renew_at = self._when(issued.chain[0])
+                if self.workloads_at <= trio.current_time() and self.entries:
+                    t0 = time.perf_counter()
+                    results = await self.client.sign([(e, self.csr) for e in self.entries])
+                    self.stats.sign_ms.append((time.perf_counter() - t0) * 1000)
+                    chains = [r["chain"] for r in results if "chain" in r]
+                    self.stats.signed += len(chains)
+                    if len(chains) != len(results):
+                        self.stats.errors["not_signed"] += len(results) - len(chains)
+                    if chains:
+                        self.workloads_at = min(self._when(c[0]) for c in chains)
+                    self.fresh.set()
+                elif not self.entries:
+                    self.workloads_at = trio.current_time() + 0.5  # entries not synced yet
+            except (CAError, trio.TooSlowError) as exc:
+                self.stats.failed(exc)
+                attempt += 1
+                await self._retry_pause(exc, attempt)
+                continue
+            attempt = 0
+
+    async def run(self) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self.entries_loop)
+            nursery.start_soon(self.bundle_loop)
+            nursery.start_soon(self.renew_loop)
+
+    async def reconnect(self) -> None:
+        """As after a restart: drop every connection, renew everything now."""
+        await self.client.aclose()
+        assert self.identity is not None
+        self.client = CAClient(self.ca, TD, self.roots, timeout=60)
+        self.client.set_identity(*self.identity)
+        self.sync = EntrySync()
+        self.entries = {}
+        self.fresh = trio.Event()
+        self.renew_at = self.workloads_at = trio.current_time()
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+async def fleet(args: argparse.Namespace, n: int, work: Path) -> dict[str, Any]:
+    admin_path = str(work / "admin.sock")
+    ttl = str(args.ttl)
+    daemon = Daemon(
+        "ca",
+        [
+            "ca", "run", "--trust-domain", TRUST_DOMAIN, "--data-dir", str(work / "ca"),
+            "--listen", "127.0.0.1:0", "--admin-socket", admin_path,
+            "--metrics", "127.0.0.1:0", "--agent-svid-ttl", ttl, "--default-svid-ttl", ttl,
+            "--log-level", "info",
+        ],
+    )  # fmt: skip
+    started = daemon.start("ca.started")
+    try:
+        return await _run(args, n, daemon, started, admin_path)
+    finally:
+        daemon.stop()
+
+
+async def _run(
+    args: argparse.Namespace, n: int, daemon: Daemon, started: dict[str, Any], admin_path: str
+) -> dict[str, Any]:
+    admin = Admin(admin_path)
+    ca = Address.parse(started["listen"])
+    roots = pem.chain_from_pem(str((await admin.call("GET", "/v1/bundle"))["bundle"]).encode())
+    csr = make_csr(x509profile.generate_key())
+    stats = Stats()
+    agents = [SimAgent(i, ca, roots, csr, stats) for i in range(n)]
+    _, rss0 = ca_pid_stats(daemon.pid)
+
+    # Register: a token per agent, W entries per agent in batches.
+    tokens, ids = [], []
+    for _ in agents:
+        made = await admin.call("POST", "/v1/tokens", {})
+        tokens.append(made["token"])
+        ids.append(made["spiffe_id"])
+    attest_t0 = time.perf_counter()
+    limiter = trio.CapacityLimiter(64)
+
+    async def attest(agent: SimAgent, token: str) -> None:
+        async with limiter:
+            for attempt in range(1, 30):
+                try:
+                    await agent.attest(token)
+                    return
+                except CAError as exc:
+                    stats.failed(exc)
+                    await agent._retry_pause(exc, attempt)
+
+    async with trio.open_nursery() as nursery:
+        for agent, token in zip(agents, tokens, strict=True):
+            nursery.start_soon(attest, agent, token)
+    attest_s = time.perf_counter() - attest_t0
+    specs = [
+        {
+            "spiffe_id": f"spiffe://{TRUST_DOMAIN}/a{a.n}/w{w}",
+            "parent_id": ids[a.n],
+            "selectors": [f"unix:uid:{1000 + w}"],
+        }
+        for a in agents
+        for w in range(args.workloads)
+    ]
+    for start in range(0, len(specs), 1000):
+        await admin.call("POST", "/v1/entries/batch", {"entries": specs[start : start + 1000]})
+
+    async with trio.open_nursery() as nursery:
+        for agent in agents:
+            nursery.start_soon(agent.run)
+        # Warm-up: every agent synced and holding its workload SVIDs.
+        with trio.fail_after(600):
+            for agent in agents:
+                await agent.fresh.wait()
+        _, rss_parked = ca_pid_stats(daemon.pid)
+
+        # Steady state.
+        m0 = await admin.metrics(started["metrics"])
+        cpu_a, _ = ca_pid_stats(daemon.pid)
+        own_a = own_cpu()
+        renew_from, sign_from, renewals0 = len(stats.renew_ms), len(stats.sign_ms), stats.renewals
+        t0 = time.perf_counter()
+        await trio.sleep(args.seconds)
+        elapsed = time.perf_counter() - t0
+        cpu_b, rss = ca_pid_stats(daemon.pid)
+        own_b = own_cpu()
+        m1 = await admin.metrics(started["metrics"])
+        renewals = stats.renewals - renewals0
+        steady_renew = stats.renew_ms[renew_from:]
+        steady_sign = stats.sign_ms[sign_from:]
+
+        def delta(name: str, a: dict[str, float], b: dict[str, float]) -> float:
+            return b.get(name, 0.0) - a.get(name, 0.0)
+
+        # One entry change: what it wakes.
+        m2 = await admin.metrics(started["metrics"])
+        await admin.call(
+            "POST",
+            "/v1/entries",
+            {
+                "spiffe_id": f"spiffe://{TRUST_DOMAIN}/extra",
+                "parent_id": ids[0],
+                "selectors": ["unix:uid:1"],
+            },
+        )
+        await trio.sleep(0.5)
+        m3 = await admin.metrics(started["metrics"])
+
+        # The herd: everyone drops its connections and comes back at once.
+        overloaded0, errors0 = stats.overloaded, sum(stats.errors.values())
+        nursery.cancel_scope.cancel()
+    for agent in agents:
+        await agent.reconnect()
+    herd_t0 = time.perf_counter()
+    herd_cpu0, _ = ca_pid_stats(daemon.pid)
+    herd_s = float("nan")
+    async with trio.open_nursery() as nursery:
+        for agent in agents:
+            nursery.start_soon(agent.run)
+        with trio.move_on_after(300):
+            for agent in agents:
+                await agent.fresh.wait()
+            herd_s = time.perf_counter() - herd_t0
+        nursery.cancel_scope.cancel()
+    herd_cpu1, _ = ca_pid_stats(daemon.pid)
+    for agent in agents:
+        await agent.client.aclose()
+
+    return {
+        "agents": n,
+        "workloads": args.workloads,
+        "attest_s": attest_s,
+        "steady_s": elapsed,
+        "ca_cpu": (cpu_b - cpu_a) / elapsed,
+        "sim_cpu": (own_b - own_a) / elapsed,
+        "rss_mib": rss / 1024,
+        "kib_per_agent": (rss_parked - rss0) / n,
+        "renew_p50": pct(steady_renew, 0.5),
+        "renew_p99": pct(steady_renew, 0.99),
+        "sign_p50": pct(steady_sign, 0.5),
+        "sign_p99": pct(steady_sign, 0.99),
+        "renewals_per_s": renewals / elapsed,
+        "wakeups_per_renewal": delta("tally_ca_poll_wakeups_total", m0, m1) / max(1, renewals),
+        "checks_per_s": delta("tally_ca_poll_checks_total", m0, m1) / elapsed,
+        "entry_change_wakeups": delta("tally_ca_poll_wakeups_total", m2, m3),
+        "entry_change_checks": delta("tally_ca_poll_checks_total", m2, m3),
+        "overloaded": stats.overloaded,
+        "herd_overloaded": stats.overloaded - overloaded0,
+        "errors": dict(stats.errors),
+        "herd_errors": sum(stats.errors.values()) - errors0,
+        "herd_s": herd_s,
+        "herd_ca_cpu_s": herd_cpu1 - herd_cpu0,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--agents", default="100,1000")
+    parser.add_argument("--workloads", type=int, default=10)
+    parser.add_argument("--ttl", type=int, default=60, help="agent and workload SVID TTL, s")
+    parser.add_argument("--seconds", type=float, default=60, help="steady-state window")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    rows = []
+    for n in (int(x) for x in args.agents.split(",")):
+        with tempfile.TemporaryDirectory(prefix="tally-fleet-") as tmp:
+            rows.append(trio.run(fleet, args, n, Path(tmp)))
+        if args.json:
+            print(json.dumps(rows[-1]), flush=True)
+    header = (
+        f"{'agents':>6} {'CA CPU':>7} {'sim CPU':>7} {'RSS MiB':>7} {'KiB/agt':>7} "
+        f"{'renew p50/p99 ms':>16} {'sign p50/p99 ms':>16} {'renew/s':>7} "
+        f"{'wake/renew':>10} {'entry chg wake/chk':>18} {'429s':>5} {'errors':>6} {'herd s':>7}"
+    )
+    print(f"workloads per agent: {args.workloads}; SVID TTL {args.ttl}s (1 h / {3600 // args.ttl})")
+    print(header)
+    for r in rows:
+        print(
+            f"{r['agents']:>6} {r['ca_cpu']:>7.0%} {r['sim_cpu']:>7.0%} {r['rss_mib']:>7.0f} "
+            f"{r['kib_per_agent']:>7.0f} "
+            f"{r['renew_p50']:>7.0f} / {r['renew_p99']:<6.0f} {r['sign_p50']:>7.0f} / {r['sign_p99']:<6.0f} "
+            f"{r['renewals_per_s']:>7.1f} {r['wakeups_per_renewal']:>10.2f} "
+            f"{r['entry_change_wakeups']:>8.0f} / {r['entry_change_checks']:<7.0f} "
+            f"{r['overloaded']:>5} {sum(r['errors'].values()):>6} {r['herd_s']:>7.1f}"
+        )
+    _ = statistics  # medians are the table's job when runs repeat
+
+
+if __name__ == "__main__":
+    main()

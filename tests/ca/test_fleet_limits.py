@@ -1,0 +1,75 @@
+"""Sized for a fleet: the open-file limit, and 429 + Retry-After when overloaded."""
+
+from __future__ import annotations
+
+import resource
+from collections.abc import Callable
+from typing import TypeVar
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from agent.ca_client import make_csr
+from ca.api import AgentApi, AgentPeer
+from ca.authority import Authority
+from ca.feed import ChangeFeed
+from ca.server import raise_open_files
+from ca.throttle import OVERLOAD_MAX_RETRY_S, overload_retry_after
+from tally.spiffe.spiffeid import SpiffeId
+from tally.spiffe.x509profile import generate_key
+from tally.wire import http
+
+T = TypeVar("T")
+
+
+@given(st.integers(0, 100_000), st.integers(0, 100_000), st.integers(1, 10_000))
+def test_overload_retry_after_is_none_under_the_limit_then_grows_bounded(
+    a: int, b: int, limit: int
+) -> None:
+    low, high = sorted((a, b))
+    for queued in (low, high):
+        wait = overload_retry_after(queued, limit)
+        if queued < limit:
+            assert wait is None
+        else:
+            assert wait is not None and 1 <= wait <= OVERLOAD_MAX_RETRY_S
+    if low >= limit:  # more queued never asks for a shorter wait
+        assert overload_retry_after(low, limit) <= overload_retry_after(high, limit)  # type: ignore[operator]
+
+
+def test_raise_open_files_goes_up_to_the_hard_limit_and_no_further() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+        assert raise_open_files(300) == (300, hard)
+        assert raise_open_files(100) == (300, hard)  # never lowered
+        if hard != resource.RLIM_INFINITY:
+            assert raise_open_files(hard + 1000) == (hard, hard)  # short: the caller logs it
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+async def _inline(fn: Callable[[], T]) -> T:
+    return fn()
+
+
+async def test_an_overloaded_ca_answers_429_with_retry_after_but_serves_the_bundle(
+    authority: Authority,
+) -> None:
+    sid = SpiffeId.parse("spiffe://example.org/agent/n1")
+    token = authority.create_token(sid, None, "admin:uid=0").token
+    serial = authority.attest(token, make_csr(generate_key()), "10.0.0.1:1").svid.serial
+    busy: list[int | None] = [7]
+    api = AgentApi(authority, _inline, ChangeFeed(), ChangeFeed(), overloaded=lambda: busy[0])
+    peer = AgentPeer(sid, serial, "10.0.0.1:1")
+    renew = http.Request(
+        "POST", "/v1/agent/renew", (), http.Response.json({"csr": make_csr(generate_key())}).body
+    )
+    refused = await api.handle(peer, renew)
+    assert refused.status == 429 and dict(refused.headers) == {"Retry-After": "7"}
+    assert b'"code":"overloaded"' in refused.body and api.refused_overloaded == 1
+    assert authority.issued_total == 1  # nothing was signed for it
+    bundle = await api.handle(peer, http.Request("GET", "/v1/bundle?since=-1", (), b""))
+    assert bundle.status == 200
+    busy[0] = None
+    assert (await api.handle(peer, renew)).status == 200
