@@ -147,10 +147,14 @@ def _metrics(server: CAServer) -> Iterator[Metric]:
         0 if s.agent_api is None else s.agent_api.refused_overloaded,
     )
     polls = (s.entries_changed, s.bundle_changed)
-    yield metrics.counter(
+    woken: Counter[str] = Counter()
+    for feed in polls:
+        woken.update(feed.wakeups_by)
+    yield metrics.counter_by(
         "tally_ca_poll_wakeups",
-        "parked long polls woken by a change that concerns them (entries and bundle)",
-        sum(feed.wakeups for feed in polls),
+        "parked long polls woken by a change that concerns them, by cause",
+        ["cause"],
+        woken,
     )
     yield metrics.counter(
         "tally_ca_poll_checks",

@@ -45,11 +45,14 @@ async def _metrics(ca: CA) -> dict[str, float]:
         resp = await client.request("GET", "/metrics", timeout=30)
     finally:
         await client.aclose()
-    out = {}
+    out = {"tally_ca_poll_wakeups_total": 0.0}
     for line in resp.body.decode().splitlines():
         if line.startswith("tally_ca_poll") and " " in line:
             name, value = line.rsplit(" ", 1)
             out[name] = float(value)
+            base = name.split("{", 1)[0]
+            if base != name:  # labelled samples also count toward their total
+                out[base] = out.get(base, 0.0) + float(value)
     return out
 
 
@@ -82,9 +85,11 @@ async def test_one_renewal_and_one_entry_change_wake_one_agent_of_200(ca: CA) ->
     assert first.full and first.entries == ()
     revision = first.revision
     answers: dict[int, Any] = {}
+    answered = {i: trio.Event() for i in range(N)}
 
     async def poll(i: int) -> None:
         answers[i] = await clients[i].entries_sync(since=revision, wait=50)
+        answered[i].set()
 
     try:
         async with trio.open_nursery() as nursery:
@@ -95,8 +100,11 @@ async def test_one_renewal_and_one_entry_change_wake_one_agent_of_200(ca: CA) ->
             # One agent renews: its own poll wakes; nobody else's is checked.
             await clients[0].renew(x509profile.generate_key())
             after = await _parked(ca, N - 1)
+            assert after['tally_ca_poll_wakeups_total{cause="renewal"}'] == 1
             assert after["tally_ca_poll_wakeups_total"] - before["tally_ca_poll_wakeups_total"] == 1
             assert after["tally_ca_poll_checks_total"] - before["tally_ca_poll_checks_total"] == 1
+            with trio.fail_after(10):
+                await answered[0].wait()
             assert list(answers) == [0]
 
             # One entry for agent 5: agent 5 alone wakes, and is sent that one entry.
@@ -108,8 +116,11 @@ async def test_one_renewal_and_one_entry_change_wake_one_agent_of_200(ca: CA) ->
                  "selectors": ["unix:uid:1000"]},
             )  # fmt: skip
             later = await _parked(ca, N - 2)
+            assert later['tally_ca_poll_wakeups_total{cause="entry"}'] == 1
             assert later["tally_ca_poll_wakeups_total"] - after["tally_ca_poll_wakeups_total"] == 1
             assert later["tally_ca_poll_checks_total"] - after["tally_ca_poll_checks_total"] == 1
+            with trio.fail_after(10):
+                await answered[5].wait()
             assert sorted(answers) == [0, 5]
             delta = answers[5]
             assert not delta.full and [e["id"] for e in delta.entries] == [entry["id"]]
