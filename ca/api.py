@@ -184,10 +184,13 @@ class AgentApi:
             delta = req.query.get("delta") == "1"
             after = req.query.get("after", "")
             limit = _int_param(req, "limit", ENTRY_PAGE)
-            await self.run(lambda: a.check_agent(agent_id, serial))
             aid = str(agent_id)
+            first = [True]
 
             def changed() -> bool:
+                if first[0]:  # the agent is judged in the same worker hop as the first check
+                    first[0] = False
+                    a.check_agent(agent_id, serial)
                 agent = a.store.get_agent(aid)
                 # An eviction or ban ends the wait too, so the agent hears of it at once.
                 # So does a renewal: the answer is judged on this call's certificate, which
@@ -198,7 +201,12 @@ class AgentApi:
             async def entries_changed() -> bool:
                 return await self.run(changed)
 
-            await self.entries.wait_until(aid, entries_changed, _wait_param(req))
+            quiet = await self.entries.wait_until(aid, entries_changed, _wait_param(req))
+            if delta and quiet:
+                # Nothing for this agent since the last check (it would have woken us), so
+                # it stands at the latest committed revision: no datastore hop to say so.
+                now_at = max(since, a.store.committed_entries_revision)
+                return J(entry_sync_json(EntrySync(now_at, False, (), (), False)))
             if delta:
                 page = await self.run(
                     lambda: a.entries_since(agent_id, serial, since, after, limit)

@@ -95,8 +95,14 @@ class ChangeFeed:
 
     async def wait_until(
         self, key: str, changed: Callable[[], Awaitable[bool]], seconds: float
-    ) -> None:
-        """Return once ``changed()`` is true, the server stops, or ``seconds`` pass."""
+    ) -> bool:
+        """Return once ``changed()`` is true, the server stops, or ``seconds`` pass.
+
+        True when the wait was *quiet*: it ran out parked, after a check that found
+        nothing and with no wake-up since.  Nothing concerning ``key`` has happened
+        since that check, so the caller may answer without asking the datastore again.
+        """
+        quiet = False
         with trio.move_on_after(seconds):
             while not self._stopped:
                 event = trio.Event()
@@ -104,11 +110,14 @@ class ChangeFeed:
                 try:
                     self.checks += 1
                     if await changed():
-                        return
+                        return False
+                    quiet = True
                     await event.wait()
+                    quiet = False
                 finally:
                     events = self._waiting.get(key)
                     if events is not None:
                         events.discard(event)
                         if not events:
                             del self._waiting[key]
+        return quiet

@@ -69,7 +69,7 @@ class CASettings:
         " raises its open-file limit to fit at start",
     )
     overload_queue: int = setting(
-        256,
+        1024,
         help="agent calls waiting for the datastore past which new ones are answered 429"
         " with Retry-After (admission control for a reconnecting herd)",
     )

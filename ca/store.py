@@ -232,6 +232,9 @@ class Store:
     def __init__(self, conn: sqlite3.Connection, path: Path) -> None:
         self._conn = conn
         self.path = path
+        self.committed_entries_revision = 0
+        """`entries_revision` as of the last commit, readable from any thread without a
+        query (the trio shell answers a quiet long poll with it, off the worker thread)."""
 
     @classmethod
     def open(cls, path: Path) -> Store:
@@ -246,6 +249,7 @@ class Store:
             conn.execute("PRAGMA foreign_keys=ON")
             store = cls(conn, path)
             store._migrate()
+            store.committed_entries_revision = store.entries_revision()
         except sqlite3.DatabaseError as exc:
             raise StoreError(f"datastore {path}: {exc}") from exc
         return store
@@ -559,6 +563,8 @@ class Store:
                 self._log_entry(conn, revision, one.id, {one.parent_id})
                 stored.append(one)
             self._append(conn, events)
+        if stored:
+            self.committed_entries_revision = stored[-1].revision
         return stored
 
     def update_entry(self, entry: EntryRecord, ev: AuditEvent) -> EntryRecord:
@@ -575,6 +581,7 @@ class Store:
                 raise Conflict(f"no entry {entry.id}")
             self._log_entry(conn, revision, stored.id, {str(old[0]), stored.parent_id})
             self._append(conn, [ev])
+        self.committed_entries_revision = revision
         return stored
 
     def delete_entry(self, entry_id: str, ev: AuditEvent) -> None:
@@ -587,6 +594,7 @@ class Store:
             revision = self._bump(conn, "entries_revision")
             self._log_entry(conn, revision, entry_id, {str(old[0])})
             self._append(conn, [ev])
+        self.committed_entries_revision = revision
 
     def get_entry(self, entry_id: str) -> EntryRecord | None:
         row = self._conn.execute("SELECT * FROM entries WHERE id = ?", (entry_id,)).fetchone()

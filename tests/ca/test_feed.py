@@ -234,3 +234,35 @@ async def test_a_bundle_change_wakes_every_bundle_poll_once(authority: Authority
         assert feed.wake_all() == 50
         await trio.testing.wait_all_tasks_blocked()
     assert len(answered) == 50 and feed.wakeups == 50 and feed.parked == 0
+
+
+async def test_a_quiet_poll_answers_from_memory_at_the_latest_revision(
+    authority: Authority, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A poll that times out unwoken made one check only (on arrival) and is told the
+    latest revision, so other agents' changes never make it resync or re-check."""
+    fleet = Fleet(authority, 2)
+    revision = authority.store.entries_revision()
+    answer: list[dict[str, object]] = []
+
+    async def poll() -> None:
+        target = "/v1/entries?" + urlencode({"since": revision, "wait": 5, "delta": 1})
+        answer.append(await fleet.call(0, "GET", target))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(poll)
+        await trio.testing.wait_all_tasks_blocked()
+        await fleet.admin_call(
+            "POST",
+            "/v1/entries",
+            {
+                "spiffe_id": "spiffe://example.org/web",
+                "parent_id": str(fleet.peers[1].spiffe_id),  # another agent's
+                "selectors": ["unix:uid:1000"],
+            },
+        )
+    assert trio.current_time() == 5  # it waited its whole wait
+    [got] = answer
+    assert got["revision"] == authority.store.entries_revision() == revision + 1
+    assert (got["full"], got["entries"], got["deleted"]) == (False, [], [])
+    assert fleet.entries.checks == 1
