@@ -285,3 +285,66 @@ async def test_an_overloaded_ca_is_given_its_retry_after_with_jitter(autojump_cl
         assert keeper.counters.by_reason == {"overloaded": 3}
         gaps.append(steps)
     assert len({round(g[0], 3) for g in gaps}) == 3  # jittered: no two agents in step
+
+
+class PagedCA(FakeCA):
+    """Five entries served in full pages of two, then one deletion as a delta."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[int, str, float]] = []
+        self.deleted = trio.Event()
+
+    def _entry(self, n: int) -> dict[str, object]:
+        return {**ENTRY, "id": f"e{n}", "spiffe_id": f"spiffe://example.org/w{n}"}
+
+    async def entries_sync(
+        self, since: int = -1, wait: float = 0, after: str = "", limit: int | None = None
+    ) -> EntriesPage:
+        self.calls.append((since, after, wait))
+        if since < 0:
+            ids = sorted(f"e{n}" for n in range(5))
+            page = [i for i in ids if i > after][:2]
+            more = page[-1] != ids[-1]
+            entries = tuple(self._entry(int(i[1:])) for i in page)
+            return EntriesPage(7, True, entries, (), more, page[-1] if more else None)
+        if since == 7:
+            await self.deleted.wait()
+            return EntriesPage(8, False, (), ("e3",))
+        await trio.sleep(wait)
+        return EntriesPage(since, False, ())
+
+    async def sign(self, requests: Sequence[tuple[str, str]]) -> list[dict[str, Any]]:
+        return [
+            {
+                "entry_id": eid,
+                "serial": "1",
+                "chain": (
+                    self.leaf(
+                        x509profile.csr_public_key(csr.encode()),
+                        f"spiffe://example.org/w{eid[1:]}",
+                        3600,
+                    ),
+                    self.root,
+                ),
+            }
+            for eid, csr in requests
+        ]
+
+
+async def test_entries_arrive_in_pages_then_as_deltas(autojump_clock, tmp_path):
+    ca = PagedCA()
+    keeper = make_keeper(ca, tmp_path)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(keeper.run)
+        await trio.sleep(1)
+        assert sorted(keeper.entries) == ["e0", "e1", "e2", "e3", "e4"]
+        assert keeper.entries_revision == 7 and keeper.entries_synced
+        # Three pages without waiting, the first from the start, then a parked delta poll.
+        assert [c[:2] for c in ca.calls[:4]] == [(-1, ""), (-1, "e1"), (-1, "e3"), (7, "")]
+        assert [c[2] for c in ca.calls[:4]] == [0, 0, 0, keeper.poll_wait]
+        ca.deleted.set()
+        await trio.sleep(1)
+        assert sorted(keeper.entries) == ["e0", "e1", "e2", "e4"]
+        assert "e3" not in keeper.svids and keeper.entries_revision == 8
+        nursery.cancel_scope.cancel()
