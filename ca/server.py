@@ -47,7 +47,7 @@ import trio
 from cryptography import x509
 from prometheus_client.core import Metric
 
-from ca import schedule
+from ca import console, schedule
 from ca.api import AdminApi, AgentApi, AgentPeer, Changes
 from ca.authority import Authority, Limits, iso, serial_hex
 from ca.keys import KeyManager, Signer, load_upstream
@@ -89,6 +89,10 @@ RESTART_ONLY = (
     "upstream_cert",
     "upstream_key",
     "upstream_bundle",
+    "console",
+    "console_cert",
+    "console_key",
+    "console_admin_id",
 )
 
 
@@ -219,6 +223,17 @@ class CAServer:
         self._serving_refresh_at = 0.0
         self._serving_for: tuple[str, int] | None = None
         self.registry = metrics.registry_of(lambda: _metrics(self))
+        self.console: console.Console | None = None
+        if cfg.console is not None:
+            tls = console.load_tls(cfg.console_cert, cfg.console_key, cfg.console_admin_id)
+            self.console = console.Console(
+                self.authority,
+                self.run_sync,
+                cfg.console,
+                tls,
+                clock=lambda: self.clock().timestamp(),
+                drain=self.drain,
+            )
 
     async def run_sync(self, fn: Callable[[], T]) -> T:
         return await trio.to_thread.run_sync(fn, limiter=self._limiter)
@@ -551,6 +566,10 @@ class CAServer:
                         if self.cfg.metrics is not None:
                             addresses["metrics"] = await services.start(
                                 serve_health, self.cfg.metrics, self.registry, self.ready
+                            )
+                        if self.console is not None:
+                            addresses["console"] = await services.start(
+                                self.console.serve, handlers
                             )
                         log.info("ca.started", trust_domain=str(self.td), **addresses)
                         task_status.started(addresses)
