@@ -366,18 +366,23 @@ class _Server:
             await self._write(
                 self.conn.send(h11.Response(status_code=response.status, headers=headers))
             )
-            if self.method == "HEAD" or self.drain.started:
-                return
-            with trio.CancelScope() as scope:
-                self.drain._streams.add(scope)
-                try:
-                    async for piece in stream:
-                        if piece:
-                            await self._write(self.conn.send(h11.Data(data=piece)))
-                finally:
-                    self.drain._streams.discard(scope)
-            if not scope.cancelled_caught:
-                await self._write(self.conn.send(h11.EndOfMessage()))
+            while self.method != "HEAD" and not self.drain.started:
+                # Only the wait for the next piece is cut by a drain, never a write, so
+                # the peer always sees the stream end cleanly (the last chunk).
+                piece: bytes | None = None
+                with trio.CancelScope() as scope:
+                    self.drain._streams.add(scope)
+                    try:
+                        piece = await anext(stream)
+                    except StopAsyncIteration:
+                        piece = None
+                    finally:
+                        self.drain._streams.discard(scope)
+                if piece is None or scope.cancelled_caught:
+                    break
+                if piece:
+                    await self._write(self.conn.send(h11.Data(data=piece)))
+            await self._write(self.conn.send(h11.EndOfMessage()))
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(LINGER_S):
                 await stream.aclose()
