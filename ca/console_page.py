@@ -138,10 +138,10 @@ function renderHeader(s) {
   clear(pills);
   const sm = s.summary;
   const add = (text, cls) => pills.appendChild(el("span", { class: "pill " + (cls || "") }, text));
-  add(sm.agents_ok + " agents ok", "ok");
+  add(sm.agents_ok + (sm.agents_ok === 1 ? " agent ok" : " agents ok"), "ok");
   if (sm.agents_warn) add(sm.agents_warn + " late", "warn");
   if (sm.agents_bad) add(sm.agents_bad + " failed", "bad");
-  add(sm.entries + " entries");
+  add(sm.entries + (sm.entries === 1 ? " entry" : " entries"));
   add(sm.svids_live + " live SVIDs");
   const a = s.audit;
   add(a.ok === false ? "audit chain BROKEN" : "audit chain " + a.records + " records",
@@ -213,7 +213,10 @@ function renderTimeline(s, now) {
   const W = 1000, left = 110, right = 16, laneH = 34, top = 8;
   const H = top + LANES.length * laneH + 24;
   svg.setAttribute("viewBox", "0 0 " + W + " " + H);
-  const tl = s.timeline, t1 = now, t0 = t1 - (tl.end - tl.start);
+  // Zoomed to what there is: from the oldest event shown (at least a minute back) to now.
+  const tl = s.timeline, t1 = now;
+  const oldest = tl.events.length ? tl.events[0].t : t1;
+  const t0 = Math.max(t1 - (tl.end - tl.start), Math.min(oldest - 5, t1 - 60));
   const x = (t) => left + (W - left - right) * (t - t0) / Math.max(1, t1 - t0);
   LANES.forEach(([name, label], i) => {
     const y = top + i * laneH + laneH / 2;

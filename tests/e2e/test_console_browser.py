@@ -33,6 +33,7 @@ if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
         allow_module_level=True,
     )
 
+os.environ["SE_OFFLINE"] = "true"  # belt and braces: Selenium Manager must fetch nothing
 from selenium import webdriver  # noqa: E402 - only once the browser is known to be there
 from selenium.webdriver.chrome.options import Options  # noqa: E402
 from selenium.webdriver.chrome.service import Service  # noqa: E402
