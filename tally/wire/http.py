@@ -187,7 +187,8 @@ _PEER_ERRORS = (
 
 class Drain:
     """A server's stop signal for its connections: idle ones close at once, busy ones
-    after the response in flight.  One per server, shared by its connections."""
+    after the response in flight, streamed responses (`Response.stream`) at their next
+    wait.  One per server, shared by its connections."""
 
     def __init__(self) -> None:
         self.started = False
