@@ -28,6 +28,7 @@ Rules:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
@@ -61,6 +62,7 @@ log = get_logger("tally.ca.console")
 
 POLL_S = 0.5
 REFRESH_S = 5.0
+BUILD_SHARE = 10
 KEEPALIVE_S = 15.0
 VERIFY_EVERY_S = 10.0
 SNAPSHOT_MAX_AGE_S = 1.0
@@ -126,6 +128,9 @@ class Feed:
         self._event.set()
         self._event = trio.Event()
 
+    def age(self) -> float:
+        return trio.current_time() - self.built_at
+
     async def wait_newer(self, version: int) -> None:
         while self.version == version:
             await self._event.wait()
@@ -153,6 +158,7 @@ class Console:
         self.feed = Feed()
         self.streams = 0
         self.refused_streams = 0
+        self.build_seconds = 0.0
         self._connections = trio.CapacityLimiter(MAX_CONNECTIONS)
         self._audit: console_view.AuditState | None = None
         self._audit_checked = -math.inf
@@ -165,9 +171,15 @@ class Console:
     # -- snapshots (rule 3) -----------------------------------------------------------
 
     def _fingerprint(self, rec: KeyRecord) -> str:
+        """SHA-256 of the key's certificate; of the stored public text for a key that has
+        no certificate (a JWT key), so the page can tell keys apart without showing them."""
         if rec.id not in self._fingerprints:
-            cert = pem.chain_from_pem(rec.cert_pem.encode())[0]
-            self._fingerprints[rec.id] = cert.fingerprint(hashes.SHA256()).hex()
+            try:
+                cert = pem.chain_from_pem(rec.cert_pem.encode())[0]
+                digest = cert.fingerprint(hashes.SHA256()).hex()
+            except (ValueError, IndexError):
+                digest = hashlib.sha256(rec.cert_pem.encode()).hexdigest()
+            self._fingerprints[rec.id] = digest
         return self._fingerprints[rec.id]
 
     def _head(self) -> int:
@@ -228,19 +240,28 @@ class Console:
             limits=self.limits,
         )
 
-    async def refresh(self) -> None:
+    async def refresh(self, max_age: float = 0.0) -> None:
+        """Build and publish a snapshot, unless one younger than ``max_age`` seconds is
+        there (checked under the lock, so callers that queue up share one build)."""
         async with self._build_lock:
+            if self.feed.snapshot is not None and self.feed.age() < max_age:
+                return
+            started = trio.current_time()
             self.feed.publish(await self.run(self._collect))
+            self.build_seconds = trio.current_time() - started
 
     async def _watch(self) -> None:
+        """Rule 3.  A snapshot is read in the thread that also signs, so the pause after
+        one is at least `BUILD_SHARE` times what it took: on a fleet big enough to make
+        snapshots slow the console takes a bounded share of the CA, never all of it."""
         last_head: int | None = None
         while True:
-            await trio.sleep(POLL_S)
+            await trio.sleep(max(POLL_S, BUILD_SHARE * self.build_seconds))
             if self.streams == 0:
                 continue
             try:
                 head = await self.run(self._head)
-                stale = trio.current_time() - self.feed.built_at >= REFRESH_S
+                stale = self.feed.age() >= REFRESH_S
                 if head != last_head or stale:
                     await self.refresh()
                     last_head = head
@@ -264,8 +285,7 @@ class Console:
         if req.path == "/favicon.ico":
             return http.Response(204)
         if req.path == "/api/snapshot":
-            if trio.current_time() - self.feed.built_at > SNAPSHOT_MAX_AGE_S:
-                await self.refresh()
+            await self.refresh(max(SNAPSHOT_MAX_AGE_S, BUILD_SHARE * self.build_seconds))
             return http.Response(
                 200,
                 json.dumps(self.feed.snapshot, separators=(",", ":")).encode(),
@@ -294,8 +314,7 @@ class Console:
         try:
             yield b""  # primed by `handle`
             yield f"retry: {RETRY_MS}\n\n".encode()
-            if self.feed.snapshot is None or trio.current_time() - self.feed.built_at > POLL_S:
-                await self.refresh()
+            await self.refresh(max(POLL_S, BUILD_SHARE * self.build_seconds))
             version = -1
             while True:
                 if self.feed.version != version:
