@@ -35,7 +35,7 @@ SAFE_DETAIL = ("kind", "reason", "state", "entry_id", "previous_status", "method
 """Audit detail fields a snapshot may repeat (rule 2).  ``token_id`` is not secret (the
 secret is the part after the dot), but nobody watching rotations needs it either."""
 
-ROTATIONS = frozenset({"svid.issued", "svid.renewed"})
+ROTATIONS = frozenset({"svid.issued", "svid.renewed", "jwt.issued"})
 KEY_EVENTS = frozenset({"key.created", "key.activated", "key.retired", "key.removed"})
 FAILURES = frozenset(
     {
@@ -144,6 +144,51 @@ class KeyRow:
     activated_at: int | None
     fingerprint: str  # SHA-256 of the certificate (or public key), hex
     upstream: bool = False
+
+
+class JwtKeyRow(Protocol):
+    """A JWT signing key's record (``ca.jwt_keys.JwtKeyRecord``): states and times only."""
+
+    @property
+    def kid(self) -> str: ...
+    @property
+    def alg(self) -> str: ...
+    @property
+    def state(self) -> str: ...
+    @property
+    def created_at(self) -> int: ...
+    @property
+    def activate_at(self) -> int: ...
+    @property
+    def activated_at(self) -> int | None: ...
+    @property
+    def remove_at(self) -> int | None: ...
+
+
+def jwt_key_rows(records: Iterable[JwtKeyRow], now: float) -> list[KeyRow]:
+    """JWT keys on the key schedule.  They have no certificate and no fixed end: a key is
+    drawn from its creation to its removal when that is set (retired keys), else to the
+    later of now and its activation; the kid stands in for a fingerprint (it is public,
+    published in the JWKS)."""
+    rows = []
+    for r in records:
+        if r.state == "removed":
+            continue
+        end = r.remove_at if r.remove_at is not None else max(int(now), r.activate_at)
+        rows.append(
+            KeyRow(
+                r.kid,
+                "jwt",
+                r.state,
+                None,
+                r.created_at,
+                max(end, r.created_at + 1),
+                r.created_at,
+                r.activated_at,
+                r.kid,
+            )
+        )
+    return rows
 
 
 @dataclass(frozen=True)
@@ -374,6 +419,9 @@ def keys_view(keys: Sequence[KeyRow], now: float) -> dict[str, object]:
             marks.append({"key": k.id, "t": k.not_before + 2 * life / 3, "label": "next activated"})
         elif k.kind == "root" and not k.upstream:
             marks.append({"key": k.id, "t": k.not_before + 2 * life / 3, "label": "next root"})
+    for k in keys:
+        if k.kind == "jwt" and k.state == "prepared":
+            marks.append({"key": k.id, "t": k.not_after, "label": "activates"})
     return {"now": now, "groups": groups, "marks": marks}
 
 

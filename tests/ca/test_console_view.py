@@ -7,6 +7,7 @@ so what is tested is what a browser is sent.  Time is the test's clock.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import pytest
@@ -273,3 +274,37 @@ def test_the_console_off_loopback_needs_client_certificates(tmp_path):
 def test_timeline_window_drops_old_events(authority, clock, fleet):
     clock.advance(console_view.Limits().window_s + 200)
     assert collect(authority, clock)["timeline"]["events"] == []
+
+
+@dataclass(frozen=True)
+class JwtRecord:
+    """A JWT key record as `ca.jwt_keys` keeps it (plain values: the view takes no store)."""
+
+    kid: str
+    alg: str
+    state: str
+    created_at: int
+    activate_at: int
+    activated_at: int | None = None
+    retired_at: int | None = None
+    remove_at: int | None = None
+
+
+def test_jwt_keys_join_the_key_schedule_with_their_states():
+    now = 10_000
+    rows = console_view.jwt_key_rows(
+        [
+            JwtRecord("old", "ES256", "retired", 1000, 1100, 1100, 5000, 12_000),
+            JwtRecord("cur", "ES256", "active", 5000, 5000, 5000),
+            JwtRecord("next", "ES256", "prepared", 9000, 11_000),
+            JwtRecord("gone", "ES256", "removed", 10, 20, 20, 30, 40),
+        ],
+        now,
+    )
+    view = json.loads(json.dumps(console_view.keys_view(rows, now)))
+    shown = {k["id"]: k for k in view["groups"]["jwt"]}
+    assert set(shown) == {"old", "cur", "next"}
+    assert shown["old"]["not_after"] == 12_000 and shown["cur"]["not_after"] == now
+    assert shown["next"]["not_after"] == 11_000 and shown["next"]["state"] == "prepared"
+    assert {"key": "next", "t": 11_000, "label": "activates"} in view["marks"]
+    assert shown["cur"]["fingerprint"] == "cur"  # the kid; no JWK, no key material
