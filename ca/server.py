@@ -86,13 +86,13 @@ RESTART_ONLY = (
     "listen",
     "admin_socket",
     "metrics",
-    "upstream_cert",
-    "upstream_key",
-    "upstream_bundle",
     "console",
     "console_cert",
     "console_key",
     "console_admin_id",
+    "upstream_cert",
+    "upstream_key",
+    "upstream_bundle",
 )
 
 
@@ -217,12 +217,6 @@ class CAServer:
         self.entries_changed = Changes()
         self.bundle_changed = Changes()
         self.peers_denied: Counter[str] = Counter()
-        self.started = time.monotonic()
-        self.server_id = SpiffeId.from_parts(self.td, *SERVER_PATH)
-        self.tls_context: TLSContext | None = None
-        self._serving_refresh_at = 0.0
-        self._serving_for: tuple[str, int] | None = None
-        self.registry = metrics.registry_of(lambda: _metrics(self))
         self.console: console.Console | None = None
         if cfg.console is not None:
             tls = console.load_tls(cfg.console_cert, cfg.console_key, cfg.console_admin_id)
@@ -234,6 +228,12 @@ class CAServer:
                 clock=lambda: self.clock().timestamp(),
                 drain=self.drain,
             )
+        self.started = time.monotonic()
+        self.server_id = SpiffeId.from_parts(self.td, *SERVER_PATH)
+        self.tls_context: TLSContext | None = None
+        self._serving_refresh_at = 0.0
+        self._serving_for: tuple[str, int] | None = None
+        self.registry = metrics.registry_of(lambda: _metrics(self))
 
     async def run_sync(self, fn: Callable[[], T]) -> T:
         return await trio.to_thread.run_sync(fn, limiter=self._limiter)
@@ -563,13 +563,13 @@ class CAServer:
                                 handler_nursery=handlers,
                             )
                         )
-                        if self.cfg.metrics is not None:
-                            addresses["metrics"] = await services.start(
-                                serve_health, self.cfg.metrics, self.registry, self.ready
-                            )
                         if self.console is not None:
                             addresses["console"] = await services.start(
                                 self.console.serve, handlers
+                            )
+                        if self.cfg.metrics is not None:
+                            addresses["metrics"] = await services.start(
+                                serve_health, self.cfg.metrics, self.registry, self.ready
                             )
                         log.info("ca.started", trust_domain=str(self.td), **addresses)
                         task_status.started(addresses)

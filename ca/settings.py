@@ -14,6 +14,18 @@ from tally.ops.config import Address, ConfigError, Duration, setting
 from tally.spiffe.spiffeid import SpiffeId, SpiffeIdError, TrustDomain
 
 
+def is_loopback(host: str | None) -> bool:
+    """Whether ``host`` (as `Address` keeps it) can only be reached from this machine."""
+    if host is None:
+        return False
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # any other name may resolve anywhere
+
+
 @dataclass(frozen=True)
 class CASettings:
     trust_domain: str = setting(help="trust domain this CA issues for, e.g. example.org")
@@ -88,34 +100,6 @@ class CASettings:
     )
     log_level: str = setting("info", help="debug, info, warning or error")
 
-    def validate(self) -> None:
-        try:
-            TrustDomain.parse(self.trust_domain)
-        except SpiffeIdError as exc:
-            raise ConfigError(f"setting 'trust_domain': {exc}") from exc
-        if self.default_svid_ttl > self.max_svid_ttl:
-            raise ConfigError(
-                "setting 'default_svid_ttl' is above 'max_svid_ttl'"
-                f" ({self.default_svid_ttl:.0f}s > {self.max_svid_ttl:.0f}s)"
-            )
-        if self.root_propagation >= self.root_ttl / 3:
-            raise ConfigError("setting 'root_propagation' must be under a third of 'root_ttl'")
-        if (self.upstream_cert is None) != (self.upstream_key is None):
-            raise ConfigError("settings 'upstream_cert' and 'upstream_key' go together")
-        if self.log_level not in ("debug", "info", "warning", "error"):
-            raise ConfigError(f"setting 'log_level': unknown level {self.log_level!r}")
-        if self.max_connections < 1:
-            raise ConfigError("setting 'max_connections' must be at least 1")
-        for name in ("attest_burst", "token_max_failures", "admin_max_connections"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"setting '{name}' must be at least 1")
-        if self.attest_refill <= 0:
-            raise ConfigError("setting 'attest_refill' must be above 0s")
-        for name in ("default_svid_ttl", "max_svid_ttl", "agent_svid_ttl", "intermediate_ttl"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"setting '{name}' must be at least 1s")
-        self._validate_console()
-
     def _validate_console(self) -> None:
         """The console is public data, but a fleet's map all the same: off loopback it
         needs TLS and an admin's client certificate, and the CA says so before starting."""
@@ -148,14 +132,30 @@ class CASettings:
                 " (client-certificate authentication)"
             )
 
-
-def is_loopback(host: str | None) -> bool:
-    """Whether ``host`` (as `Address` keeps it) can only be reached from this machine."""
-    if host is None:
-        return False
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False  # any other name may resolve anywhere
+    def validate(self) -> None:
+        try:
+            TrustDomain.parse(self.trust_domain)
+        except SpiffeIdError as exc:
+            raise ConfigError(f"setting 'trust_domain': {exc}") from exc
+        self._validate_console()
+        if self.default_svid_ttl > self.max_svid_ttl:
+            raise ConfigError(
+                "setting 'default_svid_ttl' is above 'max_svid_ttl'"
+                f" ({self.default_svid_ttl:.0f}s > {self.max_svid_ttl:.0f}s)"
+            )
+        if self.root_propagation >= self.root_ttl / 3:
+            raise ConfigError("setting 'root_propagation' must be under a third of 'root_ttl'")
+        if (self.upstream_cert is None) != (self.upstream_key is None):
+            raise ConfigError("settings 'upstream_cert' and 'upstream_key' go together")
+        if self.log_level not in ("debug", "info", "warning", "error"):
+            raise ConfigError(f"setting 'log_level': unknown level {self.log_level!r}")
+        if self.max_connections < 1:
+            raise ConfigError("setting 'max_connections' must be at least 1")
+        for name in ("attest_burst", "token_max_failures", "admin_max_connections"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"setting '{name}' must be at least 1")
+        if self.attest_refill <= 0:
+            raise ConfigError("setting 'attest_refill' must be above 0s")
+        for name in ("default_svid_ttl", "max_svid_ttl", "agent_svid_ttl", "intermediate_ttl"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"setting '{name}' must be at least 1s")
