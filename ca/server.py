@@ -52,7 +52,7 @@ import trio
 from cryptography import x509
 from prometheus_client.core import Metric
 
-from ca import schedule
+from ca import console, schedule
 from ca.anchor import Anchor, AnchorKey
 from ca.api import AdminApi, AgentApi, AgentPeer, Changes
 from ca.authority import Authority, Limits, iso, serial_hex
@@ -92,6 +92,10 @@ RESTART_ONLY = (
     "listen",
     "admin_socket",
     "metrics",
+    "console",
+    "console_cert",
+    "console_key",
+    "console_admin_id",
     "upstream_cert",
     "upstream_key",
     "upstream_bundle",
@@ -238,6 +242,17 @@ class CAServer:
         self.entries_changed = Changes()
         self.bundle_changed = Changes()
         self.peers_denied: Counter[str] = Counter()
+        self.console: console.Console | None = None
+        if cfg.console is not None:
+            tls = console.load_tls(cfg.console_cert, cfg.console_key, cfg.console_admin_id)
+            self.console = console.Console(
+                self.authority,
+                self.run_sync,
+                cfg.console,
+                tls,
+                clock=lambda: self.clock().timestamp(),
+                drain=self.drain,
+            )
         self.started = time.monotonic()
         self.server_id = SpiffeId.from_parts(self.td, *SERVER_PATH)
         self.tls_context: TLSContext | None = None
@@ -606,6 +621,10 @@ class CAServer:
                                 handler_nursery=handlers,
                             )
                         )
+                        if self.console is not None:
+                            addresses["console"] = await services.start(
+                                self.console.serve, handlers
+                            )
                         if self.cfg.metrics is not None:
                             addresses["metrics"] = await services.start(
                                 serve_health, self.cfg.metrics, self.registry, self.ready

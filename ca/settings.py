@@ -6,11 +6,24 @@ validation and the configuration reference in the docs.
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
 
 from tally.ops.config import Address, ConfigError, Duration, setting
-from tally.spiffe.spiffeid import SpiffeIdError, TrustDomain
+from tally.spiffe.spiffeid import SpiffeId, SpiffeIdError, TrustDomain
+
+
+def is_loopback(host: str | None) -> bool:
+    """Whether ``host`` (as `Address` keeps it) can only be reached from this machine."""
+    if host is None:
+        return False
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # any other name may resolve anywhere
 
 
 @dataclass(frozen=True)
@@ -79,13 +92,62 @@ class CASettings:
         help="append every signed audit anchor here as a JSON line; keep it where whoever"
         " can write the datastore cannot (another disk, a log shipper)",
     )
+    console: Address | None = setting(
+        None,
+        help="serve the live, read-only web console on HOST:PORT; a loopback address unless"
+        " console_cert, console_key and console_admin_id are set",
+    )
+    console_cert: Path | None = setting(
+        None,
+        help="the console's TLS certificate chain (PEM); with it the console serves HTTPS"
+        " and asks every browser for a client certificate",
+    )
+    console_key: Path | None = setting(None, help="private key of --console-cert (mode 0600)")
+    console_admin_id: list[str] = setting(
+        [],
+        metavar="ID",
+        help="SPIFFE ID (of this trust domain) whose client certificate may open the console",
+    )
     log_level: str = setting("info", help="debug, info, warning or error")
+
+    def _validate_console(self) -> None:
+        """The console is public data, but a fleet's map all the same: off loopback it
+        needs TLS and an admin's client certificate, and the CA says so before starting."""
+        if (self.console_cert is None) != (self.console_key is None):
+            raise ConfigError("settings 'console_cert' and 'console_key' go together")
+        tls = self.console_cert is not None
+        if tls and not self.console_admin_id:
+            raise ConfigError(
+                "setting 'console_cert' needs at least one 'console_admin_id':"
+                " the SPIFFE IDs whose client certificates may open the console"
+            )
+        if self.console_admin_id and not tls:
+            raise ConfigError("setting 'console_admin_id' needs 'console_cert' and 'console_key'")
+        td = TrustDomain.parse(self.trust_domain)
+        for text in self.console_admin_id:
+            try:
+                sid = SpiffeId.parse(text)
+            except SpiffeIdError as exc:
+                raise ConfigError(f"setting 'console_admin_id': {exc}") from exc
+            if sid.trust_domain != td:
+                raise ConfigError(f"setting 'console_admin_id': {text} is not in trust domain {td}")
+        if self.console is None:
+            return
+        if self.console.is_unix:
+            raise ConfigError("setting 'console': expected HOST:PORT (a browser needs TCP)")
+        if not tls and not is_loopback(self.console.host):
+            raise ConfigError(
+                f"setting 'console': {self.console} is not a loopback address; off loopback"
+                " the console needs console_cert, console_key and console_admin_id"
+                " (client-certificate authentication)"
+            )
 
     def validate(self) -> None:
         try:
             TrustDomain.parse(self.trust_domain)
         except SpiffeIdError as exc:
             raise ConfigError(f"setting 'trust_domain': {exc}") from exc
+        self._validate_console()
         if self.default_svid_ttl > self.max_svid_ttl:
             raise ConfigError(
                 "setting 'default_svid_ttl' is above 'max_svid_ttl'"

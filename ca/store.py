@@ -577,6 +577,19 @@ class Store:
         (n,) = self._conn.execute("SELECT count(*) FROM svids").fetchone()
         return int(n)
 
+    def latest_svids(self, since: int, limit: int) -> list[IssuedSvid]:
+        """The newest SVID of each (identity, agent) that expired after ``since``, soonest
+        expiry first: what the console shows as about to expire (or expired unreplaced).
+        Older SVIDs of the same identity were superseded and matter to nobody."""
+        rows = self._conn.execute(
+            "SELECT serial, spiffe_id, agent_id, kind, not_after, issued_at FROM ("
+            "SELECT *, ROW_NUMBER() OVER (PARTITION BY spiffe_id, agent_id "
+            "ORDER BY issued_at DESC, not_after DESC) AS newest FROM svids "
+            "WHERE not_after > ?) WHERE newest = 1 ORDER BY not_after, serial LIMIT ?",
+            (since, limit),
+        ).fetchall()
+        return [IssuedSvid(*r) for r in rows]
+
     def prune_svids(self, before: int) -> int:
         """Drop expired SVID rows; the audit log keeps their history."""
         with self._tx() as conn:

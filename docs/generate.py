@@ -131,7 +131,9 @@ def sections() -> list[Section]:
             "Also checked at start: `default_svid_ttl` is at most `max_svid_ttl`; "
             "`root_propagation` is under a third of `root_ttl`; `upstream_cert` and "
             "`upstream_key` go together; the SVID and intermediate TTLs are at least 1s; "
-            "`max_connections` and `admin_max_connections` are at least 1. "
+            "`max_connections` and `admin_max_connections` are at least 1; `console` is a "
+            "loopback address unless `console_cert`, `console_key` and at least one "
+            "`console_admin_id` (of the CA's trust domain) are set, and those three go together. "
             + _reload_note("CA", CA_RESTART_ONLY),
         ),
         Section(

@@ -10,7 +10,9 @@ The picture it builds:
     traffic -> frontend (HTTP) -> client proxy ==mTLS==> server proxy -> backend (HTTP)
 
 with SVIDs that live a few seconds and one signing-key rotation half way, so
-identities are replaced many times while requests keep succeeding.
+identities are replaced many times while requests keep succeeding.  The CA's web
+console (`tally ca run --console`) is the first thing printed: the rotations, the
+key schedule and the audit chain are drawn there live while the demo runs.
 """
 
 from __future__ import annotations
@@ -211,7 +213,6 @@ def run_demo(args: argparse.Namespace) -> int:
     try:
         admin = str(workdir / "ca-admin.sock")
         agent_sock = str(workdir / "agent.sock")
-        print(f"== Tally demo in {workdir}")
         ca = start(
             "ca",
             [
@@ -229,9 +230,13 @@ def run_demo(args: argparse.Namespace) -> int:
                 SVID_TTL,
                 "--intermediate-ttl",
                 "10m",
+                "--console",
+                args.console,
             ],
             "ca.started",
         )
+        print(f"Console: {ca['console']}  (open it to watch the identities rotate)", flush=True)
+        print(f"== Tally demo in {workdir}")
         print(f"CA up for {TD} (agent API {ca['listen']}); SVIDs live {SVID_TTL}")
         (workdir / "bundle.pem").write_text(_cli(admin, "bundle", "show")["bundle"])
         token = _cli(admin, "token", "create", "--spiffe-id", AGENT)["token"]
@@ -411,4 +416,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("demo", help="run Tally on loopback and watch identities rotate")
     p.add_argument("--duration", type=float, default=60, help="seconds of traffic (default 60)")
     p.add_argument("--no-live", action="store_true", help="plain log lines instead of a live view")
+    p.add_argument(
+        "--console",
+        default="127.0.0.1:0",
+        metavar="HOST:PORT",
+        help="where the CA serves its web console (default: a free loopback port)",
+    )
     p.set_defaults(func=run_demo)
