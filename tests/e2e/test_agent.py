@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import trio
+from cryptography import x509
 
 from tally.app.launch import run_cli
 from tally.wire import workload_client as wl
@@ -199,13 +200,12 @@ def test_ca_outage_serves_cache_then_catches_up(ca_factory, agent_factory):
     register(ca, agent, "web", f"unix:uid:{UID}")
     wait_fetch(agent, "spiffe://example.org/web")
     ca.daemon.stop()
-    # With the CA gone nothing can be renewed: what is served now stays served.
+    # With the CA gone nothing can be renewed: past the renewal point the agent keeps
+    # trying and says so, and what it served before is what it serves now.
     before = probe("fetch", agent.socket)[0]["svids"][0]
-    time.sleep(2)
+    agent.daemon.wait_for("rotation.failed", timeout=20)
     during = probe("fetch", agent.socket)[0]
     assert during["svids"][0]["serial"] == before["serial"]  # served from the cache
-    # Past the renewal point the agent keeps trying and says so.
-    agent.daemon.wait_for("rotation.failed", timeout=20)
     with urllib.request.urlopen(f"http://{agent.metrics}/metrics", timeout=5) as resp:
         text = resp.read().decode()
     assert "tally_agent_rotation_failures_total" in text
@@ -247,7 +247,8 @@ def test_eviction_stops_new_identities_and_restart_says_why(ca_factory, agent_fa
     time.sleep(3)
     assert len(agent.daemon.events("agent.evicted")) == 1
     agent.daemon.stop()
-    time.sleep(4.5)  # the agent SVID (4s) has now expired
+    svid = x509.load_pem_x509_certificates((agent.data_dir / "agent_svid.pem").read_bytes())[0]
+    time.sleep(max(0.0, svid.not_valid_after_utc.timestamp() - time.time()) + 0.5)  # expired
     result = run_cli(*agent.args)
     assert result.returncode == 1
     assert "expired" in result.stderr and "--join-token" in result.stderr
