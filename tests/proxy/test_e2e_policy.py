@@ -7,6 +7,7 @@ import signal
 import socket
 import ssl
 import time
+from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
@@ -37,7 +38,7 @@ def minted(pki: Authority, base: Path, name: str, *, issued_ago: float, lives: f
 
 
 @pytest.fixture(scope="module")
-def server(pki, echo_backend, tmp_path_factory) -> tuple[Running, Path]:
+def server(pki, echo_backend, tmp_path_factory) -> Iterator[tuple[Running, Path]]:
     base = tmp_path_factory.mktemp("policy")
     api = minted(pki, base, "api", issued_ago=60, lives=3600)
     config = base / "proxy.toml"
