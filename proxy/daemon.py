@@ -47,6 +47,8 @@ from tally.ops import metrics
 from tally.ops.clock import Clock, wall_clock
 from tally.ops.errors import CommandError
 from tally.ops.health import serve_health
+from tally.ops.hook_rules import check_hooks
+from tally.ops.hooks import Hooks
 from tally.ops.logs import get_logger, setup_logging
 from tally.ops.net import ListenError
 from tally.ops.reload import reread
@@ -104,8 +106,11 @@ class Proxy:
                 idle_s=cfg.pool_idle_timeout,
                 stats=self.stats,
             )
+        self.hooks = Hooks("proxy", check_hooks(cfg.hooks), identity=self._identity)
         collector = ProxyCollector(self.stats, self.swap.svid_info, clock, mode)
-        self.registry = metrics.registry_of(collector.collect)
+        self.registry = metrics.registry_of(
+            lambda: [*collector.collect(), *self.hooks.metrics("tally_proxy")]
+        )
         self.addresses: dict[str, str] = {}
         self._stop = trio.Event()
         self._stopping = False
@@ -113,6 +118,11 @@ class Proxy:
         """Set once the listener accepts connections (after the first SVID)."""
         self._handlers: trio.Nursery | None = None
         self._file_signature: Signature = ()
+
+    def _identity(self) -> str | None:
+        """Who this proxy is, for hook payloads about no other identity."""
+        cur = self.swap.current
+        return str(cur.identity.spiffe_id) if cur is not None else None
 
     @property
     def cfg(self) -> ServerSettings | ClientSettings:
@@ -220,6 +230,7 @@ class Proxy:
             pool.max_idle = new.pool_size
             pool.idle_s = new.pool_idle_timeout
         self.swap.set_policy(policy)
+        self.hooks.update(check_hooks(new.hooks))
         log.info(
             "config.reloaded",
             rules=policy.describe(),
@@ -265,6 +276,7 @@ class Proxy:
             self._load_first()
             async with trio.open_nursery() as outer:
                 await outer.start(self._signals)
+                await outer.start(self.hooks.run)
                 await outer.start(self.traffic.relay.run)
                 if self.cfg.metrics is not None:
                     try:

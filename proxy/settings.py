@@ -21,7 +21,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from tally.ops.config import Address, ConfigError, Duration, setting
+from tally.ops.config import Address, ConfigError, Duration, Table, setting
+from tally.ops.hook_rules import HOOKS_HELP, check_hooks
 from tally.spiffe import authz
 from tally.spiffe.peer_policy import RotationPolicy
 from tally.spiffe.spiffeid import SpiffeId, SpiffeIdError, TrustDomain
@@ -117,8 +118,10 @@ class ProxySettings:
         "share for the first only (default: the post-quantum hybrid, then X25519, then P-256)",
     )
     log_level: str = setting("info", metavar="LEVEL", help="debug, info, warning or error")
+    hooks: list[Table] = setting([], flag="--hook", metavar="TABLE", help=HOOKS_HELP)
 
     def validate(self) -> None:
+        check_hooks(self.hooks)
         if self.log_level not in LOG_LEVELS:
             raise ConfigError(f"setting 'log_level': unknown level {self.log_level!r}")
         if self.max_connections < 1:
