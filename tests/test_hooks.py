@@ -11,16 +11,21 @@ import io
 import itertools
 import json
 import logging
+import subprocess
 import sys
 import threading
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
 
 import pytest
 import trio
 from hypothesis import given
 from hypothesis import strategies as st
 
+from agent.settings import AgentSettings
+from ca.settings import CASettings
+from proxy.settings import ClientSettings, ServerSettings
 from tally.ops.config import ConfigError, Table, add_arguments, dump_toml, load, setting
 from tally.ops.hook_rules import (
     COALESCED,
@@ -397,3 +402,59 @@ def test_a_single_table_where_an_array_is_expected_is_a_one_line_error(tmp_path)
     add_arguments(parser, WithTables)
     with pytest.raises(ConfigError, match=r"key 'hooks': expected an array of tables"):
         load(WithTables, parser.parse_args(["--config", str(path)]), env={})
+
+
+# -- the deploy/ sample ------------------------------------------------------------------------
+
+DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
+
+
+@pytest.mark.parametrize(
+    ("sample", "schema"),
+    [
+        ("ca.toml", CASettings),
+        ("agent.toml", AgentSettings),
+        ("proxy-web.toml", ServerSettings),
+        ("proxy-billing.toml", ClientSettings),
+    ],
+)
+def test_the_sample_hooks_load_into_every_daemon(tmp_path, sample, schema):
+    path = tmp_path / sample
+    snippet = (DEPLOY / "hooks" / "hooks.toml").read_text()
+    path.write_text((DEPLOY / "config" / sample).read_text() + "\n" + snippet)
+    parser = argparse.ArgumentParser()
+    add_arguments(parser, schema)
+    cfg = load(schema, parser.parse_args(["--config", str(path)]), env={})
+    pager, dashboard = check_hooks(cfg.hooks)
+    assert pager.command is not None and pager.command[1].endswith("/page-webhook.py")
+    assert "rotation.failed" in pager.on and dashboard.url is not None
+
+
+def test_the_sample_pager_script_posts_an_alert(tmp_path):
+    server = HTTPServer(("127.0.0.1", 0), Receiver)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url_file = tmp_path / "pager-url"
+        url_file.write_text(f"http://127.0.0.1:{server.server_port}/v2/enqueue?key=R0UT1NG\n")
+        event = payload(
+            "agent",
+            "node-1",
+            event_of("svid.expired", "T", {"spiffe_id": "spiffe://t/web"}, None),
+            3,
+        )
+        script = DEPLOY / "hooks" / "page-webhook.py"
+        args = [sys.executable, str(script), "--url-file", str(url_file)]
+        done = subprocess.run(args, input=json.dumps(event).encode(), capture_output=True)
+        assert done.returncode == 0, done.stderr
+        path, body = Receiver.got[-1]
+        assert path == "/v2/enqueue?key=R0UT1NG"
+        alert = json.loads(body)
+        assert alert["severity"] == "critical"
+        assert alert["summary"].startswith("tally agent on node-1: svid.expired for spiffe://t/web")
+        assert "3 more" in alert["summary"] and alert["runbook"] == event["action"]
+        url_file.write_text("http://127.0.0.1:1/closed\n")
+        done = subprocess.run(args, input=json.dumps(event).encode(), capture_output=True)
+        assert done.returncode == 1 and b"R0UT1NG" not in done.stderr
+    finally:
+        server.shutdown()
+        server.server_close()
