@@ -38,7 +38,7 @@ from tally.ops import metrics
 from tally.ops.admission import Admission
 from tally.ops.clock import Clock, wall_clock
 from tally.ops.errors import OperatorError
-from tally.ops.health import serve_health
+from tally.ops.health import serve_health, watch_ready
 from tally.ops.hook_rules import check_hooks
 from tally.ops.hooks import Hooks
 from tally.ops.logs import get_logger, setup_logging
@@ -279,6 +279,7 @@ class AgentServer:
         try:
             async with trio.open_nursery() as nursery:
                 await nursery.start(self.hooks.run)
+                nursery.start_soon(watch_ready, self.ready)
                 addresses = {"socket": str(cfg.socket)}
                 if cfg.metrics is not None:
                     addresses["metrics"] = await nursery.start(

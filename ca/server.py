@@ -57,7 +57,7 @@ from tally.ops import metrics
 from tally.ops.admission import Admission
 from tally.ops.clock import Clock, wall_clock
 from tally.ops.errors import OperatorError
-from tally.ops.health import serve_health
+from tally.ops.health import serve_health, watch_ready
 from tally.ops.hook_rules import check_hooks
 from tally.ops.hooks import Hooks
 from tally.ops.logs import get_logger, setup_logging
@@ -564,6 +564,7 @@ class CAServer:
                         await services.start(self.hooks.run)
                         services.start_soon(self._key_loop)
                         services.start_soon(self._audit_verify_loop)
+                        services.start_soon(watch_ready, self.ready)
                         services.start_soon(
                             partial(
                                 trio.serve_listeners,

@@ -46,7 +46,7 @@ from proxy.traffic import Traffic
 from tally.ops import metrics
 from tally.ops.clock import Clock, wall_clock
 from tally.ops.errors import CommandError
-from tally.ops.health import serve_health
+from tally.ops.health import serve_health, watch_ready
 from tally.ops.hook_rules import check_hooks
 from tally.ops.hooks import Hooks
 from tally.ops.logs import get_logger, setup_logging
@@ -289,6 +289,7 @@ class Proxy:
                     self._handlers = handlers
                     async with trio.open_nursery() as services:
                         services.start_soon(self._run_source)
+                        services.start_soon(watch_ready, self.ready)
                         if self.traffic.pool is not None:
                             await services.start(self.traffic.pool.run)
                         services.start_soon(self._serve_when_ready, sock, handlers)

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 from dataclasses import dataclass
+from functools import partial
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from agent.settings import AgentSettings
 from ca.settings import CASettings
 from proxy.settings import ClientSettings, ServerSettings
 from tally.ops.config import ConfigError, Table, add_arguments, dump_toml, load, setting
+from tally.ops.health import ReadyWatch, watch_ready
 from tally.ops.hook_rules import (
     COALESCED,
     DROPPED,
@@ -458,3 +460,47 @@ def test_the_sample_pager_script_posts_an_alert(tmp_path):
     finally:
         server.shutdown()
         server.server_close()
+
+
+# -- ready.lost, the readiness event hooks can subscribe to ---------------------------------
+
+
+@given(st.lists(st.booleans(), max_size=60), st.integers(1, 4))
+def test_ready_lost_and_regained_alternate_and_need_a_first_ready(samples, grace):
+    watch = ReadyWatch(grace)
+    said = [e for e in (watch.observe(ok) for ok in samples) if e is not None]
+    assert all(a != b for a, b in itertools.pairwise(said))  # lost, regained, lost, ...
+    assert not said or said[0] == "ready.lost"
+    first_ready = samples.index(True) if True in samples else len(samples)
+    # lost is said exactly when `grace` misses in a row follow some ready sample
+    run, expected_lost = 0, 0
+    lost = False
+    for ok in samples[first_ready:]:
+        run = 0 if ok else run + 1
+        if ok:
+            lost = False
+        elif run >= grace and not lost:
+            lost, expected_lost = True, expected_lost + 1
+    assert said.count("ready.lost") == expected_lost
+
+
+async def test_watch_ready_logs_a_loss_after_two_seconds(autojump_clock):
+    out = io.StringIO()
+    setup_logging("info", stream=out)
+    state = {"ok": True}
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(partial(watch_ready, lambda: (state["ok"], "why"), every=1.0))
+            await trio.sleep(5.5)
+            state["ok"] = False
+            await trio.sleep(3)
+            state["ok"] = True
+            await trio.sleep(1)
+            nursery.cancel_scope.cancel()
+    finally:
+        setup_logging("info")
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert [(d["event"], d["why"]) for d in lines] == [
+        ("ready.lost", "why"),
+        ("ready.regained", "why"),
+    ]
