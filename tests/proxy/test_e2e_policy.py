@@ -3,9 +3,11 @@ close a connection when its peer gets too old, and take a new policy on SIGHUP."
 
 from __future__ import annotations
 
+import json
 import signal
 import socket
 import ssl
+import sys
 import time
 from collections.abc import Iterator
 from datetime import timedelta
@@ -13,7 +15,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.proxy.conftest import Minted, Running, client_context, launch, tls_connect
+from tests.proxy.conftest import (
+    Minted,
+    Running,
+    client_context,
+    launch,
+    tls_connect,
+    wait_until,
+)
 from tests.proxy.pki import Authority, now
 
 pytestmark = pytest.mark.e2e
@@ -154,16 +163,27 @@ def test_a_client_proxy_refuses_a_stale_server(pki, echo_backend, tmp_path, star
     assert client.metric("tally_proxy_peer_denied_total", reason="stale_certificate") == 1
 
 
-def test_sighup_applies_a_new_policy_to_the_next_handshake(server, pki):
+def test_sighup_applies_a_new_policy_and_hooks_to_the_next_handshake(server, pki):
+    """The reload also adds a ``[[hooks]]`` table: the refusal it causes runs the hook."""
     proxy, base = server
     ten_minutes_old = minted(pki, base, "tenmin", issued_ago=600, lives=3600)
     ctx = client_context(ten_minutes_old, ten_minutes_old.bundle)
     assert echo(proxy.port, ctx) == b"ping"
-    (base / "proxy.toml").write_text('max_peer_age = "5m"\n')
+    out = base / "denied.jsonl"
+    append = f"import sys; open({str(out)!r}, 'a').write(sys.stdin.read())"
+    (base / "proxy.toml").write_text(
+        'max_peer_age = "5m"\n\n[[hooks]]\non = ["peer.denied"]\n'
+        f"command = {json.dumps([sys.executable, '-c', append])}\n"
+    )
     proxy.daemon.signal(signal.SIGHUP)
     proxy.daemon.wait_for("config.reloaded", timeout=5)
     try:
         denied_with(proxy, "stale_certificate", lambda: echo(proxy.port, ctx))
+        wait_until(out.exists, timeout=5, what="the hook's output")
+        doc = json.loads(out.read_text().splitlines()[0])
+        assert doc["daemon"] == "proxy" and doc["event"] == "peer.denied"
+        assert doc["identity"] == ten_minutes_old.spiffe_id
+        assert doc["reason"] == "stale_certificate" and doc["detail"]["mode"] == "server"
     finally:
         (base / "proxy.toml").write_text(f"max_peer_age = {MAX_AGE}\n")
         proxy.daemon.signal(signal.SIGHUP)
