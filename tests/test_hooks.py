@@ -8,19 +8,26 @@ from __future__ import annotations
 
 import argparse
 import io
+import ipaddress
 import itertools
 import json
 import logging
+import ssl
 import subprocess
 import sys
 import threading
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from functools import partial
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
 import pytest
 import trio
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -504,3 +511,61 @@ async def test_watch_ready_logs_a_loss_after_two_seconds(autojump_clock):
         ("ready.lost", "why"),
         ("ready.regained", "why"),
     ]
+
+
+def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 that no system root trusts: the receiver's own."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "hook receiver")])
+    now = datetime.now(UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=1))
+        .not_valid_after(now + timedelta(hours=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = tmp_path / "receiver.pem", tmp_path / "receiver-key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path, key_path
+
+
+def test_an_https_webhook_is_verified_against_its_ca_file(tmp_path):
+    cert, key = _self_signed(tmp_path)
+    server = HTTPServer(("127.0.0.1", 0), Receiver)
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls.load_cert_chain(cert, key)
+    server.socket = tls.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"https://127.0.0.1:{server.server_port}/secure"
+    try:
+        trusted = check_hooks([{"on": ["a"], "url": url, "ca_file": str(cert)}])[0]
+        trio.run(deliver, trusted, b'{"event":"a"}')
+        assert Receiver.got[-1] == ("/secure", b'{"event":"a"}')
+        system_roots = check_hooks([{"on": ["a"], "url": url}])[0]
+        with pytest.raises(DeliveryError, match="certificate verify failed"):
+            trio.run(deliver, system_roots, b"{}")
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_missing_ca_file_is_said_at_load_time(tmp_path):
+    missing = tmp_path / "nope.pem"
+    with pytest.raises(ConfigError, match=r"^setting 'hooks': hooks\[0\]\.ca_file .*no such file$"):
+        check_hooks([{"on": ["a"], "url": "https://h/", "ca_file": str(missing)}])

@@ -3,7 +3,8 @@
 A hook turns a log event (``rotation.failed``, ``svid.expired``, ``peer.denied``,
 ``audit.broken`` ...) into an action outside the daemon: a command run with the
 event on stdin, or a POST to a webhook.  `tally.ops.hooks` moves the bytes;
-this module decides, with no I/O and no clock of its own.
+this module decides, with no clock of its own and no I/O (but for `check_hooks`, which
+checks at load time that a ``ca_file`` exists).
 
 Rules:
 
@@ -33,6 +34,7 @@ import ipaddress
 from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Final
 from urllib.parse import urlsplit
 
@@ -199,11 +201,19 @@ HOOKS_HELP: Final = (
 
 
 def check_hooks(tables: Sequence[Table]) -> tuple[HookSpec, ...]:
-    """`parse_hooks` for a settings ``validate``: a mistake is a one-line `ConfigError`."""
+    """`parse_hooks` for a settings ``validate``: a mistake is a one-line `ConfigError`.
+
+    The one look outside: a ``ca_file`` that is not there is said at start (or at the
+    SIGHUP that names it), not at the first delivery, when nobody is watching.
+    """
     try:
-        return parse_hooks(tables)
+        specs = parse_hooks(tables)
     except HookError as exc:
         raise ConfigError(f"setting 'hooks': {exc}") from exc
+    for i, spec in enumerate(specs):
+        if spec.ca_file is not None and not Path(spec.ca_file).is_file():
+            raise ConfigError(f"setting 'hooks': hooks[{i}].ca_file {spec.ca_file}: no such file")
+    return specs
 
 
 # -- what a hook is sent --------------------------------------------------------------------

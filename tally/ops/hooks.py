@@ -40,7 +40,7 @@ import subprocess
 import threading
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from urllib.parse import urlsplit
 
 import trio
@@ -118,11 +118,10 @@ class Hooks:
 
     # -- the sink (rules 1 and 2) --------------------------------------------------------------
 
-    def offer(self, name: str, created: float, fields: dict[str, object] | object) -> None:
-        """Hand one logged event to every hook that wants it; never waits, never raises."""
+    def offer(self, name: str, created: float, fields: Mapping[str, object]) -> None:
+        """Hand one logged event to every hook that wants it; never waits (rule 2)."""
         if name not in self._events or name.startswith("hook."):
             return
-        fields = fields if isinstance(fields, dict) else {}
         event = event_of(name, timestamp(created), fields, self.identity())
         now = self._now()
         woken = []
@@ -154,13 +153,17 @@ class Hooks:
                 continue
             await self._deliver(live.spec, item)
 
+    def _count(self, outcome: str) -> None:
+        with self._lock:  # `offer` counts from other threads too
+            self.counts[outcome] += 1
+
     async def _deliver(self, spec: HookSpec, item: Pending) -> None:
         doc = payload(self.daemon, self._host, item.event, item.repeats)
         body = json.dumps(doc, separators=(",", ":"), ensure_ascii=True).encode() + b"\n"
         error = ""
         for attempt in range(spec.retries + 1):
             if attempt:
-                self.counts["retried"] += 1
+                self._count("retried")
                 await trio.sleep(backoff(attempt - 1, self._rng, base=1.0, cap=30.0))
             try:
                 with trio.fail_after(spec.timeout):
@@ -170,9 +173,9 @@ class Hooks:
             except DeliveryError as exc:
                 error = str(exc)
             else:
-                self.counts["delivered"] += 1
+                self._count("delivered")
                 return
-        self.counts["failed"] += 1
+        self._count("failed")
         log.warning(
             "hook.failed",
             hook=spec.describe(),
@@ -233,7 +236,7 @@ class _Sink(logging.Handler):
         try:
             found = record_event(record)
             if found is not None:
-                self.hooks.offer(found[0], record.created, dict(found[1]))
+                self.hooks.offer(found[0], record.created, found[1])
         except Exception:  # a hook must never break the logging of the daemon
             return
 
@@ -275,6 +278,18 @@ def _tls_context(ca_file: str | None) -> ssl.SSLContext:
     return ctx
 
 
+def _why(exc: HttpClientError) -> str:
+    """What went wrong, without the request target (a webhook's path may hold its key)."""
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            return f"certificate verify failed: {cause.verify_message}"
+        if isinstance(cause, ssl.SSLError):
+            return f"TLS: {cause.reason or cause}"
+        cause = cause.__cause__ or cause.__context__
+    return str(exc).split(": ", 1)[-1]
+
+
 async def _post(url: str, ca_file: str | None, body: bytes, timeout: float) -> None:  # noqa: ASYNC109 - the attempt's own bound, also set outside
     parts = urlsplit(url)
     host = parts.hostname or ""
@@ -303,7 +318,7 @@ async def _post(url: str, ca_file: str | None, body: bytes, timeout: float) -> N
         )
     except HttpClientError as exc:
         where = f"{parts.scheme}://{host}:{port}"
-        raise DeliveryError(f"POST to {where}: {str(exc).split(': ', 1)[-1]}") from exc
+        raise DeliveryError(f"POST to {where}: {_why(exc)}") from exc
     finally:
         with trio.CancelScope(shield=True), trio.move_on_after(1):
             await client.aclose()
