@@ -235,6 +235,9 @@ class Proxy:
             "config.reloaded",
             rules=policy.describe(),
             max_connections=new.max_connections,
+            max_peer_lifetime=new.max_peer_lifetime,
+            max_peer_age=new.max_peer_age,
+            hooks=[spec.describe() for spec in self.hooks.specs],
         )
 
     async def _signals(
