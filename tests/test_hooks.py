@@ -12,6 +12,7 @@ import ipaddress
 import itertools
 import json
 import logging
+import math
 import ssl
 import subprocess
 import sys
@@ -93,6 +94,8 @@ def test_plain_http_elsewhere_is_refused_naming_the_hook(host):
         ({"on": ["a"], "url": "ftp://h/"}, r"\.url: expected https://HOST/PATH"),
         ({"on": ["a"], "url": "https://h:99999/"}, r"\.url: not a URL"),
         ({"on": ["a"], "command": ["x"], "timeout": 0}, r"\.timeout: must be at least 0.1"),
+        ({"on": ["a"], "command": ["x"], "timeout": float("inf")}, r"\.timeout: .* and finite"),
+        ({"on": ["a"], "command": ["x"], "coalesce": float("nan")}, r"\.coalesce: .* and finite"),
         ({"on": ["a"], "command": ["x"], "retries": True}, r"\.retries: expected an integer"),
         ({"on": ["a"], "command": ["x"], "ca_file": "/r.pem"}, "only an https url"),
         ({"on": ["a"], "command": ["x"], "shell": True}, r"unknown key 'shell'"),
@@ -104,6 +107,25 @@ def test_bad_declarations_are_one_line_errors(table, message):
         check_hooks([good, table])
     assert str(info.value).startswith("setting 'hooks': hooks[1]")
     assert "\n" not in str(info.value)
+
+
+anything = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=30),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner),
+    max_leaves=8,
+)
+hook_keys = st.sampled_from(["on", "command", "url", "ca_file", "timeout", "retries", "queue"])
+
+
+@given(st.dictionaries(hook_keys | st.text(max_size=8), anything, max_size=6))
+def test_any_table_is_a_hook_or_a_hook_error_never_a_crash(table):
+    try:
+        (spec,) = parse_hooks([table])
+    except HookError as exc:
+        assert str(exc).startswith("hooks[0]") and "\n" not in str(exc)
+    else:
+        assert (spec.command is None) != (spec.url is None) and spec.on
+        assert all(math.isfinite(v) for v in (spec.timeout, spec.coalesce))
 
 
 def test_a_url_is_described_without_its_path_or_credentials():

@@ -31,6 +31,7 @@ Rules:
 from __future__ import annotations
 
 import ipaddress
+import math
 from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -112,8 +113,8 @@ def _number(where: str, value: object, *, minimum: float, integer: bool) -> floa
     if not ok or isinstance(value, bool):
         raise HookError(f"{where}: expected {'an integer' if integer else 'a number'}")
     assert isinstance(value, int | float)
-    if value < minimum:
-        raise HookError(f"{where}: must be at least {minimum:g}")
+    if not math.isfinite(value) or value < minimum:  # no "inf = forever", and no NaN
+        raise HookError(f"{where}: must be at least {minimum:g} and finite")
     return value
 
 
