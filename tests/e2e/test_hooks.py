@@ -197,7 +197,8 @@ def test_the_ca_finds_its_broken_audit_chain_and_runs_its_hook(fleet):
     assert line["bad_seq"] == 2 and "altered" in line["problem"]
     out = base / "ca-hook.jsonl"
     deadline = time.monotonic() + 5
-    while not out.exists() and time.monotonic() < deadline:
+    # the hook appends one JSON line; wait for the whole line, not just the file
+    while not (out.exists() and out.read_text().endswith("\n")) and time.monotonic() < deadline:
         time.sleep(0.05)
     doc = json.loads(out.read_text().splitlines()[0])
     assert doc["daemon"] == "ca" and doc["event"] == "audit.broken"

@@ -179,7 +179,11 @@ def test_sighup_applies_a_new_policy_and_hooks_to_the_next_handshake(server, pki
     proxy.daemon.wait_for("config.reloaded", timeout=5)
     try:
         denied_with(proxy, "stale_certificate", lambda: echo(proxy.port, ctx))
-        wait_until(out.exists, timeout=5, what="the hook's output")
+        wait_until(
+            lambda: out.exists() and out.read_text().endswith("\n"),
+            timeout=5,
+            what="the hook's whole line",
+        )
         doc = json.loads(out.read_text().splitlines()[0])
         assert doc["daemon"] == "proxy" and doc["event"] == "peer.denied"
         assert doc["identity"] == ten_minutes_old.spiffe_id
