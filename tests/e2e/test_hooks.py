@@ -142,9 +142,11 @@ def test_a_hook_that_never_returns_leaves_rotation_on_schedule(fleet):
     times = _rotations(node2, SLOW)
     assert len(times) >= 3, times
     gaps = [(b - a).total_seconds() for a, b in itertools.pairwise(times)]
-    # renewal is due between 38 % and 48 % of the lifetime after the last issue (plus the
-    # round trip to the CA): a hook stuck on every one of them moves none
-    assert all(gap <= 0.48 * TTL + 0.6 for gap in gaps), gaps
+    # Renewal is due between 38 % and 48 % of the lifetime after the last issue, plus the
+    # round trip to the CA (up to a second on a loaded machine), always before the 75 %
+    # mark where the agent would call the SVID at risk: a hook stuck on every rotation,
+    # with its queue full, moves none of them.
+    assert all(gap <= 0.48 * TTL + 1.0 for gap in gaps), gaps
     assert not node2.daemon.events("hook.failed")  # still running: its 60 s have not passed
 
 
