@@ -298,6 +298,21 @@ async def test_retries_back_off_with_jitter_then_give_up(autojump_clock, quiet_l
     assert hooks.counts["failed"] == 1 and hooks.counts["retried"] == 4
 
 
+async def test_a_transport_that_crashes_is_a_failed_delivery_not_a_dead_daemon(
+    autojump_clock, quiet_logs
+):
+    async def broken(spec: HookSpec, body: bytes) -> None:
+        raise RuntimeError("bug")
+
+    hooks = Hooks("proxy", [hook("peer.denied", retries=1)], send=broken)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(hooks.run)
+        get_logger("tally.proxy").warning("peer.denied", reason="expired")
+        await trio.sleep(10)
+        nursery.cancel_scope.cancel()
+    assert hooks.counts["failed"] == 1
+
+
 async def test_sighup_swaps_hooks_and_keeps_unchanged_ones(autojump_clock, quiet_logs):
     got: list[str] = []
 

@@ -172,6 +172,8 @@ class Hooks:
                 error = f"no answer within {spec.timeout:g}s"
             except DeliveryError as exc:
                 error = str(exc)
+            except Exception as exc:  # a bug in a transport must not take the daemon down
+                error = f"{type(exc).__name__}: {exc}"
             else:
                 self._count("delivered")
                 return
