@@ -39,7 +39,9 @@ from tally.ops import metrics
 from tally.ops.admission import Admission
 from tally.ops.clock import Clock, wall_clock
 from tally.ops.errors import OperatorError
-from tally.ops.health import serve_health
+from tally.ops.health import serve_health, watch_ready
+from tally.ops.hook_rules import check_hooks
+from tally.ops.hooks import Hooks
 from tally.ops.logs import get_logger, setup_logging
 from tally.ops.net import open_unix_listener
 from tally.ops.reload import reread
@@ -137,7 +139,10 @@ class AgentServer:
         self.admission = Admission(
             cfg.workload_max_connections, cfg.workload_max_connections_per_uid
         )
-        self.registry = metrics.registry_of(lambda: _metrics(self))
+        self.hooks = Hooks("agent", check_hooks(cfg.hooks), identity=self._identity)
+        self.registry = metrics.registry_of(
+            lambda: [*_metrics(self), *self.hooks.metrics("tally_agent")]
+        )
         state.prepare_dir(cfg.data_dir)
         stored = state.load_bundle(cfg.data_dir)
         if stored is not None:
@@ -238,6 +243,10 @@ class AgentServer:
             return False, f"close to expiry with no successor: {', '.join(sorted(risky)[:3])}"
         return True, f"{len(keeper.svids)} SVIDs fresh"
 
+    def _identity(self) -> str | None:
+        """This agent's SPIFFE ID, for hook payloads about no other identity."""
+        return self.keeper.agent_id if self.keeper is not None else None
+
     async def reload(self) -> None:
         """SIGHUP (rule 4): apply the live settings of the re-read file."""
         if self._reload_config is None:
@@ -248,6 +257,7 @@ class AgentServer:
             return
         self.cfg = new
         setup_logging(new.log_level)
+        self.hooks.update(check_hooks(new.hooks))
         if self._client is not None:
             self._client.timeout = float(new.ca_timeout)
         if self.keeper is not None:
@@ -289,6 +299,8 @@ class AgentServer:
         listener = await open_unix_listener(cfg.socket, 0o666)
         try:
             async with trio.open_nursery() as nursery:
+                await nursery.start(self.hooks.run)
+                nursery.start_soon(watch_ready, self.ready)
                 addresses = {"socket": str(cfg.socket)}
                 if cfg.metrics is not None:
                     addresses["metrics"] = await nursery.start(

@@ -63,7 +63,9 @@ from tally.ops import metrics
 from tally.ops.admission import Admission
 from tally.ops.clock import Clock, wall_clock
 from tally.ops.errors import OperatorError
-from tally.ops.health import serve_health
+from tally.ops.health import serve_health, watch_ready
+from tally.ops.hook_rules import check_hooks
+from tally.ops.hooks import Hooks
 from tally.ops.logs import get_logger, setup_logging
 from tally.ops.net import (
     bound_address,
@@ -258,7 +260,10 @@ class CAServer:
         self.tls_context: TLSContext | None = None
         self._serving_refresh_at = 0.0
         self._serving_for: tuple[str, int] | None = None
-        self.registry = metrics.registry_of(lambda: _metrics(self))
+        self.hooks = Hooks("ca", check_hooks(cfg.hooks), identity=lambda: str(self.server_id))
+        self.registry = metrics.registry_of(
+            lambda: [*_metrics(self), *self.hooks.metrics("tally_ca")]
+        )
 
     async def run_sync(self, fn: Callable[[], T]) -> T:
         return await trio.to_thread.run_sync(fn, limiter=self._limiter)
@@ -533,6 +538,30 @@ class CAServer:
             return False, "agent API not serving yet"
         return True, f"signing with {self.keys.signer.key_id}"
 
+    async def _audit_verify_loop(self) -> None:
+        """--audit-verify-every: the CA proves its own audit chain, and says when it cannot.
+
+        A break is logged as ``audit.broken`` at every check until it is repaired, so a hook
+        on that event hears of it (coalesced) and an operator who missed one line sees the
+        next.  Read each round, so SIGHUP turns it on, off or changes the period.
+        """
+        while True:
+            every = self.cfg.audit_verify_every
+            await trio.sleep(every if every is not None else 60)
+            if self.cfg.audit_verify_every is None:
+                continue
+            result = await self.run_sync(self.store.verify_audit)
+            if result.ok:
+                log.debug("audit.verified", records=result.records)
+            else:
+                log.error(
+                    "audit.broken",
+                    reason="chain_broken",
+                    records=result.records,
+                    bad_seq=result.bad_seq,
+                    problem=result.problem,
+                )
+
     async def reload(self) -> None:
         """SIGHUP (rule 5): apply the live settings of the re-read file."""
         if self._reload_config is None:
@@ -547,6 +576,7 @@ class CAServer:
         ]
         self.cfg = new
         setup_logging(new.log_level)
+        self.hooks.update(check_hooks(new.hooks))
         self.authority.limits = _limits(new)
         throttle = ("attest_burst", "attest_refill", "token_max_failures")
         if any(name in changed for name in throttle):  # a new throttle forgets past failures
@@ -603,8 +633,11 @@ class CAServer:
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
                 async with trio.open_nursery() as handlers:
                     async with trio.open_nursery() as services:
+                        await services.start(self.hooks.run)
                         services.start_soon(self._key_loop)
                         services.start_soon(self._anchor_loop)
+                        services.start_soon(self._audit_verify_loop)
+                        services.start_soon(watch_ready, self.ready)
                         services.start_soon(
                             partial(
                                 trio.serve_listeners,

@@ -10,7 +10,8 @@ import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
 
-from tally.ops.config import Address, ConfigError, Duration, setting
+from tally.ops.config import Address, ConfigError, Duration, Table, setting
+from tally.ops.hook_rules import HOOKS_HELP, check_hooks
 from tally.spiffe.spiffeid import SpiffeId, SpiffeIdError, TrustDomain
 
 
@@ -109,6 +110,11 @@ class CASettings:
         help="SPIFFE ID (of this trust domain) whose client certificate may open the console",
     )
     log_level: str = setting("info", help="debug, info, warning or error")
+    hooks: list[Table] = setting([], flag="--hook", metavar="TABLE", help=HOOKS_HELP)
+    audit_verify_every: Duration | None = setting(
+        None,
+        help="verify the audit chain this often; a break logs audit.broken (a hook event)",
+    )
 
     def _validate_console(self) -> None:
         """The console is public data, but a fleet's map all the same: off loopback it
@@ -143,6 +149,9 @@ class CASettings:
             )
 
     def validate(self) -> None:
+        check_hooks(self.hooks)
+        if self.audit_verify_every is not None and self.audit_verify_every < 1:
+            raise ConfigError("setting 'audit_verify_every' must be at least 1s")
         try:
             TrustDomain.parse(self.trust_domain)
         except SpiffeIdError as exc:

@@ -46,7 +46,9 @@ from proxy.traffic import Traffic
 from tally.ops import metrics
 from tally.ops.clock import Clock, wall_clock
 from tally.ops.errors import CommandError
-from tally.ops.health import serve_health
+from tally.ops.health import serve_health, watch_ready
+from tally.ops.hook_rules import check_hooks
+from tally.ops.hooks import Hooks
 from tally.ops.logs import get_logger, setup_logging
 from tally.ops.net import ListenError
 from tally.ops.reload import reread
@@ -104,8 +106,11 @@ class Proxy:
                 idle_s=cfg.pool_idle_timeout,
                 stats=self.stats,
             )
+        self.hooks = Hooks("proxy", check_hooks(cfg.hooks), identity=self._identity)
         collector = ProxyCollector(self.stats, self.swap.svid_info, clock, mode)
-        self.registry = metrics.registry_of(collector.collect)
+        self.registry = metrics.registry_of(
+            lambda: [*collector.collect(), *self.hooks.metrics("tally_proxy")]
+        )
         self.addresses: dict[str, str] = {}
         self._stop = trio.Event()
         self._stopping = False
@@ -113,6 +118,11 @@ class Proxy:
         """Set once the listener accepts connections (after the first SVID)."""
         self._handlers: trio.Nursery | None = None
         self._file_signature: Signature = ()
+
+    def _identity(self) -> str | None:
+        """Who this proxy is, for hook payloads about no other identity."""
+        cur = self.swap.current
+        return str(cur.identity.spiffe_id) if cur is not None else None
 
     @property
     def cfg(self) -> ServerSettings | ClientSettings:
@@ -220,10 +230,14 @@ class Proxy:
             pool.max_idle = new.pool_size
             pool.idle_s = new.pool_idle_timeout
         self.swap.set_policy(policy)
+        self.hooks.update(check_hooks(new.hooks))
         log.info(
             "config.reloaded",
             rules=policy.describe(),
             max_connections=new.max_connections,
+            max_peer_lifetime=new.max_peer_lifetime,
+            max_peer_age=new.max_peer_age,
+            hooks=[spec.describe() for spec in self.hooks.specs],
         )
 
     async def _signals(
@@ -265,6 +279,7 @@ class Proxy:
             self._load_first()
             async with trio.open_nursery() as outer:
                 await outer.start(self._signals)
+                await outer.start(self.hooks.run)
                 await outer.start(self.traffic.relay.run)
                 if self.cfg.metrics is not None:
                     try:
@@ -277,6 +292,7 @@ class Proxy:
                     self._handlers = handlers
                     async with trio.open_nursery() as services:
                         services.start_soon(self._run_source)
+                        services.start_soon(watch_ready, self.ready)
                         if self.traffic.pool is not None:
                             await services.start(self.traffic.pool.run)
                         services.start_soon(self._serve_when_ready, sock, handlers)

@@ -21,8 +21,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from tally.ops.config import Address, ConfigError, Duration, setting
+from tally.ops.config import Address, ConfigError, Duration, Table, setting
+from tally.ops.hook_rules import HOOKS_HELP, check_hooks
 from tally.spiffe import authz
+from tally.spiffe.peer_policy import RotationPolicy
 from tally.spiffe.spiffeid import SpiffeId, SpiffeIdError, TrustDomain
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -84,6 +86,16 @@ class ProxySettings:
     drain_timeout: Duration = setting(
         Duration(30), help="on SIGTERM, how long open connections may take to finish"
     )
+    max_peer_lifetime: Duration | None = setting(
+        None,
+        help="refuse a peer whose certificate was issued to live longer than this "
+        "(not_after - not_before): reason lifetime_exceeds_policy",
+    )
+    max_peer_age: Duration | None = setting(
+        None,
+        help="refuse a peer whose certificate was issued longer ago than this, and close its "
+        "connections when it gets that old: reason stale_certificate",
+    )
     allow_expired_peer_connections: bool = setting(
         False, help="keep connections open after the peer's certificate expires"
     )
@@ -106,8 +118,10 @@ class ProxySettings:
         "share for the first only (default: the post-quantum hybrid, then X25519, then P-256)",
     )
     log_level: str = setting("info", metavar="LEVEL", help="debug, info, warning or error")
+    hooks: list[Table] = setting([], flag="--hook", metavar="TABLE", help=HOOKS_HELP)
 
     def validate(self) -> None:
+        check_hooks(self.hooks)
         if self.log_level not in LOG_LEVELS:
             raise ConfigError(f"setting 'log_level': unknown level {self.log_level!r}")
         if self.max_connections < 1:
@@ -123,6 +137,10 @@ class ProxySettings:
         ):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"setting '{name}' must be above 0s")
+        for name in ("max_peer_lifetime", "max_peer_age"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ConfigError(f"setting '{name}' must be above 0s (unset: no bound)")
         if self.spiffe_id is not None:
             try:
                 SpiffeId.parse(self.spiffe_id)
@@ -172,6 +190,10 @@ class ProxySettings:
 
     def policy(self) -> authz.Policy:
         raise NotImplementedError
+
+    def rotation_policy(self) -> RotationPolicy:
+        """The bounds on peer certificates, read at every handshake so SIGHUP reaches the next."""
+        return RotationPolicy(self.max_peer_lifetime, self.max_peer_age)
 
     def source(self, env: Mapping[str, str]) -> FileSourceSpec | WorkloadSourceSpec:
         """Where identities come from; ``env`` supplies SPIFFE_ENDPOINT_SOCKET."""

@@ -101,6 +101,27 @@ def _clean_fields(fields: Mapping[Any, object], depth: int = 0) -> dict[str, Any
     return out
 
 
+def clean_fields(fields: Mapping[str, object]) -> dict[str, Any]:
+    """A log line's fields as they would be written: JSON-ready, secrets redacted (rule 3).
+
+    Remediation hooks send exactly this, so a hook never carries more than the log.
+    """
+    return _clean_fields(fields)
+
+
+def event_of(record: logging.LogRecord) -> tuple[str, Mapping[str, object]] | None:
+    """The event name and fields of a record made by `EventLogger`, else None."""
+    event = getattr(record, _EVENT_ATTR, None)
+    if event is None:
+        return None
+    return str(event), getattr(record, _FIELDS_ATTR, {})
+
+
+def timestamp(created: float) -> str:
+    """RFC 3339 in UTC with milliseconds, as in every log line."""
+    return _timestamp(created)
+
+
 def _timestamp(created: float) -> str:
     t = datetime.fromtimestamp(created, tz=UTC)
     return f"{t:%Y-%m-%dT%H:%M:%S}.{t.microsecond // 1000:03d}Z"
