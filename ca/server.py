@@ -50,6 +50,7 @@ from prometheus_client.core import Metric
 from ca import schedule
 from ca.api import AdminApi, AgentApi, AgentPeer, Changes
 from ca.authority import Authority, Limits, iso, serial_hex
+from ca.jwt_keys import AuditSampler, JwtKeyManager, jwt_limits, jwt_policy
 from ca.keys import KeyManager, Signer, load_upstream
 from ca.settings import CASettings
 from ca.store import AuditEvent, IssuedSvid, Store
@@ -120,6 +121,9 @@ def _metrics(server: CAServer) -> Iterator[Metric]:
     a = s.authority
     yield metrics.counter(
         "tally_ca_svids_issued", "SVIDs signed (workload, agent and minted)", a.issued_total
+    )
+    yield metrics.counter(
+        "tally_ca_jwt_svids_issued", "JWT-SVIDs signed (for agents and minted)", a.jwt_issued_total
     )
     yield metrics.counter(
         "tally_ca_attestation_failures", "node attestations refused", a.attestation_failures
@@ -194,6 +198,10 @@ class CAServer:
         )
         self.keys = KeyManager(self.store, cfg.data_dir, self.td, policy, clock, upstream)
         self.keys.load()
+        self.jwt_keys = JwtKeyManager(self.store, cfg.data_dir, self.td, jwt_policy(cfg), clock)
+        self.jwt_keys.load()
+        for jwt_step in self.jwt_keys.tick():
+            log.info("key.rotated", step=f"jwt_{jwt_step.kind}", reason=jwt_step.reason)
         for step in self.keys.tick():
             log.info("key.rotated", step=step.kind, reason=step.reason)
         self.authority = Authority(
@@ -206,6 +214,9 @@ class CAServer:
         self.authority.limit_attestation(
             cfg.attest_burst, float(cfg.attest_refill), cfg.token_max_failures
         )
+        self.authority.jwt_keys = self.jwt_keys
+        self.authority.jwt_limits = jwt_limits(cfg)
+        self.authority.jwt_sampler = AuditSampler(int(cfg.jwt_audit_window))
         self._limiter = trio.CapacityLimiter(1)
         self._conn_limiter = trio.CapacityLimiter(cfg.max_connections)
         self.admin_admission = Admission(cfg.admin_max_connections)
@@ -297,7 +308,14 @@ class CAServer:
     async def refresh_keys(self) -> None:
         """Apply due key steps; republish the bundle and TLS context when they changed."""
         before = self.keys.bundle.sequence if self.keys.bundle else None
-        steps = await self.run_sync(self.keys.tick)
+
+        def tick() -> list[schedule.Step]:
+            # JWT keys first: the X.509 tick then republishes the bundle's sequence.
+            for jwt_step in self.jwt_keys.tick():
+                log.info("key.rotated", step=f"jwt_{jwt_step.kind}", reason=jwt_step.reason)
+            return self.keys.tick()
+
+        steps = await self.run_sync(tick)
         for step in steps:
             log.info("key.rotated", step=step.kind, reason=step.reason, key_id=step.key_id)
         if self._needs_new_context():
@@ -308,7 +326,8 @@ class CAServer:
         self.bundle_changed.notify()
 
     def tick_interval(self) -> float:
-        return max(0.2, min(30.0, self.cfg.intermediate_ttl / 100))
+        jwt_due = min(self.cfg.jwt_key_ttl / 100, self.cfg.jwt_propagation / 10)
+        return max(0.2, min(30.0, self.cfg.intermediate_ttl / 100, jwt_due))
 
     def _prune(self) -> None:
         now = int(self.clock().timestamp())
@@ -482,6 +501,8 @@ class CAServer:
         self.cfg = new
         setup_logging(new.log_level)
         self.authority.limits = _limits(new)
+        self.authority.jwt_limits = jwt_limits(new)
+        self.jwt_keys.policy = jwt_policy(new)
         throttle = ("attest_burst", "attest_refill", "token_max_failures")
         if any(name in changed for name in throttle):  # a new throttle forgets past failures
             self.authority.limit_attestation(

@@ -504,3 +504,13 @@ def validate(
     if audience not in auds:
         raise JwtError("wrong_audience", "token is not for this audience")
     return JwtSvid(sid, tuple(auds), int(exp), dict(tok.claims))
+
+
+def with_jwt_keys(x509_jwks: bytes, bundle: JwtBundle) -> bytes:
+    """A SPIFFE bundle (JWK Set) holding both the X.509 authorities already in
+    ``x509_jwks`` and the ``jwt-svid`` keys of ``bundle``: what federation and
+    ``tally ca bundle show --format spiffe`` publish."""
+    doc = load_json(x509_jwks)
+    assert isinstance(doc, dict) and isinstance(doc.get("keys"), list)
+    doc["keys"] = [*doc["keys"], *bundle.jwks_keys()]
+    return json.dumps(doc, indent=2).encode() + b"\n"
