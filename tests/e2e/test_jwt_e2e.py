@@ -1,0 +1,154 @@
+"""JWT-SVIDs end to end: a real CA and agent, py-spiffe's JWT client in its own
+process, and PyJWT (which no one here wrote) on the published JWKS."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jwt as pyjwt
+import pytest
+
+from tests.e2e.conftest import CA, make_ca, start_agent
+
+UID = os.geteuid()
+ROOT = Path(__file__).parents[2]
+
+
+def probe(*args: str, timeout: float = 60) -> list[dict]:
+    result = subprocess.run(
+        [sys.executable, "-m", "tests.e2e.jwt_probe", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr
+    return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+
+
+@pytest.fixture(scope="module")
+def mesh(tmp_path_factory):
+    base = tmp_path_factory.mktemp("jwt")
+    ca = make_ca(base, "--jwt-propagation", "2s", "--default-jwt-ttl", "60s")
+    agent = start_agent(ca, base)
+    entry = ca.json(
+        "entry",
+        "create",
+        "--spiffe-id",
+        "spiffe://example.org/web",
+        "--parent-id",
+        agent.spiffe_id,
+        "--selector",
+        f"unix:uid:{UID}",
+    )
+    deadline = time.monotonic() + 15
+    while True:
+        out = probe("fetch", agent.socket, "reports")[0]
+        if "token" in out:
+            break
+        assert time.monotonic() < deadline, out
+        time.sleep(0.3)
+    yield ca, agent, entry
+    agent.daemon.stop()
+    ca.daemon.stop()
+
+
+def jwks(ca: CA) -> dict:
+    return json.loads(ca.cli("bundle", "show", "--format", "spiffe").stdout)
+
+
+def pyjwt_validate(ca: CA, token: str, audience: str) -> dict:
+    keys = pyjwt.PyJWKSet.from_dict(
+        {"keys": [k for k in jwks(ca)["keys"] if k.get("use") == "jwt-svid"]}
+    )
+    kid = pyjwt.get_unverified_header(token)["kid"]
+    return pyjwt.decode(token, keys[kid].key, algorithms=["ES256", "RS256"], audience=audience)
+
+
+def test_py_spiffe_fetches_a_token_that_pyjwt_validates(mesh):
+    ca, agent, _ = mesh
+    out = probe("fetch", agent.socket, "reports")[0]
+    assert out["spiffe_id"] == "spiffe://example.org/web", out
+    assert out["audience"] == ["reports"] and out["validated_locally"]
+    claims = pyjwt_validate(ca, out["token"], "reports")
+    assert claims["sub"] == "spiffe://example.org/web"
+    assert claims["exp"] - claims["iat"] == 60
+    # cached: a second fetch within half-life gets the same token
+    assert probe("fetch", agent.socket, "reports")[0]["token"] == out["token"]
+    # ... and the issuance was audited once, sampled
+    records = ca.json("audit", "list", "--event", "jwt.issued")["records"]
+    assert records and all("token" not in json.dumps(r) for r in records)
+
+
+def test_fetch_with_a_spiffe_id_and_permission_denied(mesh):
+    _, agent, _ = mesh
+    out = probe("fetch", agent.socket, "reports", "--spiffe-id", "spiffe://example.org/web")[0]
+    assert out["spiffe_id"] == "spiffe://example.org/web"
+    out = probe("fetch", agent.socket, "reports", "--spiffe-id", "spiffe://example.org/nope")[0]
+    assert "PERMISSION_DENIED" in out["error"]
+
+
+def test_validate_jwt_svid_accepts_good_and_refuses_hostile_tokens(mesh):
+    ca, agent, _ = mesh
+    token = probe("fetch", agent.socket, "reports")[0]["token"]
+    assert probe("validate", agent.socket, "reports", token)[0] == {
+        "spiffe_id": "spiffe://example.org/web"
+    }
+    wrong = probe("validate", agent.socket, "billing", token)[0]
+    assert "wrong_audience" in wrong["error"] and "INVALID_ARGUMENT" in wrong["error"]
+    _head, body, _sig = token.split(".")
+    none = ".".join([pyjwt.utils.base64url_encode(b'{"alg":"none","kid":"x"}').decode(), body, ""])
+    assert "alg_not_allowed" in probe("validate", agent.socket, "reports", none)[0]["error"]
+    # An operator's token, minted at the CA, validates at the agent too.
+    minted = ca.json(
+        "jwt", "mint", "--spiffe-id", "spiffe://example.org/ops", "--audience", "reports"
+    )
+    got = probe("validate", agent.socket, "reports", minted["token"])[0]
+    assert got == {"spiffe_id": "spiffe://example.org/ops"}
+
+
+def test_jwt_source_and_bundles(mesh):
+    ca, agent, _ = mesh
+    out = probe("source", agent.socket, "reports")[0]
+    assert out["spiffe_id"] == "spiffe://example.org/web"
+    published = {k["kid"] for k in jwks(ca)["keys"] if k.get("use") == "jwt-svid"}
+    assert set(out["kids"]) == published
+    assert probe("bundles", agent.socket)[0]["kids"] == {"example.org": sorted(published)}
+
+
+def test_bundle_stream_is_pushed_on_rotation_and_the_new_key_signs_after(mesh):
+    ca, agent, _ = mesh
+    before = {k["kid"] for k in jwks(ca)["keys"] if k.get("use") == "jwt-svid"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tests.e2e.jwt_probe", "stream", agent.socket, "6"],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    time.sleep(1.5)
+    rotated = ca.json("rotate", "--jwt")
+    assert rotated["rotated"] == "jwt"
+    out, _ = proc.communicate(timeout=30)
+    updates = [json.loads(line)["kids"]["example.org"] for line in out.splitlines()]
+    assert set(updates[0]) == before
+    new = set(updates[-1]) - before
+    assert len(new) == 1, updates  # published (pushed) before it signs
+    # after the propagation window the new key signs, and the old one is still published
+    (new_kid,) = new
+    deadline = time.monotonic() + 15
+    while True:
+        minted = ca.json(
+            "jwt", "mint", "--spiffe-id", "spiffe://example.org/ops", "--audience", "x"
+        )
+        if minted["kid"] == new_kid:
+            break
+        assert time.monotonic() < deadline
+        time.sleep(0.3)
+    assert before <= {k["kid"] for k in jwks(ca)["keys"] if k.get("use") == "jwt-svid"}
+    assert pyjwt_validate(ca, minted["token"], "x")["sub"] == "spiffe://example.org/ops"
