@@ -52,6 +52,8 @@ from ca.api import AdminApi, AgentApi, AgentPeer, Changes
 from ca.authority import Authority, Limits, iso, serial_hex
 from ca.jwt_keys import AuditSampler, JwtKeyManager, jwt_limits, jwt_policy
 from ca.keys import KeyManager, Signer, load_upstream
+from ca.oidc import serve_oidc
+from ca.oidc import tls_context as oidc_tls_context
 from ca.settings import CASettings
 from ca.store import AuditEvent, IssuedSvid, Store
 from tally.ops import metrics
@@ -90,6 +92,10 @@ RESTART_ONLY = (
     "upstream_cert",
     "upstream_key",
     "upstream_bundle",
+    "oidc_listen",
+    "oidc_issuer",
+    "oidc_cert",
+    "oidc_key",
 )
 
 
@@ -215,6 +221,9 @@ class CAServer:
             cfg.attest_burst, float(cfg.attest_refill), cfg.token_max_failures
         )
         self.authority.jwt_keys = self.jwt_keys
+        self.oidc_tls = None
+        if cfg.oidc_cert is not None and cfg.oidc_key is not None:
+            self.oidc_tls = oidc_tls_context(cfg.oidc_cert, cfg.oidc_key)
         self.authority.jwt_limits = jwt_limits(cfg)
         self.authority.jwt_sampler = AuditSampler(int(cfg.jwt_audit_window))
         self._limiter = trio.CapacityLimiter(1)
@@ -572,6 +581,15 @@ class CAServer:
                         if self.cfg.metrics is not None:
                             addresses["metrics"] = await services.start(
                                 serve_health, self.cfg.metrics, self.registry, self.ready
+                            )
+                        if self.cfg.oidc_listen is not None and self.cfg.oidc_issuer:
+                            addresses["oidc"] = await services.start(
+                                serve_oidc,
+                                self.cfg.oidc_listen,
+                                self.cfg.oidc_issuer,
+                                lambda: self.jwt_keys.bundle,
+                                self.oidc_tls,
+                                self.drain,
                             )
                         log.info("ca.started", trust_domain=str(self.td), **addresses)
                         task_status.started(addresses)

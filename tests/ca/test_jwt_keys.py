@@ -30,7 +30,7 @@ POLICY = JwtPolicy(rotation=600, propagation=30, max_token_ttl=120)
 
 
 def manager(tmp_path, store: Store, clock: Clock, policy: JwtPolicy = POLICY) -> JwtKeyManager:
-    (tmp_path / "keys").mkdir(mode=0o700, exist_ok=True)
+    (tmp_path / "keys").mkdir(mode=0o700, parents=True, exist_ok=True)
     km = JwtKeyManager(store, tmp_path, TD, policy, clock)
     km.load()
     km.tick()

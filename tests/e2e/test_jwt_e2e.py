@@ -8,6 +8,8 @@ import os
 import subprocess
 import sys
 import time
+import urllib.parse
+import urllib.request
 from pathlib import Path
 
 import jwt as pyjwt
@@ -16,6 +18,7 @@ import pytest
 from tests.e2e.conftest import CA, make_ca, start_agent
 
 UID = os.geteuid()
+ISSUER = "https://oidc.example.org"
 ROOT = Path(__file__).parents[2]
 
 
@@ -35,7 +38,17 @@ def probe(*args: str, timeout: float = 60) -> list[dict]:
 @pytest.fixture(scope="module")
 def mesh(tmp_path_factory):
     base = tmp_path_factory.mktemp("jwt")
-    ca = make_ca(base, "--jwt-propagation", "2s", "--default-jwt-ttl", "60s")
+    ca = make_ca(
+        base,
+        "--jwt-propagation",
+        "2s",
+        "--default-jwt-ttl",
+        "60s",
+        "--oidc-listen",
+        "127.0.0.1:0",
+        "--oidc-issuer",
+        ISSUER,
+    )
     agent = start_agent(ca, base)
     entry = ca.json(
         "entry",
@@ -57,6 +70,15 @@ def mesh(tmp_path_factory):
     yield ca, agent, entry
     agent.daemon.stop()
     ca.daemon.stop()
+
+
+def oidc(ca: CA) -> str:
+    return ca.daemon.events("ca.started")[-1]["oidc"]
+
+
+def get(url: str) -> tuple[dict, dict]:
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        return json.loads(resp.read()), dict(resp.headers)
 
 
 def jwks(ca: CA) -> dict:
@@ -122,8 +144,36 @@ def test_jwt_source_and_bundles(mesh):
     assert probe("bundles", agent.socket)[0]["kids"] == {"example.org": sorted(published)}
 
 
+def test_oidc_discovery_serves_public_keys_that_pyjwt_uses(mesh):
+    ca, agent, _ = mesh
+    doc, headers = get(f"http://{oidc(ca)}/.well-known/openid-configuration")
+    assert doc["issuer"] == ISSUER and doc["jwks_uri"] == f"{ISSUER}/keys"
+    assert "max-age" in headers["Cache-Control"]
+    path = urllib.parse.urlsplit(doc["jwks_uri"]).path
+    keys, headers = get(f"http://{oidc(ca)}{path}")
+    assert "max-age" in headers["Cache-Control"]
+    for key in keys["keys"]:
+        assert not {"d", "p", "q", "dp", "dq", "qi"} & set(key), key
+        assert key["use"] == "sig" and key["kid"]
+    token = probe("fetch", agent.socket, "reports")[0]["token"]
+    client = pyjwt.PyJWKClient(f"http://{oidc(ca)}{path}")
+    claims = pyjwt.decode(
+        token,
+        client.get_signing_key_from_jwt(token).key,
+        algorithms=doc["id_token_signing_alg_values_supported"],
+        audience="reports",
+        issuer=ISSUER,
+    )
+    assert claims["sub"] == "spiffe://example.org/web"
+
+
 def test_bundle_stream_is_pushed_on_rotation_and_the_new_key_signs_after(mesh):
     ca, agent, _ = mesh
+    # A relying party that has already cached the keys, before the rotation.  PyJWKClient
+    # refetches on an unknown kid at most every cooldown_duration (30 s by default, well
+    # inside the default jwt_propagation of 300 s); this test's propagation is 2 s.
+    relying = pyjwt.PyJWKClient(f"http://{oidc(ca)}/keys", lifespan=60, cooldown_duration=1)
+    relying.get_jwk_set()
     before = {k["kid"] for k in jwks(ca)["keys"] if k.get("use") == "jwt-svid"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "tests.e2e.jwt_probe", "stream", agent.socket, "6"],
@@ -152,3 +202,7 @@ def test_bundle_stream_is_pushed_on_rotation_and_the_new_key_signs_after(mesh):
         time.sleep(0.3)
     assert before <= {k["kid"] for k in jwks(ca)["keys"] if k.get("use") == "jwt-svid"}
     assert pyjwt_validate(ca, minted["token"], "x")["sub"] == "spiffe://example.org/ops"
+    # Discovery alone: the relying party finds the new kid by refetching the keys.
+    key = relying.get_signing_key_from_jwt(minted["token"]).key
+    claims = pyjwt.decode(minted["token"], key, algorithms=["ES256"], audience="x", issuer=ISSUER)
+    assert claims["sub"] == "spiffe://example.org/ops"
