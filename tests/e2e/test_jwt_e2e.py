@@ -3,11 +3,16 @@ process, and PyJWT (which no one here wrote) on the published JWKS."""
 
 from __future__ import annotations
 
+import http.client
+import http.server
 import json
 import os
+import ssl
 import subprocess
 import sys
+import threading
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -15,7 +20,9 @@ from pathlib import Path
 import jwt as pyjwt
 import pytest
 
+from tally.app.launch import SECRET_SHAPE
 from tests.e2e.conftest import CA, make_ca, start_agent
+from tests.e2e.mesh import start_proxy
 
 UID = os.geteuid()
 ISSUER = "https://oidc.example.org"
@@ -206,3 +213,148 @@ def test_bundle_stream_is_pushed_on_rotation_and_the_new_key_signs_after(mesh):
     key = relying.get_signing_key_from_jwt(minted["token"]).key
     claims = pyjwt.decode(minted["token"], key, algorithms=["ES256"], audience="x", issuer=ISSUER)
     assert claims["sub"] == "spiffe://example.org/ops"
+
+
+# -- bearer tokens through the proxies ------------------------------------------------
+
+
+class TokenOnlyService(http.server.BaseHTTPRequestHandler):
+    """A service that understands bearer tokens and nothing else: it validates them with
+    PyJWT against the CA's published keys."""
+
+    keys: pyjwt.PyJWKSet
+
+    def do_GET(self) -> None:
+        auth = self.headers.get("Authorization", "")
+        try:
+            token = auth.removeprefix("Bearer ")
+            kid = pyjwt.get_unverified_header(token)["kid"]
+            claims = pyjwt.decode(
+                token, self.keys[kid].key, algorithms=["ES256"], audience="reports"
+            )
+            status, body = 200, json.dumps({"sub": claims["sub"]}).encode()
+        except Exception as exc:
+            status, body = 401, str(type(exc).__name__).encode()
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def proxies(mesh):
+    ca, agent, _ = mesh
+    TokenOnlyService.keys = pyjwt.PyJWKSet.from_dict(
+        {"keys": [k for k in jwks(ca)["keys"] if k.get("use") == "jwt-svid"]}
+    )
+    service = http.server.ThreadingHTTPServer(("127.0.0.1", 0), TokenOnlyService)
+    threading.Thread(target=service.serve_forever, daemon=True).start()
+    backend = f"127.0.0.1:{service.server_address[1]}"
+    common = ["--http", "--listen", "127.0.0.1:0", "--metrics", "127.0.0.1:0"]
+    common += ["--workload-socket", agent.socket]
+    server = start_proxy(
+        "jwt-server",
+        ["server", *common, "--target", backend, "--allow-id", WEB, "--require-jwt", "reports"],
+    )
+    lb = start_proxy(
+        "jwt-lb-server",
+        [
+            "server",
+            *common,
+            "--target",
+            backend,
+            "--allow-id",
+            WEB,
+            "--require-jwt",
+            "reports",
+            "--no-client-cert",
+        ],
+    )
+    client = start_proxy(
+        "jwt-client",
+        [
+            "client",
+            *common,
+            "--target",
+            server.listen,
+            "--expect-id",
+            WEB,
+            "--inject-jwt",
+            "reports",
+        ],
+    )
+    yield server, lb, client
+    for p in (client, lb, server):
+        p.daemon.stop()
+    service.shutdown()
+    service.server_close()
+
+
+WEB = "spiffe://example.org/web"
+
+
+def get_via(address: str, headers: dict | None = None) -> tuple[int, str]:
+    req = urllib.request.Request(f"http://{address}/", headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def tls_get(ca: CA, address: str, token: str | None) -> tuple[int, dict]:
+    """Straight to the --no-client-cert listener: TLS without a client certificate."""
+    ctx = ssl.create_default_context(cadata=ca.json("bundle", "show")["bundle"])
+    ctx.check_hostname = False
+    host, port = address.rsplit(":", 1)
+    conn = http.client.HTTPSConnection(host, int(port), context=ctx, timeout=10)
+    conn.request("GET", "/", headers={"Authorization": f"Bearer {token}"} if token else {})
+    resp = conn.getresponse()
+    resp.read()
+    conn.close()
+    return resp.status, dict(resp.getheaders())
+
+
+def test_client_proxy_injects_a_token_the_bearer_only_service_accepts(proxies):
+    _, _, client = proxies
+    status, body = get_via(client.listen)
+    assert (status, json.loads(body)) == (200, {"sub": WEB})
+    # the app's own Authorization is replaced, not forwarded
+    status, body = get_via(client.listen, {"Authorization": "Bearer not-a-token"})
+    assert (status, json.loads(body)) == (200, {"sub": WEB})
+
+
+def test_server_proxy_without_client_certs_requires_a_valid_token(mesh, proxies):
+    ca, agent, _ = mesh
+    _, lb, _ = proxies
+    token = probe("fetch", agent.socket, "reports")[0]["token"]
+    assert tls_get(ca, lb.listen, token)[0] == 200
+    other = ca.json(
+        "jwt", "mint", "--spiffe-id", "spiffe://example.org/ops", "--audience", "reports"
+    )
+    _head, body, _sig = token.split(".")
+    none = pyjwt.utils.base64url_encode(b'{"alg":"none","kid":"x"}').decode() + f".{body}."
+    wrong_aud = probe("fetch", agent.socket, "billing")[0]["token"]
+    cases = {
+        None: "missing_token",
+        none: "alg_not_allowed",
+        wrong_aud: "wrong_audience",
+        other["token"]: "not_allowed",
+    }
+    for bad, reason in cases.items():
+        status, headers = tls_get(ca, lb.listen, bad)
+        assert status == 401, reason
+        assert headers["www-authenticate"] == 'Bearer error="invalid_token"'
+        denied = lb.daemon.wait_for("peer.denied", count=list(cases).index(bad) + 1)
+        assert denied["reason"] == reason
+    for p in proxies:
+        assert not any(token in line or other["token"] in line for line in p.daemon.raw)
+
+
+def test_no_token_in_any_log(mesh, proxies):
+    ca, agent, _ = mesh
+    for daemon in (ca.daemon, agent.daemon, *(p.daemon for p in proxies)):
+        assert not [line for line in daemon.raw if SECRET_SHAPE.search(line)], daemon.name
