@@ -20,7 +20,7 @@ from pathlib import Path
 import jwt as pyjwt
 import pytest
 
-from tally.app.launch import SECRET_SHAPE
+from tally.app.launch import SECRET_SHAPE, run_cli
 from tests.e2e.conftest import CA, make_ca, start_agent
 from tests.e2e.mesh import start_proxy
 
@@ -358,3 +358,59 @@ def test_no_token_in_any_log(mesh, proxies):
     ca, agent, _ = mesh
     for daemon in (ca.daemon, agent.daemon, *(p.daemon for p in proxies)):
         assert not [line for line in daemon.raw if SECRET_SHAPE.search(line)], daemon.name
+
+
+def test_agent_cli_fetches_and_validates_and_ca_cli_mints_audited(mesh):
+    ca, agent, _ = mesh
+    out = run_cli(
+        "agent",
+        "api",
+        "fetch-jwt",
+        "--audience",
+        "reports",
+        "--socket",
+        agent.socket,
+        "--output",
+        "json",
+    )
+    assert out.returncode == 0, out.stderr
+    token = json.loads(out.stdout)["svids"][0]["token"]
+    ok = run_cli(
+        "agent", "api", "validate-jwt", "--audience", "reports", token, "--socket", agent.socket
+    )
+    assert ok.returncode == 0 and ok.stdout.strip() == f"valid: {WEB}", ok.stderr
+    bad = run_cli(
+        "agent", "api", "validate-jwt", "--audience", "billing", token, "--socket", agent.socket
+    )
+    assert bad.returncode != 0
+    assert bad.stderr.strip().count("\n") == 0 and "wrong_audience" in bad.stderr
+    assert token not in bad.stderr and "Traceback" not in bad.stderr
+    minted = ca.cli(
+        "jwt",
+        "mint",
+        "--spiffe-id",
+        "spiffe://example.org/batch",
+        "--audience",
+        "vault",
+        "--ttl",
+        "2m",
+    ).stdout.strip()
+    claims = pyjwt_validate(ca, minted, "vault")
+    assert claims["exp"] - claims["iat"] == 120
+    records = ca.json(
+        "audit", "list", "--event", "jwt.issued", "--spiffe-id", "spiffe://example.org/batch"
+    )["records"]
+    assert [r["detail"]["kind"] for r in records] == ["mint"]
+    too_long = ca.cli(
+        "jwt",
+        "mint",
+        "--spiffe-id",
+        "spiffe://example.org/batch",
+        "--audience",
+        "vault",
+        "--ttl",
+        "2h",
+        check=False,
+    )
+    assert too_long.returncode != 0 and "max" in too_long.stderr
+    assert ca.json("audit", "verify")["ok"]
