@@ -48,7 +48,7 @@ def probe(socket: str, *args: str, timeout: float = 60) -> list[dict]:
     return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
 
 
-def batch(socket: str, *ops: dict) -> list[dict]:
+def batch(socket: str, *ops: object) -> list[dict]:
     return probe(socket, json.dumps(list(ops)))
 
 
