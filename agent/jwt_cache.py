@@ -86,7 +86,3 @@ class JwtCache:
                 del live[k]
         self._items = live
         self._locks = {k: v for k, v in self._locks.items() if k in live or v.locked()}
-
-    def forget(self, keep_entries: set[str]) -> None:
-        """Drop tokens of entries no longer served."""
-        self._items = {k: v for k, v in self._items.items() if k[0] in keep_entries}

@@ -144,6 +144,9 @@ class Proxy:
             return False, f"waiting for the first SVID from {self.source.describe()}: {why}"
         if not self.serving.is_set():
             return False, "starting"
+        bearer = self.traffic.bearer
+        if bearer is not None and bearer.require is not None and not bearer.require.ready.is_set():
+            return False, "waiting for the JWT bundles (--require-jwt) from the Workload API"
         ident = cur.identity
         left = (ident.not_after - self.clock()).total_seconds()
         if left <= 0:
