@@ -262,3 +262,17 @@ def test_jwks_with_any_repeated_kid_is_refused(kids):
         assert info.value.reason == "duplicate_kid"
     else:
         assert set(jwt.JwtBundle.from_jwks(TD, data).keys) == set(kids)
+
+
+def test_a_jwt_never_reaches_a_log_line():
+    import io
+
+    from tally.ops.logs import get_logger, setup_logging
+
+    out = io.StringIO()
+    setup_logging("debug", stream=out)
+    tok = token()
+    get_logger("tally.test").warning("x.y", detail=f"got {tok}", nested={"a": [tok]})
+    get_logger("tally.test").warning("x.z", error=ValueError(f"bad {tok}"))
+    assert tok not in out.getvalue() and tok.split(".")[0] not in out.getvalue()
+    assert out.getvalue().count("<redacted>") >= 3
