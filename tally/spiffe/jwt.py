@@ -19,7 +19,8 @@ Rules (digest §3, JWT-SVID.md):
    with its own reason (``foreign_kid``), and bundles are never pooled.
 4. **Claims**: ``sub`` a SPIFFE ID, ``aud`` present and holding the
    validator's audience, ``exp`` present and not past; ``nbf`` and ``iat``, if
-   present, not in the future.  `Leeway` seconds of clock skew are allowed.
+   present, not in the future.  `LEEWAY` seconds of clock skew are allowed
+   (`IAT_LEEWAY` for ``iat``, which only says when the CA signed).
    Where one audience is required (the default) a token naming several is
    refused: it could be replayed between its audiences (digest §3).
 5. **Bounded**: a token over `MAX_TOKEN_BYTES` is refused on its length
@@ -57,6 +58,7 @@ from tally.spiffe.spiffeid import SpiffeId, SpiffeIdError, TrustDomain
 MAX_TOKEN_BYTES = 8 * 1024
 MAX_JWKS_BYTES = 1024 * 1024
 LEEWAY = 5
+IAT_LEEWAY = 60
 JWT_USE = "jwt-svid"
 
 _EC = {"ES256": ("P-256", hashes.SHA256), "ES384": ("P-384", hashes.SHA384)}
@@ -494,10 +496,14 @@ def validate(
         raise JwtError("missing_exp", "token has no exp")
     if now > exp + leeway:
         raise JwtError("expired", "token has expired")
-    for name in ("nbf", "iat"):
-        value = _number(tok.claims, name)
-        if value is not None and value > now + leeway:
-            raise JwtError("not_yet_valid", f"token {name} is in the future")
+    nbf = _number(tok.claims, "nbf")
+    if nbf is not None and nbf > now + leeway:
+        raise JwtError("not_yet_valid", "token nbf is in the future")
+    # ``iat`` is informational (RFC 7519 §4.1.6), so a validator a few seconds behind the
+    # CA must not refuse a fresh token; one "issued" well in the future is not honest.
+    iat = _number(tok.claims, "iat")
+    if iat is not None and iat > now + max(leeway, IAT_LEEWAY):
+        raise JwtError("not_yet_valid", "token iat is in the future")
     auds = _audiences(tok.claims)
     if single_audience and len(auds) > 1:
         raise JwtError("multiple_audiences", "token names several audiences; one is required")
