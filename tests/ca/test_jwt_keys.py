@@ -3,6 +3,7 @@ files with an injected clock, and JWT-SVID issuance with its sampled audit."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 
@@ -300,3 +301,30 @@ def test_sampler_memory_is_bounded():
     for i in range(100):
         sampler.observe(("a", str(i), ("x",)), 1000 + i * 20)
     assert len(sampler._seen) <= 4
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(["a", "b", "c"]), st.integers(min_value=0, max_value=50)),
+        max_size=60,
+    ),
+    st.integers(min_value=1, max_value=100),
+)
+def test_sampling_accounts_for_every_token(steps, window):
+    """Every token is either a record or counted in the next record of its key; at most
+    one record per key per window."""
+    sampler = AuditSampler(window)
+    now = 0
+    records: dict[str, list[tuple[int, int]]] = {}
+    for name, dt in steps:
+        now += dt
+        got = sampler.observe(("agent", name, ("aud",)), now)
+        if got is not None:
+            records.setdefault(name, []).append((now, got))
+    for name, recs in records.items():
+        seen = sum(1 for n, _ in steps if n == name)
+        pending = sampler._seen[("agent", name, ("aud",))][1]
+        assert len(recs) + sum(count for _, count in recs) + pending == seen
+        times = [t for t, _ in recs]
+        assert all(b - a >= window for a, b in itertools.pairwise(times))
