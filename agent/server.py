@@ -10,7 +10,9 @@ Rules:
 2. The newest bundle is kept on disk too, so an agent that was down through a
    root rotation still trusts the CA when it comes back.
 3. One nursery: the CA loops (`agent.keeper`), the Workload API, metrics and
-   the signal watcher.  SIGTERM stops them and removes the socket.
+   the signal watcher.  SIGTERM drains the Workload API first (every call ends
+   with a clean UNAVAILABLE, up to ``drain_timeout``), then stops the rest and
+   removes the socket.
 4. SIGHUP re-reads the ``--config`` file (`tally.ops.reload`): the log
    level, ``poll_wait`` and ``ca_timeout`` change at once (the next call to
    the CA takes them) and no Workload API stream is dropped; `RESTART_ONLY`
@@ -22,7 +24,6 @@ from __future__ import annotations
 import random
 import signal
 from collections.abc import Callable, Iterator
-from functools import partial
 
 import trio
 from prometheus_client.core import Metric
@@ -258,6 +259,26 @@ class AgentServer:
             ca_timeout=float(new.ca_timeout),
         )
 
+    async def _serve_workloads(
+        self,
+        listener: trio.SocketListener,
+        drain: trio.Event,
+        served: trio.Event,
+        *,
+        task_status: trio.TaskStatus[WorkloadStats] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        assert self.backend is not None
+        try:
+            await serve_workload_api(
+                listener,
+                self.backend,
+                admission=self.admission,
+                drain=drain,
+                task_status=task_status,
+            )
+        finally:
+            served.set()
+
     async def run(
         self, *, task_status: trio.TaskStatus[dict[str, str]] = trio.TASK_STATUS_IGNORED
     ) -> None:
@@ -286,8 +307,10 @@ class AgentServer:
                 )
                 self.backend = AgentBackend(self.keeper, str(self.td.id()))
                 nursery.start_soon(self.keeper.run)
+                drain = trio.Event()
+                served = trio.Event()
                 self.workload_stats = await nursery.start(
-                    partial(serve_workload_api, listener, self.backend, admission=self.admission)
+                    self._serve_workloads, listener, drain, served
                 )
                 log.info("agent.started", spiffe_id=self.keeper.agent_id, **addresses)
                 task_status.started(addresses)
@@ -300,6 +323,9 @@ class AgentServer:
                             continue
                         log.info("agent.stopping", signal=signal.Signals(signum).name)
                         break
+                drain.set()  # rule 3: every Workload API call ends cleanly, within a deadline
+                with trio.move_on_after(float(self.cfg.drain_timeout)):
+                    await served.wait()
                 nursery.cancel_scope.cancel()
         finally:
             cfg.socket.unlink(missing_ok=True)

@@ -45,6 +45,10 @@ class AgentSettings:
     poll_wait: Duration = setting(
         Duration(30), help="how long the CA may hold a change-feed request open"
     )
+    drain_timeout: Duration = setting(
+        Duration(10),
+        help="on SIGTERM, how long Workload API calls may take to finish before the agent exits",
+    )
     log_level: str = setting("info", help="debug, info, warning or error")
 
     def validate(self) -> None:

@@ -32,6 +32,8 @@ from typing import Protocol, TypeVar
 import trio
 
 from ca import messages
+from ca.anchor import Anchor, AnchorError, AnchorKey, anchor_from
+from ca.audit import Seen, VerifyResult
 from ca.authority import AgentStatus, Authority, Denied, Issued, NotSigned
 from ca.keys import CAKeyError
 from ca.store import EntryRecord
@@ -209,6 +211,28 @@ class AgentApi:
 
 
 class AdminApi:
+    async def _verify_against(self, body: dict[str, object]) -> dict[str, object]:
+        """The chain checked against anchors (`ca.anchor`), each first proven ours."""
+        raw = body.get("anchors")
+        if not isinstance(raw, list) or not raw:
+            raise Denied(400, "bad_request", "anchors must be a non-empty list")
+        if self.anchor_key is None:
+            raise Denied(409, "no_anchor_key", "this CA has no audit anchor key")
+        seen: list[Seen] = []
+        for index, obj in enumerate(raw):
+            if not isinstance(obj, dict):
+                raise Denied(400, "bad_request", f"anchor {index + 1} is not an object")
+            try:
+                anchor = anchor_from(obj, f"anchor {index + 1}")
+            except AnchorError as exc:
+                raise Denied(400, "bad_request", str(exc)) from None
+            problem = self.anchor_key.problem(anchor, str(self.authority.td))
+            if problem is not None:
+                return messages.verify_json(VerifyResult(False, 0, anchor.seq, problem))
+            seen.append(Seen(anchor.seq, anchor.hash, anchor.at))
+        result = await self.run(lambda: self.authority.store.verify_audit(seen))
+        return {**messages.verify_json(result), "anchors": len(seen)}
+
     def __init__(
         self,
         authority: Authority,
@@ -216,12 +240,17 @@ class AdminApi:
         on_entries_changed: Callable[[], None],
         on_keys_changed: Callable[[], Awaitable[None]],
         health: Callable[[], dict[str, object]],
+        *,
+        anchor_key: AnchorKey | None = None,
+        anchor_now: Callable[[str], Awaitable[Anchor | None]] | None = None,
     ) -> None:
         self.authority = authority
         self.run = run
         self.on_entries_changed = on_entries_changed
         self.on_keys_changed = on_keys_changed
         self.health = health
+        self.anchor_key = anchor_key
+        self.anchor_now = anchor_now
 
     async def handle(self, uid: int, req: http.Request) -> http.Response:
         try:
@@ -347,4 +376,11 @@ class AdminApi:
             return J(messages.audit_json(records))
         if (method, path) == ("GET", "/v1/audit/verify"):
             return J(messages.verify_json(await self.run(a.store.verify_audit)))
+        if (method, path) == ("POST", "/v1/audit/verify"):
+            return J(await self._verify_against(messages.body_object(req)))
+        if (method, path) == ("GET", "/v1/audit/anchor") and self.anchor_now is not None:
+            anchor = await self.anchor_now("requested")
+            if anchor is None:
+                raise Denied(409, "empty_log", "the audit log has no records to anchor yet")
+            return J(anchor.to_json())
         raise Denied(404, "not_found", f"no such call: {method} {path}")

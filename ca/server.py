@@ -22,7 +22,10 @@ Rules:
    a peer (no certificate, a replaced agent SVID) go through the same door.
 4. Every store call goes through one worker thread (`run`), so SQLite sees
    one writer and the event loop never blocks on disk or on signing.
-5. SIGHUP re-reads the ``--config`` file (`tally.ops.reload`): TTLs, the
+5. The audit chain's head is signed (`ca.anchor`) at start, every
+   ``audit_anchor_every`` and after every key event, and published outside
+   the datastore: an ``audit.anchor`` line, the metrics, ``audit_anchor_file``.
+6. SIGHUP re-reads the ``--config`` file (`tally.ops.reload`): TTLs, the
    key schedule, the attestation throttle, timeouts, ``max_connections`` and
    the log level change at once, for the next request or connection, with no
    connection dropped; `RESTART_ONLY` keep their old value.  The signal
@@ -33,6 +36,7 @@ Rules:
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import signal
 import stat
@@ -41,6 +45,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from datetime import timedelta
 from functools import partial
+from pathlib import Path
 from typing import TypeVar
 
 import trio
@@ -48,6 +53,7 @@ from cryptography import x509
 from prometheus_client.core import Metric
 
 from ca import schedule
+from ca.anchor import Anchor, AnchorKey
 from ca.api import AdminApi, AgentApi, AgentPeer, Changes
 from ca.authority import Authority, Limits, iso, serial_hex
 from ca.jwt_keys import AuditSampler, JwtKeyManager, jwt_limits, jwt_policy
@@ -156,6 +162,23 @@ def _metrics(server: CAServer) -> Iterator[Metric]:
             "seconds until the active signing key expires",
             left,
         )
+    if s.last_anchor is not None:
+        yield metrics.gauge(
+            "tally_ca_audit_anchor_sequence",
+            "audit record whose hash the newest anchor signed",
+            s.last_anchor.seq,
+        )
+        yield metrics.info(
+            "tally_ca_audit_anchor",
+            "the newest signed audit anchor (public; keep a copy outside the datastore)",
+            {
+                "seq": str(s.last_anchor.seq),
+                "hash": s.last_anchor.hash,
+                "at": s.last_anchor.at,
+                "key_id": s.last_anchor.key_id,
+                "signature": s.last_anchor.signature,
+            },
+        )
     if s.keys.bundle is not None:
         yield metrics.gauge(
             "tally_ca_bundle_sequence",
@@ -202,6 +225,8 @@ class CAServer:
             root_propagation=int(cfg.root_propagation),
             own_root=upstream is None,
         )
+        self.anchor_key = AnchorKey.load_or_create(cfg.data_dir)
+        self.last_anchor: Anchor | None = None
         self.keys = KeyManager(self.store, cfg.data_dir, self.td, policy, clock, upstream)
         self.keys.load()
         self.jwt_keys = JwtKeyManager(self.store, cfg.data_dir, self.td, jwt_policy(cfg), clock)
@@ -333,6 +358,32 @@ class CAServer:
         if before != after:
             log.info("bundle.updated", sequence=after)
         self.bundle_changed.notify()
+        if steps:
+            await self.anchor("key_event")
+
+    # -- the audit anchor (rule 5) -----------------------------------------------------
+
+    async def anchor(self, reason: str) -> Anchor | None:
+        """Sign the chain's head now and publish it; None while the log is empty."""
+        head = await self.run_sync(self.store.audit_head)
+        if head is None:
+            return None
+        anchor = self.anchor_key.sign(str(self.td), head[0], head[1], iso(self.clock()))
+        self.last_anchor = anchor
+        log.info("audit.anchor", reason=reason, **anchor.to_json())
+        if self.cfg.audit_anchor_file is not None:
+            try:
+                await trio.to_thread.run_sync(_append_line, self.cfg.audit_anchor_file, anchor)
+            except OSError as exc:
+                log.error(
+                    "audit.anchor_file_failed", path=str(self.cfg.audit_anchor_file), error=exc
+                )
+        return anchor
+
+    async def _anchor_loop(self) -> None:
+        while True:
+            await self.anchor("schedule")
+            await trio.sleep(float(self.cfg.audit_anchor_every))
 
     def tick_interval(self) -> float:
         jwt_due = min(self.cfg.jwt_key_ttl / 100, self.cfg.jwt_propagation / 10)
@@ -548,7 +599,13 @@ class CAServer:
             await self.refresh_keys()
 
         admin_api = AdminApi(
-            self.authority, self.run_sync, self.entries_changed.notify, keys_changed, self.health
+            self.authority,
+            self.run_sync,
+            self.entries_changed.notify,
+            keys_changed,
+            self.health,
+            anchor_key=self.anchor_key,
+            anchor_now=self.anchor,
         )
         agent_listener = await open_listener(self.cfg.listen)
         self.cfg.admin_socket.parent.mkdir(parents=True, exist_ok=True)
@@ -562,6 +619,7 @@ class CAServer:
                 async with trio.open_nursery() as handlers:
                     async with trio.open_nursery() as services:
                         services.start_soon(self._key_loop)
+                        services.start_soon(self._anchor_loop)
                         services.start_soon(
                             partial(
                                 trio.serve_listeners,
@@ -614,6 +672,15 @@ class CAServer:
             self.cfg.admin_socket.unlink(missing_ok=True)
             self.store.close()
         log.info("ca.stopped")
+
+
+def _append_line(path: Path, anchor: Anchor) -> None:
+    """One anchor per line, appended; the file holds public data, but 0600 like the rest."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    try:
+        os.write(fd, (json.dumps(anchor.to_json(), separators=(",", ":")) + "\n").encode())
+    finally:
+        os.close(fd)
 
 
 def api_idle_timeout() -> float:

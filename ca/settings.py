@@ -104,6 +104,16 @@ class CASettings:
         help="admin socket connections served at once; past it a new one is answered"
         " 503 and closed",
     )
+    audit_anchor_every: Duration = setting(
+        Duration(3600),
+        help="sign the audit chain's head this often (and on every key event), publishing it"
+        " as an audit.anchor log line, in the metrics and in --audit-anchor-file",
+    )
+    audit_anchor_file: Path | None = setting(
+        None,
+        help="append every signed audit anchor here as a JSON line; keep it where whoever"
+        " can write the datastore cannot (another disk, a log shipper)",
+    )
     log_level: str = setting("info", help="debug, info, warning or error")
 
     def validate(self) -> None:
@@ -137,6 +147,8 @@ class CASettings:
         for name in ("attest_burst", "token_max_failures", "admin_max_connections"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"setting '{name}' must be at least 1")
+        if self.audit_anchor_every < 1:
+            raise ConfigError("setting 'audit_anchor_every' must be at least 1s")
         if self.attest_refill <= 0:
             raise ConfigError("setting 'attest_refill' must be above 0s")
         for name in (

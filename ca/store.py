@@ -362,15 +362,18 @@ class Store:
             for r in rows
         ]
 
-    def verify_audit(self) -> audit.VerifyResult:
+    def audit_head(self) -> tuple[int, str] | None:
+        """The chain's newest (seq, hash), as the store keeps it (`ca.audit` rule 3)."""
         head_text = self._get_meta("audit_head")
-        head = None
-        if head_text is not None:
-            seq_text, digest = head_text.split(":", 1)
-            head = (int(seq_text), digest)
+        if head_text is None:
+            return None
+        seq_text, digest = head_text.split(":", 1)
+        return int(seq_text), digest
+
+    def verify_audit(self, anchors: Sequence[audit.Seen] = ()) -> audit.VerifyResult:
         cursor = self._conn.execute("SELECT * FROM audit ORDER BY seq")
         rows = (audit.StoredRow(*r) for r in cursor)
-        return audit.verify(rows, head)
+        return audit.verify(rows, self.audit_head(), anchors)
 
     # -- join tokens -------------------------------------------------------------------
 

@@ -948,3 +948,48 @@ async def test_own_client_times_out(autojump_clock, sock_dir):
         await fetch_x509(sock_dir / "mute.sock", timeout_s=3)
     assert info.value.status is Status.DEADLINE_EXCEEDED
     await listener.aclose()
+
+
+# ---------------------------------------------------------------------------
+# Drain (rule 8): every call ends with UNAVAILABLE trailers, then the server returns.
+
+
+async def test_drain_ends_streams_cleanly_and_closes_idle_connections(nursery, sock_dir, cas):
+    backend = FakeBackend(snapshot(cas, serial=1001))
+    path = sock_dir / "agent.sock"
+    listener = await open_unix_listener(path, 0o666)
+    drain, returned = trio.Event(), trio.Event()
+
+    async def serve(task_status=trio.TASK_STATUS_IGNORED):
+        await serve_workload_api(listener, backend, drain=drain, task_status=task_status)
+        returned.set()
+
+    stats = await nursery.start(serve)
+    agent = Agent(path, backend, stats)
+    idle = await agent.raw()  # a connection with no call open
+    command = [sys.executable, "-m", "tests.e2e.spiffe_probe", "stream", str(path)]
+    process = await trio.lowlevel.open_process(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        cwd=Path(__file__).parents[2],
+    )
+    assert process.stdout is not None
+    try:
+        lines = _lines(process.stdout)
+        with trio.fail_after(10):
+            assert json.loads(await anext(lines)) == {"svids": 1}
+        drain.set()
+        with trio.fail_after(5):
+            end = json.loads(await anext(lines))
+            await idle.wait_closed()
+            await returned.wait()
+        await lines.aclose()
+    finally:
+        process.kill()
+        await process.wait()
+        await idle.stream.aclose()
+    assert end == {"end": "UNAVAILABLE", "details": "the agent is shutting down"}
+    assert idle.terminated, "the idle connection was closed without a GOAWAY"
+    assert stats.requests[("FetchX509SVID", "UNAVAILABLE")] == 1
+    assert stats.connections_open == 0

@@ -166,6 +166,33 @@ async def test_new_entry_reaches_a_streaming_workload_within_a_second(ca: CA, ag
         assert [s.spiffe_id for s in ctx.svids] == ["spiffe://example.org/first"]
 
 
+def test_sigterm_ends_workload_streams_cleanly(ca: CA, agent_factory):
+    """SIGTERM drains the Workload API: py-spiffe's open stream ends with the agent's
+    own UNAVAILABLE trailers (a reset shows grpc's "Socket closed" instead), and the
+    agent exits 0 as soon as its calls have ended, well inside its drain timeout."""
+    agent = agent_factory(ca, "node-1", "--drain-timeout", "20s")
+    register(ca, agent, "drained", f"unix:uid:{UID}")
+    wait_fetch(agent, "spiffe://example.org/drained")
+    with subprocess.Popen(
+        [sys.executable, "-m", "tests.e2e.spiffe_probe", "stream", agent.socket],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).parents[2],
+    ) as client:
+        try:
+            assert client.stdout is not None
+            assert json.loads(client.stdout.readline()) == {"svids": 1}
+            started = time.monotonic()
+            assert agent.daemon.stop(timeout=20) == 0
+            stopped = time.monotonic() - started
+            end = json.loads(client.stdout.readline())
+        finally:
+            client.kill()
+    assert end == {"end": "UNAVAILABLE", "details": "the agent is shutting down"}
+    assert stopped < 10, stopped
+    assert not Path(agent.socket).exists()
+
+
 def test_ca_outage_serves_cache_then_catches_up(ca_factory, agent_factory):
     ca = ca_factory("--default-svid-ttl", "20s")
     agent = agent_factory(ca)
