@@ -56,7 +56,7 @@ from ca import schedule
 from ca.anchor import Anchor, AnchorKey
 from ca.api import AdminApi, AgentApi, AgentPeer, Changes
 from ca.authority import Authority, Limits, iso, serial_hex
-from ca.jwt_keys import AuditSampler, JwtKeyManager, jwt_limits, jwt_policy
+from ca.jwt_keys import AuditSampler, JwtKeyManager, JwtStep, jwt_limits, jwt_policy
 from ca.keys import KeyManager, Signer, load_upstream
 from ca.oidc import serve_oidc
 from ca.oidc import tls_context as oidc_tls_context
@@ -339,17 +339,21 @@ class CAServer:
             or time.monotonic() >= self._serving_refresh_at
         )
 
-    async def refresh_keys(self) -> None:
-        """Apply due key steps; republish the bundle and TLS context when they changed."""
+    async def refresh_keys(self, *, key_event: bool = False) -> None:
+        """Apply due key steps; republish the bundle and TLS context when they changed.
+        ``key_event``: a key changed already (an operator's rotation): anchor anyway."""
         before = self.keys.bundle.sequence if self.keys.bundle else None
+
+        jwt_steps: list[JwtStep] = []
 
         def tick() -> list[schedule.Step]:
             # JWT keys first: the X.509 tick then republishes the bundle's sequence.
-            for jwt_step in self.jwt_keys.tick():
-                log.info("key.rotated", step=f"jwt_{jwt_step.kind}", reason=jwt_step.reason)
+            jwt_steps.extend(self.jwt_keys.tick())
             return self.keys.tick()
 
         steps = await self.run_sync(tick)
+        for jwt_step in jwt_steps:
+            log.info("key.rotated", step=f"jwt_{jwt_step.kind}", reason=jwt_step.reason)
         for step in steps:
             log.info("key.rotated", step=step.kind, reason=step.reason, key_id=step.key_id)
         if self._needs_new_context():
@@ -358,7 +362,7 @@ class CAServer:
         if before != after:
             log.info("bundle.updated", sequence=after)
         self.bundle_changed.notify()
-        if steps:
+        if steps or jwt_steps or key_event:
             await self.anchor("key_event")
 
     # -- the audit anchor (rule 5) -----------------------------------------------------
@@ -596,7 +600,8 @@ class CAServer:
         )
 
         async def keys_changed() -> None:
-            await self.refresh_keys()
+            # An operator's rotation is a key event (rule 5), whatever the tick finds.
+            await self.refresh_keys(key_event=True)
 
         admin_api = AdminApi(
             self.authority,

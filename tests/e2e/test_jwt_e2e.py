@@ -234,6 +234,11 @@ def test_bundle_stream_is_pushed_on_rotation_and_the_new_key_signs_after(mesh):
     first = json.loads(proc.stdout.readline())  # the stream is open: now rotate
     rotated = admin(ca, "POST", "/v1/rotate", {"jwt": True})
     assert rotated["rotated"] == "jwt"
+    # a JWT key event is anchored like any key event (the chain head signed)
+    deadline = time.monotonic() + 5  # the log reader thread may trail the answer
+    while not any(a.get("reason") == "key_event" for a in ca.daemon.events("audit.anchor")):
+        assert time.monotonic() < deadline, ca.daemon.events("audit.anchor")
+        time.sleep(0.05)
     out, _ = proc.communicate(timeout=30)
     updates = [first["kids"]["example.org"]]
     updates += [json.loads(line)["kids"]["example.org"] for line in out.splitlines()]
