@@ -68,6 +68,12 @@ def _item(held: HeldSvid, bundle_der: bytes) -> SvidItem:
     )
 
 
+# CA refusals that mean "no identity for this caller", not "try again soon".
+_NO_IDENTITY_CODES = frozenset(
+    {"not_authorized", "evicted", "banned", "unknown_agent", "stale_svid"}
+)
+
+
 class AgentBackend:
     def __init__(self, keeper: SvidKeeper, trust_domain_id: str) -> None:
         self.keeper = keeper
@@ -177,8 +183,12 @@ class AgentBackend:
                 token = await self.jwt_cache.get(entry.id, audience)
             except CAError as exc:
                 log.warning("jwt.fetch_failed", spiffe_id=entry.spiffe_id, error=exc.code)
-                if exc.code in ("not_authorized", "bad_audience", "ttl_too_long"):
+                if exc.code in ("bad_audience", "ttl_too_long"):
                     raise GrpcError(Status.INVALID_ARGUMENT, exc.message) from exc
+                if exc.code in _NO_IDENTITY_CODES:
+                    # As for X.509: the CA will not give this caller an identity (the
+                    # entry went, the agent was evicted): PERMISSION_DENIED.
+                    raise NoIdentity(f"the CA refused a JWT-SVID ({exc.code})") from exc
                 raise GrpcError(Status.UNAVAILABLE, "the CA could not sign a JWT-SVID") from exc
             items.append(JwtSvidItem(entry.spiffe_id, token, entry.hint))
         return items
