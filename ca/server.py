@@ -531,6 +531,7 @@ class CAServer:
     def health(self) -> dict[str, object]:
         signer = self.keys.signer
         bundle = self.keys.bundle
+        jwt_signer = self.jwt_keys.signer
         return {
             "status": "ok" if signer is not None else "no signing key",
             "trust_domain": str(self.td),
@@ -540,6 +541,11 @@ class CAServer:
             "bundle_sequence": None if bundle is None else bundle.sequence,
             "bundle_roots": 0 if bundle is None else len(bundle.x509_authorities),
             "svids_issued": self.authority.issued_total,
+            "jwt_signing_key": None
+            if jwt_signer is None
+            else {"kid": jwt_signer.kid, "alg": jwt_signer.alg},
+            "jwt_keys_published": len(self.jwt_keys.bundle.keys),
+            "jwt_svids_issued": self.authority.jwt_issued_total,
             "uptime_seconds": round(time.monotonic() - self.started, 1),
         }
 

@@ -187,6 +187,8 @@ def test_validate_jwt_svid_accepts_good_and_refuses_hostile_tokens(seen):
 
 def test_jwt_source_and_bundles(mesh, seen):
     ca, _ = mesh
+    health = admin(ca, "GET", "/v1/health")
+    assert health["jwt_signing_key"]["alg"] == "ES256" and health["jwt_keys_published"] >= 1
     assert seen["source"]["spiffe_id"] == WEB
     published = {k["kid"] for k in jwks(ca)["keys"] if k.get("use") == "jwt-svid"}
     assert set(seen["source"]["kids"]) == published
