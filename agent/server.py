@@ -92,6 +92,13 @@ def _metrics(server: AgentServer) -> Iterator[Metric]:
     yield metrics.gauge(
         "tally_agent_evicted", "1 once the CA evicted this agent", int(bool(keeper.evicted))
     )
+    yield metrics.counter(
+        "tally_agent_jwt_svids_fetched",
+        "JWT-SVIDs fetched from the CA (the rest were served from the cache)",
+        backend.jwt_cache.fetched,
+    )
+    jwt_keys = 0 if keeper.jwt_bundle is None else len(keeper.jwt_bundle.keys)
+    yield metrics.gauge("tally_agent_jwt_keys", "JWT signing keys in the bundle held", jwt_keys)
     stats = server.workload_stats
     if stats is not None:
         yield metrics.gauge(

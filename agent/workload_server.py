@@ -67,13 +67,21 @@ from agent.workload_calls import (
     stall_deadline,
 )
 from agent.workload_messages import (
+    JWT_METHODS,
     STREAMING_METHODS,
+    InvalidJwt,
+    JwtMethod,
     Method,
     Rejected,
     WorkloadBackend,
+    jwt_bundles_response,
+    jwt_svid_request,
+    jwt_svid_response,
     only_no_identity,
     parse_request_message,
     route_request,
+    validate_request,
+    validate_response,
 )
 from tally.ops.admission import Admission
 from tally.ops.logs import get_logger
@@ -331,10 +339,14 @@ class _Connection:
     async def _call(self, call: Call) -> tuple[Status, str]:
         timeout = math.inf if call.request.timeout is None else call.request.timeout
         with trio.move_on_after(timeout):
-            method = STREAMING_METHODS[call.method]
             try:
+                if call.method in JWT_METHODS:
+                    return await self._jwt_call(call)
+                method = STREAMING_METHODS[call.method]
                 await self._receive_request(call, method)
                 await self._stream_snapshots(call, method)
+            except InvalidJwt as exc:
+                return Status.INVALID_ARGUMENT, f"invalid JWT-SVID: {exc.reason}"
             except GrpcError as exc:
                 return exc.status, exc.message
             except Exception as exc:
@@ -345,7 +357,32 @@ class _Connection:
             return Status.UNAVAILABLE, "identity stream ended, reconnect"
         return Status.DEADLINE_EXCEEDED, "deadline exceeded"
 
-    async def _receive_request(self, call: Call, method: Method) -> None:
+    async def _jwt_call(self, call: Call) -> tuple[Status, str]:
+        """The JWT profile: two unary calls and the JWT bundles stream."""
+        await self._receive_request(call, JWT_METHODS[call.method])
+        message = call.request_message or b""
+        if call.method == "FetchJWTBundles":
+            async with self._backend.watch_jwt_bundles(self._peer) as updates:
+                async for bundles in updates:
+                    self._send(call, jwt_bundles_response(bundles))
+            return Status.UNAVAILABLE, "bundle stream ended, reconnect"
+        if call.method == "FetchJWTSVID":
+            audience, spiffe_id = jwt_svid_request(message)
+            items = await self._backend.fetch_jwt(self._peer, audience, spiffe_id)
+            self._send(call, jwt_svid_response(items))
+            return Status.OK, ""
+        audience_one, token = validate_request(message)
+        result = await self._backend.validate_jwt(self._peer, audience_one, token)
+        self._send(call, validate_response(result))
+        return Status.OK, ""
+
+    def _send(self, call: Call, payload: bytes) -> None:
+        if len(payload) > self._limits.max_message_size:
+            raise GrpcError(Status.RESOURCE_EXHAUSTED, "response too large")
+        if call.offer(payload):
+            self._wakeup.set()
+
+    async def _receive_request(self, call: Call, method: Method | JwtMethod) -> None:
         ready = self._tasks[call.stream_id].request_ready
         with trio.move_on_after(self._limits.request_timeout_s):
             await ready.wait()

@@ -37,6 +37,7 @@ from ca.audit import Seen, VerifyResult
 from ca.authority import AgentStatus, Authority, Denied, Issued, NotSigned
 from ca.keys import CAKeyError
 from ca.store import EntryRecord
+from tally.spiffe.jwt import with_jwt_keys
 from tally.spiffe.spiffeid import SpiffeId
 from tally.wire import http
 
@@ -165,7 +166,7 @@ class AgentApi:
                 return (a.keys.bundle is not None) and a.keys.bundle.sequence != since
 
             await self.bundle.wait_until(bundle_changed, _wait_param(req))
-            return J(messages.bundle_json(a.bundle()))
+            return J({**messages.bundle_json(a.bundle()), **messages.jwt_bundle_json(a)})
         agent_id, serial = self._agent(peer)
         if route == ("POST", "/v1/agent/renew"):
             csr = messages.text_or_none(messages.body_object(req).get("csr"))
@@ -200,6 +201,12 @@ class AgentApi:
                 return a.sign_batch(agent_id, serial, messages.sign_requests(csrs))
 
             return J(messages.signed_json(csrs, await self.run(sign)))
+        if route == ("POST", "/v1/jwt"):
+            body = messages.body_object(req)
+            entry_id = messages.text_or_none(body.get("entry_id"))
+            audience = messages.audience(body.get("audience"))
+            svid = await self.run(lambda: a.sign_jwt(agent_id, serial, entry_id, audience))
+            return J(messages.jwt_json(svid))
         raise Denied(404, "not_found", f"no such call: {req.method} {req.path}")
 
 
@@ -309,7 +316,8 @@ class AdminApi:
         if (method, path) == ("GET", "/v1/bundle"):
             bundle = a.bundle()
             if q.get("format", "pem") == "spiffe":
-                return http.Response(200, bundle.to_jwks(), content_type="application/json")
+                jwks = with_jwt_keys(bundle.to_jwks(), a.jwt_bundle())
+                return http.Response(200, jwks, content_type="application/json")
             return J(messages.bundle_json(bundle))
         if (method, path) == ("POST", "/v1/x509/mint"):
             body = messages.body_object(req)
@@ -321,6 +329,16 @@ class AdminApi:
         if (method, path) == ("POST", "/v1/rotate"):
             body = messages.body_object(req)
             root = bool(body.get("root"))
+            if body.get("jwt") and a.jwt_keys is not None:
+                jwt_keys = a.jwt_keys
+                try:
+                    jwt_step = await self.run(lambda: jwt_keys.rotate(actor))
+                except CAKeyError as exc:
+                    raise Denied(409, "cannot_rotate", str(exc)) from exc
+                await self.on_keys_changed()
+                return J(
+                    {"rotated": "jwt", "reason": jwt_step.reason, "jwt_keys": jwt_keys.summaries()}
+                )
             try:
                 step = await self.run(
                     lambda: a.keys.rotate_root(actor) if root else a.keys.rotate_intermediate(actor)
@@ -336,7 +354,15 @@ class AdminApi:
                 }
             )
         if (method, path) == ("GET", "/v1/keys"):
-            return J({"keys": a.keys.key_summaries()})
+            summaries = [] if a.jwt_keys is None else a.jwt_keys.summaries()
+            return J({"keys": a.keys.key_summaries(), "jwt_keys": summaries})
+        if (method, path) == ("POST", "/v1/jwt/mint"):
+            body = messages.body_object(req)
+            jwt_id = messages.parse_id(body.get("spiffe_id"))
+            audience = messages.audience(body.get("audience"))
+            jwt_ttl = messages.svid_ttl(body.get("ttl"))
+            minted_jwt = await self.run(lambda: a.mint_jwt(jwt_id, audience, jwt_ttl, actor))
+            return J(messages.jwt_json(minted_jwt))
         if (method, path) == ("GET", "/v1/audit"):
             limit = _int_param(req, "limit")
             records = await self.run(

@@ -294,7 +294,31 @@ def cmd_x509_mint(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_jwt_mint(args: argparse.Namespace) -> int:
+    body = {"spiffe_id": args.spiffe_id, "audience": args.audience, "ttl": _ttl(args.ttl)}
+    data = call(args.admin_socket, "POST", "/v1/jwt/mint", body)
+    # The token goes to stdout only (it is what was asked for), never to a log.
+    emit(args, data, lambda d: d["token"])
+    return 0
+
+
 def cmd_rotate(args: argparse.Namespace) -> int:
+    if args.root and args.jwt:
+        raise CommandError("--root and --jwt rotate different keys; give one")
+    if args.jwt:
+        data = call(args.admin_socket, "POST", "/v1/rotate", {"jwt": True})
+        emit(
+            args,
+            data,
+            lambda d: (
+                f"Rotated jwt ({d['reason']})\n"
+                + "\n".join(
+                    f"  jwt {k['alg']:<6} {k['state']:<9} {k['id']} signs from {k['activate_at']}"
+                    for k in d["jwt_keys"]
+                )
+            ),
+        )
+        return 0
     data = call(args.admin_socket, "POST", "/v1/rotate", {"root": args.root})
     emit(
         args,
@@ -472,6 +496,15 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="directory for svid.pem, key.pem, bundle.pem (created 0700 if missing)",
     )
 
+    jwt_p = ca_sub.add_parser("jwt", help="JWT-SVIDs outside the agent flow")
+    jwt_sub = jwt_p.add_subparsers(dest="jwt_command", required=True, metavar="COMMAND")
+    p = leaf(jwt_sub, "mint", cmd_jwt_mint, "mint a JWT-SVID (audited) and print it")
+    p.add_argument("--spiffe-id", required=True)
+    p.add_argument(
+        "--audience", action="append", required=True, help="the token's audience (repeatable)"
+    )
+    p.add_argument("--ttl", help="token lifetime, e.g. 5m (default: the CA's default_jwt_ttl)")
+
     p = leaf(
         ca_sub,
         "rotate",
@@ -482,6 +515,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--root",
         action="store_true",
         help="publish a new root; it is used after the propagation window",
+    )
+    p.add_argument(
+        "--jwt",
+        action="store_true",
+        help="publish a new JWT signing key; it signs after jwt_propagation",
     )
 
     audit = ca_sub.add_parser("audit", help="the audit log")

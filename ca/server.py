@@ -56,7 +56,10 @@ from ca import console, schedule
 from ca.anchor import Anchor, AnchorKey
 from ca.api import AdminApi, AgentApi, AgentPeer, Changes
 from ca.authority import Authority, Limits, iso, serial_hex
+from ca.jwt_keys import AuditSampler, JwtKeyManager, JwtStep, jwt_limits, jwt_policy
 from ca.keys import KeyManager, Signer, load_upstream
+from ca.oidc import serve_oidc
+from ca.oidc import tls_context as oidc_tls_context
 from ca.settings import CASettings
 from ca.store import AuditEvent, IssuedSvid, Store
 from tally.ops import metrics
@@ -101,6 +104,10 @@ RESTART_ONLY = (
     "upstream_cert",
     "upstream_key",
     "upstream_bundle",
+    "oidc_listen",
+    "oidc_issuer",
+    "oidc_cert",
+    "oidc_key",
 )
 
 
@@ -132,6 +139,9 @@ def _metrics(server: CAServer) -> Iterator[Metric]:
     a = s.authority
     yield metrics.counter(
         "tally_ca_svids_issued", "SVIDs signed (workload, agent and minted)", a.issued_total
+    )
+    yield metrics.counter(
+        "tally_ca_jwt_svids_issued", "JWT-SVIDs signed (for agents and minted)", a.jwt_issued_total
     )
     yield metrics.counter(
         "tally_ca_attestation_failures", "node attestations refused", a.attestation_failures
@@ -225,6 +235,10 @@ class CAServer:
         self.last_anchor: Anchor | None = None
         self.keys = KeyManager(self.store, cfg.data_dir, self.td, policy, clock, upstream)
         self.keys.load()
+        self.jwt_keys = JwtKeyManager(self.store, cfg.data_dir, self.td, jwt_policy(cfg), clock)
+        self.jwt_keys.load()
+        for jwt_step in self.jwt_keys.tick():
+            log.info("key.rotated", step=f"jwt_{jwt_step.kind}", reason=jwt_step.reason)
         for step in self.keys.tick():
             log.info("key.rotated", step=step.kind, reason=step.reason)
         self.authority = Authority(
@@ -237,6 +251,12 @@ class CAServer:
         self.authority.limit_attestation(
             cfg.attest_burst, float(cfg.attest_refill), cfg.token_max_failures
         )
+        self.authority.jwt_keys = self.jwt_keys
+        self.oidc_tls = None
+        if cfg.oidc_cert is not None and cfg.oidc_key is not None:
+            self.oidc_tls = oidc_tls_context(cfg.oidc_cert, cfg.oidc_key)
+        self.authority.jwt_limits = jwt_limits(cfg)
+        self.authority.jwt_sampler = AuditSampler(int(cfg.jwt_audit_window))
         self._limiter = trio.CapacityLimiter(1)
         self._conn_limiter = trio.CapacityLimiter(cfg.max_connections)
         self.admin_admission = Admission(cfg.admin_max_connections)
@@ -339,10 +359,21 @@ class CAServer:
             or time.monotonic() >= self._serving_refresh_at
         )
 
-    async def refresh_keys(self) -> None:
-        """Apply due key steps; republish the bundle and TLS context when they changed."""
+    async def refresh_keys(self, *, key_event: bool = False) -> None:
+        """Apply due key steps; republish the bundle and TLS context when they changed.
+        ``key_event``: a key changed already (an operator's rotation): anchor anyway."""
         before = self.keys.bundle.sequence if self.keys.bundle else None
-        steps = await self.run_sync(self.keys.tick)
+
+        jwt_steps: list[JwtStep] = []
+
+        def tick() -> list[schedule.Step]:
+            # JWT keys first: the X.509 tick then republishes the bundle's sequence.
+            jwt_steps.extend(self.jwt_keys.tick())
+            return self.keys.tick()
+
+        steps = await self.run_sync(tick)
+        for jwt_step in jwt_steps:
+            log.info("key.rotated", step=f"jwt_{jwt_step.kind}", reason=jwt_step.reason)
         for step in steps:
             log.info("key.rotated", step=step.kind, reason=step.reason, key_id=step.key_id)
         if self._needs_new_context():
@@ -351,7 +382,7 @@ class CAServer:
         if before != after:
             log.info("bundle.updated", sequence=after)
         self.bundle_changed.notify()
-        if steps:
+        if steps or jwt_steps or key_event:
             await self.anchor("key_event")
 
     # -- the audit anchor (rule 5) -----------------------------------------------------
@@ -379,7 +410,8 @@ class CAServer:
             await trio.sleep(float(self.cfg.audit_anchor_every))
 
     def tick_interval(self) -> float:
-        return max(0.2, min(30.0, self.cfg.intermediate_ttl / 100))
+        jwt_due = min(self.cfg.jwt_key_ttl / 100, self.cfg.jwt_propagation / 10)
+        return max(0.2, min(30.0, self.cfg.intermediate_ttl / 100, jwt_due))
 
     def _prune(self) -> None:
         now = int(self.clock().timestamp())
@@ -519,6 +551,7 @@ class CAServer:
     def health(self) -> dict[str, object]:
         signer = self.keys.signer
         bundle = self.keys.bundle
+        jwt_signer = self.jwt_keys.signer
         return {
             "status": "ok" if signer is not None else "no signing key",
             "trust_domain": str(self.td),
@@ -528,6 +561,11 @@ class CAServer:
             "bundle_sequence": None if bundle is None else bundle.sequence,
             "bundle_roots": 0 if bundle is None else len(bundle.x509_authorities),
             "svids_issued": self.authority.issued_total,
+            "jwt_signing_key": None
+            if jwt_signer is None
+            else {"kid": jwt_signer.kid, "alg": jwt_signer.alg},
+            "jwt_keys_published": len(self.jwt_keys.bundle.keys),
+            "jwt_svids_issued": self.authority.jwt_issued_total,
             "uptime_seconds": round(time.monotonic() - self.started, 1),
         }
 
@@ -578,6 +616,8 @@ class CAServer:
         setup_logging(new.log_level)
         self.hooks.update(check_hooks(new.hooks))
         self.authority.limits = _limits(new)
+        self.authority.jwt_limits = jwt_limits(new)
+        self.jwt_keys.policy = jwt_policy(new)
         throttle = ("attest_burst", "attest_refill", "token_max_failures")
         if any(name in changed for name in throttle):  # a new throttle forgets past failures
             self.authority.limit_attestation(
@@ -611,7 +651,8 @@ class CAServer:
         )
 
         async def keys_changed() -> None:
-            await self.refresh_keys()
+            # An operator's rotation is a key event (rule 5), whatever the tick finds.
+            await self.refresh_keys(key_event=True)
 
         admin_api = AdminApi(
             self.authority,
@@ -661,6 +702,15 @@ class CAServer:
                         if self.cfg.metrics is not None:
                             addresses["metrics"] = await services.start(
                                 serve_health, self.cfg.metrics, self.registry, self.ready
+                            )
+                        if self.cfg.oidc_listen is not None and self.cfg.oidc_issuer:
+                            addresses["oidc"] = await services.start(
+                                serve_oidc,
+                                self.cfg.oidc_listen,
+                                self.cfg.oidc_issuer,
+                                lambda: self.jwt_keys.bundle,
+                                self.oidc_tls,
+                                self.drain,
                             )
                         log.info("ca.started", trust_domain=str(self.td), **addresses)
                         task_status.started(addresses)

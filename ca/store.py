@@ -277,6 +277,18 @@ class Store:
     def bundle_sequence(self) -> int:
         return int(self._get_meta("bundle_sequence") or 0)
 
+    def jwt_keys(self) -> str | None:
+        """The JWT signing keys' records, as `ca.jwt_keys` stored them (JSON)."""
+        return self._get_meta("jwt_keys")
+
+    def save_jwt_keys(self, records: str, events: Sequence[AuditEvent]) -> None:
+        """Store JWT key changes with their audit records; the bundle's sequence goes up,
+        because every JWT key change changes what the bundle publishes."""
+        with self._tx() as conn:
+            self._set_meta(conn, "jwt_keys", records)
+            self._bump(conn, "bundle_sequence")
+            self._append(conn, events)
+
     # -- audit -------------------------------------------------------------------------
 
     def _append(self, conn: sqlite3.Connection, events: Sequence[AuditEvent]) -> None:

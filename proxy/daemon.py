@@ -31,17 +31,19 @@ import errno
 import signal
 from collections.abc import Callable
 from functools import partial
+from pathlib import Path
 
 import trio
 
 from proxy import listen
+from proxy.bearer import BearerGate, BearerHooks, TokenSource
 from proxy.hotswap import HotSwap, Mode
 from proxy.identity import FileSource, IdentityError, Signature, WorkloadSource
 from proxy.inbound import dial_service, serve_inbound
 from proxy.metrics import ProxyCollector, Stats
 from proxy.outbound import dial_server, serve_outbound
 from proxy.pool import CLOSE_TIMEOUT_S, Pool, close_quietly
-from proxy.settings import ClientSettings, FileSourceSpec, ServerSettings
+from proxy.settings import ClientSettings, FileSourceSpec, ServerSettings, WorkloadSourceSpec
 from proxy.traffic import Traffic
 from tally.ops import metrics
 from tally.ops.clock import Clock, wall_clock
@@ -107,6 +109,12 @@ class Proxy:
                 stats=self.stats,
             )
         self.hooks = Hooks("proxy", check_hooks(cfg.hooks), identity=self._identity)
+        self._bearer_socket: Path | None = None
+        if cfg.http and isinstance(spec, WorkloadSourceSpec):
+            self.traffic.bearer = bearer_hooks(cfg, spec.endpoint_socket)
+            self._bearer_socket = spec.endpoint_socket
+        if isinstance(cfg, ServerSettings) and not cfg.client_cert:
+            self.swap.client_auth = "none"
         collector = ProxyCollector(self.stats, self.swap.svid_info, clock, mode)
         self.registry = metrics.registry_of(
             lambda: [*collector.collect(), *self.hooks.metrics("tally_proxy")]
@@ -146,6 +154,9 @@ class Proxy:
             return False, f"waiting for the first SVID from {self.source.describe()}: {why}"
         if not self.serving.is_set():
             return False, "starting"
+        bearer = self.traffic.bearer
+        if bearer is not None and bearer.require is not None and not bearer.require.ready.is_set():
+            return False, "waiting for the JWT bundles (--require-jwt) from the Workload API"
         ident = cur.identity
         left = (ident.not_after - self.clock()).total_seconds()
         if left <= 0:
@@ -231,6 +242,8 @@ class Proxy:
             pool.idle_s = new.pool_idle_timeout
         self.swap.set_policy(policy)
         self.hooks.update(check_hooks(new.hooks))
+        if self.traffic.bearer is not None and self.traffic.bearer.require is not None:
+            self.traffic.bearer.require.policy = policy
         log.info(
             "config.reloaded",
             rules=policy.describe(),
@@ -293,6 +306,10 @@ class Proxy:
                     async with trio.open_nursery() as services:
                         services.start_soon(self._run_source)
                         services.start_soon(watch_ready, self.ready)
+                        bearer = self.traffic.bearer
+                        if bearer is not None and bearer.require is not None:
+                            assert self._bearer_socket is not None
+                            services.start_soon(bearer.require.watch, self._bearer_socket)
                         if self.traffic.pool is not None:
                             await services.start(self.traffic.pool.run)
                         services.start_soon(self._serve_when_ready, sock, handlers)
@@ -318,3 +335,12 @@ class Proxy:
             connections_total=self.stats.connections_total,
             open_connections=self.stats.connections_open,
         )
+
+
+def bearer_hooks(cfg: ServerSettings | ClientSettings, endpoint_socket: Path) -> BearerHooks | None:
+    """`proxy.bearer` for --inject-jwt (client) or --require-jwt (server), if set."""
+    if isinstance(cfg, ClientSettings) and cfg.inject_jwt is not None:
+        return BearerHooks(inject=TokenSource(endpoint_socket, cfg.inject_jwt, cfg.spiffe_id))
+    if isinstance(cfg, ServerSettings) and cfg.require_jwt is not None:
+        return BearerHooks(require=BearerGate(cfg.require_jwt, cfg.policy()))
+    return None

@@ -226,6 +226,29 @@ class ServerSettings(ProxySettings):
         help="admit spiffe://TD/PREFIX and every ID below it (whole path segments)",
     )
 
+    require_jwt: str | None = setting(
+        None,
+        metavar="AUDIENCE",
+        help="HTTP mode: each request needs Authorization: Bearer <JWT-SVID> for AUDIENCE"
+        " whose SPIFFE ID passes the allow rules; else 401",
+    )
+    client_cert: bool = setting(
+        True,
+        help="require a client certificate (mutual TLS); --no-client-cert, with --require-jwt,"
+        " accepts TLS clients without one (callers behind a load balancer), the token being"
+        " then the only credential",
+    )
+
+    def validate(self) -> None:
+        super().validate()
+        if self.require_jwt is not None:
+            _jwt_needs(self, "require_jwt", self.require_jwt)
+        if not self.client_cert and self.require_jwt is None:
+            raise ConfigError(
+                "setting 'client_cert' = false (--no-client-cert) needs 'require_jwt': without"
+                " a client certificate the token is the only credential"
+            )
+
     def policy(self) -> authz.Policy:
         try:
             rules = authz.parse_policy(
@@ -248,6 +271,17 @@ class ClientSettings(ProxySettings):
     expect_id: list[str] = setting(
         [], metavar="ID", help="the server's SPIFFE ID must be one of these"
     )
+    inject_jwt: str | None = setting(
+        None,
+        metavar="AUDIENCE",
+        help="HTTP mode: send Authorization: Bearer <JWT-SVID for AUDIENCE> on every request,"
+        " replacing the app's",
+    )
+
+    def validate(self) -> None:
+        super().validate()
+        if self.inject_jwt is not None:
+            _jwt_needs(self, "inject_jwt", self.inject_jwt)
 
     def policy(self) -> authz.Policy:
         try:
@@ -257,3 +291,16 @@ class ClientSettings(ProxySettings):
         if rules.empty:
             raise ConfigError("a client needs --expect-id: the SPIFFE ID of the server")
         return rules
+
+
+def _jwt_needs(cfg: ProxySettings, name: str, audience: str) -> None:
+    """Bearer tokens need HTTP mode and the Workload API (files hold no JWT-SVIDs)."""
+    if not audience or len(audience) > 256 or not audience.isprintable():
+        raise ConfigError(f"setting '{name}': the audience must be 1 to 256 printable characters")
+    if not cfg.http:
+        raise ConfigError(f"setting '{name}' needs HTTP mode (--http)")
+    if cfg.cert is not None:
+        raise ConfigError(
+            f"setting '{name}' needs the Workload API (JWT-SVIDs come from the agent),"
+            " not --cert/--key/--bundle"
+        )

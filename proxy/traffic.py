@@ -33,6 +33,7 @@ from datetime import datetime, timedelta
 import trio
 from cryptography import x509
 
+from proxy.bearer import BearerHooks
 from proxy.hotswap import HotSwap, Mode
 from proxy.http import Idlers
 from proxy.metrics import Stats
@@ -76,6 +77,8 @@ class Traffic:
         self.relay = Relay()
         self.pool: Pool | None = None
         """HTTP mode's kept-alive connections to the target (set by the proxy)."""
+        self.bearer: BearerHooks | None = None
+        """HTTP mode's JWT-SVID bearer tokens, out and in (set by the proxy)."""
 
     # -- handshakes (rules 2 and 3) --------------------------------------------------------
 

@@ -63,6 +63,9 @@ def test_demo_runs_rotates_refuses_and_cleans_up():
     ok, failed, rotations = (int(g) for g in summary.groups())
     assert ok > 50 and failed == 0 and rotations >= 2
     assert "verified" in out
+    bearer = re.search(r"Bearer tokens: (\d+) requests ok, (\d+) failed.*got (\d+)", out)
+    assert bearer, out
+    assert int(bearer.group(1)) > 0 and bearer.group(2) == "0" and bearer.group(3) == "401"
     workdir = re.search(r"== Tally demo in (\S+)", out).group(1)
     assert not os.path.exists(workdir)
     for pid in filter(str.isdigit, os.listdir("/proc")):
