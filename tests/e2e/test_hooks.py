@@ -96,8 +96,14 @@ def fleet(tmp_path_factory, receiver) -> Iterator[tuple[CA, Agent, Agent, Path]]
         "--hook",
         _inline(json.dumps(ca_hook)),
     )
+    # No coalescing: on a loaded machine the CA's restart in one test can outlast a 4 s
+    # SVID, and the eviction test must still see its own svid.expired, not a repeat held back.
     paging = json.dumps(
-        {"on": ["rotation.failed", "svid.expired", "agent.evicted"], "url": receiver.url}
+        {
+            "on": ["rotation.failed", "svid.expired", "agent.evicted"],
+            "url": receiver.url,
+            "coalesce": 0,
+        }
     )
     hanging = json.dumps(
         {
