@@ -53,6 +53,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
     encode_dss_signature,
 )
 
+from tally.spiffe import strict_json
 from tally.spiffe.spiffeid import SpiffeId, SpiffeIdError, TrustDomain
 
 MAX_TOKEN_BYTES = 8 * 1024
@@ -140,30 +141,9 @@ def unb64url(text: str) -> bytes:
         raise ValueError("not base64url") from exc
 
 
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise ValueError(f"duplicate JSON member {key!r}")
-        out[key] = value
-    return out
-
-
-def _no_constants(name: str) -> None:
-    raise ValueError(f"{name} is not valid JSON")
-
-
-def load_json(data: bytes) -> object:
-    """JSON that refuses duplicate members and NaN/Infinity; ValueError otherwise."""
-    try:
-        return json.loads(data, object_pairs_hook=_no_duplicates, parse_constant=_no_constants)
-    except RecursionError as exc:
-        raise ValueError("JSON nested too deeply") from exc
-
-
 def _json_part(part: str, what: str) -> dict[str, Any]:
     try:
-        value = load_json(unb64url(part))
+        value = strict_json.loads(unb64url(part))
     except (ValueError, UnicodeDecodeError) as exc:
         raise JwtError("malformed", f"token {what} is not base64url JSON: {exc}") from None
     if not isinstance(value, dict):
@@ -266,7 +246,7 @@ class JwtBundle:
         if len(data) > MAX_JWKS_BYTES:
             raise JwtError("bad_jwks", f"{where}: {len(data)} bytes, at most {MAX_JWKS_BYTES}")
         try:
-            doc = load_json(data)
+            doc = strict_json.loads(data)
         except (ValueError, UnicodeDecodeError) as exc:
             raise JwtError("bad_jwks", f"{where}: not valid JSON: {exc}") from None
         if not isinstance(doc, dict) or not isinstance(doc.get("keys"), list):
@@ -516,7 +496,7 @@ def with_jwt_keys(x509_jwks: bytes, bundle: JwtBundle) -> bytes:
     """A SPIFFE bundle (JWK Set) holding both the X.509 authorities already in
     ``x509_jwks`` and the ``jwt-svid`` keys of ``bundle``: what federation and
     ``tally ca bundle show --format spiffe`` publish."""
-    doc = load_json(x509_jwks)
+    doc = strict_json.loads(x509_jwks)
     assert isinstance(doc, dict) and isinstance(doc.get("keys"), list)
     doc["keys"] = [*doc["keys"], *bundle.jwks_keys()]
     return json.dumps(doc, indent=2).encode() + b"\n"
