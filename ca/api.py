@@ -211,28 +211,6 @@ class AgentApi:
 
 
 class AdminApi:
-    async def _verify_against(self, body: dict[str, object]) -> dict[str, object]:
-        """The chain checked against anchors (`ca.anchor`), each first proven ours."""
-        raw = body.get("anchors")
-        if not isinstance(raw, list) or not raw:
-            raise Denied(400, "bad_request", "anchors must be a non-empty list")
-        if self.anchor_key is None:
-            raise Denied(409, "no_anchor_key", "this CA has no audit anchor key")
-        seen: list[Seen] = []
-        for index, obj in enumerate(raw):
-            if not isinstance(obj, dict):
-                raise Denied(400, "bad_request", f"anchor {index + 1} is not an object")
-            try:
-                anchor = anchor_from(obj, f"anchor {index + 1}")
-            except AnchorError as exc:
-                raise Denied(400, "bad_request", str(exc)) from None
-            problem = self.anchor_key.problem(anchor, str(self.authority.td))
-            if problem is not None:
-                return messages.verify_json(VerifyResult(False, 0, anchor.seq, problem))
-            seen.append(Seen(anchor.seq, anchor.hash, anchor.at))
-        result = await self.run(lambda: self.authority.store.verify_audit(seen))
-        return {**messages.verify_json(result), "anchors": len(seen)}
-
     def __init__(
         self,
         authority: Authority,
@@ -257,6 +235,28 @@ class AdminApi:
             return await self._route(f"admin:uid={uid}", req)
         except Denied as exc:
             return _error(exc)
+
+    async def _verify_against(self, body: dict[str, object]) -> dict[str, object]:
+        """The chain checked against anchors (`ca.anchor`), each first proven ours."""
+        raw = body.get("anchors")
+        if not isinstance(raw, list) or not raw:
+            raise Denied(400, "bad_request", "anchors must be a non-empty list")
+        if self.anchor_key is None:
+            raise Denied(409, "no_anchor_key", "this CA has no audit anchor key")
+        seen: list[Seen] = []
+        for index, obj in enumerate(raw):
+            if not isinstance(obj, dict):
+                raise Denied(400, "bad_request", f"anchor {index + 1} is not an object")
+            try:
+                anchor = anchor_from(obj, f"anchor {index + 1}")
+            except AnchorError as exc:
+                raise Denied(400, "bad_request", str(exc)) from None
+            problem = self.anchor_key.problem(anchor, str(self.authority.td))
+            if problem is not None:
+                return messages.verify_json(VerifyResult(False, 0, anchor.seq, problem))
+            seen.append(Seen(anchor.seq, anchor.hash, anchor.at))
+        result = await self.run(lambda: self.authority.store.verify_audit(seen))
+        return {**messages.verify_json(result), "anchors": len(seen)}
 
     async def _route(self, actor: str, req: http.Request) -> http.Response:
         a = self.authority
