@@ -16,7 +16,7 @@ Rules:
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
@@ -24,12 +24,23 @@ import trio
 from cryptography.hazmat.primitives import serialization
 
 from agent.attestor import AttestationError, ExeHashCache, attest_socket, describe
+from agent.ca_client import CAError
+from agent.jwt_cache import JwtCache
 from agent.keeper import SvidKeeper
-from agent.renewal import HeldSvid
-from agent.workload_messages import NoIdentity, SvidItem, X509Snapshot
+from agent.renewal import Entry, HeldSvid
+from agent.workload_messages import (
+    InvalidJwt,
+    JwtSvidItem,
+    NoIdentity,
+    SvidItem,
+    ValidatedJwt,
+    X509Snapshot,
+)
 from tally.ops.logs import get_logger
 from tally.ops.net import PeerCred
+from tally.spiffe import jwt
 from tally.spiffe.selectors import Selector, matches
+from tally.wire.grpc import GrpcError, Status
 
 log = get_logger("tally.agent")
 
@@ -40,6 +51,7 @@ class Stats:
     attested: int = 0
     attestation_failures: int = 0
     by_status: dict[str, int] = field(default_factory=dict)
+    jwt_invalid: dict[str, int] = field(default_factory=dict)
 
 
 def _item(held: HeldSvid, bundle_der: bytes) -> SvidItem:
@@ -56,12 +68,19 @@ def _item(held: HeldSvid, bundle_der: bytes) -> SvidItem:
     )
 
 
+# CA refusals that mean "no identity for this caller", not "try again soon".
+_NO_IDENTITY_CODES = frozenset(
+    {"not_authorized", "evicted", "banned", "unknown_agent", "stale_svid"}
+)
+
+
 class AgentBackend:
     def __init__(self, keeper: SvidKeeper, trust_domain_id: str) -> None:
         self.keeper = keeper
         self.td_id = trust_domain_id
         self.hashes = ExeHashCache()
         self.stats = Stats()
+        self.jwt_cache = JwtCache(keeper.client.jwt, keeper.clock)
 
     def snapshot_for(self, selectors: frozenset[Selector]) -> X509Snapshot:
         keeper = self.keeper
@@ -128,3 +147,87 @@ class AgentBackend:
             )
             with trio.move_on_after(max(0.0, (soonest - keeper.clock()).total_seconds()) + 0.01):
                 await changed.wait()
+
+    # -- the JWT profile -------------------------------------------------------------
+
+    def _entries_for(self, peer: PeerCred, selectors: frozenset[Selector]) -> list[Entry]:
+        """The entries whose SVIDs this caller may have, as for X.509 (rule 3)."""
+        entries = [e for e in self.keeper.entries.values() if matches(e.selectors, selectors)]
+        if not entries:
+            self.stats.denied += 1
+            log.warning(
+                "workload.denied",
+                pid=peer.pid,
+                uid=peer.uid,
+                selectors=describe(selectors),
+                reason="no registration entry matches this caller",
+            )
+            raise NoIdentity("no identity issued")
+        return sorted(entries, key=lambda e: (e.spiffe_id, e.id))
+
+    async def fetch_jwt(
+        self, peer: PeerCred, audience: Sequence[str], spiffe_id: str
+    ) -> list[JwtSvidItem]:
+        entries = self._entries_for(peer, await self._attest(peer))
+        if spiffe_id:
+            entries = [e for e in entries if e.spiffe_id == spiffe_id]
+            if not entries:
+                raise NoIdentity(f"no identity {spiffe_id} for this caller")
+        # One identity per SPIFFE ID (two entries may name the same one).
+        seen: dict[str, Entry] = {}
+        for entry in entries:
+            seen.setdefault(entry.spiffe_id, entry)
+        items = []
+        for entry in seen.values():
+            try:
+                token = await self.jwt_cache.get(entry.id, audience)
+            except CAError as exc:
+                log.warning("jwt.fetch_failed", spiffe_id=entry.spiffe_id, error=exc.code)
+                if exc.code in ("bad_audience", "ttl_too_long"):
+                    raise GrpcError(Status.INVALID_ARGUMENT, exc.message) from exc
+                if exc.code in _NO_IDENTITY_CODES:
+                    # As for X.509: the CA will not give this caller an identity (the
+                    # entry went, the agent was evicted): PERMISSION_DENIED.
+                    raise NoIdentity(f"the CA refused a JWT-SVID ({exc.code})") from exc
+                raise GrpcError(Status.UNAVAILABLE, "the CA could not sign a JWT-SVID") from exc
+            items.append(JwtSvidItem(entry.spiffe_id, token, entry.hint))
+        return items
+
+    def _jwt_bundles(self) -> dict[str, bytes]:
+        bundle = self.keeper.jwt_bundle
+        if bundle is None:
+            return {}
+        return {self.td_id: bundle.to_jwks()}
+
+    @asynccontextmanager
+    async def watch_jwt_bundles(
+        self, peer: PeerCred
+    ) -> AsyncIterator[AsyncIterator[Mapping[str, bytes]]]:
+        selectors = await self._attest(peer)
+        self._entries_for(peer, selectors)
+        yield self._jwt_bundle_stream(peer, selectors)
+
+    async def _jwt_bundle_stream(
+        self, peer: PeerCred, selectors: frozenset[Selector]
+    ) -> AsyncIterator[Mapping[str, bytes]]:
+        last: dict[str, bytes] | None = None
+        while True:
+            changed = self.keeper.changed
+            self._entries_for(peer, selectors)
+            bundles = self._jwt_bundles()
+            if bundles and bundles != last:
+                last = bundles
+                yield bundles
+            await changed.wait()
+
+    async def validate_jwt(self, peer: PeerCred, audience: str, token: str) -> ValidatedJwt:
+        self._entries_for(peer, await self._attest(peer))
+        bundle = self.keeper.jwt_bundle
+        bundles = [] if bundle is None else [bundle]
+        try:
+            svid = jwt.validate(token, audience, bundles, self.keeper.clock().timestamp())
+        except jwt.JwtError as exc:
+            self.stats.jwt_invalid[exc.reason] = self.stats.jwt_invalid.get(exc.reason, 0) + 1
+            log.info("jwt.invalid", pid=peer.pid, reason=exc.reason)
+            raise InvalidJwt(exc.reason) from exc
+        return ValidatedJwt(str(svid.spiffe_id), svid.claims)

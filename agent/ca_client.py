@@ -269,10 +269,18 @@ class CAClient:
             results.append(item)
         return results
 
-    async def bundle(self, since: int = -1, wait: float = 0) -> tuple[int, bytes]:
+    async def bundle(self, since: int = -1, wait: float = 0) -> tuple[int, bytes, bytes]:
+        """The bundle's sequence, its roots (PEM) and its JWT keys (a JWK Set; an empty
+        one from a CA that predates JWT-SVIDs)."""
         q = urlencode({"since": since, "wait": wait})
         data = await self._call("GET", f"/v1/bundle?{q}", wait=wait)
-        return int(data["bundle_sequence"]), str(data["bundle"]).encode()
+        jwks = str(data.get("jwt_bundle") or '{"keys": []}').encode()
+        return int(data["bundle_sequence"]), str(data["bundle"]).encode(), jwks
+
+    async def jwt(self, entry_id: str, audience: Sequence[str]) -> str:
+        """A JWT-SVID for one of this agent's entries; the token is a bearer credential."""
+        data = await self._call("POST", "/v1/jwt", {"entry_id": entry_id, "audience": audience})
+        return str(data["token"])
 
     async def aclose(self) -> None:
         self._retired.extend(client for _, client in self._idle)

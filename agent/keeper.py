@@ -41,7 +41,9 @@ from agent.ca_client import CAError, Issued, make_csr
 from agent.renewal import BATCH, EntriesPage, Entry, EntryChange, EntrySync, HeldSvid
 from tally.ops.logs import get_logger
 from tally.spiffe import rotation, x509profile
+from tally.spiffe.jwt import JwtBundle
 from tally.spiffe.pem import chain_from_pem
+from tally.spiffe.spiffeid import SpiffeId
 
 log = get_logger("tally.agent")
 
@@ -63,7 +65,9 @@ class CAApi(Protocol):
 
     async def sign(self, requests: Sequence[tuple[str, str]]) -> list[dict[str, Any]]: ...
 
-    async def bundle(self, since: int = -1, wait: float = 0) -> tuple[int, bytes]: ...
+    async def bundle(self, since: int = -1, wait: float = 0) -> tuple[int, bytes, bytes]: ...
+
+    async def jwt(self, entry_id: str, audience: Sequence[str]) -> str: ...
 
     def set_identity(
         self, chain: Sequence[x509.Certificate], key: ec.EllipticCurvePrivateKey
@@ -124,6 +128,8 @@ class SvidKeeper:
         self.changed = trio.Event()
         # The CA's code once it refused this agent for good; the loops stop on it.
         self.halted: str | None = None
+        # The CA's JWT keys; None until the first bundle answer (asked for at once).
+        self.jwt_bundle: JwtBundle | None = None
         self.counters = Counters()
         self._wake_minter = trio.Event()
         self.agent_renew_at = self._renewal(identity.chain[0])
@@ -314,10 +320,13 @@ class SvidKeeper:
         attempt = 0
         while self.halted is None:
             try:
-                sequence, pem = await self.client.bundle(
-                    since=self.bundle_sequence, wait=self.poll_wait
-                )
+                # Without JWT keys yet, ask without waiting: the attestation answer
+                # carried the roots, not the JWT keys.
+                since = self.bundle_sequence if self.jwt_bundle is not None else -1
+                sequence, pem, jwks = await self.client.bundle(since=since, wait=self.poll_wait)
                 roots = chain_from_pem(pem)
+                td = SpiffeId.parse(self.agent_id).trust_domain
+                jwt_bundle = JwtBundle.from_jwks(td, jwks)
             except (CAError, trio.TooSlowError, ValueError) as exc:
                 self._fail("bundle", exc)
                 attempt += 1
@@ -330,6 +339,10 @@ class SvidKeeper:
                 self.client.set_roots(roots)
                 await self._offload(partial(state.save_bundle, self.data_dir, roots, sequence))
                 log.info("bundle.updated", sequence=sequence, roots=len(roots))
+                self.notify()
+            if self.jwt_bundle is None or jwt_bundle.keys.keys() != self.jwt_bundle.keys.keys():
+                self.jwt_bundle = jwt_bundle
+                log.info("jwt_bundle.updated", sequence=sequence, keys=len(jwt_bundle.keys))
                 self.notify()
         await self._wait_for_operator()
 

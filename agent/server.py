@@ -10,7 +10,9 @@ Rules:
 2. The newest bundle is kept on disk too, so an agent that was down through a
    root rotation still trusts the CA when it comes back.
 3. One nursery: the CA loops (`agent.keeper`), the Workload API, metrics and
-   the signal watcher.  SIGTERM stops them and removes the socket.
+   the signal watcher.  SIGTERM drains the Workload API first (every call ends
+   with a clean UNAVAILABLE, up to ``drain_timeout``), then stops the rest and
+   removes the socket.
 4. SIGHUP re-reads the ``--config`` file (`tally.ops.reload`): the log
    level, ``poll_wait`` and ``ca_timeout`` change at once (the next call to
    the CA takes them) and no Workload API stream is dropped; `RESTART_ONLY`
@@ -22,7 +24,6 @@ from __future__ import annotations
 import random
 import signal
 from collections.abc import Callable, Iterator
-from functools import partial
 
 import trio
 from prometheus_client.core import Metric
@@ -38,7 +39,9 @@ from tally.ops import metrics
 from tally.ops.admission import Admission
 from tally.ops.clock import Clock, wall_clock
 from tally.ops.errors import OperatorError
-from tally.ops.health import serve_health
+from tally.ops.health import serve_health, watch_ready
+from tally.ops.hook_rules import check_hooks
+from tally.ops.hooks import Hooks
 from tally.ops.logs import get_logger, setup_logging
 from tally.ops.net import open_unix_listener
 from tally.ops.reload import reread
@@ -89,6 +92,13 @@ def _metrics(server: AgentServer) -> Iterator[Metric]:
     yield metrics.gauge(
         "tally_agent_evicted", "1 once the CA evicted this agent", int(bool(keeper.evicted))
     )
+    yield metrics.counter(
+        "tally_agent_jwt_svids_fetched",
+        "JWT-SVIDs fetched from the CA (the rest were served from the cache)",
+        backend.jwt_cache.fetched,
+    )
+    jwt_keys = 0 if keeper.jwt_bundle is None else len(keeper.jwt_bundle.keys)
+    yield metrics.gauge("tally_agent_jwt_keys", "JWT signing keys in the bundle held", jwt_keys)
     stats = server.workload_stats
     if stats is not None:
         yield metrics.gauge(
@@ -136,7 +146,10 @@ class AgentServer:
         self.admission = Admission(
             cfg.workload_max_connections, cfg.workload_max_connections_per_uid
         )
-        self.registry = metrics.registry_of(lambda: _metrics(self))
+        self.hooks = Hooks("agent", check_hooks(cfg.hooks), identity=self._identity)
+        self.registry = metrics.registry_of(
+            lambda: [*_metrics(self), *self.hooks.metrics("tally_agent")]
+        )
         state.prepare_dir(cfg.data_dir)
         stored = state.load_bundle(cfg.data_dir)
         if stored is not None:
@@ -237,6 +250,10 @@ class AgentServer:
             return False, f"close to expiry with no successor: {', '.join(sorted(risky)[:3])}"
         return True, f"{len(keeper.svids)} SVIDs fresh"
 
+    def _identity(self) -> str | None:
+        """This agent's SPIFFE ID, for hook payloads about no other identity."""
+        return self.keeper.agent_id if self.keeper is not None else None
+
     async def reload(self) -> None:
         """SIGHUP (rule 4): apply the live settings of the re-read file."""
         if self._reload_config is None:
@@ -247,6 +264,7 @@ class AgentServer:
             return
         self.cfg = new
         setup_logging(new.log_level)
+        self.hooks.update(check_hooks(new.hooks))
         if self._client is not None:
             self._client.timeout = float(new.ca_timeout)
         if self.keeper is not None:
@@ -258,6 +276,26 @@ class AgentServer:
             ca_timeout=float(new.ca_timeout),
         )
 
+    async def _serve_workloads(
+        self,
+        listener: trio.SocketListener,
+        drain: trio.Event,
+        served: trio.Event,
+        *,
+        task_status: trio.TaskStatus[WorkloadStats] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        assert self.backend is not None
+        try:
+            await serve_workload_api(
+                listener,
+                self.backend,
+                admission=self.admission,
+                drain=drain,
+                task_status=task_status,
+            )
+        finally:
+            served.set()
+
     async def run(
         self, *, task_status: trio.TaskStatus[dict[str, str]] = trio.TASK_STATUS_IGNORED
     ) -> None:
@@ -268,6 +306,8 @@ class AgentServer:
         listener = await open_unix_listener(cfg.socket, 0o666)
         try:
             async with trio.open_nursery() as nursery:
+                await nursery.start(self.hooks.run)
+                nursery.start_soon(watch_ready, self.ready)
                 addresses = {"socket": str(cfg.socket)}
                 if cfg.metrics is not None:
                     addresses["metrics"] = await nursery.start(
@@ -286,8 +326,10 @@ class AgentServer:
                 )
                 self.backend = AgentBackend(self.keeper, str(self.td.id()))
                 nursery.start_soon(self.keeper.run)
+                drain = trio.Event()
+                served = trio.Event()
                 self.workload_stats = await nursery.start(
-                    partial(serve_workload_api, listener, self.backend, admission=self.admission)
+                    self._serve_workloads, listener, drain, served
                 )
                 log.info("agent.started", spiffe_id=self.keeper.agent_id, **addresses)
                 task_status.started(addresses)
@@ -300,6 +342,9 @@ class AgentServer:
                             continue
                         log.info("agent.stopping", signal=signal.Signals(signum).name)
                         break
+                drain.set()  # rule 3: every Workload API call ends cleanly, within a deadline
+                with trio.move_on_after(float(self.cfg.drain_timeout)):
+                    await served.wait()
                 nursery.cancel_scope.cancel()
         finally:
             cfg.socket.unlink(missing_ok=True)

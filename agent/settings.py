@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from tally.ops.config import Address, ConfigError, Duration, setting
+from tally.ops.config import Address, ConfigError, Duration, Table, setting
+from tally.ops.hook_rules import HOOKS_HELP, check_hooks
 from tally.spiffe.spiffeid import SpiffeIdError, TrustDomain
 
 
@@ -45,9 +46,15 @@ class AgentSettings:
     poll_wait: Duration = setting(
         Duration(30), help="how long the CA may hold a change-feed request open"
     )
+    drain_timeout: Duration = setting(
+        Duration(10),
+        help="on SIGTERM, how long Workload API calls may take to finish before the agent exits",
+    )
     log_level: str = setting("info", help="debug, info, warning or error")
+    hooks: list[Table] = setting([], flag="--hook", metavar="TABLE", help=HOOKS_HELP)
 
     def validate(self) -> None:
+        check_hooks(self.hooks)
         try:
             TrustDomain.parse(self.trust_domain)
         except SpiffeIdError as exc:

@@ -7,7 +7,7 @@ Rules:
 2. **Checks in the order the standard implies.**  The request must be gRPC
    (POST, ``application/grpc``); then the ``workload.spiffe.io: true``
    header, before the path or the caller is looked at (INVALID_ARGUMENT);
-   then the method (UNIMPLEMENTED for the JWT and WIT RPCs and unknown paths).
+   then the method (UNIMPLEMENTED for the WIT RPCs and unknown paths).
    The caller's identity comes last, from the backend.
 3. **Each message is the complete current state** of what one caller may
    see (`X509Snapshot`), never a diff; an own trust domain is never repeated
@@ -18,7 +18,7 @@ Rules:
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Protocol
@@ -68,6 +68,27 @@ class NoIdentity(Exception):
     """The caller has no identity (yet, or any more); its calls end with PERMISSION_DENIED."""
 
 
+@dataclass(frozen=True)
+class JwtSvidItem:
+    spiffe_id: str
+    token: str
+    hint: str = ""
+
+
+@dataclass(frozen=True)
+class ValidatedJwt:
+    spiffe_id: str
+    claims: Mapping[str, object]
+
+
+class InvalidJwt(Exception):
+    """ValidateJWTSVID refused the token; ``reason`` is a fixed word (INVALID_ARGUMENT)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
 class WorkloadBackend(Protocol):
     def watch_x509(
         self, peer: PeerCred
@@ -75,6 +96,23 @@ class WorkloadBackend(Protocol):
         """Attest ``peer`` on enter (may raise NoIdentity); the iterator yields the
         current snapshot at once, then a complete new one on every change, and may
         raise NoIdentity when the caller loses its identity."""
+        ...
+
+    async def fetch_jwt(
+        self, peer: PeerCred, audience: Sequence[str], spiffe_id: str
+    ) -> list[JwtSvidItem]:
+        """JWT-SVIDs for the caller's identities (only ``spiffe_id`` when it is set);
+        raises NoIdentity when there is none."""
+        ...
+
+    def watch_jwt_bundles(
+        self, peer: PeerCred
+    ) -> AbstractAsyncContextManager[AsyncIterator[Mapping[str, bytes]]]:
+        """Like `watch_x509`, over the JWT bundles: ``"spiffe://<td>"`` to JWKS bytes."""
+        ...
+
+    async def validate_jwt(self, peer: PeerCred, audience: str, token: str) -> ValidatedJwt:
+        """Validate for an attested caller with an identity; raises InvalidJwt."""
         ...
 
 
@@ -124,6 +162,58 @@ STREAMING_METHODS: Mapping[str, Method] = {
 }
 
 
+@dataclass(frozen=True)
+class JwtMethod:
+    parse_request: Callable[[bytes], object]
+
+
+JWT_METHODS: Mapping[str, JwtMethod] = {
+    "FetchJWTSVID": JwtMethod(pb.JWTSVIDRequest.FromString),
+    "FetchJWTBundles": JwtMethod(pb.JWTBundlesRequest.FromString),
+    "ValidateJWTSVID": JwtMethod(pb.ValidateJWTSVIDRequest.FromString),
+}
+
+
+def jwt_svid_request(message: bytes) -> tuple[list[str], str]:
+    """The audiences and optional SPIFFE ID of a FetchJWTSVID request (INVALID_ARGUMENT
+    when no audience is given, as the standard says)."""
+    request = pb.JWTSVIDRequest.FromString(message)
+    audience = [a for a in request.audience]
+    if not audience or not all(audience):
+        raise GrpcError(Status.INVALID_ARGUMENT, "audience must be specified")
+    return audience, request.spiffe_id
+
+
+def jwt_svid_response(items: Sequence[JwtSvidItem]) -> bytes:
+    if not items:
+        raise NoIdentity("no JWT-SVIDs")
+    message = pb.JWTSVIDResponse(
+        svids=[pb.JWTSVID(spiffe_id=i.spiffe_id, svid=i.token, hint=i.hint) for i in items]
+    )
+    return message.SerializeToString(deterministic=True)
+
+
+def jwt_bundles_response(bundles: Mapping[str, bytes]) -> bytes:
+    if not bundles:
+        raise NoIdentity("no JWT bundles")
+    return pb.JWTBundlesResponse(bundles=dict(bundles)).SerializeToString(deterministic=True)
+
+
+def validate_request(message: bytes) -> tuple[str, str]:
+    request = pb.ValidateJWTSVIDRequest.FromString(message)
+    if not request.audience:
+        raise GrpcError(Status.INVALID_ARGUMENT, "audience must be specified")
+    if not request.svid:
+        raise GrpcError(Status.INVALID_ARGUMENT, "svid must be specified")
+    return request.audience, request.svid
+
+
+def validate_response(result: ValidatedJwt) -> bytes:
+    message = pb.ValidateJWTSVIDResponse(spiffe_id=result.spiffe_id)
+    message.claims.update(dict(result.claims))
+    return message.SerializeToString(deterministic=True)
+
+
 def method_label(path: str) -> str:
     """The method a path names, or ``"unknown"`` for anything outside the standard service."""
     name = path.removeprefix(_SERVICE) if path.startswith(_SERVICE) else ""
@@ -149,14 +239,14 @@ def route_request(headers: Iterable[tuple[bytes, bytes]]) -> tuple[str, Request]
             raise GrpcError(
                 Status.INVALID_ARGUMENT, f"security header missing: {SECURITY_HEADER}: true"
             )
-        if label not in STREAMING_METHODS:
+        if label not in STREAMING_METHODS and label not in JWT_METHODS:
             raise GrpcError(Status.UNIMPLEMENTED, f"method not implemented: {request.path}")
     except GrpcError as exc:
         raise Rejected(label, exc) from exc
     return label, request
 
 
-def parse_request_message(method: Method, message: bytes | None) -> None:
+def parse_request_message(method: Method | JwtMethod, message: bytes | None) -> None:
     """Check a call's one request message (a cardinality or decode error is INTERNAL)."""
     if message is None:
         raise GrpcError(Status.INTERNAL, "request ended without a message")

@@ -32,6 +32,13 @@ Rules / theory of operation:
    (ENHANCE_YOUR_CALM, "too many connections") and closed at once: a gRPC
    client sees the connection refused by the server, not a hang, and nothing
    is held for it.  One local user flooding the socket leaves the others served.
+8. **A drain is a clean end, never a reset.**  When ``drain`` is set (SIGTERM)
+   the listener closes and every connection is first told by a GOAWAY that
+   names no stream (last stream id 2^31-1, as gRPC servers do) that it may
+   open no more calls; each open call then ends after the message it is
+   sending, with UNAVAILABLE "the agent is shutting down" in its trailers (a
+   status every gRPC client retries), and a final GOAWAY closes the connection.
+   The agent bounds the whole drain by its ``drain_timeout``.
 """
 
 from __future__ import annotations
@@ -46,6 +53,7 @@ import h2.errors
 import h2.events
 import h2.exceptions
 import trio
+from hyperframe.frame import GoAwayFrame
 
 from agent.workload_calls import (
     DEFAULT_LIMITS,
@@ -59,13 +67,21 @@ from agent.workload_calls import (
     stall_deadline,
 )
 from agent.workload_messages import (
+    JWT_METHODS,
     STREAMING_METHODS,
+    InvalidJwt,
+    JwtMethod,
     Method,
     Rejected,
     WorkloadBackend,
+    jwt_bundles_response,
+    jwt_svid_request,
+    jwt_svid_response,
     only_no_identity,
     parse_request_message,
     route_request,
+    validate_request,
+    validate_response,
 )
 from tally.ops.admission import Admission
 from tally.ops.logs import get_logger
@@ -91,6 +107,8 @@ class WorkloadStats:
 
 _READ_SIZE = 64 * 1024
 _LINGER_S = 1.0
+_DRAINING = "the agent is shutting down"
+_ANY_STREAM = 2**31 - 1
 
 
 class _Drop(Exception):
@@ -113,8 +131,11 @@ class _Connection:
         backend: WorkloadBackend,
         limits: WorkloadLimits,
         stats: WorkloadStats,
+        drain: trio.Event,
     ) -> None:
         self._stream = stream
+        self._drain = drain
+        self._draining = False
         self._peer = peer
         self._backend = backend
         self._limits = limits
@@ -140,6 +161,7 @@ class _Connection:
             self._nursery = nursery
             nursery.start_soon(self._guard, self._write_loop)
             nursery.start_soon(self._idle_watch)
+            nursery.start_soon(self._drain_watch)
             await self._guard(self._read_loop)
 
     async def _guard(self, loop: Callable[[], Awaitable[None]]) -> None:
@@ -229,6 +251,11 @@ class _Connection:
 
     def _on_request(self, event: h2.events.RequestReceived) -> None:
         stream_id = event.stream_id
+        if self._draining:  # sent before the peer read our first GOAWAY
+            self._count("unknown", Status.UNAVAILABLE)
+            reject(self._h2, stream_id, GrpcError(Status.UNAVAILABLE, _DRAINING))
+            self._end_if_drained()
+            return
         try:
             label, request = route_request(event.headers)
         except Rejected as exc:
@@ -264,6 +291,25 @@ class _Connection:
                 self._read_scope.cancel()
                 return
 
+    async def _drain_watch(self) -> None:
+        """Rule 8: on drain, forbid new calls and end the open ones after their message."""
+        await self._drain.wait()
+        self._draining = True
+        self._outbox += GoAwayFrame(
+            0, last_stream_id=_ANY_STREAM, additional_data=b"draining"
+        ).serialize()
+        for call in self._calls.values():
+            call.abort(Status.UNAVAILABLE, _DRAINING)
+            self._signal(call)
+        self._end_if_drained()
+        self._wakeup.set()
+
+    def _end_if_drained(self) -> None:
+        """Once draining and the last call has sent its trailers, say the final goodbye."""
+        if self._draining and not self._calls and not self._closing:
+            self._h2.close_connection(h2.errors.ErrorCodes.NO_ERROR)
+            self._close_gracefully()
+
     def _close_gracefully(self) -> None:
         """Stop every call and let the writer flush what h2 queued (a GOAWAY)."""
         for call in self._calls.values():
@@ -293,10 +339,14 @@ class _Connection:
     async def _call(self, call: Call) -> tuple[Status, str]:
         timeout = math.inf if call.request.timeout is None else call.request.timeout
         with trio.move_on_after(timeout):
-            method = STREAMING_METHODS[call.method]
             try:
+                if call.method in JWT_METHODS:
+                    return await self._jwt_call(call)
+                method = STREAMING_METHODS[call.method]
                 await self._receive_request(call, method)
                 await self._stream_snapshots(call, method)
+            except InvalidJwt as exc:
+                return Status.INVALID_ARGUMENT, f"invalid JWT-SVID: {exc.reason}"
             except GrpcError as exc:
                 return exc.status, exc.message
             except Exception as exc:
@@ -307,7 +357,32 @@ class _Connection:
             return Status.UNAVAILABLE, "identity stream ended, reconnect"
         return Status.DEADLINE_EXCEEDED, "deadline exceeded"
 
-    async def _receive_request(self, call: Call, method: Method) -> None:
+    async def _jwt_call(self, call: Call) -> tuple[Status, str]:
+        """The JWT profile: two unary calls and the JWT bundles stream."""
+        await self._receive_request(call, JWT_METHODS[call.method])
+        message = call.request_message or b""
+        if call.method == "FetchJWTBundles":
+            async with self._backend.watch_jwt_bundles(self._peer) as updates:
+                async for bundles in updates:
+                    self._send(call, jwt_bundles_response(bundles))
+            return Status.UNAVAILABLE, "bundle stream ended, reconnect"
+        if call.method == "FetchJWTSVID":
+            audience, spiffe_id = jwt_svid_request(message)
+            items = await self._backend.fetch_jwt(self._peer, audience, spiffe_id)
+            self._send(call, jwt_svid_response(items))
+            return Status.OK, ""
+        audience_one, token = validate_request(message)
+        result = await self._backend.validate_jwt(self._peer, audience_one, token)
+        self._send(call, validate_response(result))
+        return Status.OK, ""
+
+    def _send(self, call: Call, payload: bytes) -> None:
+        if len(payload) > self._limits.max_message_size:
+            raise GrpcError(Status.RESOURCE_EXHAUSTED, "response too large")
+        if call.offer(payload):
+            self._wakeup.set()
+
+    async def _receive_request(self, call: Call, method: Method | JwtMethod) -> None:
         ready = self._tasks[call.stream_id].request_ready
         with trio.move_on_after(self._limits.request_timeout_s):
             await ready.wait()
@@ -384,6 +459,7 @@ class _Connection:
             # The stream went away under us (reset, GOAWAY): the call ends quietly.
             log.debug("workload stream %d closed while sending: %s", call.stream_id, exc)
             self._signal(call)
+        self._end_if_drained()
 
 
 async def serve_workload_connection(
@@ -393,17 +469,19 @@ async def serve_workload_connection(
     *,
     limits: WorkloadLimits = DEFAULT_LIMITS,
     stats: WorkloadStats | None = None,
+    drain: trio.Event | None = None,
 ) -> None:
-    """Serve one accepted connection until the peer leaves or is dropped.
+    """Serve one accepted connection until the peer leaves, is dropped, or is drained.
 
     Separate from :func:`serve_workload_api` so that tests can drive it over
     in-memory streams in virtual time.
     """
     stats = WorkloadStats() if stats is None else stats
+    drain = trio.Event() if drain is None else drain
     stats.connections_open += 1
     stats.connections_total += 1
     try:
-        await _Connection(stream, peer, backend, limits, stats).serve()
+        await _Connection(stream, peer, backend, limits, stats, drain).serve()
     finally:
         stats.connections_open -= 1
 
@@ -415,9 +493,11 @@ async def serve_workload_api(
     limits: WorkloadLimits = DEFAULT_LIMITS,
     stats: WorkloadStats | None = None,
     admission: Admission | None = None,
+    drain: trio.Event | None = None,
     task_status: trio.TaskStatus[WorkloadStats] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve the Workload API on an open Unix socket listener until cancelled.
+    """Serve the Workload API on an open Unix socket listener until cancelled, or
+    until ``drain`` is set and every connection has ended cleanly (rule 8).
 
     The listener is normally ``tally.ops.net.open_unix_listener(path, 0o666)``:
     any local process may connect, because what it gets depends on attestation.
@@ -425,6 +505,7 @@ async def serve_workload_api(
     ``admission`` caps the connections (rule 7); without it there is no cap.
     """
     stats = WorkloadStats() if stats is None else stats
+    drain = trio.Event() if drain is None else drain
 
     async def handle(stream: trio.SocketStream) -> None:
         async with stream:
@@ -434,20 +515,31 @@ async def serve_workload_api(
                 log.debug("workload connection without peer credentials: %s", exc)
                 return
             if admission is None:
-                await serve_workload_connection(stream, peer, backend, limits=limits, stats=stats)
+                await serve_workload_connection(
+                    stream, peer, backend, limits=limits, stats=stats, drain=drain
+                )
                 return
             reason = admission.admit(peer.uid)
             if reason is not None:
                 await _refuse(stream, peer, reason, admission, limits)
                 return
             try:
-                await serve_workload_connection(stream, peer, backend, limits=limits, stats=stats)
+                await serve_workload_connection(
+                    stream, peer, backend, limits=limits, stats=stats, drain=drain
+                )
             finally:
                 admission.release(peer.uid)
 
-    async with trio.open_nursery() as nursery:
-        task_status.started(stats)
-        await trio.serve_listeners(handle, [listener], handler_nursery=nursery)
+    async def stop_accepting(accepting: trio.CancelScope) -> None:
+        await drain.wait()
+        accepting.cancel()
+
+    async with trio.open_nursery() as handlers:
+        with trio.CancelScope() as accepting:
+            handlers.start_soon(stop_accepting, accepting)
+            task_status.started(stats)
+            await trio.serve_listeners(handle, [listener], handler_nursery=handlers)
+        await listener.aclose()
 
 
 async def _refuse(

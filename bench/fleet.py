@@ -186,7 +186,7 @@ class SimAgent:
         attempt = 0
         while True:
             try:
-                self.bundle_sequence, _ = await self.client.bundle(
+                self.bundle_sequence, *_ = await self.client.bundle(
                     since=self.bundle_sequence, wait=POLL_WAIT
                 )
             except (CAError, trio.TooSlowError) as exc:

@@ -36,10 +36,13 @@ from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
 from ca import messages
+from ca.anchor import Anchor, AnchorError, AnchorKey, anchor_from
+from ca.audit import Seen, VerifyResult
 from ca.authority import ENTRY_PAGE, AgentStatus, Authority, Denied, EntrySync, Issued, NotSigned
 from ca.feed import BUNDLE, ChangeFeed, concerned_agents
 from ca.keys import CAKeyError
 from ca.store import EntryRecord
+from tally.spiffe.jwt import with_jwt_keys
 from tally.spiffe.spiffeid import SpiffeId
 from tally.wire import http
 
@@ -170,7 +173,7 @@ class AgentApi:
                 return (a.keys.bundle is not None) and a.keys.bundle.sequence != since
 
             await self.bundle.wait_until(BUNDLE, bundle_changed, _wait_param(req))
-            return J(messages.bundle_json(a.bundle()))
+            return J({**messages.bundle_json(a.bundle()), **messages.jwt_bundle_json(a)})
         agent_id, serial = self._agent(peer)
         if route == ("POST", "/v1/agent/renew"):
             csr = messages.text_or_none(messages.body_object(req).get("csr"))
@@ -222,6 +225,12 @@ class AgentApi:
                 return a.sign_batch(agent_id, serial, messages.sign_requests(csrs))
 
             return J(messages.signed_json(csrs, await self.run(sign)))
+        if route == ("POST", "/v1/jwt"):
+            body = messages.body_object(req)
+            entry_id = messages.text_or_none(body.get("entry_id"))
+            audience = messages.audience(body.get("audience"))
+            svid = await self.run(lambda: a.sign_jwt(agent_id, serial, entry_id, audience))
+            return J(messages.jwt_json(svid))
         raise Denied(404, "not_found", f"no such call: {req.method} {req.path}")
 
 
@@ -233,18 +242,45 @@ class AdminApi:
         on_entries_changed: Callable[[Iterable[str], str], object],
         on_keys_changed: Callable[[], Awaitable[None]],
         health: Callable[[], dict[str, object]],
+        *,
+        anchor_key: AnchorKey | None = None,
+        anchor_now: Callable[[str], Awaitable[Anchor | None]] | None = None,
     ) -> None:
         self.authority = authority
         self.run = run
         self.on_entries_changed = on_entries_changed
         self.on_keys_changed = on_keys_changed
         self.health = health
+        self.anchor_key = anchor_key
+        self.anchor_now = anchor_now
 
     async def handle(self, uid: int, req: http.Request) -> http.Response:
         try:
             return await self._route(f"admin:uid={uid}", req)
         except Denied as exc:
             return _error(exc)
+
+    async def _verify_against(self, body: dict[str, object]) -> dict[str, object]:
+        """The chain checked against anchors (`ca.anchor`), each first proven ours."""
+        raw = body.get("anchors")
+        if not isinstance(raw, list) or not raw:
+            raise Denied(400, "bad_request", "anchors must be a non-empty list")
+        if self.anchor_key is None:
+            raise Denied(409, "no_anchor_key", "this CA has no audit anchor key")
+        seen: list[Seen] = []
+        for index, obj in enumerate(raw):
+            if not isinstance(obj, dict):
+                raise Denied(400, "bad_request", f"anchor {index + 1} is not an object")
+            try:
+                anchor = anchor_from(obj, f"anchor {index + 1}")
+            except AnchorError as exc:
+                raise Denied(400, "bad_request", str(exc)) from None
+            problem = self.anchor_key.problem(anchor, str(self.authority.td))
+            if problem is not None:
+                return messages.verify_json(VerifyResult(False, 0, anchor.seq, problem))
+            seen.append(Seen(anchor.seq, anchor.hash, anchor.at))
+        result = await self.run(lambda: self.authority.store.verify_audit(seen))
+        return {**messages.verify_json(result), "anchors": len(seen)}
 
     async def _route(self, actor: str, req: http.Request) -> http.Response:
         a = self.authority
@@ -320,7 +356,8 @@ class AdminApi:
         if (method, path) == ("GET", "/v1/bundle"):
             bundle = a.bundle()
             if q.get("format", "pem") == "spiffe":
-                return http.Response(200, bundle.to_jwks(), content_type="application/json")
+                jwks = with_jwt_keys(bundle.to_jwks(), a.jwt_bundle())
+                return http.Response(200, jwks, content_type="application/json")
             return J(messages.bundle_json(bundle))
         if (method, path) == ("POST", "/v1/x509/mint"):
             body = messages.body_object(req)
@@ -332,6 +369,16 @@ class AdminApi:
         if (method, path) == ("POST", "/v1/rotate"):
             body = messages.body_object(req)
             root = bool(body.get("root"))
+            if body.get("jwt") and a.jwt_keys is not None:
+                jwt_keys = a.jwt_keys
+                try:
+                    jwt_step = await self.run(lambda: jwt_keys.rotate(actor))
+                except CAKeyError as exc:
+                    raise Denied(409, "cannot_rotate", str(exc)) from exc
+                await self.on_keys_changed()
+                return J(
+                    {"rotated": "jwt", "reason": jwt_step.reason, "jwt_keys": jwt_keys.summaries()}
+                )
             try:
                 step = await self.run(
                     lambda: a.keys.rotate_root(actor) if root else a.keys.rotate_intermediate(actor)
@@ -347,7 +394,15 @@ class AdminApi:
                 }
             )
         if (method, path) == ("GET", "/v1/keys"):
-            return J({"keys": a.keys.key_summaries()})
+            summaries = [] if a.jwt_keys is None else a.jwt_keys.summaries()
+            return J({"keys": a.keys.key_summaries(), "jwt_keys": summaries})
+        if (method, path) == ("POST", "/v1/jwt/mint"):
+            body = messages.body_object(req)
+            jwt_id = messages.parse_id(body.get("spiffe_id"))
+            audience = messages.audience(body.get("audience"))
+            jwt_ttl = messages.svid_ttl(body.get("ttl"))
+            minted_jwt = await self.run(lambda: a.mint_jwt(jwt_id, audience, jwt_ttl, actor))
+            return J(messages.jwt_json(minted_jwt))
         if (method, path) == ("GET", "/v1/audit"):
             limit = _int_param(req, "limit")
             records = await self.run(
@@ -361,4 +416,11 @@ class AdminApi:
             return J(messages.audit_json(records))
         if (method, path) == ("GET", "/v1/audit/verify"):
             return J(messages.verify_json(await self.run(a.store.verify_audit)))
+        if (method, path) == ("POST", "/v1/audit/verify"):
+            return J(await self._verify_against(messages.body_object(req)))
+        if (method, path) == ("GET", "/v1/audit/anchor") and self.anchor_now is not None:
+            anchor = await self.anchor_now("requested")
+            if anchor is None:
+                raise Denied(409, "empty_log", "the audit log has no records to anchor yet")
+            return J(anchor.to_json())
         raise Denied(404, "not_found", f"no such call: {method} {path}")

@@ -12,6 +12,10 @@ Rules:
 3. The store keeps the newest (seq, hash) as the chain's *head*, written in the
    same transaction as the record, so removing records from the end is caught
    too: the chain alone cannot tell a truncated log from a short one.
+4. Head and chain live in one datastore, so whoever rewrites all of it can
+   make them agree.  *Anchors* (`ca.anchor`: a head signed outside the
+   datastore) are what such a rewrite cannot match: given some, `verify`
+   names the first anchored record whose hash is no longer the one signed.
 
 This module does no I/O; the store appends and reads rows, this decides.
 """
@@ -20,7 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 GENESIS = "0" * 64
@@ -98,13 +102,38 @@ class StoredRow:
     hash: str
 
 
-def verify(rows: Iterable[StoredRow], head: tuple[int, str] | None) -> VerifyResult:
-    """Walk rows in ``seq`` order and name the first one that breaks the chain."""
+@dataclass(frozen=True)
+class Seen:
+    """What an anchor (rule 4) says the chain held: record ``seq`` hashed to ``hash``
+    at time ``at``.  Its signature is checked before it gets here."""
+
+    seq: int
+    hash: str
+    at: str
+
+
+def verify(
+    rows: Iterable[StoredRow], head: tuple[int, str] | None, anchors: Sequence[Seen] = ()
+) -> VerifyResult:
+    """Walk rows in ``seq`` order and name the first one that breaks the chain, or
+    that differs from what an anchor saw."""
     expected_seq = 1
     prev = GENESIS
     count = 0
+    anchored: dict[int, list[Seen]] = {}
+    for seen in anchors:
+        anchored.setdefault(seen.seq, []).append(seen)
     for row in rows:
         count += 1
+        for seen in anchored.get(row.seq, ()):
+            if seen.hash != row.hash:
+                return VerifyResult(
+                    False,
+                    count,
+                    row.seq,
+                    f"history rewritten: record {row.seq} is not the one anchored at {seen.at}"
+                    " (its hash differs from the signed one)",
+                )
         own = record_hash(
             row.prev_hash, row.ts, row.actor, row.event, row.spiffe_id, row.serial, row.detail_json
         )
@@ -135,6 +164,16 @@ def verify(rows: Iterable[StoredRow], head: tuple[int, str] | None) -> VerifyRes
         prev = row.hash
         expected_seq += 1
     last_seq = expected_seq - 1
+    beyond = [seen for seen in anchors if seen.seq > last_seq]
+    if beyond:
+        seen = min(beyond, key=lambda s: s.seq)
+        return VerifyResult(
+            False,
+            count,
+            last_seq + 1,
+            f"history rewritten: the log ends at record {last_seq}, but the anchor of "
+            f"{seen.at} saw record {seen.seq}",
+        )
     if head is not None and head != (last_seq, prev):
         head_seq = head[0]
         if head_seq > last_seq:

@@ -50,6 +50,7 @@ from typing import Literal
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
+from ca.jwt_keys import MAX_AUDIENCE_CHARS, MAX_AUDIENCES, AuditSampler, JwtKeyManager, JwtLimits
 from ca.keys import KeyManager, PrivateKey, Signer
 from ca.schedule import not_before_cushion
 from ca.store import (
@@ -63,7 +64,7 @@ from ca.store import (
 )
 from ca.throttle import AttestThrottle, peer_key
 from tally.ops.logs import get_logger
-from tally.spiffe import pem, x509profile
+from tally.spiffe import jwt, pem, x509profile
 from tally.spiffe.bundle import Bundle
 from tally.spiffe.selectors import Selector
 from tally.spiffe.spiffeid import SpiffeId, TrustDomain
@@ -178,6 +179,17 @@ class Minted:
 
 
 @dataclass(frozen=True)
+class IssuedJwt:
+    """A JWT-SVID as signed; ``token`` is a bearer credential, never logged."""
+
+    spiffe_id: SpiffeId
+    token: str
+    audience: tuple[str, ...]
+    expires_at: int
+    kid: str
+
+
+@dataclass(frozen=True)
 class AgentEntries:
     """The entries an agent serves, at one revision of the entry set."""
 
@@ -254,6 +266,11 @@ class Authority:
         self.attestation_failures = 0
         self.throttle = AttestThrottle()
         self.token_max_failures = 5
+        # JWT-SVIDs (issue 15); the server sets these, tests may leave them unset.
+        self.jwt_keys: JwtKeyManager | None = None
+        self.jwt_limits = JwtLimits()
+        self.jwt_sampler = AuditSampler(self.jwt_limits.audit_window)
+        self.jwt_issued_total = 0
 
     def limit_attestation(self, burst: int, refill: float, token_max_failures: int) -> None:
         """Apply the `attest_burst`, `attest_refill` and `token_max_failures` settings."""
@@ -762,6 +779,89 @@ class Authority:
         )
         self.issued_total += 1
         return Minted(issued, key, self.bundle())
+
+    # -- JWT-SVIDs ----------------------------------------------------------------------
+
+    def jwt_bundle(self) -> jwt.JwtBundle:
+        """The JWT keys peers must trust now: prepared, active and retired ones."""
+        if self.jwt_keys is None:
+            return jwt.JwtBundle(self.td, {})
+        return self.jwt_keys.bundle
+
+    def _jwt_ttl(self, ttl: int | None) -> int:
+        limits = self.jwt_limits
+        if ttl is None:
+            return min(limits.default_ttl, limits.max_ttl)
+        if ttl <= 0:
+            raise bad_ttl()
+        if ttl > limits.max_ttl:
+            raise Denied(
+                400,
+                "ttl_too_long",
+                f"ttl {ttl}s is above the CA's maximum JWT-SVID TTL of {limits.max_ttl}s",
+            )
+        return ttl
+
+    def _sign_jwt(self, sid: SpiffeId, audience: Sequence[str], ttl: int) -> IssuedJwt:
+        if not audience or len(audience) > MAX_AUDIENCES:
+            raise Denied(400, "bad_audience", f"audience must hold 1 to {MAX_AUDIENCES} values")
+        for aud in audience:
+            if not aud or len(aud) > MAX_AUDIENCE_CHARS or not aud.isprintable():
+                raise Denied(
+                    400,
+                    "bad_audience",
+                    f"each audience must be 1 to {MAX_AUDIENCE_CHARS} printable characters",
+                )
+        signer = None if self.jwt_keys is None else self.jwt_keys.signer
+        if signer is None or self.jwt_keys is None:
+            raise Denied(503, "unavailable", "the CA has no active JWT signing key")
+        now = int(self._now().timestamp())
+        claims = jwt.svid_claims(sid, audience, now, now + ttl, self.jwt_limits.issuer)
+        token = jwt.encode(claims, signer.key, signer.kid, signer.alg)
+        self.jwt_keys.signed(signer.kid, now + ttl)
+        self.jwt_issued_total += 1
+        return IssuedJwt(sid, token, tuple(audience), now + ttl, signer.kid)
+
+    def _jwt_event(
+        self, issued: IssuedJwt, actor: str, kind: str, unrecorded: int | None
+    ) -> AuditEvent:
+        claims = jwt.parse_insecure(issued.token).claims
+        detail: dict[str, object] = {
+            "kind": kind,
+            "audience": list(issued.audience),
+            "kid": issued.kid,
+            "jti": claims.get("jti"),
+            "expires_at": iso(datetime.fromtimestamp(issued.expires_at, UTC)),
+        }
+        if unrecorded is not None:
+            detail["unrecorded"] = unrecorded
+        return AuditEvent(
+            iso(self._now()), actor, "jwt.issued", str(issued.spiffe_id), None, detail
+        )
+
+    def sign_jwt(
+        self, agent_id: SpiffeId, serial: str, entry_id: str | None, audience: Sequence[str]
+    ) -> IssuedJwt:
+        """A JWT-SVID for an entry this agent serves, and only for one (sampled audit)."""
+        self.check_agent(agent_id, serial)
+        entry = None if entry_id is None else self.store.get_entry(entry_id)
+        if entry is None or entry.parent_id != str(agent_id):
+            raise Denied(403, "not_authorized", "no such entry for this agent")
+        issued = self._sign_jwt(SpiffeId.parse(entry.spiffe_id), audience, self._jwt_ttl(None))
+        key = (str(agent_id), entry.spiffe_id, tuple(sorted(audience)))
+        unrecorded = self.jwt_sampler.observe(key, int(self._now().timestamp()))
+        if unrecorded is not None:
+            self.store.record(self._jwt_event(issued, str(agent_id), "workload", unrecorded))
+        return issued
+
+    def mint_jwt(
+        self, spiffe_id: SpiffeId, audience: Sequence[str], ttl: int | None, actor: str
+    ) -> IssuedJwt:
+        """A JWT-SVID for an operator (``tally ca jwt mint``); always audited."""
+        sid = self._own_id(spiffe_id)
+        issued = self._sign_jwt(sid, audience, self._jwt_ttl(ttl))
+        self.store.record(self._jwt_event(issued, actor, "mint", None))
+        return issued
 
     # -- agents ------------------------------------------------------------------------
 

@@ -24,6 +24,7 @@ from urllib.parse import quote, urlencode
 
 import trio
 
+from ca.anchor import Anchor, AnchorError, parse_anchors
 from tally.ops.config import add_arguments, load
 from tally.ops.durations import DurationError, parse_duration
 from tally.ops.errors import CommandError
@@ -293,7 +294,31 @@ def cmd_x509_mint(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_jwt_mint(args: argparse.Namespace) -> int:
+    body = {"spiffe_id": args.spiffe_id, "audience": args.audience, "ttl": _ttl(args.ttl)}
+    data = call(args.admin_socket, "POST", "/v1/jwt/mint", body)
+    # The token goes to stdout only (it is what was asked for), never to a log.
+    emit(args, data, lambda d: d["token"])
+    return 0
+
+
 def cmd_rotate(args: argparse.Namespace) -> int:
+    if args.root and args.jwt:
+        raise CommandError("--root and --jwt rotate different keys; give one")
+    if args.jwt:
+        data = call(args.admin_socket, "POST", "/v1/rotate", {"jwt": True})
+        emit(
+            args,
+            data,
+            lambda d: (
+                f"Rotated jwt ({d['reason']})\n"
+                + "\n".join(
+                    f"  jwt {k['alg']:<6} {k['state']:<9} {k['id']} signs from {k['activate_at']}"
+                    for k in d["jwt_keys"]
+                )
+            ),
+        )
+        return 0
     data = call(args.admin_socket, "POST", "/v1/rotate", {"root": args.root})
     emit(
         args,
@@ -326,17 +351,43 @@ def cmd_audit_list(args: argparse.Namespace) -> int:
 
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
-    data = call(args.admin_socket, "GET", "/v1/audit/verify", timeout=300)
+    if args.anchor is None:
+        data = call(args.admin_socket, "GET", "/v1/audit/verify", timeout=300)
+    else:
+        anchors = _read_anchors(args.anchor)
+        body = {"anchors": [a.to_json() for a in anchors]}
+        data = call(args.admin_socket, "POST", "/v1/audit/verify", body, timeout=300)
+    anchored = f" and matches {data['anchors']} signed anchor(s)" if "anchors" in data else ""
     emit(
         args,
         data,
         lambda d: (
-            f"audit chain verified: {d['records']} records, unbroken"
+            f"audit chain verified: {d['records']} records, unbroken{anchored}"
             if d["ok"]
             else f"audit chain BROKEN at record {d['bad_seq']}: {d['problem']}"
         ),
     )
     return 0 if data["ok"] else 1
+
+
+def _read_anchors(path: Path) -> list[Anchor]:
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CommandError(f"--anchor {path}: cannot read it ({exc})") from exc
+    try:
+        return parse_anchors(text)
+    except AnchorError as exc:
+        raise CommandError(f"--anchor {path}: {exc}") from exc
+
+
+def cmd_audit_anchor(args: argparse.Namespace) -> int:
+    data = call(args.admin_socket, "GET", "/v1/audit/anchor")
+    if args.output == "json":
+        emit(args, data, str)
+    else:  # the line to keep, as `verify --anchor` reads it
+        print(json.dumps(data, separators=(",", ":")))
+    return 0
 
 
 def cmd_health(args: argparse.Namespace) -> int:
@@ -445,6 +496,15 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="directory for svid.pem, key.pem, bundle.pem (created 0700 if missing)",
     )
 
+    jwt_p = ca_sub.add_parser("jwt", help="JWT-SVIDs outside the agent flow")
+    jwt_sub = jwt_p.add_subparsers(dest="jwt_command", required=True, metavar="COMMAND")
+    p = leaf(jwt_sub, "mint", cmd_jwt_mint, "mint a JWT-SVID (audited) and print it")
+    p.add_argument("--spiffe-id", required=True)
+    p.add_argument(
+        "--audience", action="append", required=True, help="the token's audience (repeatable)"
+    )
+    p.add_argument("--ttl", help="token lifetime, e.g. 5m (default: the CA's default_jwt_ttl)")
+
     p = leaf(
         ca_sub,
         "rotate",
@@ -456,6 +516,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         action="store_true",
         help="publish a new root; it is used after the propagation window",
     )
+    p.add_argument(
+        "--jwt",
+        action="store_true",
+        help="publish a new JWT signing key; it signs after jwt_propagation",
+    )
 
     audit = ca_sub.add_parser("audit", help="the audit log")
     audit_sub = audit.add_subparsers(dest="audit_command", required=True, metavar="COMMAND")
@@ -464,6 +529,19 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--spiffe-id")
     p.add_argument("--event", help="e.g. svid.issued, agent.evicted")
     p.add_argument("--limit", type=int, help="newest N records (default 1000)")
-    leaf(audit_sub, "verify", cmd_audit_verify, "prove the audit chain unbroken")
+    p = leaf(audit_sub, "verify", cmd_audit_verify, "prove the audit chain unbroken")
+    p.add_argument(
+        "--anchor",
+        type=Path,
+        metavar="FILE",
+        help="also prove the history matches signed anchors kept outside the datastore"
+        " (JSON lines: `tally ca audit anchor` output, --audit-anchor-file, audit.anchor logs)",
+    )
+    leaf(
+        audit_sub,
+        "anchor",
+        cmd_audit_anchor,
+        "sign the audit chain's head now and print it; keep it outside the datastore",
+    )
 
     leaf(ca_sub, "health", cmd_health, "ask the CA how it is")

@@ -26,10 +26,12 @@ from ca.authority import (
     KEEP,
     AgentEntries,
     Attested,
+    Authority,
     Denied,
     EntryPatch,
     EntrySpec,
     Issued,
+    IssuedJwt,
     Minted,
     NewToken,
     NotSigned,
@@ -196,6 +198,30 @@ def svid_json(issued: Issued) -> Json:
 
 def bundle_json(bundle: Bundle) -> Json:
     return {"bundle": bundle.to_pem().decode(), "bundle_sequence": bundle.sequence}
+
+
+def audience(raw: object) -> tuple[str, ...]:
+    """A JWT-SVID's audience: a string or a list of strings (their limits are policy)."""
+    if isinstance(raw, str):
+        return (raw,)
+    if isinstance(raw, list) and raw and all(isinstance(a, str) for a in raw):
+        return tuple(raw)
+    raise Denied(400, "bad_audience", "audience must be a string or a list of strings")
+
+
+def jwt_bundle_json(authority: Authority) -> Json:
+    """The JWT keys beside the X.509 bundle in ``/v1/bundle`` (one sequence for both)."""
+    return {"jwt_bundle": authority.jwt_bundle().to_jwks().decode()}
+
+
+def jwt_json(issued: IssuedJwt) -> Json:
+    return {
+        "spiffe_id": str(issued.spiffe_id),
+        "token": issued.token,
+        "audience": list(issued.audience),
+        "expires_at": issued.expires_at,
+        "kid": issued.kid,
+    }
 
 
 def attested_json(attested: Attested) -> Json:

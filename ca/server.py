@@ -22,7 +22,10 @@ Rules:
    a peer (no certificate, a replaced agent SVID) go through the same door.
 4. Every store call goes through one worker thread (`run`), so SQLite sees
    one writer and the event loop never blocks on disk or on signing.
-5. SIGHUP re-reads the ``--config`` file (`tally.ops.reload`): TTLs, the
+5. The audit chain's head is signed (`ca.anchor`) at start, every
+   ``audit_anchor_every`` and after every key event, and published outside
+   the datastore: an ``audit.anchor`` line, the metrics, ``audit_anchor_file``.
+6. SIGHUP re-reads the ``--config`` file (`tally.ops.reload`): TTLs, the
    key schedule, the attestation throttle, timeouts, ``max_connections`` and
    the log level change at once, for the next request or connection, with no
    connection dropped; `RESTART_ONLY` keep their old value.  The signal
@@ -41,6 +44,7 @@ Rules:
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import resource
 import signal
@@ -50,17 +54,22 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from datetime import timedelta
 from functools import partial
+from pathlib import Path
 from typing import TypeVar
 
 import trio
 from cryptography import x509
 from prometheus_client.core import Metric
 
-from ca import schedule
+from ca import console, schedule
+from ca.anchor import Anchor, AnchorKey
 from ca.api import AdminApi, AgentApi, AgentPeer
 from ca.authority import Authority, Limits, iso, serial_hex
 from ca.feed import ChangeFeed
+from ca.jwt_keys import AuditSampler, JwtKeyManager, JwtStep, jwt_limits, jwt_policy
 from ca.keys import KeyManager, Signer, load_upstream
+from ca.oidc import serve_oidc
+from ca.oidc import tls_context as oidc_tls_context
 from ca.settings import CASettings
 from ca.store import AuditEvent, IssuedSvid, Store
 from ca.throttle import overload_retry_after
@@ -68,7 +77,9 @@ from tally.ops import metrics
 from tally.ops.admission import Admission
 from tally.ops.clock import Clock, wall_clock
 from tally.ops.errors import OperatorError
-from tally.ops.health import serve_health
+from tally.ops.health import serve_health, watch_ready
+from tally.ops.hook_rules import check_hooks
+from tally.ops.hooks import Hooks
 from tally.ops.logs import get_logger, setup_logging
 from tally.ops.net import (
     bound_address,
@@ -97,9 +108,17 @@ RESTART_ONLY = (
     "listen",
     "admin_socket",
     "metrics",
+    "console",
+    "console_cert",
+    "console_key",
+    "console_admin_id",
     "upstream_cert",
     "upstream_key",
     "upstream_bundle",
+    "oidc_listen",
+    "oidc_issuer",
+    "oidc_cert",
+    "oidc_key",
 )
 
 
@@ -131,6 +150,9 @@ def _metrics(server: CAServer) -> Iterator[Metric]:
     a = s.authority
     yield metrics.counter(
         "tally_ca_svids_issued", "SVIDs signed (workload, agent and minted)", a.issued_total
+    )
+    yield metrics.counter(
+        "tally_ca_jwt_svids_issued", "JWT-SVIDs signed (for agents and minted)", a.jwt_issued_total
     )
     yield metrics.counter(
         "tally_ca_attestation_failures", "node attestations refused", a.attestation_failures
@@ -180,6 +202,23 @@ def _metrics(server: CAServer) -> Iterator[Metric]:
             "seconds until the active signing key expires",
             left,
         )
+    if s.last_anchor is not None:
+        yield metrics.gauge(
+            "tally_ca_audit_anchor_sequence",
+            "audit record whose hash the newest anchor signed",
+            s.last_anchor.seq,
+        )
+        yield metrics.info(
+            "tally_ca_audit_anchor",
+            "the newest signed audit anchor (public; keep a copy outside the datastore)",
+            {
+                "seq": str(s.last_anchor.seq),
+                "hash": s.last_anchor.hash,
+                "at": s.last_anchor.at,
+                "key_id": s.last_anchor.key_id,
+                "signature": s.last_anchor.signature,
+            },
+        )
     if s.keys.bundle is not None:
         yield metrics.gauge(
             "tally_ca_bundle_sequence",
@@ -226,8 +265,14 @@ class CAServer:
             root_propagation=int(cfg.root_propagation),
             own_root=upstream is None,
         )
+        self.anchor_key = AnchorKey.load_or_create(cfg.data_dir)
+        self.last_anchor: Anchor | None = None
         self.keys = KeyManager(self.store, cfg.data_dir, self.td, policy, clock, upstream)
         self.keys.load()
+        self.jwt_keys = JwtKeyManager(self.store, cfg.data_dir, self.td, jwt_policy(cfg), clock)
+        self.jwt_keys.load()
+        for jwt_step in self.jwt_keys.tick():
+            log.info("key.rotated", step=f"jwt_{jwt_step.kind}", reason=jwt_step.reason)
         for step in self.keys.tick():
             log.info("key.rotated", step=step.kind, reason=step.reason)
         self.authority = Authority(
@@ -240,6 +285,12 @@ class CAServer:
         self.authority.limit_attestation(
             cfg.attest_burst, float(cfg.attest_refill), cfg.token_max_failures
         )
+        self.authority.jwt_keys = self.jwt_keys
+        self.oidc_tls = None
+        if cfg.oidc_cert is not None and cfg.oidc_key is not None:
+            self.oidc_tls = oidc_tls_context(cfg.oidc_cert, cfg.oidc_key)
+        self.authority.jwt_limits = jwt_limits(cfg)
+        self.authority.jwt_sampler = AuditSampler(int(cfg.jwt_audit_window))
         self._limiter = trio.CapacityLimiter(1)
         self._conn_limiter = trio.CapacityLimiter(cfg.max_connections)
         self.admin_admission = Admission(cfg.admin_max_connections)
@@ -247,13 +298,27 @@ class CAServer:
         self.entries_changed = ChangeFeed()
         self.bundle_changed = ChangeFeed()
         self.peers_denied: Counter[str] = Counter()
+        self.console: console.Console | None = None
+        if cfg.console is not None:
+            tls = console.load_tls(cfg.console_cert, cfg.console_key, cfg.console_admin_id)
+            self.console = console.Console(
+                self.authority,
+                self.run_sync,
+                cfg.console,
+                tls,
+                clock=lambda: self.clock().timestamp(),
+                drain=self.drain,
+            )
         self.started = time.monotonic()
         self.server_id = SpiffeId.from_parts(self.td, *SERVER_PATH)
         self.tls_context: TLSContext | None = None
         self.agent_api: AgentApi | None = None
         self._serving_refresh_at = 0.0
         self._serving_for: tuple[str, int] | None = None
-        self.registry = metrics.registry_of(lambda: _metrics(self))
+        self.hooks = Hooks("ca", check_hooks(cfg.hooks), identity=lambda: str(self.server_id))
+        self.registry = metrics.registry_of(
+            lambda: [*_metrics(self), *self.hooks.metrics("tally_ca")]
+        )
 
     async def run_sync(self, fn: Callable[[], T]) -> T:
         return await trio.to_thread.run_sync(fn, limiter=self._limiter)
@@ -329,10 +394,21 @@ class CAServer:
             or time.monotonic() >= self._serving_refresh_at
         )
 
-    async def refresh_keys(self) -> None:
-        """Apply due key steps; republish the bundle and TLS context when they changed."""
+    async def refresh_keys(self, *, key_event: bool = False) -> None:
+        """Apply due key steps; republish the bundle and TLS context when they changed.
+        ``key_event``: a key changed already (an operator's rotation): anchor anyway."""
         before = self.keys.bundle.sequence if self.keys.bundle else None
-        steps = await self.run_sync(self.keys.tick)
+
+        jwt_steps: list[JwtStep] = []
+
+        def tick() -> list[schedule.Step]:
+            # JWT keys first: the X.509 tick then republishes the bundle's sequence.
+            jwt_steps.extend(self.jwt_keys.tick())
+            return self.keys.tick()
+
+        steps = await self.run_sync(tick)
+        for jwt_step in jwt_steps:
+            log.info("key.rotated", step=f"jwt_{jwt_step.kind}", reason=jwt_step.reason)
         for step in steps:
             log.info("key.rotated", step=step.kind, reason=step.reason, key_id=step.key_id)
         if self._needs_new_context():
@@ -341,9 +417,36 @@ class CAServer:
         if before != after:
             log.info("bundle.updated", sequence=after)
             self.bundle_changed.wake_all()  # once per change, not once per tick
+        if steps or jwt_steps or key_event:
+            await self.anchor("key_event")
+
+    # -- the audit anchor (rule 5) -----------------------------------------------------
+
+    async def anchor(self, reason: str) -> Anchor | None:
+        """Sign the chain's head now and publish it; None while the log is empty."""
+        head = await self.run_sync(self.store.audit_head)
+        if head is None:
+            return None
+        anchor = self.anchor_key.sign(str(self.td), head[0], head[1], iso(self.clock()))
+        self.last_anchor = anchor
+        log.info("audit.anchor", reason=reason, **anchor.to_json())
+        if self.cfg.audit_anchor_file is not None:
+            try:
+                await trio.to_thread.run_sync(_append_line, self.cfg.audit_anchor_file, anchor)
+            except OSError as exc:
+                log.error(
+                    "audit.anchor_file_failed", path=str(self.cfg.audit_anchor_file), error=exc
+                )
+        return anchor
+
+    async def _anchor_loop(self) -> None:
+        while True:
+            await self.anchor("schedule")
+            await trio.sleep(float(self.cfg.audit_anchor_every))
 
     def tick_interval(self) -> float:
-        return max(0.2, min(30.0, self.cfg.intermediate_ttl / 100))
+        jwt_due = min(self.cfg.jwt_key_ttl / 100, self.cfg.jwt_propagation / 10)
+        return max(0.2, min(30.0, self.cfg.intermediate_ttl / 100, jwt_due))
 
     def _prune(self) -> None:
         now = int(self.clock().timestamp())
@@ -489,6 +592,7 @@ class CAServer:
     def health(self) -> dict[str, object]:
         signer = self.keys.signer
         bundle = self.keys.bundle
+        jwt_signer = self.jwt_keys.signer
         return {
             "status": "ok" if signer is not None else "no signing key",
             "trust_domain": str(self.td),
@@ -498,6 +602,11 @@ class CAServer:
             "bundle_sequence": None if bundle is None else bundle.sequence,
             "bundle_roots": 0 if bundle is None else len(bundle.x509_authorities),
             "svids_issued": self.authority.issued_total,
+            "jwt_signing_key": None
+            if jwt_signer is None
+            else {"kid": jwt_signer.kid, "alg": jwt_signer.alg},
+            "jwt_keys_published": len(self.jwt_keys.bundle.keys),
+            "jwt_svids_issued": self.authority.jwt_issued_total,
             "uptime_seconds": round(time.monotonic() - self.started, 1),
         }
 
@@ -507,6 +616,30 @@ class CAServer:
         if self.tls_context is None:
             return False, "agent API not serving yet"
         return True, f"signing with {self.keys.signer.key_id}"
+
+    async def _audit_verify_loop(self) -> None:
+        """--audit-verify-every: the CA proves its own audit chain, and says when it cannot.
+
+        A break is logged as ``audit.broken`` at every check until it is repaired, so a hook
+        on that event hears of it (coalesced) and an operator who missed one line sees the
+        next.  Read each round, so SIGHUP turns it on, off or changes the period.
+        """
+        while True:
+            every = self.cfg.audit_verify_every
+            await trio.sleep(every if every is not None else 60)
+            if self.cfg.audit_verify_every is None:
+                continue
+            result = await self.run_sync(self.store.verify_audit)
+            if result.ok:
+                log.debug("audit.verified", records=result.records)
+            else:
+                log.error(
+                    "audit.broken",
+                    reason="chain_broken",
+                    records=result.records,
+                    bad_seq=result.bad_seq,
+                    problem=result.problem,
+                )
 
     async def reload(self) -> None:
         """SIGHUP (rule 5): apply the live settings of the re-read file."""
@@ -522,7 +655,10 @@ class CAServer:
         ]
         self.cfg = new
         setup_logging(new.log_level)
+        self.hooks.update(check_hooks(new.hooks))
         self.authority.limits = _limits(new)
+        self.authority.jwt_limits = jwt_limits(new)
+        self.jwt_keys.policy = jwt_policy(new)
         throttle = ("attest_burst", "attest_refill", "token_max_failures")
         if any(name in changed for name in throttle):  # a new throttle forgets past failures
             self.authority.limit_attestation(
@@ -576,10 +712,17 @@ class CAServer:
         self.agent_api = agent_api
 
         async def keys_changed() -> None:
-            await self.refresh_keys()
+            # An operator's rotation is a key event (rule 5), whatever the tick finds.
+            await self.refresh_keys(key_event=True)
 
         admin_api = AdminApi(
-            self.authority, self.run_sync, self.entries_changed.wake, keys_changed, self.health
+            self.authority,
+            self.run_sync,
+            self.entries_changed.wake,
+            keys_changed,
+            self.health,
+            anchor_key=self.anchor_key,
+            anchor_now=self.anchor,
         )
         agent_listener = await open_listener(self.cfg.listen)
         self.cfg.admin_socket.parent.mkdir(parents=True, exist_ok=True)
@@ -592,7 +735,11 @@ class CAServer:
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
                 async with trio.open_nursery() as handlers:
                     async with trio.open_nursery() as services:
+                        await services.start(self.hooks.run)
                         services.start_soon(self._key_loop)
+                        services.start_soon(self._anchor_loop)
+                        services.start_soon(self._audit_verify_loop)
+                        services.start_soon(watch_ready, self.ready)
                         services.start_soon(
                             partial(
                                 trio.serve_listeners,
@@ -609,9 +756,22 @@ class CAServer:
                                 handler_nursery=handlers,
                             )
                         )
+                        if self.console is not None:
+                            addresses["console"] = await services.start(
+                                self.console.serve, handlers
+                            )
                         if self.cfg.metrics is not None:
                             addresses["metrics"] = await services.start(
                                 serve_health, self.cfg.metrics, self.registry, self.ready
+                            )
+                        if self.cfg.oidc_listen is not None and self.cfg.oidc_issuer:
+                            addresses["oidc"] = await services.start(
+                                serve_oidc,
+                                self.cfg.oidc_listen,
+                                self.cfg.oidc_issuer,
+                                lambda: self.jwt_keys.bundle,
+                                self.oidc_tls,
+                                self.drain,
                             )
                         log.info("ca.started", trust_domain=str(self.td), **addresses)
                         task_status.started(addresses)
@@ -660,6 +820,15 @@ def raise_open_files(needed: int) -> tuple[int, int]:
         except (ValueError, OSError):
             pass
     return soft, hard
+
+
+def _append_line(path: Path, anchor: Anchor) -> None:
+    """One anchor per line, appended; the file holds public data, but 0600 like the rest."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    try:
+        os.write(fd, (json.dumps(anchor.to_json(), separators=(",", ":")) + "\n").encode())
+    finally:
+        os.close(fd)
 
 
 def api_idle_timeout() -> float:

@@ -312,6 +312,18 @@ class Store:
     def bundle_sequence(self) -> int:
         return int(self._get_meta("bundle_sequence") or 0)
 
+    def jwt_keys(self) -> str | None:
+        """The JWT signing keys' records, as `ca.jwt_keys` stored them (JSON)."""
+        return self._get_meta("jwt_keys")
+
+    def save_jwt_keys(self, records: str, events: Sequence[AuditEvent]) -> None:
+        """Store JWT key changes with their audit records; the bundle's sequence goes up,
+        because every JWT key change changes what the bundle publishes."""
+        with self._tx() as conn:
+            self._set_meta(conn, "jwt_keys", records)
+            self._bump(conn, "bundle_sequence")
+            self._append(conn, events)
+
     # -- audit -------------------------------------------------------------------------
 
     def _append(self, conn: sqlite3.Connection, events: Sequence[AuditEvent]) -> None:
@@ -385,15 +397,18 @@ class Store:
             for r in rows
         ]
 
-    def verify_audit(self) -> audit.VerifyResult:
+    def audit_head(self) -> tuple[int, str] | None:
+        """The chain's newest (seq, hash), as the store keeps it (`ca.audit` rule 3)."""
         head_text = self._get_meta("audit_head")
-        head = None
-        if head_text is not None:
-            seq_text, digest = head_text.split(":", 1)
-            head = (int(seq_text), digest)
+        if head_text is None:
+            return None
+        seq_text, digest = head_text.split(":", 1)
+        return int(seq_text), digest
+
+    def verify_audit(self, anchors: Sequence[audit.Seen] = ()) -> audit.VerifyResult:
         cursor = self._conn.execute("SELECT * FROM audit ORDER BY seq")
         rows = (audit.StoredRow(*r) for r in cursor)
-        return audit.verify(rows, head)
+        return audit.verify(rows, self.audit_head(), anchors)
 
     # -- join tokens -------------------------------------------------------------------
 
@@ -710,6 +725,19 @@ class Store:
     def svid_count(self) -> int:
         (n,) = self._conn.execute("SELECT count(*) FROM svids").fetchone()
         return int(n)
+
+    def latest_svids(self, since: int, limit: int) -> list[IssuedSvid]:
+        """The newest SVID of each (identity, agent) that expired after ``since``, soonest
+        expiry first: what the console shows as about to expire (or expired unreplaced).
+        Older SVIDs of the same identity were superseded and matter to nobody."""
+        rows = self._conn.execute(
+            "SELECT serial, spiffe_id, agent_id, kind, not_after, issued_at FROM ("
+            "SELECT *, ROW_NUMBER() OVER (PARTITION BY spiffe_id, agent_id "
+            "ORDER BY issued_at DESC, not_after DESC) AS newest FROM svids "
+            "WHERE not_after > ?) WHERE newest = 1 ORDER BY not_after, serial LIMIT ?",
+            (since, limit),
+        ).fetchall()
+        return [IssuedSvid(*r) for r in rows]
 
     def prune_svids(self, before: int) -> int:
         """Drop expired SVID rows; the audit log keeps their history."""

@@ -44,7 +44,8 @@ _INTRO = f"""\
 Every daemon reads its settings the same way (`tally/ops/config.py`):
 
 - defaults, then a TOML file given with `--config FILE`, then flags; a flag wins over
-  the file. The file is flat: one `key = value` per setting, no `[sections]`.
+  the file. The file is flat: one `key = value` per setting, no `[sections]`
+  (only the `[[hooks]]` array of tables).
 - A *secret* setting may also come from the environment variable
   `TALLY_<NAME>`, between the file and the flags, so it need not appear on a command
   line that every local user can read. Secrets never appear in help, errors or logs.
@@ -54,7 +55,10 @@ Every daemon reads its settings the same way (`tally/ops/config.py`):
   `s`, largest first) or a bare number of seconds. Addresses are `HOST:PORT`,
   `[IPv6]:PORT`, `unix:/abs/path` or `/abs/path`.
 - A boolean flag has a negative form: `--http` / `--no-http`. A list setting is a TOML
-  array of strings, or a flag repeated once per item.
+  array of strings, or a flag repeated once per item. A list of tables (`hooks`) is
+  written `[[hooks]]` in the file, or one TOML inline table per flag
+  (`--hook '{{on = ["svid.expired"], command = ["/usr/local/bin/page"]}}'`); its keys are in
+  the operator's guide ("Remediation hooks").
 - `unset` means the feature is off unless the setting is given; `required` means the
   daemon does not start without it.
 """
@@ -131,7 +135,9 @@ def sections() -> list[Section]:
             "Also checked at start: `default_svid_ttl` is at most `max_svid_ttl`; "
             "`root_propagation` is under a third of `root_ttl`; `upstream_cert` and "
             "`upstream_key` go together; the SVID and intermediate TTLs are at least 1s; "
-            "`max_connections` and `admin_max_connections` are at least 1. "
+            "`max_connections` and `admin_max_connections` are at least 1; `console` is a "
+            "loopback address unless `console_cert`, `console_key` and at least one "
+            "`console_admin_id` (of the CA's trust domain) are set, and those three go together. "
             + _reload_note("CA", CA_RESTART_ONLY),
         ),
         Section(

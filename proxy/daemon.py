@@ -31,22 +31,26 @@ import errno
 import signal
 from collections.abc import Callable
 from functools import partial
+from pathlib import Path
 
 import trio
 
 from proxy import listen
+from proxy.bearer import BearerGate, BearerHooks, TokenSource
 from proxy.hotswap import HotSwap, Mode
 from proxy.identity import FileSource, IdentityError, Signature, WorkloadSource
 from proxy.inbound import dial_service, serve_inbound
 from proxy.metrics import ProxyCollector, Stats
 from proxy.outbound import dial_server, serve_outbound
 from proxy.pool import CLOSE_TIMEOUT_S, Pool, close_quietly
-from proxy.settings import ClientSettings, FileSourceSpec, ServerSettings
+from proxy.settings import ClientSettings, FileSourceSpec, ServerSettings, WorkloadSourceSpec
 from proxy.traffic import Traffic
 from tally.ops import metrics
 from tally.ops.clock import Clock, wall_clock
 from tally.ops.errors import CommandError
-from tally.ops.health import serve_health
+from tally.ops.health import serve_health, watch_ready
+from tally.ops.hook_rules import check_hooks
+from tally.ops.hooks import Hooks
 from tally.ops.logs import get_logger, setup_logging
 from tally.ops.net import ListenError
 from tally.ops.reload import reread
@@ -104,8 +108,17 @@ class Proxy:
                 idle_s=cfg.pool_idle_timeout,
                 stats=self.stats,
             )
+        self.hooks = Hooks("proxy", check_hooks(cfg.hooks), identity=self._identity)
+        self._bearer_socket: Path | None = None
+        if cfg.http and isinstance(spec, WorkloadSourceSpec):
+            self.traffic.bearer = bearer_hooks(cfg, spec.endpoint_socket)
+            self._bearer_socket = spec.endpoint_socket
+        if isinstance(cfg, ServerSettings) and not cfg.client_cert:
+            self.swap.client_auth = "none"
         collector = ProxyCollector(self.stats, self.swap.svid_info, clock, mode)
-        self.registry = metrics.registry_of(collector.collect)
+        self.registry = metrics.registry_of(
+            lambda: [*collector.collect(), *self.hooks.metrics("tally_proxy")]
+        )
         self.addresses: dict[str, str] = {}
         self._stop = trio.Event()
         self._stopping = False
@@ -113,6 +126,11 @@ class Proxy:
         """Set once the listener accepts connections (after the first SVID)."""
         self._handlers: trio.Nursery | None = None
         self._file_signature: Signature = ()
+
+    def _identity(self) -> str | None:
+        """Who this proxy is, for hook payloads about no other identity."""
+        cur = self.swap.current
+        return str(cur.identity.spiffe_id) if cur is not None else None
 
     @property
     def cfg(self) -> ServerSettings | ClientSettings:
@@ -136,6 +154,9 @@ class Proxy:
             return False, f"waiting for the first SVID from {self.source.describe()}: {why}"
         if not self.serving.is_set():
             return False, "starting"
+        bearer = self.traffic.bearer
+        if bearer is not None and bearer.require is not None and not bearer.require.ready.is_set():
+            return False, "waiting for the JWT bundles (--require-jwt) from the Workload API"
         ident = cur.identity
         left = (ident.not_after - self.clock()).total_seconds()
         if left <= 0:
@@ -220,10 +241,16 @@ class Proxy:
             pool.max_idle = new.pool_size
             pool.idle_s = new.pool_idle_timeout
         self.swap.set_policy(policy)
+        self.hooks.update(check_hooks(new.hooks))
+        if self.traffic.bearer is not None and self.traffic.bearer.require is not None:
+            self.traffic.bearer.require.policy = policy
         log.info(
             "config.reloaded",
             rules=policy.describe(),
             max_connections=new.max_connections,
+            max_peer_lifetime=new.max_peer_lifetime,
+            max_peer_age=new.max_peer_age,
+            hooks=[spec.describe() for spec in self.hooks.specs],
         )
 
     async def _signals(
@@ -265,6 +292,7 @@ class Proxy:
             self._load_first()
             async with trio.open_nursery() as outer:
                 await outer.start(self._signals)
+                await outer.start(self.hooks.run)
                 await outer.start(self.traffic.relay.run)
                 if self.cfg.metrics is not None:
                     try:
@@ -277,6 +305,11 @@ class Proxy:
                     self._handlers = handlers
                     async with trio.open_nursery() as services:
                         services.start_soon(self._run_source)
+                        services.start_soon(watch_ready, self.ready)
+                        bearer = self.traffic.bearer
+                        if bearer is not None and bearer.require is not None:
+                            assert self._bearer_socket is not None
+                            services.start_soon(bearer.require.watch, self._bearer_socket)
                         if self.traffic.pool is not None:
                             await services.start(self.traffic.pool.run)
                         services.start_soon(self._serve_when_ready, sock, handlers)
@@ -302,3 +335,12 @@ class Proxy:
             connections_total=self.stats.connections_total,
             open_connections=self.stats.connections_open,
         )
+
+
+def bearer_hooks(cfg: ServerSettings | ClientSettings, endpoint_socket: Path) -> BearerHooks | None:
+    """`proxy.bearer` for --inject-jwt (client) or --require-jwt (server), if set."""
+    if isinstance(cfg, ClientSettings) and cfg.inject_jwt is not None:
+        return BearerHooks(inject=TokenSource(endpoint_socket, cfg.inject_jwt, cfg.spiffe_id))
+    if isinstance(cfg, ServerSettings) and cfg.require_jwt is not None:
+        return BearerHooks(require=BearerGate(cfg.require_jwt, cfg.policy()))
+    return None

@@ -26,7 +26,7 @@ from proxy.identity import Identity
 from proxy.metrics import Stats, SvidInfo
 from tally.ops.logs import get_logger
 from tally.spiffe import authz
-from tally.tls.contexts import TLSContext, client_context, server_context
+from tally.tls.contexts import ClientAuth, TLSContext, client_context, server_context
 from tally.tls.verify import authz_verifier
 
 log = get_logger("tally.proxy")
@@ -51,6 +51,8 @@ class HotSwap:
         self.groups = groups
         self.stats = stats
         self.current: Current | None = None
+        self.client_auth: ClientAuth = "required"
+        """"none" with --no-client-cert: the bearer token is then the credential."""
         self.first = trio.Event()
         """Set when the first identity is in service."""
 
@@ -68,7 +70,7 @@ class HotSwap:
                 identity.chain,
                 identity.key,
                 roots=identity.roots(),
-                client_auth="required",
+                client_auth=self.client_auth,
                 verifier=verifier,
                 groups=self.groups,
             )

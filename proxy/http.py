@@ -269,8 +269,11 @@ def has_body(request: h11.Request) -> bool:
     return False
 
 
-async def respond_error(down: HttpStream, status: int, text: str) -> None:
-    """A short plain-text error, then the connection is done; best effort."""
+async def respond_error(
+    down: HttpStream, status: int, text: str, extra: Sequence[tuple[bytes, bytes]] = ()
+) -> None:
+    """A short plain-text error (with ``extra`` headers), then the connection is done;
+    best effort."""
     if down.conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
         return
     body = f"{status} {text}\n".encode()
@@ -282,6 +285,7 @@ async def respond_error(down: HttpStream, status: int, text: str) -> None:
                     (b"content-type", b"text/plain; charset=utf-8"),
                     (b"content-length", str(len(body)).encode()),
                     (b"connection", b"close"),
+                    *extra,
                 ],
             )
         )

@@ -26,6 +26,7 @@ import h11
 import trio
 
 from proxy import xfcc
+from proxy.bearer import AUTHORIZATION, CHALLENGE, TokenError
 from proxy.http import (
     DownstreamError,
     Exchange,
@@ -62,7 +63,10 @@ async def relay_http(
     ``stamp`` the XFCC value that replaces any the caller sent.
     """
     down = HttpStream(stream, h11.SERVER)
-    drop = frozenset({XFCC}) if stamp is not None else frozenset()
+    # A server proxy drops a caller's XFCC even when it has no stamp of its own to add
+    # (no client certificate, --no-client-cert): nobody may forge one.
+    server = t.bearer is not None and t.bearer.require is not None
+    drop = frozenset({XFCC}) if stamp is not None or server else frozenset()
     add = [(XFCC, stamp)] if stamp is not None else []
 
     def closing() -> bool:
@@ -86,12 +90,18 @@ async def relay_http(
             await respond_error(down, 405, "CONNECT is not relayed in HTTP mode")
             _access(t, ex, caller)
             return
+        bearer = await _bearer(t, down, request, caller, ex)
+        if bearer is None:
+            return
+        token_id, bearer_drop, bearer_add = bearer
         pending = has_body(request)
         if not pending:
             await down.next_event()  # the EndOfMessage h11 already has
-        headers = request_headers(request, str(t.cfg.target), drop=drop, add=add)
+        headers = request_headers(
+            request, str(t.cfg.target), drop=drop | bearer_drop, add=[*add, *bearer_add]
+        )
         ok, answered_by = await _forward(t, down, request, headers, pending, ex, closing)
-        peer_id = caller if caller is not None else answered_by
+        peer_id = caller if caller is not None else token_id or answered_by
         if ex.timed_out:
             _timed_out(t, ex.timed_out, peer_id, ex.bytes_in)
         _access(t, ex, peer_id)
@@ -151,6 +161,44 @@ async def _forward(
         await pool.release(up)
         return True, up.peer_id
     raise AssertionError("unreachable: the second attempt always returns")
+
+
+async def _bearer(
+    t: Traffic, down: HttpStream, request: h11.Request, caller: SpiffeId | None, ex: Exchange
+) -> tuple[SpiffeId | None, frozenset[bytes], list[tuple[bytes, bytes]]] | None:
+    """Apply `proxy.bearer` to one request: the token's SPIFFE ID and the headers to drop
+    and add, or None once the request has been answered (401, 503) and must end here."""
+    hooks = t.bearer
+    if hooks is None:
+        return None, frozenset(), []
+    token_id: SpiffeId | None = None
+    if hooks.require is not None:
+        verdict = hooks.require.check(request.headers, t.clock().timestamp())
+        if verdict.reason is not None:
+            t.stats.denied[verdict.reason] += 1
+            log.warning(
+                "peer.denied",
+                peer_id=str(verdict.spiffe_id or caller) if verdict.spiffe_id or caller else None,
+                reason=verdict.reason,
+                detail="the request's bearer JWT-SVID was refused",
+                mode=t.mode,
+            )
+            ex.status = 401
+            await respond_error(down, 401, "a valid JWT-SVID is required", extra=[CHALLENGE])
+            _access(t, ex, caller)
+            return None
+        token_id = verdict.spiffe_id
+    if hooks.inject is None:
+        return token_id, frozenset(), []
+    try:
+        token = await hooks.inject.token(t.clock().timestamp())
+    except TokenError as exc:
+        log.warning("jwt.unavailable", audience=hooks.inject.audience, error=str(exc))
+        ex.status = 503
+        await respond_error(down, 503, "no JWT-SVID available for this request")
+        _access(t, ex, caller)
+        return None
+    return token_id, frozenset({AUTHORIZATION}), hooks.inject.headers(token)
 
 
 def _timed_out(t: Traffic, phase: str, peer_id: SpiffeId | None, bytes_in: int = 0) -> None:

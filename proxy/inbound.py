@@ -28,6 +28,7 @@ from proxy.traffic import Peer, Traffic
 from tally.ops.logs import get_logger
 from tally.tls.plain import PlainStream
 from tally.tls.stream import TLSStream
+from tally.tls.verify import TLSError
 
 log = get_logger("tally.proxy")
 
@@ -49,6 +50,9 @@ async def serve_inbound(t: Traffic, stream: trio.SocketStream) -> None:
     assert cur is not None
     where = address_of(stream)
     conn = TLSStream(stream, cur.context, server_side=True)
+    if t.swap.client_auth == "none":
+        await _serve_anonymous(t, conn, where)
+        return
     peer = await t.handshake(conn, where)
     if peer is None:
         await close_quietly(conn)
@@ -65,6 +69,30 @@ async def serve_inbound(t: Traffic, stream: trio.SocketStream) -> None:
             )
         else:
             await _splice_to_service(t, conn, peer)
+    finally:
+        await close_quietly(conn)
+
+
+async def _serve_anonymous(t: Traffic, conn: TLSStream, where: str) -> None:
+    """--no-client-cert: TLS without a client certificate, for callers behind a load
+    balancer; HTTP mode only, where each request's bearer JWT-SVID is the credential
+    (`proxy.bearer`, required by the settings)."""
+    try:
+        with trio.fail_after(t.cfg.handshake_timeout):
+            await conn.do_handshake()
+    except (
+        TLSError,
+        trio.TooSlowError,
+        trio.BrokenResourceError,
+        trio.ClosedResourceError,
+    ) as exc:
+        t.stats.handshakes["failed"] += 1
+        log.info("handshake.failed", peer=where, error=str(exc), mode=t.mode)
+        await close_quietly(conn)
+        return
+    t.stats.handshakes["ok"] += 1
+    try:
+        await relay_http(t, conn, caller=None, hard_at=math.inf, stamp=None)
     finally:
         await close_quietly(conn)
 

@@ -18,6 +18,10 @@ from prometheus_client.core import Metric
 
 from tally.ops import metrics
 
+# From a minute to a year: hour-lived SVIDs land in the low buckets, and a long-lived
+# certificate from elsewhere stands out in the high ones.
+CERT_SECONDS_BUCKETS = (60, 300, 900, 1800, 3600, 7200, 21600, 86400, 604800, 2592000, 31536000)
+
 
 @dataclass
 class Stats:
@@ -37,6 +41,14 @@ class Stats:
     closed_peer_expired: int = 0
     pool_reused: int = 0
     pool_dialed: int = 0
+    peer_cert_age: metrics.Histogram = field(
+        default_factory=lambda: metrics.Histogram(CERT_SECONDS_BUCKETS)
+    )
+    """Seconds since each verified peer leaf was issued, observed at its handshake."""
+    peer_cert_remaining: metrics.Histogram = field(
+        default_factory=lambda: metrics.Histogram(CERT_SECONDS_BUCKETS)
+    )
+    """Seconds each verified peer leaf had left, observed at its handshake."""
 
 
 @dataclass(frozen=True)
@@ -103,6 +115,16 @@ class ProxyCollector:
         )
         yield metrics.counter(
             "tally_proxy_pool_dialed", "upstream mTLS connections opened for HTTP", s.pool_dialed
+        )
+        yield metrics.histogram(
+            "tally_proxy_peer_cert_age_seconds",
+            "age of each verified peer certificate at its handshake (now - not_before)",
+            s.peer_cert_age,
+        )
+        yield metrics.histogram(
+            "tally_proxy_peer_cert_remaining_seconds",
+            "time left on each verified peer certificate at its handshake (not_after - now)",
+            s.peer_cert_remaining,
         )
         svid = self.svid()
         if svid is not None:

@@ -21,8 +21,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from tally.ops.config import Address, ConfigError, Duration, setting
+from tally.ops.config import Address, ConfigError, Duration, Table, setting
+from tally.ops.hook_rules import HOOKS_HELP, check_hooks
 from tally.spiffe import authz
+from tally.spiffe.peer_policy import RotationPolicy
 from tally.spiffe.spiffeid import SpiffeId, SpiffeIdError, TrustDomain
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -84,6 +86,16 @@ class ProxySettings:
     drain_timeout: Duration = setting(
         Duration(30), help="on SIGTERM, how long open connections may take to finish"
     )
+    max_peer_lifetime: Duration | None = setting(
+        None,
+        help="refuse a peer whose certificate was issued to live longer than this "
+        "(not_after - not_before): reason lifetime_exceeds_policy",
+    )
+    max_peer_age: Duration | None = setting(
+        None,
+        help="refuse a peer whose certificate was issued longer ago than this, and close its "
+        "connections when it gets that old: reason stale_certificate",
+    )
     allow_expired_peer_connections: bool = setting(
         False, help="keep connections open after the peer's certificate expires"
     )
@@ -106,8 +118,10 @@ class ProxySettings:
         "share for the first only (default: the post-quantum hybrid, then X25519, then P-256)",
     )
     log_level: str = setting("info", metavar="LEVEL", help="debug, info, warning or error")
+    hooks: list[Table] = setting([], flag="--hook", metavar="TABLE", help=HOOKS_HELP)
 
     def validate(self) -> None:
+        check_hooks(self.hooks)
         if self.log_level not in LOG_LEVELS:
             raise ConfigError(f"setting 'log_level': unknown level {self.log_level!r}")
         if self.max_connections < 1:
@@ -123,6 +137,10 @@ class ProxySettings:
         ):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"setting '{name}' must be above 0s")
+        for name in ("max_peer_lifetime", "max_peer_age"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ConfigError(f"setting '{name}' must be above 0s (unset: no bound)")
         if self.spiffe_id is not None:
             try:
                 SpiffeId.parse(self.spiffe_id)
@@ -173,6 +191,10 @@ class ProxySettings:
     def policy(self) -> authz.Policy:
         raise NotImplementedError
 
+    def rotation_policy(self) -> RotationPolicy:
+        """The bounds on peer certificates, read at every handshake so SIGHUP reaches the next."""
+        return RotationPolicy(self.max_peer_lifetime, self.max_peer_age)
+
     def source(self, env: Mapping[str, str]) -> FileSourceSpec | WorkloadSourceSpec:
         """Where identities come from; ``env`` supplies SPIFFE_ENDPOINT_SOCKET."""
         # Imported here: HTTP/2 and protobuf cost every start, and the file source needs neither.
@@ -204,6 +226,29 @@ class ServerSettings(ProxySettings):
         help="admit spiffe://TD/PREFIX and every ID below it (whole path segments)",
     )
 
+    require_jwt: str | None = setting(
+        None,
+        metavar="AUDIENCE",
+        help="HTTP mode: each request needs Authorization: Bearer <JWT-SVID> for AUDIENCE"
+        " whose SPIFFE ID passes the allow rules; else 401",
+    )
+    client_cert: bool = setting(
+        True,
+        help="require a client certificate (mutual TLS); --no-client-cert, with --require-jwt,"
+        " accepts TLS clients without one (callers behind a load balancer), the token being"
+        " then the only credential",
+    )
+
+    def validate(self) -> None:
+        super().validate()
+        if self.require_jwt is not None:
+            _jwt_needs(self, "require_jwt", self.require_jwt)
+        if not self.client_cert and self.require_jwt is None:
+            raise ConfigError(
+                "setting 'client_cert' = false (--no-client-cert) needs 'require_jwt': without"
+                " a client certificate the token is the only credential"
+            )
+
     def policy(self) -> authz.Policy:
         try:
             rules = authz.parse_policy(
@@ -226,6 +271,17 @@ class ClientSettings(ProxySettings):
     expect_id: list[str] = setting(
         [], metavar="ID", help="the server's SPIFFE ID must be one of these"
     )
+    inject_jwt: str | None = setting(
+        None,
+        metavar="AUDIENCE",
+        help="HTTP mode: send Authorization: Bearer <JWT-SVID for AUDIENCE> on every request,"
+        " replacing the app's",
+    )
+
+    def validate(self) -> None:
+        super().validate()
+        if self.inject_jwt is not None:
+            _jwt_needs(self, "inject_jwt", self.inject_jwt)
 
     def policy(self) -> authz.Policy:
         try:
@@ -235,3 +291,16 @@ class ClientSettings(ProxySettings):
         if rules.empty:
             raise ConfigError("a client needs --expect-id: the SPIFFE ID of the server")
         return rules
+
+
+def _jwt_needs(cfg: ProxySettings, name: str, audience: str) -> None:
+    """Bearer tokens need HTTP mode and the Workload API (files hold no JWT-SVIDs)."""
+    if not audience or len(audience) > 256 or not audience.isprintable():
+        raise ConfigError(f"setting '{name}': the audience must be 1 to 256 printable characters")
+    if not cfg.http:
+        raise ConfigError(f"setting '{name}' needs HTTP mode (--http)")
+    if cfg.cert is not None:
+        raise ConfigError(
+            f"setting '{name}' needs the Workload API (JWT-SVIDs come from the agent),"
+            " not --cert/--key/--bundle"
+        )

@@ -11,6 +11,16 @@ Rules:
 3. A peer's certificate expiry becomes a trio deadline when the handshake
    ends (`expires_at`): connections are cut then, unless the operator allows
    expired peers.
+4. Rotation policy (`tally.spiffe.peer_policy`) is judged here, right after
+   the handshake and before a byte reaches the other side, for both
+   directions.  Not inside OpenSSL's callback: the age depends on the clock,
+   and a context remembers its verdict on a leaf for resumed handshakes
+   (`tally.tls.contexts`), so a verdict there would never age.  The peer
+   sees its connection closed rather than an alert.  An admitted peer's
+   hard deadline is the earlier of its expiry and the moment it gets too
+   old (``max_peer_age``), so a peer that stops rotating is cut off like an
+   expired one.  The settings are read per handshake: SIGHUP reaches the next
+   one, and connections already up keep the deadline they started with.
 """
 
 from __future__ import annotations
@@ -18,11 +28,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import trio
 from cryptography import x509
 
+from proxy.bearer import BearerHooks
 from proxy.hotswap import HotSwap, Mode
 from proxy.http import Idlers
 from proxy.metrics import Stats
@@ -31,6 +42,7 @@ from proxy.settings import ClientSettings, ServerSettings
 from proxy.tcp import Deadline, Relay, Relayable
 from tally.ops import net
 from tally.ops.logs import get_logger
+from tally.spiffe import peer_policy
 from tally.spiffe.spiffeid import SpiffeId
 from tally.tls.stream import TLSStream
 from tally.tls.verify import PeerRejected, TLSError
@@ -65,14 +77,30 @@ class Traffic:
         self.relay = Relay()
         self.pool: Pool | None = None
         """HTTP mode's kept-alive connections to the target (set by the proxy)."""
+        self.bearer: BearerHooks | None = None
+        """HTTP mode's JWT-SVID bearer tokens, out and in (set by the proxy)."""
 
     # -- handshakes (rules 2 and 3) --------------------------------------------------------
 
     def expires_at(self, leaf: x509.Certificate) -> float:
-        if self.cfg.allow_expired_peer_connections:
+        """trio time when connections with this peer must end: expiry or max_peer_age (rule 4)."""
+        ends = []
+        if not self.cfg.allow_expired_peer_connections:
+            ends.append(leaf.not_valid_after_utc)
+        if self.cfg.max_peer_age is not None:
+            ends.append(leaf.not_valid_before_utc + timedelta(seconds=self.cfg.max_peer_age))
+        if not ends:
             return math.inf
-        left = (leaf.not_valid_after_utc - self.clock()).total_seconds()
+        left = (min(ends) - self.clock()).total_seconds()
         return trio.current_time() + left
+
+    def _judge(self, leaf: x509.Certificate) -> peer_policy.Judgement:
+        """Rule 4, and the compliance histograms: every verified peer leaf is observed once."""
+        now = self.clock()
+        not_before, not_after = leaf.not_valid_before_utc, leaf.not_valid_after_utc
+        self.stats.peer_cert_age.observe((now - not_before).total_seconds())
+        self.stats.peer_cert_remaining.observe((not_after - now).total_seconds())
+        return peer_policy.judge(self.cfg.rotation_policy(), not_before, not_after, now)
 
     def _denied(self, reason: str, detail: str, peer_id: SpiffeId | None, where: str) -> None:
         label = reason.split(":", 1)[0]
@@ -111,8 +139,12 @@ class Traffic:
             if not isinstance(verified, SpiffeId) or not chain:  # pragma: no cover - tls rule 4
                 self.stats.handshakes["failed"] += 1
                 return None
-            self.stats.handshakes["resumed" if stream.resumed else "ok"] += 1
             leaf = chain[0]
+            verdict = self._judge(leaf)
+            if verdict.reason is not None:
+                self._denied(verdict.reason, f"{verified}: {verdict.detail}", verified, where)
+                return None
+            self.stats.handshakes["resumed" if stream.resumed else "ok"] += 1
             return Peer(verified, leaf, self.expires_at(leaf))
         self.stats.handshakes["timeout"] += 1
         log.info("handshake.timeout", peer=where, timeout_s=self.cfg.handshake_timeout)

@@ -9,9 +9,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 from tally.app.launch import Daemon
 from tests.dropped import build
+
+# Property tests judge behaviour, not speed (that lives in bench/): on 2 shared cores
+# running the suite in parallel, a per-example deadline only measures the neighbours.
+settings.register_profile("tally", deadline=None)
+settings.load_profile("tally")
 
 
 @pytest.fixture(scope="session", autouse=True)

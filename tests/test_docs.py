@@ -131,7 +131,7 @@ def test_shown_command_is_real(doc, command):
 
 # -- metrics ------------------------------------------------------------------------------
 
-METRIC_ROW = re.compile(r"^\| `(tally_[a-z0-9_]+)` \| (counter|gauge|info) \|", re.M)
+METRIC_ROW = re.compile(r"^\| `(tally_[a-z0-9_]+)` \| (counter|gauge|info|histogram) \|", re.M)
 EXPOSED_TYPE = re.compile(r"^# TYPE (\S+) (\S+)$", re.M)
 
 

@@ -690,3 +690,60 @@ async def test_drain_closes_idle_connections_at_once_and_busy_ones_after_their_a
         await http.serve_http(late_server, echo, idle_timeout=300, drain=drain)
     assert trio.current_time() == before
     await late_client.aclose()
+
+
+async def test_a_streamed_response_is_sent_piece_by_piece_and_ends_at_the_drain(autojump_clock):
+    """`Response.stream` (the console's server-sent events): each piece goes out as it is
+    made, a drain cuts the wait for the next one, the stream still ends with its last
+    chunk, and the generator is closed."""
+    drain = http.Drain()
+    closed = []
+
+    async def ticks():
+        try:
+            n = 0
+            while True:
+                yield f"tick {n}\n".encode()
+                n += 1
+                await trio.sleep(10)
+        finally:
+            closed.append(trio.current_time())
+
+    async def handler(request: http.Request) -> http.Response:
+        return http.Response(200, content_type="text/event-stream", stream=ticks())
+
+    client, server = trio.testing.memory_stream_pair()
+    ended = []
+
+    async def serve():
+        async with server:
+            await http.serve_http(server, handler, drain=drain)
+        ended.append(trio.current_time())
+
+    raw = bytearray()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(serve)
+        await client.send_all(b"GET /events HTTP/1.1\r\nHost: x\r\n\r\n")
+        while b"tick 2" not in raw:
+            raw += await client.receive_some()
+        assert trio.current_time() == 20  # one piece every 10 s, none held back
+        await trio.sleep(5)
+        drain.start()
+        while chunk := await client.receive_some():
+            raw += chunk
+    assert ended == [25] and closed == [25]  # cut at the drain, not at the next tick
+    conn = h11.Connection(h11.CLIENT)
+    conn.send(h11.Request(method="GET", target="/events", headers=[("host", "x")]))
+    conn.receive_data(bytes(raw))
+    conn.receive_data(b"")
+    events = []
+    while (event := conn.next_event()) not in (h11.NEED_DATA, h11.PAUSED):
+        events.append(event)
+        if isinstance(event, h11.ConnectionClosed):
+            break
+    head = events[0]
+    assert isinstance(head, h11.Response) and head.status_code == 200
+    assert (b"transfer-encoding", b"chunked") in list(head.headers)
+    body = b"".join(e.data for e in events if isinstance(e, h11.Data))
+    assert body == b"tick 0\ntick 1\ntick 2\n"
+    assert any(isinstance(e, h11.EndOfMessage) for e in events)  # ended cleanly

@@ -40,6 +40,8 @@ PURE = [
     "agent/renewal.py",
     "agent/workload_calls.py",
     "proxy/xfcc.py",
+    "ca/console_view.py",
+    "ca/console_page.py",
 ]
 """Modules (or folders of them, ending in "/") that do no I/O; the list may only grow."""
 

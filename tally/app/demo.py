@@ -10,7 +10,15 @@ The picture it builds:
     traffic -> frontend (HTTP) -> client proxy ==mTLS==> server proxy -> backend (HTTP)
 
 with SVIDs that live a few seconds and one signing-key rotation half way, so
-identities are replaced many times while requests keep succeeding.
+identities are replaced many times while requests keep succeeding.  The CA's web
+console (`tally ca run --console`) is the first thing printed: the rotations, the
+key schedule and the audit chain are drawn there live while the demo runs.  Then
+the same frontend reaches a service that understands only bearer tokens, through
+a client proxy that puts a JWT-SVID on each request and a server proxy that, like
+a TLS-terminating load balancer, asks for no client certificate:
+
+    frontend -> client proxy (--inject-jwt) ==TLS==> server proxy (--require-jwt,
+    --no-client-cert) -> token-only service (checks the JWT-SVID itself)
 """
 
 from __future__ import annotations
@@ -37,6 +45,8 @@ import trio
 from tally.app.launch import Daemon, DaemonError, run_cli
 from tally.ops.clock import wall_clock
 from tally.ops.errors import CommandError
+from tally.spiffe import jwt
+from tally.spiffe.spiffeid import TrustDomain
 from tally.wire import workload_client
 
 TD = "demo.tally"
@@ -44,6 +54,7 @@ FRONTEND = f"spiffe://{TD}/frontend"
 BACKEND = f"spiffe://{TD}/backend"
 AGENT = f"spiffe://{TD}/agent/node-1"
 SVID_TTL = "8s"
+AUDIENCE = "orders-api"
 
 
 @dataclass
@@ -81,6 +92,54 @@ class _Backend(BaseHTTPRequestHandler):
 
     def log_message(self, *args: object) -> None:
         pass
+
+
+def _token_service(keys: jwt.JwtBundle, audience: str) -> type[BaseHTTPRequestHandler]:
+    class TokenService(_Backend):
+        """Knows nothing of certificates: it trusts a JWT-SVID for its audience, checked
+        against the CA's published JWT keys, and nothing else."""
+
+        def do_GET(self) -> None:
+            auth = self.headers.get("Authorization", "")
+            try:
+                svid = jwt.validate(auth.removeprefix("Bearer "), audience, [keys], time.time())
+            except jwt.JwtError as exc:
+                self._send(401, json.dumps({"refused": exc.reason}).encode())
+                return
+            self._send(
+                200, json.dumps({"order": self.path, "caller": str(svid.spiffe_id)}).encode()
+            )
+
+    return TokenService
+
+
+def _bearer_leg(frontend_port: int, gate: str, bundle: Path) -> tuple[int, int, str]:
+    """Requests over the bearer path (ok, failed), and what a tokenless caller gets."""
+    ok = failed = 0
+    conn = http.client.HTTPConnection("127.0.0.1", frontend_port, timeout=10)
+    for i in range(20):
+        conn.request("GET", f"/bearer-{i}")
+        resp = conn.getresponse()
+        body = resp.read()
+        if resp.status == 200 and FRONTEND.encode() in body:
+            ok += 1
+        else:
+            failed += 1
+    conn.close()
+    ctx = ssl.create_default_context(cafile=str(bundle))
+    ctx.check_hostname = False
+    host, port = gate.rsplit(":", 1)
+    tls = http.client.HTTPSConnection(host, int(port), context=ctx, timeout=10)
+    try:
+        tls.request("GET", "/orders/no-token")
+        resp = tls.getresponse()
+        resp.read()
+        tokenless = f"{resp.status} ({resp.getheader('WWW-Authenticate')})"
+    except (OSError, http.client.HTTPException) as exc:
+        tokenless = type(exc).__name__
+    finally:
+        tls.close()
+    return ok, failed, tokenless
 
 
 def _frontend_handler(client_proxy: tuple[str, int]) -> type[BaseHTTPRequestHandler]:
@@ -211,7 +270,6 @@ def run_demo(args: argparse.Namespace) -> int:
     try:
         admin = str(workdir / "ca-admin.sock")
         agent_sock = str(workdir / "agent.sock")
-        print(f"== Tally demo in {workdir}")
         ca = start(
             "ca",
             [
@@ -229,9 +287,13 @@ def run_demo(args: argparse.Namespace) -> int:
                 SVID_TTL,
                 "--intermediate-ttl",
                 "10m",
+                "--console",
+                args.console,
             ],
             "ca.started",
         )
+        print(f"Console: {ca['console']}  (open it to watch the identities rotate)", flush=True)
+        print(f"== Tally demo in {workdir}")
         print(f"CA up for {TD} (agent API {ca['listen']}); SVIDs live {SVID_TTL}")
         (workdir / "bundle.pem").write_text(_cli(admin, "bundle", "show")["bundle"])
         token = _cli(admin, "token", "create", "--spiffe-id", AGENT)["token"]
@@ -377,6 +439,65 @@ def run_demo(args: argparse.Namespace) -> int:
         )
         refused, how = _intruder_refused(out, server_proxy["listen"])
         denied = daemons[2].wait_for("peer.denied", timeout=5) if refused else {}
+
+        # The bearer leg: the CA's JWT keys, as a relying party would fetch them.
+        spiffe_bundle = run_cli(
+            "ca", "bundle", "show", "--format", "spiffe", "--admin-socket", admin
+        )
+        keys = jwt.JwtBundle.from_jwks(TrustDomain.parse(TD), spiffe_bundle.stdout.encode())
+        token_service = _serve(_token_service(keys, AUDIENCE))
+        servers.append(token_service)
+        gate = start(
+            "bearer-gate",
+            [
+                "proxy",
+                "server",
+                "--http",
+                "--no-access-log",
+                "--listen",
+                "127.0.0.1:0",
+                "--target",
+                f"127.0.0.1:{token_service.server_port}",
+                "--workload-socket",
+                agent_sock,
+                "--spiffe-id",
+                BACKEND,
+                "--allow-id",
+                FRONTEND,
+                "--require-jwt",
+                AUDIENCE,
+                "--no-client-cert",
+            ],
+            "proxy.started",
+        )
+        bearer_client = start(
+            "bearer-client",
+            [
+                "proxy",
+                "client",
+                "--http",
+                "--no-access-log",
+                "--listen",
+                "127.0.0.1:0",
+                "--target",
+                gate["listen"],
+                "--workload-socket",
+                agent_sock,
+                "--spiffe-id",
+                FRONTEND,
+                "--expect-id",
+                BACKEND,
+                "--inject-jwt",
+                AUDIENCE,
+            ],
+            "proxy.started",
+        )
+        bhost, bport = bearer_client["listen"].rsplit(":", 1)
+        bearer_frontend = _serve(_frontend_handler((bhost, int(bport))))
+        servers.append(bearer_frontend)
+        bearer_ok, bearer_failed, tokenless = _bearer_leg(
+            bearer_frontend.server_port, gate["listen"], workdir / "bundle.pem"
+        )
         verdict = _cli(admin, "audit", "verify")
         rotations = sum(len(d.events("svid.rotated")) for d in daemons)
         print()
@@ -389,9 +510,14 @@ def run_demo(args: argparse.Namespace) -> int:
             f"rotations (agent and proxies), audit chain of {verdict['records']} records "
             + ("verified" if verdict["ok"] else f"BROKEN: {verdict['problem']}")
         )
+        print(
+            f"Bearer tokens: {bearer_ok} requests ok, {bearer_failed} failed, to a service that"
+            f" checks only a JWT-SVID for {AUDIENCE!r}; a caller without one got {tokenless}"
+        )
         if tally.failed:
             print(f"Last failure: {tally.last_error}")
-        return 0 if verdict["ok"] and refused and tally.ok and not tally.failed else 1
+        bearer = bearer_ok > 0 and not bearer_failed and tokenless.startswith("401")
+        return 0 if verdict["ok"] and refused and tally.ok and not tally.failed and bearer else 1
     except DaemonError as exc:
         raise CommandError(f"demo: {exc}") from exc
     except KeyboardInterrupt:
@@ -411,4 +537,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("demo", help="run Tally on loopback and watch identities rotate")
     p.add_argument("--duration", type=float, default=60, help="seconds of traffic (default 60)")
     p.add_argument("--no-live", action="store_true", help="plain log lines instead of a live view")
+    p.add_argument(
+        "--console",
+        default="127.0.0.1:0",
+        metavar="HOST:PORT",
+        help="where the CA serves its web console (default: a free loopback port)",
+    )
     p.set_defaults(func=run_demo)

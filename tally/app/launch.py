@@ -31,8 +31,11 @@ class DaemonError(Exception):
     pass
 
 
-# A PEM private key, or a join token whole (`<16 hex id>.<secret>`); the id alone is fine.
-SECRET_SHAPE = re.compile(r"PRIVATE KEY|\b[0-9a-f]{16}\.[A-Za-z0-9_-]{20,}")
+# A PEM private key, a join token whole (`<16 hex id>.<secret>`; the id alone is fine),
+# or a JWT (a base64url JSON header and claims).
+SECRET_SHAPE = re.compile(
+    r"PRIVATE KEY|\b[0-9a-f]{16}\.[A-Za-z0-9_-]{20,}|eyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}"
+)
 
 
 class Daemon:

@@ -74,6 +74,11 @@ class _Required(enum.Enum):
 REQUIRED: Final = _Required.REQUIRED
 
 
+Table = dict[str, Any]
+"""A setting of type ``list[Table]`` is an array of TOML tables (``[[name]]``), each checked
+by the daemon's own ``validate``; on the command line each flag gives one inline table."""
+
+
 class Duration(float):
     """Seconds. A distinct type so the loader knows to accept '10m' as well as 600."""
 
@@ -217,6 +222,10 @@ class _Kind(enum.Enum):
     DURATION = ("duration", "a duration like '10m' or a number of seconds")
     ADDRESS = ("address", "an address (HOST:PORT, [IPv6]:PORT or unix:/path)")
     STR_LIST = ("list of strings", "an array of strings")
+    TABLES = (
+        "list of tables",
+        "an array of tables ([[name]] in TOML; a flag takes one inline table)",
+    )
 
     def __init__(self, doc_name: str, expected: str) -> None:
         self.doc_name = doc_name
@@ -241,6 +250,7 @@ _PYTHON_TYPES: Mapping[_Kind, type | tuple[type, ...]] = {
     _Kind.DURATION: Duration,
     _Kind.ADDRESS: Address,
     _Kind.STR_LIST: list,
+    _Kind.TABLES: list,
 }
 _METAVARS: Mapping[_Kind, str] = {
     _Kind.INT: "N",
@@ -248,6 +258,7 @@ _METAVARS: Mapping[_Kind, str] = {
     _Kind.PATH: "PATH",
     _Kind.DURATION: "DURATION",
     _Kind.ADDRESS: "ADDRESS",
+    _Kind.TABLES: "TABLE",
 }
 
 
@@ -276,6 +287,8 @@ def _kind_of(annotation: object) -> tuple[_Kind, bool]:
             return _kind_of(args[0])[0], True
     elif origin is list and typing.get_args(annotation) == (str,):
         return _Kind.STR_LIST, False
+    elif origin is list and typing.get_args(annotation) == (Table,):
+        return _Kind.TABLES, False
     elif annotation in _SCALARS:
         return _SCALARS[annotation], False
     raise TypeError(f"unsupported setting type {annotation!r}")
@@ -318,6 +331,8 @@ def _check_default(where: str, kind: _Kind, default: object) -> None:
     )
     if kind is _Kind.STR_LIST and isinstance(default, list):
         ok = all(isinstance(item, str) for item in default)
+    if kind is _Kind.TABLES and isinstance(default, list):
+        ok = all(isinstance(item, dict) for item in default)
     if not ok:
         raise TypeError(f"{where}: default {default!r} is not {kind.expected}")
 
@@ -327,6 +342,17 @@ def _check_default(where: str, kind: _Kind, default: object) -> None:
 
 class _Invalid(ValueError):
     """A bad value; the caller adds where it came from."""
+
+
+def _inline_table(text: str) -> dict[str, Any]:
+    """A flag's value for a `Table` setting: one TOML inline table, as written in the file."""
+    try:
+        value = tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError as exc:
+        raise _Invalid(f'expected an inline table like {{key = "value"}}: {exc}') from exc
+    if not isinstance(value, dict):
+        raise _Invalid('expected an inline table like {key = "value"}')
+    return value
 
 
 def _shown(value: object) -> str:
@@ -432,6 +458,11 @@ def _from_toml(s: _Setting, value: object) -> object:
             if not isinstance(item, str):
                 raise _Invalid(f"expected {kind.expected}, item {i} is {_got(item, s.meta.secret)}")
         return [_text(item) for item in value]
+    if kind is _Kind.TABLES and isinstance(value, list):
+        for i, item in enumerate(value):
+            if not isinstance(item, dict):
+                raise _Invalid(f"expected {kind.expected}, item {i} is {_got(item, s.meta.secret)}")
+        return [dict(item) for item in value]
     raise _Invalid(f"expected {kind.expected}, got {_got(value, s.meta.secret)}")
 
 
@@ -442,6 +473,8 @@ def _from_text(s: _Setting, value: object) -> object:
         return value
     if kind is _Kind.STR_LIST and isinstance(value, list):
         return [_text(str(item)) for item in value]
+    if kind is _Kind.TABLES and isinstance(value, list):
+        return [_inline_table(str(item)) for item in value]
     if not isinstance(value, str):
         raise _Invalid(f"expected {kind.expected}, got {type(value).__name__}")
     shown = "value" if s.meta.secret else _shown(value)
@@ -479,7 +512,7 @@ def add_arguments(parser: argparse.ArgumentParser, schema: type) -> None:
             parser.add_argument(s.flag, action=argparse.BooleanOptionalAction, **common)
             continue
         metavar = s.meta.metavar or _METAVARS.get(s.kind, s.name.upper())
-        action = "append" if s.kind is _Kind.STR_LIST else "store"
+        action = "append" if s.kind in (_Kind.STR_LIST, _Kind.TABLES) else "store"
         parser.add_argument(s.flag, action=action, metavar=metavar, **common)
 
 
@@ -489,7 +522,7 @@ def _flag_help(s: _Setting) -> str:
         notes.append("required")
     elif s.default is not None and not s.meta.secret:
         notes.append(f"default: {_render_default(s)}")
-    if s.kind is _Kind.STR_LIST:
+    if s.kind in (_Kind.STR_LIST, _Kind.TABLES):
         notes.append("repeatable")
     if s.env_var:
         notes.append(f"secret; or set ${s.env_var}")
@@ -624,6 +657,24 @@ def dump_toml(cfg: object) -> str:
     return "\n\n".join(blocks) + "\n"
 
 
+def _toml_item(item: object) -> str:
+    """One array item: a string, or (for `Table` settings) an inline table of TOML values."""
+    if isinstance(item, dict):
+        fields = ", ".join(f"{_toml_key(str(k))} = {_toml_item(v)}" for k, v in item.items())
+        return "{" + fields + "}"
+    if isinstance(item, bool):
+        return "true" if item else "false"
+    if isinstance(item, int | float):
+        return repr(item)
+    if isinstance(item, list):
+        return "[" + ", ".join(_toml_item(v) for v in item) + "]"
+    return _toml_str(str(item))
+
+
+def _toml_key(key: str) -> str:
+    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else _toml_str(key)
+
+
 def _toml_value(kind: _Kind, value: object) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
@@ -634,7 +685,7 @@ def _toml_value(kind: _Kind, value: object) -> str:
     if isinstance(value, int | float):
         return repr(value)
     if isinstance(value, list):
-        return "[" + ", ".join(_toml_str(str(item)) for item in value) + "]"
+        return "[" + ", ".join(_toml_item(item) for item in value) + "]"
     return _toml_str(str(value))
 
 

@@ -15,10 +15,56 @@ import trio
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from tally.ops.config import Address
+from tally.ops.logs import get_logger
 from tally.ops.net import bound_address, open_listener
 from tally.wire import http
 
 Readiness = Callable[[], tuple[bool, str]]
+log = get_logger("tally.health")
+
+
+class ReadyWatch:
+    """Turns readiness samples into ``ready.lost`` / ``ready.regained`` transitions.
+
+    Lost is said only after ``grace`` samples in a row are not ready, and only once the
+    daemon has been ready at all: a start that is still waiting for its first SVID, or a
+    moment between a new entry and its SVID, is not a loss anyone needs to act on.
+    """
+
+    def __init__(self, grace: int = 2) -> None:
+        self.grace = grace
+        self.was_ready = False
+        self.lost = False
+        self.misses = 0
+
+    def observe(self, ok: bool) -> str | None:
+        """The event one more sample makes: "ready.lost", "ready.regained" or None."""
+        if ok:
+            self.misses = 0
+            self.was_ready = True
+            if self.lost:
+                self.lost = False
+                return "ready.regained"
+            return None
+        self.misses += 1
+        if self.was_ready and not self.lost and self.misses >= self.grace:
+            self.lost = True
+            return "ready.lost"
+        return None
+
+
+async def watch_ready(ready: Readiness, *, every: float = 1.0) -> None:
+    """Log readiness changes, so hooks (``on = ["ready.lost"]``) and log readers hear of
+    them without a probe: the same one-line reason ``/readyz`` gives."""
+    watch = ReadyWatch()
+    while True:
+        ok, why = ready()
+        event = watch.observe(ok)
+        if event == "ready.lost":
+            log.warning("ready.lost", why=why)
+        elif event == "ready.regained":
+            log.info("ready.regained", why=why)
+        await trio.sleep(every)
 
 
 async def _handle(

@@ -17,9 +17,10 @@ Rules:
    longer and more widely readable than the key files, so a private key or
    join token written once is leaked. Fields named like secrets
    (`SECRET_FIELDS`) and any string that looks like PEM private key material
-   are replaced by ``"<redacted>"``, at any depth, whatever the caller
-   passed. This is a safety net, not a licence: callers still should not
-   pass secrets.
+   or holds a JWT (a bearer credential: ``eyJ...`` header and claims) are
+   replaced by ``"<redacted>"``, at any depth, whatever the caller passed.
+   This is a safety net, not a licence: callers still should not pass
+   secrets.
 4. Logging never raises into the caller: a broken stderr loses the line,
    not the daemon.
 """
@@ -29,6 +30,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import sys
 import traceback
 from collections.abc import Mapping
@@ -62,8 +64,13 @@ def _looks_like_private_key(text: str) -> bool:
     return "-----BEGIN" in text and "PRIVATE KEY" in text
 
 
+# A JWS in compact form: base64url of a JSON header and of JSON claims ('{"' encodes
+# as "eyJ"), then a signature.  Loose on purpose, like the key check above.
+_JWT = re.compile(r"eyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}")
+
+
 def _scrub(text: str) -> str:
-    return REDACTED if _looks_like_private_key(text) else text
+    return REDACTED if _looks_like_private_key(text) or _JWT.search(text) else text
 
 
 def _error_text(exc: BaseException) -> str:
@@ -99,6 +106,27 @@ def _clean_fields(fields: Mapping[Any, object], depth: int = 0) -> dict[str, Any
         key = _scrub(str(name))
         out[key] = REDACTED if key.lower() in SECRET_FIELDS else _clean(value, depth)
     return out
+
+
+def clean_fields(fields: Mapping[str, object]) -> dict[str, Any]:
+    """A log line's fields as they would be written: JSON-ready, secrets redacted (rule 3).
+
+    Remediation hooks send exactly this, so a hook never carries more than the log.
+    """
+    return _clean_fields(fields)
+
+
+def event_of(record: logging.LogRecord) -> tuple[str, Mapping[str, object]] | None:
+    """The event name and fields of a record made by `EventLogger`, else None."""
+    event = getattr(record, _EVENT_ATTR, None)
+    if event is None:
+        return None
+    return str(event), getattr(record, _FIELDS_ATTR, {})
+
+
+def timestamp(created: float) -> str:
+    """RFC 3339 in UTC with milliseconds, as in every log line."""
+    return _timestamp(created)
 
 
 def _timestamp(created: float) -> str:

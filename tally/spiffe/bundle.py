@@ -34,6 +34,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
+from tally.spiffe import strict_json
 from tally.spiffe.pem import chain_from_der, chain_from_pem, chain_to_pem
 from tally.spiffe.spiffeid import TrustDomain
 from tally.spiffe.x509profile import PARSE_ERRORS, ProfileError
@@ -209,29 +210,12 @@ class Bundle:
         return cls(td, tuple(certs))
 
 
-def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    result: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in result:
-            raise BundleError(f"duplicate JSON member {key!r}")
-        result[key] = value
-    return result
-
-
-def _reject_constant(name: str) -> None:
-    raise BundleError(f"{name} is not valid JSON")
-
-
 def _load_json(data: bytes, where: str) -> object:
     if len(data) > MAX_JWKS_BYTES:
         raise BundleError(f"{where}: {len(data)} bytes, at most {MAX_JWKS_BYTES}")
     try:
-        return json.loads(
-            data, object_pairs_hook=_reject_duplicates, parse_constant=_reject_constant
-        )
-    except BundleError as exc:
-        raise BundleError(f"{where}: {exc}") from None
-    except (ValueError, RecursionError) as exc:
+        return strict_json.loads(data)
+    except ValueError as exc:
         raise BundleError(f"{where}: not valid JSON: {exc}") from None
 
 

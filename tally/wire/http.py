@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl
@@ -121,6 +121,10 @@ class Response:
     body: bytes = b""
     headers: Headers = ()
     content_type: str = "application/json"
+    stream: AsyncGenerator[bytes, None] | None = None
+    """A body sent piece by piece as it is produced (chunked), e.g. server-sent events;
+    the connection closes after it.  Each piece is written under the request deadline,
+    so a peer that stops reading is dropped, and a drain ends the stream at once."""
 
     def __post_init__(self) -> None:
         # Checked while the handler runs, so a bad response is the handler's 500
@@ -183,15 +187,17 @@ _PEER_ERRORS = (
 
 class Drain:
     """A server's stop signal for its connections: idle ones close at once, busy ones
-    after the response in flight.  One per server, shared by its connections."""
+    after the response in flight, streamed responses (`Response.stream`) at their next
+    wait.  One per server, shared by its connections."""
 
     def __init__(self) -> None:
         self.started = False
         self._idle: set[trio.CancelScope] = set()
+        self._streams: set[trio.CancelScope] = set()  # streamed responses (`Response.stream`)
 
     def start(self) -> None:
         self.started = True
-        for scope in self._idle:
+        for scope in (*self._idle, *self._streams):
             scope.cancel()
 
 
@@ -262,6 +268,9 @@ class _Server:
         if request is None:
             return False
         response = await self._call_handler(request)
+        if response.stream is not None:
+            await self._send_stream(response, response.stream)
+            return False
         await self._write(self._render(response, close=self.drain.started))
         if self.drain.started:
             return False
@@ -349,6 +358,35 @@ class _Server:
             )
             return _error(500, "internal error")
         return response
+
+    async def _send_stream(self, response: Response, stream: AsyncGenerator[bytes, None]) -> None:
+        """Send the head, then each piece the generator yields until it ends or the server
+        drains; the generator is closed whatever happens."""
+        headers = [("content-type", response.content_type), *response.headers]
+        try:
+            await self._write(
+                self.conn.send(h11.Response(status_code=response.status, headers=headers))
+            )
+            while self.method != "HEAD" and not self.drain.started:
+                # Only the wait for the next piece is cut by a drain, never a write, so
+                # the peer always sees the stream end cleanly (the last chunk).
+                piece: bytes | None = None
+                with trio.CancelScope() as scope:
+                    self.drain._streams.add(scope)
+                    try:
+                        piece = await anext(stream)
+                    except StopAsyncIteration:
+                        piece = None
+                    finally:
+                        self.drain._streams.discard(scope)
+                if piece is None or scope.cancelled_caught:
+                    break
+                if piece:
+                    await self._write(self.conn.send(h11.Data(data=piece)))
+            await self._write(self.conn.send(h11.EndOfMessage()))
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(LINGER_S):
+                await stream.aclose()
 
     def _render(self, response: Response, *, close: bool = False) -> bytes:
         headers = [

@@ -28,10 +28,11 @@ Rules / theory of operation:
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Generic, TypeVar
 from urllib.parse import unquote, urlsplit
 
 import h2.config
@@ -43,6 +44,7 @@ from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from cryptography.hazmat.primitives.serialization import load_der_private_key
+from google.protobuf import json_format
 
 from tally.wire import workload_pb as pb
 from tally.wire.grpc import GrpcError, MessageDecoder, Status, encode_message, status_from_headers
@@ -63,6 +65,7 @@ __all__ = [
     "watch_x509",
 ]
 
+T = TypeVar("T")
 ENDPOINT_ENV = "SPIFFE_ENDPOINT_SOCKET"
 FETCH_X509_SVID_PATH = "/SpiffeWorkloadAPI/FetchX509SVID"
 DEFAULT_FETCH_TIMEOUT_S = 10.0
@@ -246,9 +249,10 @@ async def _connect(endpoint_socket: Path) -> trio.SocketStream:
 
 
 async def _run_call(
-    stream: trio.abc.Stream, path: str, on_message: Callable[[bytes], None]
+    stream: trio.abc.Stream, path: str, on_message: Callable[[bytes], None], request: bytes = b""
 ) -> tuple[Status, str]:
-    """One server-streaming call on a fresh connection; returns the final status."""
+    """One call on a fresh connection (``request`` is its one message, empty by default);
+    hands each response message to ``on_message`` and returns the final status."""
     conn = h2.connection.H2Connection(
         h2.config.H2Configuration(client_side=True, header_encoding=None)
     )
@@ -266,7 +270,7 @@ async def _run_call(
             (b"workload.spiffe.io", b"true"),
         ],
     )
-    conn.send_data(stream_id, encode_message(pb.X509SVIDRequest().SerializeToString()), True)
+    conn.send_data(stream_id, encode_message(request), True)
     decoder = MessageDecoder()
     while True:
         await stream.send_all(conn.data_to_send())
@@ -293,17 +297,17 @@ async def _run_call(
                 raise WorkloadApiError(Status.UNAVAILABLE, "the server closed the connection")
 
 
-class _Latest:
-    """The newest context from the reader, and how it ended; consumers skip stale ones."""
+class _Latest(Generic[T]):
+    """The newest state from the reader, and how it ended; consumers skip stale ones."""
 
     def __init__(self) -> None:
-        self.value: X509Context | None = None
+        self.value: T | None = None
         self.version = 0
         self.error: WorkloadApiError | None = None
         self.ended = False
         self._changed = trio.Event()
 
-    def publish(self, value: X509Context) -> None:
+    def publish(self, value: T) -> None:
         self.value = value
         self.version += 1
         self._wake()
@@ -321,17 +325,17 @@ class _Latest:
         await self._changed.wait()
 
 
-class _Updates:
-    """Async iterator over the newest contexts; see :func:`watch_x509`."""
+class _Updates(Generic[T]):
+    """Async iterator over the newest states; see :func:`watch_x509`."""
 
-    def __init__(self, latest: _Latest) -> None:
+    def __init__(self, latest: _Latest[T]) -> None:
         self._latest = latest
         self._seen = 0
 
-    def __aiter__(self) -> _Updates:
+    def __aiter__(self) -> _Updates[T]:
         return self
 
-    async def __anext__(self) -> X509Context:
+    async def __anext__(self) -> T:
         latest = self._latest
         while latest.version == self._seen:
             if latest.error is not None:
@@ -344,12 +348,18 @@ class _Updates:
         return latest.value
 
 
-async def _read_contexts(stream: trio.abc.Stream, latest: _Latest) -> None:
+async def _read_contexts(
+    stream: trio.abc.Stream,
+    latest: _Latest[T],
+    path: str = FETCH_X509_SVID_PATH,
+    parse: Callable[[bytes], T] = parse_x509_svid_response,  # type: ignore[assignment]
+    request: bytes = b"",
+) -> None:
     def on_message(payload: bytes) -> None:
-        latest.publish(parse_x509_svid_response(payload))
+        latest.publish(parse(payload))
 
     try:
-        status, message = await _run_call(stream, FETCH_X509_SVID_PATH, on_message)
+        status, message = await _run_call(stream, path, on_message, request)
     except WorkloadApiError as exc:
         latest.finish(exc)
     except GrpcError as exc:
@@ -363,7 +373,7 @@ async def _read_contexts(stream: trio.abc.Stream, latest: _Latest) -> None:
 
 
 @asynccontextmanager
-async def watch_x509(endpoint_socket: Path | None = None) -> AsyncIterator[_Updates]:
+async def watch_x509(endpoint_socket: Path | None = None) -> AsyncIterator[_Updates[X509Context]]:
     """Watch the caller's X.509 identities.
 
     Use as ``async with watch_x509(socket) as updates: async for ctx in updates: ...``.
@@ -376,7 +386,7 @@ async def watch_x509(endpoint_socket: Path | None = None) -> AsyncIterator[_Upda
     if endpoint_socket is None:
         endpoint_socket = endpoint_from_env(os.environ)
     stream = await _connect(endpoint_socket)
-    latest = _Latest()
+    latest: _Latest[X509Context] = _Latest()
     try:
         async with stream, trio.open_nursery() as nursery:
             nursery.start_soon(_read_contexts, stream, latest)
@@ -405,3 +415,123 @@ async def fetch_x509(
     raise WorkloadApiError(
         Status.DEADLINE_EXCEEDED, f"no answer from the Workload API within {timeout_s} s"
     )
+
+
+# -- the JWT profile ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class JwtSvid:
+    spiffe_id: str
+    token: str
+    """A bearer credential: never log it."""
+    hint: str = ""
+
+
+async def _unary(
+    endpoint_socket: Path | None, path: str, request: bytes, timeout_s: float
+) -> bytes:
+    """One unary call: its one response message, or WorkloadApiError."""
+    if endpoint_socket is None:
+        endpoint_socket = endpoint_from_env(os.environ)
+    got: list[bytes] = []
+    with trio.move_on_after(timeout_s):
+        stream = await _connect(endpoint_socket)
+        async with stream:
+            try:
+                status, message = await _run_call(stream, path, got.append, request)
+            except GrpcError as exc:
+                raise WorkloadApiError(exc.status, exc.message) from exc
+            except h2.exceptions.ProtocolError as exc:
+                raise WorkloadApiError(Status.INTERNAL, f"HTTP/2 protocol error: {exc}") from exc
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                raise WorkloadApiError(Status.UNAVAILABLE, f"connection lost: {exc!r}") from exc
+            if status is not Status.OK:
+                raise WorkloadApiError(status, message)
+            if len(got) != 1:
+                raise WorkloadApiError(Status.INTERNAL, f"{len(got)} messages for a unary call")
+            return got[0]
+    raise WorkloadApiError(
+        Status.DEADLINE_EXCEEDED, f"no answer from the Workload API within {timeout_s} s"
+    )
+
+
+async def fetch_jwt_svids(
+    endpoint_socket: Path | None,
+    audience: Sequence[str],
+    spiffe_id: str = "",
+    *,
+    timeout_s: float = DEFAULT_FETCH_TIMEOUT_S,
+) -> list[JwtSvid]:
+    """JWT-SVIDs for ``audience`` (the first is the default identity)."""
+    request = pb.JWTSVIDRequest(audience=list(audience), spiffe_id=spiffe_id)
+    payload = await _unary(
+        endpoint_socket, "/SpiffeWorkloadAPI/FetchJWTSVID", request.SerializeToString(), timeout_s
+    )
+    try:
+        message = pb.JWTSVIDResponse.FromString(payload)
+    except pb.DecodeError as exc:
+        raise WorkloadApiError(Status.INTERNAL, "JWTSVIDResponse does not parse") from exc
+    if not message.svids:
+        raise WorkloadApiError(Status.INTERNAL, "JWTSVIDResponse holds no SVIDs")
+    return [JwtSvid(s.spiffe_id, s.svid, s.hint) for s in message.svids]
+
+
+async def validate_jwt_svid(
+    endpoint_socket: Path | None,
+    audience: str,
+    token: str,
+    *,
+    timeout_s: float = DEFAULT_FETCH_TIMEOUT_S,
+) -> tuple[str, dict[str, Any]]:
+    """Ask the agent to validate a token; the SPIFFE ID and the claims, or WorkloadApiError
+    (INVALID_ARGUMENT with the reason when the token is refused)."""
+    request = pb.ValidateJWTSVIDRequest(audience=audience, svid=token)
+    payload = await _unary(
+        endpoint_socket,
+        "/SpiffeWorkloadAPI/ValidateJWTSVID",
+        request.SerializeToString(),
+        timeout_s,
+    )
+    try:
+        message = pb.ValidateJWTSVIDResponse.FromString(payload)
+    except pb.DecodeError as exc:
+        raise WorkloadApiError(Status.INTERNAL, "ValidateJWTSVIDResponse does not parse") from exc
+    claims = json_format.MessageToDict(message.claims)
+    return message.spiffe_id, claims
+
+
+def parse_jwt_bundles_response(payload: bytes) -> dict[str, bytes]:
+    try:
+        message = pb.JWTBundlesResponse.FromString(payload)
+    except pb.DecodeError as exc:
+        raise WorkloadApiError(Status.INTERNAL, "JWTBundlesResponse does not parse") from exc
+    return {_trust_domain(k): bytes(v) for k, v in message.bundles.items()}
+
+
+@asynccontextmanager
+async def watch_jwt_bundles(
+    endpoint_socket: Path | None = None,
+) -> AsyncIterator[_Updates[dict[str, bytes]]]:
+    """Watch the JWT bundles (trust domain name to JWKS bytes), like `watch_x509`."""
+    if endpoint_socket is None:
+        endpoint_socket = endpoint_from_env(os.environ)
+    stream = await _connect(endpoint_socket)
+    latest: _Latest[dict[str, bytes]] = _Latest()
+    try:
+        async with stream, trio.open_nursery() as nursery:
+            nursery.start_soon(
+                _read_contexts,
+                stream,
+                latest,
+                "/SpiffeWorkloadAPI/FetchJWTBundles",
+                parse_jwt_bundles_response,
+            )
+            try:
+                yield _Updates(latest)
+            finally:
+                nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        if len(group.exceptions) == 1:
+            raise group.exceptions[0] from None
+        raise

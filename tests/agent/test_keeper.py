@@ -131,9 +131,13 @@ class FakeCA:
             )
         return results
 
-    async def bundle(self, since: int = -1, wait: float = 0) -> tuple[int, bytes]:
-        await trio.sleep(wait)
-        return 1, pem.chain_to_pem([self.root])
+    async def bundle(self, since: int = -1, wait: float = 0) -> tuple[int, bytes, bytes]:
+        if since != -1:
+            await trio.sleep(wait)
+        return 1, pem.chain_to_pem([self.root]), b'{"keys": []}'
+
+    async def jwt(self, entry_id: str, audience: Sequence[str]) -> str:
+        raise CAError("not_authorized", "no JWT keys in this fake")
 
     def set_identity(
         self, chain: Sequence[x509.Certificate], key: ec.EllipticCurvePrivateKey

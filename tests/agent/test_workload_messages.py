@@ -81,7 +81,7 @@ def test_security_header_is_checked_before_the_method():
 @pytest.mark.parametrize(
     ("path", "label"),
     [
-        ("/SpiffeWorkloadAPI/FetchJWTSVID", "FetchJWTSVID"),
+        ("/SpiffeWorkloadAPI/FetchWITSVID", "FetchWITSVID"),
         ("/SpiffeWorkloadAPI/FetchWITBundles", "FetchWITBundles"),
         ("/SpiffeWorkloadAPI/Nope", "unknown"),
         ("/grpc.health.v1.Health/Check", "unknown"),

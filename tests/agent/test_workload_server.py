@@ -34,7 +34,14 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from agent.workload_messages import NoIdentity, SvidItem, X509Snapshot
+from agent.workload_messages import (
+    InvalidJwt,
+    JwtSvidItem,
+    NoIdentity,
+    SvidItem,
+    ValidatedJwt,
+    X509Snapshot,
+)
 from agent.workload_server import WorkloadStats, serve_workload_api, serve_workload_connection
 from tally.ops.net import PeerCred, open_unix_listener
 from tally.wire import workload_pb as pb
@@ -210,6 +217,29 @@ class FakeBackend:
         if self.deny:
             raise NoIdentity(f"no entry for pid {peer.pid}")
         yield _Snapshots(self)
+
+    async def fetch_jwt(self, peer: PeerCred, audience, spiffe_id: str):
+        self.peers.append(peer)
+        if self.deny:
+            raise NoIdentity(f"no entry for pid {peer.pid}")
+        return [JwtSvidItem("spiffe://example.org/web", f"token-for-{','.join(audience)}")]
+
+    @asynccontextmanager
+    async def watch_jwt_bundles(self, peer: PeerCred):
+        self.peers.append(peer)
+        if self.deny:
+            raise NoIdentity(f"no entry for pid {peer.pid}")
+
+        async def updates():
+            yield {"spiffe://example.org": b'{"keys": []}'}
+            await trio.sleep_forever()
+
+        yield updates()
+
+    async def validate_jwt(self, peer: PeerCred, audience: str, token: str):
+        if token != "good":
+            raise InvalidJwt("malformed")
+        return ValidatedJwt("spiffe://example.org/web", {"aud": [audience], "n": 1})
 
 
 class _Snapshots:
@@ -559,7 +589,7 @@ async def test_missing_security_header_is_invalid_argument_before_anything_else(
 
 @pytest.mark.parametrize(
     "method",
-    ["FetchJWTSVID", "FetchJWTBundles", "ValidateJWTSVID", "FetchWITSVID", "Nope"],
+    ["FetchWITSVID", "FetchWITBundles", "Nope"],
 )
 async def test_other_methods_are_unimplemented(agent, method):
     client = await agent.raw()
@@ -568,6 +598,54 @@ async def test_other_methods_are_unimplemented(agent, method):
     assert (await client.wait_status(stream_id))[0] is Status.UNIMPLEMENTED
     label = method if method != "Nope" else "unknown"
     assert agent.stats.requests[(label, "UNIMPLEMENTED")] == 1
+
+
+async def test_jwt_svid_is_fetched_for_the_requested_audiences(agent):
+    client = await agent.raw()
+    body = pb.JWTSVIDRequest(audience=["a", "b"]).SerializeToString()
+    stream_id = client.call("/SpiffeWorkloadAPI/FetchJWTSVID", body=encode_message(body))
+    await client.flush()
+    (message,) = await client.wait_messages(stream_id, 1)
+    assert (await client.wait_status(stream_id))[0] is Status.OK
+    svids = pb.JWTSVIDResponse.FromString(message).svids
+    assert [(s.spiffe_id, s.svid) for s in svids] == [("spiffe://example.org/web", "token-for-a,b")]
+
+
+async def test_jwt_svid_needs_an_audience(agent):
+    client = await agent.raw()
+    stream_id = client.call("/SpiffeWorkloadAPI/FetchJWTSVID")
+    await client.flush()
+    assert (await client.wait_status(stream_id))[0] is Status.INVALID_ARGUMENT
+
+
+async def test_jwt_methods_deny_a_caller_without_identity(agent):
+    agent.backend.deny = True
+    client = await agent.raw()
+    for method, body in (
+        ("FetchJWTSVID", pb.JWTSVIDRequest(audience=["a"]).SerializeToString()),
+        ("FetchJWTBundles", b""),
+    ):
+        stream_id = client.call(f"/SpiffeWorkloadAPI/{method}", body=encode_message(body))
+        await client.flush()
+        assert (await client.wait_status(stream_id))[0] is Status.PERMISSION_DENIED
+
+
+async def test_jwt_bundles_stream_and_validate(agent):
+    client = await agent.raw()
+    stream_id = client.call("/SpiffeWorkloadAPI/FetchJWTBundles")
+    await client.flush()
+    (message,) = await client.wait_messages(stream_id, 1)
+    assert dict(pb.JWTBundlesResponse.FromString(message).bundles) == {
+        "spiffe://example.org": b'{"keys": []}'
+    }
+    for token, status in (("good", Status.OK), ("bad", Status.INVALID_ARGUMENT)):
+        body = pb.ValidateJWTSVIDRequest(audience="a", svid=token).SerializeToString()
+        sid = client.call("/SpiffeWorkloadAPI/ValidateJWTSVID", body=encode_message(body))
+        await client.flush()
+        got, text = await client.wait_status(sid)
+        assert got is status, text
+        if status is Status.INVALID_ARGUMENT:
+            assert text == "invalid JWT-SVID: malformed"
 
 
 async def test_unknown_service_is_unimplemented(agent):
@@ -870,3 +948,48 @@ async def test_own_client_times_out(autojump_clock, sock_dir):
         await fetch_x509(sock_dir / "mute.sock", timeout_s=3)
     assert info.value.status is Status.DEADLINE_EXCEEDED
     await listener.aclose()
+
+
+# ---------------------------------------------------------------------------
+# Drain (rule 8): every call ends with UNAVAILABLE trailers, then the server returns.
+
+
+async def test_drain_ends_streams_cleanly_and_closes_idle_connections(nursery, sock_dir, cas):
+    backend = FakeBackend(snapshot(cas, serial=1001))
+    path = sock_dir / "agent.sock"
+    listener = await open_unix_listener(path, 0o666)
+    drain, returned = trio.Event(), trio.Event()
+
+    async def serve(task_status=trio.TASK_STATUS_IGNORED):
+        await serve_workload_api(listener, backend, drain=drain, task_status=task_status)
+        returned.set()
+
+    stats = await nursery.start(serve)
+    agent = Agent(path, backend, stats)
+    idle = await agent.raw()  # a connection with no call open
+    command = [sys.executable, "-m", "tests.e2e.spiffe_probe", "stream", str(path)]
+    process = await trio.lowlevel.open_process(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        cwd=Path(__file__).parents[2],
+    )
+    assert process.stdout is not None
+    try:
+        lines = _lines(process.stdout)
+        with trio.fail_after(10):
+            assert json.loads(await anext(lines)) == {"svids": 1}
+        drain.set()
+        with trio.fail_after(5):
+            end = json.loads(await anext(lines))
+            await idle.wait_closed()
+            await returned.wait()
+        await lines.aclose()
+    finally:
+        process.kill()
+        await process.wait()
+        await idle.stream.aclose()
+    assert end == {"end": "UNAVAILABLE", "details": "the agent is shutting down"}
+    assert idle.terminated, "the idle connection was closed without a GOAWAY"
+    assert stats.requests[("FetchX509SVID", "UNAVAILABLE")] == 1
+    assert stats.connections_open == 0

@@ -95,3 +95,50 @@ def test_appended_outside_the_ca_is_caught():
     rows = chain(4)
     result = audit.verify(rows, (3, rows[2].hash))
     assert not result.ok and result.bad_seq == 4 and "appended outside" in result.problem
+
+
+# -- anchors (rule 4): what a whole, consistent rewrite cannot match --------------------
+
+
+def rewritten(rows: list[audit.StoredRow], seq: int) -> list[audit.StoredRow]:
+    """Record ``seq`` edited and every hash after it recomputed: a consistent chain."""
+    out, prev = [], audit.GENESIS
+    for row in rows:
+        actor = "forger" if row.seq == seq else row.actor
+        digest = audit.record_hash(
+            prev, row.ts, actor, row.event, row.spiffe_id, row.serial, row.detail_json
+        )
+        out.append(replace(row, actor=actor, prev_hash=prev, hash=digest))
+        prev = digest
+    return out
+
+
+@given(st.integers(2, 30), st.data())
+def test_a_consistent_rewrite_is_caught_by_any_anchor_at_or_after_it(n, data):
+    rows = chain(n)
+    edited = data.draw(st.integers(1, n))
+    anchored = data.draw(st.integers(1, n))
+    seen = audit.Seen(anchored, rows[anchored - 1].hash, "then")
+    forged = rewritten(rows, edited)
+    assert audit.verify(forged, head(forged)).ok  # the chain alone cannot tell
+    result = audit.verify(forged, head(forged), [seen])
+    if anchored >= edited:
+        assert not result.ok
+        assert result.bad_seq == anchored
+        assert result.problem.startswith(f"history rewritten: record {anchored} ")
+    else:
+        assert result.ok  # history the anchor saw is intact
+    assert audit.verify(rows, head(rows), [seen]).ok
+
+
+@given(st.integers(1, 20), st.integers(1, 20))
+def test_a_log_cut_below_an_anchor_is_named(n, extra):
+    rows = chain(n + extra)
+    seen = audit.Seen(n + extra, rows[-1].hash, "then")
+    kept = rows[:n]
+    result = audit.verify(kept, head(kept), [seen])
+    assert not result.ok
+    assert result.problem == (
+        f"history rewritten: the log ends at record {n}, but the anchor of then "
+        f"saw record {n + extra}"
+    )

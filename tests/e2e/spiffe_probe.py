@@ -3,6 +3,11 @@ share a descriptor pool with Tally's; spiffe-spec.md pitfall 1).
 
     python -m tests.e2e.spiffe_probe fetch SOCKET [--uid N]
     python -m tests.e2e.spiffe_probe source SOCKET SECONDS [--uid N]
+    python -m tests.e2e.spiffe_probe stream SOCKET
+
+``stream`` holds one FetchX509SVID stream on py-spiffe's own gRPC stub and,
+when it ends, prints the status code and details the client saw: a clean end
+carries the server's trailers, a reset only grpc's own words.
 
 Prints one JSON object per line.  With --uid the process drops to that uid/gid
 after importing everything, so the agent attests it as that user.
@@ -39,7 +44,7 @@ def svid_json(svid) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("mode", choices=("fetch", "source"))
+    parser.add_argument("mode", choices=("fetch", "source", "stream"))
     parser.add_argument("socket")
     parser.add_argument("seconds", nargs="?", type=float, default=0)
     parser.add_argument("--uid", type=int)
@@ -62,6 +67,8 @@ def main() -> int:
         except Exception as exc:  # the test reads the error text
             print(json.dumps({"error": str(exc)}))
         return 0
+    if args.mode == "stream":
+        return stream(address)
     seen = threading.Event()
     lock = threading.Lock()
 
@@ -74,6 +81,23 @@ def main() -> int:
         report(source.get_x509_context())
         source.subscribe_for_updates(lambda: report(source.get_x509_context()))
         time.sleep(args.seconds)
+    return 0
+
+
+def stream(address: str) -> int:
+    import grpc
+    from spiffe._proto import workload_pb2
+
+    with WorkloadApiClient(socket_path=address, default_timeout=10) as client:
+        # The public API folds every stream end into one error string; the stub keeps
+        # the status details, which is what tells a clean end from a reset.
+        stub = client._spiffe_workload_api_stub
+        try:
+            for response in stub.FetchX509SVID(workload_pb2.X509SVIDRequest()):
+                print(json.dumps({"svids": len(response.svids)}), flush=True)
+            print(json.dumps({"end": "OK", "details": ""}), flush=True)
+        except grpc.RpcError as exc:
+            print(json.dumps({"end": exc.code().name, "details": exc.details()}), flush=True)
     return 0
 
 

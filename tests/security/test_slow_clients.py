@@ -395,7 +395,8 @@ def test_idle_connection_flood_costs_bounded_memory(stack, flood: Flood):
 
 @pytest.fixture(scope="module")
 def roomy_proxy(stack) -> Iterator[Running]:
-    """HTTP mode with the default timeouts, so that a flood stays open to be measured."""
+    """HTTP mode with a long handshake deadline, so that a flood stays open to be
+    measured even when building it takes a loaded machine longer than the default 10 s."""
     proxy = launch(
         "server",
         "--target",
@@ -403,6 +404,8 @@ def roomy_proxy(stack) -> Iterator[Running]:
         "--http",
         "--allow-id",
         WEB,
+        "--handshake-timeout",
+        "120s",
         *stack.api.files(),
     )
     yield proxy
