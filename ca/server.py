@@ -91,6 +91,7 @@ SERVING_TTL = 3600
 RESTART_ONLY = (
     "trust_domain",
     "data_dir",
+    "datastore",
     "listen",
     "admin_socket",
     "metrics",
@@ -212,7 +213,7 @@ class CAServer:
         upstream = None
         if cfg.upstream_cert is not None and cfg.upstream_key is not None:
             upstream = load_upstream(cfg.upstream_cert, cfg.upstream_key, cfg.upstream_bundle)
-        self.store = Store.open(cfg.data_dir / "ca.db")
+        self.store = Store.connect(cfg.where())
         policy = schedule.Policy(
             intermediate_ttl=int(cfg.intermediate_ttl),
             root_ttl=int(cfg.root_ttl),

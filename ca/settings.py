@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from ca.datastore import Datastore, DatastoreUrlError
+from ca.datastore import parse as parse_datastore
 from tally.ops.config import Address, ConfigError, Duration, setting
 from tally.spiffe.spiffeid import SpiffeIdError, TrustDomain
 
@@ -18,6 +20,13 @@ class CASettings:
     trust_domain: str = setting(help="trust domain this CA issues for, e.g. example.org")
     data_dir: Path = setting(
         Path("/var/lib/tally/ca"), help="keys (mode 0600) and the SQLite datastore live here"
+    )
+    datastore: str | None = setting(
+        None,
+        secret=True,
+        help="where the CA keeps its state: sqlite:///PATH, or postgresql://USER@HOST/DB for"
+        " several CA servers on one database (default: the SQLite file ca.db in data_dir;"
+        " keep a password in ~/.pgpass or TALLY_DATASTORE, never in this URL)",
     )
     listen: Address = setting(
         Address.parse("127.0.0.1:8443"), help="agent API address (TLS), HOST:PORT"
@@ -81,6 +90,11 @@ class CASettings:
     log_level: str = setting("info", help="debug, info, warning or error")
 
     def validate(self) -> None:
+        if self.datastore is not None:
+            try:
+                parse_datastore(self.datastore)
+            except DatastoreUrlError as exc:
+                raise ConfigError(f"setting 'datastore': {exc}") from None
         try:
             TrustDomain.parse(self.trust_domain)
         except SpiffeIdError as exc:
@@ -111,3 +125,9 @@ class CASettings:
         for name in ("default_svid_ttl", "max_svid_ttl", "agent_svid_ttl", "intermediate_ttl"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"setting '{name}' must be at least 1s")
+
+    def where(self) -> Datastore:
+        """The datastore these settings name (validated already)."""
+        if self.datastore is None:
+            return Datastore.sqlite(self.data_dir / "ca.db")
+        return parse_datastore(self.datastore)

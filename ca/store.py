@@ -32,6 +32,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ca import audit
+from ca.datastore import Datastore
+from ca.engines import Db, PostgresDb, SqliteDb, StoreUnavailable, first_line
 from tally.ops.errors import OperatorError
 
 MIGRATIONS: tuple[str, ...] = (
@@ -229,12 +231,16 @@ class IssuedSvid:
 
 
 class Store:
-    def __init__(self, conn: sqlite3.Connection, path: Path) -> None:
-        self._conn = conn
+    def __init__(self, db: Db, path: Path | None = None) -> None:
+        self._db = db
         self.path = path
+        self.engine = db.engine
+        self.shown = db.shown
+        """The datastore as it may be logged (no password)."""
 
     @classmethod
     def open(cls, path: Path) -> Store:
+        """The SQLite file at ``path`` (created 0600), migrated forward."""
         _refuse_symlinks(path)
         _private_files(path)
         try:
@@ -244,59 +250,91 @@ class Store:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.execute("PRAGMA foreign_keys=ON")
-            store = cls(conn, path)
+            store = cls(SqliteDb(conn, str(path)), path)
             store._migrate()
         except sqlite3.DatabaseError as exc:
             raise StoreError(f"datastore {path}: {exc}") from exc
         return store
 
+    @classmethod
+    def connect(cls, where: Datastore) -> Store:
+        """Open the datastore a URL names (`ca.datastore`), migrated forward."""
+        if where.engine == "sqlite":
+            assert where.path is not None
+            return cls.open(where.path)
+        try:
+            store = cls(PostgresDb(where.url, where.shown))
+        except StoreUnavailable as exc:
+            raise StoreError(str(exc)) from None
+        try:
+            store._migrate()
+        except StoreError:
+            store.close()
+            raise
+        except Exception as exc:
+            store.close()
+            raise StoreError(f"datastore {where.shown}: {first_line(exc)}") from None
+        return store
+
     def close(self) -> None:
-        self._conn.close()
+        self._db.close()
 
     def _migrate(self) -> None:
-        (version,) = self._conn.execute("PRAGMA user_version").fetchone()
-        if version > len(MIGRATIONS):
-            raise StoreError(
-                f"datastore {self.path} has schema version {version}, newer than this "
-                f"Tally understands ({len(MIGRATIONS)})"
-            )
-        for number in range(version, len(MIGRATIONS)):
-            with self._tx() as conn:
-                for statement in MIGRATIONS[number].split(";"):
+        """Apply the migrations this datastore lacks, each in its own transaction.
+
+        The version is read again inside each transaction, which holds the write
+        lock: two CA servers starting at once on an empty PostgreSQL database apply
+        each migration once between them.
+        """
+        while True:
+            with self._tx() as db:
+                version = db.schema_version()
+                if version > len(MIGRATIONS):
+                    raise StoreError(
+                        f"datastore {self.shown} has schema version {version}, newer than "
+                        f"this Tally understands ({len(MIGRATIONS)})"
+                    )
+                if version == len(MIGRATIONS):
+                    return
+                for statement in MIGRATIONS[version].split(";"):
                     if statement.strip():
-                        conn.execute(statement)
-                conn.execute(f"PRAGMA user_version = {number + 1}")
+                        db.execute(db.ddl(statement))
+                db.set_schema_version(version + 1)
 
     @property
     def schema_version(self) -> int:
-        (version,) = self._conn.execute("PRAGMA user_version").fetchone()
-        return int(version)
+        return self._db.schema_version()
 
     @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        conn = self._conn
-        conn.execute("BEGIN IMMEDIATE")
+    def _tx(self) -> Iterator[Db]:
+        """One write transaction; writers are serialized in every engine (`ca.engines`)."""
+        db = self._db
+        db.begin()
         try:
-            yield conn
+            yield db
         except BaseException:
-            conn.execute("ROLLBACK")
+            db.rollback()
             raise
-        conn.execute("COMMIT")
+        db.commit()
+
+    def ping(self) -> None:
+        """One round trip to the database (`StoreUnavailable` when it is not there)."""
+        self._db.execute("SELECT 1").fetchone()
 
     # -- meta and revisions ------------------------------------------------------------
 
     def _get_meta(self, key: str) -> str | None:
-        row = self._conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return None if row is None else str(row[0])
 
-    def _set_meta(self, conn: sqlite3.Connection, key: str, value: str) -> None:
+    def _set_meta(self, conn: Db, key: str, value: str) -> None:
         conn.execute(
             "INSERT INTO meta (key, value) VALUES (?, ?) "
             "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
             (key, value),
         )
 
-    def _bump(self, conn: sqlite3.Connection, key: str) -> int:
+    def _bump(self, conn: Db, key: str) -> int:
         row = conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         value = (int(row[0]) if row else 0) + 1
         self._set_meta(conn, key, str(value))
@@ -310,7 +348,7 @@ class Store:
 
     # -- audit -------------------------------------------------------------------------
 
-    def _append(self, conn: sqlite3.Connection, events: Sequence[AuditEvent]) -> None:
+    def _append(self, conn: Db, events: Sequence[AuditEvent]) -> None:
         head = conn.execute("SELECT value FROM meta WHERE key = 'audit_head'").fetchone()
         if head is None:
             seq, prev = 0, audit.GENESIS
@@ -364,8 +402,9 @@ class Store:
             clauses.append("event = ?")
             params.append(event)
         where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
-        sql = f"SELECT * FROM (SELECT * FROM audit {where} ORDER BY seq DESC LIMIT ?) ORDER BY seq"  # noqa: S608
-        rows = self._conn.execute(sql, (*params, limit)).fetchall()
+        recent = f"SELECT * FROM audit {where} ORDER BY seq DESC LIMIT ?"  # noqa: S608
+        sql = f"SELECT * FROM ({recent}) AS recent ORDER BY seq"  # noqa: S608
+        rows = self._db.execute(sql, (*params, limit)).fetchall()
         return [
             audit.AuditRecord(
                 seq=r[0],
@@ -387,7 +426,7 @@ class Store:
         if head_text is not None:
             seq_text, digest = head_text.split(":", 1)
             head = (int(seq_text), digest)
-        cursor = self._conn.execute("SELECT * FROM audit ORDER BY seq")
+        cursor = self._db.execute("SELECT * FROM audit ORDER BY seq")
         rows = (audit.StoredRow(*r) for r in cursor)
         return audit.verify(rows, head)
 
@@ -410,7 +449,7 @@ class Store:
             self._append(conn, [ev])
 
     def get_token(self, token_id: str) -> TokenRecord | None:
-        row = self._conn.execute("SELECT * FROM join_tokens WHERE id = ?", (token_id,)).fetchone()
+        row = self._db.execute("SELECT * FROM join_tokens WHERE id = ?", (token_id,)).fetchone()
         return None if row is None else TokenRecord(*row)
 
     def count_wrong_secret(
@@ -509,15 +548,14 @@ class Store:
                 raise Conflict("agent SVID is not the one on record")
             self._insert_svids(conn, [svid])
             self._append(conn, [ev])
+            conn.notify(f"agent {spiffe_id}")
 
     def get_agent(self, spiffe_id: str) -> AgentRecord | None:
-        row = self._conn.execute(
-            "SELECT * FROM agents WHERE spiffe_id = ?", (spiffe_id,)
-        ).fetchone()
+        row = self._db.execute("SELECT * FROM agents WHERE spiffe_id = ?", (spiffe_id,)).fetchone()
         return None if row is None else AgentRecord(*row)
 
     def list_agents(self) -> list[AgentRecord]:
-        rows = self._conn.execute("SELECT * FROM agents ORDER BY spiffe_id").fetchall()
+        rows = self._db.execute("SELECT * FROM agents ORDER BY spiffe_id").fetchall()
         return [AgentRecord(*r) for r in rows]
 
     def set_agent_status(self, spiffe_id: str, status: str, now: int, ev: AuditEvent) -> None:
@@ -529,6 +567,7 @@ class Store:
             if cur.rowcount != 1:
                 raise Conflict(f"no agent {spiffe_id}")
             self._append(conn, [ev])
+            conn.notify(f"agent {spiffe_id}")
 
     # -- entries -----------------------------------------------------------------------
 
@@ -589,7 +628,7 @@ class Store:
             self._append(conn, [ev])
 
     def get_entry(self, entry_id: str) -> EntryRecord | None:
-        row = self._conn.execute("SELECT * FROM entries WHERE id = ?", (entry_id,)).fetchone()
+        row = self._db.execute("SELECT * FROM entries WHERE id = ?", (entry_id,)).fetchone()
         return None if row is None else _entry_from_row(row)
 
     def list_entries(
@@ -604,18 +643,18 @@ class Store:
             params.append(parent_id)
         where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
         sql = f"SELECT * FROM entries {where} ORDER BY spiffe_id, id"  # noqa: S608
-        return [_entry_from_row(r) for r in self._conn.execute(sql, params)]
+        return [_entry_from_row(r) for r in self._db.execute(sql, params)]
 
     # -- the entry change log (delta sync) ---------------------------------------------
 
-    def _log_entry(
-        self, conn: sqlite3.Connection, revision: int, entry_id: str, agents: set[str]
-    ) -> None:
+    def _log_entry(self, conn: Db, revision: int, entry_id: str, agents: set[str]) -> None:
         """One log row per agent the change concerns (`ca.feed.concerned_agents`)."""
         conn.executemany(
             "INSERT INTO entry_log (revision, agent_id, entry_id) VALUES (?, ?, ?)",
             [(revision, agent, entry_id) for agent in sorted(agents)],
         )
+        for agent in sorted(agents):
+            conn.notify(f"agent {agent}")
 
     def entry_log_floor(self) -> int:
         """The log holds every change above this revision, and nothing at or below it."""
@@ -631,7 +670,7 @@ class Store:
         """Whether a long poll holding ``since`` has something to hear (one indexed probe)."""
         if self.needs_resync(since):
             return True
-        row = self._conn.execute(
+        row = self._db.execute(
             "SELECT 1 FROM entry_log WHERE agent_id = ? AND revision > ? LIMIT 1",
             (agent_id, since),
         ).fetchone()
@@ -647,9 +686,9 @@ class Store:
         `needs_resync` first.
         """
         current = self.entries_revision()
-        rows = self._conn.execute(
-            "SELECT entry_id, MAX(revision) AS last FROM entry_log "
-            "WHERE agent_id = ? AND revision > ? GROUP BY entry_id ORDER BY last LIMIT ?",
+        rows = self._db.execute(
+            "SELECT entry_id, MAX(revision) AS last_rev FROM entry_log "
+            "WHERE agent_id = ? AND revision > ? GROUP BY entry_id ORDER BY last_rev LIMIT ?",
             (agent_id, since, limit + 1),
         ).fetchall()
         more = len(rows) > limit
@@ -670,7 +709,7 @@ class Store:
     ) -> tuple[list[EntryRecord], bool]:
         """Up to ``limit`` of an agent's entries with ids above ``after``, by id; and
         whether more follow.  A full sync walks these pages."""
-        rows = self._conn.execute(
+        rows = self._db.execute(
             "SELECT * FROM entries WHERE parent_id = ? AND id > ? ORDER BY id LIMIT ?",
             (parent_id, after, limit + 1),
         ).fetchall()
@@ -688,7 +727,7 @@ class Store:
 
     # -- issued SVIDs ------------------------------------------------------------------
 
-    def _insert_svids(self, conn: sqlite3.Connection, svids: Sequence[IssuedSvid]) -> None:
+    def _insert_svids(self, conn: Db, svids: Sequence[IssuedSvid]) -> None:
         conn.executemany(
             "INSERT INTO svids VALUES (?, ?, ?, ?, ?, ?)",
             [(s.serial, s.spiffe_id, s.agent_id, s.kind, s.not_after, s.issued_at) for s in svids],
@@ -700,7 +739,7 @@ class Store:
             self._append(conn, events)
 
     def svid_count(self) -> int:
-        (n,) = self._conn.execute("SELECT count(*) FROM svids").fetchone()
+        (n,) = self._db.execute("SELECT count(*) FROM svids").fetchone()
         return int(n)
 
     def prune_svids(self, before: int) -> int:
@@ -711,7 +750,7 @@ class Store:
     # -- CA keys -----------------------------------------------------------------------
 
     def list_keys(self) -> list[KeyRecord]:
-        rows = self._conn.execute("SELECT * FROM ca_keys ORDER BY not_before, id").fetchall()
+        rows = self._db.execute("SELECT * FROM ca_keys ORDER BY not_before, id").fetchall()
         return [
             KeyRecord(r[0], r[1], r[2], r[3], r[4], bool(r[5]), r[6], r[7], r[8], r[9])
             for r in rows
@@ -744,6 +783,7 @@ class Store:
             if bump_bundle:
                 self._bump(conn, "bundle_sequence")
             self._append(conn, events)
+            conn.notify("keys")
 
 
 SIDE_FILES = ("", "-wal", "-shm")

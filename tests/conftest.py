@@ -12,6 +12,9 @@ import pytest
 
 from tally.app.launch import Daemon
 from tests.dropped import build
+from tests.pg import fresh_pg, pg_cluster, pg_database
+
+__all__ = ["fresh_pg", "pg_cluster", "pg_database"]  # fixtures every test module may use
 
 
 @pytest.fixture(scope="session", autouse=True)
