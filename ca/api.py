@@ -37,6 +37,8 @@ from typing import Protocol, TypeVar
 
 from ca import messages
 from ca.authority import ENTRY_PAGE, AgentStatus, Authority, Denied, EntrySync, Issued, NotSigned
+from ca.cluster import Membership
+from ca.engines import StoreUnavailable
 from ca.feed import BUNDLE, ChangeFeed, concerned_agents
 from ca.keys import CAKeyError
 from ca.store import EntryRecord
@@ -57,6 +59,13 @@ class RunSync(Protocol):
     def __call__(self, fn: Callable[[], T], /) -> Awaitable[T]: ...
 
 
+UNAVAILABLE = Denied(
+    503,
+    "datastore_unavailable",
+    "this CA server cannot reach its datastore and signs nothing; try another server",
+    retry_after=2,
+)
+"""What an agent hears while the database is away: nothing signed, nothing unrecorded."""
 MAX_WAIT = 55.0
 MAX_BATCH = 1000
 """Most entries one ``POST /v1/entries/batch`` creates."""
@@ -135,6 +144,8 @@ class AgentApi:
     async def handle(self, peer: AgentPeer, req: http.Request) -> http.Response:
         try:
             return await self._route(peer, req)
+        except StoreUnavailable:
+            return _error(UNAVAILABLE)
         except Denied as exc:
             reason = _PEER_REASONS.get(exc.code)
             if reason is not None:
@@ -225,7 +236,9 @@ class AdminApi:
         on_entries_changed: Callable[[Iterable[str]], object],
         on_keys_changed: Callable[[], Awaitable[None]],
         health: Callable[[], dict[str, object]],
+        membership: Membership | None = None,
     ) -> None:
+        self.membership = membership
         self.authority = authority
         self.run = run
         self.on_entries_changed = on_entries_changed
@@ -235,6 +248,8 @@ class AdminApi:
     async def handle(self, uid: int, req: http.Request) -> http.Response:
         try:
             return await self._route(f"admin:uid={uid}", req)
+        except StoreUnavailable as exc:
+            return _error(Denied(503, "datastore_unavailable", str(exc), retry_after=2))
         except Denied as exc:
             return _error(exc)
 
@@ -338,6 +353,8 @@ class AdminApi:
                     "keys": a.keys.key_summaries(),
                 }
             )
+        if path.startswith("/v1/servers"):
+            return await self._servers(actor, req)
         if (method, path) == ("GET", "/v1/keys"):
             return J({"keys": a.keys.key_summaries()})
         if (method, path) == ("GET", "/v1/audit"):
@@ -354,3 +371,30 @@ class AdminApi:
         if (method, path) == ("GET", "/v1/audit/verify"):
             return J(messages.verify_json(await self.run(a.store.verify_audit)))
         raise Denied(404, "not_found", f"no such call: {method} {path}")
+
+    async def _servers(self, actor: str, req: http.Request) -> http.Response:
+        """CA servers sharing a PostgreSQL datastore (`ca.cluster.Membership`)."""
+        members = self.membership
+        if members is None:
+            raise Denied(
+                409,
+                "single_server",
+                "this CA keeps its state in SQLite: one server; move to PostgreSQL with"
+                " `tally ca datastore migrate` to run several",
+            )
+        route = (req.method, req.path)
+        if route == ("GET", "/v1/servers"):
+            return http.Response.json({"servers": await self.run(members.list)})
+        if route in (("POST", "/v1/servers/approve"), ("POST", "/v1/servers/remove")):
+            sid = messages.text_or_none(messages.body_object(req).get("id"))
+            if not sid:
+                raise Denied(400, "bad_request", "id names a CA server (tally ca server list)")
+            approve = route[1].endswith("approve")
+            try:
+                await self.run(
+                    lambda: members.approve(sid, actor) if approve else members.remove(sid, actor)
+                )
+            except LookupError as exc:
+                raise Denied(404, "not_found", str(exc).strip("'\"")) from None
+            return http.Response.json({"servers": await self.run(members.list)})
+        raise Denied(404, "not_found", f"no such call: {req.method} {req.path}")

@@ -345,6 +345,28 @@ def cmd_health(args: argparse.Namespace) -> int:
     return 0 if data.get("status") == "ok" else 1
 
 
+def _servers_text(d: dict[str, Any]) -> str:
+    lines = []
+    for s in d["servers"]:
+        mark = "  (this server)" if s["this_server"] else ""
+        lines.append(f"{s['id']}  {s['state']:<8}  {s['fingerprint']}{mark}")
+    return "\n".join(lines) or "no CA servers"
+
+
+def cmd_server_list(args: argparse.Namespace) -> int:
+    emit(args, call(args.admin_socket, "GET", "/v1/servers"), _servers_text)
+    return 0
+
+
+def _server_action(action: str) -> Callable[[argparse.Namespace], int]:
+    def cmd(args: argparse.Namespace) -> int:
+        data = call(args.admin_socket, "POST", f"/v1/servers/{action}", {"id": args.id})
+        emit(args, data, _servers_text)
+        return 0
+
+    return cmd
+
+
 # -- argument wiring --------------------------------------------------------------------
 
 
@@ -467,3 +489,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     leaf(audit_sub, "verify", cmd_audit_verify, "prove the audit chain unbroken")
 
     leaf(ca_sub, "health", cmd_health, "ask the CA how it is")
+
+    server = ca_sub.add_parser("server", help="CA servers sharing a PostgreSQL datastore")
+    server_sub = server.add_subparsers(dest="server_command", required=True, metavar="COMMAND")
+    leaf(server_sub, "list", cmd_server_list, "list CA servers, approved and pending")
+    for name, help in (
+        ("approve", "let a pending server in: the cluster key is wrapped to its own key"),
+        ("remove", "forget a server (it must be approved again to rejoin)"),
+    ):
+        p = leaf(server_sub, name, _server_action(name), help)
+        p.add_argument("id", help="server id, as `tally ca server list` shows it")

@@ -153,17 +153,25 @@ class PostgresDb:
         self.connect_timeout = connect_timeout
         self._conn: Any = None
         self._in_tx = False
+        self.locks: set[int] = set()
+        """Session advisory locks this connection holds (gone with the connection)."""
         self._connect()
 
     def _connect(self) -> Any:
         import psycopg
 
+        self.locks = set()
         try:
             self._conn = psycopg.connect(
                 self.url,
                 autocommit=True,
                 connect_timeout=max(1, int(self.connect_timeout)),
                 application_name="tally-ca",
+                # A database cut off without a reset is noticed in seconds, not hours.
+                keepalives=1,
+                keepalives_idle=5,
+                keepalives_interval=2,
+                keepalives_count=3,
             )
         except psycopg.OperationalError as exc:
             self._conn = None
@@ -253,7 +261,11 @@ class PostgresDb:
 
     def try_lock(self, key: int) -> bool:
         """A session advisory lock: held until released or until this connection dies."""
+        if key in self.locks:
+            return True
         row = self.execute("SELECT pg_try_advisory_lock(?)", (key,)).fetchone()
+        if row[0]:
+            self.locks.add(key)
         return bool(row[0])
 
     def close(self) -> None:

@@ -28,6 +28,13 @@ Rules:
    connection dropped; `RESTART_ONLY` keep their old value.  The signal
    receiver lives until the end, so a SIGHUP during the drain does not kill
    the process.
+7. A CA cut off from its database signs nothing: every call that would change
+   state fails before its answer leaves (the change and its audit record are
+   one transaction that did not commit), the API answers 503
+   ``datastore_unavailable``, ``/readyz`` says why, and a ping every second
+   notices the database's return; then every parked poll re-checks once.
+8. On PostgreSQL, several servers share the database (`ca.cluster`): each
+   listens for the others' changes and takes up their key changes at once.
 6. Sized for a fleet: at start the CA raises its open-file limit toward what
    ``max_connections`` needs (`raise_open_files`) and says in one line when the
    hard limit stops it short.  Past ``overload_queue`` calls waiting for the
@@ -53,14 +60,16 @@ import trio
 from cryptography import x509
 from prometheus_client.core import Metric
 
-from ca import schedule
+from ca import cluster, schedule
 from ca.api import AdminApi, AgentApi, AgentPeer
 from ca.authority import Authority, Limits, iso, serial_hex
+from ca.engines import StoreUnavailable
 from ca.feed import ChangeFeed
 from ca.keys import KeyManager, Signer, load_upstream
 from ca.settings import CASettings
 from ca.store import AuditEvent, IssuedSvid, Store
 from ca.throttle import overload_retry_after
+from ca.vault import SealedVault
 from tally.ops import metrics
 from tally.ops.admission import Admission
 from tally.ops.clock import Clock, wall_clock
@@ -85,6 +94,7 @@ from tally.wire import http
 T = TypeVar("T")
 log = get_logger("tally.ca")
 DRAIN_SECONDS = 5.0
+DB_PING_SECONDS = 1.0
 SERVER_PATH = ("tally", "ca")
 SERVING_TTL = 3600
 # Changing these needs a restart; a reload that changes them says so and keeps the old value.
@@ -213,14 +223,26 @@ class CAServer:
         upstream = None
         if cfg.upstream_cert is not None and cfg.upstream_key is not None:
             upstream = load_upstream(cfg.upstream_cert, cfg.upstream_key, cfg.upstream_bundle)
-        self.store = Store.connect(cfg.where())
+        self.where = cfg.where()
+        self.store = Store.connect(self.where)
+        vault: SealedVault | None = None
+        self.server_name = "ca"
+        self.membership: cluster.Membership | None = None
+        if self.store.engine == "postgresql":
+            # Several servers share this database (`ca.cluster`): keys are sealed in it.
+            self.server_name, cluster_key = cluster.join(self.store, cfg.data_dir, clock)
+            vault = SealedVault(self.store, cluster_key)
+            self.membership = cluster.Membership(self.store, cluster_key, self.server_name, clock)
+        self.db_error: str | None = None
+        """Why the datastore cannot be used now (`/readyz`), or None."""
         policy = schedule.Policy(
             intermediate_ttl=int(cfg.intermediate_ttl),
             root_ttl=int(cfg.root_ttl),
             root_propagation=int(cfg.root_propagation),
             own_root=upstream is None,
         )
-        self.keys = KeyManager(self.store, cfg.data_dir, self.td, policy, clock, upstream)
+        self.keys = KeyManager(self.store, cfg.data_dir, self.td, policy, clock, upstream, vault)
+        self.keys.server_name = self.server_name
         self.keys.load()
         for step in self.keys.tick():
             log.info("key.rotated", step=step.kind, reason=step.reason)
@@ -248,6 +270,7 @@ class CAServer:
         self._serving_refresh_at = 0.0
         self._serving_for: tuple[str, int] | None = None
         self.registry = metrics.registry_of(lambda: _metrics(self))
+        self._keys_notice = trio.Event()
 
     async def run_sync(self, fn: Callable[[], T]) -> T:
         return await trio.to_thread.run_sync(fn, limiter=self._limiter)
@@ -323,10 +346,15 @@ class CAServer:
             or time.monotonic() >= self._serving_refresh_at
         )
 
-    async def refresh_keys(self) -> None:
-        """Apply due key steps; republish the bundle and TLS context when they changed."""
+    async def refresh_keys(self, *, take_up: bool = False) -> None:
+        """Apply due key steps (or, with ``take_up``, only what another server changed);
+        republish the bundle and TLS context when they changed."""
         before = self.keys.bundle.sequence if self.keys.bundle else None
-        steps = await self.run_sync(self.keys.tick)
+        if take_up:
+            await self.run_sync(self.keys.refresh)
+            steps = []
+        else:
+            steps = await self.run_sync(self.keys.tick)
         for step in steps:
             log.info("key.rotated", step=step.kind, reason=step.reason, key_id=step.key_id)
         if self._needs_new_context():
@@ -354,7 +382,54 @@ class CAServer:
                 if time.monotonic() - last_prune > 3600:
                     last_prune = time.monotonic()
                     await self.run_sync(self._prune)
+            except StoreUnavailable:
+                pass  # `_watch_datastore` says so, once
             except Exception as exc:  # a failed tick is retried on the next one
+                log.error("key.rotation_failed", error=exc)
+
+    async def _watch_datastore(self) -> None:
+        """Rule 7: notice a lost database within a second, say so once, and recover."""
+        while True:
+            await trio.sleep(DB_PING_SECONDS)
+            try:
+                await self.run_sync(self.store.ping)
+            except StoreUnavailable as exc:
+                if self.db_error is None:
+                    log.error("ca.datastore_lost", datastore=self.store.shown, error=str(exc))
+                self.db_error = str(exc)
+                continue
+            if self.db_error is not None:
+                self.db_error = None
+                log.info("ca.datastore_back", datastore=self.store.shown)
+                await self._heard_missed_changes()
+
+    def _on_reconnect(self) -> None:
+        self.entries_changed.wake_all()
+        self._keys_notice.set()
+
+    def _on_notice(self, payload: str) -> None:
+        """A change committed through some CA server (`ca.cluster` rule 3)."""
+        kind, _, rest = payload.partition(" ")
+        if kind == "agent":
+            self.entries_changed.wake([rest])
+        elif kind == "keys":
+            self._keys_notice.set()
+
+    async def _heard_missed_changes(self) -> None:
+        """Notices may have been lost: every poll re-checks once, keys are re-read."""
+        self.entries_changed.wake_all()
+        self._keys_notice.set()
+
+    async def _take_up_keys(self) -> None:
+        """Key changes another server made: new signer, bundle, TLS context (rule 8)."""
+        while True:
+            await self._keys_notice.wait()
+            self._keys_notice = trio.Event()
+            try:
+                await self.refresh_keys(take_up=True)
+            except StoreUnavailable:
+                pass
+            except Exception as exc:
                 log.error("key.rotation_failed", error=exc)
 
     # -- connections -------------------------------------------------------------------
@@ -417,7 +492,14 @@ class CAServer:
             return
         ident = conn.peer_identity
         chain = conn.peer_chain
-        if isinstance(ident, SpiffeId) and not await self.run_sync(partial(self._is_agent, ident)):
+        try:
+            known = not isinstance(ident, SpiffeId) or await self.run_sync(
+                partial(self._is_agent, ident)
+            )
+        except StoreUnavailable:
+            await conn.aclose()  # the database is away: the agent tries another server
+            return
+        if not known and isinstance(ident, SpiffeId):
             self._denied("not_allowed", f"{ident} is not an agent on record", ident, address)
             await conn.aclose()
             return
@@ -496,6 +578,8 @@ class CAServer:
         }
 
     def ready(self) -> tuple[bool, str]:
+        if self.db_error is not None:
+            return False, f"datastore unreachable, signing nothing: {self.db_error}"
         if self.keys.signer is None:
             return False, "no active signing key"
         if self.tls_context is None:
@@ -573,7 +657,12 @@ class CAServer:
             await self.refresh_keys()
 
         admin_api = AdminApi(
-            self.authority, self.run_sync, self.entries_changed.wake, keys_changed, self.health
+            self.authority,
+            self.run_sync,
+            self.entries_changed.wake,
+            keys_changed,
+            self.health,
+            self.membership,
         )
         agent_listener = await open_listener(self.cfg.listen)
         self.cfg.admin_socket.parent.mkdir(parents=True, exist_ok=True)
@@ -587,6 +676,15 @@ class CAServer:
                 async with trio.open_nursery() as handlers:
                     async with trio.open_nursery() as services:
                         services.start_soon(self._key_loop)
+                        if self.store.engine == "postgresql":
+                            services.start_soon(self._watch_datastore)
+                            services.start_soon(self._take_up_keys)
+                            services.start_soon(
+                                cluster.run_listener,
+                                self.where.url,
+                                self._on_notice,
+                                self._on_reconnect,
+                            )
                         services.start_soon(
                             partial(
                                 trio.serve_listeners,
@@ -607,7 +705,13 @@ class CAServer:
                             addresses["metrics"] = await services.start(
                                 serve_health, self.cfg.metrics, self.registry, self.ready
                             )
-                        log.info("ca.started", trust_domain=str(self.td), **addresses)
+                        log.info(
+                            "ca.started",
+                            trust_domain=str(self.td),
+                            datastore=self.store.shown,
+                            server=self.server_name,
+                            **addresses,
+                        )
                         task_status.started(addresses)
                         async for signum in signals:
                             if signum == signal.SIGHUP:

@@ -33,7 +33,7 @@ from pathlib import Path
 
 from ca import audit
 from ca.datastore import Datastore
-from ca.engines import Db, PostgresDb, SqliteDb, StoreUnavailable, first_line
+from ca.engines import ROTATION_LOCK, Db, PostgresDb, SqliteDb, StoreUnavailable, first_line
 from tally.ops.errors import OperatorError
 
 MIGRATIONS: tuple[str, ...] = (
@@ -125,6 +125,22 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX entries_parent_page ON entries (parent_id, id);
     INSERT INTO meta (key, value)
         SELECT 'entry_log_floor', value FROM meta WHERE key = 'entries_revision'
+    """,
+    # 4: several CA servers on one database (`ca.vault`): the servers, each with the
+    # cluster key wrapped to its own identity, and the CA's private keys sealed under it.
+    """
+    CREATE TABLE ca_servers (
+        id TEXT PRIMARY KEY,
+        public_key TEXT NOT NULL,
+        state TEXT NOT NULL CHECK (state IN ('pending', 'approved')),
+        wrapped_key BLOB,
+        created_at INTEGER NOT NULL,
+        approved_at INTEGER
+    );
+    CREATE TABLE ca_key_secrets (
+        id TEXT PRIMARY KEY,
+        sealed BLOB NOT NULL
+    )
     """,
 )
 
@@ -218,6 +234,16 @@ class KeyRecord:
     not_after: int
     created_at: int
     activated_at: int | None
+
+
+@dataclass(frozen=True)
+class ServerRecord:
+    id: str
+    public_key: str
+    state: str
+    wrapped_key: bytes | None
+    created_at: int
+    approved_at: int | None
 
 
 @dataclass(frozen=True)
@@ -316,6 +342,29 @@ class Store:
             db.rollback()
             raise
         db.commit()
+
+    def hold_rotation(self, holder: str) -> bool:
+        """Whether this server decides key rotations (`ca.keys.KeyManager.tick`).
+
+        SQLite: always, one server per file.  PostgreSQL: the server whose
+        connection holds a session advisory lock; it is released when that
+        connection ends, so a server that dies (or loses the database) loses the
+        lease, and the next server to ask takes it.  The holder's name is kept for
+        the operator's messages.
+        """
+        db = self._db
+        if not isinstance(db, PostgresDb):
+            return True
+        held = ROTATION_LOCK in db.locks
+        if not db.try_lock(ROTATION_LOCK):
+            return False
+        if not held:
+            with self._tx() as conn:
+                self._set_meta(conn, "rotation_holder", holder)
+        return True
+
+    def rotation_holder(self) -> str | None:
+        return self._get_meta("rotation_holder")
 
     def ping(self) -> None:
         """One round trip to the database (`StoreUnavailable` when it is not there)."""
@@ -784,6 +833,88 @@ class Store:
                 self._bump(conn, "bundle_sequence")
             self._append(conn, events)
             conn.notify("keys")
+
+    # -- CA servers and sealed keys (`ca.vault`) ----------------------------------------
+
+    def get_sealed_key(self, key_id: str) -> bytes | None:
+        row = self._db.execute(
+            "SELECT sealed FROM ca_key_secrets WHERE id = ?", (key_id,)
+        ).fetchone()
+        return None if row is None else bytes(row[0])
+
+    def put_sealed_key(self, key_id: str, sealed: bytes) -> None:
+        """Written before the key's record (`ca.keys` rule 2): an orphan, never a gap."""
+        with self._tx() as conn:
+            conn.execute("INSERT INTO ca_key_secrets (id, sealed) VALUES (?, ?)", (key_id, sealed))
+
+    def delete_sealed_key(self, key_id: str) -> None:
+        with self._tx() as conn:
+            conn.execute("DELETE FROM ca_key_secrets WHERE id = ?", (key_id,))
+
+    def list_servers(self) -> list[ServerRecord]:
+        rows = self._db.execute("SELECT * FROM ca_servers ORDER BY created_at, id").fetchall()
+        return [_server(r) for r in rows]
+
+    def get_server(self, sid: str) -> ServerRecord | None:
+        row = self._db.execute("SELECT * FROM ca_servers WHERE id = ?", (sid,)).fetchone()
+        return None if row is None else _server(row)
+
+    def first_server(self, server: ServerRecord, ev: AuditEvent) -> bool:
+        """Record ``server`` as the cluster's first, approved, if no server and no key
+        exist yet; False if the cluster is already founded (then ask to join)."""
+        with self._tx() as conn:
+            (servers,) = conn.execute("SELECT count(*) FROM ca_servers").fetchone()
+            (keys,) = conn.execute("SELECT count(*) FROM ca_keys").fetchone()
+            if servers or keys:
+                return False
+            self._insert_server(conn, server)
+            self._append(conn, [ev])
+        return True
+
+    def request_join(self, server: ServerRecord, ev: AuditEvent) -> None:
+        """A new server asks to join (pending); asking again changes nothing."""
+        with self._tx() as conn:
+            if conn.execute("SELECT 1 FROM ca_servers WHERE id = ?", (server.id,)).fetchone():
+                return
+            self._insert_server(conn, server)
+            self._append(conn, [ev])
+
+    def approve_server(self, sid: str, wrapped: bytes, now: int, ev: AuditEvent) -> None:
+        with self._tx() as conn:
+            cur = conn.execute(
+                "UPDATE ca_servers SET state = 'approved', wrapped_key = ?, approved_at = ? "
+                "WHERE id = ? AND state = 'pending'",
+                (wrapped, now, sid),
+            )
+            if cur.rowcount != 1:
+                raise Conflict(f"no pending CA server {sid}")
+            self._append(conn, [ev])
+            conn.notify(f"server {sid}")
+
+    def remove_server(self, sid: str, ev: AuditEvent) -> None:
+        with self._tx() as conn:
+            if conn.execute("DELETE FROM ca_servers WHERE id = ?", (sid,)).rowcount != 1:
+                raise Conflict(f"no CA server {sid}")
+            self._append(conn, [ev])
+
+    def _insert_server(self, conn: Db, s: ServerRecord) -> None:
+        conn.execute(
+            "INSERT INTO ca_servers (id, public_key, state, wrapped_key, created_at, approved_at) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            (s.id, s.public_key, s.state, s.wrapped_key, s.created_at, s.approved_at),
+        )
+
+
+def _server(r: Sequence[object]) -> ServerRecord:
+    wrapped = r[3]
+    return ServerRecord(
+        str(r[0]),
+        str(r[1]),
+        str(r[2]),
+        None if wrapped is None else bytes(wrapped),  # type: ignore[call-overload]
+        int(str(r[4])),
+        None if r[5] is None else int(str(r[5])),
+    )
 
 
 SIDE_FILES = ("", "-wal", "-shm")
