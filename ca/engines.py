@@ -262,7 +262,11 @@ class PostgresDb:
     def try_lock(self, key: int) -> bool:
         """A session advisory lock: held until released or until this connection dies."""
         if key in self.locks:
-            return True
+            try:
+                self.ping()  # held as long as this very connection lives
+                return True
+            except StoreUnavailable:
+                pass  # gone with the connection; ask again on a new one
         row = self.execute("SELECT pg_try_advisory_lock(?)", (key,)).fetchone()
         if row[0]:
             self.locks.add(key)

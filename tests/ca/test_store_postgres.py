@@ -10,6 +10,7 @@ import psycopg
 import pytest
 
 from ca.datastore import parse
+from ca.engines import ROTATION_LOCK
 from ca.store import MIGRATIONS, AuditEvent, Conflict, Store, StoreError
 from tests.ca.test_store import AGENT, NOW, agent_record, ev, svid, token
 from tests.pg import Cluster
@@ -148,3 +149,22 @@ def test_the_audit_chain_stays_one_chain_with_every_server_writing_and_tampering
     finally:
         for s in servers:
             s.close()
+
+
+def test_the_rotation_lease_has_one_holder_and_a_dead_holder_loses_it(fresh_pg):
+    a, b = open_pg(fresh_pg), open_pg(fresh_pg)
+    try:
+        assert a.hold_rotation("srv-a") and a.hold_rotation("srv-a")
+        assert not b.hold_rotation("srv-b")
+        assert b.rotation_holder() == "srv-a"
+        with psycopg.connect(fresh_pg, autocommit=True) as admin:  # srv-a's backend dies
+            admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_locks "
+                "WHERE locktype = 'advisory' AND objid = %s",
+                (ROTATION_LOCK & 0xFFFFFFFF,),
+            )
+        assert b.hold_rotation("srv-b") and b.rotation_holder() == "srv-b"
+        assert not a.hold_rotation("srv-a")  # reconnected, but the lease has moved on
+    finally:
+        a.close()
+        b.close()

@@ -17,7 +17,8 @@ from agent.ca_client import CAClient, CAError
 from tally.app.launch import Daemon
 from tally.ops.config import Address
 from tally.spiffe import x509profile
-from tests.e2e.conftest import CA, ca_args, start_ca
+from tests.e2e.conftest import CA, ca_args, start_agent, start_ca
+from tests.e2e.test_agent import UID, register, wait_fetch
 from tests.e2e.test_ca import TD, bundle_roots
 from tests.pg import Cluster
 
@@ -32,7 +33,8 @@ def new_ca(base: Path, name: str, url: str) -> CA:
         listen="127.0.0.1:0",
         metrics="127.0.0.1:0",
         trust_domain="example.org",
-        extra=["--datastore", url, "--intermediate-ttl", "1h"],
+        # Short agent SVIDs: the agent in the failover test renews every few seconds.
+        extra=["--datastore", url, "--intermediate-ttl", "1h", "--agent-svid-ttl", "8s"],
     )
 
 
@@ -195,3 +197,28 @@ async def test_cut_off_from_the_database_a_server_signs_nothing_and_recovers(
     await client.renew(x509profile.generate_key())
     assert a.json("audit", "verify")["ok"]
     await client.aclose()
+
+
+def test_an_agent_fails_over_when_its_server_is_killed(pair, tmp_path: Path):
+    """Last in the module: it SIGKILLs one of the two servers."""
+    a, b = pair
+    agent = start_agent(a, tmp_path, "node-f", "--server", b.listen)
+    try:
+        register(a, agent, "web-f", f"unix:uid:{UID}")
+        wait_fetch(agent, "spiffe://example.org/web-f")
+        used = agent.daemon.events("agent.started")[0]["ca_server"]
+        dead, alive = (a, b) if used == a.listen else (b, a)
+        assert used == dead.listen
+        rotated = len(agent.daemon.events("svid.rotated"))
+        dead.daemon.kill()
+        moved = agent.daemon.wait_for("ca.failover", timeout=15)
+        assert (moved["from"], moved["to"]) == (dead.listen, alive.listen)
+        # Renewals go on through the survivor: the agent SVID (8 s) renews twice more.
+        agent.daemon.wait_for("svid.rotated", timeout=20, count=rotated + 2)
+        assert not agent.daemon.events("svid.expired")
+        wait_fetch(agent, "spiffe://example.org/web-f")
+        # The dead server's rotation lease went with its connection.
+        alive.json("rotate")
+        assert alive.json("audit", "verify")["ok"]
+    finally:
+        agent.daemon.stop()
