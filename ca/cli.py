@@ -367,6 +367,28 @@ def _server_action(action: str) -> Callable[[argparse.Namespace], int]:
     return cmd
 
 
+def cmd_datastore_migrate(args: argparse.Namespace) -> int:
+    """Runs here, not through the admin socket: the CA is stopped (`ca.migrate` rule 4)."""
+    from ca.datastore import parse as parse_datastore
+    from ca.migrate import migrate
+
+    source = parse_datastore(args.source)
+    target = parse_datastore(args.target)
+    data_dir = Path(args.data_dir) if args.data_dir else None
+    done = migrate(source, target, data_dir)
+    emit(
+        args,
+        done,
+        lambda d: (
+            f"copied to {d['to']}: {d['audit_records']} audit records (chain verified),"
+            f" {d['rows']['agents']} agents, {d['rows']['entries']} entries,"
+            f" {d['keys_sealed']} keys sealed; this server is {d['server']}"
+            f" ({d['server_key']}); start it with --datastore and the same --data-dir"
+        ),
+    )
+    return 0
+
+
 # -- argument wiring --------------------------------------------------------------------
 
 
@@ -489,6 +511,23 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     leaf(audit_sub, "verify", cmd_audit_verify, "prove the audit chain unbroken")
 
     leaf(ca_sub, "health", cmd_health, "ask the CA how it is")
+
+    datastore = ca_sub.add_parser("datastore", help="the CA's datastore")
+    ds_sub = datastore.add_subparsers(dest="datastore_command", required=True, metavar="COMMAND")
+    p = ds_sub.add_parser(
+        "migrate", help="copy a stopped SQLite deployment, keys and audit chain, into PostgreSQL"
+    )
+    p.add_argument("--from", dest="source", required=True, help="sqlite:///PATH/ca.db")
+    p.add_argument(
+        "--to", dest="target", required=True, help="postgresql://USER@HOST/DB (an empty one)"
+    )
+    p.add_argument(
+        "--data-dir",
+        help="data dir of the server that will run on PostgreSQL, where its server.key"
+        " lives (default: the SQLite file's directory)",
+    )
+    p.add_argument("--output", choices=("text", "json"), default="text", help="output format")
+    p.set_defaults(func=cmd_datastore_migrate)
 
     server = ca_sub.add_parser("server", help="CA servers sharing a PostgreSQL datastore")
     server_sub = server.add_subparsers(dest="server_command", required=True, metavar="COMMAND")

@@ -904,6 +904,57 @@ class Store:
             (s.id, s.public_key, s.state, s.wrapped_key, s.created_at, s.approved_at),
         )
 
+    # -- moving a deployment to another datastore (`ca.migrate`) --------------------------
+
+    def dump(self, table: str) -> list[tuple[object, ...]]:
+        """Every row of one of `COPIED_TABLES`, in a stable order."""
+        if table not in COPIED_TABLES:
+            raise ValueError(f"not a table to copy: {table}")
+        rows = self._db.execute(f"SELECT * FROM {table} ORDER BY 1").fetchall()  # noqa: S608
+        return [tuple(r) for r in rows]
+
+    def holds_anything(self) -> bool:
+        for table in (*COPIED_TABLES, "ca_servers"):
+            row = self._db.execute(f"SELECT 1 FROM {table} LIMIT 1").fetchone()  # noqa: S608
+            if row is not None:
+                return True
+        return False
+
+    def restore(
+        self,
+        tables: dict[str, list[tuple[object, ...]]],
+        sealed: dict[str, bytes],
+        founder: ServerRecord,
+        ev: AuditEvent,
+    ) -> None:
+        """Load a copied deployment into this (empty) datastore, all in one transaction:
+        its rows as they were (the audit chain unchanged), the private keys sealed, this
+        server as the cluster's founder, and one audit record saying so."""
+        with self._tx() as conn:
+            for table in COPIED_TABLES:
+                rows = tables.get(table, [])
+                if rows:
+                    marks = ", ".join("?" * len(rows[0]))
+                    conn.executemany(f"INSERT INTO {table} VALUES ({marks})", rows)  # noqa: S608
+            conn.executemany(
+                "INSERT INTO ca_key_secrets (id, sealed) VALUES (?, ?)", sorted(sealed.items())
+            )
+            self._insert_server(conn, founder)
+            self._append(conn, [ev])
+
+
+COPIED_TABLES = (
+    "meta",
+    "agents",
+    "entries",
+    "join_tokens",
+    "svids",
+    "ca_keys",
+    "audit",
+    "entry_log",
+)
+"""What `ca.migrate` copies: the whole state of a one-server deployment."""
+
 
 def _server(r: Sequence[object]) -> ServerRecord:
     wrapped = r[3]
