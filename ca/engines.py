@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import re
 import sqlite3
+import time
 from collections.abc import Iterator, Sequence
 from typing import Any, Protocol
 
@@ -41,6 +42,8 @@ WRITE_LOCK = 0x7A11_0001
 """The advisory lock every PostgreSQL write transaction holds (rule 1)."""
 ROTATION_LOCK = 0x7A11_0002
 """The session advisory lock of the server that decides key rotations (`ca.cluster`)."""
+RECONNECT_QUIET = 0.5
+"""Seconds after a failed connect during which calls fail without trying again."""
 CHANNEL = "tally_changes"
 """The NOTIFY channel CA servers listen on."""
 
@@ -153,6 +156,9 @@ class PostgresDb:
         self.connect_timeout = connect_timeout
         self._conn: Any = None
         self._in_tx = False
+        self._quiet_until = 0.0
+        """After a failed connect, calls fail at once until then: a blackholed database
+        must not hold the one worker thread for a connect timeout per request."""
         self.locks: set[int] = set()
         """Session advisory locks this connection holds (gone with the connection)."""
         self._connect()
@@ -161,6 +167,9 @@ class PostgresDb:
         import psycopg
 
         self.locks = set()
+        now = time.monotonic()
+        if now < self._quiet_until:
+            raise StoreUnavailable(f"datastore {self.shown}: unreachable (retrying)")
         try:
             self._conn = psycopg.connect(
                 self.url,
@@ -175,6 +184,7 @@ class PostgresDb:
             )
         except psycopg.OperationalError as exc:
             self._conn = None
+            self._quiet_until = time.monotonic() + RECONNECT_QUIET
             raise StoreUnavailable(f"datastore {self.shown}: {first_line(exc)}") from None
         return self._conn
 

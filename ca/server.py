@@ -565,9 +565,15 @@ class CAServer:
     def health(self) -> dict[str, object]:
         signer = self.keys.signer
         bundle = self.keys.bundle
+        status = "ok" if signer is not None else "no signing key"
+        if self.db_error is not None:
+            status = "datastore unreachable"
         return {
-            "status": "ok" if signer is not None else "no signing key",
+            "status": status,
             "trust_domain": str(self.td),
+            "server": self.server_name,
+            "datastore": self.store.shown,
+            "datastore_error": self.db_error,
             "signing_key": None
             if signer is None
             else {"id": signer.key_id, "not_after": iso(signer.not_after)},
