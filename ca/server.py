@@ -497,8 +497,10 @@ class CAServer:
                 partial(self._is_agent, ident)
             )
         except StoreUnavailable:
-            await conn.aclose()  # the database is away: the agent tries another server
-            return
+            # The database is away: every call but the (public) bundle needs it and will
+            # answer 503 datastore_unavailable, which tells the agent to try another
+            # server; closing here would only say "unreachable".
+            known = True
         if not known and isinstance(ident, SpiffeId):
             self._denied("not_allowed", f"{ident} is not an agent on record", ident, address)
             await conn.aclose()
