@@ -188,7 +188,7 @@ class AgentApi:
             issued = await self.run(lambda: a.renew_agent(agent_id, serial, csr))
             # Ends the agent's own long poll (see below) while its certificate is still
             # accepted as the previous one; no other agent's poll hears of it.
-            self.entries.wake([str(agent_id)])
+            self.entries.wake([str(agent_id)], "renewal")
             return J(messages.svid_json(issued))
         if route == ("GET", "/v1/entries"):
             since = _int_param(req, "since")
@@ -233,7 +233,7 @@ class AdminApi:
         self,
         authority: Authority,
         run: RunSync,
-        on_entries_changed: Callable[[Iterable[str]], object],
+        on_entries_changed: Callable[[Iterable[str], str], object],
         on_keys_changed: Callable[[], Awaitable[None]],
         health: Callable[[], dict[str, object]],
         membership: Membership | None = None,
@@ -269,7 +269,7 @@ class AdminApi:
             if method == "POST":
                 spec = messages.entry_spec(messages.body_object(req))
                 created = await self.run(lambda: a.create_entry(spec, actor))
-                self.on_entries_changed(concerned_agents(None, created))
+                self.on_entries_changed(concerned_agents(None, created), "entry")
                 return J(messages.entry_json(created), status=201)
             if method == "GET":
                 entries = await self.run(
@@ -286,7 +286,7 @@ class AdminApi:
                 )
             specs = [messages.entry_spec(i if isinstance(i, dict) else {}) for i in items]
             made = await self.run(lambda: a.create_entries(specs, actor))
-            self.on_entries_changed({e.parent_id for e in made})
+            self.on_entries_changed({e.parent_id for e in made}, "entry")
             return J({"entries": [messages.entry_json(e) for e in made]}, status=201)
         if path.startswith("/v1/entries/"):
             entry_id = path.removeprefix("/v1/entries/")
@@ -300,7 +300,7 @@ class AdminApi:
                     return before, a.update_entry(entry_id, messages.entry_patch(body), actor)
 
                 before, updated = await self.run(update)
-                self.on_entries_changed(concerned_agents(before, updated))
+                self.on_entries_changed(concerned_agents(before, updated), "entry")
                 return J(messages.entry_json(updated))
             if method == "DELETE":
 
@@ -310,7 +310,7 @@ class AdminApi:
                     return before
 
                 gone = await self.run(delete)
-                self.on_entries_changed(concerned_agents(gone, None))
+                self.on_entries_changed(concerned_agents(gone, None), "entry")
                 return J({"deleted": entry_id})
         if (method, path) == ("GET", "/v1/agents"):
             agents = await self.run(a.list_agents)
@@ -322,7 +322,7 @@ class AdminApi:
             agent_id = messages.parse_id(messages.body_object(req).get("spiffe_id"))
             status: AgentStatus = "evicted" if path.endswith("evict") else "banned"
             agent = await self.run(lambda: a.set_agent_status(agent_id, status, actor))
-            self.on_entries_changed([str(agent_id)])  # its long poll wakes, then refuses it
+            self.on_entries_changed([str(agent_id)], status)  # its poll wakes, then refuses it
             return J(messages.agent_json(agent))
         if (method, path) == ("GET", "/v1/bundle"):
             bundle = a.bundle()

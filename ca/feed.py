@@ -25,6 +25,7 @@ change concerns the entry's parent before the change and its parent after.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Protocol
 
@@ -56,15 +57,20 @@ class ChangeFeed:
     def __init__(self) -> None:
         self._waiting: dict[str, set[trio.Event]] = {}
         self._stopped = False
-        self.wakeups = 0
+        self.wakeups_by: Counter[str] = Counter()
+        """Polls woken, by the cause the waker named (``entry``, ``renewal``, ...)."""
         self.checks = 0
+
+    @property
+    def wakeups(self) -> int:
+        return sum(self.wakeups_by.values())
 
     @property
     def parked(self) -> int:
         """Polls waiting right now."""
         return sum(len(events) for events in self._waiting.values())
 
-    def wake(self, keys: Iterable[str]) -> int:
+    def wake(self, keys: Iterable[str], cause: str = "entry") -> int:
         """Wake the polls parked under ``keys``; how many were woken."""
         woken = 0
         for key in keys:
@@ -74,17 +80,18 @@ class ChangeFeed:
             for event in events:
                 event.set()
             woken += len(events)
-        self.wakeups += woken
+        if woken:
+            self.wakeups_by[cause] += woken
         return woken
 
-    def wake_all(self) -> int:
+    def wake_all(self, cause: str = "bundle") -> int:
         """Wake every parked poll (a bundle change, the server stopping)."""
-        return self.wake(list(self._waiting))
+        return self.wake(list(self._waiting), cause)
 
     def stop(self) -> None:
         """The server is stopping: parked polls answer now, and new ones do not park."""
         self._stopped = True
-        self.wake_all()
+        self.wake_all("stop")
 
     async def wait_until(
         self, key: str, changed: Callable[[], Awaitable[bool]], seconds: float

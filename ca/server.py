@@ -39,7 +39,10 @@ Rules:
    ``max_connections`` needs (`raise_open_files`) and says in one line when the
    hard limit stops it short.  Past ``overload_queue`` calls waiting for the
    datastore, agent calls are answered 429 with ``Retry-After`` at once
-   (`ca.throttle.overload_retry_after`), so a herd queues outside the CA.
+   (`ca.throttle.overload_retry_after`), so a herd queues outside the CA; and
+   at most `HANDSHAKES_AT_ONCE` TLS handshakes run at a time, so that when all
+   agents reconnect together the CPU finishes handshakes instead of starting
+   thousands that all miss their deadline.
 """
 
 from __future__ import annotations
@@ -97,6 +100,8 @@ DRAIN_SECONDS = 5.0
 DB_PING_SECONDS = 1.0
 SERVER_PATH = ("tally", "ca")
 SERVING_TTL = 3600
+HANDSHAKES_AT_ONCE = 64
+"""Agent API TLS handshakes run at once; more wait their turn (within handshake_timeout)."""
 # Changing these needs a restart; a reload that changes them says so and keeps the old value.
 RESTART_ONLY = (
     "trust_domain",
@@ -158,10 +163,14 @@ def _metrics(server: CAServer) -> Iterator[Metric]:
         0 if s.agent_api is None else s.agent_api.refused_overloaded,
     )
     polls = (s.entries_changed, s.bundle_changed)
-    yield metrics.counter(
+    woken: Counter[str] = Counter()
+    for feed in polls:
+        woken.update(feed.wakeups_by)
+    yield metrics.counter_by(
         "tally_ca_poll_wakeups",
-        "parked long polls woken by a change that concerns them (entries and bundle)",
-        sum(feed.wakeups for feed in polls),
+        "parked long polls woken by a change that concerns them, by cause",
+        ["cause"],
+        woken,
     )
     yield metrics.counter(
         "tally_ca_poll_checks",
@@ -258,6 +267,7 @@ class CAServer:
         )
         self._limiter = trio.CapacityLimiter(1)
         self._conn_limiter = trio.CapacityLimiter(cfg.max_connections)
+        self._handshakes = trio.CapacityLimiter(HANDSHAKES_AT_ONCE)
         self.admin_admission = Admission(cfg.admin_max_connections)
         self.drain = http.Drain()
         self.entries_changed = ChangeFeed()
@@ -476,8 +486,15 @@ class CAServer:
         assert ctx is not None
         conn = TLSStream(stream, ctx, server_side=True)
         try:
+            # A herd's handshakes take turns (rule 6): each one started is finished well
+            # inside its deadline, instead of all of them sharing the CPU and timing out.
             with trio.fail_after(self.cfg.handshake_timeout):
-                await conn.do_handshake()
+                await self._handshakes.acquire()
+            try:
+                with trio.fail_after(self.cfg.handshake_timeout):
+                    await conn.do_handshake()
+            finally:
+                self._handshakes.release()
         except PeerRejected as exc:
             self._denied(exc.reason, str(exc), exc.peer_id, address)
             await conn.aclose()  # drops unread bytes first: the peer gets our alert

@@ -235,7 +235,7 @@ class _CA:
 
         self.agent_api = AgentApi(a, run, ChangeFeed(), ChangeFeed())
         self.admin_api = AdminApi(
-            a, run, lambda agents: None, keys_changed, lambda: {"status": "ok"}
+            a, run, lambda agents, cause: None, keys_changed, lambda: {"status": "ok"}
         )
         token = a.create_token(SpiffeId.parse(AGENT_ID), None, "admin:uid=0").token
         issued = a.attest(token, make_csr(generate_key()), "10.0.0.1:1").svid

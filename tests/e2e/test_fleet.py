@@ -1,0 +1,130 @@
+"""A real CA with 200 simulated agents parked on it: a change costs only whom it concerns.
+
+Each simulated agent has its own join token, key and agent SVID and talks to the
+CA process over mutual TLS with the agent's own client (`agent.ca_client`); the
+counts come from the CA's ``/metrics``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import trio
+
+from agent.ca_client import CAClient
+from tally.ops.config import Address
+from tally.spiffe import pem, x509profile
+from tally.spiffe.spiffeid import TrustDomain
+from tally.wire import http
+from tests.e2e.conftest import CA
+
+N = 200
+
+
+async def _admin(ca: CA, method: str, target: str, body: object = None) -> Any:
+    async def connect() -> trio.abc.Stream:
+        return await trio.open_unix_socket(ca.admin_socket)
+
+    client = http.HttpClient(connect)
+    try:
+        resp = await client.request(method, target, json_body=body, timeout=30)
+    finally:
+        await client.aclose()
+    assert resp.status < 300, resp.body
+    return resp.json()
+
+
+async def _metrics(ca: CA) -> dict[str, float]:
+    host, port = ca.metrics.rsplit(":", 1)
+
+    async def connect() -> trio.abc.Stream:
+        return await trio.open_tcp_stream(host, int(port))
+
+    client = http.HttpClient(connect)
+    try:
+        resp = await client.request("GET", "/metrics", timeout=30)
+    finally:
+        await client.aclose()
+    out = {"tally_ca_poll_wakeups_total": 0.0}
+    for line in resp.body.decode().splitlines():
+        if line.startswith("tally_ca_poll") and " " in line:
+            name, value = line.rsplit(" ", 1)
+            out[name] = float(value)
+            base = name.split("{", 1)[0]
+            if base != name:  # labelled samples also count toward their total
+                out[base] = out.get(base, 0.0) + float(value)
+    return out
+
+
+async def _parked(ca: CA, count: int) -> dict[str, float]:
+    """The metrics once ``count`` polls are parked (bounded: 60 s)."""
+    with trio.fail_after(60):
+        while True:
+            seen = await _metrics(ca)
+            if seen.get("tally_ca_polls_parked") == count:
+                return seen
+            await trio.sleep(0.05)
+
+
+async def test_one_renewal_and_one_entry_change_wake_one_agent_of_200(ca: CA) -> None:
+    td = TrustDomain.parse(ca.trust_domain)
+    bundle = await _admin(ca, "GET", "/v1/bundle")
+    roots = pem.chain_from_pem(str(bundle["bundle"]).encode())
+    address = Address.parse(ca.listen)
+    clients: list[CAClient] = []
+    ids: list[str] = []
+    for _ in range(N):
+        made = await _admin(ca, "POST", "/v1/tokens", {})
+        client = CAClient(address, td, roots, timeout=30)
+        key = x509profile.generate_key()
+        issued, _, _ = await client.attest(str(made["token"]), key)
+        client.set_identity(issued.chain, key)
+        clients.append(client)
+        ids.append(issued.spiffe_id)
+    first = await clients[0].entries_sync()
+    assert first.full and first.entries == ()
+    revision = first.revision
+    answers: dict[int, Any] = {}
+    answered = {i: trio.Event() for i in range(N)}
+
+    async def poll(i: int) -> None:
+        answers[i] = await clients[i].entries_sync(since=revision, wait=50)
+        answered[i].set()
+
+    try:
+        async with trio.open_nursery() as nursery:
+            for i in range(N):
+                nursery.start_soon(poll, i)
+            before = await _parked(ca, N)
+
+            # One agent renews: its own poll wakes; nobody else's is checked.
+            await clients[0].renew(x509profile.generate_key())
+            after = await _parked(ca, N - 1)
+            assert after['tally_ca_poll_wakeups_total{cause="renewal"}'] == 1
+            assert after["tally_ca_poll_wakeups_total"] - before["tally_ca_poll_wakeups_total"] == 1
+            assert after["tally_ca_poll_checks_total"] - before["tally_ca_poll_checks_total"] == 1
+            with trio.fail_after(10):
+                await answered[0].wait()
+            assert list(answers) == [0]
+
+            # One entry for agent 5: agent 5 alone wakes, and is sent that one entry.
+            entry = await _admin(
+                ca,
+                "POST",
+                "/v1/entries",
+                {"spiffe_id": "spiffe://example.org/web", "parent_id": ids[5],
+                 "selectors": ["unix:uid:1000"]},
+            )  # fmt: skip
+            later = await _parked(ca, N - 2)
+            assert later['tally_ca_poll_wakeups_total{cause="entry"}'] == 1
+            assert later["tally_ca_poll_wakeups_total"] - after["tally_ca_poll_wakeups_total"] == 1
+            assert later["tally_ca_poll_checks_total"] - after["tally_ca_poll_checks_total"] == 1
+            with trio.fail_after(10):
+                await answered[5].wait()
+            assert sorted(answers) == [0, 5]
+            delta = answers[5]
+            assert not delta.full and [e["id"] for e in delta.entries] == [entry["id"]]
+            nursery.cancel_scope.cancel()
+    finally:
+        for client in clients:
+            await client.aclose()
