@@ -14,8 +14,9 @@ Rules:
    with the command to run, and serves nothing.
 3. **Hearing each other** (`listen`): every committed change that wakes
    long polls also sends a PostgreSQL ``NOTIFY`` (`ca.engines` rule 5).  Each
-   server keeps one extra connection that ``LISTEN``s and turns the notices
-   into the same wake-ups its own changes cause: ``agent ID`` wakes that
+   server keeps one extra connection that ``LISTEN``s and turns the other
+   servers' notices (each names its sender; a server skips its own, which its
+   feed heard already) into the same wake-ups its own changes cause: ``agent ID`` wakes that
    agent's entries poll, ``keys`` makes the server take up key changes (and, if
    the bundle moved, wakes every bundle poll).  A change made through one
    server so reaches polls parked on every other in a few milliseconds.

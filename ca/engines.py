@@ -159,6 +159,8 @@ class PostgresDb:
         self._quiet_until = 0.0
         """After a failed connect, calls fail at once until then: a blackholed database
         must not hold the one worker thread for a connect timeout per request."""
+        self.origin = "-"
+        """This server's name in the notices it sends (`ca.cluster`)."""
         self.locks: set[int] = set()
         """Session advisory locks this connection holds (gone with the connection)."""
         self._connect()
@@ -263,7 +265,9 @@ class PostgresDb:
         return statement
 
     def notify(self, payload: str) -> None:
-        self.execute("SELECT pg_notify(?, ?)", (CHANNEL, payload))
+        """Sent as ``<origin> <payload>``, so a server knows its own notices and skips
+        them: its own change feed was woken already, once."""
+        self.execute("SELECT pg_notify(?, ?)", (CHANNEL, f"{self.origin} {payload}"))
 
     def ping(self) -> None:
         """A round trip, so a lost database is noticed (and a back one reconnected)."""

@@ -240,6 +240,7 @@ class CAServer:
         if self.store.engine == "postgresql":
             # Several servers share this database (`ca.cluster`): keys are sealed in it.
             self.server_name, cluster_key = cluster.join(self.store, cfg.data_dir, clock)
+            self.store.set_origin(self.server_name)
             vault = SealedVault(self.store, cluster_key)
             self.membership = cluster.Membership(self.store, cluster_key, self.server_name, clock)
         self.db_error: str | None = None
@@ -414,20 +415,23 @@ class CAServer:
                 await self._heard_missed_changes()
 
     def _on_reconnect(self) -> None:
-        self.entries_changed.wake_all()
+        self.entries_changed.wake_all("resync")
         self._keys_notice.set()
 
     def _on_notice(self, payload: str) -> None:
-        """A change committed through some CA server (`ca.cluster` rule 3)."""
+        """A change committed through another CA server (`ca.cluster` rule 3)."""
+        origin, _, payload = payload.partition(" ")
+        if origin == self.server_name:
+            return  # our own: the feed was woken when it committed
         kind, _, rest = payload.partition(" ")
         if kind == "agent":
-            self.entries_changed.wake([rest])
+            self.entries_changed.wake([rest], "other_server")
         elif kind == "keys":
             self._keys_notice.set()
 
     async def _heard_missed_changes(self) -> None:
         """Notices may have been lost: every poll re-checks once, keys are re-read."""
-        self.entries_changed.wake_all()
+        self.entries_changed.wake_all("resync")
         self._keys_notice.set()
 
     async def _take_up_keys(self) -> None:

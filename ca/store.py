@@ -343,6 +343,11 @@ class Store:
             raise
         db.commit()
 
+    def set_origin(self, server: str) -> None:
+        """Name this server in the change notices it sends (PostgreSQL)."""
+        if isinstance(self._db, PostgresDb):
+            self._db.origin = server
+
     def hold_rotation(self, holder: str) -> bool:
         """Whether this server decides key rotations (`ca.keys.KeyManager.tick`).
 
