@@ -19,7 +19,7 @@ import pwd
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,7 +81,7 @@ class Cluster:
         return name
 
 
-def _start_cluster() -> Iterator[Cluster]:
+def _start_cluster() -> Generator[Cluster, None, None]:
     bin_dir = pg_bin()
     if bin_dir is None:
         pytest.skip(
