@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from tally.ops.config import Address, ConfigError, Duration, setting
 from tally.spiffe.spiffeid import SpiffeIdError, TrustDomain
@@ -80,7 +82,9 @@ class AgentSettings:
         return expand_servers([Address.parse(text) for text in self.server])
 
 
-def expand_servers(servers: list[Address]) -> list[Address]:
+def expand_servers(
+    servers: list[Address], resolve: Callable[..., list[Any]] = socket.getaddrinfo
+) -> list[Address]:
     """A DNS name with several addresses counts as several servers, so a name behind
     round-robin DNS gives the agent somewhere to fail over to.  A name that does not
     resolve now is kept as it is: the connection resolves it again."""
@@ -90,7 +94,7 @@ def expand_servers(servers: list[Address]) -> list[Address]:
         found: list[Address] = []
         if host is not None and port is not None:
             try:
-                infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+                infos = resolve(host, port, type=socket.SOCK_STREAM)
             except OSError:
                 infos = []
             for info in infos:

@@ -32,6 +32,7 @@ import threading
 import time
 from collections.abc import Callable
 from datetime import datetime
+from pathlib import Path
 
 import trio
 
@@ -56,14 +57,12 @@ def _iso(dt: datetime) -> str:
     return dt.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def join(store: Store, data_dir: object, clock: Callable[[], datetime]) -> tuple[str, bytes]:
+def join(store: Store, data_dir: Path, clock: Callable[[], datetime]) -> tuple[str, bytes]:
     """This server's id and the cluster key, once it is approved (rule 2).
 
     Blocks (polling the database) while the server waits for approval.
     """
-    from pathlib import Path
-
-    identity = load_or_create_identity(Path(str(data_dir)))
+    identity = load_or_create_identity(data_dir)
     public = public_pem(identity)
     sid = server_id(public)
     announced = False

@@ -63,6 +63,7 @@ class Cluster:
         opts = (
             f"-k {self.socket_dir} -c listen_addresses='' -c fsync=off"
             " -c full_page_writes=off -c synchronous_commit=off -c max_connections=200"
+            " -c shared_buffers=16MB"
         )
         self.ctl("-l", str(self.root / "log"), "-o", opts, "start")
 

@@ -61,3 +61,25 @@ def test_a_resting_server_is_never_picked_while_another_is_up(steps):
         picked = servers.pick()
         up = [j for j in range(3) if not servers.resting(j)]
         assert picked in up or not up
+
+
+def test_a_name_with_several_addresses_counts_as_several_servers():
+    import socket
+
+    from agent.settings import expand_servers
+
+    def resolve(host, port, type):  # what the system resolver answers for round-robin DNS
+        ips = {"ca.internal": ["10.0.0.1", "10.0.0.2", "10.0.0.1"], "v6.internal": ["fd00::1"]}
+        return [(socket.AF_INET, type, 6, "", (ip, port)) for ip in ips.get(host, [])]
+
+    got = expand_servers(
+        [Address.parse("ca.internal:8443"), Address.parse("v6.internal:9443")], resolve
+    )
+    assert got == [
+        Address.parse("10.0.0.1:8443"),
+        Address.parse("10.0.0.2:8443"),
+        Address.parse("v6.internal:9443"),  # one address: the name stays, resolved per connect
+    ]
+    unresolved = [Address.parse("no-such-host.invalid:8443")]
+    assert expand_servers(unresolved, resolve) == unresolved
+    assert expand_servers([Address.parse("127.0.0.1:8443")]) == [Address.parse("127.0.0.1:8443")]
