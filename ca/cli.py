@@ -523,8 +523,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     p.add_argument(
         "--data-dir",
-        help="data dir of the server that will run on PostgreSQL, where its server.key"
-        " lives (default: the SQLite file's directory)",
+        help="the CA's data dir: its keys/ are sealed into the database, and the server"
+        " run from it on PostgreSQL keeps its server.key there (default: the SQLite"
+        " file's directory)",
     )
     p.add_argument("--output", choices=("text", "json"), default="text", help="output format")
     p.set_defaults(func=cmd_datastore_migrate)

@@ -8,10 +8,11 @@ Rules:
    agents keep their SPIFFE IDs and serials (they renew and poll as before,
    with no new join token), and delta sync goes on from the same revision.
 2. **The private keys move sealed.**  The key files of keys still in use are
-   read from the SQLite deployment's ``keys/`` directory and sealed under a new
-   cluster key; the server that will run on the new datastore (``--data-dir``,
-   where its ``server.key`` is made) becomes the cluster's founder, holding the
-   cluster key wrapped to it (`ca.vault`).  Other servers join by approval.
+   read from the CA's ``keys/`` directory (in ``--data-dir``, by default the
+   SQLite file's directory) and sealed under a new cluster key; the server that
+   will run on the new datastore from that data dir (where its ``server.key``
+   is made) becomes the cluster's founder, holding the cluster key wrapped to
+   it (`ca.vault`).  Other servers join by approval.
 3. **One transaction, into an empty database.**  A target that holds anything
    is refused; a copy that fails leaves the target as it was.  One audit
    record, ``datastore.migrated``, continues the chain on the new side.
@@ -53,8 +54,8 @@ def migrate(source: Datastore, target: Datastore, data_dir: Path | None) -> dict
         raise MigrateError("--to must be a PostgreSQL datastore, postgresql://USER@HOST/DB")
     if not source.path.exists():
         raise MigrateError(f"--from {source.path}: no such datastore")
-    keys_dir = source.path.parent / "keys"
     server_dir = data_dir or source.path.parent
+    keys_dir = server_dir / "keys"  # the CA's data dir holds keys/ (and server.key)
     src = Store.connect(source)
     try:
         tables = {table: src.dump(table) for table in COPIED_TABLES}
