@@ -1,7 +1,7 @@
 """The HA drill under load: two CA servers on one real PostgreSQL, two agents (two nodes)
 each given both servers, a server and a client proxy in HTTP mode with steady traffic;
-one CA server is SIGKILLed.  No request fails, both proxies rotate through the survivor,
-and every certificate put in service is in the one audit chain."""
+every CA server is restarted in turn, then one is SIGKILLed.  No request fails, both
+proxies keep rotating, and every certificate put in service is in the one audit chain."""
 
 from __future__ import annotations
 
@@ -71,6 +71,22 @@ def ha_mesh(tmp_path_factory, pg_database: str) -> Iterator[tuple[Mesh, CA]]:
     finally:
         for fn in reversed(stop):
             fn()
+
+
+def test_a_rolling_restart_of_every_ca_server_under_load(ha_mesh: tuple[Mesh, CA]):
+    mesh, b = ha_mesh
+    proxies = (mesh.server, mesh.client)
+    with load_on(mesh.client, **LOAD) as load:
+        load.wait_ok(20)
+        for ca in (mesh.ca, b):  # one at a time, each back before the next goes
+            rotated = [count(p.daemon, "svid.rotated") for p in proxies]
+            ca.restart()
+            assert not ca.daemon.events("ca.awaiting_approval")
+            for p, seen in zip(proxies, rotated, strict=True):
+                wait_until(p.daemon, "svid.rotated", after=seen, timeout=20)
+        load.wait_ok(20)
+    assert load.failures() == 0, (load.results, load.errors)
+    assert_audit_complete(mesh)
 
 
 def test_one_ca_server_sigkilled_under_load(ha_mesh: tuple[Mesh, CA]):
