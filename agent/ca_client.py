@@ -14,11 +14,22 @@ Rules:
 4. Errors come out as `CAError` with the CA's stable ``code`` (``evicted``,
    ``attestation_failed``, ...) or ``unreachable``, so callers decide on codes,
    never on message text.
+5. **Several CA servers** (`CAServers`): each agent starts on a server picked
+   at random, so a fleet spreads over them, and stays there while it answers.
+   A call that fails because of the *server* (unreachable, timed out, 5xx,
+   ``datastore_unavailable``) is sent at once to the next server that is not
+   resting, and the failed one rests for a jittered, doubling while (1 s up to
+   30 s) before it is tried again; each move is one ``ca.failover`` line.  An
+   answer about the *request* (evicted, bad CSR, 429 overloaded) is the same
+   from every server and is not retried elsewhere.  A renewal the dead server
+   committed but never answered is safe to repeat: the CA accepts the agent's
+   previous SVID once more.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import random
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlencode
@@ -30,6 +41,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from agent.renewal import EntriesPage
 from tally.ops.config import Address
+from tally.ops.logs import get_logger
 from tally.ops.net import connect
 from tally.spiffe import pem, x509profile
 from tally.spiffe.spiffeid import SpiffeId, TrustDomain
@@ -39,6 +51,60 @@ from tally.tls.verify import PeerRejected
 from tally.wire import http
 
 CA_PATH = ("tally", "ca")
+log = get_logger("tally.agent")
+FAILOVER_CODES = frozenset({"unreachable", "datastore_unavailable", "bad_response"})
+REST_FIRST = 1.0
+REST_CAP = 30.0
+
+
+class CAServers:
+    """The CA servers an agent may call: which one it uses now, and which are resting.
+
+    ``clock`` is trio's by default, so the rest periods run on a test's autojump
+    clock like every other wait of the agent.
+    """
+
+    def __init__(
+        self,
+        servers: Sequence[Address],
+        rng: random.Random | None = None,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
+        if not servers:
+            raise ValueError("at least one CA server")
+        self.servers = tuple(servers)
+        self.rng = rng or random.Random()
+        self.clock: Callable[[], float] = clock or trio.current_time
+        self.current = self.rng.randrange(len(self.servers))  # spread the fleet (rule 5)
+        self._rest_until = [0.0] * len(self.servers)
+        self._failures = [0] * len(self.servers)
+
+    def resting(self, i: int) -> bool:
+        return self.clock() < self._rest_until[i]
+
+    def pick(self) -> int:
+        """The server to call now: the current one unless it rests, else the next that
+        does not, else (all resting) the one whose rest ends first."""
+        n = len(self.servers)
+        for offset in range(n):
+            i = (self.current + offset) % n
+            if not self.resting(i):
+                self.current = i
+                return i
+        self.current = min(range(n), key=lambda i: self._rest_until[i])
+        return self.current
+
+    def failed(self, i: int) -> float:
+        """Rest server ``i``: 1 s, 2 s, 4 s ... up to 30 s, each times 0.5 to 1.5."""
+        self._failures[i] += 1
+        base = min(REST_CAP, REST_FIRST * 2.0 ** min(self._failures[i] - 1, 16))
+        rest = base * (0.5 + self.rng.random())
+        self._rest_until[i] = self.clock() + rest
+        return rest
+
+    def succeeded(self, i: int) -> None:
+        self._failures[i] = 0
+        self._rest_until[i] = 0.0
 
 
 class CAError(Exception):
@@ -102,13 +168,16 @@ class CAClient:
 
     def __init__(
         self,
-        server: Address,
+        server: Address | Sequence[Address] | CAServers,
         trust_domain: TrustDomain,
         roots: Sequence[x509.Certificate],
         *,
         timeout: float = 15,
     ) -> None:
-        self.server = server
+        if isinstance(server, CAServers):
+            self.servers = server
+        else:
+            self.servers = CAServers([server] if isinstance(server, Address) else server)
         self.td = trust_domain
         self.ca_id = SpiffeId.from_parts(trust_domain, *CA_PATH)
         self.timeout = timeout
@@ -118,7 +187,7 @@ class CAClient:
         )
         self._generation = 0
         self._ctx: TLSContext | None = None
-        self._idle: list[tuple[int, http.HttpClient]] = []
+        self._idle: list[tuple[int, int, http.HttpClient]] = []
         self._retired: list[http.HttpClient] = []
 
     def set_roots(self, roots: Sequence[x509.Certificate]) -> None:
@@ -141,8 +210,13 @@ class CAClient:
         # Synchronous callers cannot await a close; the next call closes them.
         self._generation += 1
         self._ctx = None
-        self._retired.extend(client for _, client in self._idle)
+        self._retired.extend(client for _, _, client in self._idle)
         self._idle.clear()
+
+    @property
+    def server(self) -> Address:
+        """The CA server calls go to now."""
+        return self.servers.servers[self.servers.current]
 
     def _verify_ca(self, chain: list[x509.Certificate]) -> object:
         try:
@@ -170,16 +244,25 @@ class CAClient:
             with trio.move_on_after(1):
                 await client.aclose()
 
-    def _checkout(self) -> tuple[int, http.HttpClient]:
+    def _checkout(self, i: int) -> tuple[int, http.HttpClient]:
+        keep: list[tuple[int, int, http.HttpClient]] = []
+        found: http.HttpClient | None = None
         while self._idle:
-            generation, client = self._idle.pop()
-            if generation == self._generation:
-                return generation, client
-            self._retired.append(client)
+            generation, where, client = self._idle.pop()
+            if generation != self._generation:
+                self._retired.append(client)
+            elif where == i and found is None:
+                found = client
+            else:
+                keep.append((generation, where, client))
+        self._idle.extend(reversed(keep))
+        if found is not None:
+            return self._generation, found
         ctx = self._context()
+        address = self.servers.servers[i]
 
         async def open_stream() -> trio.abc.Stream:
-            raw = await connect(self.server)
+            raw = await connect(address)
             stream = TLSStream(raw, ctx, server_side=False)
             try:
                 with trio.fail_after(self.timeout):
@@ -194,8 +277,38 @@ class CAClient:
     async def _call(
         self, method: str, target: str, body: object | None = None, *, wait: float = 0
     ) -> Any:
+        """One call, moved to another CA server when this one fails (rule 5)."""
+        servers = self.servers
+        tried: set[int] = set()
+        while True:
+            i = servers.pick()
+            try:
+                data = await self._call_one(i, method, target, body, wait=wait)
+            except CAError as exc:
+                if exc.code not in FAILOVER_CODES and exc.status < 500:
+                    raise
+                rest = servers.failed(i)
+                tried.add(i)
+                nxt = servers.pick()
+                if nxt in tried:
+                    raise
+                log.warning(
+                    "ca.failover",
+                    **{"from": str(servers.servers[i]), "to": str(servers.servers[nxt])},
+                    reason=exc.code,
+                    detail=exc.message,
+                    rest_seconds=round(rest, 2),
+                )
+                continue
+            servers.succeeded(i)
+            return data
+
+    async def _call_one(
+        self, i: int, method: str, target: str, body: object | None = None, *, wait: float = 0
+    ) -> Any:
         await self._close_retired()
-        generation, client = self._checkout()
+        generation, client = self._checkout(i)
+        address = self.servers.servers[i]
         try:
             resp = await client.request(method, target, json_body=body, timeout=self.timeout + wait)
         except http.HttpClientError as exc:
@@ -203,19 +316,21 @@ class CAClient:
             cause = exc.__cause__
             if isinstance(cause, PeerRejected):
                 raise CAError("ca_rejected", f"the CA's certificate was refused: {cause}") from exc
-            raise CAError("unreachable", f"CA at {self.server} unreachable: {exc}") from exc
+            raise CAError("unreachable", f"CA at {address} unreachable: {exc}") from exc
         except BaseException:
             self._retired.append(client)
             raise
         if generation == self._generation:
-            self._idle.append((generation, client))
+            self._idle.append((generation, i, client))
         else:
             self._retired.append(client)
         try:
             data = resp.json()
         except ValueError as exc:
             raise CAError(
-                "bad_response", f"CA answered {resp.status} with a body that is not JSON"
+                "bad_response",
+                f"CA answered {resp.status} with a body that is not JSON",
+                resp.status,
             ) from exc
         if resp.status >= 400:
             code = str(data.get("code", "error")) if isinstance(data, dict) else "error"
@@ -283,6 +398,6 @@ class CAClient:
         return str(data["token"])
 
     async def aclose(self) -> None:
-        self._retired.extend(client for _, client in self._idle)
+        self._retired.extend(client for _, _, client in self._idle)
         self._idle.clear()
         await self._close_retired()

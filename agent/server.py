@@ -30,7 +30,7 @@ from prometheus_client.core import Metric
 
 from agent import state
 from agent.backend import AgentBackend
-from agent.ca_client import CAClient, CAError
+from agent.ca_client import CAClient, CAError, CAServers
 from agent.keeper import SvidKeeper
 from agent.renewal import FATAL_CODES
 from agent.settings import AgentSettings
@@ -300,7 +300,8 @@ class AgentServer:
         self, *, task_status: trio.TaskStatus[dict[str, str]] = trio.TASK_STATUS_IGNORED
     ) -> None:
         cfg = self.cfg
-        client = CAClient(cfg.server, self.td, self.roots, timeout=float(cfg.ca_timeout))
+        servers = CAServers(cfg.server_addresses(), self.rng)
+        client = CAClient(servers, self.td, self.roots, timeout=float(cfg.ca_timeout))
         self._client = client
         cfg.socket.parent.mkdir(parents=True, exist_ok=True)
         listener = await open_unix_listener(cfg.socket, 0o666)
@@ -331,7 +332,12 @@ class AgentServer:
                 self.workload_stats = await nursery.start(
                     self._serve_workloads, listener, drain, served
                 )
-                log.info("agent.started", spiffe_id=self.keeper.agent_id, **addresses)
+                log.info(
+                    "agent.started",
+                    spiffe_id=self.keeper.agent_id,
+                    ca_server=str(client.server),
+                    **addresses,
+                )
                 task_status.started(addresses)
                 with trio.open_signal_receiver(
                     signal.SIGTERM, signal.SIGINT, signal.SIGHUP

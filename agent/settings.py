@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from tally.ops.config import Address, ConfigError, Duration, Table, setting
 from tally.ops.hook_rules import HOOKS_HELP, check_hooks
@@ -13,7 +16,10 @@ from tally.spiffe.spiffeid import SpiffeIdError, TrustDomain
 @dataclass(frozen=True)
 class AgentSettings:
     trust_domain: str = setting(help="trust domain of the CA, e.g. example.org")
-    server: Address = setting(help="the CA's agent API, HOST:PORT")
+    server: list[str] = setting(
+        help="a CA server's agent API, HOST:PORT; repeat it for several servers (a name with"
+        " several addresses counts as several); the agent moves to another when one fails"
+    )
     trust_bundle: Path | None = setting(
         None,
         help="PEM roots to trust the CA by on first start (later starts use the bundle the "
@@ -59,8 +65,15 @@ class AgentSettings:
             TrustDomain.parse(self.trust_domain)
         except SpiffeIdError as exc:
             raise ConfigError(f"setting 'trust_domain': {exc}") from exc
-        if self.server.is_unix:
-            raise ConfigError("setting 'server' must be HOST:PORT (the CA API runs over TCP)")
+        if not self.server:
+            raise ConfigError("setting 'server' needs at least one HOST:PORT")
+        for text in self.server:
+            try:
+                address = Address.parse(text)
+            except ConfigError as exc:
+                raise ConfigError(f"setting 'server': {exc}") from None
+            if address.is_unix:
+                raise ConfigError("setting 'server' must be HOST:PORT (the CA API runs over TCP)")
         if self.log_level not in ("debug", "info", "warning", "error"):
             raise ConfigError(f"setting 'log_level': unknown level {self.log_level!r}")
         if not 0 < self.poll_wait <= 55:
@@ -70,3 +83,34 @@ class AgentSettings:
                 raise ConfigError(f"setting '{name}' must be at least 1")
         if self.ca_timeout < 1:
             raise ConfigError("setting 'ca_timeout' must be at least 1s")
+
+    def server_addresses(self) -> list[Address]:
+        """Every CA server to try: each name given, expanded to each of its addresses."""
+        return expand_servers([Address.parse(text) for text in self.server])
+
+
+def expand_servers(
+    servers: list[Address], resolve: Callable[..., list[Any]] = socket.getaddrinfo
+) -> list[Address]:
+    """A DNS name with several addresses counts as several servers, so a name behind
+    round-robin DNS gives the agent somewhere to fail over to.  A name that does not
+    resolve now is kept as it is: the connection resolves it again."""
+    out: list[Address] = []
+    for address in servers:
+        host, port = address.host, address.port
+        found: list[Address] = []
+        if host is not None and port is not None:
+            try:
+                infos = resolve(host, port, type=socket.SOCK_STREAM)
+            except OSError:
+                infos = []
+            for info in infos:
+                ip = str(info[4][0])
+                text = f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+                candidate = Address.parse(text)
+                if candidate not in found:
+                    found.append(candidate)
+        for candidate in found if len(found) > 1 else [address]:
+            if candidate not in out:
+                out.append(candidate)
+    return out

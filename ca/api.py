@@ -39,6 +39,8 @@ from ca import messages
 from ca.anchor import Anchor, AnchorError, AnchorKey, anchor_from
 from ca.audit import Seen, VerifyResult
 from ca.authority import ENTRY_PAGE, AgentStatus, Authority, Denied, EntrySync, Issued, NotSigned
+from ca.cluster import Membership
+from ca.engines import StoreUnavailable
 from ca.feed import BUNDLE, ChangeFeed, concerned_agents
 from ca.keys import CAKeyError
 from ca.store import EntryRecord
@@ -60,6 +62,13 @@ class RunSync(Protocol):
     def __call__(self, fn: Callable[[], T], /) -> Awaitable[T]: ...
 
 
+UNAVAILABLE = Denied(
+    503,
+    "datastore_unavailable",
+    "this CA server cannot reach its datastore and signs nothing; try another server",
+    retry_after=2,
+)
+"""What an agent hears while the database is away: nothing signed, nothing unrecorded."""
 MAX_WAIT = 55.0
 MAX_BATCH = 1000
 """Most entries one ``POST /v1/entries/batch`` creates."""
@@ -138,6 +147,8 @@ class AgentApi:
     async def handle(self, peer: AgentPeer, req: http.Request) -> http.Response:
         try:
             return await self._route(peer, req)
+        except StoreUnavailable:
+            return _error(UNAVAILABLE)
         except Denied as exc:
             reason = _PEER_REASONS.get(exc.code)
             if reason is not None:
@@ -245,7 +256,9 @@ class AdminApi:
         *,
         anchor_key: AnchorKey | None = None,
         anchor_now: Callable[[str], Awaitable[Anchor | None]] | None = None,
+        membership: Membership | None = None,
     ) -> None:
+        self.membership = membership
         self.authority = authority
         self.run = run
         self.on_entries_changed = on_entries_changed
@@ -257,6 +270,8 @@ class AdminApi:
     async def handle(self, uid: int, req: http.Request) -> http.Response:
         try:
             return await self._route(f"admin:uid={uid}", req)
+        except StoreUnavailable as exc:
+            return _error(Denied(503, "datastore_unavailable", str(exc), retry_after=2))
         except Denied as exc:
             return _error(exc)
 
@@ -393,6 +408,8 @@ class AdminApi:
                     "keys": a.keys.key_summaries(),
                 }
             )
+        if path.startswith("/v1/servers"):
+            return await self._servers(actor, req)
         if (method, path) == ("GET", "/v1/keys"):
             summaries = [] if a.jwt_keys is None else a.jwt_keys.summaries()
             return J({"keys": a.keys.key_summaries(), "jwt_keys": summaries})
@@ -424,3 +441,30 @@ class AdminApi:
                 raise Denied(409, "empty_log", "the audit log has no records to anchor yet")
             return J(anchor.to_json())
         raise Denied(404, "not_found", f"no such call: {method} {path}")
+
+    async def _servers(self, actor: str, req: http.Request) -> http.Response:
+        """CA servers sharing a PostgreSQL datastore (`ca.cluster.Membership`)."""
+        members = self.membership
+        if members is None:
+            raise Denied(
+                409,
+                "single_server",
+                "this CA keeps its state in SQLite: one server; move to PostgreSQL with"
+                " `tally ca datastore migrate` to run several",
+            )
+        route = (req.method, req.path)
+        if route == ("GET", "/v1/servers"):
+            return http.Response.json({"servers": await self.run(members.list)})
+        if route in (("POST", "/v1/servers/approve"), ("POST", "/v1/servers/remove")):
+            sid = messages.text_or_none(messages.body_object(req).get("id"))
+            if not sid:
+                raise Denied(400, "bad_request", "id names a CA server (tally ca server list)")
+            approve = route[1].endswith("approve")
+            try:
+                await self.run(
+                    lambda: members.approve(sid, actor) if approve else members.remove(sid, actor)
+                )
+            except LookupError as exc:
+                raise Denied(404, "not_found", str(exc).strip("'\"")) from None
+            return http.Response.json({"servers": await self.run(members.list)})
+        raise Denied(404, "not_found", f"no such call: {req.method} {req.path}")

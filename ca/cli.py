@@ -396,6 +396,50 @@ def cmd_health(args: argparse.Namespace) -> int:
     return 0 if data.get("status") == "ok" else 1
 
 
+def _servers_text(d: dict[str, Any]) -> str:
+    lines = []
+    for s in d["servers"]:
+        mark = "  (this server)" if s["this_server"] else ""
+        lines.append(f"{s['id']}  {s['state']:<8}  {s['fingerprint']}{mark}")
+    return "\n".join(lines) or "no CA servers"
+
+
+def cmd_server_list(args: argparse.Namespace) -> int:
+    emit(args, call(args.admin_socket, "GET", "/v1/servers"), _servers_text)
+    return 0
+
+
+def _server_action(action: str) -> Callable[[argparse.Namespace], int]:
+    def cmd(args: argparse.Namespace) -> int:
+        data = call(args.admin_socket, "POST", f"/v1/servers/{action}", {"id": args.id})
+        emit(args, data, _servers_text)
+        return 0
+
+    return cmd
+
+
+def cmd_datastore_migrate(args: argparse.Namespace) -> int:
+    """Runs here, not through the admin socket: the CA is stopped (`ca.migrate` rule 4)."""
+    from ca.datastore import parse as parse_datastore
+    from ca.migrate import migrate
+
+    source = parse_datastore(args.source)
+    target = parse_datastore(args.target)
+    data_dir = Path(args.data_dir) if args.data_dir else None
+    done = migrate(source, target, data_dir)
+    emit(
+        args,
+        done,
+        lambda d: (
+            f"copied to {d['to']}: {d['audit_records']} audit records (chain verified),"
+            f" {d['rows']['agents']} agents, {d['rows']['entries']} entries,"
+            f" {d['keys_sealed']} keys sealed; this server is {d['server']}"
+            f" ({d['server_key']}); start it with --datastore and the same --data-dir"
+        ),
+    )
+    return 0
+
+
 # -- argument wiring --------------------------------------------------------------------
 
 
@@ -545,3 +589,31 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
 
     leaf(ca_sub, "health", cmd_health, "ask the CA how it is")
+
+    datastore = ca_sub.add_parser("datastore", help="the CA's datastore")
+    ds_sub = datastore.add_subparsers(dest="datastore_command", required=True, metavar="COMMAND")
+    p = ds_sub.add_parser(
+        "migrate", help="copy a stopped SQLite deployment, keys and audit chain, into PostgreSQL"
+    )
+    p.add_argument("--from", dest="source", required=True, help="sqlite:///PATH/ca.db")
+    p.add_argument(
+        "--to", dest="target", required=True, help="postgresql://USER@HOST/DB (an empty one)"
+    )
+    p.add_argument(
+        "--data-dir",
+        help="the CA's data dir: its keys/ are sealed into the database, and the server"
+        " run from it on PostgreSQL keeps its server.key there (default: the SQLite"
+        " file's directory)",
+    )
+    p.add_argument("--output", choices=("text", "json"), default="text", help="output format")
+    p.set_defaults(func=cmd_datastore_migrate)
+
+    server = ca_sub.add_parser("server", help="CA servers sharing a PostgreSQL datastore")
+    server_sub = server.add_subparsers(dest="server_command", required=True, metavar="COMMAND")
+    leaf(server_sub, "list", cmd_server_list, "list CA servers, approved and pending")
+    for name, help in (
+        ("approve", "let a pending server in: the cluster key is wrapped to its own key"),
+        ("remove", "forget a server (it must be approved again to rejoin)"),
+    ):
+        p = leaf(server_sub, name, _server_action(name), help)
+        p.add_argument("id", help="server id, as `tally ca server list` shows it")

@@ -26,12 +26,13 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from ca import schedule
 from ca.store import AuditEvent, KeyRecord, Store
+from ca.vault import Vault
 from tally.ops.errors import OperatorError
 from tally.spiffe import pem, x509profile
 from tally.spiffe.bundle import Bundle
@@ -164,7 +165,10 @@ class KeyManager:
         policy: schedule.Policy,
         clock: Callable[[], datetime],
         upstream: Upstream | None = None,
+        vault: Vault | None = None,
     ) -> None:
+        self.vault = vault
+        """None: key files in ``<data dir>/keys``; else sealed in the datastore (`ca.vault`)."""
         self.store = store
         self.keys_dir = data_dir / "keys"
         self.td = td
@@ -175,11 +179,60 @@ class KeyManager:
         self._private: dict[str, PrivateKey] = {}
         self.signer: Signer | None = None
         self.bundle: Bundle | None = None
+        self.server_name = "ca"
+        """Who holds the rotation lease when this server does (its server id in a cluster)."""
 
     # -- loading -----------------------------------------------------------------------
 
     def load(self) -> None:
         """Read stored keys and their private halves; refuse exposed key files."""
+        if self.vault is None:
+            self._check_keys_dir()
+        self._records = self.store.list_keys()
+        for rec in self._records:
+            if rec.state not in ("prepared", "active"):
+                continue
+            self._load_private(rec)
+        self._publish()
+
+    def refresh(self) -> bool:
+        """Take up key changes another CA server made (`ca.cluster`); True if any.
+
+        Keys this server has not seen are unsealed; keys retired or removed are
+        forgotten here (the server that retired them deleted their sealed rows).
+        """
+        records = self.store.list_keys()
+        if records == self._records:
+            return False
+        self._records = records
+        for rec in records:
+            if rec.state in ("prepared", "active"):
+                if rec.id not in self._private:
+                    self._load_private(rec)
+            else:
+                self._private.pop(rec.id, None)
+        self._publish()
+        return True
+
+    def _load_private(self, rec: KeyRecord) -> None:
+        if rec.upstream:
+            if self.upstream is not None:
+                self._private[rec.id] = self.upstream.key
+            return
+        if self.vault is None:
+            self._private[rec.id] = load_private_key(self._key_path(rec.id))
+            return
+        try:
+            key = serialization.load_pem_private_key(self.vault.get(rec.id), password=None)
+        except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+            raise CAKeyError(f"sealed key {rec.id}: cannot load a private key ({exc})") from exc
+        if not isinstance(
+            key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
+        ):
+            raise CAKeyError(f"sealed key {rec.id}: unsupported key type {type(key).__name__}")
+        self._private[rec.id] = key
+
+    def _check_keys_dir(self) -> None:
         # Before mkdir, which a dangling link would fail as "File exists", and before the
         # mode check, which would report a link's own mode (0777).
         if self.keys_dir.is_symlink():
@@ -193,15 +246,6 @@ class KeyManager:
             )
         for path in sorted(self.keys_dir.glob("*.pem")):
             check_key_file(path)
-        self._records = self.store.list_keys()
-        for rec in self._records:
-            if rec.state not in ("prepared", "active"):
-                continue
-            if not rec.upstream:
-                self._private[rec.id] = load_private_key(self._key_path(rec.id))
-            elif self.upstream is not None:
-                self._private[rec.id] = self.upstream.key
-        self._publish()
 
     def _key_path(self, key_id: str) -> Path:
         return self.keys_dir / f"{key_id}.pem"
@@ -224,8 +268,15 @@ class KeyManager:
         ]
 
     def tick(self, actor: str = "ca") -> list[schedule.Step]:
-        """Apply every step that is due now; returns what was done (for logs)."""
+        """Apply every step that is due now; returns what was done (for logs).
+
+        With several CA servers (a sealed vault), only the one holding the rotation
+        lease decides (`Store.hold_rotation`); the others take up its changes.
+        """
         done: list[schedule.Step] = []
+        if not self._may_rotate():
+            self._publish()
+            return done
         for _ in range(16):
             step = schedule.decide(self.states(), _ts(self.clock()), self.policy)
             if step is None:
@@ -235,7 +286,22 @@ class KeyManager:
         self._publish()
         return done
 
+    def _may_rotate(self) -> bool:
+        if self.vault is None:
+            return True
+        self.refresh()
+        return self.store.hold_rotation(self.server_name)
+
+    def _lease_or_refuse(self) -> None:
+        if not self._may_rotate():
+            holder = self.store.rotation_holder() or "another CA server"
+            raise CAKeyError(
+                f"key rotation is decided by {holder} now (it holds the rotation lease);"
+                " ask that server, or retry once it is gone"
+            )
+
     def rotate_intermediate(self, actor: str) -> schedule.Step:
+        self._lease_or_refuse()
         step = schedule.Step("create_intermediate", activate=True, reason="operator request")
         self._apply(step, actor)
         self._publish()
@@ -244,6 +310,7 @@ class KeyManager:
     def rotate_root(self, actor: str) -> schedule.Step:
         if self.upstream is not None:
             raise CAKeyError("the root comes from --upstream-cert; rotate it in the upstream PKI")
+        self._lease_or_refuse()
         if any(r.kind == "root" and r.state == "prepared" for r in self._records):
             raise CAKeyError("a new root is already waiting for its propagation window")
         step = schedule.Step("create_root", reason="operator request")
@@ -318,11 +385,17 @@ class KeyManager:
             self._private.pop(key_id, None)
             return
         self._private.pop(key_id, None)
-        self._key_path(key_id).unlink(missing_ok=True)
+        if self.vault is None:
+            self._key_path(key_id).unlink(missing_ok=True)
+        else:
+            self.vault.delete(key_id)
 
     def _new_key(self, key_id: str) -> PrivateKey:
         key = x509profile.generate_key()
-        write_private_key(self._key_path(key_id), key)
+        if self.vault is None:
+            write_private_key(self._key_path(key_id), key)
+        else:
+            self.vault.put(key_id, pem.key_to_pem(key))
         self._private[key_id] = key
         return key
 
@@ -406,6 +479,11 @@ class KeyManager:
             return
         cert = pem.chain_from_pem(active.cert_pem.encode())[0]
         extra = self.upstream.chain if self.upstream is not None else ()
+        if not extra and not _issued_by_any(cert, roots):
+            # Never sign with a key whose root is not in the bundle we publish: a
+            # peer could not verify what it signed.
+            self.signer = None
+            return
         key = self._private[active.id]
         chain = (cert, *extra)
         self.signer = Signer(
@@ -432,6 +510,16 @@ class KeyManager:
             for r in self._records
             if r.state != "removed"
         ]
+
+
+def _issued_by_any(cert: x509.Certificate, roots: list[x509.Certificate]) -> bool:
+    for root in roots:
+        try:
+            cert.verify_directly_issued_by(root)
+        except (ValueError, TypeError, InvalidSignature):
+            continue
+        return True
+    return False
 
 
 def _seconds(n: int) -> timedelta:

@@ -31,6 +31,13 @@ Rules:
    connection dropped; `RESTART_ONLY` keep their old value.  The signal
    receiver lives until the end, so a SIGHUP during the drain does not kill
    the process.
+7. A CA cut off from its database signs nothing: every call that would change
+   state fails before its answer leaves (the change and its audit record are
+   one transaction that did not commit), the API answers 503
+   ``datastore_unavailable``, ``/readyz`` says why, and a ping every second
+   notices the database's return; then every parked poll re-checks once.
+8. On PostgreSQL, several servers share the database (`ca.cluster`): each
+   listens for the others' changes and takes up their key changes at once.
 6. Sized for a fleet: at start the CA raises its open-file limit toward what
    ``max_connections`` needs (`raise_open_files`) and says in one line when the
    hard limit stops it short.  Past ``overload_queue`` calls waiting for the
@@ -61,10 +68,11 @@ import trio
 from cryptography import x509
 from prometheus_client.core import Metric
 
-from ca import console, schedule
+from ca import cluster, console, schedule
 from ca.anchor import Anchor, AnchorKey
 from ca.api import AdminApi, AgentApi, AgentPeer
 from ca.authority import Authority, Limits, iso, serial_hex
+from ca.engines import StoreUnavailable
 from ca.feed import ChangeFeed
 from ca.jwt_keys import AuditSampler, JwtKeyManager, JwtStep, jwt_limits, jwt_policy
 from ca.keys import KeyManager, Signer, load_upstream
@@ -73,6 +81,7 @@ from ca.oidc import tls_context as oidc_tls_context
 from ca.settings import CASettings
 from ca.store import AuditEvent, IssuedSvid, Store
 from ca.throttle import overload_retry_after
+from ca.vault import SealedVault
 from tally.ops import metrics
 from tally.ops.admission import Admission
 from tally.ops.clock import Clock, wall_clock
@@ -99,12 +108,14 @@ from tally.wire import http
 T = TypeVar("T")
 log = get_logger("tally.ca")
 DRAIN_SECONDS = 5.0
+DB_PING_SECONDS = 1.0
 SERVER_PATH = ("tally", "ca")
 SERVING_TTL = 3600
 # Changing these needs a restart; a reload that changes them says so and keeps the old value.
 RESTART_ONLY = (
     "trust_domain",
     "data_dir",
+    "datastore",
     "listen",
     "admin_socket",
     "metrics",
@@ -258,7 +269,19 @@ class CAServer:
         upstream = None
         if cfg.upstream_cert is not None and cfg.upstream_key is not None:
             upstream = load_upstream(cfg.upstream_cert, cfg.upstream_key, cfg.upstream_bundle)
-        self.store = Store.open(cfg.data_dir / "ca.db")
+        self.where = cfg.where()
+        self.store = Store.connect(self.where)
+        vault: SealedVault | None = None
+        self.server_name = "ca"
+        self.membership: cluster.Membership | None = None
+        if self.store.engine == "postgresql":
+            # Several servers share this database (`ca.cluster`): keys are sealed in it.
+            self.server_name, cluster_key = cluster.join(self.store, cfg.data_dir, clock)
+            self.store.set_origin(self.server_name)
+            vault = SealedVault(self.store, cluster_key)
+            self.membership = cluster.Membership(self.store, cluster_key, self.server_name, clock)
+        self.db_error: str | None = None
+        """Why the datastore cannot be used now (`/readyz`), or None."""
         policy = schedule.Policy(
             intermediate_ttl=int(cfg.intermediate_ttl),
             root_ttl=int(cfg.root_ttl),
@@ -267,7 +290,8 @@ class CAServer:
         )
         self.anchor_key = AnchorKey.load_or_create(cfg.data_dir)
         self.last_anchor: Anchor | None = None
-        self.keys = KeyManager(self.store, cfg.data_dir, self.td, policy, clock, upstream)
+        self.keys = KeyManager(self.store, cfg.data_dir, self.td, policy, clock, upstream, vault)
+        self.keys.server_name = self.server_name
         self.keys.load()
         self.jwt_keys = JwtKeyManager(self.store, cfg.data_dir, self.td, jwt_policy(cfg), clock)
         self.jwt_keys.load()
@@ -319,6 +343,7 @@ class CAServer:
         self.registry = metrics.registry_of(
             lambda: [*_metrics(self), *self.hooks.metrics("tally_ca")]
         )
+        self._keys_notice = trio.Event()
 
     async def run_sync(self, fn: Callable[[], T]) -> T:
         return await trio.to_thread.run_sync(fn, limiter=self._limiter)
@@ -394,11 +419,11 @@ class CAServer:
             or time.monotonic() >= self._serving_refresh_at
         )
 
-    async def refresh_keys(self, *, key_event: bool = False) -> None:
-        """Apply due key steps; republish the bundle and TLS context when they changed.
-        ``key_event``: a key changed already (an operator's rotation): anchor anyway."""
+    async def refresh_keys(self, *, key_event: bool = False, take_up: bool = False) -> None:
+        """Apply due key steps (or, with ``take_up``, only what another server changed);
+        republish the bundle and TLS context when they changed.  ``key_event``: a key
+        changed already (an operator's rotation): anchor anyway."""
         before = self.keys.bundle.sequence if self.keys.bundle else None
-
         jwt_steps: list[JwtStep] = []
 
         def tick() -> list[schedule.Step]:
@@ -406,7 +431,11 @@ class CAServer:
             jwt_steps.extend(self.jwt_keys.tick())
             return self.keys.tick()
 
-        steps = await self.run_sync(tick)
+        if take_up:
+            await self.run_sync(self.keys.refresh)
+            steps: list[schedule.Step] = []
+        else:
+            steps = await self.run_sync(tick)
         for jwt_step in jwt_steps:
             log.info("key.rotated", step=f"jwt_{jwt_step.kind}", reason=jwt_step.reason)
         for step in steps:
@@ -463,7 +492,57 @@ class CAServer:
                 if time.monotonic() - last_prune > 3600:
                     last_prune = time.monotonic()
                     await self.run_sync(self._prune)
+            except StoreUnavailable:
+                pass  # `_watch_datastore` says so, once
             except Exception as exc:  # a failed tick is retried on the next one
+                log.error("key.rotation_failed", error=exc)
+
+    async def _watch_datastore(self) -> None:
+        """Rule 7: notice a lost database within a second, say so once, and recover."""
+        while True:
+            await trio.sleep(DB_PING_SECONDS)
+            try:
+                await self.run_sync(self.store.ping)
+            except StoreUnavailable as exc:
+                if self.db_error is None:
+                    log.error("ca.datastore_lost", datastore=self.store.shown, error=str(exc))
+                self.db_error = str(exc)
+                continue
+            if self.db_error is not None:
+                self.db_error = None
+                log.info("ca.datastore_back", datastore=self.store.shown)
+                await self._heard_missed_changes()
+
+    def _on_reconnect(self) -> None:
+        self.entries_changed.wake_all("resync")
+        self._keys_notice.set()
+
+    def _on_notice(self, payload: str) -> None:
+        """A change committed through another CA server (`ca.cluster` rule 3)."""
+        origin, _, payload = payload.partition(" ")
+        if origin == self.server_name:
+            return  # our own: the feed was woken when it committed
+        kind, _, rest = payload.partition(" ")
+        if kind == "agent":
+            self.entries_changed.wake([rest], "other_server")
+        elif kind == "keys":
+            self._keys_notice.set()
+
+    async def _heard_missed_changes(self) -> None:
+        """Notices may have been lost: every poll re-checks once, keys are re-read."""
+        self.entries_changed.wake_all("resync")
+        self._keys_notice.set()
+
+    async def _take_up_keys(self) -> None:
+        """Key changes another server made: new signer, bundle, TLS context (rule 8)."""
+        while True:
+            await self._keys_notice.wait()
+            self._keys_notice = trio.Event()
+            try:
+                await self.refresh_keys(take_up=True)
+            except StoreUnavailable:
+                pass
+            except Exception as exc:
                 log.error("key.rotation_failed", error=exc)
 
     # -- connections -------------------------------------------------------------------
@@ -526,7 +605,16 @@ class CAServer:
             return
         ident = conn.peer_identity
         chain = conn.peer_chain
-        if isinstance(ident, SpiffeId) and not await self.run_sync(partial(self._is_agent, ident)):
+        try:
+            known = not isinstance(ident, SpiffeId) or await self.run_sync(
+                partial(self._is_agent, ident)
+            )
+        except StoreUnavailable:
+            # The database is away: every call but the (public) bundle needs it and will
+            # answer 503 datastore_unavailable, which tells the agent to try another
+            # server; closing here would only say "unreachable".
+            known = True
+        if not known and isinstance(ident, SpiffeId):
             self._denied("not_allowed", f"{ident} is not an agent on record", ident, address)
             await conn.aclose()
             return
@@ -593,9 +681,15 @@ class CAServer:
         signer = self.keys.signer
         bundle = self.keys.bundle
         jwt_signer = self.jwt_keys.signer
+        status = "ok" if signer is not None else "no signing key"
+        if self.db_error is not None:
+            status = "datastore unreachable"
         return {
-            "status": "ok" if signer is not None else "no signing key",
+            "status": status,
             "trust_domain": str(self.td),
+            "server": self.server_name,
+            "datastore": self.store.shown,
+            "datastore_error": self.db_error,
             "signing_key": None
             if signer is None
             else {"id": signer.key_id, "not_after": iso(signer.not_after)},
@@ -611,6 +705,8 @@ class CAServer:
         }
 
     def ready(self) -> tuple[bool, str]:
+        if self.db_error is not None:
+            return False, f"datastore unreachable, signing nothing: {self.db_error}"
         if self.keys.signer is None:
             return False, "no active signing key"
         if self.tls_context is None:
@@ -723,6 +819,7 @@ class CAServer:
             self.health,
             anchor_key=self.anchor_key,
             anchor_now=self.anchor,
+            membership=self.membership,
         )
         agent_listener = await open_listener(self.cfg.listen)
         self.cfg.admin_socket.parent.mkdir(parents=True, exist_ok=True)
@@ -740,6 +837,15 @@ class CAServer:
                         services.start_soon(self._anchor_loop)
                         services.start_soon(self._audit_verify_loop)
                         services.start_soon(watch_ready, self.ready)
+                        if self.store.engine == "postgresql":
+                            services.start_soon(self._watch_datastore)
+                            services.start_soon(self._take_up_keys)
+                            services.start_soon(
+                                cluster.run_listener,
+                                self.where.url,
+                                self._on_notice,
+                                self._on_reconnect,
+                            )
                         services.start_soon(
                             partial(
                                 trio.serve_listeners,
@@ -773,7 +879,13 @@ class CAServer:
                                 self.oidc_tls,
                                 self.drain,
                             )
-                        log.info("ca.started", trust_domain=str(self.td), **addresses)
+                        log.info(
+                            "ca.started",
+                            trust_domain=str(self.td),
+                            datastore=self.store.shown,
+                            server=self.server_name,
+                            **addresses,
+                        )
                         task_status.started(addresses)
                         async for signum in signals:
                             if signum == signal.SIGHUP:

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from ca.datastore import Datastore, DatastoreUrlError
+from ca.datastore import parse as parse_datastore
 from tally.ops.config import Address, ConfigError, Duration, Table, setting
 from tally.ops.hook_rules import HOOKS_HELP, check_hooks
 from tally.spiffe.spiffeid import SpiffeId, SpiffeIdError, TrustDomain
@@ -33,6 +35,13 @@ class CASettings:
     trust_domain: str = setting(help="trust domain this CA issues for, e.g. example.org")
     data_dir: Path = setting(
         Path("/var/lib/tally/ca"), help="keys (mode 0600) and the SQLite datastore live here"
+    )
+    datastore: str | None = setting(
+        None,
+        secret=True,
+        help="where the CA keeps its state: sqlite:///PATH, or postgresql://USER@HOST/DB for"
+        " several CA servers on one database (default: the SQLite file ca.db in data_dir;"
+        " keep a password in ~/.pgpass or TALLY_DATASTORE, never in this URL)",
     )
     listen: Address = setting(
         Address.parse("127.0.0.1:8443"), help="agent API address (TLS), HOST:PORT"
@@ -195,6 +204,11 @@ class CASettings:
         check_hooks(self.hooks)
         if self.audit_verify_every is not None and self.audit_verify_every < 1:
             raise ConfigError("setting 'audit_verify_every' must be at least 1s")
+        if self.datastore is not None:
+            try:
+                parse_datastore(self.datastore)
+            except DatastoreUrlError as exc:
+                raise ConfigError(f"setting 'datastore': {exc}") from None
         try:
             TrustDomain.parse(self.trust_domain)
         except SpiffeIdError as exc:
@@ -246,6 +260,12 @@ class CASettings:
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"setting '{name}' must be at least 1s")
+
+    def where(self) -> Datastore:
+        """The datastore these settings name (validated already)."""
+        if self.datastore is None:
+            return Datastore.sqlite(self.data_dir / "ca.db")
+        return parse_datastore(self.datastore)
 
     def _validate_oidc(self) -> None:
         if self.oidc_issuer is not None:

@@ -32,6 +32,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ca import audit
+from ca.datastore import Datastore
+from ca.engines import ROTATION_LOCK, Db, PostgresDb, SqliteDb, StoreUnavailable, first_line
 from tally.ops.errors import OperatorError
 
 MIGRATIONS: tuple[str, ...] = (
@@ -123,6 +125,22 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX entries_parent_page ON entries (parent_id, id);
     INSERT INTO meta (key, value)
         SELECT 'entry_log_floor', value FROM meta WHERE key = 'entries_revision'
+    """,
+    # 4: several CA servers on one database (`ca.vault`): the servers, each with the
+    # cluster key wrapped to its own identity, and the CA's private keys sealed under it.
+    """
+    CREATE TABLE ca_servers (
+        id TEXT PRIMARY KEY,
+        public_key TEXT NOT NULL,
+        state TEXT NOT NULL CHECK (state IN ('pending', 'approved')),
+        wrapped_key BLOB,
+        created_at INTEGER NOT NULL,
+        approved_at INTEGER
+    );
+    CREATE TABLE ca_key_secrets (
+        id TEXT PRIMARY KEY,
+        sealed BLOB NOT NULL
+    )
     """,
 )
 
@@ -219,6 +237,16 @@ class KeyRecord:
 
 
 @dataclass(frozen=True)
+class ServerRecord:
+    id: str
+    public_key: str
+    state: str
+    wrapped_key: bytes | None
+    created_at: int
+    approved_at: int | None
+
+
+@dataclass(frozen=True)
 class IssuedSvid:
     serial: str
     spiffe_id: str
@@ -229,15 +257,19 @@ class IssuedSvid:
 
 
 class Store:
-    def __init__(self, conn: sqlite3.Connection, path: Path) -> None:
-        self._conn = conn
+    def __init__(self, db: Db, path: Path | None = None) -> None:
+        self._db = db
         self.path = path
         self.committed_entries_revision = 0
         """`entries_revision` as of the last commit, readable from any thread without a
         query (the trio shell answers a quiet long poll with it, off the worker thread)."""
+        self.engine = db.engine
+        self.shown = db.shown
+        """The datastore as it may be logged (no password)."""
 
     @classmethod
     def open(cls, path: Path) -> Store:
+        """The SQLite file at ``path`` (created 0600), migrated forward."""
         _refuse_symlinks(path)
         _private_files(path)
         try:
@@ -247,60 +279,120 @@ class Store:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.execute("PRAGMA foreign_keys=ON")
-            store = cls(conn, path)
+            store = cls(SqliteDb(conn, str(path)), path)
             store._migrate()
             store.committed_entries_revision = store.entries_revision()
         except sqlite3.DatabaseError as exc:
             raise StoreError(f"datastore {path}: {exc}") from exc
         return store
 
+    @classmethod
+    def connect(cls, where: Datastore) -> Store:
+        """Open the datastore a URL names (`ca.datastore`), migrated forward."""
+        if where.engine == "sqlite":
+            assert where.path is not None
+            return cls.open(where.path)
+        try:
+            store = cls(PostgresDb(where.url, where.shown))
+        except StoreUnavailable as exc:
+            raise StoreError(str(exc)) from None
+        try:
+            store._migrate()
+        except StoreError:
+            store.close()
+            raise
+        except Exception as exc:
+            store.close()
+            raise StoreError(f"datastore {where.shown}: {first_line(exc)}") from None
+        return store
+
     def close(self) -> None:
-        self._conn.close()
+        self._db.close()
 
     def _migrate(self) -> None:
-        (version,) = self._conn.execute("PRAGMA user_version").fetchone()
-        if version > len(MIGRATIONS):
-            raise StoreError(
-                f"datastore {self.path} has schema version {version}, newer than this "
-                f"Tally understands ({len(MIGRATIONS)})"
-            )
-        for number in range(version, len(MIGRATIONS)):
-            with self._tx() as conn:
-                for statement in MIGRATIONS[number].split(";"):
+        """Apply the migrations this datastore lacks, each in its own transaction.
+
+        The version is read again inside each transaction, which holds the write
+        lock: two CA servers starting at once on an empty PostgreSQL database apply
+        each migration once between them.
+        """
+        while True:
+            with self._tx() as db:
+                version = db.schema_version()
+                if version > len(MIGRATIONS):
+                    raise StoreError(
+                        f"datastore {self.shown} has schema version {version}, newer than "
+                        f"this Tally understands ({len(MIGRATIONS)})"
+                    )
+                if version == len(MIGRATIONS):
+                    return
+                for statement in MIGRATIONS[version].split(";"):
                     if statement.strip():
-                        conn.execute(statement)
-                conn.execute(f"PRAGMA user_version = {number + 1}")
+                        db.execute(db.ddl(statement))
+                db.set_schema_version(version + 1)
 
     @property
     def schema_version(self) -> int:
-        (version,) = self._conn.execute("PRAGMA user_version").fetchone()
-        return int(version)
+        return self._db.schema_version()
 
     @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        conn = self._conn
-        conn.execute("BEGIN IMMEDIATE")
+    def _tx(self) -> Iterator[Db]:
+        """One write transaction; writers are serialized in every engine (`ca.engines`)."""
+        db = self._db
+        db.begin()
         try:
-            yield conn
+            yield db
         except BaseException:
-            conn.execute("ROLLBACK")
+            db.rollback()
             raise
-        conn.execute("COMMIT")
+        db.commit()
+
+    def set_origin(self, server: str) -> None:
+        """Name this server in the change notices it sends (PostgreSQL)."""
+        if isinstance(self._db, PostgresDb):
+            self._db.origin = server
+
+    def hold_rotation(self, holder: str) -> bool:
+        """Whether this server decides key rotations (`ca.keys.KeyManager.tick`).
+
+        SQLite: always, one server per file.  PostgreSQL: the server whose
+        connection holds a session advisory lock; it is released when that
+        connection ends, so a server that dies (or loses the database) loses the
+        lease, and the next server to ask takes it.  The holder's name is kept for
+        the operator's messages.
+        """
+        db = self._db
+        if not isinstance(db, PostgresDb):
+            return True
+        held = ROTATION_LOCK in db.locks
+        if not db.try_lock(ROTATION_LOCK):
+            return False
+        if not held:
+            with self._tx() as conn:
+                self._set_meta(conn, "rotation_holder", holder)
+        return True
+
+    def rotation_holder(self) -> str | None:
+        return self._get_meta("rotation_holder")
+
+    def ping(self) -> None:
+        """One round trip to the database (`StoreUnavailable` when it is not there)."""
+        self._db.execute("SELECT 1").fetchone()
 
     # -- meta and revisions ------------------------------------------------------------
 
     def _get_meta(self, key: str) -> str | None:
-        row = self._conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return None if row is None else str(row[0])
 
-    def _set_meta(self, conn: sqlite3.Connection, key: str, value: str) -> None:
+    def _set_meta(self, conn: Db, key: str, value: str) -> None:
         conn.execute(
             "INSERT INTO meta (key, value) VALUES (?, ?) "
             "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
             (key, value),
         )
 
-    def _bump(self, conn: sqlite3.Connection, key: str) -> int:
+    def _bump(self, conn: Db, key: str) -> int:
         row = conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         value = (int(row[0]) if row else 0) + 1
         self._set_meta(conn, key, str(value))
@@ -326,7 +418,7 @@ class Store:
 
     # -- audit -------------------------------------------------------------------------
 
-    def _append(self, conn: sqlite3.Connection, events: Sequence[AuditEvent]) -> None:
+    def _append(self, conn: Db, events: Sequence[AuditEvent]) -> None:
         head = conn.execute("SELECT value FROM meta WHERE key = 'audit_head'").fetchone()
         if head is None:
             seq, prev = 0, audit.GENESIS
@@ -380,8 +472,9 @@ class Store:
             clauses.append("event = ?")
             params.append(event)
         where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
-        sql = f"SELECT * FROM (SELECT * FROM audit {where} ORDER BY seq DESC LIMIT ?) ORDER BY seq"  # noqa: S608
-        rows = self._conn.execute(sql, (*params, limit)).fetchall()
+        recent = f"SELECT * FROM audit {where} ORDER BY seq DESC LIMIT ?"  # noqa: S608
+        sql = f"SELECT * FROM ({recent}) AS recent ORDER BY seq"  # noqa: S608
+        rows = self._db.execute(sql, (*params, limit)).fetchall()
         return [
             audit.AuditRecord(
                 seq=r[0],
@@ -406,7 +499,7 @@ class Store:
         return int(seq_text), digest
 
     def verify_audit(self, anchors: Sequence[audit.Seen] = ()) -> audit.VerifyResult:
-        cursor = self._conn.execute("SELECT * FROM audit ORDER BY seq")
+        cursor = self._db.execute("SELECT * FROM audit ORDER BY seq")
         rows = (audit.StoredRow(*r) for r in cursor)
         return audit.verify(rows, self.audit_head(), anchors)
 
@@ -429,7 +522,7 @@ class Store:
             self._append(conn, [ev])
 
     def get_token(self, token_id: str) -> TokenRecord | None:
-        row = self._conn.execute("SELECT * FROM join_tokens WHERE id = ?", (token_id,)).fetchone()
+        row = self._db.execute("SELECT * FROM join_tokens WHERE id = ?", (token_id,)).fetchone()
         return None if row is None else TokenRecord(*row)
 
     def count_wrong_secret(
@@ -528,15 +621,14 @@ class Store:
                 raise Conflict("agent SVID is not the one on record")
             self._insert_svids(conn, [svid])
             self._append(conn, [ev])
+            conn.notify(f"agent {spiffe_id}")
 
     def get_agent(self, spiffe_id: str) -> AgentRecord | None:
-        row = self._conn.execute(
-            "SELECT * FROM agents WHERE spiffe_id = ?", (spiffe_id,)
-        ).fetchone()
+        row = self._db.execute("SELECT * FROM agents WHERE spiffe_id = ?", (spiffe_id,)).fetchone()
         return None if row is None else AgentRecord(*row)
 
     def list_agents(self) -> list[AgentRecord]:
-        rows = self._conn.execute("SELECT * FROM agents ORDER BY spiffe_id").fetchall()
+        rows = self._db.execute("SELECT * FROM agents ORDER BY spiffe_id").fetchall()
         return [AgentRecord(*r) for r in rows]
 
     def set_agent_status(self, spiffe_id: str, status: str, now: int, ev: AuditEvent) -> None:
@@ -548,6 +640,7 @@ class Store:
             if cur.rowcount != 1:
                 raise Conflict(f"no agent {spiffe_id}")
             self._append(conn, [ev])
+            conn.notify(f"agent {spiffe_id}")
 
     # -- entries -----------------------------------------------------------------------
 
@@ -612,7 +705,7 @@ class Store:
         self.committed_entries_revision = revision
 
     def get_entry(self, entry_id: str) -> EntryRecord | None:
-        row = self._conn.execute("SELECT * FROM entries WHERE id = ?", (entry_id,)).fetchone()
+        row = self._db.execute("SELECT * FROM entries WHERE id = ?", (entry_id,)).fetchone()
         return None if row is None else _entry_from_row(row)
 
     def list_entries(
@@ -627,18 +720,18 @@ class Store:
             params.append(parent_id)
         where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
         sql = f"SELECT * FROM entries {where} ORDER BY spiffe_id, id"  # noqa: S608
-        return [_entry_from_row(r) for r in self._conn.execute(sql, params)]
+        return [_entry_from_row(r) for r in self._db.execute(sql, params)]
 
     # -- the entry change log (delta sync) ---------------------------------------------
 
-    def _log_entry(
-        self, conn: sqlite3.Connection, revision: int, entry_id: str, agents: set[str]
-    ) -> None:
+    def _log_entry(self, conn: Db, revision: int, entry_id: str, agents: set[str]) -> None:
         """One log row per agent the change concerns (`ca.feed.concerned_agents`)."""
         conn.executemany(
             "INSERT INTO entry_log (revision, agent_id, entry_id) VALUES (?, ?, ?)",
             [(revision, agent, entry_id) for agent in sorted(agents)],
         )
+        for agent in sorted(agents):
+            conn.notify(f"agent {agent}")
 
     def entry_log_floor(self) -> int:
         """The log holds every change above this revision, and nothing at or below it."""
@@ -654,7 +747,7 @@ class Store:
         """Whether a long poll holding ``since`` has something to hear (one indexed probe)."""
         if self.needs_resync(since):
             return True
-        row = self._conn.execute(
+        row = self._db.execute(
             "SELECT 1 FROM entry_log WHERE agent_id = ? AND revision > ? LIMIT 1",
             (agent_id, since),
         ).fetchone()
@@ -670,9 +763,9 @@ class Store:
         `needs_resync` first.
         """
         current = self.entries_revision()
-        rows = self._conn.execute(
-            "SELECT entry_id, MAX(revision) AS last FROM entry_log "
-            "WHERE agent_id = ? AND revision > ? GROUP BY entry_id ORDER BY last LIMIT ?",
+        rows = self._db.execute(
+            "SELECT entry_id, MAX(revision) AS last_rev FROM entry_log "
+            "WHERE agent_id = ? AND revision > ? GROUP BY entry_id ORDER BY last_rev LIMIT ?",
             (agent_id, since, limit + 1),
         ).fetchall()
         more = len(rows) > limit
@@ -693,7 +786,7 @@ class Store:
     ) -> tuple[list[EntryRecord], bool]:
         """Up to ``limit`` of an agent's entries with ids above ``after``, by id; and
         whether more follow.  A full sync walks these pages."""
-        rows = self._conn.execute(
+        rows = self._db.execute(
             "SELECT * FROM entries WHERE parent_id = ? AND id > ? ORDER BY id LIMIT ?",
             (parent_id, after, limit + 1),
         ).fetchall()
@@ -711,7 +804,7 @@ class Store:
 
     # -- issued SVIDs ------------------------------------------------------------------
 
-    def _insert_svids(self, conn: sqlite3.Connection, svids: Sequence[IssuedSvid]) -> None:
+    def _insert_svids(self, conn: Db, svids: Sequence[IssuedSvid]) -> None:
         conn.executemany(
             "INSERT INTO svids VALUES (?, ?, ?, ?, ?, ?)",
             [(s.serial, s.spiffe_id, s.agent_id, s.kind, s.not_after, s.issued_at) for s in svids],
@@ -723,18 +816,18 @@ class Store:
             self._append(conn, events)
 
     def svid_count(self) -> int:
-        (n,) = self._conn.execute("SELECT count(*) FROM svids").fetchone()
+        (n,) = self._db.execute("SELECT count(*) FROM svids").fetchone()
         return int(n)
 
     def latest_svids(self, since: int, limit: int) -> list[IssuedSvid]:
         """The newest SVID of each (identity, agent) that expired after ``since``, soonest
         expiry first: what the console shows as about to expire (or expired unreplaced).
         Older SVIDs of the same identity were superseded and matter to nobody."""
-        rows = self._conn.execute(
+        rows = self._db.execute(
             "SELECT serial, spiffe_id, agent_id, kind, not_after, issued_at FROM ("
             "SELECT *, ROW_NUMBER() OVER (PARTITION BY spiffe_id, agent_id "
             "ORDER BY issued_at DESC, not_after DESC) AS newest FROM svids "
-            "WHERE not_after > ?) WHERE newest = 1 ORDER BY not_after, serial LIMIT ?",
+            "WHERE not_after > ?) AS latest WHERE newest = 1 ORDER BY not_after, serial LIMIT ?",
             (since, limit),
         ).fetchall()
         return [IssuedSvid(*r) for r in rows]
@@ -747,7 +840,7 @@ class Store:
     # -- CA keys -----------------------------------------------------------------------
 
     def list_keys(self) -> list[KeyRecord]:
-        rows = self._conn.execute("SELECT * FROM ca_keys ORDER BY not_before, id").fetchall()
+        rows = self._db.execute("SELECT * FROM ca_keys ORDER BY not_before, id").fetchall()
         return [
             KeyRecord(r[0], r[1], r[2], r[3], r[4], bool(r[5]), r[6], r[7], r[8], r[9])
             for r in rows
@@ -780,6 +873,140 @@ class Store:
             if bump_bundle:
                 self._bump(conn, "bundle_sequence")
             self._append(conn, events)
+            conn.notify("keys")
+
+    # -- CA servers and sealed keys (`ca.vault`) ----------------------------------------
+
+    def get_sealed_key(self, key_id: str) -> bytes | None:
+        row = self._db.execute(
+            "SELECT sealed FROM ca_key_secrets WHERE id = ?", (key_id,)
+        ).fetchone()
+        return None if row is None else bytes(row[0])
+
+    def put_sealed_key(self, key_id: str, sealed: bytes) -> None:
+        """Written before the key's record (`ca.keys` rule 2): an orphan, never a gap."""
+        with self._tx() as conn:
+            conn.execute("INSERT INTO ca_key_secrets (id, sealed) VALUES (?, ?)", (key_id, sealed))
+
+    def delete_sealed_key(self, key_id: str) -> None:
+        with self._tx() as conn:
+            conn.execute("DELETE FROM ca_key_secrets WHERE id = ?", (key_id,))
+
+    def list_servers(self) -> list[ServerRecord]:
+        rows = self._db.execute("SELECT * FROM ca_servers ORDER BY created_at, id").fetchall()
+        return [_server(r) for r in rows]
+
+    def get_server(self, sid: str) -> ServerRecord | None:
+        row = self._db.execute("SELECT * FROM ca_servers WHERE id = ?", (sid,)).fetchone()
+        return None if row is None else _server(row)
+
+    def first_server(self, server: ServerRecord, ev: AuditEvent) -> bool:
+        """Record ``server`` as the cluster's first, approved, if no server and no key
+        exist yet; False if the cluster is already founded (then ask to join)."""
+        with self._tx() as conn:
+            (servers,) = conn.execute("SELECT count(*) FROM ca_servers").fetchone()
+            (keys,) = conn.execute("SELECT count(*) FROM ca_keys").fetchone()
+            if servers or keys:
+                return False
+            self._insert_server(conn, server)
+            self._append(conn, [ev])
+        return True
+
+    def request_join(self, server: ServerRecord, ev: AuditEvent) -> None:
+        """A new server asks to join (pending); asking again changes nothing."""
+        with self._tx() as conn:
+            if conn.execute("SELECT 1 FROM ca_servers WHERE id = ?", (server.id,)).fetchone():
+                return
+            self._insert_server(conn, server)
+            self._append(conn, [ev])
+
+    def approve_server(self, sid: str, wrapped: bytes, now: int, ev: AuditEvent) -> None:
+        with self._tx() as conn:
+            cur = conn.execute(
+                "UPDATE ca_servers SET state = 'approved', wrapped_key = ?, approved_at = ? "
+                "WHERE id = ? AND state = 'pending'",
+                (wrapped, now, sid),
+            )
+            if cur.rowcount != 1:
+                raise Conflict(f"no pending CA server {sid}")
+            self._append(conn, [ev])
+            conn.notify(f"server {sid}")
+
+    def remove_server(self, sid: str, ev: AuditEvent) -> None:
+        with self._tx() as conn:
+            if conn.execute("DELETE FROM ca_servers WHERE id = ?", (sid,)).rowcount != 1:
+                raise Conflict(f"no CA server {sid}")
+            self._append(conn, [ev])
+
+    def _insert_server(self, conn: Db, s: ServerRecord) -> None:
+        conn.execute(
+            "INSERT INTO ca_servers (id, public_key, state, wrapped_key, created_at, approved_at) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            (s.id, s.public_key, s.state, s.wrapped_key, s.created_at, s.approved_at),
+        )
+
+    # -- moving a deployment to another datastore (`ca.migrate`) --------------------------
+
+    def dump(self, table: str) -> list[tuple[object, ...]]:
+        """Every row of one of `COPIED_TABLES`, in a stable order."""
+        if table not in COPIED_TABLES:
+            raise ValueError(f"not a table to copy: {table}")
+        rows = self._db.execute(f"SELECT * FROM {table} ORDER BY 1").fetchall()  # noqa: S608
+        return [tuple(r) for r in rows]
+
+    def holds_anything(self) -> bool:
+        for table in (*COPIED_TABLES, "ca_servers"):
+            row = self._db.execute(f"SELECT 1 FROM {table} LIMIT 1").fetchone()  # noqa: S608
+            if row is not None:
+                return True
+        return False
+
+    def restore(
+        self,
+        tables: dict[str, list[tuple[object, ...]]],
+        sealed: dict[str, bytes],
+        founder: ServerRecord,
+        ev: AuditEvent,
+    ) -> None:
+        """Load a copied deployment into this (empty) datastore, all in one transaction:
+        its rows as they were (the audit chain unchanged), the private keys sealed, this
+        server as the cluster's founder, and one audit record saying so."""
+        with self._tx() as conn:
+            for table in COPIED_TABLES:
+                rows = tables.get(table, [])
+                if rows:
+                    marks = ", ".join("?" * len(rows[0]))
+                    conn.executemany(f"INSERT INTO {table} VALUES ({marks})", rows)  # noqa: S608
+            conn.executemany(
+                "INSERT INTO ca_key_secrets (id, sealed) VALUES (?, ?)", sorted(sealed.items())
+            )
+            self._insert_server(conn, founder)
+            self._append(conn, [ev])
+
+
+COPIED_TABLES = (
+    "meta",
+    "agents",
+    "entries",
+    "join_tokens",
+    "svids",
+    "ca_keys",
+    "audit",
+    "entry_log",
+)
+"""What `ca.migrate` copies: the whole state of a one-server deployment."""
+
+
+def _server(r: Sequence[object]) -> ServerRecord:
+    wrapped = r[3]
+    return ServerRecord(
+        str(r[0]),
+        str(r[1]),
+        str(r[2]),
+        None if wrapped is None else bytes(wrapped),  # type: ignore[call-overload]
+        int(str(r[4])),
+        None if r[5] is None else int(str(r[5])),
+    )
 
 
 SIDE_FILES = ("", "-wal", "-shm")

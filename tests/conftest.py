@@ -13,6 +13,9 @@ from hypothesis import settings
 
 from tally.app.launch import Daemon
 from tests.dropped import build
+from tests.pg import fresh_pg, pg_cluster, pg_database
+
+__all__ = ["fresh_pg", "pg_cluster", "pg_database"]  # fixtures every test module may use
 
 # Property tests judge behaviour, not speed (that lives in bench/): on 2 shared cores
 # running the suite in parallel, a per-example deadline only measures the neighbours.

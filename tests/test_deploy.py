@@ -996,7 +996,7 @@ def test_agent_daemonset_shares_its_socket_with_the_host(pods):
     bundle = p.volume(p.mount(p.cfg.trust_bundle, exact_dir=True)["name"])
     assert bundle["configMap"]["name"] == "tally-bundle"
     assert p.cfg.trust_bundle.name == "bundle.pem"
-    assert p.cfg.server.host == "tally-ca.tally.svc.cluster.local"
+    assert p.cfg.server == ["tally-ca.tally.svc.cluster.local:8443"]
 
 
 def test_agent_reads_its_node_join_token_into_the_environment(pods):

@@ -1,4 +1,5 @@
-"""A CA core on a temporary SQLite file and real key files, with a clock the test moves."""
+"""A CA core on a temporary datastore (a SQLite file, then PostgreSQL) and real key files,
+with a clock the test moves."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from ca.authority import Authority, Limits
+from ca.datastore import Datastore
+from ca.datastore import parse as parse_datastore
 from ca.keys import KeyManager
 from ca.schedule import Policy
 from ca.store import Store
@@ -47,9 +50,18 @@ def clock() -> Clock:
     return Clock()
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def datastore(request: pytest.FixtureRequest, tmp_path: Path) -> Datastore:
+    """Each test that uses the store runs on both engines: the SQLite file and a fresh
+    schema in the worker's throwaway PostgreSQL (`tests.pg`)."""
+    if request.param == "sqlite":
+        return Datastore.sqlite(tmp_path / "ca.db")
+    return parse_datastore(request.getfixturevalue("fresh_pg"))
+
+
 @pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    s = Store.open(tmp_path / "ca.db")
+def store(datastore: Datastore) -> Iterator[Store]:
+    s = Store.connect(datastore)
     yield s
     s.close()
 

@@ -220,10 +220,11 @@ def agent_with_entry(a: Authority, name: str) -> tuple[SpiffeId, str, str]:
     from tally.spiffe.selectors import Selector
 
     agent = SpiffeId.parse(f"spiffe://example.org/agent/{name}")
-    a.store._conn.execute(
-        "INSERT INTO agents VALUES (?, 'active', NULL, ?, NULL, NULL, 0, 0)",
-        (str(agent), f"serial-{name}"),
-    )
+    with a.store._tx() as db:
+        db.execute(
+            "INSERT INTO agents VALUES (?, 'active', NULL, ?, NULL, NULL, 0, 0)",
+            (str(agent), f"serial-{name}"),
+        )
     assert isinstance(a.store.get_agent(str(agent)), AgentRecord)
     entry = a.create_entry(
         EntrySpec(

@@ -127,3 +127,17 @@ def test_symlinked_key_file_refuses_start(tmp_path):
     path.symlink_to(target)
     with pytest.raises(CAKeyError, match="symlink"):
         manager(tmp_path, Clock())
+
+
+def test_nothing_signs_with_an_intermediate_whose_root_is_not_in_the_bundle(tmp_path):
+    """With several servers a key table comes from the database; a signer is published
+    only if its root is among the roots this server publishes."""
+    from dataclasses import replace
+
+    km = manager(tmp_path, Clock())
+    assert km.signer is not None
+    km._records = [replace(r, state="removed") if r.kind == "root" else r for r in km._records]
+    km._publish()
+    published = {"signer": km.signer, "bundle": km.bundle}  # read again after _publish
+    assert published["signer"] is None
+    assert not km.bundle.x509_authorities

@@ -1,0 +1,85 @@
+"""Which CA server an agent calls (`agent.ca_client.CAServers`): spread at start, the next
+one on failure, a jittered doubling rest for the failed one, on trio's virtual clock."""
+
+from __future__ import annotations
+
+import random
+
+import trio
+import trio.testing
+from hypothesis import given
+from hypothesis import strategies as st
+
+from agent.ca_client import REST_CAP, CAServers
+from tally.ops.config import Address
+
+THREE = [Address.parse(f"10.0.0.{i}:8443") for i in (1, 2, 3)]
+
+
+def test_a_fleet_spreads_over_the_servers():
+    starts = [
+        CAServers(THREE, random.Random(seed), clock=lambda: 0.0).pick() for seed in range(300)
+    ]
+    assert {starts.count(i) for i in range(3)} <= set(range(70, 131))
+
+
+async def test_a_failed_server_rests_for_a_jittered_doubling_while(
+    autojump_clock: trio.testing.MockClock,
+):
+    servers = CAServers(THREE, random.Random(7))
+    first = servers.pick()
+    rests = []
+    for _ in range(8):
+        rests.append(servers.failed(first))
+        assert servers.pick() != first
+    for n, rest in enumerate(rests):
+        base = min(REST_CAP, 2.0**n)
+        assert 0.5 * base <= rest <= 1.5 * base
+    await trio.sleep(rests[-1] + 0.01)  # virtual time: the rest is over
+    assert not servers.resting(first)
+    servers.succeeded(first)
+    assert servers.failed(first) <= 1.5  # a success starts the doubling over
+
+
+async def test_when_all_rest_the_one_whose_rest_ends_first_is_tried(autojump_clock):
+    servers = CAServers(THREE[:2], random.Random(1))
+    for _ in range(3):
+        servers.failed(0)
+    servers.failed(1)
+    assert servers.pick() == 1
+    await trio.sleep(45)
+    assert servers.pick() == 1 and not servers.resting(0)
+
+
+@given(st.lists(st.tuples(st.booleans(), st.integers(0, 2), st.floats(0, 40)), max_size=40))
+def test_a_resting_server_is_never_picked_while_another_is_up(steps):
+    now = [0.0]
+    servers = CAServers(THREE, random.Random(0), clock=lambda: now[0])
+    for fail, i, later in steps:
+        servers.failed(i) if fail else servers.succeeded(i)
+        now[0] += later
+        picked = servers.pick()
+        up = [j for j in range(3) if not servers.resting(j)]
+        assert picked in up or not up
+
+
+def test_a_name_with_several_addresses_counts_as_several_servers():
+    import socket
+
+    from agent.settings import expand_servers
+
+    def resolve(host, port, type):  # what the system resolver answers for round-robin DNS
+        ips = {"ca.internal": ["10.0.0.1", "10.0.0.2", "10.0.0.1"], "v6.internal": ["fd00::1"]}
+        return [(socket.AF_INET, type, 6, "", (ip, port)) for ip in ips.get(host, [])]
+
+    got = expand_servers(
+        [Address.parse("ca.internal:8443"), Address.parse("v6.internal:9443")], resolve
+    )
+    assert got == [
+        Address.parse("10.0.0.1:8443"),
+        Address.parse("10.0.0.2:8443"),
+        Address.parse("v6.internal:9443"),  # one address: the name stays, resolved per connect
+    ]
+    unresolved = [Address.parse("no-such-host.invalid:8443")]
+    assert expand_servers(unresolved, resolve) == unresolved
+    assert expand_servers([Address.parse("127.0.0.1:8443")]) == [Address.parse("127.0.0.1:8443")]

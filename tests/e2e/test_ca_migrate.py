@@ -1,0 +1,48 @@
+"""`tally ca datastore migrate`: a real SQLite deployment with a real agent moves onto a real
+PostgreSQL; the agent keeps its identity (no new join token) and the audit chain verifies."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tally.app.launch import run_cli
+from tests.e2e.conftest import CA
+from tests.e2e.test_agent import UID, register, wait_fetch
+
+pytestmark = pytest.mark.e2e
+
+
+def test_a_deployment_moves_to_postgresql_and_its_agent_keeps_its_identity(
+    ca_factory, agent_factory, fresh_pg: str
+):
+    ca: CA = ca_factory("--agent-svid-ttl", "6s")
+    agent = agent_factory(ca)
+    register(ca, agent, "web", f"unix:uid:{UID}")
+    wait_fetch(agent, "spiffe://example.org/web")
+    records_before = len(ca.json("audit", "list")["records"])
+    ca.daemon.stop()
+
+    source = f"sqlite://{ca.data_dir}/ca.db"
+    moved = run_cli(
+        "ca", "datastore", "migrate", "--from", source, "--to", fresh_pg, "--output", "json"
+    )
+    assert moved.returncode == 0, moved.stderr
+    done = json.loads(moved.stdout)
+    assert done["rows"]["agents"] == 1 and done["keys_sealed"] == 2
+    assert done["audit_records"] == records_before + 1
+    again = run_cli("ca", "datastore", "migrate", "--from", source, "--to", fresh_pg)
+    assert again.returncode == 1 and "is not empty" in again.stderr
+    assert len(again.stderr.strip().splitlines()) == 1
+
+    rotated = len(agent.daemon.events("svid.rotated"))
+    ca.start_again("--agent-svid-ttl", "6s", "--datastore", fresh_pg)
+    assert ca.daemon.events("ca.started")[0]["server"] == done["server"]
+    # The agent renews its own SVID against the new datastore, with no new join token.
+    agent.daemon.wait_for("svid.rotated", timeout=20, count=rotated + 2)
+    assert not agent.daemon.events("agent.reattesting")
+    register(ca, agent, "api", f"unix:uid:{UID}")
+    wait_fetch(agent, "spiffe://example.org/api")
+    assert ca.json("audit", "verify")["ok"]
+    assert ca.json("audit", "list", "--event", "datastore.migrated")["records"]
