@@ -10,7 +10,9 @@ Rules:
    ``hash`` at time ``at``", signed with Ed25519 by the CA's anchor key.
 2. The anchor key lives in the CA's data dir (``audit-anchor.key``, 0600,
    refused when looser), never in the datastore, so whoever rewrites the
-   datastore cannot sign a matching anchor.  It never rotates: an anchor from
+   datastore cannot sign a matching anchor.  Several CA servers share one,
+   sealed in their datastore under the cluster key like their other keys:
+   the datastore alone still cannot open it.  It never rotates: an anchor from
    a year ago must still verify.  ``key_id`` names it by its public key.
 3. Anchors leave the CA as public data: a log line, the metrics, an optional
    append-only file, and `tally ca audit anchor`.  Kept anywhere the
@@ -36,8 +38,11 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from ca.keys import CAKeyError, check_key_file, write_private_key
+from ca.vault import Vault
+from tally.spiffe import pem
 
 KEY_FILE = "audit-anchor.key"
+SEALED_ID = "audit-anchor"
 MAX_ANCHORS = 1000
 """More in one file is refused.  The newest anchor alone covers the whole history
 before it (every later hash depends on every earlier record), so a long log is
@@ -93,6 +98,19 @@ class AnchorKey:
             raise CAKeyError(f"key file {path}: cannot load the audit anchor key ({exc})") from exc
         if not isinstance(key, ed25519.Ed25519PrivateKey):
             raise CAKeyError(f"key file {path}: the audit anchor key must be Ed25519")
+        return cls(key)
+
+    @classmethod
+    def shared(cls, vault: Vault) -> AnchorKey:
+        """Several CA servers sign with one anchor key, sealed in their datastore like
+        their other keys (`ca.vault`), so an anchor from any of them verifies on all."""
+        fresh = pem.key_to_pem(ed25519.Ed25519PrivateKey.generate())
+        try:
+            key = serialization.load_pem_private_key(vault.put_once(SEALED_ID, fresh), None)
+        except (ValueError, TypeError) as exc:
+            raise CAKeyError(f"sealed audit anchor key: cannot load it ({exc})") from exc
+        if not isinstance(key, ed25519.Ed25519PrivateKey):
+            raise CAKeyError("sealed audit anchor key: not an Ed25519 key")
         return cls(key)
 
     def sign(self, trust_domain: str, seq: int, digest: str, at: str) -> Anchor:

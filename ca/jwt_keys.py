@@ -36,12 +36,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from ca.keys import CAKeyError, load_private_key, write_private_key
 from ca.settings import CASettings
 from ca.store import AuditEvent, Store
-from tally.spiffe import jwt
+from ca.vault import Vault
+from tally.spiffe import jwt, pem
 from tally.spiffe.spiffeid import TrustDomain
 
 KeyType = Literal["ec", "rsa"]
@@ -115,6 +118,12 @@ class JwtSigner:
     key: jwt.PrivateKey
 
 
+def sealed_id(kid: str) -> str:
+    """A JWT key's name among the sealed keys, apart from the X.509 key ids; also its
+    file's stem in ``<data dir>/keys`` on a single server."""
+    return f"jwt-{kid}"
+
+
 def _iso(ts: int) -> str:
     return datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z")
 
@@ -132,13 +141,22 @@ class JwtKeyManager:
         td: TrustDomain,
         policy: JwtPolicy,
         clock: Callable[[], datetime],
+        vault: Vault | None = None,
+        may_rotate: Callable[[], bool] | None = None,
     ) -> None:
         self.store = store
         self.keys_dir = data_dir / "keys"
         self.td = td
         self.policy = policy
         self.clock = clock
+        self.vault = vault
+        """None: key files in ``<data dir>/keys``; else sealed in the datastore, like the
+        X.509 keys of several CA servers (`ca.vault`)."""
+        self.may_rotate = may_rotate
+        """With several servers: whether this one holds the rotation lease now; the
+        others only take up what it decided (`refresh`)."""
         self._records: list[JwtKeyRecord] = []
+        self._loaded = False
         self._private: dict[str, jwt.PrivateKey] = {}
         self._public: dict[str, jwt.PublicKey] = {}
         self._signed_until: dict[str, int] = {}
@@ -146,7 +164,7 @@ class JwtKeyManager:
         self.bundle = jwt.JwtBundle(td, {})
 
     def _path(self, kid: str) -> Path:
-        return self.keys_dir / f"jwt-{kid}.pem"
+        return self.keys_dir / f"{sealed_id(kid)}.pem"
 
     def _now(self) -> int:
         return int(self.clock().timestamp())
@@ -155,21 +173,69 @@ class JwtKeyManager:
         """Read the stored records and the private halves of the keys that may sign;
         refuse an exposed key file (``ca.keys.load_private_key``).  Run after
         `ca.keys.KeyManager.load`, which checks the key directory itself."""
+        self.refresh()
+
+    def refresh(self) -> bool:
+        """Take up the stored records (at start, or what another CA server decided);
+        True if they changed.  Keys not seen yet are read, keys that will never sign
+        again are forgotten."""
         raw = self.store.jwt_keys()
         records = [] if raw is None else json.loads(raw)
-        self._records = [
-            JwtKeyRecord(**{k: v for k, v in r.items() if k != "jwk"}) for r in records
-        ]
-        for rec in self._records:
+        fresh = [JwtKeyRecord(**{k: v for k, v in r.items() if k != "jwk"}) for r in records]
+        if fresh == self._records and self._loaded:
+            return False
+        self._loaded = True
+        self._records = fresh
+        for rec in fresh:
             if rec.state in ("prepared", "active"):
-                key = load_private_key(self._path(rec.kid))
-                if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
-                    raise CAKeyError(f"key file {self._path(rec.kid)}: not an EC or RSA key")
-                self._private[rec.kid] = key
-                self._public[rec.kid] = key.public_key()
-            elif rec.state == "retired":
-                self._public[rec.kid] = self._stored_public(records, rec.kid)
+                if rec.kid not in self._private:
+                    key = self._read_private(rec.kid)
+                    self._private[rec.kid] = key
+                    self._public[rec.kid] = key.public_key()
+            else:
+                self._private.pop(rec.kid, None)
+                if rec.state == "retired" and rec.kid not in self._public:
+                    self._public[rec.kid] = self._stored_public(records, rec.kid)
+        live = {r.kid for r in fresh}
+        for kid in [k for k in self._public if k not in live]:
+            self._public.pop(kid, None)
         self._publish()
+        return True
+
+    def _read_private(self, kid: str) -> jwt.PrivateKey:
+        key: object
+        if self.vault is None:
+            key = load_private_key(self._path(kid))
+            where = f"key file {self._path(kid)}"
+        else:
+            where = f"sealed JWT key {kid}"
+            try:
+                key = serialization.load_pem_private_key(
+                    self.vault.get(sealed_id(kid)), password=None
+                )
+            except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+                raise CAKeyError(f"{where}: cannot load a private key ({exc})") from exc
+        if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
+            raise CAKeyError(f"{where}: not an EC or RSA key")
+        return key
+
+    def _write_private(self, kid: str, key: jwt.PrivateKey) -> None:
+        if self.vault is None:
+            write_private_key(self._path(kid), key)
+        else:
+            self.vault.put(sealed_id(kid), pem.key_to_pem(key))
+
+    def _delete_private(self, kid: str) -> None:
+        if self.vault is None:
+            self._path(kid).unlink(missing_ok=True)
+        else:
+            self.vault.delete(sealed_id(kid))
+
+    def _leased(self) -> bool:
+        if self.may_rotate is None:
+            return True
+        self.refresh()
+        return self.may_rotate()
 
     def _stored_public(self, records: list[dict[str, object]], kid: str) -> jwt.PublicKey:
         """A retired key's public half, from the JWK stored with its record."""
@@ -186,6 +252,8 @@ class JwtKeyManager:
 
     def tick(self, actor: str = "ca") -> list[JwtStep]:
         done: list[JwtStep] = []
+        if not self._leased():  # another CA server decides; its changes are taken up
+            return done
         for _ in range(8):
             step = decide(self._records, self._now(), self.policy)
             if step is None:
@@ -197,6 +265,11 @@ class JwtKeyManager:
     def rotate(self, actor: str) -> JwtStep:
         """An operator's rotation: a new key published now, signing after the propagation
         window (rule 1)."""
+        if not self._leased():
+            raise CAKeyError(
+                "JWT key rotation is decided by the CA server holding the rotation lease;"
+                " ask that server, or retry once it is gone"
+            )
         if any(r.state == "prepared" for r in self._records):
             raise CAKeyError("a new JWT key is already published and waiting to sign")
         now = self._now()
@@ -227,7 +300,7 @@ class JwtKeyManager:
         if step.kind in ("create", "create_active"):
             kid = secrets.token_urlsafe(12)
             key = _generate(self.policy.key_type)
-            write_private_key(self._path(kid), key)  # before the store knows it (rule 3)
+            self._write_private(kid, key)  # before the store knows it (rule 3)
             new_private = (kid, key)
             activate = step.kind == "create_active"
             rec = JwtKeyRecord(
@@ -284,7 +357,7 @@ class JwtKeyManager:
             if r.state in ("retired", "removed"):
                 # A key that will never sign again is deleted: it can no longer leak.
                 self._private.pop(r.kid, None)
-                self._path(r.kid).unlink(missing_ok=True)
+                self._delete_private(r.kid)
             if r.state == "removed":
                 self._public.pop(r.kid, None)
         self._publish()

@@ -290,7 +290,12 @@ class KeyManager:
         if self.vault is None:
             return True
         self.refresh()
-        return self.store.hold_rotation(self.server_name)
+        return self.holds_lease()
+
+    def holds_lease(self) -> bool:
+        """Whether this server decides rotations now (`Store.hold_rotation`); the JWT
+        keys follow the same lease."""
+        return self.vault is None or self.store.hold_rotation(self.server_name)
 
     def _lease_or_refuse(self) -> None:
         if not self._may_rotate():

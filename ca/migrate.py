@@ -24,10 +24,12 @@ Rules:
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
 from pathlib import Path
 
 from ca.datastore import Datastore
+from ca.jwt_keys import sealed_id
 from ca.keys import load_private_key
 from ca.store import COPIED_TABLES, AuditEvent, ServerRecord, Store
 from ca.vault import (
@@ -60,6 +62,7 @@ def migrate(source: Datastore, target: Datastore, data_dir: Path | None) -> dict
     try:
         tables = {table: src.dump(table) for table in COPIED_TABLES}
         records = src.list_keys()
+        jwt_records = json.loads(src.jwt_keys() or "[]")
         verified = src.verify_audit()
     finally:
         src.close()
@@ -74,6 +77,11 @@ def migrate(source: Datastore, target: Datastore, data_dir: Path | None) -> dict
         if rec.state in ("prepared", "active") and not rec.upstream:
             key = load_private_key(keys_dir / f"{rec.id}.pem")
             sealed[rec.id] = seal(cluster_key, rec.id, pem.key_to_pem(key))
+    for item in jwt_records:  # the JWT signing keys move sealed too (`ca.jwt_keys`)
+        if item.get("state") in ("prepared", "active"):
+            name = sealed_id(str(item["kid"]))
+            key = load_private_key(keys_dir / f"{name}.pem")
+            sealed[name] = seal(cluster_key, name, pem.key_to_pem(key))
     identity = load_or_create_identity(server_dir)
     public = public_pem(identity)
     sid = server_id(public)

@@ -288,12 +288,22 @@ class CAServer:
             root_propagation=int(cfg.root_propagation),
             own_root=upstream is None,
         )
-        self.anchor_key = AnchorKey.load_or_create(cfg.data_dir)
+        self.anchor_key = (
+            AnchorKey.load_or_create(cfg.data_dir) if vault is None else AnchorKey.shared(vault)
+        )
         self.last_anchor: Anchor | None = None
         self.keys = KeyManager(self.store, cfg.data_dir, self.td, policy, clock, upstream, vault)
         self.keys.server_name = self.server_name
         self.keys.load()
-        self.jwt_keys = JwtKeyManager(self.store, cfg.data_dir, self.td, jwt_policy(cfg), clock)
+        self.jwt_keys = JwtKeyManager(
+            self.store,
+            cfg.data_dir,
+            self.td,
+            jwt_policy(cfg),
+            clock,
+            vault,
+            None if vault is None else self.keys.holds_lease,
+        )
         self.jwt_keys.load()
         for jwt_step in self.jwt_keys.tick():
             log.info("key.rotated", step=f"jwt_{jwt_step.kind}", reason=jwt_step.reason)
@@ -432,7 +442,12 @@ class CAServer:
             return self.keys.tick()
 
         if take_up:
-            await self.run_sync(self.keys.refresh)
+
+            def take_up_all() -> None:
+                self.keys.refresh()
+                self.jwt_keys.refresh()
+
+            await self.run_sync(take_up_all)
             steps: list[schedule.Step] = []
         else:
             steps = await self.run_sync(tick)

@@ -888,6 +888,14 @@ class Store:
         with self._tx() as conn:
             conn.execute("INSERT INTO ca_key_secrets (id, sealed) VALUES (?, ?)", (key_id, sealed))
 
+    def put_sealed_key_once(self, key_id: str, sealed: bytes) -> None:
+        """Stored unless a key of that id already is (`ca.vault.SealedVault.put_once`)."""
+        with self._tx() as conn:
+            conn.execute(
+                "INSERT INTO ca_key_secrets (id, sealed) VALUES (?, ?) ON CONFLICT (id) DO NOTHING",
+                (key_id, sealed),
+            )
+
     def delete_sealed_key(self, key_id: str) -> None:
         with self._tx() as conn:
             conn.execute("DELETE FROM ca_key_secrets WHERE id = ?", (key_id,))

@@ -57,6 +57,8 @@ class Vault(Protocol):
 
     def put(self, key_id: str, key_pem: bytes) -> None: ...
 
+    def put_once(self, key_id: str, key_pem: bytes) -> bytes: ...
+
     def delete(self, key_id: str) -> None: ...
 
 
@@ -66,6 +68,8 @@ class SealedStore(Protocol):
     def get_sealed_key(self, key_id: str) -> bytes | None: ...
 
     def put_sealed_key(self, key_id: str, sealed: bytes) -> None: ...
+
+    def put_sealed_key_once(self, key_id: str, sealed: bytes) -> None: ...
 
     def delete_sealed_key(self, key_id: str) -> None: ...
 
@@ -107,6 +111,12 @@ class SealedVault:
 
     def put(self, key_id: str, key_pem: bytes) -> None:
         self.store.put_sealed_key(key_id, seal(self._cluster_key, key_id, key_pem))
+
+    def put_once(self, key_id: str, key_pem: bytes) -> bytes:
+        """A key every server must share, made by whichever server comes first: ours is
+        stored only if none is yet, and the one stored is returned."""
+        self.store.put_sealed_key_once(key_id, seal(self._cluster_key, key_id, key_pem))
+        return self.get(key_id)
 
     def delete(self, key_id: str) -> None:
         self.store.delete_sealed_key(key_id)

@@ -78,6 +78,28 @@ def test_a_joined_server_publishes_the_same_bundle_and_no_key_file(pair):
         assert (ca.data_dir / "server.key").stat().st_mode & 0o077 == 0
     events = [r["event"] for r in b.json("audit", "list")["records"]]
     assert events.count("server.approved") == 2 and "server.requested" in events
+    for ca in (a, b):  # no key of any kind on disk but the server's own identity
+        assert not list(ca.data_dir.glob("**/jwt-*.pem"))
+        assert not (ca.data_dir / "audit-anchor.key").exists()
+
+
+def test_both_servers_sign_with_one_jwt_key_and_one_anchor_key(pair, tmp_path: Path):
+    """The JWT keys and the audit anchor key are sealed like the X.509 keys: a JWT key
+    published by one is the other's, and an anchor signed by one verifies on the other."""
+    a, b = pair
+    published = [
+        [
+            k
+            for k in json.loads(ca.cli("bundle", "show", "--format", "spiffe").stdout)["keys"]
+            if k.get("use") == "jwt-svid"
+        ]
+        for ca in (a, b)
+    ]
+    assert published[0] and published[0] == published[1]
+    anchor = tmp_path / "anchor.json"
+    anchor.write_text(a.cli("audit", "anchor").stdout)
+    verified = b.cli("audit", "verify", "--anchor", str(anchor))
+    assert "matches 1 signed anchor(s)" in verified.stdout, verified.stdout
 
 
 async def test_an_entry_made_through_one_server_wakes_a_poll_parked_on_the_other(pair):

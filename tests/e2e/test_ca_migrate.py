@@ -3,6 +3,7 @@ PostgreSQL; the agent keeps its identity (no new join token) and the audit chain
 
 from __future__ import annotations
 
+import base64
 import json
 
 import pytest
@@ -10,6 +11,17 @@ import pytest
 from tally.app.launch import run_cli
 from tests.e2e.conftest import CA
 from tests.e2e.test_agent import UID, register, wait_fetch
+
+
+def jwt_kid(socket: str, audience: str) -> str:
+    """The kid of a JWT-SVID fetched through the agent (header only: no validation here)."""
+    out = run_cli(
+        "agent", "api", "fetch-jwt", "--audience", audience, "--socket", socket, "--output", "json"
+    )
+    assert out.returncode == 0, out.stderr
+    header = json.loads(out.stdout)["svids"][0]["token"].split(".")[0]
+    return json.loads(base64.urlsafe_b64decode(header + "=" * (-len(header) % 4)))["kid"]
+
 
 pytestmark = pytest.mark.e2e
 
@@ -21,6 +33,7 @@ def test_a_deployment_moves_to_postgresql_and_its_agent_keeps_its_identity(
     agent = agent_factory(ca)
     register(ca, agent, "web", f"unix:uid:{UID}")
     wait_fetch(agent, "spiffe://example.org/web")
+    kid_before = jwt_kid(agent.socket, "before")
     records_before = len(ca.json("audit", "list")["records"])
     ca.daemon.stop()
 
@@ -30,7 +43,7 @@ def test_a_deployment_moves_to_postgresql_and_its_agent_keeps_its_identity(
     )
     assert moved.returncode == 0, moved.stderr
     done = json.loads(moved.stdout)
-    assert done["rows"]["agents"] == 1 and done["keys_sealed"] == 2
+    assert done["rows"]["agents"] == 1 and done["keys_sealed"] == 3  # root, intermediate, JWT key
     assert done["audit_records"] == records_before + 1
     again = run_cli("ca", "datastore", "migrate", "--from", source, "--to", fresh_pg)
     assert again.returncode == 1 and "is not empty" in again.stderr
@@ -46,3 +59,5 @@ def test_a_deployment_moves_to_postgresql_and_its_agent_keeps_its_identity(
     wait_fetch(agent, "spiffe://example.org/api")
     assert ca.json("audit", "verify")["ok"]
     assert ca.json("audit", "list", "--event", "datastore.migrated")["records"]
+    # The JWT signing key moved sealed too: the same key signs on the new datastore.
+    assert jwt_kid(agent.socket, "after") == kid_before
