@@ -331,6 +331,8 @@ class CAServer:
         self.drain = http.Drain()
         self.entries_changed = ChangeFeed()
         self.bundle_changed = ChangeFeed()
+        self._bundle_woken = self.keys.bundle.sequence if self.keys.bundle else None
+        """The bundle sequence parked bundle polls were last woken for (`refresh_keys`)."""
         self.peers_denied: Counter[str] = Counter()
         self.console: console.Console | None = None
         if cfg.console is not None:
@@ -433,7 +435,6 @@ class CAServer:
         """Apply due key steps (or, with ``take_up``, only what another server changed);
         republish the bundle and TLS context when they changed.  ``key_event``: a key
         changed already (an operator's rotation): anchor anyway."""
-        before = self.keys.bundle.sequence if self.keys.bundle else None
         jwt_steps: list[JwtStep] = []
 
         def tick() -> list[schedule.Step]:
@@ -458,7 +459,10 @@ class CAServer:
         if self._needs_new_context():
             await self.run_sync(self._build_tls_context)
         after = self.keys.bundle.sequence if self.keys.bundle else None
-        if before != after:
+        # Against what bundle polls were last woken for, not ``before``: an operator's
+        # rotation changes the bundle before it calls here, and must wake them all the same.
+        if after != self._bundle_woken:
+            self._bundle_woken = after
             log.info("bundle.updated", sequence=after)
             self.bundle_changed.wake_all()  # once per change, not once per tick
         if steps or jwt_steps or key_event:
