@@ -745,7 +745,9 @@ BAD_CALLS = [
     ),
     BadCall("unknown_method", Status.UNIMPLEMENTED, path="/SpiffeWorkloadAPI/Nope"),
     BadCall("foreign_service", Status.UNIMPLEMENTED, path="/grpc.health.v1.Health/Check"),
-    BadCall("jwt_without_audience", Status.INVALID_ARGUMENT, path="/SpiffeWorkloadAPI/FetchJWTSVID"),
+    BadCall(
+        "jwt_without_audience", Status.INVALID_ARGUMENT, path="/SpiffeWorkloadAPI/FetchJWTSVID"
+    ),
     BadCall("empty_path", Status.UNIMPLEMENTED, path="/"),
     BadCall("get_method", Status.INTERNAL, method="GET", http_status=405),
     BadCall("compressed_flag", Status.UNIMPLEMENTED, prefix(1, 0)),
