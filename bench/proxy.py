@@ -7,7 +7,10 @@ and TLS 1.3 for every contender.  wrk is the load generator and nginx the
 backend, both C, so the proxies are what is measured; a "direct" row shows
 what wrk and nginx do with no proxy at all.  Tally runs in TCP mode, like
 stunnel and HAProxy in mode tcp, and again in HTTP mode, where its outbound
-pool lets a new local connection reuse a kept-alive mTLS connection.
+pool lets a new local connection reuse a kept-alive mTLS connection.  HTTP
+mode's like-for-like contender is HAProxy in mode http (``haproxy http``):
+it parses every request and response, and its inbound sets a client
+certificate header as Tally's sets X-Forwarded-Client-Cert.
 
 The machine has two cores shared by wrk, nginx and both proxy processes.
 Nothing is pinned: with five busy processes on two cores no pinning is
@@ -86,7 +89,7 @@ WORKLOADS = (
     Workload(2, "keep-alive, 1 MiB responses", "/big", 4, close=False),
     Workload(3, f"new connection per request, {SMALL_BODY} B", "/small", 16, close=True),
 )
-REFERENCES = ("stunnel", "haproxy")
+REFERENCES = ("stunnel", "haproxy", "haproxy http")
 
 
 @dataclass(frozen=True)
@@ -133,6 +136,8 @@ def contenders(bins: Binaries, creds: Credentials, work: Path, backend: int) -> 
         Contender(lambda s: start_tally(s, creds, backend, http=True), memory=False),
         Contender(lambda s: start_stunnel(s, bins, creds, work, backend), memory=True),
         Contender(lambda s: start_haproxy(s, bins, creds, work, backend), memory=True),
+        # HTTP mode's like-for-like: HAProxy parsing HTTP and adding a client-cert header.
+        Contender(lambda s: start_haproxy(s, bins, creds, work, backend, http=True), memory=False),
     ]
 
 
@@ -222,7 +227,7 @@ def print_table(runs: dict[tuple[int, str], list[Run]], names: Sequence[str]) ->
     header = (
         f"{'workload':<30} {'contender':<17} {'req/s':>7} {'spread':>6} {'MB/s':>7} "
         f"{'p50 ms':>7} {'p99 ms':>7} {'err':>4} {'CPU us/req':>10} {'user':>5} "
-        f"{'other':>5} {'vs stunnel':>10} {'vs haproxy':>10}"
+        f"{'other':>5} {'vs stunnel':>10} {'vs haproxy':>10} {'vs hap http':>11}"
     )
     print(header)
     print("-" * len(header))
@@ -260,7 +265,7 @@ def print_table(runs: dict[tuple[int, str], list[Run]], names: Sequence[str]) ->
                 f"{(f'{cpu:.0f}' if proxied else '-'):>10} "
                 f"{(f'{user:.0%}' if proxied else '-'):>5} "
                 f"{statistics.median(r.other_cores for r in got):>5.2f} "
-                f"{ratios[0]:>10} {ratios[1]:>10}"
+                f"{ratios[0]:>10} {ratios[1]:>10} {ratios[2]:>11}"
             )
         print()
 

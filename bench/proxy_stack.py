@@ -364,26 +364,49 @@ defaults
 """
 
 
+# HTTP mode's like-for-like: the inbound replaces any client-sent X-Forwarded-Client-Cert
+# with its own, naming the caller by a hash of its certificate and its subject (HAProxy
+# 2.6 has no fetch for URI SANs, so not by SPIFFE ID).  Connections to the next hop are
+# kept alive and reused across clients (HAProxy's defaults, `http-reuse safe`), as
+# Tally's pool does.
+_HAPROXY_XFCC = (
+    '    http-request set-header X-Forwarded-Client-Cert "Hash=%[ssl_c_der,sha2(256),hex]'
+    ';Subject=\\"%[ssl_c_s_dn]\\""\n'
+)
+
+
 def start_haproxy(
-    stack: contextlib.ExitStack, bins: Binaries, creds: Credentials, work: Path, backend: int
+    stack: contextlib.ExitStack,
+    bins: Binaries,
+    creds: Credentials,
+    work: Path,
+    backend: int,
+    *,
+    http: bool = False,
 ) -> Pair:
+    """HAProxy's pair in ``mode tcp``, or with ``http`` in ``mode http`` adding a client
+    certificate header (the like-for-like contender of Tally's HTTP mode)."""
     inbound_port, outbound_port = free_port(), free_port()
     tls13 = f"ssl-min-ver TLSv1.3 ssl-max-ver TLSv1.3 ciphersuites {CIPHERSUITES}"
-    server = work / "haproxy-inbound.cfg"
+    head = _HAPROXY_HEAD.replace("mode tcp", "mode http") if http else _HAPROXY_HEAD
+    name = "haproxy http" if http else "haproxy"
+    tag = name.replace(" ", "-")
+    server = work / f"{tag}-inbound.cfg"
     server.write_text(
-        f"{_HAPROXY_HEAD}frontend inbound\n"
+        f"{head}frontend inbound\n"
         f"    bind 127.0.0.1:{inbound_port} ssl crt {creds.server}/haproxy.pem"
         f" ca-file {creds.server}/bundle.pem verify required {tls13}\n"
+        f"{_HAPROXY_XFCC if http else ''}"
         f"    default_backend nginx\nbackend nginx\n    server nginx 127.0.0.1:{backend}\n"
     )
-    client = work / "haproxy-outbound.cfg"
+    client = work / f"{tag}-outbound.cfg"
     client.write_text(
-        f"{_HAPROXY_HEAD}frontend outbound\n    bind 127.0.0.1:{outbound_port}\n"
+        f"{head}frontend outbound\n    bind 127.0.0.1:{outbound_port}\n"
         f"    default_backend mesh\nbackend mesh\n"
         f"    server inbound 127.0.0.1:{inbound_port} ssl crt {creds.client}/haproxy.pem"
         f" ca-file {creds.client}/bundle.pem verify required {tls13}\n"
     )
     argv = [bins.haproxy, "-db", "-f"]
-    proc_in = _spawn(stack, "haproxy-inbound", [*argv, str(server)], work, inbound_port)
-    proc_out = _spawn(stack, "haproxy-outbound", [*argv, str(client)], work, outbound_port)
-    return Pair("haproxy", outbound_port, (proc_out.pid, proc_in.pid))
+    proc_in = _spawn(stack, f"{tag}-inbound", [*argv, str(server)], work, inbound_port)
+    proc_out = _spawn(stack, f"{tag}-outbound", [*argv, str(client)], work, outbound_port)
+    return Pair(name, outbound_port, (proc_out.pid, proc_in.pid))
