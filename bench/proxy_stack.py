@@ -297,11 +297,15 @@ def start_tally(
     http: bool,
     groups: str | None = None,
     workloads: tuple[int, ...] = (1, 2, 3),
+    workers: int = 1,
 ) -> Pair:
-    """Tally's pair; ``groups`` replaces its key exchange groups (``--tls-groups``)."""
+    """Tally's pair; ``groups`` replaces its key exchange groups (``--tls-groups``), and
+    ``workers`` runs each proxy as that many processes (``--workers``)."""
     mode = ["--http"] if http else []
     if groups is not None:
         mode += ["--tls-groups", groups]
+    if workers > 1:
+        mode += ["--workers", str(workers)]
     common = ["--no-access-log", "--max-connections", "8192", "--drain-timeout", "2s", *mode]
     inbound = Daemon(
         "tally-inbound",
@@ -324,7 +328,12 @@ def start_tally(
     started_out = _start_daemon(stack, outbound)
     port = int(started_out["listen"].rsplit(":", 1)[1])
     name = ("tally http" if http else "tally tcp") + (f" {groups.lower()}" if groups else "")
-    return Pair(name, port, (outbound.pid, inbound.pid), started_in["metrics"], workloads)
+    if workers > 1:
+        name += f" x{workers}"
+    pids = (outbound.pid, inbound.pid)
+    if workers > 1:  # the supervisors first, then their workers: CPU is summed over all
+        pids += (*started_out["pids"], *started_in["pids"])
+    return Pair(name, port, pids, started_in["metrics"], workloads)
 
 
 def start_stunnel(
