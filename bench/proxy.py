@@ -42,6 +42,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from urllib.request import urlopen
 
@@ -124,7 +125,19 @@ def raise_fd_limit() -> int:
     return hard
 
 
-def contenders(bins: Binaries, creds: Credentials, work: Path, backend: int) -> list[Contender]:
+def contenders(
+    bins: Binaries, creds: Credentials, work: Path, backend: int, workers: int
+) -> list[Contender]:
+    many = [
+        # Every core: each proxy as ``workers`` processes (``--workers``).  On a 2-core box
+        # shared with wrk and nginx the rate cannot double; the CPU column shows the cost.
+        Contender(
+            partial(start_tally, creds=creds, backend=backend, http=http, workers=workers),
+            memory=False,
+        )
+        for http in (False, True)
+        if workers > 1
+    ]
     return [
         Contender(lambda s: start_tally(s, creds, backend, http=False), memory=True),
         # Key exchange as stunnel and HAProxy do it (OpenSSL 3.0 has no post-quantum
@@ -138,6 +151,7 @@ def contenders(bins: Binaries, creds: Credentials, work: Path, backend: int) -> 
         Contender(lambda s: start_haproxy(s, bins, creds, work, backend), memory=True),
         # HTTP mode's like-for-like: HAProxy parsing HTTP and adding a client-cert header.
         Contender(lambda s: start_haproxy(s, bins, creds, work, backend, http=True), memory=False),
+        *many,
     ]
 
 
@@ -147,11 +161,25 @@ def handshakes(pair: Pair) -> dict[str, float]:
         return {}
     with urlopen(f"http://{pair.inbound_metrics}/metrics", timeout=10) as resp:
         text = resp.read().decode()
+    counts: dict[str, float] = defaultdict(float)
+    for line in text.splitlines():
+        if line.startswith("tally_proxy_handshakes_total{"):  # summed over workers, if any
+            outcome = line.split('outcome="', 1)[1].split('"', 1)[0]
+            counts[outcome] += float(line.split()[-1])
+    return counts
+
+
+def connections_by_worker(pair: Pair) -> dict[str, float]:
+    """Connections each inbound worker accepted so far (``--workers``), from its /metrics."""
+    if pair.inbound_metrics is None:
+        return {}
+    with urlopen(f"http://{pair.inbound_metrics}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
     counts = {}
     for line in text.splitlines():
-        if line.startswith("tally_proxy_handshakes_total{"):
-            outcome = line.split('outcome="', 1)[1].split('"', 1)[0]
-            counts[outcome] = float(line.split()[-1])
+        if line.startswith("tally_proxy_connections_total{") and 'worker="' in line:
+            worker = line.split('worker="', 1)[1].split('"', 1)[0]
+            counts[worker] = float(line.split()[-1])
     return counts
 
 
@@ -335,6 +363,12 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=None)
     parser.add_argument("--seconds", type=int, default=None, help="per run (wrk: whole seconds)")
     parser.add_argument("--idle", type=int, default=1000, help="idle connections for memory")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=2,
+        help="also run Tally with this many --workers per proxy (1: not at all)",
+    )
     args = parser.parse_args()
     plan = Plan(
         runs=args.runs or (1 if args.quick else 3),
@@ -352,12 +386,17 @@ def main() -> None:
         with contextlib.ExitStack() as backend_stack:
             backend = start_nginx(backend_stack, bins, work)
             bench = Bench(bins, write_script(work), backend)
-            chosen = contenders(bins, creds, work, backend.port)
+            chosen = contenders(bins, creds, work, backend.port, args.workers)
             with contextlib.ExitStack() as stack:
                 direct = Pair("direct (no proxy)", backend.port, ())
                 pairs = [direct, *(c.start(stack) for c in chosen)]
                 runs, newconn = measure_throughput(bench, pairs, plan)
+                spreads = {pair.name: connections_by_worker(pair) for pair in pairs}
             print_table(runs, [p.name for p in pairs])
+            for name, spread in spreads.items():
+                if spread:
+                    text = ", ".join(f"worker {k}: {int(n)}" for k, n in sorted(spread.items()))
+                    print(f"  {name}: inbound connections per worker: {text}")
             for name, counts in newconn.items():
                 text = ", ".join(f"{int(n)} {k}" for k, n in sorted(counts.items()) if n)
                 print(f"  {name}: inbound handshakes during workload 3: {text or 'none'}")

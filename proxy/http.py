@@ -73,6 +73,9 @@ import trio
 from proxy.tcp import Deadline
 
 CHUNK = 1 << 16
+"""Bytes per read.  Not more than ``MAX_HEAD_BYTES``: h11 measures a head against its
+limit only while the head is incomplete, so a read larger than the limit could bring an
+oversized head in whole (tests/security/test_garbage.py's huge_header case)."""
 MAX_HEAD_BYTES = 64 * 1024
 HOP_BY_HOP = frozenset(
     {b"connection", b"keep-alive", b"proxy-connection", b"te", b"upgrade", b"http2-settings"}
@@ -119,7 +122,7 @@ class HttpStream:
     def __init__(self, stream: trio.abc.Stream, role: type[h11.CLIENT] | type[h11.SERVER]) -> None:
         self.stream = stream
         self.conn = h11.Connection(role, max_incomplete_event_size=MAX_HEAD_BYTES)
-        self._out = bytearray()
+        self._out: list[bytes] = []
         self._send_nowait: Callable[[bytes], int] | None = getattr(stream, "send_some_nowait", None)
         self.sending = False
         """True while (or after) a write waits for the peer: who stalled, on a timeout."""
@@ -146,16 +149,20 @@ class HttpStream:
             await self.receive(activity)
 
     def queue(self, event: h11.Event) -> None:
-        data = self.conn.send(event)
-        if data:
-            self._out += data
+        """Serialize ``event`` behind what is queued.  A body chunk is kept as the very
+        object h11 was given (``send_with_data_passthrough``): a bulk body is then never
+        copied here, only the small framing around it."""
+        pieces = self.conn.send_with_data_passthrough(event)
+        if pieces:
+            self._out += pieces
 
     async def flush(self, activity: Deadline | None = None) -> None:
         """Send the queue: at once if the kernel takes it all (no checkpoint, rule 5),
         else the rest through ``send_all``, which waits."""
         if self._out:
-            data = bytes(self._out)
-            self._out.clear()
+            out = self._out
+            data = out[0] if len(out) == 1 else b"".join(out)
+            out.clear()
             self.sending = True  # stays True if the write is cancelled or fails
             sent = self._send_nowait(data) if self._send_nowait is not None else 0
             if sent < len(data):
