@@ -23,7 +23,13 @@ from dataclasses import dataclass, field
 import trio
 from cryptography.hazmat.primitives import serialization
 
-from agent.attestor import AttestationError, ExeHashCache, attest_socket, describe
+from agent.attestor import (
+    AttestationError,
+    ExeHashCache,
+    NeedsThread,
+    attest_socket,
+    describe,
+)
 from agent.ca_client import CAError
 from agent.jwt_cache import JwtCache
 from agent.keeper import SvidKeeper
@@ -81,26 +87,56 @@ class AgentBackend:
         self.hashes = ExeHashCache()
         self.stats = Stats()
         self.jwt_cache = JwtCache(keeper.client.jwt, keeper.clock)
+        self._bundle: tuple[object, bytes] | None = None
+        self._items: dict[int, tuple[HeldSvid, bytes, SvidItem]] = {}
+        """`_item_for`'s encodings by the identity of the held SVID they encode."""
 
     def snapshot_for(self, selectors: frozenset[Selector]) -> X509Snapshot:
         keeper = self.keeper
         now = keeper.clock()
-        bundle_der = b"".join(c.public_bytes(serialization.Encoding.DER) for c in keeper.roots)
+        bundle_der = self._bundle_der()
         held = [
             h
             for h in keeper.svids.values()
             if h.not_after > now and matches(h.entry.selectors, selectors)
         ]
         held.sort(key=lambda h: (h.entry.spiffe_id, h.entry.id))
-        items = tuple(_item(h, bundle_der) for h in held)
+        items = tuple(self._item_for(h, bundle_der) for h in held)
         return X509Snapshot(svids=items, bundles={self.td_id: bundle_der})
+
+    def _bundle_der(self) -> bytes:
+        """The roots as DER, encoded once per bundle (the keeper replaces ``roots`` whole)."""
+        roots = self.keeper.roots
+        if self._bundle is None or self._bundle[0] is not roots:
+            self._bundle = (
+                roots,
+                b"".join(c.public_bytes(serialization.Encoding.DER) for c in roots),
+            )
+        return self._bundle[1]
+
+    def _item_for(self, held: HeldSvid, bundle_der: bytes) -> SvidItem:
+        """One SVID as served, encoded once (chain DER, key PKCS#8), not once per fetch."""
+        got = self._items.get(id(held))
+        if got is not None and got[0] is held and got[1] is bundle_der:
+            return got[2]
+        item = _item(held, bundle_der)
+        live = self.keeper.svids.values()
+        if len(self._items) >= 2 * len(live) + 16:  # forget SVIDs the keeper dropped
+            kept = {id(h) for h in live}
+            self._items = {k: v for k, v in self._items.items() if k in kept}
+        self._items[id(held)] = (held, bundle_der, item)
+        return item
 
     async def _attest(self, peer: PeerCred) -> frozenset[Selector]:
         sock = peer.sock
         if sock is None:
             raise NoIdentity("caller cannot be attested")
         try:
-            _facts, selectors = await trio.to_thread.run_sync(attest_socket, sock, self.hashes)
+            try:  # a caller seen before: no thread (`agent.attestor` rule 6)
+                _facts, selectors = attest_socket(sock, self.hashes, cached_only=True)
+                await trio.lowlevel.checkpoint()
+            except NeedsThread:
+                _facts, selectors = await trio.to_thread.run_sync(attest_socket, sock, self.hashes)
         except (AttestationError, OSError) as exc:
             self.stats.attestation_failures += 1
             log.warning("workload.attestation_failed", pid=peer.pid, uid=peer.uid, error=str(exc))

@@ -100,6 +100,11 @@ class Load:
     """Percent of one core over the run, as is ``client_cpu``."""
     client_cpu: float
 
+    @property
+    def agent_us_per_fetch(self) -> float:
+        """The agent's CPU per fetch: robust on a shared machine, where rates are not."""
+        return self.agent_cpu / 100 * 1e6 / self.rate if self.rate else float("nan")
+
 
 def cli(admin: str, *args: str) -> Any:
     result = run_cli("ca", *args, "--admin-socket", admin, "--output", "json")
@@ -253,14 +258,15 @@ def report_throughput(stack: Stack, plan: Plan) -> None:
         f"\n2. Fetches/s, Tally client: each client loops fetch_x509 on a new connection for "
         f"{plan.seconds:g} s\n   (all clients are trio tasks in ONE bench process, so the client's"
         " own Python cost is in the figure;\n   CPU% is of one core: 100% on the client side means"
-        " the client, not the agent, is the limit)"
+        " the client, not the agent, is the limit;\n   agent us/fetch = the agent's CPU per"
+        " fetch, and 1-core/s = the fetches one core of agent would serve at that cost)"
     )
-    widths = (7, 10, 8, 8, 6, 9, 10, 4)
-    print(
-        row(
-            ("clients", "median/s", "min/s", "max/s", "errors", "agent%", "client%", "runs"), widths
-        )
-    )
+    widths = (7, 10, 8, 8, 6, 9, 10, 14, 9, 4)
+    header = (
+        "clients", "median/s", "min/s", "max/s", "errors", "agent%", "client%",
+        "agent us/fetch", "1-core/s", "runs",
+    )  # fmt: skip
+    print(row(header, widths))
     for clients in plan.clients:
         trio.run(first_response_latencies, stack.endpoint_socket, 3)  # warm
         loads = [
@@ -276,6 +282,10 @@ def report_throughput(stack: Stack, plan: Plan) -> None:
                     sum(load.errors for load in loads),
                     format(statistics.median(load.agent_cpu for load in loads), ".0f"),
                     format(statistics.median(load.client_cpu for load in loads), ".0f"),
+                    format(
+                        cost := statistics.median(load.agent_us_per_fetch for load in loads), ".0f"
+                    ),
+                    format(1e6 / cost, ".0f"),
                     plan.runs,
                 ),
                 widths,
