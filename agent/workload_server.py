@@ -74,6 +74,7 @@ from agent.workload_messages import (
     Method,
     Rejected,
     WorkloadBackend,
+    X509Snapshot,
     jwt_bundles_response,
     jwt_svid_request,
     jwt_svid_response,
@@ -110,6 +111,25 @@ _READ_SIZE = 64 * 1024
 _LINGER_S = 1.0
 _DRAINING = "the agent is shutting down"
 _ANY_STREAM = 2**31 - 1
+
+
+_PAYLOADS: dict[tuple[int, int], tuple[Method, object, bytes]] = {}
+_PAYLOADS_KEPT = 256
+
+
+def _encoded(method: Method, snapshot: X509Snapshot) -> bytes:
+    """``method.build_response(snapshot)``, encoded once for every stream that is sent the
+    same snapshot object (the backend shares one per kind of caller): a rotation pushed to
+    a thousand streams is encoded once, not a thousand times."""
+    key = (id(method), id(snapshot))
+    got = _PAYLOADS.get(key)
+    if got is not None and got[0] is method and got[1] is snapshot:
+        return got[2]
+    payload = method.build_response(snapshot)
+    if len(_PAYLOADS) >= _PAYLOADS_KEPT:
+        _PAYLOADS.clear()
+    _PAYLOADS[key] = (method, snapshot, payload)
+    return payload
 
 
 class _Drop(Exception):
@@ -399,7 +419,7 @@ class _Connection:
     async def _stream_snapshots(self, call: Call, method: Method) -> None:
         async with self._backend.watch_x509(self._peer) as snapshots:
             async for snapshot in snapshots:
-                payload = method.build_response(snapshot)
+                payload = _encoded(method, snapshot)
                 if len(payload) > self._limits.max_message_size:
                     log.warning(
                         "workload API %s response of %d bytes exceeds the %d byte limit",
