@@ -9,6 +9,7 @@ are checked directly.
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import subprocess
@@ -22,7 +23,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.daemon import WorkerSlot
 from proxy.workers import merge_metrics
-from tally.app.launch import tally_argv
+from tally.app.launch import Daemon, tally_argv
+from tests.e2e.conftest import start_agent
 from tests.proxy.conftest import Running, client_context, tls_connect, wait_until
 from tests.proxy.test_e2e_ops import echo_once, replace_files, served_serial
 
@@ -154,3 +156,63 @@ def test_two_workers_share_the_port_rotate_reload_and_drain(
     assert proxy.daemon.proc is not None and proxy.daemon.proc.wait(20) == 0
     assert len(proxy.daemon.events("proxy.worker_stopped")) == 2
     assert proxy.daemon.events("proxy.stopped")
+
+
+def test_every_worker_rotates_on_the_workload_api_stream(
+    start_proxy, cas, certs, echo_backend, tmp_path
+):
+    ca = cas["example.org"]
+    agent = start_agent(ca, tmp_path, "workers-node")
+    try:
+        entry = ca.json(
+            "entry", "create", "--spiffe-id", "spiffe://example.org/api-workers",
+            "--parent-id", agent.spiffe_id, "--selector", f"unix:uid:{os.geteuid()}",
+            "--ttl", "1h",
+        )  # fmt: skip
+        proxy = start_proxy(
+            "server", "--workers", "2", "--workload-socket", agent.socket,
+            "--target", echo_backend.address, "--allow-id", "spiffe://example.org/web",
+        )  # fmt: skip
+        ctx = client_context(certs["web"], certs["web"].bundle)
+        first = served_serial(proxy.port, ctx)
+        # A new SVID from the agent reaches both workers, each on its own stream.
+        ca.json("entry", "update", entry["id"], "--ttl", "50m")
+        rotated = proxy.daemon.wait_for("svid.rotated", timeout=20, count=2)
+        serials = {e["serial"] for e in proxy.daemon.events("svid.rotated")}
+        assert serials == {rotated["serial"]} and rotated["old_serial"] == first
+        wait_until(
+            lambda: by_worker(proxy, "tally_proxy_rotations_total") == {"0": 1.0, "1": 1.0},
+            what="both workers to count their rotation",
+        )
+        assert {served_serial(proxy.port, ctx) for _ in range(12)} == {rotated["serial"]}
+    finally:
+        agent.daemon.stop()
+
+
+def test_workers_share_an_inherited_unix_listener_and_the_supervisor_removes_it(
+    certs, echo_backend, tmp_path
+):
+    path = tmp_path / "proxy.sock"
+    daemon = Daemon(
+        "proxy-unix",
+        [
+            "proxy", "server", "--workers", "2", "--listen", str(path),
+            "--metrics", "127.0.0.1:0", "--target", echo_backend.address,
+            "--allow-id", "spiffe://example.org/web", *certs["api"].files(),
+        ],
+    )  # fmt: skip
+    started = daemon.start("proxy.started")
+    try:
+        proxy = Running(daemon, started["listen"], started["metrics"])
+        ctx = client_context(certs["web"], certs["web"].bundle)
+        for i in range(10):
+            raw = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            raw.settimeout(10)
+            raw.connect(str(path))
+            with ctx.wrap_socket(raw, server_hostname="localhost") as sock:
+                assert echo_once(sock, b"%d" % i) == b"%d" % i
+        assert sum(by_worker(proxy, "tally_proxy_connections_total").values()) == 10
+        assert len(daemon.events("proxy.worker_started")) == 2  # they log to the same stderr
+    finally:
+        daemon.stop()
+    assert not path.exists()
