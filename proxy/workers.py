@@ -201,6 +201,8 @@ class Supervisor:
             w.proc = await trio.lowlevel.open_process(
                 w.argv, stdin=subprocess.DEVNULL, pass_fds=w.pass_fds, start_new_session=True
             )
+            if self.stopping:  # the signal came while this one was starting
+                w.signal(signal.SIGTERM)
             try:
                 code = await w.proc.wait()
             finally:
@@ -227,8 +229,15 @@ class Supervisor:
             w.signal(signal.SIGTERM)
 
     async def _announce(self) -> None:
-        """``proxy.started`` once every worker is ready (rule 7)."""
+        """``proxy.started`` once every worker is ready (rule 7); ``proxy.waiting`` if that
+        takes longer than a second (no SVID yet from the agent, say), as a single proxy
+        says it when it starts without one."""
+        waiting_from = trio.current_time() + 1.0
+        said_waiting = False
         while not self.stopping:
+            if not said_waiting and trio.current_time() >= waiting_from:
+                said_waiting = True
+                log.info("proxy.waiting", workers=self.count, **self.addresses)
             answers = await self._each("/readyz")
             for w, got in answers:
                 if got is not None and got[0] == 200:

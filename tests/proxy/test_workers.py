@@ -26,6 +26,7 @@ from proxy.workers import merge_metrics
 from tally.app.launch import Daemon, tally_argv
 from tests.e2e.conftest import start_agent
 from tests.proxy.conftest import Running, client_context, tls_connect, wait_until
+from tests.proxy.inprocess import server_settings
 from tests.proxy.test_e2e_ops import echo_once, replace_files, served_serial
 
 
@@ -216,3 +217,8 @@ def test_workers_share_an_inherited_unix_listener_and_the_supervisor_removes_it(
     finally:
         daemon.stop()
     assert not path.exists()
+
+
+def test_auto_is_one_worker_per_usable_cpu():
+    assert server_settings(workers="auto").worker_count() == len(os.sched_getaffinity(0))
+    assert server_settings(workers=" 3 ").worker_count() == 3
