@@ -251,7 +251,7 @@ class Proxy:
         assert cur is not None
         log.info(
             "proxy.started" if self.worker is None else "proxy.worker_started",
-            worker=self.worker.index if self.worker is not None else None,
+            **({"worker": self.worker.index} if self.worker is not None else {}),
             mode=self.mode,
             http=self.cfg.http,
             target=str(self.cfg.target),
