@@ -63,13 +63,16 @@ from pathlib import Path
 import trio
 
 from proxy import listen
-from proxy.settings import ClientSettings, ServerSettings
+from proxy.identity import FileSource, IdentityError
+from proxy.settings import ClientSettings, FileSourceSpec, ServerSettings
 from tally.ops import net
+from tally.ops.clock import wall_clock
 from tally.ops.config import Address
 from tally.ops.errors import CommandError
 from tally.ops.health import serve_probes
 from tally.ops.logs import get_logger
 from tally.ops.net import ListenError
+from tally.spiffe.spiffeid import SpiffeId
 from tally.wire.http import HttpClient, HttpClientError
 
 log = get_logger("tally.proxy")
@@ -282,7 +285,23 @@ class Supervisor:
             argv += ["--worker-fd", str(fd)]
         return argv
 
+    def _check_files(self) -> None:
+        """With the file source, load the identity once here, so that bad files end the start
+        with one line instead of one line per worker."""
+        spec = self.cfg.source(os.environ)
+        if not isinstance(spec, FileSourceSpec):
+            return
+        want = SpiffeId.parse(self.cfg.spiffe_id) if self.cfg.spiffe_id is not None else None
+        source = FileSource(
+            spec.cert, spec.key, spec.bundle, spec.federated, want=want, clock=wall_clock
+        )
+        try:
+            source.load()
+        except IdentityError as exc:
+            raise CommandError(f"identity: {exc}") from exc
+
     async def run(self) -> int:
+        self._check_files()
         try:
             sock = await listen.bind(self.cfg.listen, reuse_port=self.cfg.listen.path is None)
         except ListenError as exc:

@@ -222,3 +222,16 @@ def test_workers_share_an_inherited_unix_listener_and_the_supervisor_removes_it(
 def test_auto_is_one_worker_per_usable_cpu():
     assert server_settings(workers="auto").worker_count() == len(os.sched_getaffinity(0))
     assert server_settings(workers=" 3 ").worker_count() == 3
+
+
+def test_bad_identity_files_end_the_start_with_one_line_not_one_per_worker(tmp_path):
+    argv = tally_argv(
+        "proxy", "server", "--listen", "127.0.0.1:0", "--target", "127.0.0.1:1",
+        "--allow-id", "spiffe://example.org/web", "--workers", "2",
+        "--cert", str(tmp_path / "no.pem"), "--key", str(tmp_path / "no.key"),
+        "--bundle", str(tmp_path / "no.bundle"),
+    )  # fmt: skip
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+    assert done.returncode != 0
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "no.pem" in lines[0], done.stderr
