@@ -21,6 +21,14 @@ Rules:
 3. An executable's SHA-256 is cached by (device, inode, size, mtime), so a
    busy caller is hashed once, while a replaced binary is hashed again.
 4. `selectors_for` is pure; the I/O lives in `attest_socket`.
+6. Cheap when nothing is new.  Hashing a binary not seen before, and asking
+   NSS for a user or group name (which may be a network call: LDAP, sssd),
+   can block; everything else is a few reads of ``/proc``.  With
+   ``cached_only`` `attest_socket` raises `NeedsThread` instead of doing a
+   blocking step, so the agent attests a known caller on its event loop and
+   sends only the rest to a thread (a thread hand-off per call was a fifth
+   of a fetch's cost).  Names are remembered for `NAME_TTL_S`; a renamed
+   user gets its new name's selector after at most that long.
 5. What /proc cannot tell.  ``unix:path`` and ``unix:sha256`` name what the
    connecting process runs when its call arrives.  A process can connect,
    fork a child that keeps the connection, and exec the selected binary: the
@@ -40,7 +48,8 @@ import os
 import pwd
 import socket
 import struct
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -107,12 +116,53 @@ def describe(selectors: Iterable[Selector]) -> list[str]:
     return sorted(str(s) for s in selectors)
 
 
+class NeedsThread(Exception):
+    """Attestation needs a step that may block (rule 6): run it in a thread."""
+
+
+NAME_TTL_S = 30.0
+
+
 class ExeHashCache:
-    def __init__(self, size: int = 256) -> None:
+    """Executable digests (rule 3), and user and group names for `NAME_TTL_S` (rule 6)."""
+
+    def __init__(self, size: int = 256, clock: Callable[[], float] = time.monotonic) -> None:
         self._size = size
         self._cache: dict[tuple[int, int, int, int], str] = {}
+        self._names: dict[tuple[str, int], tuple[str | None, float]] = {}
+        self._selectors: dict[tuple[object, ...], frozenset[Selector]] = {}
+        self._clock = clock
 
-    def sha256(self, pid: int) -> str | None:
+    def name(self, kind: str, number: int, *, cached_only: bool = False) -> str | None:
+        """The name of user (``kind`` "user") or group ``number``, None if it has none."""
+        now = self._clock()
+        known = self._names.get((kind, number))
+        if known is not None and now - known[1] < NAME_TTL_S:
+            return known[0]
+        if cached_only:
+            raise NeedsThread(f"{kind} {number} is not named yet")
+        name = _user_name(number) if kind == "user" else _group_name(number)
+        if len(self._names) >= self._size:
+            self._names.pop(next(iter(self._names)))
+        self._names[(kind, number)] = (name, now)
+        return name
+
+    def selectors(
+        self, facts: ProcessFacts, user: str | None, names: dict[int, str | None]
+    ) -> frozenset[Selector]:
+        """`selectors_for`, remembered: building and checking each selector is most of an
+        attestation's time, and a node's callers are few kinds of process."""
+        key = (facts.uid, facts.gid, facts.groups, facts.exe, facts.exe_sha256, user,
+               tuple(sorted(names.items())))  # fmt: skip
+        got = self._selectors.get(key)
+        if got is None:
+            got = selectors_for(facts, user, names)
+            if len(self._selectors) >= self._size:
+                self._selectors.pop(next(iter(self._selectors)))
+            self._selectors[key] = got
+        return got
+
+    def sha256(self, pid: int, *, cached_only: bool = False) -> str | None:
         path = f"/proc/{pid}/exe"
         try:
             with open(path, "rb") as f:
@@ -121,6 +171,8 @@ class ExeHashCache:
                 cached = self._cache.get(key)
                 if cached is not None:
                     return cached
+                if cached_only:
+                    raise NeedsThread(f"{path} is not hashed yet")
                 digest = hashlib.file_digest(f, "sha256").hexdigest()
         except OSError:
             return None
@@ -167,9 +219,10 @@ def _read_groups(pid: int) -> tuple[int, ...]:
 
 
 def attest_socket(
-    sock: PeerSocket, hashes: ExeHashCache
+    sock: PeerSocket, hashes: ExeHashCache, *, cached_only: bool = False
 ) -> tuple[ProcessFacts, frozenset[Selector]]:
-    """Attest the process at the other end of a Unix socket (blocking: run it in a thread)."""
+    """Attest the process at the other end of a Unix socket (blocking: run it in a thread),
+    or with ``cached_only`` without blocking, raising `NeedsThread` when it would (rule 6)."""
     raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     pid, uid, gid = struct.unpack("3i", raw)
     if pid <= 0:
@@ -184,7 +237,7 @@ def attest_socket(
                 exe: str | None = os.readlink(f"/proc/{pid}/exe")
             except OSError:
                 exe = None
-            digest = hashes.sha256(pid)
+            digest = hashes.sha256(pid, cached_only=cached_only)
         except OSError as exc:
             raise AttestationError(f"cannot read /proc/{pid}: {exc.strerror}") from exc
         # Still the same live process: everything read above was about it.
@@ -195,5 +248,6 @@ def attest_socket(
     if exe is not None and exe.endswith(" (deleted)"):
         exe = None  # a deleted binary has no path to select on; its hash still counts
     facts = ProcessFacts(pid, uid, gid, groups, exe, digest)
-    names = {g: _group_name(g) for g in {gid, *groups}}
-    return facts, selectors_for(facts, _user_name(uid), names)
+    names = {g: hashes.name("group", g, cached_only=cached_only) for g in {gid, *groups}}
+    user = hashes.name("user", uid, cached_only=cached_only)
+    return facts, hashes.selectors(facts, user, names)

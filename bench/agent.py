@@ -21,7 +21,9 @@ import argparse
 import json
 import os
 import platform
+import resource
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -33,10 +35,15 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import h2.config
+import h2.connection
 import trio
 
 from bench.ca_daemon import TRUST_DOMAIN, ca_daemon
+from bench.proxy_stack import rss_kib
 from tally.app.launch import Daemon, run_cli
+from tally.wire import http
+from tally.wire.grpc import encode_message
 from tally.wire.workload_client import (
     Status,
     WorkloadApiError,
@@ -82,6 +89,10 @@ class Plan:
     seconds: float
     clients: tuple[int, ...]
     rotations: int
+    entries: int = 1000
+    """Section 5: extra entries, so the agent holds that many more SVIDs (0: skip it)."""
+    streams: int = 1000
+    """Section 5: open FetchX509SVID streams when the workload's SVID rotates."""
 
 
 @dataclass(frozen=True)
@@ -99,6 +110,11 @@ class Load:
     agent_cpu: float
     """Percent of one core over the run, as is ``client_cpu``."""
     client_cpu: float
+
+    @property
+    def agent_us_per_fetch(self) -> float:
+        """The agent's CPU per fetch: robust on a shared machine, where rates are not."""
+        return self.agent_cpu / 100 * 1e6 / self.rate if self.rate else float("nan")
 
 
 def cli(admin: str, *args: str) -> Any:
@@ -143,6 +159,11 @@ def start_stack(work: Path, daemons: list[Daemon]) -> Stack:
             str(endpoint_socket),
             "--metrics",
             "127.0.0.1:0",
+            # Section 5 holds 1,000 streams from this one uid.
+            "--workload-max-connections",
+            "4096",
+            "--workload-max-connections-per-uid",
+            "4096",
         ],
     )
     daemons.append(agent)
@@ -253,14 +274,15 @@ def report_throughput(stack: Stack, plan: Plan) -> None:
         f"\n2. Fetches/s, Tally client: each client loops fetch_x509 on a new connection for "
         f"{plan.seconds:g} s\n   (all clients are trio tasks in ONE bench process, so the client's"
         " own Python cost is in the figure;\n   CPU% is of one core: 100% on the client side means"
-        " the client, not the agent, is the limit)"
+        " the client, not the agent, is the limit;\n   agent us/fetch = the agent's CPU per"
+        " fetch, and 1-core/s = the fetches one core of agent would serve at that cost)"
     )
-    widths = (7, 10, 8, 8, 6, 9, 10, 4)
-    print(
-        row(
-            ("clients", "median/s", "min/s", "max/s", "errors", "agent%", "client%", "runs"), widths
-        )
-    )
+    widths = (7, 10, 8, 8, 6, 9, 10, 14, 9, 4)
+    header = (
+        "clients", "median/s", "min/s", "max/s", "errors", "agent%", "client%",
+        "agent us/fetch", "1-core/s", "runs",
+    )  # fmt: skip
+    print(row(header, widths))
     for clients in plan.clients:
         trio.run(first_response_latencies, stack.endpoint_socket, 3)  # warm
         loads = [
@@ -276,6 +298,10 @@ def report_throughput(stack: Stack, plan: Plan) -> None:
                     sum(load.errors for load in loads),
                     format(statistics.median(load.agent_cpu for load in loads), ".0f"),
                     format(statistics.median(load.client_cpu for load in loads), ".0f"),
+                    format(
+                        cost := statistics.median(load.agent_us_per_fetch for load in loads), ".0f"
+                    ),
+                    format(1e6 / cost, ".0f"),
                     plan.runs,
                 ),
                 widths,
@@ -399,6 +425,190 @@ def report_rotation(stack: Stack, plan: Plan) -> None:
     )
 
 
+# -- 5. a node with many entries and many streams -------------------------------------
+
+SCALE_ENTRY_UID = 1_900_000_000
+"""Scale entries select uids from here up: no process has them, so the agent holds their
+SVIDs (it is their parent) while no fetch of ours returns them."""
+
+
+async def create_entries(admin: str, count: int) -> None:
+    """``count`` entries through the admin API on one kept-alive connection (a CLI process
+    per entry would take minutes)."""
+
+    async def connect() -> trio.abc.Stream:
+        return await trio.open_unix_socket(admin)
+
+    client = http.HttpClient(connect)
+    try:
+        for i in range(count):
+            body = {
+                "spiffe_id": f"spiffe://{TRUST_DOMAIN}/scale/{i}",
+                "parent_id": AGENT_ID,
+                "selectors": [f"unix:uid:{SCALE_ENTRY_UID + i}"],
+                "ttl": 3600,
+            }
+            resp = await client.request("POST", "/v1/entries", json_body=body, timeout=30)
+            if resp.status != 201 and resp.status != 200:
+                raise RuntimeError(f"creating entry {i}: {resp.status} {resp.body[:200]!r}")
+    finally:
+        await client.aclose()
+
+
+def raw_watch_request() -> bytes:
+    """The bytes a client sends to open one FetchX509SVID stream (preface, SETTINGS,
+    HEADERS, DATA).  Identical for every fresh connection, so built once: the scale
+    test's clients then cost the bench nothing per update but a read."""
+    conn = h2.connection.H2Connection(
+        h2.config.H2Configuration(client_side=True, header_encoding=None)
+    )
+    conn.initiate_connection()
+    conn.send_headers(
+        1,
+        [
+            (b":method", b"POST"),
+            (b":scheme", b"http"),
+            (b":path", b"/SpiffeWorkloadAPI/FetchX509SVID"),
+            (b":authority", b"localhost"),
+            (b"content-type", b"application/grpc"),
+            (b"te", b"trailers"),
+            (b"workload.spiffe.io", b"true"),
+        ],
+    )
+    conn.send_data(1, encode_message(b""), end_stream=True)
+    return conn.data_to_send()
+
+
+def drain_now(sock: trio.socket.SocketType) -> int:
+    """Read what is there without waiting (trio's sockets do not block); the byte count."""
+    got = 0
+    while True:
+        try:
+            data = os.read(sock.fileno(), 1 << 16)
+        except BlockingIOError:
+            return got
+        if not data:
+            raise RuntimeError("the agent closed a watch stream")
+        got += len(data)
+
+
+@dataclass(frozen=True)
+class Scale:
+    entries: int
+    svid_kib: float
+    """Agent RSS growth per cached SVID (its entry included)."""
+    streams: int
+    stream_kib: float
+    """Agent RSS growth per open FetchX509SVID stream (one connection each)."""
+    push_ms: list[float]
+    """For each stream, arrival of the rotated SVID's first bytes - the agent's log ts."""
+
+
+async def open_streams(
+    endpoint_socket: Path, count: int, agent_pid: int
+) -> tuple[list[trio.socket.SocketType], float]:
+    """``count`` raw watch streams, each past its first snapshot; the agent's RSS growth."""
+    request = raw_watch_request()
+    before = rss_kib(agent_pid)
+    socks = []
+    for _ in range(count):  # one at a time: a burst of connects overflows the backlog
+        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        await sock.connect(str(endpoint_socket))
+        await sock.send(request)
+        socks.append(sock)
+        await trio.lowlevel.wait_readable(sock)
+    await trio.sleep(1.0)  # every first snapshot is out by now
+    for sock in socks:
+        if not drain_now(sock):
+            raise RuntimeError("a watch stream got no first snapshot")
+    await trio.sleep(1.0)
+    return socks, (rss_kib(agent_pid) - before) / count
+
+
+async def push_arrivals(
+    socks: list[trio.socket.SocketType], switch: Callable[[], None]
+) -> list[float]:
+    """Wall-clock arrival of the next bytes on every stream after ``switch`` runs."""
+    arrivals: list[float] = []
+
+    async def wait_one(sock: trio.socket.SocketType) -> None:
+        await trio.lowlevel.wait_readable(sock)
+        arrivals.append(time.time())
+        drain_now(sock)
+
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            for sock in socks:
+                nursery.start_soon(wait_one, sock)
+            await trio.to_thread.run_sync(switch)
+    return arrivals
+
+
+def measure_scale(stack: Stack, entries: int, streams: int) -> Scale:
+    # Section 4 left the workload's SVID renewing every few seconds: back to 1 h, so the
+    # only rotation while the streams are open is the one this section makes.
+    rotations = len(stack.agent.events("svid.rotated"))
+    cli(stack.admin, "entry", "update", stack.entry_id, "--ttl", FETCH_TTL)
+    stack.agent.wait_for("svid.rotated", timeout=30, count=rotations + 1)
+    time.sleep(1.0)
+    before = rss_kib(stack.agent.pid)
+    issued = len(stack.agent.events("svid.issued"))
+    trio.run(create_entries, stack.admin, entries)
+    stack.agent.wait_for("svid.issued", timeout=300, count=issued + entries)
+    time.sleep(1.0)
+    svid_kib = (rss_kib(stack.agent.pid) - before) / entries
+
+    switched: list[float] = []
+
+    async def streams_and_push() -> tuple[float, list[float]]:
+        socks, per_stream = await open_streams(stack.endpoint_socket, streams, stack.agent.pid)
+        try:
+
+            def switch() -> None:
+                switched.append(time.time())
+                cli(stack.admin, "entry", "update", stack.entry_id, "--ttl", "50m")
+
+            return per_stream, await push_arrivals(socks, switch)
+        finally:
+            for sock in socks:
+                sock.close()
+
+    stream_kib, arrivals = trio.run(streams_and_push)
+    rotated = [
+        ts
+        for e in stack.agent.events("svid.rotated")
+        if e.get("kind") == "workload" and e.get("spiffe_id") == WORKLOAD_ID
+        if (ts := datetime.fromisoformat(e["ts"]).timestamp()) >= switched[0] - 0.001
+    ]
+    if not rotated:
+        raise RuntimeError("the agent logged no rotation of the workload's SVID")
+    push_ms = sorted((at - rotated[0]) * 1000 for at in arrivals)
+    return Scale(entries, svid_kib, streams, stream_kib, push_ms)
+
+
+def report_scale(stack: Stack, plan: Plan) -> None:
+    if not plan.entries:
+        return
+    got = measure_scale(stack, plan.entries, plan.streams)
+    print(
+        f"\n5. A node with {got.entries} more entries (the agent holds an SVID for each) and"
+        f" {got.streams} open FetchX509SVID streams\n   (one connection each, raw HTTP/2 from"
+        " this process: nothing parsed, so the push delay is the agent's);\n   push = first"
+        " bytes of the rotated SVID on a stream - the agent's svid.rotated log ts (ms, +1 ms)"
+    )
+    widths = (22, 10)
+    print(row(("agent RSS per SVID", f"{got.svid_kib:.1f} KiB"), widths))
+    print(row(("agent RSS per stream", f"{got.stream_kib:.1f} KiB"), widths))
+    ms = got.push_ms
+    print(
+        row(
+            (f"push to {len(ms)} streams", f"p50 {statistics.median(ms):.1f} ms"),
+            widths,
+        )
+        + f"  p99 {percentile(ms, 99):.1f} ms  last {ms[-1]:.1f} ms  first {ms[0]:.1f} ms"
+    )
+
+
 # -- main ------------------------------------------------------------------------------
 
 
@@ -410,9 +620,13 @@ def parse_plan(argv: Sequence[str] | None = None) -> Plan:
     parser.add_argument("--seconds", type=float, help="length of one throughput run")
     parser.add_argument("--clients", help="comma-separated concurrency levels")
     parser.add_argument("--rotations", type=int)
+    parser.add_argument(
+        "--entries", type=int, help="scale: extra entries the agent holds SVIDs for (0: skip)"
+    )
+    parser.add_argument("--streams", type=int, help="scale: open FetchX509SVID streams")
     args = parser.parse_args(argv)
     base = (
-        Plan(runs=3, fetches=100, seconds=1.5, clients=(1, 10, 100), rotations=4)
+        Plan(runs=3, fetches=100, seconds=1.5, clients=(1, 10, 100), rotations=4, entries=0)
         if args.quick
         else Plan(runs=5, fetches=300, seconds=4.0, clients=(1, 10, 100), rotations=10)
     )
@@ -422,11 +636,15 @@ def parse_plan(argv: Sequence[str] | None = None) -> Plan:
         seconds=args.seconds or base.seconds,
         clients=tuple(int(c) for c in args.clients.split(",")) if args.clients else base.clients,
         rotations=args.rotations or base.rotations,
+        entries=base.entries if args.entries is None else args.entries,
+        streams=args.streams or base.streams,
     )
 
 
 def main() -> None:
     plan = parse_plan()
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)  # section 5's streams
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     work = Path(tempfile.mkdtemp(prefix="tally-bench-agent-"))
     daemons: list[Daemon] = []
     started = time.monotonic()
@@ -443,6 +661,7 @@ def main() -> None:
         report_throughput(stack, plan)
         report_py_spiffe(stack, plan)
         report_rotation(stack, plan)
+        report_scale(stack, plan)
         print(f"\n(total {time.monotonic() - started:.0f} s)")
     except* KeyboardInterrupt:
         print("interrupted; stopping the agent and CA", file=sys.stderr)

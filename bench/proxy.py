@@ -7,7 +7,10 @@ and TLS 1.3 for every contender.  wrk is the load generator and nginx the
 backend, both C, so the proxies are what is measured; a "direct" row shows
 what wrk and nginx do with no proxy at all.  Tally runs in TCP mode, like
 stunnel and HAProxy in mode tcp, and again in HTTP mode, where its outbound
-pool lets a new local connection reuse a kept-alive mTLS connection.
+pool lets a new local connection reuse a kept-alive mTLS connection.  HTTP
+mode's like-for-like contender is HAProxy in mode http (``haproxy http``):
+it parses every request and response, and its inbound sets a client
+certificate header as Tally's sets X-Forwarded-Client-Cert.
 
 The machine has two cores shared by wrk, nginx and both proxy processes.
 Nothing is pinned: with five busy processes on two cores no pinning is
@@ -39,6 +42,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from urllib.request import urlopen
 
@@ -86,7 +90,7 @@ WORKLOADS = (
     Workload(2, "keep-alive, 1 MiB responses", "/big", 4, close=False),
     Workload(3, f"new connection per request, {SMALL_BODY} B", "/small", 16, close=True),
 )
-REFERENCES = ("stunnel", "haproxy")
+REFERENCES = ("stunnel", "haproxy", "haproxy http")
 
 
 @dataclass(frozen=True)
@@ -121,7 +125,19 @@ def raise_fd_limit() -> int:
     return hard
 
 
-def contenders(bins: Binaries, creds: Credentials, work: Path, backend: int) -> list[Contender]:
+def contenders(
+    bins: Binaries, creds: Credentials, work: Path, backend: int, workers: int
+) -> list[Contender]:
+    many = [
+        # Every core: each proxy as ``workers`` processes (``--workers``).  On a 2-core box
+        # shared with wrk and nginx the rate cannot double; the CPU column shows the cost.
+        Contender(
+            partial(start_tally, creds=creds, backend=backend, http=http, workers=workers),
+            memory=False,
+        )
+        for http in (False, True)
+        if workers > 1
+    ]
     return [
         Contender(lambda s: start_tally(s, creds, backend, http=False), memory=True),
         # Key exchange as stunnel and HAProxy do it (OpenSSL 3.0 has no post-quantum
@@ -133,6 +149,9 @@ def contenders(bins: Binaries, creds: Credentials, work: Path, backend: int) -> 
         Contender(lambda s: start_tally(s, creds, backend, http=True), memory=False),
         Contender(lambda s: start_stunnel(s, bins, creds, work, backend), memory=True),
         Contender(lambda s: start_haproxy(s, bins, creds, work, backend), memory=True),
+        # HTTP mode's like-for-like: HAProxy parsing HTTP and adding a client-cert header.
+        Contender(lambda s: start_haproxy(s, bins, creds, work, backend, http=True), memory=False),
+        *many,
     ]
 
 
@@ -142,11 +161,25 @@ def handshakes(pair: Pair) -> dict[str, float]:
         return {}
     with urlopen(f"http://{pair.inbound_metrics}/metrics", timeout=10) as resp:
         text = resp.read().decode()
+    counts: dict[str, float] = defaultdict(float)
+    for line in text.splitlines():
+        if line.startswith("tally_proxy_handshakes_total{"):  # summed over workers, if any
+            outcome = line.split('outcome="', 1)[1].split('"', 1)[0]
+            counts[outcome] += float(line.split()[-1])
+    return counts
+
+
+def connections_by_worker(pair: Pair) -> dict[str, float]:
+    """Connections each inbound worker accepted so far (``--workers``), from its /metrics."""
+    if pair.inbound_metrics is None:
+        return {}
+    with urlopen(f"http://{pair.inbound_metrics}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
     counts = {}
     for line in text.splitlines():
-        if line.startswith("tally_proxy_handshakes_total{"):
-            outcome = line.split('outcome="', 1)[1].split('"', 1)[0]
-            counts[outcome] = float(line.split()[-1])
+        if line.startswith("tally_proxy_connections_total{") and 'worker="' in line:
+            worker = line.split('worker="', 1)[1].split('"', 1)[0]
+            counts[worker] = float(line.split()[-1])
     return counts
 
 
@@ -222,7 +255,7 @@ def print_table(runs: dict[tuple[int, str], list[Run]], names: Sequence[str]) ->
     header = (
         f"{'workload':<30} {'contender':<17} {'req/s':>7} {'spread':>6} {'MB/s':>7} "
         f"{'p50 ms':>7} {'p99 ms':>7} {'err':>4} {'CPU us/req':>10} {'user':>5} "
-        f"{'other':>5} {'vs stunnel':>10} {'vs haproxy':>10}"
+        f"{'other':>5} {'vs stunnel':>10} {'vs haproxy':>10} {'vs hap http':>11}"
     )
     print(header)
     print("-" * len(header))
@@ -260,7 +293,7 @@ def print_table(runs: dict[tuple[int, str], list[Run]], names: Sequence[str]) ->
                 f"{(f'{cpu:.0f}' if proxied else '-'):>10} "
                 f"{(f'{user:.0%}' if proxied else '-'):>5} "
                 f"{statistics.median(r.other_cores for r in got):>5.2f} "
-                f"{ratios[0]:>10} {ratios[1]:>10}"
+                f"{ratios[0]:>10} {ratios[1]:>10} {ratios[2]:>11}"
             )
         print()
 
@@ -330,6 +363,12 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=None)
     parser.add_argument("--seconds", type=int, default=None, help="per run (wrk: whole seconds)")
     parser.add_argument("--idle", type=int, default=1000, help="idle connections for memory")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=2,
+        help="also run Tally with this many --workers per proxy (1: not at all)",
+    )
     args = parser.parse_args()
     plan = Plan(
         runs=args.runs or (1 if args.quick else 3),
@@ -347,12 +386,17 @@ def main() -> None:
         with contextlib.ExitStack() as backend_stack:
             backend = start_nginx(backend_stack, bins, work)
             bench = Bench(bins, write_script(work), backend)
-            chosen = contenders(bins, creds, work, backend.port)
+            chosen = contenders(bins, creds, work, backend.port, args.workers)
             with contextlib.ExitStack() as stack:
                 direct = Pair("direct (no proxy)", backend.port, ())
                 pairs = [direct, *(c.start(stack) for c in chosen)]
                 runs, newconn = measure_throughput(bench, pairs, plan)
+                spreads = {pair.name: connections_by_worker(pair) for pair in pairs}
             print_table(runs, [p.name for p in pairs])
+            for name, spread in spreads.items():
+                if spread:
+                    text = ", ".join(f"worker {k}: {int(n)}" for k, n in sorted(spread.items()))
+                    print(f"  {name}: inbound connections per worker: {text}")
             for name, counts in newconn.items():
                 text = ", ".join(f"{int(n)} {k}" for k, n in sorted(counts.items()) if n)
                 print(f"  {name}: inbound handshakes during workload 3: {text or 'none'}")

@@ -297,11 +297,15 @@ def start_tally(
     http: bool,
     groups: str | None = None,
     workloads: tuple[int, ...] = (1, 2, 3),
+    workers: int = 1,
 ) -> Pair:
-    """Tally's pair; ``groups`` replaces its key exchange groups (``--tls-groups``)."""
+    """Tally's pair; ``groups`` replaces its key exchange groups (``--tls-groups``), and
+    ``workers`` runs each proxy as that many processes (``--workers``)."""
     mode = ["--http"] if http else []
     if groups is not None:
         mode += ["--tls-groups", groups]
+    if workers > 1:
+        mode += ["--workers", str(workers)]
     common = ["--no-access-log", "--max-connections", "8192", "--drain-timeout", "2s", *mode]
     inbound = Daemon(
         "tally-inbound",
@@ -324,7 +328,12 @@ def start_tally(
     started_out = _start_daemon(stack, outbound)
     port = int(started_out["listen"].rsplit(":", 1)[1])
     name = ("tally http" if http else "tally tcp") + (f" {groups.lower()}" if groups else "")
-    return Pair(name, port, (outbound.pid, inbound.pid), started_in["metrics"], workloads)
+    if workers > 1:
+        name += f" x{workers}"
+    pids = (outbound.pid, inbound.pid)
+    if workers > 1:  # the supervisors first, then their workers: CPU is summed over all
+        pids += (*started_out["pids"], *started_in["pids"])
+    return Pair(name, port, pids, started_in["metrics"], workloads)
 
 
 def start_stunnel(
@@ -364,26 +373,49 @@ defaults
 """
 
 
+# HTTP mode's like-for-like: the inbound replaces any client-sent X-Forwarded-Client-Cert
+# with its own, naming the caller by a hash of its certificate and its subject (HAProxy
+# 2.6 has no fetch for URI SANs, so not by SPIFFE ID).  Connections to the next hop are
+# kept alive and reused across clients (HAProxy's defaults, `http-reuse safe`), as
+# Tally's pool does.
+_HAPROXY_XFCC = (
+    '    http-request set-header X-Forwarded-Client-Cert "Hash=%[ssl_c_der,sha2(256),hex]'
+    ';Subject=\\"%[ssl_c_s_dn]\\""\n'
+)
+
+
 def start_haproxy(
-    stack: contextlib.ExitStack, bins: Binaries, creds: Credentials, work: Path, backend: int
+    stack: contextlib.ExitStack,
+    bins: Binaries,
+    creds: Credentials,
+    work: Path,
+    backend: int,
+    *,
+    http: bool = False,
 ) -> Pair:
+    """HAProxy's pair in ``mode tcp``, or with ``http`` in ``mode http`` adding a client
+    certificate header (the like-for-like contender of Tally's HTTP mode)."""
     inbound_port, outbound_port = free_port(), free_port()
     tls13 = f"ssl-min-ver TLSv1.3 ssl-max-ver TLSv1.3 ciphersuites {CIPHERSUITES}"
-    server = work / "haproxy-inbound.cfg"
+    head = _HAPROXY_HEAD.replace("mode tcp", "mode http") if http else _HAPROXY_HEAD
+    name = "haproxy http" if http else "haproxy"
+    tag = name.replace(" ", "-")
+    server = work / f"{tag}-inbound.cfg"
     server.write_text(
-        f"{_HAPROXY_HEAD}frontend inbound\n"
+        f"{head}frontend inbound\n"
         f"    bind 127.0.0.1:{inbound_port} ssl crt {creds.server}/haproxy.pem"
         f" ca-file {creds.server}/bundle.pem verify required {tls13}\n"
+        f"{_HAPROXY_XFCC if http else ''}"
         f"    default_backend nginx\nbackend nginx\n    server nginx 127.0.0.1:{backend}\n"
     )
-    client = work / "haproxy-outbound.cfg"
+    client = work / f"{tag}-outbound.cfg"
     client.write_text(
-        f"{_HAPROXY_HEAD}frontend outbound\n    bind 127.0.0.1:{outbound_port}\n"
+        f"{head}frontend outbound\n    bind 127.0.0.1:{outbound_port}\n"
         f"    default_backend mesh\nbackend mesh\n"
         f"    server inbound 127.0.0.1:{inbound_port} ssl crt {creds.client}/haproxy.pem"
         f" ca-file {creds.client}/bundle.pem verify required {tls13}\n"
     )
     argv = [bins.haproxy, "-db", "-f"]
-    proc_in = _spawn(stack, "haproxy-inbound", [*argv, str(server)], work, inbound_port)
-    proc_out = _spawn(stack, "haproxy-outbound", [*argv, str(client)], work, outbound_port)
-    return Pair("haproxy", outbound_port, (proc_out.pid, proc_in.pid))
+    proc_in = _spawn(stack, f"{tag}-inbound", [*argv, str(server)], work, inbound_port)
+    proc_out = _spawn(stack, f"{tag}-outbound", [*argv, str(client)], work, outbound_port)
+    return Pair(name, outbound_port, (proc_out.pid, proc_in.pid))

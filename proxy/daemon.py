@@ -23,13 +23,23 @@ Rules / theory of operation:
    and dropped (ghostunnel's limit works the same way).  SIGHUP can change it.
 5. Each connection's handler catches its own errors: one broken connection
    never takes the proxy down.
+6. As one of ``--workers`` (`proxy.workers`, a `WorkerSlot`), the proxy binds
+   its share of the listener (`proxy.listen` rule 3), takes its exact share
+   of ``max_connections`` (`WorkerSlot.share`, again at every SIGHUP), names
+   its start and stop ``proxy.worker_started``/``proxy.worker_stopped`` (the
+   supervisor says ``proxy.started`` for the whole) and leaves a Unix socket
+   path to the supervisor.  Should the supervisor die, the worker drains as
+   on SIGTERM (`_orphaned`).  Everything else, its identity source
+   included, is the single proxy's.
 """
 
 from __future__ import annotations
 
 import errno
+import os
 import signal
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -71,8 +81,33 @@ RESTART_ONLY = (
     "http",
     "metrics",
     "tls_groups",
+    "workers",
 )
+ORPHAN_CHECK_S = 1.0
 _ACCEPT_RETRY = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+
+
+@dataclass(frozen=True)
+class WorkerSlot:
+    """Which of ``count`` workers this process is, and the Unix listener it inherited."""
+
+    index: int
+    count: int
+    fd: int | None = None
+    parent: int | None = None
+    """The supervisor's pid: should this process's parent change, it has died."""
+
+    def share(self, total: int) -> int:
+        """This worker's part of ``total`` connections: the parts add up to it exactly."""
+        return total // self.count + (1 if self.index < total % self.count else 0)
+
+    @classmethod
+    def parse(cls, text: str, fd: int | None, parent: str | None = None) -> WorkerSlot:
+        index, _, count = text.partition("/")
+        slot = cls(int(index), int(count), fd, int(parent) if parent else None)
+        if not 0 <= slot.index < slot.count:
+            raise ValueError(f"bad worker slot {text!r}")
+        return slot
 
 
 class Proxy:
@@ -83,15 +118,17 @@ class Proxy:
         reload: Callable[[], ServerSettings | ClientSettings],
         env: dict[str, str],
         clock: Clock = wall_clock,
+        worker: WorkerSlot | None = None,
     ) -> None:
         mode: Mode = "server" if isinstance(cfg, ServerSettings) else "client"
+        self.worker = worker
         self.mode = mode
         self._reload_config = reload
         self.clock = clock
         self.stats = Stats()
         self.swap = HotSwap(mode, cfg.policy(), groups=cfg.tls_groups, stats=self.stats)
         self.traffic = Traffic(cfg, mode=mode, clock=clock, stats=self.stats, swap=self.swap)
-        self.limiter = trio.CapacityLimiter(cfg.max_connections)
+        self.limiter = trio.CapacityLimiter(self._connection_share(cfg.max_connections))
         spec = cfg.source(env)
         want = SpiffeId.parse(cfg.spiffe_id) if cfg.spiffe_id is not None else None
         self.source: FileSource | WorkloadSource
@@ -126,6 +163,9 @@ class Proxy:
         """Set once the listener accepts connections (after the first SVID)."""
         self._handlers: trio.Nursery | None = None
         self._file_signature: Signature = ()
+
+    def _connection_share(self, total: int) -> int:
+        return total if self.worker is None else self.worker.share(total)
 
     def _identity(self) -> str | None:
         """Who this proxy is, for hook payloads about no other identity."""
@@ -210,7 +250,8 @@ class Proxy:
         cur = self.swap.current
         assert cur is not None
         log.info(
-            "proxy.started",
+            "proxy.started" if self.worker is None else "proxy.worker_started",
+            **({"worker": self.worker.index} if self.worker is not None else {}),
             mode=self.mode,
             http=self.cfg.http,
             target=str(self.cfg.target),
@@ -234,7 +275,7 @@ class Proxy:
             return
         self.traffic.cfg = new
         policy = new.policy()
-        self.limiter.total_tokens = new.max_connections
+        self.limiter.total_tokens = self._connection_share(new.max_connections)
         setup_logging(new.log_level)
         pool = self.traffic.pool
         if pool is not None:
@@ -274,6 +315,17 @@ class Proxy:
                     log.info("proxy.drain_cut", open_connections=self.stats.connections_open)
                     self._handlers.cancel_scope.cancel()
 
+    async def _orphaned(self, parent: int) -> None:
+        """Rule 6: a worker whose supervisor died drains and exits, as on SIGTERM."""
+        while True:  # a poll: no event announces a dead parent
+            await trio.sleep(ORPHAN_CHECK_S)
+            if os.getppid() != parent:
+                break
+        if not self._stopping:
+            log.info("proxy.draining", why="the supervisor is gone")
+            self._stopping = True
+            self._stop.set()
+
     def _load_first(self) -> None:
         """The file source's first load happens before anything listens: bad files end the start."""
         if isinstance(self.source, FileSource):
@@ -286,7 +338,10 @@ class Proxy:
     async def run(
         self, *, task_status: trio.TaskStatus[dict[str, str]] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        sock = await listen.bind(self.cfg.listen)
+        if self.worker is not None and self.worker.fd is not None:
+            sock = listen.adopt(self.worker.fd)
+        else:
+            sock = await listen.bind(self.cfg.listen, reuse_port=self.worker is not None)
         self.addresses["listen"] = listen.bound_name(sock)
         try:
             self._load_first()
@@ -306,6 +361,8 @@ class Proxy:
                     async with trio.open_nursery() as services:
                         services.start_soon(self._run_source)
                         services.start_soon(watch_ready, self.ready)
+                        if self.worker is not None and self.worker.parent is not None:
+                            outer.start_soon(self._orphaned, self.worker.parent)
                         bearer = self.traffic.bearer
                         if bearer is not None and bearer.require is not None:
                             assert self._bearer_socket is not None
@@ -327,11 +384,11 @@ class Proxy:
                 outer.cancel_scope.cancel()
         finally:
             sock.close()
-            if self.cfg.listen.path is not None:
+            if self.cfg.listen.path is not None and self.worker is None:  # rule 6
                 with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT_S):
                     await trio.Path(self.cfg.listen.path).unlink(missing_ok=True)
         log.info(
-            "proxy.stopped",
+            "proxy.stopped" if self.worker is None else "proxy.worker_stopped",
             connections_total=self.stats.connections_total,
             open_connections=self.stats.connections_open,
         )

@@ -28,10 +28,12 @@ import trio
 from proxy import xfcc
 from proxy.bearer import AUTHORIZATION, CHALLENGE, TokenError
 from proxy.http import (
+    Checked,
     DownstreamError,
     Exchange,
     HttpStream,
     UpstreamError,
+    checked,
     exchange,
     has_body,
     next_request,
@@ -67,7 +69,12 @@ async def relay_http(
     # (no client certificate, --no-client-cert): nobody may forge one.
     server = t.bearer is not None and t.bearer.require is not None
     drop = frozenset({XFCC}) if stamp is not None or server else frozenset()
-    add = [(XFCC, stamp)] if stamp is not None else []
+    try:  # checked once per connection, not per request (`proxy.http` rule 8)
+        add = Checked(checked([(XFCC, stamp)]) if stamp is not None else [])
+    except UpstreamError as exc:
+        log.warning("xfcc.unusable", error=str(exc))
+        add = Checked()
+    host = str(t.cfg.target)
 
     def closing() -> bool:
         return t.idlers.draining or trio.current_time() >= hard_at
@@ -97,9 +104,17 @@ async def relay_http(
         pending = has_body(request)
         if not pending:
             await down.next_event()  # the EndOfMessage h11 already has
-        headers = request_headers(
-            request, str(t.cfg.target), drop=drop | bearer_drop, add=[*add, *bearer_add]
-        )
+        try:
+            if bearer_add:
+                extra: list[tuple[bytes, bytes]] = [*add, *bearer_add]
+                headers = request_headers(request, host, drop=drop | bearer_drop, add=extra)
+            else:
+                headers = request_headers(request, host, drop=drop, add=add)
+        except UpstreamError as exc:
+            log.warning("target.failed", target=host, error=str(exc))
+            await _fail(down, ex, exc)
+            _access(t, ex, caller)
+            return
         ok, answered_by = await _forward(t, down, request, headers, pending, ex, closing)
         peer_id = caller if caller is not None else token_id or answered_by
         if ex.timed_out:

@@ -68,12 +68,19 @@ class Upstream:
 
 
 def _socket_readable(stream: trio.abc.Stream) -> bool:
+    """Whether the peer said something (or closed) while the connection sat idle."""
     transport = stream.transport if isinstance(stream, TLSStream | PlainStream) else stream
     if not isinstance(transport, trio.SocketStream):
         return False
-    poller = select.poll()
-    poller.register(transport.socket.fileno(), select.POLLIN | select.POLLHUP | select.POLLERR)
-    return bool(poller.poll(0))
+    _POLLER.register(transport.socket.fileno(), select.POLLIN | select.POLLHUP | select.POLLERR)
+    try:
+        return bool(_POLLER.poll(0))
+    finally:
+        _POLLER.unregister(transport.socket.fileno())
+
+
+_POLLER = select.poll()
+"""One poll object reused (trio runs one task at a time), not one built per request."""
 
 
 async def close_quietly(stream: trio.abc.Stream) -> None:
@@ -123,8 +130,7 @@ class Pool:
             if self._usable(up, now):
                 up.reused = True
                 self._stats.pool_reused += 1
-                await trio.lowlevel.checkpoint()
-                return up
+                return up  # no checkpoint of its own: the request's I/O follows at once
             await close_quietly(up.stream)
         up = await self._dial()
         self._stats.pool_dialed += 1
@@ -142,8 +148,7 @@ class Pool:
             await close_quietly(up.stream)
             return
         up.idle_since = now
-        self._idle.append(up)
-        await trio.lowlevel.checkpoint()
+        self._idle.append(up)  # no checkpoint: the caller reads its next request at once
 
     async def discard(self, up: Upstream) -> None:
         await close_quietly(up.stream)

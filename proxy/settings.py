@@ -17,6 +17,7 @@ Rules:
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,7 @@ from tally.spiffe.peer_policy import RotationPolicy
 from tally.spiffe.spiffeid import SpiffeId, SpiffeIdError, TrustDomain
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
+MAX_WORKERS = 256
 
 
 @dataclass(frozen=True)
@@ -76,7 +78,15 @@ class ProxySettings:
         None, help="serve /healthz, /readyz and /metrics on HOST:PORT"
     )
     max_connections: int = setting(
-        1024, help="connections served at once; further ones wait in the listen backlog"
+        1024,
+        help="connections served at once, by the whole proxy (with --workers, split between"
+        " the workers exactly); further ones wait in the listen backlog",
+    )
+    workers: str = setting(
+        "1",
+        metavar="N",
+        help="worker processes sharing the listener (SO_REUSEPORT), each with its own event"
+        " loop: a number, or auto for one per CPU",
     )
     handshake_timeout: Duration = setting(Duration(10), help="deadline for a TLS handshake")
     idle_timeout: Duration = setting(
@@ -126,6 +136,12 @@ class ProxySettings:
             raise ConfigError(f"setting 'log_level': unknown level {self.log_level!r}")
         if self.max_connections < 1:
             raise ConfigError("setting 'max_connections' must be at least 1")
+        count = self.worker_count()
+        if count > self.max_connections:
+            raise ConfigError(
+                f"setting 'max_connections' ({self.max_connections}) must be at least"
+                f" 'workers' ({count}): each worker serves one connection or more"
+            )
         if self.pool_size < 0:
             raise ConfigError("setting 'pool_size' must be 0 or more")
         for name in (
@@ -190,6 +206,18 @@ class ProxySettings:
 
     def policy(self) -> authz.Policy:
         raise NotImplementedError
+
+    def worker_count(self) -> int:
+        """``workers`` as a number: ``auto`` is the CPUs this process may run on."""
+        text = self.workers.strip().lower()
+        if text == "auto":
+            return max(1, len(os.sched_getaffinity(0)))
+        if not text.isdigit() or not 1 <= int(text) <= MAX_WORKERS:
+            raise ConfigError(
+                f"setting 'workers': expected a whole number from 1 to {MAX_WORKERS} or auto,"
+                f" got {self.workers!r}"
+            )
+        return int(text)
 
     def rotation_policy(self) -> RotationPolicy:
         """The bounds on peer certificates, read at every handshake so SIGHUP reaches the next."""

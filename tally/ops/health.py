@@ -8,7 +8,7 @@ have to read logs to learn what a probe already knows.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from functools import partial
 
 import trio
@@ -68,19 +68,21 @@ async def watch_ready(ready: Readiness, *, every: float = 1.0) -> None:
 
 
 async def _handle(
-    registry: CollectorRegistry, ready: Readiness, req: http.Request
+    metrics: Callable[[], Awaitable[bytes]],
+    ready: Callable[[], Awaitable[tuple[bool, str]]],
+    req: http.Request,
 ) -> http.Response:
     if req.method != "GET":
         return http.Response.json({"error": "method not allowed"}, status=405)
     if req.path == "/healthz":
         return http.Response.text("ok\n")
     if req.path == "/readyz":
-        ok, why = ready()
+        ok, why = await ready()
         return http.Response.text(
             f"{'ready' if ok else 'not ready'}: {why}\n", status=200 if ok else 503
         )
     if req.path == "/metrics":
-        return http.Response(200, generate_latest(registry), content_type=CONTENT_TYPE_LATEST)
+        return http.Response(200, await metrics(), content_type=CONTENT_TYPE_LATEST)
     return http.Response.json({"error": "not found"}, status=404)
 
 
@@ -91,8 +93,25 @@ async def serve_health(
     *,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
+    async def metrics() -> bytes:
+        return generate_latest(registry)
+
+    async def ready_now() -> tuple[bool, str]:
+        return ready()
+
+    await serve_probes(addr, metrics, ready_now, task_status=task_status)
+
+
+async def serve_probes(
+    addr: Address,
+    metrics: Callable[[], Awaitable[bytes]],
+    ready: Callable[[], Awaitable[tuple[bool, str]]],
+    *,
+    task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """`serve_health` for answers that need I/O: the proxy's supervisor asks its workers."""
     listener = await open_listener(addr)
-    handler = partial(_handle, registry, ready)
+    handler = partial(_handle, metrics, ready)
 
     async def connection(stream: trio.SocketStream) -> None:
         async with stream:

@@ -299,6 +299,30 @@ class TLSStream(trio.abc.HalfCloseableStream):
             if not waited:
                 await trio.lowlevel.cancel_shielded_checkpoint()
 
+    def send_some_nowait(self, data: bytes | bytearray | memoryview) -> int:
+        """Encrypt and write what the socket takes now, without waiting; 0 if nothing.
+
+        As `tally.tls.plain.PlainStream.send_some_nowait`.  When OpenSSL would block
+        part way through, the rest goes through `send_all` with the same bytes, as
+        OpenSSL requires (the connection accepts a moved write buffer).
+        """
+        if (
+            not self._handshook
+            or self._broken is not None
+            or self._closed
+            or self._sent_eof
+            or self._send_guard.busy
+        ):
+            return 0
+        view = memoryview(data).cast("B")
+        sent = 0
+        while sent < len(view):
+            try:
+                sent += self._conn.send(view[sent : sent + SEND_CHUNK])
+            except SSL.Error:  # would block, or broken: `send_all` waits or reports it
+                break
+        return sent
+
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         with self._recv_guard:
             if max_bytes is None:

@@ -14,8 +14,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from agent.attestor import (
+    NAME_TTL_S,
     AttestationError,
     ExeHashCache,
+    NeedsThread,
     ProcessFacts,
     attest_socket,
     selectors_for,
@@ -53,6 +55,22 @@ def test_attests_a_real_peer_process():
     with open(sys.executable, "rb") as f:
         assert facts.exe_sha256 == hashlib.file_digest(f, "sha256").hexdigest()
     assert Selector("unix", f"uid:{os.geteuid()}") in sels
+    a.close()
+    b.close()
+
+
+def test_a_known_caller_is_attested_without_blocking_steps_and_names_age_out():
+    now = [0.0]
+    cache = ExeHashCache(clock=lambda: now[0])
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with pytest.raises(NeedsThread):  # nothing hashed or named yet: the thread's job
+        attest_socket(a, cache, cached_only=True)
+    first = attest_socket(a, cache)
+    assert attest_socket(a, cache, cached_only=True) == first  # all remembered now
+    now[0] += NAME_TTL_S
+    with pytest.raises(NeedsThread):  # names are asked again after the TTL
+        attest_socket(a, cache, cached_only=True)
+    assert attest_socket(a, cache) == first
     a.close()
     b.close()
 

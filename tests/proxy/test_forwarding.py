@@ -8,6 +8,8 @@ import h11
 import pytest
 import trio
 import trio.testing
+from hypothesis import given
+from hypothesis import strategies as st
 
 from proxy import http as ph
 
@@ -335,3 +337,22 @@ async def test_a_trickled_body_is_cut_at_the_request_deadline_with_408(autojump_
     assert not down.reusable()
     head, _ = await client.response()
     assert head.status_code == 408
+
+
+@given(st.binary(max_size=40), st.sampled_from([b"x-forwarded-client-cert", b"authorization"]))
+def test_added_headers_are_never_laxer_than_h11(value, name):
+    """`checked` stands in for h11's own check on what the proxy adds (rule 8): whatever it
+    accepts, h11 would have accepted too, so no CR, LF or NUL reaches the target."""
+    try:
+        h11.Request(method="GET", target="/", headers=[(b"host", b"svc"), (name, value)])
+        h11_accepts = True
+    except h11.LocalProtocolError:
+        h11_accepts = False
+    try:
+        ph.checked([(name, value)])
+        ours = True
+    except ph.UpstreamError:
+        ours = False
+    assert h11_accepts or not ours
+    if ours:
+        assert b"\r" not in value and b"\n" not in value and b"\0" not in value
