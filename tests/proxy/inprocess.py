@@ -20,7 +20,7 @@ from proxy.metrics import Stats
 from proxy.settings import ClientSettings, ServerSettings
 from proxy.traffic import Traffic
 from tally.ops.config import Address
-from tests.proxy.pki import Authority, Svid, now
+from tests.pki import Authority, Svid, now
 
 
 def identity_of(authority: Authority, svid: Svid, *others: Authority) -> Identity:

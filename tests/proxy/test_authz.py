@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from tally.spiffe import authz
 from tally.spiffe.spiffeid import SpiffeId, TrustDomain
-from tests.proxy.pki import Authority
+from tests.pki import Authority
 
 tds = st.lists(
     st.text("abcdefghijklmnopqrstuvwxyz0123456789-_", min_size=1, max_size=8),

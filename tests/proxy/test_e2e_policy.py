@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.pki import Authority, now
 from tests.proxy.conftest import (
     Minted,
     Running,
@@ -23,7 +24,6 @@ from tests.proxy.conftest import (
     tls_connect,
     wait_until,
 )
-from tests.proxy.pki import Authority, now
 
 pytestmark = pytest.mark.e2e
 

@@ -9,8 +9,8 @@ from proxy.metrics import Stats
 from tally.spiffe import authz
 from tally.tls.contexts import client_context, server_context
 from tally.tls.verify import PeerRejected
+from tests.pki import Authority
 from tests.proxy.inprocess import identity_of
-from tests.proxy.pki import Authority
 from tests.test_tls import _close_socket_pairs as _close_socket_pairs
 from tests.test_tls import handshake_both, tls_pair
 

@@ -10,8 +10,8 @@ import trio
 from proxy.identity import FileSource, Identity, IdentityError, make_identity
 from tally.spiffe.bundle import Bundle
 from tally.spiffe.spiffeid import SpiffeId, TrustDomain
+from tests.pki import Authority, Svid, now
 from tests.proxy.inprocess import identity_of
-from tests.proxy.pki import Authority, Svid, now
 
 
 @pytest.fixture

@@ -9,8 +9,8 @@ from proxy.inbound import address_of, serve_inbound
 from tally.tls.contexts import client_context
 from tally.tls.stream import TLSStream
 from tally.tls.verify import TLSError
+from tests.pki import Authority
 from tests.proxy.inprocess import Echo, identity_of, running, server_settings, traffic_for
-from tests.proxy.pki import Authority
 from tests.test_tls import _close_socket_pairs as _close_socket_pairs
 from tests.test_tls import socket_pair
 

@@ -10,6 +10,7 @@ import trio
 from proxy.inbound import serve_inbound
 from proxy.outbound import dial_server, serve_outbound
 from proxy.pool import RETIRE_MARGIN_S, DialError
+from tests.pki import Authority
 from tests.proxy.inprocess import (
     Echo,
     client_settings,
@@ -18,7 +19,6 @@ from tests.proxy.inprocess import (
     server_settings,
     traffic_for,
 )
-from tests.proxy.pki import Authority
 from tests.test_plain import plain_pair
 from tests.test_tls import _close_socket_pairs as _close_socket_pairs
 from tests.test_tls import socket_pair

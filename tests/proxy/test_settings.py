@@ -13,7 +13,7 @@ from proxy.settings import ClientSettings, FileSourceSpec, ServerSettings, Workl
 from tally.app.launch import run_cli
 from tally.ops.config import ConfigError, load
 from tally.spiffe.spiffeid import SpiffeId, TrustDomain
-from tests.proxy.pki import Authority, now
+from tests.pki import Authority, now
 
 BASE = ["--listen", "127.0.0.1:0", "--target", "127.0.0.1:8080"]
 FILES = ["--cert", "/c.pem", "--key", "/k.pem", "--bundle", "/b.pem"]

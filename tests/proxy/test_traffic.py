@@ -13,8 +13,8 @@ from proxy.traffic import Traffic
 from tally.tls.contexts import client_context
 from tally.tls.stream import TLSStream
 from tally.tls.verify import TLSError
+from tests.pki import Authority
 from tests.proxy.inprocess import closed_port, identity_of, running, server_settings, traffic_for
-from tests.proxy.pki import Authority
 from tests.test_plain import plain_pair
 from tests.test_tls import _close_socket_pairs as _close_socket_pairs
 from tests.test_tls import socket_pair

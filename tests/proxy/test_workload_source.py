@@ -28,7 +28,7 @@ from tally.tls.stream import TLSStream
 from tally.wire import workload_pb as pb
 from tally.wire.grpc import Status, encode_message, trailers
 from tally.wire.workload_client import parse_x509_svid_response
-from tests.proxy.pki import Authority, Svid
+from tests.pki import Authority, Svid
 
 End = Status
 

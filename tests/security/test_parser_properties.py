@@ -62,7 +62,7 @@ from tally.wire import http
 from tally.wire import workload_pb as pb
 from tally.wire.grpc import GrpcError, MessageDecoder, Status, encode_message
 from tally.wire.workload_client import WorkloadApiError, parse_x509_svid_response
-from tests.proxy import pki as proxy_pki
+from tests import pki as proxy_pki
 
 TD = TrustDomain.parse("example.org")
 AGENT_ID = "spiffe://example.org/agent/node-1"

@@ -9,7 +9,7 @@ denial counter for that reason.  Every attack is paired with its control: the
 same client with the daemon's good certificate gets an answer at once, so a
 refusal can never pass merely because the client or the daemon is broken.
 
-Both daemons trust one throwaway PKI (``tests/proxy/pki.py``): the proxy through
+Both daemons trust one throwaway PKI (``tests/pki.py``): the proxy through
 ``--bundle``, the CA because that PKI's root is its ``--upstream-cert``.  So one
 forger signs leaves that are wrong in exactly one way for both, each claiming
 the ID the daemon would otherwise admit: ``spiffe://example.org/web`` (on the
@@ -38,6 +38,7 @@ from tally.ops.config import Address
 from tally.spiffe import pem, x509profile
 from tally.spiffe.spiffeid import TrustDomain
 from tests.e2e.conftest import CA, make_ca
+from tests.pki import Authority, Svid, now
 from tests.proxy.backends import HttpServer
 from tests.proxy.conftest import (
     Minted,
@@ -48,7 +49,6 @@ from tests.proxy.conftest import (
     mint,
     tls_connect,
 )
-from tests.proxy.pki import Authority, Svid, now
 
 pytestmark = pytest.mark.e2e
 

@@ -1,4 +1,4 @@
-"""A throwaway PKI for proxy tests, built with Tally's own profile code.
+"""A throwaway PKI for tests, built with Tally's own profile code (one for the suite).
 
 Certificates are minted from real now truncated to whole seconds, because
 OpenSSL checks validity against the real clock.
