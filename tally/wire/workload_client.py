@@ -351,8 +351,8 @@ class _Updates(Generic[T]):
 async def _read_contexts(
     stream: trio.abc.Stream,
     latest: _Latest[T],
-    path: str = FETCH_X509_SVID_PATH,
-    parse: Callable[[bytes], T] = parse_x509_svid_response,  # type: ignore[assignment]
+    path: str,
+    parse: Callable[[bytes], T],
     request: bytes = b"",
 ) -> None:
     def on_message(payload: bytes) -> None:
@@ -383,13 +383,22 @@ async def watch_x509(endpoint_socket: Path | None = None) -> AsyncIterator[_Upda
     reconnect with backoff.  ``endpoint_socket`` None means ``SPIFFE_ENDPOINT_SOCKET``.
     Waiting for a context has no deadline: wrap it in ``trio.fail_after`` if needed.
     """
+    async with _watch(endpoint_socket, FETCH_X509_SVID_PATH, parse_x509_svid_response) as updates:
+        yield updates
+
+
+@asynccontextmanager
+async def _watch(
+    endpoint_socket: Path | None, path: str, parse: Callable[[bytes], T]
+) -> AsyncIterator[_Updates[T]]:
+    """One streaming call, its newest message always at hand (`watch_x509`)."""
     if endpoint_socket is None:
         endpoint_socket = endpoint_from_env(os.environ)
     stream = await _connect(endpoint_socket)
-    latest: _Latest[X509Context] = _Latest()
+    latest: _Latest[T] = _Latest()
     try:
         async with stream, trio.open_nursery() as nursery:
-            nursery.start_soon(_read_contexts, stream, latest)
+            nursery.start_soon(_read_contexts, stream, latest, path, parse)
             try:
                 yield _Updates(latest)
             finally:
@@ -514,24 +523,7 @@ async def watch_jwt_bundles(
     endpoint_socket: Path | None = None,
 ) -> AsyncIterator[_Updates[dict[str, bytes]]]:
     """Watch the JWT bundles (trust domain name to JWKS bytes), like `watch_x509`."""
-    if endpoint_socket is None:
-        endpoint_socket = endpoint_from_env(os.environ)
-    stream = await _connect(endpoint_socket)
-    latest: _Latest[dict[str, bytes]] = _Latest()
-    try:
-        async with stream, trio.open_nursery() as nursery:
-            nursery.start_soon(
-                _read_contexts,
-                stream,
-                latest,
-                "/SpiffeWorkloadAPI/FetchJWTBundles",
-                parse_jwt_bundles_response,
-            )
-            try:
-                yield _Updates(latest)
-            finally:
-                nursery.cancel_scope.cancel()
-    except BaseExceptionGroup as group:
-        if len(group.exceptions) == 1:
-            raise group.exceptions[0] from None
-        raise
+    async with _watch(
+        endpoint_socket, "/SpiffeWorkloadAPI/FetchJWTBundles", parse_jwt_bundles_response
+    ) as updates:
+        yield updates
