@@ -353,13 +353,12 @@ async def _read_contexts(
     latest: _Latest[T],
     path: str,
     parse: Callable[[bytes], T],
-    request: bytes = b"",
 ) -> None:
     def on_message(payload: bytes) -> None:
         latest.publish(parse(payload))
 
     try:
-        status, message = await _run_call(stream, path, on_message, request)
+        status, message = await _run_call(stream, path, on_message)
     except WorkloadApiError as exc:
         latest.finish(exc)
     except GrpcError as exc:
