@@ -50,6 +50,7 @@ from tally.spiffe.selectors import Selector, matches
 from tally.wire.grpc import GrpcError, Status
 
 log = get_logger("tally.agent")
+NO_ENTRY = "no registration entry matches this caller"
 _SNAPSHOTS_KEPT = 1024
 """Snapshots remembered, one per set of caller selectors (kinds of caller, not callers)."""
 _SNAPSHOT_MAX_AGE = timedelta(seconds=60)
@@ -167,6 +168,18 @@ class AgentBackend:
         self.stats.attested += 1
         return selectors
 
+    def _denied(self, peer: PeerCred, selectors: frozenset[Selector], reason: str) -> NoIdentity:
+        """Count and log a caller that gets no identity; the error to raise for it."""
+        self.stats.denied += 1
+        log.warning(
+            "workload.denied",
+            pid=peer.pid,
+            uid=peer.uid,
+            selectors=describe(selectors),
+            reason=reason,
+        )
+        return NoIdentity("no identity issued")
+
     @asynccontextmanager
     async def watch_x509(self, peer: PeerCred) -> AsyncIterator[AsyncIterator[X509Snapshot]]:
         selectors = await self._attest(peer)
@@ -181,18 +194,14 @@ class AgentBackend:
             changed = keeper.changed
             snap, soonest = self._snapshot(selectors)
             if not snap.svids:
-                self.stats.denied += 1
-                log.warning(
-                    "workload.denied",
-                    pid=peer.pid,
-                    uid=peer.uid,
-                    selectors=describe(selectors),
-                    reason="no registration entry matches this caller"
+                raise self._denied(
+                    peer,
+                    selectors,
+                    NO_ENTRY
                     if not keeper.halted
                     else f"the CA refused this agent ({keeper.halted}) "
                     "and no unexpired SVID matches",
                 )
-                raise NoIdentity("no identity issued")
             key = (
                 tuple((s.spiffe_id, s.cert_chain_der) for s in snap.svids),
                 tuple(snap.bundles.items()),
@@ -210,15 +219,7 @@ class AgentBackend:
         """The entries whose SVIDs this caller may have, as for X.509 (rule 3)."""
         entries = [e for e in self.keeper.entries.values() if matches(e.selectors, selectors)]
         if not entries:
-            self.stats.denied += 1
-            log.warning(
-                "workload.denied",
-                pid=peer.pid,
-                uid=peer.uid,
-                selectors=describe(selectors),
-                reason="no registration entry matches this caller",
-            )
-            raise NoIdentity("no identity issued")
+            raise self._denied(peer, selectors, NO_ENTRY)
         return sorted(entries, key=lambda e: (e.spiffe_id, e.id))
 
     async def fetch_jwt(
