@@ -50,6 +50,7 @@ from typing import Literal
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
+from ca.audit import VerifyResult
 from ca.jwt_keys import MAX_AUDIENCE_CHARS, MAX_AUDIENCES, AuditSampler, JwtKeyManager, JwtLimits
 from ca.keys import KeyManager, PrivateKey, Signer
 from ca.schedule import not_before_cushion
@@ -864,6 +865,20 @@ class Authority:
         return issued
 
     # -- agents ------------------------------------------------------------------------
+
+    def check_audit(self) -> VerifyResult:
+        """Prove the audit chain, as the CA's own schedule and its console do; a break is
+        logged as ``audit.broken`` (a hook event) each time it is found, until repaired."""
+        result = self.store.verify_audit()
+        if not result.ok:
+            log.error(
+                "audit.broken",
+                reason="chain_broken",
+                records=result.records,
+                bad_seq=result.bad_seq,
+                problem=result.problem,
+            )
+        return result
 
     def list_agents(self) -> list[AgentRecord]:
         return self.store.list_agents()

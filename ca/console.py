@@ -199,7 +199,7 @@ class Console:
             or (head != self._audit.head_seq and now - self._audit_checked >= VERIFY_EVERY_S)
             or now - self._audit_checked >= 6 * VERIFY_EVERY_S
         ):
-            verdict = store.verify_audit()
+            verdict = self.authority.check_audit()
             last = store.audit_records(limit=1)
             self._audit = console_view.AuditState(
                 verdict.ok,
@@ -210,8 +210,6 @@ class Console:
                 int(now),
             )
             self._audit_checked = now
-            if not verdict.ok:
-                log.error("audit.broken", problem=verdict.problem, bad_seq=verdict.bad_seq)
         keys = [
             console_view.KeyRow(
                 r.id,

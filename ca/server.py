@@ -744,17 +744,9 @@ class CAServer:
             await trio.sleep(every if every is not None else 60)
             if self.cfg.audit_verify_every is None:
                 continue
-            result = await self.run_sync(self.store.verify_audit)
+            result = await self.run_sync(self.authority.check_audit)
             if result.ok:
                 log.debug("audit.verified", records=result.records)
-            else:
-                log.error(
-                    "audit.broken",
-                    reason="chain_broken",
-                    records=result.records,
-                    bad_seq=result.bad_seq,
-                    problem=result.problem,
-                )
 
     async def reload(self) -> None:
         """SIGHUP (rule 5): apply the live settings of the re-read file."""
