@@ -226,10 +226,8 @@ class Console:
             for r in store.list_keys()
             if r.state != "removed"
         ]
-        # JWT keys, where this CA has them (ca.jwt_keys): read by shape, states and times only.
-        jwt_keys = getattr(self.authority, "jwt_keys", None)
-        if jwt_keys is not None and callable(getattr(jwt_keys, "records", None)):
-            keys += console_view.jwt_key_rows(jwt_keys.records(), now)
+        if self.authority.jwt_keys is not None:  # states and times only
+            keys += console_view.jwt_key_rows(self.authority.jwt_keys.records(), now)
         return console_view.snapshot(
             trust_domain=str(self.authority.td),
             now=now,
