@@ -6,28 +6,15 @@ validation and the configuration reference in the docs.
 
 from __future__ import annotations
 
-import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
 from ca.datastore import Datastore, DatastoreUrlError
 from ca.datastore import parse as parse_datastore
-from tally.ops.config import Address, ConfigError, Duration, Table, setting
+from tally.ops.config import Address, ConfigError, Duration, Table, is_loopback, setting
 from tally.ops.hook_rules import HOOKS_HELP, check_hooks
 from tally.spiffe.spiffeid import SpiffeId, SpiffeIdError, TrustDomain
-
-
-def is_loopback(host: str | None) -> bool:
-    """Whether ``host`` (as `Address` keeps it) can only be reached from this machine."""
-    if host is None:
-        return False
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False  # any other name may resolve anywhere
 
 
 @dataclass(frozen=True)
@@ -282,18 +269,9 @@ class CASettings:
             raise ConfigError("setting 'oidc_listen' needs 'oidc_issuer' (https://NAME)")
         if self.oidc_listen.host is None:
             raise ConfigError("setting 'oidc_listen' must be HOST:PORT")
-        if self.oidc_cert is None and not _loopback(self.oidc_listen.host):
+        if self.oidc_cert is None and not is_loopback(self.oidc_listen.host):
             raise ConfigError(
                 "setting 'oidc_listen': plain HTTP is served on loopback only (behind a TLS"
                 " terminator); give 'oidc_cert' and 'oidc_key' to listen on"
                 f" {self.oidc_listen.host}"
             )
-
-
-def _loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False

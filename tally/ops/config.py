@@ -60,6 +60,20 @@ class ConfigError(ValueError):
     """A setting the operator must fix; the message names where it came from."""
 
 
+def is_loopback(host: str | None) -> bool:
+    """Whether ``host`` (a name, an address, or a bracketed IPv6 address) can only be
+    reached from this machine: ``localhost`` or a loopback address; any other name may
+    resolve anywhere."""
+    if host is None:
+        return False
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 class AddressError(ConfigError):
     """Text that is not a listen/connect address."""
 

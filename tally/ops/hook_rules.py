@@ -30,7 +30,6 @@ Rules:
 
 from __future__ import annotations
 
-import ipaddress
 import math
 from collections import deque
 from collections.abc import Mapping, Sequence
@@ -39,7 +38,7 @@ from pathlib import Path
 from typing import Any, Final
 from urllib.parse import urlsplit
 
-from tally.ops.config import ConfigError, Table
+from tally.ops.config import ConfigError, Table, is_loopback
 from tally.ops.logs import clean_fields
 
 DEFAULT_TIMEOUT: Final = 10.0
@@ -99,15 +98,6 @@ class HookSpec:
         return f"url {parts.scheme}://{parts.netloc.rpartition('@')[2]}"
 
 
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def _number(where: str, value: object, *, minimum: float, integer: bool) -> float:
     ok = isinstance(value, int) if integer else isinstance(value, int | float)
     if not ok or isinstance(value, bool):
@@ -128,7 +118,7 @@ def _url(where: str, value: object) -> str:
         raise HookError(f"{where}: not a URL: {exc}") from exc
     if parts.scheme not in ("https", "http") or not parts.hostname:
         raise HookError(f"{where}: expected https://HOST/PATH")
-    if parts.scheme == "http" and not _is_loopback(parts.hostname):
+    if parts.scheme == "http" and not is_loopback(parts.hostname):
         raise HookError(
             f"{where}: plain http is only allowed to a loopback host; "
             "use https:// (verified like the rest of Tally)"

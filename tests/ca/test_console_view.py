@@ -18,8 +18,8 @@ from hypothesis import strategies as st
 from ca import console_view
 from ca.authority import Authority, EntrySpec, SignRequest, iso
 from ca.console import Console
-from ca.settings import CASettings, is_loopback
-from tally.ops.config import Address, ConfigError
+from ca.settings import CASettings
+from tally.ops.config import Address, ConfigError, is_loopback
 from tally.spiffe.selectors import Selector
 from tally.spiffe.spiffeid import SpiffeId
 from tests.ca.conftest import make_csr
