@@ -29,6 +29,7 @@ import resource
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
@@ -300,6 +301,52 @@ async def fleet(args: argparse.Namespace, n: int, work: Path) -> dict[str, Any]:
         daemon.stop()
 
 
+async def register_fleet(
+    admin: Admin, agents: list[SimAgent], workloads: int
+) -> tuple[list[str], list[str]]:
+    """A join token per agent and ``workloads`` entries under each (in batches of 1,000);
+    returns the tokens and the agents' SPIFFE IDs, in the agents' order."""
+    tokens, ids = [], []
+    for _ in agents:
+        made = await admin.call("POST", "/v1/tokens", {})
+        tokens.append(made["token"])
+        ids.append(made["spiffe_id"])
+    specs = [
+        {
+            "spiffe_id": f"spiffe://{TRUST_DOMAIN}/a{a.n}/w{w}",
+            "parent_id": ids[a.n],
+            "selectors": [f"unix:uid:{1000 + w}"],
+        }
+        for a in agents
+        for w in range(workloads)
+    ]
+    for start in range(0, len(specs), 1000):
+        await admin.call("POST", "/v1/entries/batch", {"entries": specs[start : start + 1000]})
+    return tokens, ids
+
+
+def joiner(ttl: float, stats: Stats) -> Callable[[SimAgent, str], Awaitable[None]]:
+    """How each simulated agent joins: after a random pause over half a lifetime (a fleet's
+    nodes come up over time, so renewals spread as in a fleet that has been up a while),
+    64 attestations at once, retried as the agent would; then it runs its loops."""
+    limiter = trio.CapacityLimiter(64)
+    spread = random.Random(0)
+
+    async def join(agent: SimAgent, token: str) -> None:
+        await trio.sleep(spread.uniform(0, ttl / 2))
+        async with limiter:
+            for attempt in range(1, 30):
+                try:
+                    await agent.attest(token)
+                    break
+                except CAError as exc:
+                    stats.failed(exc)
+                    await agent._retry_pause(exc, attempt)
+        await agent.run()
+
+    return join
+
+
 async def _run(
     args: argparse.Namespace, n: int, daemon: Daemon, started: dict[str, Any], admin_path: str
 ) -> dict[str, Any]:
@@ -313,44 +360,9 @@ async def _run(
     fds0 = open_fds(daemon.pid)
 
     # Register: a token per agent, W entries per agent in batches.
-    tokens, ids = [], []
-    for _ in agents:
-        made = await admin.call("POST", "/v1/tokens", {})
-        tokens.append(made["token"])
-        ids.append(made["spiffe_id"])
+    tokens, ids = await register_fleet(admin, agents, args.workloads)
     attest_t0 = time.perf_counter()
-    limiter = trio.CapacityLimiter(64)
-    spread = random.Random(0)
-
-    async def attest(agent: SimAgent, token: str) -> None:
-        # Agents join over half a lifetime, as a fleet's nodes do, so that renewals are
-        # spread as they are in a fleet that has been up for a while.
-        await trio.sleep(spread.uniform(0, args.ttl / 2))
-        async with limiter:
-            for attempt in range(1, 30):
-                try:
-                    await agent.attest(token)
-                    return
-                except CAError as exc:
-                    stats.failed(exc)
-                    await agent._retry_pause(exc, attempt)
-
-    specs = [
-        {
-            "spiffe_id": f"spiffe://{TRUST_DOMAIN}/a{a.n}/w{w}",
-            "parent_id": ids[a.n],
-            "selectors": [f"unix:uid:{1000 + w}"],
-        }
-        for a in agents
-        for w in range(args.workloads)
-    ]
-    for start in range(0, len(specs), 1000):
-        await admin.call("POST", "/v1/entries/batch", {"entries": specs[start : start + 1000]})
-
-    async def join(agent: SimAgent, token: str) -> None:
-        await attest(agent, token)
-        await agent.run()
-
+    join = joiner(args.ttl, stats)
     async with trio.open_nursery() as nursery:
         for agent, token in zip(agents, tokens, strict=True):
             nursery.start_soon(join, agent, token)

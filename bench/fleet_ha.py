@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import resource
 import tempfile
 import time
@@ -28,9 +27,9 @@ from typing import Any
 
 import trio
 
-from agent.ca_client import CAClient, CAError, make_csr
+from agent.ca_client import CAClient, make_csr
 from bench.ca_daemon import TRUST_DOMAIN
-from bench.fleet import TD, Admin, SimAgent, Stats, ca_pid_stats, pct
+from bench.fleet import TD, Admin, SimAgent, Stats, ca_pid_stats, joiner, pct, register_fleet
 from tally.app.launch import Daemon
 from tally.ops.config import Address
 from tally.spiffe import pem, x509profile
@@ -84,36 +83,8 @@ async def run(args: argparse.Namespace, n: int, work: Path, url: str) -> dict[st
             agent = SimAgent(i, servers[0], roots, csr, stats)
             agent.client = CAClient(servers, TD, roots, timeout=60)  # both servers
             agents.append(agent)
-        tokens, ids = [], []
-        for _ in agents:
-            made = await admin.call("POST", "/v1/tokens", {})
-            tokens.append(made["token"])
-            ids.append(made["spiffe_id"])
-        specs = [
-            {
-                "spiffe_id": f"spiffe://{TRUST_DOMAIN}/a{x.n}/w{w}",
-                "parent_id": ids[x.n],
-                "selectors": [f"unix:uid:{1000 + w}"],
-            }
-            for x in agents
-            for w in range(args.workloads)
-        ]
-        for start in range(0, len(specs), 1000):
-            await admin.call("POST", "/v1/entries/batch", {"entries": specs[start : start + 1000]})
-        spread = random.Random(0)
-        limiter = trio.CapacityLimiter(64)
-
-        async def join(agent: SimAgent, token: str) -> None:
-            await trio.sleep(spread.uniform(0, args.ttl / 2))
-            async with limiter:
-                for attempt in range(1, 30):
-                    try:
-                        await agent.attest(token)
-                        break
-                    except CAError as exc:
-                        stats.failed(exc)
-                        await agent._retry_pause(exc, attempt)
-            await agent.run()
+        tokens, _ = await register_fleet(admin, agents, args.workloads)
+        join = joiner(args.ttl, stats)
 
         async with trio.open_nursery() as nursery:
             for agent, token in zip(agents, tokens, strict=True):
