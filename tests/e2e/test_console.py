@@ -207,5 +207,5 @@ def test_off_loopback_the_console_takes_only_an_admin_client_certificate(ca_fact
         except (ssl.SSLError, OSError):
             status = 0
         assert status == 0, f"{client} was let in"
-    denied = [line for line in ca.daemon.lines if line.get("event") == "console.denied"]
+    denied = ca.daemon.events("console.denied")
     assert denied and any("mallory" in str(line.get("peer_id")) for line in denied)

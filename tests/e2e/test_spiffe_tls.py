@@ -20,7 +20,6 @@ import http.client
 import os
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -48,19 +47,15 @@ WAIT = 90.0
 class Peer(Daemon):
     """`python -m tests.e2e.spiffe_tls_peer ...`, read like a daemon: JSON lines on stderr."""
 
-    def start(self, ready_event: str, timeout: float = 30) -> dict[str, Any]:
-        self.proc = subprocess.Popen(
+    def popen(self) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
             [sys.executable, "-m", "tests.e2e.spiffe_tls_peer", *self.args],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
-            text=True,
             cwd=ROOT,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-        return self.wait_for(ready_event, timeout)
 
     def wait_until(self, event: str, done: Any, timeout: float = WAIT) -> list[dict[str, Any]]:
         """This event's lines, once ``done(lines)`` holds for them; waits on each new line."""
