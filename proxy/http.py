@@ -334,7 +334,7 @@ def _refusal(request: h11.Request) -> tuple[int, str] | None:
     """Requests h11 accepts that must not be relayed (rule 6), as (status, text)."""
     if request.http_version not in (b"1.0", b"1.1"):
         return 505, "HTTP version not supported"
-    names = {name for name, _ in request.headers}
+    names = {name for name, _ in _pairs(request.headers)}
     if b"content-length" in names and b"transfer-encoding" in names:
         return 400, "both Content-Length and Transfer-Encoding"
     return None
