@@ -49,13 +49,6 @@ Rules:
    parses ``PRI * HTTP/2.0`` as a request), get a 400/505 and the connection
    closes.  Folded headers (obs-fold) and bare LF line ends are accepted as
    h11 reads them: the request goes on re-serialized, one line per header.
-8. What h11 parsed is not validated again.  A forwarded head is built from
-   fields h11's reader already checked against the RFC grammar, so it is
-   built with h11's ``_parsed=True`` (h11 still applies its Content-Length
-   and Transfer-Encoding rules and its Host rule), and body events are
-   passed on as the same objects.  Only what the proxy adds itself (XFCC,
-   a bearer token, a Host for HTTP/1.0) is checked, by `checked`.  Checking
-   every header twice was a fifth of HTTP mode's CPU per request.
 9. The proxy's own streams are driven through their relay ends
    (`tally.tls.plain.PlainEnd`, `tally.tls.relay_end.TLSEnd`), as TCP mode's
    relay drives them: a read or a write is one call that never waits, and the
@@ -66,13 +59,13 @@ Rules:
    found its bytes waiting delivers a pending cancellation but yields to the
    scheduler only every `YIELD_EVERY` reads, so a fast peer cannot starve the
    other connections and deadlines still fire.
-10. A long body is read in long reads.  Heads are read `CHUNK` bytes at a
-   time, because h11 measures a head against ``MAX_HEAD_BYTES`` only while it
-   is incomplete; within a Content-Length body, a read takes up to what is
-   left of the body (at most `tally.tls.plain.LENT_SIZE`), so it can never
-   carry the next head in with it, and a 1 MiB response moves in 256 KiB
-   reads instead of 64 KiB ones (each read is a trip through h11 and the
-   exchange's Python).
+8. What h11 parsed is not validated again.  A forwarded head is built from
+   fields h11's reader already checked against the RFC grammar, so it is
+   built with h11's ``_parsed=True`` (h11 still applies its Content-Length
+   and Transfer-Encoding rules and its Host rule), and body events are
+   passed on as the same objects.  Only what the proxy adds itself (XFCC,
+   a bearer token, a Host for HTTP/1.0) is checked, by `checked`.  Checking
+   every header twice was a fifth of HTTP mode's CPU per request.
 """
 
 from __future__ import annotations
@@ -88,13 +81,11 @@ import h11
 import trio
 
 from proxy.tcp import Deadline, End
-from tally.tls.plain import LENT_SIZE
 
 CHUNK = 1 << 16
-"""Bytes per read, except within a long body (rule 10).  Not more than ``MAX_HEAD_BYTES``:
-h11 measures a head against its limit only while the head is incomplete, so a read larger
-than the limit could bring an oversized head in whole (tests/security/test_garbage.py's
-huge_header case)."""
+"""Bytes per read.  Not more than ``MAX_HEAD_BYTES``: h11 measures a head against its
+limit only while the head is incomplete, so a read larger than the limit could bring an
+oversized head in whole (tests/security/test_garbage.py's huge_header case)."""
 MAX_HEAD_BYTES = 64 * 1024
 YIELD_EVERY = 8
 """Reads that found their bytes waiting, in a row, before one yields to the scheduler
@@ -170,8 +161,6 @@ class HttpStream:
             else:
                 self._wait = driven.wait_ready
         self._unyielded = 0
-        self.body_left = 0
-        """Bytes still to come of the Content-Length body being read (rule 10)."""
         self.sending = False
         """True while (or after) a write waits for the peer: who stalled, on a timeout."""
         self.due = math.inf
@@ -190,13 +179,11 @@ class HttpStream:
             data = await self.stream.receive_some(CHUNK)
         else:
             assert self._wait is not None
-            # Rule 10: within a long Content-Length body, read up to what is left of it.
-            limit = CHUNK if self.body_left <= CHUNK else min(self.body_left, LENT_SIZE)
-            got = end.read(limit)
+            got = end.read(CHUNK)
             waited = got is None
             while got is None:
                 await self._wait(end.wants)
-                got = end.read(limit)
+                got = end.read(CHUNK)
             # h11 copies what it is given into its buffer: a lent read is safe to pass,
             # and once passed, a cancellation below loses nothing.
             self.conn.receive_data(got)  # type: ignore[arg-type]
@@ -266,7 +253,6 @@ class HttpStream:
         """Start the next cycle if both sides finished this one cleanly; False: close it."""
         if self.conn.our_state is h11.DONE and self.conn.their_state is h11.DONE:
             self.conn.start_next_cycle()
-            self.body_left = 0
             return True
         return False
 
@@ -389,21 +375,6 @@ def forwarded_headers(
     if named:
         drop = drop | named
     return [(name, value) for name, value in pairs if name not in HOP_BY_HOP and name not in drop]
-
-
-def content_length(headers: Headers) -> int:
-    """The length of a body framed by Content-Length, else 0 (chunked, or none).
-
-    ``headers`` are lower-case pairs (`forwarded_headers`) of a head h11 accepted, so a
-    Content-Length is digits, and with a Transfer-Encoding it does not frame the body.
-    """
-    length = 0
-    for name, value in headers:
-        if name == b"transfer-encoding":
-            return 0
-        if name == b"content-length":
-            length = int(value)
-    return length
 
 
 def has_body(request: h11.Request) -> bool:
@@ -532,11 +503,9 @@ async def _relay_body(
         event = await _next_from(down, up, activity, DownstreamError, UpstreamError)
         if type(event) is h11.Data:
             _queue(up, event, UpstreamError)
-            down.body_left -= len(event.data)
             ex.bytes_in += len(event.data)
             count(len(event.data))
         elif type(event) is h11.EndOfMessage:
-            down.body_left = 0
             _queue(up, event, UpstreamError)
             await _flush(up, UpstreamError, activity)
             return
@@ -571,7 +540,6 @@ async def _relay_response(
                 headers.append((b"connection", b"close"))
             ex.status = event.status_code
             ex.response_started = True
-            up.body_left = content_length(headers)
             head = _build(
                 h11.Response,
                 status_code=event.status_code,
@@ -582,11 +550,9 @@ async def _relay_response(
             _queue(down, head, DownstreamError)
         elif type(event) is h11.Data:
             _queue(down, event, DownstreamError)
-            up.body_left -= len(event.data)
             ex.bytes_out += len(event.data)
             count(len(event.data))
         elif type(event) is h11.EndOfMessage:
-            up.body_left = 0
             _queue(down, event, DownstreamError)
             await _flush(down, DownstreamError, activity)
             return
@@ -631,7 +597,6 @@ async def exchange(
         if not body_pending:
             await _relay_response(down, up, ex, activity, closing, count_from_target)
             return
-        down.body_left = content_length(headers)
         try:
             async with trio.open_nursery() as nursery:
 

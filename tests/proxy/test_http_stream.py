@@ -125,10 +125,10 @@ def ignore(n: int) -> None:
 
 @settings(max_examples=15, deadline=None)
 @given(size=st.integers(min_value=0, max_value=600_000))
-def test_a_long_body_is_read_in_long_reads_that_never_take_the_next_head_along(size):
-    """Rule 10: the reads within a Content-Length body stop at its end, so whatever the
-    target sends after it (here an oversized head) still arrives in reads of at most
-    CHUNK bytes, where h11's head limit applies."""
+def test_a_long_body_never_brings_the_next_head_in_a_read_longer_than_chunk(size):
+    """Whatever the target sends after a response's body (here an oversized head)
+    arrives in reads of at most CHUNK bytes, where h11's head limit applies: a longer
+    read within a long body (tried: up to what is left of it) must never take it along."""
 
     async def main() -> None:
         (down_ours, client), (up_ours, target) = plain_pair(), plain_pair()
