@@ -49,6 +49,16 @@ Rules:
    parses ``PRI * HTTP/2.0`` as a request), get a 400/505 and the connection
    closes.  Folded headers (obs-fold) and bare LF line ends are accepted as
    h11 reads them: the request goes on re-serialized, one line per header.
+9. The proxy's own streams are driven through their relay ends
+   (`tally.tls.plain.PlainEnd`, `tally.tls.relay_end.TLSEnd`), as TCP mode's
+   relay drives them: a read or a write is one call that never waits, and the
+   exchange waits on the socket (``wait_ready``) only when that call says it
+   would block.  The stream API's layers per call (a guard, a checkpoint, and on
+   TLS pyOpenSSL's exception per "would block", a buffer per read and a call per
+   16 KiB record written) were a quarter of a small request's CPU.  A read that
+   found its bytes waiting delivers a pending cancellation but yields to the
+   scheduler only every `YIELD_EVERY` reads, so a fast peer cannot starve the
+   other connections and deadlines still fire.
 8. What h11 parsed is not validated again.  A forwarded head is built from
    fields h11's reader already checked against the RFC grammar, so it is
    built with h11's ``_parsed=True`` (h11 still applies its Content-Length
@@ -62,21 +72,24 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import ParamSpec, TypeVar
+from typing import ParamSpec, Protocol, TypeVar, cast
 
 import h11
 import trio
 
-from proxy.tcp import Deadline
+from proxy.tcp import Deadline, End
 
 CHUNK = 1 << 16
 """Bytes per read.  Not more than ``MAX_HEAD_BYTES``: h11 measures a head against its
 limit only while the head is incomplete, so a read larger than the limit could bring an
 oversized head in whole (tests/security/test_garbage.py's huge_header case)."""
 MAX_HEAD_BYTES = 64 * 1024
+YIELD_EVERY = 8
+"""Reads that found their bytes waiting, in a row, before one yields to the scheduler
+(rule 9): a fast peer must not keep the other connections waiting."""
 HOP_BY_HOP = frozenset(
     {b"connection", b"keep-alive", b"proxy-connection", b"te", b"upgrade", b"http2-settings"}
 )
@@ -116,14 +129,38 @@ class MalformedBody(DownstreamError):
     """The request body broke HTTP/1.1 framing (bad chunking): answered 400 if we still can."""
 
 
+class _Driven(Protocol):
+    """A stream whose end the HTTP relay drives (`tally.tls.plain.PlainStream`,
+    `tally.tls.stream.TLSStream`): calls that never wait, and a wait for the readiness
+    one of them asked for."""
+
+    def relay_end(self) -> End: ...
+
+    async def wait_ready(self, wants: int) -> None: ...
+
+
 class HttpStream:
-    """One h11 connection bound to one trio stream, with an output queue (rule 5)."""
+    """One h11 connection bound to one trio stream, with an output queue (rule 5).
+
+    The proxy's own streams are read and written through their relay end (rule 9),
+    any other trio stream (the tests' memory streams) through the stream API.
+    """
 
     def __init__(self, stream: trio.abc.Stream, role: type[h11.CLIENT] | type[h11.SERVER]) -> None:
         self.stream = stream
         self.conn = h11.Connection(role, max_incomplete_event_size=MAX_HEAD_BYTES)
         self._out: list[bytes] = []
-        self._send_nowait: Callable[[bytes], int] | None = getattr(stream, "send_some_nowait", None)
+        self._end: End | None = None
+        self._wait: Callable[[int], Awaitable[None]] | None = None
+        if hasattr(stream, "relay_end") and hasattr(stream, "wait_ready"):
+            driven = cast(_Driven, stream)
+            try:
+                self._end = driven.relay_end()
+            except ValueError:  # a TLS stream before its handshake: the stream API
+                pass
+            else:
+                self._wait = driven.wait_ready
+        self._unyielded = 0
         self.sending = False
         """True while (or after) a write waits for the peer: who stalled, on a timeout."""
         self.due = math.inf
@@ -136,7 +173,33 @@ class HttpStream:
         return bool(data) or closed
 
     async def receive(self, activity: Deadline | None = None) -> None:
-        data = await self.stream.receive_some(CHUNK)
+        """Feed h11 one read (at most `CHUNK`), waiting only while nothing has arrived."""
+        end = self._end
+        if end is None:
+            data = await self.stream.receive_some(CHUNK)
+        else:
+            assert self._wait is not None
+            got = end.read(CHUNK)
+            waited = got is None
+            while got is None:
+                await self._wait(end.wants)
+                got = end.read(CHUNK)
+            # h11 copies what it is given into its buffer: a lent read is safe to pass,
+            # and once passed, a cancellation below loses nothing.
+            self.conn.receive_data(got)  # type: ignore[arg-type]
+            if activity is not None:
+                activity.touch()
+            if waited:
+                self._unyielded = 0
+            elif self._unyielded < YIELD_EVERY:
+                # Rule 9: a read that found its bytes waiting needs no trip through the
+                # scheduler, but cancellation (deadlines, a drain) must still get in.
+                self._unyielded += 1
+                await trio.lowlevel.checkpoint_if_cancelled()
+            else:
+                self._unyielded = 0
+                await trio.lowlevel.checkpoint()
+            return
         if activity is not None:
             activity.touch()
         self.conn.receive_data(bytes(data))
@@ -158,15 +221,26 @@ class HttpStream:
 
     async def flush(self, activity: Deadline | None = None) -> None:
         """Send the queue: at once if the kernel takes it all (no checkpoint, rule 5),
-        else the rest through ``send_all``, which waits."""
+        else waiting for the socket between attempts."""
         if self._out:
             out = self._out
             data = out[0] if len(out) == 1 else b"".join(out)
             out.clear()
             self.sending = True  # stays True if the write is cancelled or fails
-            sent = self._send_nowait(data) if self._send_nowait is not None else 0
-            if sent < len(data):
-                await self.stream.send_all(memoryview(data)[sent:] if sent else data)
+            end = self._end
+            if end is None:
+                await self.stream.send_all(data)
+            else:
+                assert self._wait is not None
+                view: bytes | memoryview = data
+                while True:
+                    n = end.write(view)
+                    if n is None:  # a TLS write is retried with the same bytes, as it must
+                        await self._wait(end.wants)
+                    elif n < len(view):
+                        view = memoryview(view)[n:]
+                    else:
+                        break
             self.sending = False
             if activity is not None:
                 activity.touch()
@@ -227,12 +301,11 @@ async def next_request(
                 # checked above, with no checkpoint since.
                 idlers.scopes.add(scope)
                 try:
-                    data = await down.stream.receive_some(CHUNK)
+                    await down.receive()
                 finally:
                     idlers.scopes.discard(scope)
             if scope.cancelled_caught:
                 return None, _why_woken(idlers, hard_at)
-            down.conn.receive_data(bytes(data))
         began = trio.current_time()
         down.due = began + request_s
         event: object = down.conn.next_event()  # usually the whole head came in one read
@@ -261,7 +334,7 @@ def _refusal(request: h11.Request) -> tuple[int, str] | None:
     """Requests h11 accepts that must not be relayed (rule 6), as (status, text)."""
     if request.http_version not in (b"1.0", b"1.1"):
         return 505, "HTTP version not supported"
-    names = {name for name, _ in request.headers}
+    names = {name for name, _ in _pairs(request.headers)}
     if b"content-length" in names and b"transfer-encoding" in names:
         return 400, "both Content-Length and Transfer-Encoding"
     return None

@@ -102,8 +102,9 @@ async def relay_http(
             return
         token_id, bearer_drop, bearer_add = bearer
         pending = has_body(request)
-        if not pending:
-            await down.next_event()  # the EndOfMessage h11 already has
+        # The EndOfMessage of a request without a body: h11 has it already, no wait.
+        if not pending and down.conn.next_event() is h11.NEED_DATA:
+            await down.next_event()
         try:
             if bearer_add:
                 extra: list[tuple[bytes, bytes]] = [*add, *bearer_add]

@@ -226,17 +226,6 @@ async def test_mutual_tls_round_trip_reports_identities(pki):
     await server.aclose()
 
 
-async def test_send_some_nowait_encrypts_at_once_and_only_after_the_handshake(pki):
-    client, server = tls_pair(pki.client_ctx(), pki.server_ctx())
-    assert client.send_some_nowait(b"early") == 0  # no handshake yet: send_all does it
-    assert await handshake_both(client, server) == {}
-    assert client.send_some_nowait(b"ping") == 4
-    assert await server.receive_some() == b"ping"
-    await client.aclose()
-    assert client.send_some_nowait(b"late") == 0
-    await server.aclose()
-
-
 # -- trio's stream conformance suite ---------------------------------------------------
 
 

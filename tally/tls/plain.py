@@ -96,20 +96,6 @@ class PlainStream(trio.abc.HalfCloseableStream):
             if not waited:
                 await trio.lowlevel.cancel_shielded_checkpoint()
 
-    def send_some_nowait(self, data: bytes | bytearray | memoryview) -> int:
-        """Write what the kernel takes now, without waiting or a checkpoint; 0 if nothing.
-
-        For a caller that waits on this stream's input right after (the HTTP relay
-        after each message): a checkpoint here would be a trip through trio's
-        scheduler per message for nothing.  What is left goes through `send_all`.
-        """
-        if self._closed or self._sent_eof or self._sending.busy:
-            return 0
-        try:
-            return os.write(self._fd, data)
-        except OSError:  # would block, or broken: `send_all` waits or reports it
-            return 0
-
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         with self._receiving:
             if max_bytes is None:
@@ -132,6 +118,11 @@ class PlainStream(trio.abc.HalfCloseableStream):
             if not waited:
                 await trio.lowlevel.cancel_shielded_checkpoint()
             return data
+
+    async def wait_ready(self, wants: int) -> None:
+        """Wait until an end's call that would block (``wants``: `WANT_READ` or
+        `WANT_WRITE`) can go on; for the HTTP relay, which drives this stream's end."""
+        await self._wait(writable=wants == WANT_WRITE)
 
     async def _wait(self, *, writable: bool) -> None:
         self._check_open()
@@ -220,15 +211,17 @@ class PlainEnd:
         self.wants = WANT_READ
         self.more = True
 
-    def read(self) -> memoryview | bytes | None:
+    def read(self, limit: int = LENT_SIZE) -> memoryview | bytes | None:
+        """Up to ``limit`` bytes (at most `LENT_SIZE`), lent."""
+        into = self._into if limit >= LENT_SIZE else (self._lent[:limit],)
         try:
-            n = os.readv(self.fd, self._into)
+            n = os.readv(self.fd, into)
         except BlockingIOError:
             self.wants = WANT_READ
             return None
         except OSError as exc:
             raise _broken(exc) from exc
-        self.more = n == LENT_SIZE
+        self.more = n == limit
         return self._lent[:n] if n else b""
 
     def write(self, data: bytes | memoryview) -> int | None:

@@ -93,13 +93,14 @@ class TLSEnd:
         self.wants = WANT_READ
         self.more = True
 
-    def read(self) -> memoryview | bytes | None:
+    def read(self, limit: int = LENT_SIZE) -> memoryview | bytes | None:
+        """Whole records, up to ``limit`` bytes (from `RECORD_SIZE` to `LENT_SIZE`), lent."""
         if self._after is not None:
             return self._end_now()
         ssl, buf = self._ssl, self._buf
         n = total = _lib.SSL_read(ssl, buf, RECORD_SIZE)
         # Full records: a bulk transfer, with more behind them.
-        while n == RECORD_SIZE and total <= LENT_SIZE - RECORD_SIZE:
+        while n == RECORD_SIZE and total <= limit - RECORD_SIZE:
             n = _lib.SSL_read(ssl, buf + total, RECORD_SIZE)
             if n > 0:
                 total += n

@@ -36,7 +36,7 @@ from cryptography import x509
 from OpenSSL import SSL, crypto
 
 from tally.tls.contexts import RECORD_SIZE, TLSContext
-from tally.tls.plain import DirectionGuard
+from tally.tls.plain import WANT_WRITE, DirectionGuard
 from tally.tls.relay_end import TLSEnd
 from tally.tls.verify import PeerRejected, TLSError, failure_reason
 
@@ -299,30 +299,6 @@ class TLSStream(trio.abc.HalfCloseableStream):
             if not waited:
                 await trio.lowlevel.cancel_shielded_checkpoint()
 
-    def send_some_nowait(self, data: bytes | bytearray | memoryview) -> int:
-        """Encrypt and write what the socket takes now, without waiting; 0 if nothing.
-
-        As `tally.tls.plain.PlainStream.send_some_nowait`.  When OpenSSL would block
-        part way through, the rest goes through `send_all` with the same bytes, as
-        OpenSSL requires (the connection accepts a moved write buffer).
-        """
-        if (
-            not self._handshook
-            or self._broken is not None
-            or self._closed
-            or self._sent_eof
-            or self._send_guard.busy
-        ):
-            return 0
-        view = memoryview(data).cast("B")
-        sent = 0
-        while sent < len(view):
-            try:
-                sent += self._conn.send(view[sent : sent + SEND_CHUNK])
-            except SSL.Error:  # would block, or broken: `send_all` waits or reports it
-                break
-        return sent
-
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         with self._recv_guard:
             if max_bytes is None:
@@ -460,6 +436,14 @@ class TLSStream(trio.abc.HalfCloseableStream):
                 _discard_unread(self.transport.socket.fileno())
         finally:
             self.transport.socket.close()
+
+    async def wait_ready(self, wants: int) -> None:
+        """Wait until an end's call that would block (``wants``: `WANT_READ` or
+        `WANT_WRITE`) can go on; for the HTTP relay, which drives this stream's end from a
+        reading and a writing task, so the waits are shared as ``receive_some``'s are."""
+        self._check_usable()
+        await self._ready.wait(writable=wants == WANT_WRITE)
+        self._check_usable()
 
     def relay_end(self) -> TLSEnd:
         """This stream for the proxy's relay (`proxy.tcp.Relay`), which owns it until it ends."""
