@@ -25,16 +25,20 @@ Rules:
    the chunk once more.  A chunk that fails twice, or takes longer than
    `CHUNK_TIMEOUT`, fails its request with ``503 signing_unavailable`` and
    ``Retry-After``: never a hang.
-5. ``signing_workers`` (`ca.settings.workers_for`) 0 signs in the main process (in a trio thread, like before this
-   pool existed): for the tiniest deployments and for tests.  ``auto`` is one worker per
-   CPU the CA may run on; it is the default, what a fleet needs.  `close` (at the end
-   of `tally ca run`, after SIGTERM's drain) stops the workers.
+5. ``signing_workers`` (`ca.settings.workers_for`) 0 signs in the main process, in a
+   trio thread: for the tiniest deployments and for tests.  ``auto``, the default and
+   what a fleet needs, is one worker per CPU the CA may run on.  `close` (at the end of
+   `tally ca run`, after SIGTERM's drain) stops the workers.
+6. A worker ends when the CA process ends, however it ends (`_follow`): nothing of
+   the CA outlives it.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import multiprocessing
+import os
+import select
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -93,6 +97,22 @@ def _sign_in_worker(
     return sign_jobs(signer, jobs)
 
 
+def _follow(ca_pid: int) -> None:
+    """Worker initializer: end this worker when the CA process ends (rule 6).
+
+    A worker's parent is the forkserver, and the stdlib keeps both alive while any
+    worker is, so a CA killed with SIGKILL would otherwise leave them behind, holding
+    the CA's stderr open.  A pidfd becomes readable when the CA exits.
+    """
+    watched = os.pidfd_open(ca_pid)
+
+    def watch() -> None:
+        select.select([watched], [], [])
+        os._exit(0)
+
+    threading.Thread(target=watch, name="follow-ca", daemon=True).start()
+
+
 def _ready() -> None:
     """A job that does nothing: starts the workers before the first batch needs them."""
 
@@ -146,7 +166,7 @@ class SigningPool:
                 context = multiprocessing.get_context("forkserver")
                 context.set_forkserver_preload(["ca.signing_pool"])
                 self._executor = concurrent.futures.ProcessPoolExecutor(
-                    self.workers, mp_context=context
+                    self.workers, mp_context=context, initializer=_follow, initargs=(os.getpid(),)
                 )
             return self._executor
 
@@ -191,15 +211,21 @@ class SigningPool:
             return await trio.to_thread.run_sync(sign_jobs, signer.leaf_signer, jobs)
         parts = chunks(jobs, self.workers)
         answers: list[Answer] = [[] for _ in parts]
+        refused: list[Denied] = []
 
         async def one(i: int) -> None:
-            answers[i] = await trio.to_thread.run_sync(
-                self._call, signer.key_id, signer, parts[i], limiter=self._threads
-            )
+            try:
+                answers[i] = await trio.to_thread.run_sync(
+                    self._call, signer.key_id, signer, parts[i], limiter=self._threads
+                )
+            except Denied as exc:  # kept out of the nursery's exception group
+                refused.append(exc)
 
         async with trio.open_nursery() as nursery:
             for i in range(len(parts)):
                 nursery.start_soon(one, i)
+        if refused:
+            raise refused[0]
         return [leaf for answer in answers for leaf in answer]
 
     async def start(self) -> None:
