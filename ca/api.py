@@ -3,8 +3,9 @@
 Rules:
 
 1. Handlers read the request through `ca.messages`, hand the decision to
-   `Authority` in the store's worker thread, answer with `ca.messages`' JSON,
-   and turn `Denied` into a JSON error with a stable ``code``.  Nothing here
+   `Authority` in the store's worker thread (a batch of CSRs in two steps, planned
+   and then recorded there, signed between in `ca.signing_pool`), answer with
+   `ca.messages`' JSON, and turn `Denied` into a JSON error with a stable ``code``.  Nothing here
    decides who may do what, except which door a request came through: the
    agent door knows the caller only by the SPIFFE ID its verified certificate
    carries; the admin door only by the uid the kernel reports for the
