@@ -761,11 +761,14 @@ class Authority:
                 results.append(leaf)
                 continue
             assert not isinstance(item, NotSigned)
-            entry = item[0]
+            entry, job = item
+            cert = x509.load_der_x509_certificate(leaf.der)
+            if cert.serial_number != job.serial:  # answers out of step with the plan
+                raise RuntimeError(f"signed leaf {cert.serial_number:x} is not job {job.serial:x}")
             sid = ids.get(entry.spiffe_id)
             if sid is None:
                 sid = ids[entry.spiffe_id] = SpiffeId.parse(entry.spiffe_id)
-            issued = _issued(plan.signer, sid, x509.load_der_x509_certificate(leaf.der), leaf.pem)
+            issued = _issued(plan.signer, sid, cert, leaf.pem)
             na = int(issued.not_after.timestamp())
             svids.append(IssuedSvid(issued.serial, entry.spiffe_id, aid, "workload", na, ts))
             events.append(
