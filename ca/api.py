@@ -3,8 +3,9 @@
 Rules:
 
 1. Handlers read the request through `ca.messages`, hand the decision to
-   `Authority` in the store's worker thread, answer with `ca.messages`' JSON,
-   and turn `Denied` into a JSON error with a stable ``code``.  Nothing here
+   `Authority` in the store's worker thread (a batch of CSRs in two steps, planned
+   and then recorded there, signed between in `ca.signing_pool`), answer with
+   `ca.messages`' JSON, and turn `Denied` into a JSON error with a stable ``code``.  Nothing here
    decides who may do what, except which door a request came through: the
    agent door knows the caller only by the SPIFFE ID its verified certificate
    carries; the admin door only by the uid the kernel reports for the
@@ -38,11 +39,12 @@ from typing import Protocol, TypeVar
 from ca import messages
 from ca.anchor import Anchor, AnchorError, AnchorKey, anchor_from
 from ca.audit import Seen, VerifyResult
-from ca.authority import ENTRY_PAGE, AgentStatus, Authority, Denied, EntrySync, Issued, NotSigned
+from ca.authority import ENTRY_PAGE, AgentStatus, Authority, Denied, EntrySync, SignPlan
 from ca.cluster import Membership
 from ca.engines import StoreUnavailable
 from ca.feed import BUNDLE, ChangeFeed, concerned_agents
 from ca.keys import CAKeyError
+from ca.signing_pool import SigningPool
 from ca.store import EntryRecord
 from tally.spiffe.jwt import with_jwt_keys
 from tally.spiffe.spiffeid import SpiffeId
@@ -135,7 +137,9 @@ class AgentApi:
         bundle: ChangeFeed,
         on_denied: DeniedHook = lambda reason, detail, peer_id, address: None,
         overloaded: Callable[[], int | None] = lambda: None,
+        signing: SigningPool | None = None,
     ) -> None:
+        self.signing = SigningPool(0) if signing is None else signing
         self.overloaded = overloaded
         self.refused_overloaded = 0
         self.authority = authority
@@ -231,11 +235,14 @@ class AgentApi:
         if route == ("POST", "/v1/svids"):
             csrs = messages.body_object(req).get("csrs")
 
-            def sign() -> list[Issued | NotSigned]:
+            def plan() -> SignPlan:
                 a.check_agent(agent_id, serial)  # before a word about the CSRs (rule 5)
-                return a.sign_batch(agent_id, serial, messages.sign_requests(csrs))
+                return a.plan_batch(agent_id, serial, messages.sign_requests(csrs))
 
-            return J(messages.signed_json(csrs, await self.run(sign)))
+            batch = await self.run(plan)
+            signed = await self.signing.sign(batch.signer, batch.jobs)
+            results = await self.run(lambda: a.record_batch(batch, signed))
+            return J(messages.signed_json(csrs, results))
         if route == ("POST", "/v1/jwt"):
             body = messages.body_object(req)
             entry_id = messages.text_or_none(body.get("entry_id"))

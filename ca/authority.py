@@ -53,6 +53,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from ca.audit import VerifyResult
 from ca.jwt_keys import MAX_AUDIENCE_CHARS, MAX_AUDIENCES, AuditSampler, JwtKeyManager, JwtLimits
 from ca.keys import KeyManager, PrivateKey, Signer
+from ca.leaves import LeafJob, NotSigned, SignedLeaf, sign_jobs, sign_leaf
 from ca.schedule import not_before_cushion
 from ca.store import (
     AgentRecord,
@@ -230,11 +231,22 @@ class SignRequest:
 
 
 @dataclass(frozen=True)
-class NotSigned:
-    """Why one request of a batch got no SVID; the rest of the batch goes on."""
+class SignPlan:
+    """A batch of CSRs as the CA decided it before any signing (`Authority.plan_batch`).
 
-    code: str
-    message: str
+    ``items`` has one item per request, in order: the entry and the job to sign
+    for it, or why it gets nothing.  ``signer`` is the key the main process chose
+    (the active one of the published bundle); the jobs may be signed anywhere.
+    """
+
+    agent_id: str
+    signer: Signer
+    now: datetime
+    items: tuple[tuple[EntryRecord, LeafJob] | NotSigned, ...]
+
+    @property
+    def jobs(self) -> list[LeafJob]:
+        return [item[1] for item in self.items if not isinstance(item, NotSigned)]
 
 
 def iso(dt: datetime) -> str:
@@ -320,21 +332,9 @@ class Authority:
         now: datetime,
         dns_names: Sequence[str] = (),
     ) -> Issued:
-        cert = signer.leaf_signer.sign(
-            public_key,
-            sid,
-            now - not_before_cushion(ttl),
-            now + timedelta(seconds=ttl),
-            dns_names=dns_names,
-        )
-        x509profile.validate_leaf(cert)
-        return Issued(
-            sid,
-            serial_hex(cert.serial_number),
-            cert.not_valid_after_utc,
-            (cert, *signer.chain),
-            pem.chain_to_pem([cert]) + signer.chain_pem,
-        )
+        start, end = _lifetime(now, ttl)
+        cert = sign_leaf(signer.leaf_signer, public_key, sid, start, end, dns_names)
+        return _issued(signer, sid, cert, pem.chain_to_pem([cert]))
 
     def _csr_key(self, csr: str | None) -> PublicKey:
         if csr is None:
@@ -707,37 +707,73 @@ class Authority:
     def sign_batch(
         self, agent_id: SpiffeId, serial: str, requests: Sequence[SignRequest]
     ) -> list[Issued | NotSigned]:
-        """Sign CSRs for entries this agent serves; one transaction for the batch.
+        """Sign CSRs for entries this agent serves, here and now; one transaction.
 
-        The answer has one item per request, in order.
+        The agent API does the same in three steps so that the signing runs in
+        the signing workers (`ca.signing_pool`): `plan_batch`, the jobs signed,
+        `record_batch`.  The answer has one item per request, in order.
         """
+        plan = self.plan_batch(agent_id, serial, requests)
+        return self.record_batch(plan, sign_jobs(plan.signer.leaf_signer, plan.jobs))
+
+    def plan_batch(
+        self, agent_id: SpiffeId, serial: str, requests: Sequence[SignRequest]
+    ) -> SignPlan:
+        """What a batch will be: the agent judged, each request's entry found, and for
+        each the SPIFFE ID, serial and lifetime decided, under the active key."""
         self.check_agent(agent_id, serial)
         aid = str(agent_id)
         entries = {e.id: e for e in self.store.list_entries(parent_id=aid)}
-        ids = {e.id: SpiffeId.parse(e.spiffe_id) for e in entries.values()}
         signer = self._signer()
         now = self._now()
-        ts = int(now.timestamp())
-        results: list[Issued | NotSigned] = []
-        svids: list[IssuedSvid] = []
-        events: list[AuditEvent] = []
+        items: list[tuple[EntryRecord, LeafJob] | NotSigned] = []
         for request in requests:
             entry = None if request.entry_id is None else entries.get(request.entry_id)
             if entry is None:
-                results.append(NotSigned("not_authorized", "no such entry for this agent"))
+                items.append(NotSigned("not_authorized", "no such entry for this agent"))
+            elif request.csr is None:
+                items.append(NotSigned("bad_csr", "csr must be a PEM string"))
+            else:
+                start, end = _lifetime(now, entry.ttl or self.limits.default_ttl)
+                serial_number = x509profile.new_serial()
+                job = LeafJob(
+                    request.csr, entry.spiffe_id, serial_number, start, end, entry.dns_names
+                )
+                items.append((entry, job))
+        return SignPlan(aid, signer, now, tuple(items))
+
+    def record_batch(
+        self, plan: SignPlan, signed: Sequence[SignedLeaf | NotSigned]
+    ) -> list[Issued | NotSigned]:
+        """Store and audit what was signed for ``plan`` (one answer per job in
+        ``signed``, in order), in one transaction; the answer for every request."""
+        ts = int(plan.now.timestamp())
+        at = iso(plan.now)
+        aid = plan.agent_id
+        leaves = iter(signed)
+        ids: dict[str, SpiffeId] = {}
+        results: list[Issued | NotSigned] = []
+        svids: list[IssuedSvid] = []
+        events: list[AuditEvent] = []
+        for item in plan.items:
+            leaf = item if isinstance(item, NotSigned) else next(leaves)
+            if isinstance(leaf, NotSigned):
+                results.append(leaf)
                 continue
-            try:
-                public_key = self._csr_key(request.csr)
-            except Denied as exc:
-                results.append(NotSigned(exc.code, exc.message))
-                continue
-            ttl = entry.ttl or self.limits.default_ttl
-            issued = self._sign(signer, public_key, ids[entry.id], ttl, now, entry.dns_names)
+            assert not isinstance(item, NotSigned)
+            entry, job = item
+            cert = x509.load_der_x509_certificate(leaf.der)
+            if cert.serial_number != job.serial:  # answers out of step with the plan
+                raise RuntimeError(f"signed leaf {cert.serial_number:x} is not job {job.serial:x}")
+            sid = ids.get(entry.spiffe_id)
+            if sid is None:
+                sid = ids[entry.spiffe_id] = SpiffeId.parse(entry.spiffe_id)
+            issued = _issued(plan.signer, sid, cert, leaf.pem)
             na = int(issued.not_after.timestamp())
             svids.append(IssuedSvid(issued.serial, entry.spiffe_id, aid, "workload", na, ts))
             events.append(
                 AuditEvent(
-                    iso(now),
+                    at,
                     aid,
                     "svid.issued",
                     entry.spiffe_id,
@@ -900,6 +936,21 @@ class Authority:
             AuditEvent(iso(now), actor, event, str(agent_id), agent.serial, {}),
         )
         return self.get_agent(agent_id)
+
+
+def _lifetime(now: datetime, ttl: int) -> tuple[datetime, datetime]:
+    """When an SVID of ``ttl`` seconds issued ``now`` is valid: backdated a little."""
+    return now - not_before_cushion(ttl), now + timedelta(seconds=ttl)
+
+
+def _issued(signer: Signer, sid: SpiffeId, cert: x509.Certificate, leaf_pem: bytes) -> Issued:
+    return Issued(
+        sid,
+        serial_hex(cert.serial_number),
+        cert.not_valid_after_utc,
+        (cert, *signer.chain),
+        leaf_pem + signer.chain_pem,
+    )
 
 
 def presents_live_svid(agent: AgentRecord, serial: str) -> bool:

@@ -34,12 +34,12 @@ from ca.authority import (
     IssuedJwt,
     Minted,
     NewToken,
-    NotSigned,
     SignRequest,
     bad_token_ttl,
     bad_ttl,
     iso,
 )
+from ca.leaves import NotSigned
 from ca.store import AgentRecord, EntryRecord
 from tally.spiffe import pem
 from tally.spiffe.bundle import Bundle

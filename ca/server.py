@@ -78,7 +78,8 @@ from ca.jwt_keys import AuditSampler, JwtKeyManager, JwtStep, jwt_limits, jwt_po
 from ca.keys import KeyManager, Signer, load_upstream
 from ca.oidc import serve_oidc
 from ca.oidc import tls_context as oidc_tls_context
-from ca.settings import CASettings
+from ca.settings import CASettings, workers_for
+from ca.signing_pool import SigningPool
 from ca.store import AuditEvent, IssuedSvid, Store
 from ca.throttle import overload_retry_after
 from ca.vault import SealedVault
@@ -130,6 +131,7 @@ RESTART_ONLY = (
     "oidc_issuer",
     "oidc_cert",
     "oidc_key",
+    "signing_workers",
 )
 
 
@@ -176,6 +178,11 @@ def _metrics(server: CAServer) -> Iterator[Metric]:
     )
     yield metrics.counter_by(
         "tally_ca_peer_denied", "agent API peers refused, by reason", ["reason"], s.peers_denied
+    )
+    yield metrics.counter(
+        "tally_ca_signing_workers_replaced",
+        "times the signing workers were restarted because one died",
+        s.signing.replaced,
     )
     yield metrics.counter(
         "tally_ca_overloaded",
@@ -326,6 +333,7 @@ class CAServer:
         self.authority.jwt_limits = jwt_limits(cfg)
         self.authority.jwt_sampler = AuditSampler(int(cfg.jwt_audit_window))
         self._limiter = trio.CapacityLimiter(1)
+        self.signing = SigningPool(workers_for(cfg.signing_workers))
         self._conn_limiter = trio.CapacityLimiter(cfg.max_connections)
         self.admin_admission = Admission(cfg.admin_max_connections)
         self.drain = http.Drain()
@@ -815,6 +823,7 @@ class CAServer:
             self.bundle_changed,
             on_denied=self._denied,
             overloaded=self._overloaded,
+            signing=self.signing,
         )
         self.agent_api = agent_api
 
@@ -844,6 +853,7 @@ class CAServer:
                 async with trio.open_nursery() as handlers:
                     async with trio.open_nursery() as services:
                         await services.start(self.hooks.run)
+                        services.start_soon(self.signing.start)
                         services.start_soon(self._key_loop)
                         services.start_soon(self._anchor_loop)
                         services.start_soon(self._audit_verify_loop)
@@ -916,6 +926,7 @@ class CAServer:
                     self.bundle_changed.stop()
                     handlers.cancel_scope.deadline = trio.current_time() + DRAIN_SECONDS
         finally:
+            self.signing.close()
             self.cfg.admin_socket.unlink(missing_ok=True)
             self.store.close()
         log.info("ca.stopped")

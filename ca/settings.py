@@ -6,6 +6,7 @@ validation and the configuration reference in the docs.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -15,6 +16,17 @@ from ca.datastore import parse as parse_datastore
 from tally.ops.config import Address, ConfigError, Duration, Table, is_loopback, setting
 from tally.ops.hook_rules import HOOKS_HELP, check_hooks
 from tally.spiffe.spiffeid import SpiffeId, SpiffeIdError, TrustDomain
+
+
+def workers_for(setting: str) -> int:
+    """The pool size the ``signing_workers`` setting asks for (``auto``: the CPUs this
+    process may run on); raises ValueError for anything but ``auto`` or a count >= 0."""
+    if setting == "auto":
+        return len(os.sched_getaffinity(0))
+    count = int(setting)
+    if count < 0:
+        raise ValueError("expected auto or a number of workers >= 0")
+    return count
 
 
 @dataclass(frozen=True)
@@ -116,6 +128,11 @@ class CASettings:
         1024,
         help="agent calls waiting for the datastore past which new ones are answered 429"
         " with Retry-After (admission control for a reconnecting herd)",
+    )
+    signing_workers: str = setting(
+        "auto",
+        help="processes that check CSRs and sign workload SVIDs beside the CA's main process:"
+        " auto (one per CPU the CA may use), a number, or 0 to sign in the main process",
     )
     admin_max_connections: int = setting(
         64,
@@ -222,6 +239,13 @@ class CASettings:
             raise ConfigError("settings 'upstream_cert' and 'upstream_key' go together")
         if self.log_level not in ("debug", "info", "warning", "error"):
             raise ConfigError(f"setting 'log_level': unknown level {self.log_level!r}")
+        try:
+            workers_for(self.signing_workers)
+        except ValueError:
+            raise ConfigError(
+                "setting 'signing_workers': expected auto or a number of processes >= 0,"
+                f" got {self.signing_workers!r}"
+            ) from None
         if self.max_connections < 1:
             raise ConfigError("setting 'max_connections' must be at least 1")
         for name in (

@@ -459,6 +459,24 @@ async def test_client_resumes_and_both_sides_take_the_remembered_verdict(pki):
     await trio.aclose_forcefully(server)
 
 
+async def test_a_peers_connections_share_its_certificates_and_keep_no_others(pki):
+    """Memory per parked connection: full handshakes from the same peer hold one set of
+    certificate objects (the context's), and the verification state lets go of its own."""
+    server_ctx = pki.server_ctx()
+    streams = []
+    for _ in range(2):  # a new client context each time: full handshakes, no resumption
+        client, server = tls_pair(pki.client_ctx(), server_ctx)
+        assert await handshake_both(client, server) == {}
+        assert not server.resumed
+        streams.append(server)
+    first, second = (s.peer_chain for s in streams)
+    assert first == second == [pki.client.cert]
+    assert all(a is b for a, b in zip(first, second, strict=True))
+    for server in streams:
+        assert server._check.by_depth == {} and server._check.chain is None
+        assert server.peer_identity == "spiffe://example.org/client"
+
+
 async def test_resumed_peer_without_a_remembered_verdict_is_judged_again(pki):
     verdicts = []
 

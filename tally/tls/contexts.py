@@ -145,12 +145,17 @@ class TLSContext:
         chain: list[x509.Certificate],
         identity: object,
         verified: list[x509.Certificate],
-    ) -> None:
+    ) -> list[x509.Certificate]:
+        """Remember a verdict; returns the chain to keep, the one remembered before when
+        the peer presented the same certificates (so its connections share them)."""
         until = min(c.not_valid_after_utc for c in verified).timestamp()
-        self._verified[leaf_der] = _Verified(tuple(chain), identity, until)
+        known = self._verified.get(leaf_der)
+        kept = known.chain if known is not None and known.chain == tuple(chain) else tuple(chain)
+        self._verified[leaf_der] = _Verified(kept, identity, until)
         self._verified.move_to_end(leaf_der)
         while len(self._verified) > _VERIFIED_MAX:
             self._verified.popitem(last=False)
+        return list(kept)
 
     def _recall_verified(self, leaf_der: bytes) -> _Verified | None:
         """A verdict this context reached on the same leaf, while its chain is still valid."""

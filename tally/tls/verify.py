@@ -153,6 +153,12 @@ class PeerCheck:
         self.rejection: PeerRejected | None = None
         self.ran = False
 
+    def release(self) -> None:
+        """Drop the certificates once the handshake has taken what it needs from them:
+        the check lives as long as its connection (OpenSSL's app data)."""
+        self.by_depth = {}
+        self.chain = None
+
     def on_verify(self, cert: crypto.X509, code: int, depth: int, ok: int) -> bool:
         self.ran = True
         current = cert.to_cryptography()

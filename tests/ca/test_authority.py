@@ -18,10 +18,10 @@ from ca.authority import (
     EntryPatch,
     EntrySpec,
     Issued,
-    NotSigned,
     SignRequest,
     hash_secret,
 )
+from ca.leaves import NotSigned
 from ca.store import EntryRecord
 from tally.spiffe import x509profile
 from tally.spiffe.selectors import Selector
