@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sqlite3
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -55,6 +56,22 @@ class CA:
     def restart(self, *extra: str) -> None:
         self.daemon.stop()
         self.start_again(*extra)
+
+    def sql(self, query: str, *params: object) -> list[tuple]:
+        """Run SQL on the datastore behind the CA's back, as an intruder with the database would.
+
+        ``?`` placeholders on both engines."""
+        if not self.datastore:
+            conn = sqlite3.connect(str(self.data_dir / "ca.db"))
+            with conn:
+                rows = conn.execute(query, params).fetchall()
+            conn.close()
+            return rows
+        import psycopg
+
+        with psycopg.connect(self.datastore, autocommit=True) as pg:
+            cur = pg.execute(query.replace("?", "%s").encode(), params)
+            return cur.fetchall() if cur.description else []
 
     def start_again(self, *extra: str) -> None:
         """Start on the same port and data dir (after stop or kill)."""

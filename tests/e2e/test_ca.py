@@ -10,7 +10,6 @@ import json
 import os
 import shutil
 import socket
-import sqlite3
 import stat
 import subprocess
 import sys
@@ -432,49 +431,34 @@ def test_entry_crud_and_list_filters(ca: CA):
     assert "entry.created" in text
 
 
-def _tamper(ca: CA, sql: str, *params: object) -> list[tuple]:
-    """Run SQL on the CA's datastore behind its back, as an intruder with the database would."""
-    if not ca.datastore:
-        conn = sqlite3.connect(str(ca.data_dir / "ca.db"))
-        with conn:
-            rows = conn.execute(sql, params).fetchall()
-        conn.close()
-        return rows
-    import psycopg
-
-    with psycopg.connect(ca.datastore, autocommit=True) as pg:
-        cur = pg.execute(sql.replace("?", "%s").encode(), params)
-        return cur.fetchall() if cur.description else []
-
-
 def test_audit_verify_names_altered_removed_and_reordered_records(ca: CA):
     for _ in range(6):
         ca.cli("token", "create")
     assert ca.json("audit", "verify")["ok"]
-    rows = _tamper(ca, "SELECT seq, actor FROM audit ORDER BY seq")
+    rows = ca.sql("SELECT seq, actor FROM audit ORDER BY seq")
     target, actor = rows[4]
 
     # Altered: an event rewritten in place.
-    _tamper(ca, "UPDATE audit SET actor = 'someone-else' WHERE seq = ?", target)
+    ca.sql("UPDATE audit SET actor = 'someone-else' WHERE seq = ?", target)
     result = ca.cli("audit", "verify", check=False)
     assert result.returncode == 1
     assert f"record {target} was altered" in result.stdout
-    _tamper(ca, "UPDATE audit SET actor = ? WHERE seq = ?", actor, target)
+    ca.sql("UPDATE audit SET actor = ? WHERE seq = ?", actor, target)
     assert ca.json("audit", "verify")["ok"]
 
     # Reordered: two neighbours swap places.
-    _tamper(ca, "UPDATE audit SET seq = -1 WHERE seq = ?", target)
-    _tamper(ca, "UPDATE audit SET seq = ? WHERE seq = ?", target, target + 1)
-    _tamper(ca, "UPDATE audit SET seq = ? WHERE seq = -1", target + 1)
+    ca.sql("UPDATE audit SET seq = -1 WHERE seq = ?", target)
+    ca.sql("UPDATE audit SET seq = ? WHERE seq = ?", target, target + 1)
+    ca.sql("UPDATE audit SET seq = ? WHERE seq = -1", target + 1)
     result = ca.cli("audit", "verify", check=False)
     assert result.returncode == 1 and f"record {target} is out of order" in result.stdout
-    _tamper(ca, "UPDATE audit SET seq = -1 WHERE seq = ?", target)
-    _tamper(ca, "UPDATE audit SET seq = ? WHERE seq = ?", target, target + 1)
-    _tamper(ca, "UPDATE audit SET seq = ? WHERE seq = -1", target + 1)
+    ca.sql("UPDATE audit SET seq = -1 WHERE seq = ?", target)
+    ca.sql("UPDATE audit SET seq = ? WHERE seq = ?", target, target + 1)
+    ca.sql("UPDATE audit SET seq = ? WHERE seq = -1", target + 1)
     assert ca.json("audit", "verify")["ok"]
 
     # Removed: a record deleted from the middle.
-    _tamper(ca, "DELETE FROM audit WHERE seq = ?", target)
+    ca.sql("DELETE FROM audit WHERE seq = ?", target)
     result = ca.cli("audit", "verify", check=False)
     assert result.returncode == 1 and f"record {target} removed" in result.stdout
     verdict = json.loads(ca.cli("audit", "verify", "--output", "json", check=False).stdout)
