@@ -1,6 +1,6 @@
 """The PostgreSQL outage drill under load: two CA servers on one real PostgreSQL, two
 agents (two nodes) given both, a server and a client proxy in HTTP mode with steady
-traffic; PostgreSQL is stopped for a full 60 s.  Meanwhile agents serve from their
+traffic, and 200 simulated agents; PostgreSQL is stopped for a full 60 s.  Meanwhile agents serve from their
 cache, every renewal fails cleanly (the CA signs nothing it cannot record), both
 servers' ``/readyz`` say why they are not ready, and no request fails.  When the
 database returns everything recovers by itself: no daemon restarted, every SVID
@@ -20,21 +20,31 @@ Rules / theory of operation (the timing is the point of the drill):
    at least one real renewal is attempted against a server without its database,
    and the test also renews directly with the agent API client and reads the
    error code.
-3. The database is one per test module on the xdist worker's one cluster
+3. **A fleet beside the two nodes**: `FLEET` simulated agents of `bench.fleet`
+   (each its own identity, the real agent API client given both servers, the
+   agent's three loops), joined before the nodes start, so their SVIDs too are
+   at most half-way through their life when the outage begins.  They run in a
+   thread of their own with their own trio loop; every error they meet is
+   counted by code, and the drill allows only ``datastore_unavailable`` (and a
+   long poll's timeout), only while the database is away.
+4. The database is one per test module on the xdist worker's one cluster
    (tests/pg.py); under ``--dist loadfile`` no other module runs on this worker
    while the cluster is stopped.
 """
 
 from __future__ import annotations
 
+import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 
 import pytest
 import trio
 
-from agent.ca_client import CAClient, CAError
+from agent.ca_client import CAClient, CAError, make_csr
+from bench.fleet import Admin, SimAgent, Stats, joiner
 from tally.ops.config import Address
 from tally.spiffe import x509profile
 from tests.e2e.conftest import CA, make_ca, start_agent
@@ -65,15 +75,90 @@ TTL = 150  # seconds: agent and workload SVIDs (rule 1)
 OUTAGE_START = (15.0, 40.0)  # seconds after the mesh's first SVID (rules 1 and 2)
 CA_ARGS = ["--default-svid-ttl", f"{TTL}s", "--agent-svid-ttl", f"{TTL}s"]
 CA_ARGS += ["--intermediate-ttl", "1h"]
+FLEET = 200  # simulated agents, one workload each (rule 3)
+
+
+class SimFleet:
+    """`FLEET` simulated agents on both servers, in a thread with its own trio loop."""
+
+    def __init__(self, a: CA, b: CA) -> None:
+        self.admin_socket = a.admin_socket
+        self.servers = [Address.parse(a.listen), Address.parse(b.listen)]
+        self.roots = bundle_roots(a)
+        self.stats = Stats()
+        self.agents: list[SimAgent] = []
+        self.joined = threading.Event()
+        self.failed: BaseException | None = None
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._stop: trio.Event | None = None
+        self._thread = threading.Thread(target=self._main, daemon=True)
+        self._thread.start()
+        assert self.joined.wait(120) and self.failed is None, self.failed
+
+    def _main(self) -> None:
+        try:
+            trio.run(self._run)
+        except BaseException as exc:  # reported by the test thread
+            self.failed = exc
+            self.joined.set()
+
+    async def _run(self) -> None:
+        self._token, self._stop = trio.lowlevel.current_trio_token(), trio.Event()
+        admin = Admin(self.admin_socket)
+        csr = make_csr(x509profile.generate_key())
+        for i in range(FLEET):
+            agent = SimAgent(i, self.servers[0], self.roots, csr, self.stats)
+            agent.client = CAClient(self.servers, TD, self.roots, timeout=60)
+            self.agents.append(agent)
+        # As `bench.fleet.register_fleet`, in this trust domain rather than the bench's.
+        tokens, specs = [], []
+        for agent in self.agents:
+            made = await admin.call("POST", "/v1/tokens", {})
+            tokens.append(made["token"])
+            specs.append(
+                {"spiffe_id": f"spiffe://{TD}/sim/{agent.n}", "parent_id": made["spiffe_id"],
+                 "selectors": ["unix:uid:1000"]}
+            )  # fmt: skip
+        await admin.call("POST", "/v1/entries/batch", {"entries": specs})
+        await admin.http.aclose()
+        join = joiner(2.0, self.stats)  # joins spread over 1 s
+        async with trio.open_nursery() as nursery:
+            for agent, token in zip(self.agents, tokens, strict=True):
+                nursery.start_soon(join, agent, token)
+            with trio.fail_after(120):
+                for agent in self.agents:
+                    await agent.fresh.wait()
+            self.joined.set()
+            await self._stop.wait()
+            nursery.cancel_scope.cancel()
+        for agent in self.agents:
+            await agent.client.aclose()
+
+    def errors(self) -> Counter[str]:
+        return Counter(self.stats.errors)
+
+    def renewals(self) -> int:
+        return self.stats.renewals + self.stats.signed
+
+    def held_until(self) -> datetime:
+        """When the first of the fleet's agent SVIDs runs out."""
+        return min(a.identity[0][0].not_valid_after_utc for a in self.agents if a.identity)
+
+    def close(self) -> None:
+        if self._token is not None and self._stop is not None:
+            trio.from_thread.run_sync(self._stop.set, trio_token=self._token)
+        self._thread.join(30)
 
 
 @pytest.fixture
-def pg_mesh(tmp_path, pg_database: str) -> Iterator[tuple[Mesh, CA]]:
+def pg_mesh(tmp_path, pg_database: str) -> Iterator[tuple[Mesh, CA, SimFleet]]:
     a = make_ca(tmp_path, *CA_ARGS, datastore=pg_database)
     b = second_server(a, tmp_path, pg_database)
     backend = Backend()
     stop: list[Callable[[], object]] = [a.daemon.stop, b.daemon.stop, backend.close]
     try:
+        fleet = SimFleet(a, b)
+        stop.append(fleet.close)
         agents = []
         for name in ("node-client", "node-server"):
             agent = start_agent(a, tmp_path, name, "--server", b.listen)
@@ -85,7 +170,7 @@ def pg_mesh(tmp_path, pg_database: str) -> Iterator[tuple[Mesh, CA]]:
         stop.append(server.daemon.stop)
         client = client_proxy(agents[0].socket, server.listen, *PROXY_ARGS)
         stop.append(client.daemon.stop)
-        yield Mesh(a, agents[0], agents[1], backend, server, client), b
+        yield Mesh(a, agents[0], agents[1], backend, server, client), b, fleet
     finally:
         for fn in reversed(stop):
             fn()
@@ -101,7 +186,7 @@ def wait_ready(cas: tuple[CA, ...], ready: bool, seconds: float) -> None:
 
 
 def test_postgresql_stopped_for_60_s_under_load(pg_mesh, pg_cluster: Cluster):
-    mesh, b = pg_mesh
+    mesh, b, fleet = pg_mesh
     a = mesh.ca
     servers = (a, b)
     agents = (mesh.client_agent, mesh.server_agent)
@@ -130,6 +215,7 @@ def test_postgresql_stopped_for_60_s_under_load(pg_mesh, pg_cluster: Cluster):
             assert all(count(x.daemon, "svid.rotated") == 0 for x in agents), "renewed early"
             before = a.json("audit", "list", "--limit", "1000000")["records"]
             failed = [count(x.daemon, "rotation.failed") for x in agents]
+            assert not fleet.errors(), fleet.errors()
 
             pg_cluster.stop()
             stopped = time.monotonic()
@@ -161,7 +247,9 @@ def test_postgresql_stopped_for_60_s_under_load(pg_mesh, pg_cluster: Cluster):
             finally:
                 pg_cluster.start()
             outage = time.monotonic() - stopped
+            in_outage = fleet.errors()
             wait_ready(servers, True, 30)
+            renewed = fleet.renewals()
             # Renewals resume by themselves: each proxy and each agent gets its next SVID.
             for p in proxies:
                 wait_until(p.daemon, "svid.rotated", timeout=60)
@@ -169,7 +257,19 @@ def test_postgresql_stopped_for_60_s_under_load(pg_mesh, pg_cluster: Cluster):
                 wait_until(agent.daemon, "svid.rotated", lambda x: x["kind"] == "agent", timeout=60)
             trio.run(client.renew, x509profile.generate_key())
             load.wait_ok(20)
+            # The fleet renews again, and met no error once the database was back but
+            # what a poll parked before it returned may still answer.
+            deadline = time.monotonic() + 30
+            while fleet.renewals() < renewed + FLEET // 4:
+                assert time.monotonic() < deadline, "the fleet did not resume renewing"
+                time.sleep(0.5)
         assert outage >= OUTAGE
+        assert set(in_outage) <= {"datastore_unavailable", "TooSlowError"}, in_outage
+        assert in_outage["datastore_unavailable"] > 0, "no fleet call met the outage"
+        late = fleet.errors() - in_outage
+        assert set(late) <= {"datastore_unavailable"} and late.total() <= FLEET, late
+        assert fleet.held_until() > datetime.now(UTC), "a simulated agent's SVID ran out"
+        assert fleet.failed is None, fleet.failed
         assert load.failures() == 0, (load.results, load.errors)
         for agent in agents:
             assert not agent.daemon.events("svid.expired")
