@@ -137,28 +137,35 @@ sqlite_only = pytest.mark.parametrize("ca_engine", ["sqlite"], indirect=True)
 def new_datastore(engine: str, request: pytest.FixtureRequest) -> Callable[[], str]:
     """Makes datastore URLs for new CAs on ``engine`` ("" is SQLite's file).
 
-    The worker's PostgreSQL cluster is asked for only when a test needs it."""
+    The worker's PostgreSQL cluster is asked for only when a test needs it, and
+    each database it makes is dropped when the requesting fixture or test ends
+    (finalizers run last-in first-out, so register the CA's stop after this)."""
     if engine == "sqlite":
         return lambda: ""
     cluster = request.getfixturevalue("pg_cluster")
-    return lambda: cluster.url(cluster.create_database())
+
+    def make() -> str:
+        url = cluster.url(cluster.create_database())
+        request.addfinalizer(lambda: cluster.drop_database(url))
+        return url
+
+    return make
 
 
 @pytest.fixture
-def ca_factory(tmp_path: Path, ca_engine: str, request: pytest.FixtureRequest) -> Iterator:
-    made: list[CA] = []
+def ca_factory(tmp_path: Path, ca_engine: str, request: pytest.FixtureRequest) -> Callable[..., CA]:
     datastore = new_datastore(ca_engine, request)
 
     def factory(*extra: str, trust_domain: str = "example.org", subdir: str = "") -> CA:
         base = tmp_path / subdir if subdir else tmp_path
         base.mkdir(exist_ok=True)
         ca = make_ca(base, *extra, trust_domain=trust_domain, datastore=datastore())
-        made.append(ca)
+        # Finalizers run last-in first-out: the CA (whichever daemon a test left in
+        # ca.daemon) stops before its database is dropped.
+        request.addfinalizer(lambda: ca.daemon.stop())
         return ca
 
-    yield factory
-    for ca in made:
-        ca.daemon.stop()
+    return factory
 
 
 @pytest.fixture
