@@ -10,7 +10,10 @@ moves it when its server fails.
 Phases: everyone attests and holds fresh SVIDs; steady for ``--seconds`` with
 both servers; A is SIGKILLed; every agent must then renew its own SVID and its
 workloads' through B (the time that takes is reported); steady for
-``--seconds`` on B alone.  Errors are calls that failed even after failover.
+``--seconds`` on B alone; then A is started again (same address, already
+approved) and B is SIGKILLed, and the same again on A alone, so that either
+server is shown carrying the fleet without the other.  Errors are calls that
+failed even after failover.  Prints one table row per phase (bench/README.md).
 
     .venv/bin/python -m bench.fleet_ha --agents 200 [--workloads 10] [--ttl 60]
 """
@@ -36,12 +39,12 @@ from tally.spiffe import pem, x509profile
 from tests.pg import _start_cluster
 
 
-def ca_daemon(work: Path, name: str, url: str, ttl: int) -> Daemon:
+def ca_daemon(work: Path, name: str, url: str, ttl: int, listen: str = "127.0.0.1:0") -> Daemon:
     return Daemon(
         "ca",
         [
             "ca", "run", "--trust-domain", TRUST_DOMAIN, "--data-dir", str(work / name),
-            "--datastore", url, "--listen", "127.0.0.1:0",
+            "--datastore", url, "--listen", listen,
             "--admin-socket", str(work / f"{name}.sock"), "--metrics", "127.0.0.1:0",
             "--agent-svid-ttl", str(ttl), "--default-svid-ttl", str(ttl), "--log-level", "info",
         ],
@@ -94,16 +97,29 @@ async def run(args: argparse.Namespace, n: int, work: Path, url: str) -> dict[st
                     await agent.fresh.wait()
             on_a = sum(1 for x in agents if x.client.servers.current == 0)
             both = await steady(stats, args.seconds, [a.pid, b.pid])
-            for agent in agents:
-                agent.fresh = trio.Event()
-            a.kill()
-            killed_at = time.perf_counter()
-            # Every agent holds fresh workload SVIDs again, all signed through B.
-            with trio.fail_after(600):
+
+            async def without(dead: Daemon) -> dict[str, float]:
+                """SIGKILL ``dead``; the seconds until every agent is fresh through the other,
+                and the calls that failed meanwhile even after failover."""
+                errors0 = sum(stats.errors.values())
                 for agent in agents:
-                    await agent.fresh.wait()
-            recovered_s = time.perf_counter() - killed_at
-            alone = await steady(stats, args.seconds, [b.pid])
+                    agent.fresh = trio.Event()
+                dead.kill()
+                killed_at = time.perf_counter()
+                with trio.fail_after(600):
+                    for agent in agents:
+                        await agent.fresh.wait()
+                return {
+                    "all_fresh_s": round(time.perf_counter() - killed_at, 1),
+                    "errors": sum(stats.errors.values()) - errors0,
+                }
+
+            through_b = await without(a)
+            b_alone = await steady(stats, args.seconds, [b.pid])
+            a = ca_daemon(work, "a", url, args.ttl, started_a["listen"])  # back, no approval
+            await trio.to_thread.run_sync(lambda: a.start("ca.started"))
+            through_a = await without(b)
+            a_alone = await steady(stats, args.seconds, [a.pid])
             nursery.cancel_scope.cancel()
         for agent in agents:
             await agent.client.aclose()
@@ -113,8 +129,10 @@ async def run(args: argparse.Namespace, n: int, work: Path, url: str) -> dict[st
             "workloads": args.workloads,
             "agents_started_on_a": on_a,
             "both": both,
-            "all_fresh_after_kill_s": round(recovered_s, 1),
-            "b_alone": alone,
+            "a_killed": through_b,
+            "b_alone": b_alone,
+            "b_killed": through_a,
+            "a_alone": a_alone,
             "errors_by_code": dict(stats.errors),
         }
     finally:
@@ -140,6 +158,32 @@ def main() -> None:
     finally:
         clusters.close()
     print(json.dumps(row, indent=2))
+    print_table(row)
+
+
+def print_table(row: dict[str, Any]) -> None:
+    """The rows of bench/README.md's table: each phase, and what a server's loss cost."""
+    print("| phase | CA CPU (share of one core) | renewals | renew p50 / p99 | errors |")
+    print("|---|---|---|---|---|")
+    both = row["both"]
+    on_a = row["agents_started_on_a"]
+    cpu = ", ".join(f"{n} {c:.0%}" for n, c in zip("AB", both["ca_cpu"], strict=True))
+    print(
+        f"| both servers up ({on_a} agents started on A, {row['agents'] - on_a} on B) | {cpu}"
+        f" | {both['renewals']} | {both['renew_p50']:.0f} / {both['renew_p99']:.0f} ms"
+        f" | {both['errors']} |"
+    )
+    for dead, alive in (("A", "B"), ("B", "A")):
+        gone = row[f"{dead.lower()}_killed"]
+        alone = row[f"{alive.lower()}_alone"]
+        print(
+            f"| {dead} SIGKILLed | — | — | every agent fresh again through {alive}"
+            f" within {gone['all_fresh_s']:.0f} s | {gone['errors']} |"
+        )
+        print(
+            f"| {alive} alone | {alive} {alone['ca_cpu'][0]:.0%} | {alone['renewals']}"
+            f" | {alone['renew_p50']:.0f} / {alone['renew_p99']:.0f} ms | {alone['errors']} |"
+        )
 
 
 if __name__ == "__main__":

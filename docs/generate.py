@@ -55,8 +55,9 @@ Every daemon reads its settings the same way (`tally/ops/config.py`):
   `s`, largest first) or a bare number of seconds. Addresses are `HOST:PORT`,
   `[IPv6]:PORT`, `unix:/abs/path` or `/abs/path`.
 - A boolean flag has a negative form: `--http` / `--no-http`. A list setting is a TOML
-  array of strings, or a flag repeated once per item. A list of tables (`hooks`) is
-  written `[[hooks]]` in the file, or one TOML inline table per flag
+  array of strings (one string is a list of one: `server = "ca:8443"`), or a flag
+  repeated once per item. A list of tables (`hooks`) is written `[[hooks]]` in the
+  file, or one TOML inline table per flag
   (`--hook '{{on = ["svid.expired"], command = ["/usr/local/bin/page"]}}'`); its keys are in
   the operator's guide ("Remediation hooks").
 - `unset` means the feature is off unless the setting is given; `required` means the

@@ -81,6 +81,13 @@ class Cluster:
         self.admin(f'CREATE DATABASE "{name}"')
         return name
 
+    def drop_database(self, url: str) -> None:
+        """Drop a database `create_database` made (named in ``url``), and its disk space."""
+        from psycopg import conninfo
+
+        name = conninfo.conninfo_to_dict(url)["dbname"]
+        self.admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
 
 def _start_cluster() -> Generator[Cluster, None, None]:
     bin_dir = pg_bin()

@@ -214,8 +214,8 @@ def test_unknown_key_is_named_with_a_suggestion(tmp_path):
         ("ratio = inf", "key 'ratio': expected a finite number, got inf"),
         ("data_dir = 5", "key 'data_dir': expected a path, got integer 5"),
         ('data_dir = ""', "key 'data_dir': expected a path, got an empty string"),
-        ("tags = [1]", "key 'tags': expected an array of strings, item 0 is integer 1"),
-        ('tags = "a"', "key 'tags': expected an array of strings, got string 'a'"),
+        ("tags = [1]", "key 'tags': expected a string or an array of strings, item 0 is integer 1"),
+        ("tags = 1", "key 'tags': expected a string or an array of strings, got integer 1"),
         ("listen = 8443", "key 'listen': expected an address"),
         ('listen = "nowhere"', "key 'listen': invalid address 'nowhere'"),
         ('ttl = "abc"', "key 'ttl': invalid duration 'abc'"),
@@ -269,6 +269,15 @@ def test_list_flags_repeat_and_replace_the_file(tmp_path):
     path = write(tmp_path, 'name = "n"\ntags = ["x", "y"]\n')
     assert load_argv(["--config", str(path)]).tags == ["x", "y"]
     assert load_argv(["--config", str(path), "--tags", "z"]).tags == ["z"]
+
+
+@given(st.text(st.characters(exclude_categories=["Cs"]), max_size=20))
+def test_one_string_in_the_file_is_a_list_of_one(config_file, text):
+    loaded = []
+    for value in (text, [text]):
+        config_file.write_text(f'name = "n"\ntags = {_toml(value)}\n', encoding="utf-8")
+        loaded.append(load_argv(["--config", str(config_file)]).tags)
+    assert loaded == [[text], [text]]
 
 
 def test_list_default_is_not_shared():

@@ -23,6 +23,10 @@ Rules:
    copied around, a secret may also come from the environment variable
    ``TALLY_<NAME>`` (between the file and the flags); only secrets do, so that
    one stray variable cannot reconfigure every daemon on a host.
+6. A list of strings in TOML may also be one string, a list of one: a
+   setting that grew from one value to several (the agent's ``server``)
+   keeps reading the files written when it was one, and ``x = "a"`` means
+   what anyone reading it takes it to mean.
 """
 
 from __future__ import annotations
@@ -235,7 +239,7 @@ class _Kind(enum.Enum):
     PATH = ("path", "a path")
     DURATION = ("duration", "a duration like '10m' or a number of seconds")
     ADDRESS = ("address", "an address (HOST:PORT, [IPv6]:PORT or unix:/path)")
-    STR_LIST = ("list of strings", "an array of strings")
+    STR_LIST = ("list of strings", "a string or an array of strings")
     TABLES = (
         "list of tables",
         "an array of tables ([[name]] in TOML; a flag takes one inline table)",
@@ -467,6 +471,8 @@ def _from_toml(s: _Setting, value: object) -> object:
         return _duration_text(value)
     if kind is _Kind.ADDRESS and isinstance(value, str):
         return _address(value)
+    if kind is _Kind.STR_LIST and isinstance(value, str):
+        return [_text(value)]  # rule 6: one string is a list of one
     if kind is _Kind.STR_LIST and isinstance(value, list):
         for i, item in enumerate(value):
             if not isinstance(item, str):

@@ -83,3 +83,32 @@ def test_a_name_with_several_addresses_counts_as_several_servers():
     unresolved = [Address.parse("no-such-host.invalid:8443")]
     assert expand_servers(unresolved, resolve) == unresolved
     assert expand_servers([Address.parse("127.0.0.1:8443")]) == [Address.parse("127.0.0.1:8443")]
+
+
+def test_server_in_the_file_is_one_string_or_a_list(tmp_path):
+    """`server = "ca:8443"` (a file from before several servers) still reads, as one server."""
+    import argparse
+
+    from agent.settings import AgentSettings
+    from tally.ops.config import ConfigError, add_arguments, load
+
+    def servers(line: str) -> list[str]:
+        path = tmp_path / "agent.toml"
+        path.write_text(f'trust_domain = "example.org"\n{line}\n')
+        parser = argparse.ArgumentParser()
+        add_arguments(parser, AgentSettings)
+        return load(AgentSettings, parser.parse_args(["--config", str(path)]), env={}).server
+
+    assert servers('server = "ca-1:8443"') == ["ca-1:8443"]
+    assert servers('server = ["ca-1:8443", "ca-2:8443"]') == ["ca-1:8443", "ca-2:8443"]
+    for line, why in (
+        ("server = []", "needs at least one HOST:PORT"),
+        ('server = "ca-1"', "HOST:PORT"),
+        ("server = 8443", "expected a string or an array of strings, got integer 8443"),
+    ):
+        try:
+            servers(line)
+        except ConfigError as exc:
+            assert why in str(exc), (line, str(exc))
+        else:
+            raise AssertionError(f"{line} was accepted")

@@ -1,12 +1,27 @@
-"""Fixtures that start the real `tally` daemons on temporary directories and loopback ports."""
+"""Fixtures that start the real `tally` daemons on temporary directories and loopback ports.
+
+The CA's datastore engine is the ``ca_engine`` fixture: ``sqlite`` (the file in
+its data dir) unless a module overrides it, as the modules about the CA itself
+do, so that their tests run once on each engine::
+
+    @pytest.fixture(scope="module", params=ENGINES)
+    def ca_engine(request) -> str:
+        return request.param
+
+Module-scoped, so pytest runs a module's tests on one engine and then the
+other, and a CA the module shares is started once per engine.  On
+``postgresql`` every CA a test starts gets a fresh database on the xdist
+worker's one throwaway cluster (tests/pg.py), so nothing leaks between tests.
+"""
 
 from __future__ import annotations
 
 import json
 import os
 import shutil
+import sqlite3
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +41,7 @@ class CA:
     metrics: str
     trust_domain: str
     extra: list[str] = field(default_factory=list)
+    datastore: str = ""  # a URL, or "" for the SQLite file in data_dir
 
     def cli(self, *args: str, check: bool = True):
         result = run_cli("ca", *args, "--admin-socket", self.admin_socket)
@@ -40,6 +56,22 @@ class CA:
     def restart(self, *extra: str) -> None:
         self.daemon.stop()
         self.start_again(*extra)
+
+    def sql(self, query: str, *params: object) -> list[tuple]:
+        """Run SQL on the datastore behind the CA's back, as an intruder with the database would.
+
+        ``?`` placeholders on both engines."""
+        if not self.datastore:
+            conn = sqlite3.connect(str(self.data_dir / "ca.db"))
+            with conn:
+                rows = conn.execute(query, params).fetchall()
+            conn.close()
+            return rows
+        import psycopg
+
+        with psycopg.connect(self.datastore, autocommit=True) as pg:
+            cur = pg.execute(query.replace("?", "%s").encode(), params)
+            return cur.fetchall() if cur.description else []
 
     def start_again(self, *extra: str) -> None:
         """Start on the same port and data dir (after stop or kill)."""
@@ -60,6 +92,7 @@ def ca_args(ca: CA, extra: list[str]) -> list[str]:
         ca.admin_socket,
         "--metrics",
         ca.metrics,
+        *(["--datastore", ca.datastore] if ca.datastore else []),
         *extra,
     ]
 
@@ -72,7 +105,9 @@ def start_ca(ca: CA, extra: list[str]) -> None:
     ca.metrics = started.get("metrics", ca.metrics)
 
 
-def make_ca(tmp_path: Path, *extra: str, trust_domain: str = "example.org") -> CA:
+def make_ca(
+    tmp_path: Path, *extra: str, trust_domain: str = "example.org", datastore: str = ""
+) -> CA:
     ca = CA(
         daemon=Daemon("ca", []),
         data_dir=tmp_path / "ca",
@@ -80,25 +115,57 @@ def make_ca(tmp_path: Path, *extra: str, trust_domain: str = "example.org") -> C
         listen="127.0.0.1:0",
         metrics="127.0.0.1:0",
         trust_domain=trust_domain,
+        datastore=datastore,
     )
     start_ca(ca, list(extra))
     return ca
 
 
+ENGINES = ["sqlite", "postgresql"]
+
+
+@pytest.fixture(scope="module")
+def ca_engine() -> str:
+    """The datastore engine of the CAs a test starts (see the module docstring)."""
+    return "sqlite"
+
+
+sqlite_only = pytest.mark.parametrize("ca_engine", ["sqlite"], indirect=True)
+"""Marks a test, in a module on both engines, that is about the SQLite file itself."""
+
+
+def new_datastore(engine: str, request: pytest.FixtureRequest) -> Callable[[], str]:
+    """Makes datastore URLs for new CAs on ``engine`` ("" is SQLite's file).
+
+    The worker's PostgreSQL cluster is asked for only when a test needs it, and
+    each database it makes is dropped when the requesting fixture or test ends
+    (finalizers run last-in first-out, so register the CA's stop after this)."""
+    if engine == "sqlite":
+        return lambda: ""
+    cluster = request.getfixturevalue("pg_cluster")
+
+    def make() -> str:
+        url = cluster.url(cluster.create_database())
+        request.addfinalizer(lambda: cluster.drop_database(url))
+        return url
+
+    return make
+
+
 @pytest.fixture
-def ca_factory(tmp_path: Path) -> Iterator:
-    made: list[CA] = []
+def ca_factory(tmp_path: Path, ca_engine: str, request: pytest.FixtureRequest) -> Callable[..., CA]:
+    datastore = new_datastore(ca_engine, request)
 
     def factory(*extra: str, trust_domain: str = "example.org", subdir: str = "") -> CA:
         base = tmp_path / subdir if subdir else tmp_path
         base.mkdir(exist_ok=True)
-        ca = make_ca(base, *extra, trust_domain=trust_domain)
-        made.append(ca)
+        ca = make_ca(base, *extra, trust_domain=trust_domain, datastore=datastore())
+        # Finalizers run last-in first-out: the CA (whichever daemon a test left in
+        # ca.daemon) stops before its database is dropped.
+        request.addfinalizer(lambda: ca.daemon.stop())
         return ca
 
-    yield factory
-    for ca in made:
-        ca.daemon.stop()
+    return factory
 
 
 @pytest.fixture

@@ -1,4 +1,8 @@
-"""The real `tally ca run` process, driven by the real CLI and a real mTLS client."""
+"""The real `tally ca run` process, driven by the real CLI and a real mTLS client.
+
+Every test that starts a CA runs on both datastore engines (`ca_engine`), but
+for the one about the SQLite deployment's key files.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,6 @@ import json
 import os
 import shutil
 import socket
-import sqlite3
 import stat
 import subprocess
 import sys
@@ -28,9 +31,14 @@ from tally.app.launch import Daemon, run_cli
 from tally.ops.config import Address
 from tally.spiffe import pem, x509profile
 from tally.spiffe.spiffeid import SpiffeId, TrustDomain
-from tests.e2e.conftest import CA
+from tests.e2e.conftest import CA, ENGINES, sqlite_only
 
 TD = TrustDomain.parse("example.org")
+
+
+@pytest.fixture(scope="module", params=ENGINES)
+def ca_engine(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
 
 
 def bundle_roots(ca: CA) -> list[x509.Certificate]:
@@ -423,44 +431,34 @@ def test_entry_crud_and_list_filters(ca: CA):
     assert "entry.created" in text
 
 
-def _tamper(db: Path, sql: str, *params) -> None:
-    conn = sqlite3.connect(str(db))
-    with conn:
-        conn.execute(sql, params)
-    conn.close()
-
-
 def test_audit_verify_names_altered_removed_and_reordered_records(ca: CA):
     for _ in range(6):
         ca.cli("token", "create")
     assert ca.json("audit", "verify")["ok"]
-    db = ca.data_dir / "ca.db"
-    conn = sqlite3.connect(str(db))
-    rows = conn.execute("SELECT * FROM audit ORDER BY seq").fetchall()
-    conn.close()
-    target = rows[4][0]
+    rows = ca.sql("SELECT seq, actor FROM audit ORDER BY seq")
+    target, actor = rows[4]
 
     # Altered: an event rewritten in place.
-    _tamper(db, "UPDATE audit SET actor = 'someone-else' WHERE seq = ?", target)
+    ca.sql("UPDATE audit SET actor = 'someone-else' WHERE seq = ?", target)
     result = ca.cli("audit", "verify", check=False)
     assert result.returncode == 1
     assert f"record {target} was altered" in result.stdout
-    _tamper(db, "UPDATE audit SET actor = ? WHERE seq = ?", rows[4][2], target)
+    ca.sql("UPDATE audit SET actor = ? WHERE seq = ?", actor, target)
     assert ca.json("audit", "verify")["ok"]
 
     # Reordered: two neighbours swap places.
-    _tamper(db, "UPDATE audit SET seq = -1 WHERE seq = ?", target)
-    _tamper(db, "UPDATE audit SET seq = ? WHERE seq = ?", target, target + 1)
-    _tamper(db, "UPDATE audit SET seq = ? WHERE seq = -1", target + 1)
+    ca.sql("UPDATE audit SET seq = -1 WHERE seq = ?", target)
+    ca.sql("UPDATE audit SET seq = ? WHERE seq = ?", target, target + 1)
+    ca.sql("UPDATE audit SET seq = ? WHERE seq = -1", target + 1)
     result = ca.cli("audit", "verify", check=False)
     assert result.returncode == 1 and f"record {target} is out of order" in result.stdout
-    _tamper(db, "UPDATE audit SET seq = -1 WHERE seq = ?", target)
-    _tamper(db, "UPDATE audit SET seq = ? WHERE seq = ?", target, target + 1)
-    _tamper(db, "UPDATE audit SET seq = ? WHERE seq = -1", target + 1)
+    ca.sql("UPDATE audit SET seq = -1 WHERE seq = ?", target)
+    ca.sql("UPDATE audit SET seq = ? WHERE seq = ?", target, target + 1)
+    ca.sql("UPDATE audit SET seq = ? WHERE seq = -1", target + 1)
     assert ca.json("audit", "verify")["ok"]
 
     # Removed: a record deleted from the middle.
-    _tamper(db, "DELETE FROM audit WHERE seq = ?", target)
+    ca.sql("DELETE FROM audit WHERE seq = ?", target)
     result = ca.cli("audit", "verify", check=False)
     assert result.returncode == 1 and f"record {target} removed" in result.stdout
     verdict = json.loads(ca.cli("audit", "verify", "--output", "json", check=False).stdout)
@@ -498,6 +496,7 @@ def test_sigkill_while_issuing_loses_nothing(ca_factory, tmp_path: Path):
     ca.cli("x509", "mint", "--spiffe-id", "spiffe://example.org/after", "--out", str(out))
 
 
+@sqlite_only  # about the key files of one server on SQLite; on PostgreSQL they are sealed rows
 def test_refuses_to_start_with_a_readable_key(ca: CA):
     ca.daemon.stop()
     key = next((ca.data_dir / "keys").glob("*.pem"))

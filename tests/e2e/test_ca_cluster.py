@@ -1,6 +1,8 @@
 """Two real `tally ca run` servers on one real PostgreSQL: joining by approval, one bundle,
 changes that cross servers in under a second, a token raced at both, one audit chain,
-one rotation lease, and a server cut off from the database that signs nothing."""
+one rotation lease, and an agent that rides through restarts and a SIGKILL.  The drills
+with the database gone are test_pg_outage_drill.py (PostgreSQL stopped for 60 s) and
+test_ha_drills.py (one server cut off from it)."""
 
 from __future__ import annotations
 
@@ -20,7 +22,6 @@ from tally.spiffe import x509profile
 from tests.e2e.conftest import CA, ca_args, start_agent, start_ca
 from tests.e2e.test_agent import UID, register, wait_fetch
 from tests.e2e.test_ca import TD, bundle_roots
-from tests.pg import Cluster
 
 pytestmark = pytest.mark.e2e
 
@@ -185,60 +186,6 @@ def readyz(ca: CA) -> tuple[int, str]:
             return r.status, r.read().decode()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read().decode()
-
-
-async def until_ready(ca: CA, ready: bool, seconds: float) -> None:
-    """Poll /readyz (a real HTTP endpoint of another process: no event to wait on)."""
-    with trio.move_on_after(seconds):
-        for _ in range(int(seconds * 5)):
-            if (readyz(ca)[0] == 200) == ready:
-                return
-            await trio.sleep(0.2)
-
-
-async def test_cut_off_from_the_database_a_server_signs_nothing_and_recovers(
-    pair, pg_cluster: Cluster, tmp_path: Path
-):
-    """The drill with PostgreSQL stopped: both servers refuse to sign, the agent serves its
-    workloads from its cache, and everything resumes by itself with no record lost."""
-    a, b = pair
-    agent = start_agent(a, tmp_path, "node-d", "--server", b.listen)
-    client = None
-    try:
-        register(a, agent, "web-d", f"unix:uid:{UID}")
-        await trio.to_thread.run_sync(wait_fetch, agent, "spiffe://example.org/web-d")
-        client, _ = await attested(a, a.json("token", "create")["token"])
-        pg_cluster.stop()
-        try:
-            await until_ready(a, False, 10)
-            status, text = readyz(a)
-            assert status == 503 and "datastore unreachable" in text
-            with pytest.raises(CAError) as info:
-                await client.renew(x509profile.generate_key())
-            assert info.value.code == "datastore_unavailable"
-            assert a.daemon.events("ca.datastore_lost")
-            # Workloads are served from the agent's cache meanwhile.
-            await trio.to_thread.run_sync(wait_fetch, agent, "spiffe://example.org/web-d")
-        finally:
-            pg_cluster.start()
-        await until_ready(a, True, 15)
-        await until_ready(b, True, 15)
-        await client.renew(x509profile.generate_key())
-        renewed = len(agent.daemon.events("svid.rotated"))
-        await trio.to_thread.run_sync(
-            lambda: agent.daemon.wait_for("svid.rotated", timeout=30, count=renewed + 1)
-        )
-        assert not agent.daemon.events("svid.expired")
-        # Every serial the agent was handed is in the one audit chain, which verifies.
-        handed = {e["new_serial"] for e in agent.daemon.events("svid.rotated")}
-        handed |= {e["serial"] for e in agent.daemon.events("svid.issued")}
-        audited = {r["serial"] for r in a.json("audit", "list", "--limit", "100000")["records"]}
-        assert handed <= audited, handed - audited
-        assert a.json("audit", "verify")["ok"]
-    finally:
-        if client is not None:
-            await client.aclose()
-        agent.daemon.stop()
 
 
 def test_an_agent_rides_through_a_rolling_restart_and_a_sigkill(pair, tmp_path: Path):

@@ -31,7 +31,10 @@ pytestmark = pytest.mark.e2e
 def test_a_deployment_moves_to_postgresql_and_its_agent_keeps_its_identity(
     ca_factory, agent_factory, fresh_pg: str
 ):
-    ca: CA = ca_factory("--agent-svid-ttl", "6s")
+    # 20 s agent SVIDs: renewals every 8-10 s to watch, and at least 10 s of life left
+    # when the CA stops, for two migrate runs and a restart on a loaded machine (with
+    # 6 s, an agent SVID ran out meanwhile at a load average of 10).
+    ca: CA = ca_factory("--agent-svid-ttl", "20s")
     agent = agent_factory(ca)
     register(ca, agent, "web", f"unix:uid:{UID}")
     wait_fetch(agent, "spiffe://example.org/web")
@@ -54,10 +57,10 @@ def test_a_deployment_moves_to_postgresql_and_its_agent_keeps_its_identity(
     assert len(again.stderr.strip().splitlines()) == 1
 
     rotated = len(agent.daemon.events("svid.rotated"))
-    ca.start_again("--agent-svid-ttl", "6s", "--datastore", fresh_pg)
+    ca.start_again("--agent-svid-ttl", "20s", "--datastore", fresh_pg)
     assert ca.daemon.events("ca.started")[0]["server"] == done["server"]
     # The agent renews its own SVID against the new datastore, with no new join token.
-    agent.daemon.wait_for("svid.rotated", timeout=20, count=rotated + 2)
+    agent.daemon.wait_for("svid.rotated", timeout=45, count=rotated + 2)
     assert not agent.daemon.events("agent.reattesting")
     register(ca, agent, "api", f"unix:uid:{UID}")
     wait_fetch(agent, "spiffe://example.org/api")

@@ -18,8 +18,14 @@ import pytest
 
 from ca.console import MAX_STREAMS
 from tally.app.launch import run_cli
+from tests.e2e.conftest import ENGINES
 
 pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module", params=ENGINES)
+def ca_engine(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
 
 
 def console_url(ca) -> str:

@@ -2,13 +2,15 @@
 
 Each simulated agent has its own join token, key and agent SVID and talks to the
 CA process over mutual TLS with the agent's own client (`agent.ca_client`); the
-counts come from the CA's ``/metrics``.
+counts come from the CA's ``/metrics``.  On both datastore engines: on PostgreSQL a
+server's own changes must still wake only the poll they concern.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import pytest
 import trio
 
 from agent.ca_client import CAClient
@@ -16,9 +18,14 @@ from tally.ops.config import Address
 from tally.spiffe import pem, x509profile
 from tally.spiffe.spiffeid import TrustDomain
 from tally.wire import http
-from tests.e2e.conftest import CA
+from tests.e2e.conftest import CA, ENGINES
 
 N = 200
+
+
+@pytest.fixture(scope="module", params=ENGINES)
+def ca_engine(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
 
 
 async def _admin(ca: CA, method: str, target: str, body: object = None) -> Any:

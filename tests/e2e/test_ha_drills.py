@@ -100,8 +100,8 @@ class CuttableLink:
 
 
 def second_server(first: CA, base: Path, url: str) -> CA:
-    """A second CA server on the same database (through ``url``), approved through the
-    first."""
+    """A second CA server on the same database (through ``url``) with the first's flags,
+    approved through the first."""
     ca = CA(
         daemon=Daemon("ca", []),
         data_dir=base / "ca-b",
@@ -109,7 +109,8 @@ def second_server(first: CA, base: Path, url: str) -> CA:
         listen="127.0.0.1:0",
         metrics="127.0.0.1:0",
         trust_domain=first.trust_domain,
-        extra=[*CA_ARGS, "--datastore", url],
+        extra=first.extra,
+        datastore=url,
     )
     ca.daemon = Daemon("ca", ca_args(ca, ca.extra))
     waiting = ca.daemon.start("ca.awaiting_approval")
@@ -124,7 +125,7 @@ def ha_mesh(
     tmp_path_factory, pg_cluster: Cluster, pg_database: str
 ) -> Iterator[tuple[Mesh, CA, CuttableLink]]:
     base = tmp_path_factory.mktemp("ha")
-    a = make_ca(base, *CA_ARGS, "--datastore", pg_database)
+    a = make_ca(base, *CA_ARGS, datastore=pg_database)
     # Server B reaches the database through a link the cut-off drill can sever.
     link = CuttableLink(pg_cluster.socket_dir / ".s.PGSQL.5432", base / "link")
     dbname = conninfo.conninfo_to_dict(pg_database)["dbname"]

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import sqlite3
 import sys
 import threading
 import time
@@ -21,10 +20,16 @@ from urllib.request import urlopen
 
 import pytest
 
-from tests.e2e.conftest import CA, Agent, make_ca, start_agent
+from tests.e2e.conftest import CA, ENGINES, Agent, make_ca, new_datastore, start_agent
 from tests.e2e.mesh import register
 
 pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module", params=ENGINES)
+def ca_engine(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
 
 TTL = 4  # seconds: renewals every ~1.5-1.9 s, an expiry 4 s after renewals stop
 WORKLOAD = "spiffe://example.org/hooked"
@@ -81,7 +86,9 @@ def receiver() -> Iterator[Receiver]:
 
 
 @pytest.fixture(scope="module")
-def fleet(tmp_path_factory, receiver) -> Iterator[tuple[CA, Agent, Agent, Path]]:
+def fleet(
+    tmp_path_factory, receiver, ca_engine: str, request: pytest.FixtureRequest
+) -> Iterator[tuple[CA, Agent, Agent, Path]]:
     """A CA with 4 s SVIDs; node-1 pages the receiver, node-2 runs a hook that never returns."""
     base = tmp_path_factory.mktemp("hooks")
     # The CA's own hook: a command that appends each event it gets to a file.
@@ -95,6 +102,7 @@ def fleet(tmp_path_factory, receiver) -> Iterator[tuple[CA, Agent, Agent, Path]]
         "1s",
         "--hook",
         _inline(json.dumps(ca_hook)),
+        datastore=new_datastore(ca_engine, request)(),
     )
     # No coalescing: on a loaded machine the CA's restart in one test can outlast a 4 s
     # SVID, and the eviction test must still see its own svid.expired, not a repeat held back.
@@ -197,10 +205,7 @@ def test_the_ca_finds_its_broken_audit_chain_and_runs_its_hook(fleet):
     """Last: it breaks the CA's datastore on purpose."""
     ca, _, _, base = fleet
     assert not ca.daemon.events("audit.broken")  # a second of checks found nothing so far
-    conn = sqlite3.connect(str(ca.data_dir / "ca.db"))
-    with conn:
-        conn.execute("UPDATE audit SET actor = 'someone-else' WHERE seq = 2")
-    conn.close()
+    ca.sql("UPDATE audit SET actor = 'someone-else' WHERE seq = 2")
     line = ca.daemon.wait_for("audit.broken", timeout=5)
     assert line["bad_seq"] == 2 and "altered" in line["problem"]
     out = base / "ca-hook.jsonl"

@@ -24,7 +24,7 @@ import trio
 from ca.cli import call
 from tally.app.launch import SECRET_SHAPE, run_cli
 from tally.wire import workload_client as wl
-from tests.e2e.conftest import CA, make_ca, start_agent
+from tests.e2e.conftest import CA, ENGINES, make_ca, new_datastore, start_agent
 from tests.e2e.mesh import start_proxy
 
 UID = os.geteuid()
@@ -62,8 +62,13 @@ def unsigned(claims: dict, header: dict) -> str:
     return f"{part(header)}.{part(claims)}."
 
 
+@pytest.fixture(scope="module", params=ENGINES)
+def ca_engine(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
 @pytest.fixture(scope="module")
-def mesh(tmp_path_factory):
+def mesh(tmp_path_factory, ca_engine: str, request: pytest.FixtureRequest):
     base = tmp_path_factory.mktemp("jwt")
     ca = make_ca(
         base,
@@ -75,6 +80,7 @@ def mesh(tmp_path_factory):
         "127.0.0.1:0",
         "--oidc-issuer",
         ISSUER,
+        datastore=new_datastore(ca_engine, request)(),
     )
     agent = start_agent(ca, base)
     ca.json(

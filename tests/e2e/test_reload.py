@@ -9,6 +9,7 @@ import signal
 import socket
 from pathlib import Path
 
+import pytest
 import trio
 
 from agent.ca_client import CAClient
@@ -16,11 +17,16 @@ from tally.app.launch import Daemon
 from tally.ops.config import Address
 from tally.spiffe import x509profile
 from tally.wire import workload_client as wl
-from tests.e2e.conftest import CA
+from tests.e2e.conftest import CA, ENGINES, new_datastore
 from tests.e2e.test_agent import register
 from tests.e2e.test_ca import TD, bundle_roots
 
 UID = os.geteuid()
+
+
+@pytest.fixture(scope="module", params=ENGINES)
+def ca_engine(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
 
 
 def _mint(ca: CA, ttl: str, out: Path):
@@ -37,7 +43,7 @@ def _reload(daemon: Daemon, n: int, event: str = "config.reloaded") -> dict:
 
 
 async def test_ca_sighup_applies_ttls_keeps_a_parked_poll_and_old_settings_on_a_bad_file(
-    tmp_path: Path,
+    tmp_path: Path, ca_engine: str, request: pytest.FixtureRequest
 ):
     conf = tmp_path / "ca.toml"
     conf.write_text('trust_domain = "example.org"\nmax_svid_ttl = "4h"\n')
@@ -45,6 +51,8 @@ async def test_ca_sighup_applies_ttls_keeps_a_parked_poll_and_old_settings_on_a_
         "ca", "run", "--config", str(conf), "--data-dir", str(tmp_path / "ca"),
         "--listen", "127.0.0.1:0", "--admin-socket", str(tmp_path / "admin.sock"),
     ]  # fmt: skip
+    if datastore := new_datastore(ca_engine, request)():
+        args += ["--datastore", datastore]
     ca = CA(
         Daemon("ca", args), tmp_path / "ca", str(tmp_path / "admin.sock"), "", "", "example.org"
     )

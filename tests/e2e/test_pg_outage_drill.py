@@ -1,0 +1,293 @@
+"""The PostgreSQL outage drill under load: two CA servers on one real PostgreSQL, two
+agents (two nodes) given both, a server and a client proxy in HTTP mode with steady
+traffic, and 200 simulated agents; PostgreSQL is stopped for a full 60 s.  Meanwhile agents serve from their
+cache, every renewal fails cleanly (the CA signs nothing it cannot record), both
+servers' ``/readyz`` say why they are not ready, and no request fails.  When the
+database returns everything recovers by itself: no daemon restarted, every SVID
+renewed before it expired, and the audit chain is whole.
+
+Rules / theory of operation (the timing is the point of the drill):
+
+1. **Every SVID outlives the outage.**  Agent and workload SVIDs live `TTL`
+   (150 s) and the intermediate an hour.  The outage starts 15-40 s after the
+   mesh's first SVID was issued (`OUTAGE_START`), before any renewal: agents
+   renew at 38-48 % of a lifetime (`tally.spiffe.rotation.WINDOW`), 47 s at the
+   earliest with the not-before cushion.  So when the database comes back, 100 s
+   after that first SVID at most, each one has 50 s or more left, more than the
+   agents' retry backoff (capped at 30 s) needs.
+2. **Renewals fall due during the outage.**  The first SVID comes due 72 s
+   after issue at the latest, so within the 60 s that start 15 s or more after it:
+   at least one real renewal is attempted against a server without its database,
+   and the test also renews directly with the agent API client and reads the
+   error code.
+3. **A fleet beside the two nodes**: `FLEET` simulated agents of `bench.fleet`
+   (each its own identity, the real agent API client given both servers, the
+   agent's three loops), joined before the nodes start, so their SVIDs too are
+   at most half-way through their life when the outage begins.  They run in a
+   thread of their own with their own trio loop; every error they meet is
+   counted by code, and the drill allows only ``datastore_unavailable`` (and a
+   long poll's timeout), only while the database is away.
+4. The database is one per test module on the xdist worker's one cluster
+   (tests/pg.py); under ``--dist loadfile`` no other module runs on this worker
+   while the cluster is stopped.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+
+import pytest
+import trio
+
+from agent.ca_client import CAClient, CAError, make_csr
+from bench.fleet import Admin, SimAgent, Stats, joiner
+from tally.ops.config import Address
+from tally.spiffe import x509profile
+from tests.e2e.conftest import CA, make_ca, start_agent
+from tests.e2e.mesh import (
+    BACKEND,
+    FRONTEND,
+    Backend,
+    Mesh,
+    client_proxy,
+    count,
+    load_on,
+    log_time,
+    register,
+    server_proxy,
+    wait_first,
+    wait_until,
+)
+from tests.e2e.test_ca import TD, bundle_roots
+from tests.e2e.test_ca_cluster import readyz
+from tests.e2e.test_fault_drills import LOAD, PROXY_ARGS, assert_audit_complete
+from tests.e2e.test_ha_drills import second_server
+from tests.pg import Cluster
+
+pytestmark = pytest.mark.e2e
+
+OUTAGE = 60.0  # seconds, as the issue's drill says
+TTL = 150  # seconds: agent and workload SVIDs (rule 1)
+OUTAGE_START = (15.0, 40.0)  # seconds after the mesh's first SVID (rules 1 and 2)
+CA_ARGS = ["--default-svid-ttl", f"{TTL}s", "--agent-svid-ttl", f"{TTL}s"]
+CA_ARGS += ["--intermediate-ttl", "1h"]
+FLEET = 200  # simulated agents, one workload each (rule 3)
+
+
+class SimFleet:
+    """`FLEET` simulated agents on both servers, in a thread with its own trio loop."""
+
+    def __init__(self, a: CA, b: CA) -> None:
+        self.admin_socket = a.admin_socket
+        self.servers = [Address.parse(a.listen), Address.parse(b.listen)]
+        self.roots = bundle_roots(a)
+        self.stats = Stats()
+        self.agents: list[SimAgent] = []
+        self.joined = threading.Event()
+        self.failed: BaseException | None = None
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._stop: trio.Event | None = None
+        self._thread = threading.Thread(target=self._main, daemon=True)
+        self._thread.start()
+        assert self.joined.wait(120) and self.failed is None, self.failed
+
+    def _main(self) -> None:
+        try:
+            trio.run(self._run)
+        except BaseException as exc:  # reported by the test thread
+            self.failed = exc
+            self.joined.set()
+
+    async def _run(self) -> None:
+        self._token, self._stop = trio.lowlevel.current_trio_token(), trio.Event()
+        admin = Admin(self.admin_socket)
+        csr = make_csr(x509profile.generate_key())
+        for i in range(FLEET):
+            agent = SimAgent(i, self.servers[0], self.roots, csr, self.stats)
+            agent.client = CAClient(self.servers, TD, self.roots, timeout=60)
+            self.agents.append(agent)
+        # As `bench.fleet.register_fleet`, in this trust domain rather than the bench's.
+        tokens, specs = [], []
+        for agent in self.agents:
+            made = await admin.call("POST", "/v1/tokens", {})
+            tokens.append(made["token"])
+            specs.append(
+                {"spiffe_id": f"spiffe://{TD}/sim/{agent.n}", "parent_id": made["spiffe_id"],
+                 "selectors": ["unix:uid:1000"]}
+            )  # fmt: skip
+        await admin.call("POST", "/v1/entries/batch", {"entries": specs})
+        await admin.http.aclose()
+        join = joiner(2.0, self.stats)  # joins spread over 1 s
+        async with trio.open_nursery() as nursery:
+            for agent, token in zip(self.agents, tokens, strict=True):
+                nursery.start_soon(join, agent, token)
+            with trio.fail_after(120):
+                for agent in self.agents:
+                    await agent.fresh.wait()
+            self.joined.set()
+            await self._stop.wait()
+            nursery.cancel_scope.cancel()
+        for agent in self.agents:
+            await agent.client.aclose()
+
+    def errors(self) -> Counter[str]:
+        return Counter(self.stats.errors)
+
+    def renewals(self) -> int:
+        return self.stats.renewals + self.stats.signed
+
+    def held_until(self) -> datetime:
+        """When the first of the fleet's agent SVIDs runs out."""
+        return min(a.identity[0][0].not_valid_after_utc for a in self.agents if a.identity)
+
+    def close(self) -> None:
+        if self._token is not None and self._stop is not None:
+            trio.from_thread.run_sync(self._stop.set, trio_token=self._token)
+        self._thread.join(30)
+
+
+@pytest.fixture
+def pg_mesh(tmp_path, pg_database: str) -> Iterator[tuple[Mesh, CA, SimFleet]]:
+    a = make_ca(tmp_path, *CA_ARGS, datastore=pg_database)
+    b = second_server(a, tmp_path, pg_database)
+    backend = Backend()
+    stop: list[Callable[[], object]] = [a.daemon.stop, b.daemon.stop, backend.close]
+    try:
+        fleet = SimFleet(a, b)
+        stop.append(fleet.close)
+        agents = []
+        for name in ("node-client", "node-server"):
+            agent = start_agent(a, tmp_path, name, "--server", b.listen)
+            stop.append(agent.daemon.stop)
+            agents.append(agent)
+        register(a, FRONTEND, agents[0].spiffe_id)
+        register(a, BACKEND, agents[1].spiffe_id)
+        server = server_proxy(agents[1].socket, backend.address, *PROXY_ARGS)
+        stop.append(server.daemon.stop)
+        client = client_proxy(agents[0].socket, server.listen, *PROXY_ARGS)
+        stop.append(client.daemon.stop)
+        yield Mesh(a, agents[0], agents[1], backend, server, client), b, fleet
+    finally:
+        for fn in reversed(stop):
+            fn()
+
+
+def wait_ready(cas: tuple[CA, ...], ready: bool, seconds: float) -> None:
+    """Poll each server's /readyz (another process's HTTP endpoint: no event to wait on)."""
+    deadline = time.monotonic() + seconds
+    for ca in cas:
+        while (readyz(ca)[0] == 200) != ready:
+            assert time.monotonic() < deadline, f"{ca.listen} /readyz never became {ready}"
+            time.sleep(0.2)
+
+
+def test_postgresql_stopped_for_60_s_under_load(pg_mesh, pg_cluster: Cluster):
+    mesh, b, fleet = pg_mesh
+    a = mesh.ca
+    servers = (a, b)
+    agents = (mesh.client_agent, mesh.server_agent)
+    proxies = (mesh.server, mesh.client)
+    pids = [d.pid for d in (*mesh.daemons(), b.daemon)]
+    roots = bundle_roots(a)
+    # A client of the agent API of our own, to read the exact answer to a renewal.
+    client = CAClient(Address.parse(b.listen), TD, roots)
+    key = x509profile.generate_key()
+    issued, _, _ = trio.run(client.attest, a.json("token", "create")["token"], key)
+    client.set_identity(issued.chain, key)
+    try:
+        with load_on(mesh.client, **LOAD) as load:
+            load.wait_ok(20)
+            issues = [
+                log_time(line)
+                for agent in agents
+                for line in agent.daemon.events("agent.attested")
+                + agent.daemon.events("svid.issued")
+            ]
+            first = min(issues).timestamp()
+            wait = first + OUTAGE_START[0] - time.time()
+            if wait > 0:
+                time.sleep(wait)  # rule 1: a real clock, the daemons' own
+            assert time.time() - first < OUTAGE_START[1], "the mesh took too long to start"
+            assert all(count(x.daemon, "svid.rotated") == 0 for x in agents), "renewed early"
+            before = a.json("audit", "list", "--limit", "1000000")["records"]
+            failed = [count(x.daemon, "rotation.failed") for x in agents]
+            assert not fleet.errors(), fleet.errors()
+
+            pg_cluster.stop()
+            stopped = time.monotonic()
+            served = load.mark()
+            try:
+                wait_ready(servers, False, 15)
+                for ca in servers:
+                    status, text = readyz(ca)
+                    assert status == 503 and "datastore unreachable" in text, (status, text)
+                refused = a.cli("token", "create", check=False)  # an admin write: one clear line
+                assert refused.returncode == 1 and len(refused.stderr.strip().splitlines()) == 1
+                assert "datastore" in refused.stderr, refused.stderr
+                with pytest.raises(CAError) as info:
+                    trio.run(client.renew, x509profile.generate_key())
+                assert info.value.code == "datastore_unavailable" and info.value.status == 503
+                # Rule 2: a real renewal falls due, fails, and is retried; nothing is signed.
+                _, line = wait_first(
+                    [x.daemon for x in agents],
+                    "rotation.failed",
+                    lambda _line: True,
+                    after=failed,
+                    timeout=OUTAGE - (time.monotonic() - stopped),
+                )
+                assert line["reason"] == "datastore_unavailable", line
+                time.sleep(max(0.0, OUTAGE - (time.monotonic() - stopped)))
+                assert all(count(x.daemon, "svid.rotated") == 0 for x in agents)
+                assert all(count(p.daemon, "svid.rotated") == 0 for p in proxies)
+                assert load.since(served)["ok"] >= 100, load.since(served)  # served from cache
+            finally:
+                pg_cluster.start()
+            outage = time.monotonic() - stopped
+            in_outage = fleet.errors()
+            wait_ready(servers, True, 30)
+            renewed = fleet.renewals()
+            # Renewals resume by themselves: each proxy and each agent gets its next SVID.
+            for p in proxies:
+                wait_until(p.daemon, "svid.rotated", timeout=60)
+            for agent in agents:
+                wait_until(agent.daemon, "svid.rotated", lambda x: x["kind"] == "agent", timeout=60)
+            trio.run(client.renew, x509profile.generate_key())
+            load.wait_ok(20)
+            # The fleet renews again, and met no error once the database was back but
+            # what a poll parked before it returned may still answer.
+            deadline = time.monotonic() + 30
+            while fleet.renewals() < renewed + FLEET // 4:
+                assert time.monotonic() < deadline, "the fleet did not resume renewing"
+                time.sleep(0.5)
+        assert outage >= OUTAGE
+        assert set(in_outage) <= {"datastore_unavailable", "TooSlowError"}, in_outage
+        assert in_outage["datastore_unavailable"] > 0, "no fleet call met the outage"
+        late = fleet.errors() - in_outage
+        assert set(late) <= {"datastore_unavailable"} and late.total() <= FLEET, late
+        assert fleet.held_until() > datetime.now(UTC), "a simulated agent's SVID ran out"
+        assert fleet.failed is None, fleet.failed
+        assert load.failures() == 0, (load.results, load.errors)
+        for agent in agents:
+            assert not agent.daemon.events("svid.expired")
+            assert not agent.daemon.events("agent.reattesting")
+        assert [d.pid for d in (*mesh.daemons(), b.daemon)] == pids, "a daemon restarted"
+        for ca in servers:
+            assert ca.daemon.events("ca.datastore_lost") and ca.daemon.events("ca.datastore_back")
+        # No audit record lost: what was there before is there unchanged, the chain
+        # verifies, and every certificate served before, during and after is in it.
+        after = {r["seq"]: r for r in a.json("audit", "list", "--limit", "1000000")["records"]}
+        assert all(after.get(r["seq"]) == r for r in before)
+        assert len(after) > len(before)
+        assert_audit_complete(mesh)
+        expiries = [
+            datetime.fromisoformat(line["not_after"])
+            for agent in agents
+            for line in agent.daemon.events("svid.rotated")
+        ]
+        assert min(expiries) > datetime.now(UTC)
+    finally:
+        trio.run(client.aclose)
