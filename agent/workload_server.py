@@ -155,7 +155,9 @@ class _Connection:
         drain: trio.Event,
     ) -> None:
         self._stream = stream
-        self._send_nowait: Callable[[bytes], int] | None = getattr(stream, "send_some_nowait", None)
+        self._send_nowait: Callable[[bytes | bytearray], int] | None = getattr(
+            stream, "send_some_nowait", None
+        )
         self._drain = drain
         self._draining = False
         self._peer = peer
@@ -204,19 +206,22 @@ class _Connection:
     # -- reading ---------------------------------------------------------------
 
     async def _read_loop(self) -> None:
-        handshake_deadline = trio.current_time() + self._limits.request_timeout_s
+        # One scope for the whole connection (not one per read): its deadline is the
+        # handshake's until the peer's SETTINGS arrive, and `_watch` cancels it when idle.
+        deadline = trio.current_time() + self._limits.request_timeout_s
+        with trio.CancelScope(deadline=deadline) as self._read_scope:
+            await self._read_frames()
+            return
+        if self._idle:
+            log.debug("workload connection from pid %d idle, closing", self._peer.pid)
+            self._h2.close_connection(h2.errors.ErrorCodes.NO_ERROR)
+            self._close_gracefully()
+            return
+        raise _Drop("no HTTP/2 preface within the request timeout")
+
+    async def _read_frames(self) -> None:
         while True:
-            data: bytes | bytearray | None = None
-            deadline = math.inf if self._settings_seen else handshake_deadline
-            with trio.CancelScope(deadline=deadline) as self._read_scope:
-                data = await self._stream.receive_some(_READ_SIZE)
-            if data is None and self._idle:
-                log.debug("workload connection from pid %d idle, closing", self._peer.pid)
-                self._h2.close_connection(h2.errors.ErrorCodes.NO_ERROR)
-                self._close_gracefully()
-                return
-            if data is None:
-                raise _Drop("no HTTP/2 preface within the request timeout")
+            data = await self._stream.receive_some(_READ_SIZE)
             if not data:
                 self._nursery.cancel_scope.cancel()
                 return
@@ -238,10 +243,12 @@ class _Connection:
                 if self._handle(event):
                     self._nursery.cancel_scope.cancel()
                     return
+            if self._settings_seen:
+                self._read_scope.deadline = math.inf
             self._collect()
             if len(self._outbox) > self._limits.max_control_backlog:
                 raise _Drop("peer sends but does not read")
-            self._wakeup.set()
+            self._flush()
 
     def _handle(self, event: h2.events.Event) -> bool:
         """Apply one h2 event; True when the peer has ended the connection."""
@@ -363,25 +370,30 @@ class _Connection:
                 self._count(call.method, Status.CANCELLED)
 
     async def _call(self, call: Call) -> tuple[Status, str]:
-        timeout = math.inf if call.request.timeout is None else call.request.timeout
-        with trio.move_on_after(timeout):
-            try:
-                if call.method in JWT_METHODS:
-                    return await self._jwt_call(call)
-                method = STREAMING_METHODS[call.method]
-                await self._receive_request(call, method)
-                await self._stream_snapshots(call, method)
-            except InvalidJwt as exc:
-                return Status.INVALID_ARGUMENT, f"invalid JWT-SVID: {exc.reason}"
-            except GrpcError as exc:
-                return exc.status, exc.message
-            except Exception as exc:
-                if only_no_identity(exc):
-                    return Status.PERMISSION_DENIED, "no identity issued"
-                log.error("workload API backend failed on %s", call.method, exc_info=True)
-                return Status.INTERNAL, "internal error"
-            return Status.UNAVAILABLE, "identity stream ended, reconnect"
+        # No deadline scope for a call without a deadline (most: streams have none).
+        if call.request.timeout is None:
+            return await self._answer(call)
+        with trio.move_on_after(call.request.timeout):
+            return await self._answer(call)
         return Status.DEADLINE_EXCEEDED, "deadline exceeded"
+
+    async def _answer(self, call: Call) -> tuple[Status, str]:
+        try:
+            if call.method in JWT_METHODS:
+                return await self._jwt_call(call)
+            method = STREAMING_METHODS[call.method]
+            await self._receive_request(call, method)
+            await self._stream_snapshots(call, method)
+        except InvalidJwt as exc:
+            return Status.INVALID_ARGUMENT, f"invalid JWT-SVID: {exc.reason}"
+        except GrpcError as exc:
+            return exc.status, exc.message
+        except Exception as exc:
+            if only_no_identity(exc):
+                return Status.PERMISSION_DENIED, "no identity issued"
+            log.error("workload API backend failed on %s", call.method, exc_info=True)
+            return Status.INTERNAL, "internal error"
+        return Status.UNAVAILABLE, "identity stream ended, reconnect"
 
     async def _jwt_call(self, call: Call) -> tuple[Status, str]:
         """The JWT profile: two unary calls and the JWT bundles stream."""
@@ -406,14 +418,17 @@ class _Connection:
         if len(payload) > self._limits.max_message_size:
             raise GrpcError(Status.RESOURCE_EXHAUSTED, "response too large")
         if call.offer(payload):
-            self._wakeup.set()
+            self._flush()
 
     async def _receive_request(self, call: Call, method: Method | JwtMethod) -> None:
         ready = self._tasks[call.stream_id].request_ready
-        with trio.move_on_after(self._limits.request_timeout_s):
-            await ready.wait()
-        if not ready.is_set():
-            raise GrpcError(Status.DEADLINE_EXCEEDED, "request message not received in time")
+        if not ready.is_set():  # it usually came with the headers: no scope to set up then
+            with trio.move_on_after(self._limits.request_timeout_s):
+                await ready.wait()
+            if not ready.is_set():
+                raise GrpcError(Status.DEADLINE_EXCEEDED, "request message not received in time")
+        if call.aborted is not None:  # a bad request frame (the wait above may not have run)
+            raise GrpcError(*call.aborted)
         parse_request_message(method, call.request_message)
 
     async def _stream_snapshots(self, call: Call, method: Method) -> None:
@@ -429,14 +444,14 @@ class _Connection:
                     )
                     raise GrpcError(Status.RESOURCE_EXHAUSTED, "response too large")
                 if call.offer(payload):
-                    self._wakeup.set()
+                    self._flush()
 
     def _finish(self, call: Call, status: Status, message: str) -> None:
         if call.final is None:
             call.final = (status, message)
             self._count(call.method, status)
             call.counted = True
-            self._wakeup.set()
+            self._flush()
 
     def _count(self, method: str, status: Status) -> None:
         self._stats.requests[(method, status.name)] += 1
@@ -445,6 +460,23 @@ class _Connection:
 
     def _collect(self) -> None:
         self._outbox += self._h2.data_to_send()
+
+    def _flush(self) -> None:
+        """Send at once what the calls may send and the socket takes without waiting, and
+        wake the writer only for the rest: a response or a push that fits the socket
+        buffer then costs no trip through the writer task (rule 2: still only the
+        connection's code moves bytes, and only one write is ever in progress)."""
+        if self._closing or self._send_nowait is None:
+            self._wakeup.set()
+            return
+        if len(self._outbox) < WRITE_ROUND:
+            self._pump()
+        self._collect()
+        if self._outbox:
+            # 0 while the writer is in the middle of a write: the bytes wait for it.
+            del self._outbox[: self._send_nowait(self._outbox)]
+        if self._outbox or self._closing or any(c.has_data for c in self._calls.values()):
+            self._wakeup.set()
 
     async def _write_loop(self) -> None:
         while True:
