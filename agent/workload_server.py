@@ -6,9 +6,15 @@ Rules / theory of operation:
    when the connection is accepted, and every call on that connection is
    attested with it.  Nothing the peer sends names its identity.
 2. **One task per connection, one task per call.**  The connection task runs
-   a reader and a writer; each call (HTTP/2 stream) runs in its own task and
-   never touches the socket.  A call hands finished messages to the
-   connection, and the writer alone moves bytes to the peer.
+   a reader and a writer; each call (HTTP/2 stream) runs in its own task.  A
+   call hands finished messages to the connection, which sends at once what
+   the socket takes without waiting (`_Connection._flush`, from whichever task
+   has something to send); only the rest waits for the writer task, the one
+   place that blocks on the socket.  A short call or a push thus costs no
+   wake-up of the writer.  The idle and handshake timers are the reader's own
+   cancel scope, and the drain is started for every connection by the
+   server's one task that waits for it, so a connection starts two tasks and
+   each call one.
 3. **Only the newest state is worth sending** and **flow control is obeyed
    both ways**: that bookkeeping is pure and lives in `agent.workload_calls`
    (a connection's buffering is bounded however slowly the peer reads).
@@ -174,18 +180,28 @@ class _Connection:
         self._closing = False
         self._settings_seen = False
         self._guard_frames = FrameGuard(self._h2.max_inbound_frame_size, limits.max_header_block)
-        self._requests_seen = 0
-        self._idle = False
+        self._idle_armed = False
         self._read_scope = trio.CancelScope()
 
-    async def serve(self) -> None:
+    async def serve(self, live: set[_Connection] | None) -> None:
+        """Serve until the peer leaves; ``live`` is the server's set of connections, which
+        it drains itself (one task for all, rule 8), or None to watch ``drain`` here."""
         self._h2.initiate_connection()
         self._collect()
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             nursery.start_soon(self._guard, self._write_loop)
-            nursery.start_soon(self._watch)
-            await self._guard(self._read_loop)
+            if live is None:
+                nursery.start_soon(self._watch_drain)
+            elif self._drain.is_set():  # accepted just before the drain began
+                self.on_drain()
+            if live is not None:
+                live.add(self)
+            try:
+                await self._guard(self._read_loop)
+            finally:
+                if live is not None:
+                    live.discard(self)
 
     async def _guard(self, loop: Callable[[], Awaitable[None]]) -> None:
         """Run the reader or writer; any way it fails closes this connection only."""
@@ -206,13 +222,14 @@ class _Connection:
     # -- reading ---------------------------------------------------------------
 
     async def _read_loop(self) -> None:
-        # One scope for the whole connection (not one per read): its deadline is the
-        # handshake's until the peer's SETTINGS arrive, and `_watch` cancels it when idle.
+        # One scope for the whole connection (not one per read, nor a timer task): its
+        # deadline is the handshake's until the peer's SETTINGS arrive, then the idle
+        # close's while no call is open (`_arm_idle`).
         deadline = trio.current_time() + self._limits.request_timeout_s
         with trio.CancelScope(deadline=deadline) as self._read_scope:
             await self._read_frames()
             return
-        if self._idle:
+        if self._settings_seen:
             log.debug("workload connection from pid %d idle, closing", self._peer.pid)
             self._h2.close_connection(h2.errors.ErrorCodes.NO_ERROR)
             self._close_gracefully()
@@ -243,8 +260,7 @@ class _Connection:
                 if self._handle(event):
                     self._nursery.cancel_scope.cancel()
                     return
-            if self._settings_seen:
-                self._read_scope.deadline = math.inf
+            self._arm_idle()
             self._collect()
             if len(self._outbox) > self._limits.max_control_backlog:
                 raise _Drop("peer sends but does not read")
@@ -253,7 +269,6 @@ class _Connection:
     def _handle(self, event: h2.events.Event) -> bool:
         """Apply one h2 event; True when the peer has ended the connection."""
         if isinstance(event, h2.events.RequestReceived):
-            self._requests_seen += 1
             self._on_request(event)
         elif isinstance(event, h2.events.DataReceived):
             self._h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
@@ -306,26 +321,24 @@ class _Connection:
         if call.aborted is not None:
             task.cancel_scope.cancel()
 
-    async def _watch(self) -> None:
-        """The connection's two timers in one task (a task per connection fewer to start
-        and cancel): the drain (rule 8), and the idle close (rule 5) once the connection
-        has had no call for a whole period: none open at the start and at the end of
-        it, and none started in between."""
-        period = self._limits.idle_timeout_s
-        while True:
-            quiet, seen = not self._calls, self._requests_seen
-            with trio.move_on_after(period):
-                await self._drain.wait()
-            if self._drain.is_set():
-                self._on_drain()
-                return
-            if quiet and not self._calls and self._requests_seen == seen:
-                # The reader is waiting for input; it says goodbye (one task reads).
-                self._idle = True
-                self._read_scope.cancel()
-                return
+    def _arm_idle(self) -> None:
+        """Rule 5: once the handshake is done, the read scope's deadline is the idle close
+        while no call is open, and none while one is."""
+        if not self._settings_seen:
+            return
+        if self._calls:
+            self._read_scope.deadline = math.inf
+            self._idle_armed = False
+        elif not self._idle_armed:
+            self._read_scope.deadline = trio.current_time() + self._limits.idle_timeout_s
+            self._idle_armed = True
 
-    def _on_drain(self) -> None:
+    async def _watch_drain(self) -> None:
+        """For a connection served on its own (`serve_workload_connection`): the drain."""
+        await self._drain.wait()
+        self.on_drain()
+
+    def on_drain(self) -> None:
         """Rule 8: on drain, forbid new calls and end the open ones after their message."""
         self._draining = True
         self._outbox += GoAwayFrame(
@@ -524,6 +537,7 @@ class _Connection:
             # The stream went away under us (reset, GOAWAY): the call ends quietly.
             log.debug("workload stream %d closed while sending: %s", call.stream_id, exc)
             self._signal(call)
+        self._arm_idle()
         self._end_if_drained()
 
 
@@ -543,10 +557,22 @@ async def serve_workload_connection(
     """
     stats = WorkloadStats() if stats is None else stats
     drain = trio.Event() if drain is None else drain
+    await _serve_connection(stream, peer, backend, limits, stats, drain, None)
+
+
+async def _serve_connection(
+    stream: trio.abc.Stream,
+    peer: PeerCred,
+    backend: WorkloadBackend,
+    limits: WorkloadLimits,
+    stats: WorkloadStats,
+    drain: trio.Event,
+    live: set[_Connection] | None,
+) -> None:
     stats.connections_open += 1
     stats.connections_total += 1
     try:
-        await _Connection(stream, peer, backend, limits, stats, drain).serve()
+        await _Connection(stream, peer, backend, limits, stats, drain).serve(live)
     finally:
         stats.connections_open -= 1
 
@@ -571,6 +597,8 @@ async def serve_workload_api(
     """
     stats = WorkloadStats() if stats is None else stats
     drain = trio.Event() if drain is None else drain
+    live: set[_Connection] = set()
+    """Every connection being served, for the drain (one task for all, not one each)."""
 
     async def handle(sock: trio.SocketStream) -> None:
         # PlainStream: one system call per read or write, without trio's socket wrapper
@@ -582,24 +610,22 @@ async def serve_workload_api(
                 log.debug("workload connection without peer credentials: %s", exc)
                 return
             if admission is None:
-                await serve_workload_connection(
-                    stream, peer, backend, limits=limits, stats=stats, drain=drain
-                )
+                await _serve_connection(stream, peer, backend, limits, stats, drain, live)
                 return
             reason = admission.admit(peer.uid)
             if reason is not None:
                 await _refuse(stream, peer, reason, admission, limits)
                 return
             try:
-                await serve_workload_connection(
-                    stream, peer, backend, limits=limits, stats=stats, drain=drain
-                )
+                await _serve_connection(stream, peer, backend, limits, stats, drain, live)
             finally:
                 admission.release(peer.uid)
 
     async def stop_accepting(accepting: trio.CancelScope) -> None:
         await drain.wait()
         accepting.cancel()
+        for connection in list(live):
+            connection.on_drain()
 
     async with trio.open_nursery() as handlers:
         with trio.CancelScope() as accepting:
