@@ -269,6 +269,7 @@ class _Connection:
     def _handle(self, event: h2.events.Event) -> bool:
         """Apply one h2 event; True when the peer has ended the connection."""
         if isinstance(event, h2.events.RequestReceived):
+            self._idle_armed = False  # even a call refused at once is activity (rule 5)
             self._on_request(event)
         elif isinstance(event, h2.events.DataReceived):
             self._h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
@@ -323,7 +324,8 @@ class _Connection:
 
     def _arm_idle(self) -> None:
         """Rule 5: once the handshake is done, the read scope's deadline is the idle close
-        while no call is open, and none while one is."""
+        while no call is open, counted from the last request or the end of the last call;
+        none while a call is open."""
         if not self._settings_seen:
             return
         if self._calls:
