@@ -6,9 +6,15 @@ Rules / theory of operation:
    when the connection is accepted, and every call on that connection is
    attested with it.  Nothing the peer sends names its identity.
 2. **One task per connection, one task per call.**  The connection task runs
-   a reader and a writer; each call (HTTP/2 stream) runs in its own task and
-   never touches the socket.  A call hands finished messages to the
-   connection, and the writer alone moves bytes to the peer.
+   a reader and a writer; each call (HTTP/2 stream) runs in its own task.  A
+   call hands finished messages to the connection, which sends at once what
+   the socket takes without waiting (`_Connection._flush`, from whichever task
+   has something to send); only the rest waits for the writer task, the one
+   place that blocks on the socket.  A short call or a push thus costs no
+   wake-up of the writer.  The idle and handshake timers are the reader's own
+   cancel scope, and the drain is started for every connection by the
+   server's one task that waits for it, so a connection starts two tasks and
+   each call one.
 3. **Only the newest state is worth sending** and **flow control is obeyed
    both ways**: that bookkeeping is pure and lives in `agent.workload_calls`
    (a connection's buffering is bounded however slowly the peer reads).
@@ -155,7 +161,9 @@ class _Connection:
         drain: trio.Event,
     ) -> None:
         self._stream = stream
-        self._send_nowait: Callable[[bytes], int] | None = getattr(stream, "send_some_nowait", None)
+        self._send_nowait: Callable[[bytes | bytearray], int] | None = getattr(
+            stream, "send_some_nowait", None
+        )
         self._drain = drain
         self._draining = False
         self._peer = peer
@@ -172,18 +180,28 @@ class _Connection:
         self._closing = False
         self._settings_seen = False
         self._guard_frames = FrameGuard(self._h2.max_inbound_frame_size, limits.max_header_block)
-        self._requests_seen = 0
-        self._idle = False
+        self._idle_armed = False
         self._read_scope = trio.CancelScope()
 
-    async def serve(self) -> None:
+    async def serve(self, live: set[_Connection] | None) -> None:
+        """Serve until the peer leaves; ``live`` is the server's set of connections, which
+        it drains itself (one task for all, rule 8), or None to watch ``drain`` here."""
         self._h2.initiate_connection()
         self._collect()
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             nursery.start_soon(self._guard, self._write_loop)
-            nursery.start_soon(self._watch)
-            await self._guard(self._read_loop)
+            if live is None:
+                nursery.start_soon(self._watch_drain)
+            elif self._drain.is_set():  # accepted just before the drain began
+                self.on_drain()
+            if live is not None:
+                live.add(self)
+            try:
+                await self._guard(self._read_loop)
+            finally:
+                if live is not None:
+                    live.discard(self)
 
     async def _guard(self, loop: Callable[[], Awaitable[None]]) -> None:
         """Run the reader or writer; any way it fails closes this connection only."""
@@ -204,19 +222,23 @@ class _Connection:
     # -- reading ---------------------------------------------------------------
 
     async def _read_loop(self) -> None:
-        handshake_deadline = trio.current_time() + self._limits.request_timeout_s
+        # One scope for the whole connection (not one per read, nor a timer task): its
+        # deadline is the handshake's until the peer's SETTINGS arrive, then the idle
+        # close's while no call is open (`_arm_idle`).
+        deadline = trio.current_time() + self._limits.request_timeout_s
+        with trio.CancelScope(deadline=deadline) as self._read_scope:
+            await self._read_frames()
+            return
+        if self._settings_seen:
+            log.debug("workload connection from pid %d idle, closing", self._peer.pid)
+            self._h2.close_connection(h2.errors.ErrorCodes.NO_ERROR)
+            self._close_gracefully()
+            return
+        raise _Drop("no HTTP/2 preface within the request timeout")
+
+    async def _read_frames(self) -> None:
         while True:
-            data: bytes | bytearray | None = None
-            deadline = math.inf if self._settings_seen else handshake_deadline
-            with trio.CancelScope(deadline=deadline) as self._read_scope:
-                data = await self._stream.receive_some(_READ_SIZE)
-            if data is None and self._idle:
-                log.debug("workload connection from pid %d idle, closing", self._peer.pid)
-                self._h2.close_connection(h2.errors.ErrorCodes.NO_ERROR)
-                self._close_gracefully()
-                return
-            if data is None:
-                raise _Drop("no HTTP/2 preface within the request timeout")
+            data = await self._stream.receive_some(_READ_SIZE)
             if not data:
                 self._nursery.cancel_scope.cancel()
                 return
@@ -238,15 +260,16 @@ class _Connection:
                 if self._handle(event):
                     self._nursery.cancel_scope.cancel()
                     return
+            self._arm_idle()
             self._collect()
             if len(self._outbox) > self._limits.max_control_backlog:
                 raise _Drop("peer sends but does not read")
-            self._wakeup.set()
+            self._flush()
 
     def _handle(self, event: h2.events.Event) -> bool:
         """Apply one h2 event; True when the peer has ended the connection."""
         if isinstance(event, h2.events.RequestReceived):
-            self._requests_seen += 1
+            self._idle_armed = False  # even a call refused at once is activity (rule 5)
             self._on_request(event)
         elif isinstance(event, h2.events.DataReceived):
             self._h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
@@ -299,26 +322,25 @@ class _Connection:
         if call.aborted is not None:
             task.cancel_scope.cancel()
 
-    async def _watch(self) -> None:
-        """The connection's two timers in one task (a task per connection fewer to start
-        and cancel): the drain (rule 8), and the idle close (rule 5) once the connection
-        has had no call for a whole period: none open at the start and at the end of
-        it, and none started in between."""
-        period = self._limits.idle_timeout_s
-        while True:
-            quiet, seen = not self._calls, self._requests_seen
-            with trio.move_on_after(period):
-                await self._drain.wait()
-            if self._drain.is_set():
-                self._on_drain()
-                return
-            if quiet and not self._calls and self._requests_seen == seen:
-                # The reader is waiting for input; it says goodbye (one task reads).
-                self._idle = True
-                self._read_scope.cancel()
-                return
+    def _arm_idle(self) -> None:
+        """Rule 5: once the handshake is done, the read scope's deadline is the idle close
+        while no call is open, counted from the last request or the end of the last call;
+        none while a call is open."""
+        if not self._settings_seen:
+            return
+        if self._calls:
+            self._read_scope.deadline = math.inf
+            self._idle_armed = False
+        elif not self._idle_armed:
+            self._read_scope.deadline = trio.current_time() + self._limits.idle_timeout_s
+            self._idle_armed = True
 
-    def _on_drain(self) -> None:
+    async def _watch_drain(self) -> None:
+        """For a connection served on its own (`serve_workload_connection`): the drain."""
+        await self._drain.wait()
+        self.on_drain()
+
+    def on_drain(self) -> None:
         """Rule 8: on drain, forbid new calls and end the open ones after their message."""
         self._draining = True
         self._outbox += GoAwayFrame(
@@ -363,25 +385,30 @@ class _Connection:
                 self._count(call.method, Status.CANCELLED)
 
     async def _call(self, call: Call) -> tuple[Status, str]:
-        timeout = math.inf if call.request.timeout is None else call.request.timeout
-        with trio.move_on_after(timeout):
-            try:
-                if call.method in JWT_METHODS:
-                    return await self._jwt_call(call)
-                method = STREAMING_METHODS[call.method]
-                await self._receive_request(call, method)
-                await self._stream_snapshots(call, method)
-            except InvalidJwt as exc:
-                return Status.INVALID_ARGUMENT, f"invalid JWT-SVID: {exc.reason}"
-            except GrpcError as exc:
-                return exc.status, exc.message
-            except Exception as exc:
-                if only_no_identity(exc):
-                    return Status.PERMISSION_DENIED, "no identity issued"
-                log.error("workload API backend failed on %s", call.method, exc_info=True)
-                return Status.INTERNAL, "internal error"
-            return Status.UNAVAILABLE, "identity stream ended, reconnect"
+        # No deadline scope for a call without a deadline (most: streams have none).
+        if call.request.timeout is None:
+            return await self._answer(call)
+        with trio.move_on_after(call.request.timeout):
+            return await self._answer(call)
         return Status.DEADLINE_EXCEEDED, "deadline exceeded"
+
+    async def _answer(self, call: Call) -> tuple[Status, str]:
+        try:
+            if call.method in JWT_METHODS:
+                return await self._jwt_call(call)
+            method = STREAMING_METHODS[call.method]
+            await self._receive_request(call, method)
+            await self._stream_snapshots(call, method)
+        except InvalidJwt as exc:
+            return Status.INVALID_ARGUMENT, f"invalid JWT-SVID: {exc.reason}"
+        except GrpcError as exc:
+            return exc.status, exc.message
+        except Exception as exc:
+            if only_no_identity(exc):
+                return Status.PERMISSION_DENIED, "no identity issued"
+            log.error("workload API backend failed on %s", call.method, exc_info=True)
+            return Status.INTERNAL, "internal error"
+        return Status.UNAVAILABLE, "identity stream ended, reconnect"
 
     async def _jwt_call(self, call: Call) -> tuple[Status, str]:
         """The JWT profile: two unary calls and the JWT bundles stream."""
@@ -406,14 +433,17 @@ class _Connection:
         if len(payload) > self._limits.max_message_size:
             raise GrpcError(Status.RESOURCE_EXHAUSTED, "response too large")
         if call.offer(payload):
-            self._wakeup.set()
+            self._flush()
 
     async def _receive_request(self, call: Call, method: Method | JwtMethod) -> None:
         ready = self._tasks[call.stream_id].request_ready
-        with trio.move_on_after(self._limits.request_timeout_s):
-            await ready.wait()
-        if not ready.is_set():
-            raise GrpcError(Status.DEADLINE_EXCEEDED, "request message not received in time")
+        if not ready.is_set():  # it usually came with the headers: no scope to set up then
+            with trio.move_on_after(self._limits.request_timeout_s):
+                await ready.wait()
+            if not ready.is_set():
+                raise GrpcError(Status.DEADLINE_EXCEEDED, "request message not received in time")
+        if call.aborted is not None:  # a bad request frame (the wait above may not have run)
+            raise GrpcError(*call.aborted)
         parse_request_message(method, call.request_message)
 
     async def _stream_snapshots(self, call: Call, method: Method) -> None:
@@ -429,14 +459,14 @@ class _Connection:
                     )
                     raise GrpcError(Status.RESOURCE_EXHAUSTED, "response too large")
                 if call.offer(payload):
-                    self._wakeup.set()
+                    self._flush()
 
     def _finish(self, call: Call, status: Status, message: str) -> None:
         if call.final is None:
             call.final = (status, message)
             self._count(call.method, status)
             call.counted = True
-            self._wakeup.set()
+            self._flush()
 
     def _count(self, method: str, status: Status) -> None:
         self._stats.requests[(method, status.name)] += 1
@@ -445,6 +475,23 @@ class _Connection:
 
     def _collect(self) -> None:
         self._outbox += self._h2.data_to_send()
+
+    def _flush(self) -> None:
+        """Send at once what the calls may send and the socket takes without waiting, and
+        wake the writer only for the rest: a response or a push that fits the socket
+        buffer then costs no trip through the writer task (rule 2: still only the
+        connection's code moves bytes, and only one write is ever in progress)."""
+        if self._closing or self._send_nowait is None:
+            self._wakeup.set()
+            return
+        if len(self._outbox) < WRITE_ROUND:
+            self._pump()
+        self._collect()
+        if self._outbox:
+            # 0 while the writer is in the middle of a write: the bytes wait for it.
+            del self._outbox[: self._send_nowait(self._outbox)]
+        if self._outbox or self._closing or any(c.has_data for c in self._calls.values()):
+            self._wakeup.set()
 
     async def _write_loop(self) -> None:
         while True:
@@ -492,6 +539,7 @@ class _Connection:
             # The stream went away under us (reset, GOAWAY): the call ends quietly.
             log.debug("workload stream %d closed while sending: %s", call.stream_id, exc)
             self._signal(call)
+        self._arm_idle()
         self._end_if_drained()
 
 
@@ -511,10 +559,22 @@ async def serve_workload_connection(
     """
     stats = WorkloadStats() if stats is None else stats
     drain = trio.Event() if drain is None else drain
+    await _serve_connection(stream, peer, backend, limits, stats, drain, None)
+
+
+async def _serve_connection(
+    stream: trio.abc.Stream,
+    peer: PeerCred,
+    backend: WorkloadBackend,
+    limits: WorkloadLimits,
+    stats: WorkloadStats,
+    drain: trio.Event,
+    live: set[_Connection] | None,
+) -> None:
     stats.connections_open += 1
     stats.connections_total += 1
     try:
-        await _Connection(stream, peer, backend, limits, stats, drain).serve()
+        await _Connection(stream, peer, backend, limits, stats, drain).serve(live)
     finally:
         stats.connections_open -= 1
 
@@ -539,6 +599,8 @@ async def serve_workload_api(
     """
     stats = WorkloadStats() if stats is None else stats
     drain = trio.Event() if drain is None else drain
+    live: set[_Connection] = set()
+    """Every connection being served, for the drain (one task for all, not one each)."""
 
     async def handle(sock: trio.SocketStream) -> None:
         # PlainStream: one system call per read or write, without trio's socket wrapper
@@ -550,24 +612,22 @@ async def serve_workload_api(
                 log.debug("workload connection without peer credentials: %s", exc)
                 return
             if admission is None:
-                await serve_workload_connection(
-                    stream, peer, backend, limits=limits, stats=stats, drain=drain
-                )
+                await _serve_connection(stream, peer, backend, limits, stats, drain, live)
                 return
             reason = admission.admit(peer.uid)
             if reason is not None:
                 await _refuse(stream, peer, reason, admission, limits)
                 return
             try:
-                await serve_workload_connection(
-                    stream, peer, backend, limits=limits, stats=stats, drain=drain
-                )
+                await _serve_connection(stream, peer, backend, limits, stats, drain, live)
             finally:
                 admission.release(peer.uid)
 
     async def stop_accepting(accepting: trio.CancelScope) -> None:
         await drain.wait()
         accepting.cancel()
+        for connection in list(live):
+            connection.on_drain()
 
     async with trio.open_nursery() as handlers:
         with trio.CancelScope() as accepting:

@@ -868,6 +868,28 @@ async def test_idle_reader_is_never_dropped(autojump_clock, cas):
     assert stats.connections_dropped == 0
 
 
+async def test_connection_is_closed_an_idle_timeout_after_its_last_call(autojump_clock, cas):
+    """Rule 5: a connection whose calls have all ended is told goodbye (GOAWAY) once it
+    has had none for ``idle_timeout_s``, counted from the end of the last one."""
+    server_side, client_side = trio.testing.memory_stream_pair()
+    stats = WorkloadStats()
+    client = RawClient(client_side)
+    body = encode_message(pb.JWTSVIDRequest(audience=["a"]).SerializeToString())
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_serve_in_memory, server_side, FakeBackend(snapshot(cas, 1)), stats)
+        await client.flush()  # the preface and SETTINGS
+        await trio.sleep(100)  # an idle period is counted from the end of the last call
+        stream_id = client.call("/SpiffeWorkloadAPI/FetchJWTSVID", body=body)
+        await client.flush()
+        assert (await client.wait_status(stream_id))[0] is Status.OK
+        ended = trio.current_time()
+        await client.wait_closed()
+        closed = trio.current_time()
+    assert closed - ended == pytest.approx(300, abs=1)
+    assert client.terminated, "closed without a GOAWAY"
+    assert stats.connections_dropped == 0
+
+
 async def test_silent_peer_is_dropped_after_the_request_timeout(autojump_clock, cas):
     server_side, _client_side = trio.testing.memory_stream_pair()
     stats = WorkloadStats()
