@@ -13,7 +13,7 @@ Rules:
    woken by the change feed (`ca.feed`), so a new entry or bundle reaches a
    waiting agent at once instead of on the next poll, and a change wakes only
    the agents it concerns: a renewal its own agent, an entry change the
-   agents it moves in or out of, a bundle change every bundle poll.
+   agents it moves in or out of, a bundle change every parked poll once.
 6. ``/v1/entries?delta=1`` is the delta sync (`Authority.entries_since`):
    answers are pages of at most `ENTRY_PAGE` entries, changes since the
    revision the agent holds, or the whole set again when the change log no
@@ -26,6 +26,13 @@ Rules:
 5. A caller or a target that is refused is refused before anything is said
    about the rest of the body: an agent's batch of CSRs is read after the
    agent is judged, an entry's changes after the entry is found.
+7. **One parked poll per agent.**  ``/v1/entries?bundle=<sequence>`` also
+   ends when the bundle's sequence is not ``<sequence>`` and then carries the
+   bundle (as ``/v1/bundle`` has it), so an agent parks this one poll and not
+   a second for the bundle: 10,000 agents hold 10,000 connections, not 20,000.
+   Hearing of the bundle costs no datastore hop (it is in memory).  The
+   server wakes every parked entries poll once on a bundle change;
+   ``/v1/bundle?wait=`` stays, for agents that predate this and for tools.
 """
 
 from __future__ import annotations
@@ -200,6 +207,15 @@ class AgentApi:
             limit = _int_param(req, "limit", ENTRY_PAGE)
             aid = str(agent_id)
             first = [True]
+            # The bundle rides on the entries poll (rule 7): one parked poll per agent.
+            bundle_since = _int_param(req, "bundle") if "bundle" in req.query else None
+
+            def bundle_news() -> dict[str, object]:
+                """The bundle, when the agent asked with a sequence that is no longer it."""
+                current = a.keys.bundle
+                if bundle_since is None or current is None or current.sequence == bundle_since:
+                    return {}
+                return {**messages.bundle_json(a.bundle()), **messages.jwt_bundle_json(a)}
 
             def changed() -> bool:
                 if first[0]:  # the agent is judged in the same worker hop as the first check
@@ -213,6 +229,8 @@ class AgentApi:
                 return a.store.entries_changed_for(aid, since) or not current
 
             async def entries_changed() -> bool:
+                if bundle_news():  # in memory: no datastore hop to hear of a new bundle
+                    return True
                 return await self.run(changed)
 
             quiet = await self.entries.wait_until(aid, entries_changed, _wait_param(req))
@@ -225,9 +243,9 @@ class AgentApi:
                 page = await self.run(
                     lambda: a.entries_since(agent_id, serial, since, after, limit)
                 )
-                return J(entry_sync_json(page))
+                return J({**entry_sync_json(page), **bundle_news()})
             view = await self.run(lambda: a.entries_for(agent_id, serial))
-            return J(messages.agent_entries_json(view))
+            return J({**messages.agent_entries_json(view), **bundle_news()})
         if route == ("POST", "/v1/svids"):
             csrs = messages.body_object(req).get("csrs")
 

@@ -6,7 +6,8 @@ Rules:
    waits under a key (the calling agent's SPIFFE ID for ``/v1/entries``, one
    shared key for ``/v1/bundle``).  An entry change wakes the agents whose
    authorized set it changes (`concerned_agents`); a renewal, an eviction or
-   a ban wakes that one agent; a bundle change wakes every bundle poll, once.
+   a ban wakes that one agent; a bundle change wakes every parked poll, once
+   (agents hear of the bundle on their entries poll: ``ca.api`` rule 7).
    So the CA's work per change grows with the agents it concerns, never with
    the agents connected: with one broadcast event, every renewal of a fleet
    of N agents cost N datastore checks, and the fleet's cost grew as N².

@@ -464,7 +464,9 @@ class CAServer:
         if after != self._bundle_woken:
             self._bundle_woken = after
             log.info("bundle.updated", sequence=after)
-            self.bundle_changed.wake_all()  # once per change, not once per tick
+            # Once per change, not once per tick; entries polls carry the bundle too.
+            self.bundle_changed.wake_all()
+            self.entries_changed.wake_all("bundle")
         if steps or jwt_steps or key_event:
             await self.anchor("key_event")
 
