@@ -50,7 +50,7 @@ from ca.cluster import Membership
 from ca.engines import StoreUnavailable
 from ca.feed import BUNDLE, ChangeFeed, concerned_agents
 from ca.keys import CAKeyError
-from ca.store import EntryRecord
+from ca.store import AgentRecord, EntryRecord
 from tally.spiffe.jwt import with_jwt_keys
 from tally.spiffe.spiffeid import SpiffeId
 from tally.wire import http
@@ -207,6 +207,7 @@ class AgentApi:
             limit = _int_param(req, "limit", ENTRY_PAGE)
             aid = str(agent_id)
             first = [True]
+            checked_at = [since]  # the committed revision when the last check began
             # The bundle rides on the entries poll (rule 7): one parked poll per agent.
             bundle_since = _int_param(req, "bundle") if "bundle" in req.query else None
 
@@ -218,10 +219,14 @@ class AgentApi:
                 return {**messages.bundle_json(a.bundle()), **messages.jwt_bundle_json(a)}
 
             def changed() -> bool:
+                # Read before the query, in the one thread that commits: every change up to
+                # it is seen by the query; one after it has a later revision.
+                checked_at[0] = a.store.committed_entries_revision
                 if first[0]:  # the agent is judged in the same worker hop as the first check
                     first[0] = False
-                    a.check_agent(agent_id, serial)
-                agent = a.store.get_agent(aid)
+                    agent: AgentRecord | None = a.check_agent(agent_id, serial)
+                else:
+                    agent = a.store.get_agent(aid)
                 # An eviction or ban ends the wait too, so the agent hears of it at once.
                 # So does a renewal: the answer is judged on this call's certificate, which
                 # must not be two renewals old by then.
@@ -233,11 +238,15 @@ class AgentApi:
                     return True
                 return await self.run(changed)
 
-            quiet = await self.entries.wait_until(aid, entries_changed, _wait_param(req))
+            told = (since, serial, bundle_since) if delta and since >= 0 and not after else None
+            quiet = await self.entries.wait_until(aid, entries_changed, _wait_param(req), told)
             if delta and quiet:
                 # Nothing for this agent since the last check (it would have woken us), so
-                # it stands at the latest committed revision: no datastore hop to say so.
-                now_at = max(since, a.store.committed_entries_revision)
+                # it stands at the revision committed when that check began: no datastore
+                # hop to say so.  Not the latest: a change committed since then may not
+                # have woken us yet (its wake-up follows its commit).
+                now_at = max(since, checked_at[0])
+                self.entries.note_quiet(aid, (now_at, serial, bundle_since))  # feed rule 4
                 return J(entry_sync_json(EntrySync(now_at, False, (), (), False)))
             if delta:
                 page = await self.run(
