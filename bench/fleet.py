@@ -1,15 +1,18 @@
 """A fleet of simulated agents against one real CA: what a change, a renewal and a herd cost.
 
 Starts a real `tally ca run` (its own process, so its CPU and memory are its
-own) and N simulated agents in this process.  Each simulated agent is an agent
-as the CA sees it: its own join token (made through the admin socket), its own
-key and agent SVID, mutual TLS with the real client (`agent.ca_client.CAClient`,
-pooled connections as the agent has them), and the real agent's loops: a parked
-entries long poll with delta sync (`agent.renewal.EntrySync`), a parked bundle
-long poll, renewal of its own SVID, and renewal of its W workloads' SVIDs in one
-batch, each at a random point before half-life (`tally.spiffe.rotation`).
-Lifetimes are compressed: ``--ttl 60`` makes an hour pass in a minute, so the CA
-sees the renewals of 60 times as many agents at 1 h.
+own) and N simulated agents, sharded over simulator processes of ``--per-shard``
+agents each (each under the descriptor limit, together on every core; their CPU
+is reported apart from the CA's).  Each simulated agent is an agent as the CA
+sees it: its own join token (made through the admin socket), its own key and
+agent SVID, mutual TLS with the real client (`agent.ca_client.CAClient`, pooled
+connections closed after 5 s idle, as the agent has them), and the real agent's
+loops: one parked entries long poll with delta sync (`agent.renewal.EntrySync`)
+that also brings a new bundle, renewal of its own SVID, and renewal of its W
+workloads' SVIDs in one batch, each at a random point before half-life
+(`tally.spiffe.rotation`).  Lifetimes are compressed: ``--ttl 60`` makes an
+hour pass in a minute, so the CA sees the renewals of 60 times as many agents
+at 1 h; the polls come every ``poll_wait`` (50 s) whatever the TTL.
 
 Phases: attest everyone, run steady for ``--seconds`` (the table's steady
 figures), make one entry change (what it wakes), then the herd: every agent
@@ -17,6 +20,7 @@ drops its connections and comes back at once, and the clock runs until each hold
 a fresh agent SVID and all its workload SVIDs again.
 
     .venv/bin/python -m bench.fleet --agents 100,1000 [--workloads 10] [--ttl 60]
+    .venv/bin/python -m bench.fleet --agents 10000 --ttl 1200   # four simulators
 """
 
 from __future__ import annotations
@@ -120,6 +124,8 @@ class Stats:
     renew_ms: list[float] = field(default_factory=list)
     sign_ms: list[float] = field(default_factory=list)
     renewals: int = 0
+    polls: int = 0
+    """Entries polls answered (each one round trip to the CA)."""
     signed: int = 0
     overloaded: int = 0
     errors: Counter[str] = field(default_factory=Counter)
@@ -187,6 +193,7 @@ class SimAgent:
                 await self._retry_pause(exc, attempt)
                 continue
             attempt = 0
+            self.stats.polls += 1
             if page.bundle is not None:
                 self.bundle_sequence = page.bundle.sequence
             change = self.sync.receive(self.entries, page)
@@ -399,6 +406,7 @@ class Shard:
                         "renew": len(st.renew_ms),
                         "sign": len(st.sign_ms),
                         "renewals": st.renewals,
+                        "polls": st.polls,
                         "overloaded": st.overloaded,
                         "errors": Counter(st.errors),
                     }
@@ -411,6 +419,7 @@ class Shard:
                             "renew_ms": st.renew_ms[mark["renew"] :],
                             "sign_ms": st.sign_ms[mark["sign"] :],
                             "renewals": st.renewals - mark["renewals"],
+                            "polls": st.polls - mark["polls"],
                             "overloaded": st.overloaded - mark["overloaded"],
                             "errors": dict(st.errors - mark["errors"]),
                         }
@@ -632,7 +641,8 @@ async def _run(
         "sign_p50": pct(steady_sign, 0.5),
         "sign_p99": pct(steady_sign, 0.99),
         "renewals_per_s": renewals / elapsed,
-        "polls_per_s": delta("tally_ca_poll_checks_total", m0, m1) / elapsed,
+        "polls_per_s": sum(w["polls"] for w in window) / elapsed,
+        "checks_per_s": delta("tally_ca_poll_checks_total", m0, m1) / elapsed,
         "wakeups_per_renewal": delta("tally_ca_poll_wakeups_total", m0, m1) / max(1, renewals),
         "checks_per_renewal": delta("tally_ca_poll_checks_total", m0, m1) / max(1, renewals),
         "entry_change_wakeups": delta(ENTRY_WAKES, m2, m3),
@@ -641,6 +651,7 @@ async def _run(
         "errors": dict(steady_errors),
         "herd_overloaded": sum(h["overloaded"] for h in herd),
         "herd_errors": sum(sum(h["errors"].values()) for h in herd),
+        "herd_errors_by": dict(sum((Counter(h["errors"]) for h in herd), Counter[str]())),
         "herd_s": herd_s,
         "herd_ca_cpu_s": herd_cpu1 - herd_cpu0,
     }
