@@ -156,15 +156,24 @@ class SimAgent:
         self.workloads_at = 0.0
         self.fresh = trio.Event()  # set when agent SVID and workload SVIDs were renewed
         self.bundle_sequence = -1
+        self.mid_life = False
+        """Draw the first renewals as a fleet up for a while has them (``--steady-start``)."""
+        self._first_sign = True
 
     async def attest(self, token: str) -> None:
         issued, _, sequence = await self.client.attest(token, self.key)
         self.client.set_identity(issued.chain, self.key)
         self.identity = (issued.chain, self.key)
         self.bundle_sequence = sequence
-        self.renew_at = self._when(issued.chain[0])
+        self.renew_at = self._when(issued.chain[0], first=True)
 
-    def _when(self, leaf: Any) -> float:
+    def _when(self, leaf: Any, *, first: bool = False) -> float:
+        """When to renew ``leaf``, on trio's clock.  With `mid_life`, a first renewal
+        falls uniformly within one mean renewal interval, so renewals arrive at the
+        steady rate from the start instead of after a third of a lifetime."""
+        life = (leaf.not_valid_after_utc - leaf.not_valid_before_utc).total_seconds()
+        if first and self.mid_life:
+            return trio.current_time() + self.rng.uniform(0, life * sum(rotation.WINDOW) / 2)
         at = rotation.renewal_time(leaf.not_valid_before_utc, leaf.not_valid_after_utc, self.rng)
         return trio.current_time() + (at - datetime.now(UTC)).total_seconds()
 
@@ -224,7 +233,8 @@ class SimAgent:
                     if len(chains) != len(results):
                         self.stats.errors["not_signed"] += len(results) - len(chains)
                     if chains:
-                        self.workloads_at = min(self._when(c[0]) for c in chains)
+                        first, self._first_sign = self._first_sign, False
+                        self.workloads_at = min(self._when(c[0], first=first) for c in chains)
                     self.fresh.set()
                 elif not self.entries:
                     self.workloads_at = trio.current_time() + 0.5  # entries not synced yet
@@ -367,6 +377,8 @@ class Shard:
         roots = pem.chain_from_pem(str(cfg["roots"]).encode())
         csr = make_csr(x509profile.generate_key())
         self.agents = [SimAgent(n, ca, roots, csr, self.stats) for n, _ in cfg["agents"]]
+        for agent in self.agents:
+            agent.mid_life = bool(cfg["steady_start"])
         self.tokens = [str(token) for _, token in cfg["agents"]]
 
     def say(self, obj: object) -> None:
@@ -560,6 +572,7 @@ async def _run(
                 "roots": roots,
                 "spread": spread,
                 "seed": s,
+                "steady_start": args.steady_start,
                 "agents": [[i, tokens[i]] for i in range(s, n, k)],
             }
         )
@@ -668,6 +681,12 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=60, help="steady-state window")
     parser.add_argument(
         "--spread", type=float, default=None, help="agents join over this many s (ttl/2)"
+    )
+    parser.add_argument(
+        "--steady-start",
+        action="store_true",
+        help="first renewals spread over one mean renewal interval, as in a fleet up for"
+        " a while: the true rate at once, so a long TTL (3600) needs no long join",
     )
     parser.add_argument(
         "--per-shard", type=int, default=2500, help="simulated agents per simulator process"
