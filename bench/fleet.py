@@ -45,6 +45,7 @@ from typing import Any
 
 import trio
 
+from agent import renewal
 from agent.ca_client import CAClient, CAError, make_csr
 from agent.renewal import Entry, EntrySync
 from bench.ca_daemon import TRUST_DOMAIN
@@ -178,11 +179,14 @@ class SimAgent:
         return trio.current_time() + (at - datetime.now(UTC)).total_seconds()
 
     async def _retry_pause(self, exc: Exception, attempt: int) -> None:
+        """The agent's own retry delay (`agent.renewal.retry_cap`, `honor_retry_after`):
+        backoff capped by the time its SVID has left, at least what the CA asked."""
+        now = datetime.now(UTC)
+        soonest = now if self.identity is None else self.identity[0][0].not_valid_after_utc
+        cap = renewal.retry_cap(now, soonest, someone_waits=not self.entries)
+        delay = rotation.backoff(attempt, self.rng, cap=cap)
         told = exc.retry_after if isinstance(exc, CAError) else None
-        delay = rotation.backoff(attempt, self.rng, cap=10.0)
-        if told is not None:
-            delay = max(delay, told * (1 + self.rng.random() / 2))
-        await trio.sleep(delay)
+        await trio.sleep(renewal.honor_retry_after(delay, told, now, soonest, self.rng))
 
     async def entries_loop(self) -> None:
         """The agent's one parked poll: entries by delta sync, and the bundle with them."""
@@ -298,12 +302,15 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-async def register_fleet(admin: Admin, count: int, workloads: int) -> tuple[list[str], list[str]]:
-    """A join token per agent and ``workloads`` entries under each (in batches of 1,000);
-    returns the tokens and the agents' SPIFFE IDs, agent 0 first."""
+async def register_fleet(
+    admin: Admin, count: int, workloads: int, token_ttl: int = 3600
+) -> tuple[list[str], list[str]]:
+    """A join token per agent, good for ``token_ttl`` seconds (longer than the join
+    spread), and ``workloads`` entries under each (in batches of 1,000); returns the
+    tokens and the agents' SPIFFE IDs, agent 0 first."""
     tokens, ids = [], []
     for _ in range(count):
-        made = await admin.call("POST", "/v1/tokens", {})
+        made = await admin.call("POST", "/v1/tokens", {"ttl": token_ttl})
         tokens.append(made["token"])
         ids.append(made["spiffe_id"])
     specs = [
@@ -394,7 +401,12 @@ class Shard:
     async def main(self) -> None:
         stdin = trio.lowlevel.FdStream(os.dup(0))
         commands = _lines(stdin)
-        join = joiner(float(self.cfg["spread"]), self.stats, seed=int(self.cfg["seed"]))
+        join = joiner(
+            float(self.cfg["spread"]),
+            self.stats,
+            at_once=int(self.cfg["at_once"]),
+            seed=int(self.cfg["seed"]),
+        )
         async with trio.open_nursery() as top:
             herd_done, stopped = trio.Event(), trio.Event()
 
@@ -559,11 +571,11 @@ async def _run(
     roots = str((await admin.call("GET", "/v1/bundle"))["bundle"])
     _, rss0 = ca_pid_stats(daemon.pid)
     fds0 = open_fds(daemon.pid)
-    tokens, ids = await register_fleet(admin, n, args.workloads)
+    spread = args.ttl / 2 if args.spread is None else args.spread
+    tokens, ids = await register_fleet(admin, n, args.workloads, int(spread) + 3600)
 
     # Shards: agent i goes to shard i % k, so every shard joins over the whole spread.
     k = max(1, math.ceil(n / args.per_shard))
-    spread = args.ttl / 2 if args.spread is None else args.spread
     attest_t0 = time.perf_counter()
     shards = [
         await ShardProcess.start(
@@ -572,6 +584,7 @@ async def _run(
                 "roots": roots,
                 "spread": spread,
                 "seed": s,
+                "at_once": max(8, 64 // k),  # 64 attestations at once over all shards
                 "steady_start": args.steady_start,
                 "agents": [[i, tokens[i]] for i in range(s, n, k)],
             }
