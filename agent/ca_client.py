@@ -8,9 +8,14 @@ Rules:
    impersonating the CA to an agent.
 2. Attestation is the one call made without a client certificate; everything
    after it presents the agent SVID (mutual TLS).
-3. One kept-alive connection carries every call.  When the agent's identity or
-   the bundle changes, the connection is dropped and the next call handshakes
-   with a new context, so a rotated agent SVID is used at once.
+3. Kept-alive connections, pooled, carry the calls: the parked entries poll
+   holds one (it also brings the bundle: ``ca.api`` rule 7), a call takes an
+   idle one or opens one.  A connection idle for `CALL_IDLE_CLOSE` is closed
+   (`CAClient.close_idle`): renewals are minutes apart, so between them an
+   agent holds one connection to the CA, its poll's, and a fleet of N agents
+   costs the CA N descriptors, not 3 N.  When the agent's identity or the
+   bundle changes, connections are dropped and the next call handshakes with
+   a new context, so a rotated agent SVID is used at once.
 4. Errors come out as `CAError` with the CA's stable ``code`` (``evicted``,
    ``attestation_failed``, ...) or ``unreachable``, so callers decide on codes,
    never on message text.
@@ -55,6 +60,8 @@ log = get_logger("tally.agent")
 FAILOVER_CODES = frozenset({"unreachable", "datastore_unavailable", "bad_response"})
 REST_FIRST = 1.0
 REST_CAP = 30.0
+CALL_IDLE_CLOSE = 5.0
+"""Seconds a pooled connection may sit unused before it is closed (rule 3)."""
 
 
 class CAServers:
@@ -159,11 +166,11 @@ def _issued(data: dict[str, Any]) -> Issued:
 class CAClient:
     """Calls to the CA, each on a kept-alive connection of its own.
 
-    The agent's loops run at once (a long poll for entries, one for the bundle,
-    signing, renewal), so connections are pooled: a call takes an idle one or
-    opens one, and gives it back when done.  A new identity or bundle bumps the
-    generation, and connections from an older generation are closed instead of
-    reused.
+    The agent's loops run at once (the entries long poll, signing, renewal), so
+    connections are pooled: a call takes an idle one or opens one, and gives it
+    back when done; `close_idle` closes those left unused (rule 3).  A new
+    identity or bundle bumps the generation, and connections from an older
+    generation are closed instead of reused.
     """
 
     def __init__(
@@ -187,8 +194,10 @@ class CAClient:
         )
         self._generation = 0
         self._ctx: TLSContext | None = None
-        self._idle: list[tuple[int, int, http.HttpClient]] = []
+        self._idle: list[tuple[int, int, http.HttpClient, float]] = []
+        """(generation, server, connection, trio time it was given back)."""
         self._retired: list[http.HttpClient] = []
+        self._returned = trio.Event()
 
     def set_roots(self, roots: Sequence[x509.Certificate]) -> None:
         if tuple(roots) != self._roots:
@@ -210,8 +219,13 @@ class CAClient:
         # Synchronous callers cannot await a close; the next call closes them.
         self._generation += 1
         self._ctx = None
-        self._retired.extend(client for _, _, client in self._idle)
+        self._retired.extend(client for _, _, client, _ in self._idle)
         self._idle.clear()
+
+    @property
+    def pooled(self) -> int:
+        """Connections open and idle in the pool now (rule 3)."""
+        return len(self._idle)
 
     @property
     def server(self) -> Address:
@@ -244,17 +258,38 @@ class CAClient:
             with trio.move_on_after(1):
                 await client.aclose()
 
+    async def close_idle(self, after: float = CALL_IDLE_CLOSE) -> None:
+        """Close pooled connections unused for ``after`` seconds; runs until cancelled.
+
+        The agent runs it beside its loops (rule 3).  Only idle connections are
+        closed: the parked poll's is checked out, and comes back for an instant
+        between two polls.
+        """
+        while True:
+            now = trio.current_time()
+            fresh = [c for c in self._idle if now - c[3] < after]
+            if len(fresh) != len(self._idle):
+                self._retired.extend(c[2] for c in self._idle if now - c[3] >= after)
+                self._idle[:] = fresh
+                await self._close_retired()
+                continue
+            self._returned = trio.Event()
+            if not self._idle:
+                await self._returned.wait()
+                continue
+            await trio.sleep_until(min(c[3] for c in self._idle) + after)
+
     def _checkout(self, i: int) -> tuple[int, http.HttpClient]:
-        keep: list[tuple[int, int, http.HttpClient]] = []
+        keep: list[tuple[int, int, http.HttpClient, float]] = []
         found: http.HttpClient | None = None
         while self._idle:
-            generation, where, client = self._idle.pop()
+            generation, where, client, since = self._idle.pop()
             if generation != self._generation:
                 self._retired.append(client)
             elif where == i and found is None:
                 found = client
             else:
-                keep.append((generation, where, client))
+                keep.append((generation, where, client, since))
         self._idle.extend(reversed(keep))
         if found is not None:
             return self._generation, found
@@ -321,7 +356,8 @@ class CAClient:
             self._retired.append(client)
             raise
         if generation == self._generation:
-            self._idle.append((generation, i, client))
+            self._idle.append((generation, i, client, trio.current_time()))
+            self._returned.set()
         else:
             self._retired.append(client)
         try:
@@ -358,10 +394,21 @@ class CAClient:
         return int(data["revision"]), list(data["entries"])
 
     async def entries_sync(
-        self, since: int = -1, wait: float = 0, after: str = "", limit: int | None = None
+        self,
+        since: int = -1,
+        wait: float = 0,
+        after: str = "",
+        limit: int | None = None,
+        bundle: int | None = None,
     ) -> EntriesPage:
-        """One page of the delta sync (``agent.renewal.EntrySync`` says what to ask)."""
+        """One page of the delta sync (``agent.renewal.EntrySync`` says what to ask).
+
+        With ``bundle`` (the sequence held), the poll also ends on a new bundle and
+        the page carries it (`EntriesPage.bundle`; ``ca.api`` rule 7).
+        """
         query: dict[str, object] = {"since": since, "wait": wait, "delta": 1}
+        if bundle is not None:
+            query["bundle"] = bundle
         if after:
             query["after"] = after
         if limit is not None:
@@ -384,20 +431,12 @@ class CAClient:
             results.append(item)
         return results
 
-    async def bundle(self, since: int = -1, wait: float = 0) -> tuple[int, bytes, bytes]:
-        """The bundle's sequence, its roots (PEM) and its JWT keys (a JWK Set; an empty
-        one from a CA that predates JWT-SVIDs)."""
-        q = urlencode({"since": since, "wait": wait})
-        data = await self._call("GET", f"/v1/bundle?{q}", wait=wait)
-        jwks = str(data.get("jwt_bundle") or '{"keys": []}').encode()
-        return int(data["bundle_sequence"]), str(data["bundle"]).encode(), jwks
-
     async def jwt(self, entry_id: str, audience: Sequence[str]) -> str:
         """A JWT-SVID for one of this agent's entries; the token is a bearer credential."""
         data = await self._call("POST", "/v1/jwt", {"entry_id": entry_id, "audience": audience})
         return str(data["token"])
 
     async def aclose(self) -> None:
-        self._retired.extend(client for _, _, client in self._idle)
+        self._retired.extend(client for _, _, client, _ in self._idle)
         self._idle.clear()
         await self._close_retired()

@@ -2,9 +2,11 @@
 
 Rules:
 
-1. Four loops, one nursery: the agent's own SVID, the entry feed, the bundle
-   feed and the workload SVIDs.  Feeds are long polls on the CA, so an entry
-   created at the CA is minted here within a round trip, not a poll period.
+1. Three loops, one nursery: the agent's own SVID, the entry feed and the
+   workload SVIDs.  The entry feed is one long poll on the CA that also brings
+   a new bundle (``ca.api`` rule 7), so an entry created at the CA is minted
+   here, and a new root trusted, within a round trip, not a poll period, while
+   the agent parks a single request at the CA.
 2. Workload keys are generated here and live only in memory; the CA sees
    CSRs.  Each SVID is renewed at a random point just before its half-life
    (`tally.spiffe.rotation`), in batches, so one CA call serves many renewals.
@@ -38,7 +40,15 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from agent import renewal, state
 from agent.ca_client import CAError, Issued, make_csr
-from agent.renewal import BATCH, EntriesPage, Entry, EntryChange, EntrySync, HeldSvid
+from agent.renewal import (
+    BATCH,
+    BundleNews,
+    EntriesPage,
+    Entry,
+    EntryChange,
+    EntrySync,
+    HeldSvid,
+)
 from tally.ops.logs import get_logger
 from tally.spiffe import rotation, x509profile
 from tally.spiffe.jwt import JwtBundle
@@ -60,12 +70,15 @@ class CAApi(Protocol):
     ) -> tuple[int, list[dict[str, Any]]]: ...
 
     async def entries_sync(
-        self, since: int = -1, wait: float = 0, after: str = "", limit: int | None = None
+        self,
+        since: int = -1,
+        wait: float = 0,
+        after: str = "",
+        limit: int | None = None,
+        bundle: int | None = None,
     ) -> EntriesPage: ...
 
     async def sign(self, requests: Sequence[tuple[str, str]]) -> list[dict[str, Any]]: ...
-
-    async def bundle(self, since: int = -1, wait: float = 0) -> tuple[int, bytes, bytes]: ...
 
     async def jwt(self, entry_id: str, audience: Sequence[str]) -> str: ...
 
@@ -109,7 +122,7 @@ class SvidKeeper:
         *,
         clock: Callable[[], datetime],
         rng: random.Random | None = None,
-        poll_wait: float = 30,
+        poll_wait: float = 50,
         offload: Offload = in_thread,
     ) -> None:
         self.client = client
@@ -128,7 +141,7 @@ class SvidKeeper:
         self.changed = trio.Event()
         # The CA's code once it refused this agent for good; the loops stop on it.
         self.halted: str | None = None
-        # The CA's JWT keys; None until the first bundle answer (asked for at once).
+        # The CA's JWT keys; None until the first entries answer brings the bundle.
         self.jwt_bundle: JwtBundle | None = None
         self.counters = Counters()
         self._wake_minter = trio.Event()
@@ -281,22 +294,29 @@ class SvidKeeper:
 
     async def entries_loop(self) -> None:
         """Keep the entry set in step by delta sync (`agent.renewal.EntrySync`): park a
-        long poll while in step, page through a full set when the CA asks for one."""
+        long poll while in step, page through a full set when the CA asks for one.
+        The same poll brings a new bundle (rule 1)."""
         attempt = 0
         while self.halted is None:
             since, after, park = self.sync.request()
+            # Without JWT keys yet, ask for the bundle whatever its sequence: the
+            # attestation answer carried the roots, not the JWT keys.
+            held = self.bundle_sequence if self.jwt_bundle is not None else -1
             try:
                 page = await self.client.entries_sync(
-                    since=since, wait=self.poll_wait if park else 0, after=after
+                    since=since, wait=self.poll_wait if park else 0, after=after, bundle=held
                 )
-            except (CAError, trio.TooSlowError) as exc:
+                news = None if page.bundle is None else self._read_bundle(page.bundle)
+            except (CAError, trio.TooSlowError, ValueError) as exc:
                 if self._check_fatal(exc):
                     break
-                self._fail("entries", exc)
+                self._fail("bundle" if isinstance(exc, ValueError) else "entries", exc)
                 attempt += 1
                 await trio.sleep(self._backoff(attempt, exc))
                 continue
             attempt = 0
+            if news is not None:
+                await self._apply_bundle(*news)
             change = self.sync.receive(self.entries, page)
             if change is not None:
                 self._apply_entries(page.revision, change)
@@ -316,35 +336,28 @@ class SvidKeeper:
             self._wake_minter.set()
             self.notify()
 
-    async def bundle_loop(self) -> None:
-        attempt = 0
-        while self.halted is None:
-            try:
-                # Without JWT keys yet, ask without waiting: the attestation answer
-                # carried the roots, not the JWT keys.
-                since = self.bundle_sequence if self.jwt_bundle is not None else -1
-                sequence, pem, jwks = await self.client.bundle(since=since, wait=self.poll_wait)
-                roots = chain_from_pem(pem)
-                td = SpiffeId.parse(self.agent_id).trust_domain
-                jwt_bundle = JwtBundle.from_jwks(td, jwks)
-            except (CAError, trio.TooSlowError, ValueError) as exc:
-                self._fail("bundle", exc)
-                attempt += 1
-                await trio.sleep(self._backoff(attempt, exc))
-                continue
-            attempt = 0
-            if sequence != self.bundle_sequence or roots != self.roots:
-                self.roots = roots
-                self.bundle_sequence = sequence
-                self.client.set_roots(roots)
-                await self._offload(partial(state.save_bundle, self.data_dir, roots, sequence))
-                log.info("bundle.updated", sequence=sequence, roots=len(roots))
-                self.notify()
-            if self.jwt_bundle is None or jwt_bundle.keys.keys() != self.jwt_bundle.keys.keys():
-                self.jwt_bundle = jwt_bundle
-                log.info("jwt_bundle.updated", sequence=sequence, keys=len(jwt_bundle.keys))
-                self.notify()
-        await self._wait_for_operator()
+    def _read_bundle(self, news: BundleNews) -> tuple[int, list[x509.Certificate], JwtBundle]:
+        """The bundle an entries answer carried, parsed (ValueError when it does not)."""
+        roots = chain_from_pem(news.roots_pem)
+        if not roots:
+            raise ValueError("the CA sent a bundle with no root")
+        td = SpiffeId.parse(self.agent_id).trust_domain
+        return news.sequence, roots, JwtBundle.from_jwks(td, news.jwks)
+
+    async def _apply_bundle(
+        self, sequence: int, roots: list[x509.Certificate], jwt_bundle: JwtBundle
+    ) -> None:
+        if sequence != self.bundle_sequence or roots != self.roots:
+            self.roots = roots
+            self.bundle_sequence = sequence
+            self.client.set_roots(roots)
+            await self._offload(partial(state.save_bundle, self.data_dir, roots, sequence))
+            log.info("bundle.updated", sequence=sequence, roots=len(roots))
+            self.notify()
+        if self.jwt_bundle is None or jwt_bundle.keys.keys() != self.jwt_bundle.keys.keys():
+            self.jwt_bundle = jwt_bundle
+            log.info("jwt_bundle.updated", sequence=sequence, keys=len(jwt_bundle.keys))
+            self.notify()
 
     # -- workload SVIDs ----------------------------------------------------------------
 
@@ -432,5 +445,4 @@ class SvidKeeper:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self.agent_svid_loop)
             nursery.start_soon(self.entries_loop)
-            nursery.start_soon(self.bundle_loop)
             nursery.start_soon(self.minter_loop)

@@ -100,6 +100,27 @@ def compare_entries(held: Mapping[str, Entry], raw: Iterable[dict[str, object]])
 
 
 @dataclass(frozen=True)
+class BundleNews:
+    """A new bundle carried by an entries answer: its sequence, roots (PEM), JWT keys."""
+
+    sequence: int
+    roots_pem: bytes
+    jwks: bytes
+    """A JWK Set; an empty one from a CA that predates JWT-SVIDs."""
+
+    @classmethod
+    def from_json(cls, data: dict[str, object]) -> BundleNews | None:
+        """The bundle in an answer that carries one (``bundle`` present), else None."""
+        if "bundle" not in data:
+            return None
+        return cls(
+            sequence=int(str(data["bundle_sequence"])),
+            roots_pem=str(data["bundle"]).encode(),
+            jwks=str(data.get("jwt_bundle") or '{"keys": []}').encode(),
+        )
+
+
+@dataclass(frozen=True)
 class EntriesPage:
     """One answer of the CA's entry sync (``GET /v1/entries?delta=1``).
 
@@ -114,6 +135,8 @@ class EntriesPage:
     deleted: tuple[str, ...] = ()
     more: bool = False
     cursor: str | None = None
+    bundle: BundleNews | None = None
+    """The bundle, when the poll asked with a sequence the CA has moved past."""
 
     @classmethod
     def from_json(cls, data: dict[str, object]) -> EntriesPage:
@@ -129,6 +152,7 @@ class EntriesPage:
             deleted=tuple(str(d) for d in deleted) if isinstance(deleted, list) else (),
             more=bool(data.get("more", False)),
             cursor=None if cursor is None else str(cursor),
+            bundle=BundleNews.from_json(data),
         )
 
 

@@ -309,6 +309,7 @@ class AgentServer:
             async with trio.open_nursery() as nursery:
                 await nursery.start(self.hooks.run)
                 nursery.start_soon(watch_ready, self.ready)
+                nursery.start_soon(client.close_idle)  # one connection to the CA at rest
                 addresses = {"socket": str(cfg.socket)}
                 if cfg.metrics is not None:
                     addresses["metrics"] = await nursery.start(

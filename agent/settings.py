@@ -50,7 +50,9 @@ class AgentSettings:
     )
     ca_timeout: Duration = setting(Duration(15), help="deadline for one call to the CA")
     poll_wait: Duration = setting(
-        Duration(30), help="how long the CA may hold a change-feed request open"
+        Duration(50),
+        help="how long the CA may hold the change-feed request (entries and bundle) open;"
+        " under the idle cut of any load balancer between agent and CA",
     )
     drain_timeout: Duration = setting(
         Duration(10),

@@ -1,15 +1,18 @@
 """A fleet of simulated agents against one real CA: what a change, a renewal and a herd cost.
 
 Starts a real `tally ca run` (its own process, so its CPU and memory are its
-own) and N simulated agents in this process.  Each simulated agent is an agent
-as the CA sees it: its own join token (made through the admin socket), its own
-key and agent SVID, mutual TLS with the real client (`agent.ca_client.CAClient`,
-pooled connections as the agent has them), and the real agent's loops: a parked
-entries long poll with delta sync (`agent.renewal.EntrySync`), a parked bundle
-long poll, renewal of its own SVID, and renewal of its W workloads' SVIDs in one
-batch, each at a random point before half-life (`tally.spiffe.rotation`).
-Lifetimes are compressed: ``--ttl 60`` makes an hour pass in a minute, so the CA
-sees the renewals of 60 times as many agents at 1 h.
+own) and N simulated agents, sharded over simulator processes of ``--per-shard``
+agents each (each under the descriptor limit, together on every core; their CPU
+is reported apart from the CA's).  Each simulated agent is an agent as the CA
+sees it: its own join token (made through the admin socket), its own key and
+agent SVID, mutual TLS with the real client (`agent.ca_client.CAClient`, pooled
+connections closed after 5 s idle, as the agent has them), and the real agent's
+loops: one parked entries long poll with delta sync (`agent.renewal.EntrySync`)
+that also brings a new bundle, renewal of its own SVID, and renewal of its W
+workloads' SVIDs in one batch, each at a random point before half-life
+(`tally.spiffe.rotation`).  Lifetimes are compressed: ``--ttl 60`` makes an
+hour pass in a minute, so the CA sees the renewals of 60 times as many agents
+at 1 h; the polls come every ``poll_wait`` (50 s) whatever the TTL.
 
 Phases: attest everyone, run steady for ``--seconds`` (the table's steady
 figures), make one entry change (what it wakes), then the herd: every agent
@@ -17,19 +20,23 @@ drops its connections and comes back at once, and the clock runs until each hold
 a fresh agent SVID and all its workload SVIDs again.
 
     .venv/bin/python -m bench.fleet --agents 100,1000 [--workloads 10] [--ttl 60]
+    .venv/bin/python -m bench.fleet --agents 10000 --ttl 1200   # four simulators
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
 import resource
+import subprocess
+import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
@@ -38,6 +45,7 @@ from typing import Any
 
 import trio
 
+from agent import renewal
 from agent.ca_client import CAClient, CAError, make_csr
 from agent.renewal import Entry, EntrySync
 from bench.ca_daemon import TRUST_DOMAIN
@@ -48,7 +56,8 @@ from tally.spiffe.spiffeid import TrustDomain
 from tally.wire import http
 
 TD = TrustDomain.parse(TRUST_DOMAIN)
-POLL_WAIT = 30.0
+POLL_WAIT = 50.0
+"""The agent's default ``poll_wait``."""
 ENTRY_WAKES = 'tally_ca_poll_wakeups_total{cause="entry"}'
 RENEWAL_WAKES = 'tally_ca_poll_wakeups_total{cause="renewal"}'
 
@@ -116,6 +125,8 @@ class Stats:
     renew_ms: list[float] = field(default_factory=list)
     sign_ms: list[float] = field(default_factory=list)
     renewals: int = 0
+    polls: int = 0
+    """Entries polls answered (each one round trip to the CA)."""
     signed: int = 0
     overloaded: int = 0
     errors: Counter[str] = field(default_factory=Counter)
@@ -146,32 +157,48 @@ class SimAgent:
         self.workloads_at = 0.0
         self.fresh = trio.Event()  # set when agent SVID and workload SVIDs were renewed
         self.bundle_sequence = -1
+        self.mid_life = False
+        """Draw the first renewals as a fleet up for a while has them (``--steady-start``)."""
+        self._first_sign = True
 
     async def attest(self, token: str) -> None:
         issued, _, sequence = await self.client.attest(token, self.key)
         self.client.set_identity(issued.chain, self.key)
         self.identity = (issued.chain, self.key)
         self.bundle_sequence = sequence
-        self.renew_at = self._when(issued.chain[0])
+        self.renew_at = self._when(issued.chain[0], first=True)
 
-    def _when(self, leaf: Any) -> float:
+    def _when(self, leaf: Any, *, first: bool = False) -> float:
+        """When to renew ``leaf``, on trio's clock.  With `mid_life`, a first renewal
+        falls uniformly within one mean renewal interval, so renewals arrive at the
+        steady rate from the start instead of after a third of a lifetime."""
+        life = (leaf.not_valid_after_utc - leaf.not_valid_before_utc).total_seconds()
+        if first and self.mid_life:
+            return trio.current_time() + self.rng.uniform(0, life * sum(rotation.WINDOW) / 2)
         at = rotation.renewal_time(leaf.not_valid_before_utc, leaf.not_valid_after_utc, self.rng)
         return trio.current_time() + (at - datetime.now(UTC)).total_seconds()
 
     async def _retry_pause(self, exc: Exception, attempt: int) -> None:
+        """The agent's own retry delay (`agent.renewal.retry_cap`, `honor_retry_after`):
+        backoff capped by the time its SVID has left, at least what the CA asked."""
+        now = datetime.now(UTC)
+        soonest = now if self.identity is None else self.identity[0][0].not_valid_after_utc
+        cap = renewal.retry_cap(now, soonest, someone_waits=not self.entries)
+        delay = rotation.backoff(attempt, self.rng, cap=cap)
         told = exc.retry_after if isinstance(exc, CAError) else None
-        delay = rotation.backoff(attempt, self.rng, cap=10.0)
-        if told is not None:
-            delay = max(delay, told * (1 + self.rng.random() / 2))
-        await trio.sleep(delay)
+        await trio.sleep(renewal.honor_retry_after(delay, told, now, soonest, self.rng))
 
     async def entries_loop(self) -> None:
+        """The agent's one parked poll: entries by delta sync, and the bundle with them."""
         attempt = 0
         while True:
             since, after, park = self.sync.request()
             try:
                 page = await self.client.entries_sync(
-                    since=since, wait=POLL_WAIT if park else 0, after=after
+                    since=since,
+                    wait=POLL_WAIT if park else 0,
+                    after=after,
+                    bundle=self.bundle_sequence,
                 )
             except (CAError, trio.TooSlowError) as exc:
                 self.stats.failed(exc)
@@ -179,23 +206,12 @@ class SimAgent:
                 await self._retry_pause(exc, attempt)
                 continue
             attempt = 0
+            self.stats.polls += 1
+            if page.bundle is not None:
+                self.bundle_sequence = page.bundle.sequence
             change = self.sync.receive(self.entries, page)
             if change is not None:
                 self.entries = change.entries
-
-    async def bundle_loop(self) -> None:
-        attempt = 0
-        while True:
-            try:
-                self.bundle_sequence, *_ = await self.client.bundle(
-                    since=self.bundle_sequence, wait=POLL_WAIT
-                )
-            except (CAError, trio.TooSlowError) as exc:
-                self.stats.failed(exc)
-                attempt += 1
-                await self._retry_pause(exc, attempt)
-                continue
-            attempt = 0
 
     async def renew_loop(self) -> None:
         attempt = 0
@@ -221,7 +237,8 @@ class SimAgent:
                     if len(chains) != len(results):
                         self.stats.errors["not_signed"] += len(results) - len(chains)
                     if chains:
-                        self.workloads_at = min(self._when(c[0]) for c in chains)
+                        first, self._first_sign = self._first_sign, False
+                        self.workloads_at = min(self._when(c[0], first=first) for c in chains)
                     self.fresh.set()
                 elif not self.entries:
                     self.workloads_at = trio.current_time() + 0.5  # entries not synced yet
@@ -235,8 +252,8 @@ class SimAgent:
     async def run(self) -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self.entries_loop)
-            nursery.start_soon(self.bundle_loop)
             nursery.start_soon(self.renew_loop)
+            nursery.start_soon(self.client.close_idle)
 
     async def reconnect(self) -> None:
         """As after a restart: drop every connection, renew everything now."""
@@ -260,9 +277,12 @@ async def parked_connection_kib(agent: SimAgent, pid: int, count: int) -> float:
         clients.append(client)
     _, before = ca_pid_stats(pid)
     fds = open_fds(pid)
+    poll = partial(
+        CAClient.entries_sync, since=agent.sync.revision, wait=20, bundle=agent.bundle_sequence
+    )
     async with trio.open_nursery() as nursery:
         for client in clients:
-            nursery.start_soon(partial(client.bundle, since=agent.bundle_sequence, wait=20))
+            nursery.start_soon(poll, client)
         for _ in range(300):  # the CA's descriptors tell when all are connected (60 s at most)
             if open_fds(pid) >= fds + count:
                 break
@@ -282,42 +302,24 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-async def fleet(args: argparse.Namespace, n: int, work: Path) -> dict[str, Any]:
-    admin_path = str(work / "admin.sock")
-    ttl = str(args.ttl)
-    daemon = Daemon(
-        "ca",
-        [
-            "ca", "run", "--trust-domain", TRUST_DOMAIN, "--data-dir", str(work / "ca"),
-            "--listen", "127.0.0.1:0", "--admin-socket", admin_path,
-            "--metrics", "127.0.0.1:0", "--agent-svid-ttl", ttl, "--default-svid-ttl", ttl,
-            "--log-level", "info",
-        ],
-    )  # fmt: skip
-    started = daemon.start("ca.started")
-    try:
-        return await _run(args, n, daemon, started, admin_path)
-    finally:
-        daemon.stop()
-
-
 async def register_fleet(
-    admin: Admin, agents: list[SimAgent], workloads: int
+    admin: Admin, count: int, workloads: int, token_ttl: int = 3600
 ) -> tuple[list[str], list[str]]:
-    """A join token per agent and ``workloads`` entries under each (in batches of 1,000);
-    returns the tokens and the agents' SPIFFE IDs, in the agents' order."""
+    """A join token per agent, good for ``token_ttl`` seconds (longer than the join
+    spread), and ``workloads`` entries under each (in batches of 1,000); returns the
+    tokens and the agents' SPIFFE IDs, agent 0 first."""
     tokens, ids = [], []
-    for _ in agents:
-        made = await admin.call("POST", "/v1/tokens", {})
+    for _ in range(count):
+        made = await admin.call("POST", "/v1/tokens", {"ttl": token_ttl})
         tokens.append(made["token"])
         ids.append(made["spiffe_id"])
     specs = [
         {
-            "spiffe_id": f"spiffe://{TRUST_DOMAIN}/a{a.n}/w{w}",
-            "parent_id": ids[a.n],
+            "spiffe_id": f"spiffe://{TRUST_DOMAIN}/a{a}/w{w}",
+            "parent_id": ids[a],
             "selectors": [f"unix:uid:{1000 + w}"],
         }
-        for a in agents
+        for a in range(count)
         for w in range(workloads)
     ]
     for start in range(0, len(specs), 1000):
@@ -325,15 +327,18 @@ async def register_fleet(
     return tokens, ids
 
 
-def joiner(ttl: float, stats: Stats) -> Callable[[SimAgent, str], Awaitable[None]]:
-    """How each simulated agent joins: after a random pause over half a lifetime (a fleet's
-    nodes come up over time, so renewals spread as in a fleet that has been up a while),
-    64 attestations at once, retried as the agent would; then it runs its loops."""
-    limiter = trio.CapacityLimiter(64)
-    spread = random.Random(0)
+def joiner(
+    spread: float, stats: Stats, at_once: int = 64, seed: int = 0
+) -> Callable[[SimAgent, str], Awaitable[None]]:
+    """How each simulated agent joins: after a random pause of up to ``spread`` seconds
+    (half a lifetime: a fleet's nodes come up over time, so renewals spread as in a
+    fleet that has been up a while), ``at_once`` attestations at a time, retried as the
+    agent would; then it runs its loops."""
+    limiter = trio.CapacityLimiter(at_once)
+    spread_rng = random.Random(seed)
 
     async def join(agent: SimAgent, token: str) -> None:
-        await trio.sleep(spread.uniform(0, ttl / 2))
+        await trio.sleep(spread_rng.uniform(0, spread))
         async with limiter:
             for attempt in range(1, 30):
                 try:
@@ -347,48 +352,269 @@ def joiner(ttl: float, stats: Stats) -> Callable[[SimAgent, str], Awaitable[None
     return join
 
 
+# -- a shard: one simulator process ---------------------------------------------------
+
+
+async def _lines(stream: trio.abc.ReceiveStream) -> AsyncIterator[dict[str, Any]]:
+    """JSON objects, one a line, from a pipe."""
+    buffer = b""
+    while True:
+        chunk = await stream.receive_some(65536)
+        if not chunk:
+            return
+        buffer += chunk
+        while b"\n" in buffer:
+            line, buffer = buffer.split(b"\n", 1)
+            yield json.loads(line)
+
+
+class Shard:
+    """Simulated agents in this process, driven by the bench's commands on stdin.
+
+    Agents are sharded over processes so that each stays under the descriptor limit
+    (an agent holds one connection at rest, two while it renews) and the simulators
+    use both cores; each shard reports its own CPU, apart from the CA's.
+    """
+
+    def __init__(self, cfg: dict[str, Any], out: int) -> None:
+        self.cfg = cfg
+        self.out = out
+        self.stats = Stats()
+        ca = Address.parse(cfg["ca"])
+        roots = pem.chain_from_pem(str(cfg["roots"]).encode())
+        csr = make_csr(x509profile.generate_key())
+        self.agents = [SimAgent(n, ca, roots, csr, self.stats) for n, _ in cfg["agents"]]
+        for agent in self.agents:
+            agent.mid_life = bool(cfg["steady_start"])
+        self.tokens = [str(token) for _, token in cfg["agents"]]
+
+    def say(self, obj: object) -> None:
+        os.write(self.out, json.dumps(obj).encode() + b"\n")
+
+    async def _all_fresh(self, seconds: float) -> bool:
+        with trio.move_on_after(seconds):
+            for agent in self.agents:
+                await agent.fresh.wait()
+            return True
+        return False
+
+    async def main(self) -> None:
+        stdin = trio.lowlevel.FdStream(os.dup(0))
+        commands = _lines(stdin)
+        join = joiner(
+            float(self.cfg["spread"]),
+            self.stats,
+            at_once=int(self.cfg["at_once"]),
+            seed=int(self.cfg["seed"]),
+        )
+        async with trio.open_nursery() as top:
+            herd_done, stopped = trio.Event(), trio.Event()
+
+            async def fleet() -> None:
+                async with trio.open_nursery() as nursery:
+                    for agent, token in zip(self.agents, self.tokens, strict=True):
+                        nursery.start_soon(join, agent, token)
+                    await herd_done.wait()
+                    nursery.cancel_scope.cancel()
+                stopped.set()
+
+            top.start_soon(fleet)
+            self.say({"ready": await self._all_fresh(3600)})
+            mark: dict[str, Any] = {}
+            async for cmd in commands:
+                what = cmd["cmd"]
+                if what == "mark":
+                    st = self.stats
+                    mark = {
+                        "cpu": own_cpu(),
+                        "renew": len(st.renew_ms),
+                        "sign": len(st.sign_ms),
+                        "renewals": st.renewals,
+                        "polls": st.polls,
+                        "overloaded": st.overloaded,
+                        "errors": Counter(st.errors),
+                    }
+                    self.say({"ok": True})
+                elif what == "window":
+                    st = self.stats
+                    self.say(
+                        {
+                            "sim_cpu_s": own_cpu() - mark["cpu"],
+                            "renew_ms": st.renew_ms[mark["renew"] :],
+                            "sign_ms": st.sign_ms[mark["sign"] :],
+                            "renewals": st.renewals - mark["renewals"],
+                            "polls": st.polls - mark["polls"],
+                            "overloaded": st.overloaded - mark["overloaded"],
+                            "errors": dict(st.errors - mark["errors"]),
+                        }
+                    )
+                elif what == "parked":
+                    kib = await parked_connection_kib(
+                        self.agents[0], int(cmd["pid"]), int(cmd["count"])
+                    )
+                    self.say({"kib": kib})
+                elif what == "herd":
+                    # Everyone drops its connections at once and comes back (as after a
+                    # restart of every agent, or of the CA): timed by the bench.
+                    herd_done.set()
+                    await stopped.wait()
+                    for agent in self.agents:
+                        await agent.reconnect()
+                    async with trio.open_nursery() as nursery:
+                        for agent in self.agents:
+                            nursery.start_soon(agent.run)
+                        fresh = await self._all_fresh(float(cmd["seconds"]))
+                        self.say({"fresh": fresh})
+                        nursery.cancel_scope.cancel()
+                elif what == "quit":
+                    break
+            herd_done.set()
+            top.cancel_scope.cancel()
+        for agent in self.agents:
+            await agent.client.aclose()
+
+
+def run_shard() -> None:
+    """``python -m bench.fleet --shard``: the config is the first line on stdin."""
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    out = os.dup(1)
+    os.dup2(2, 1)  # nothing but the protocol on the bench's pipe
+    line = b""
+    while not line.endswith(b"\n"):
+        chunk = os.read(0, 1)
+        if not chunk:
+            return
+        line += chunk
+    shard = Shard(json.loads(line), out)
+    trio.run(shard.main)
+
+
+class ShardProcess:
+    """The bench's end of one shard: commands down its stdin, answers up its stdout."""
+
+    def __init__(self, proc: trio.Process) -> None:
+        self.proc = proc
+        assert proc.stdin is not None and proc.stdout is not None
+        self.stdin = proc.stdin
+        self.answers = _lines(proc.stdout)
+
+    @classmethod
+    async def start(cls, cfg: dict[str, Any]) -> ShardProcess:
+        proc = await trio.lowlevel.open_process(
+            [sys.executable, "-m", "bench.fleet", "--shard"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+        )
+        shard = cls(proc)
+        await shard.stdin.send_all(json.dumps(cfg).encode() + b"\n")
+        return shard
+
+    async def ask(self, cmd: dict[str, Any] | None = None) -> dict[str, Any]:
+        if cmd is not None:
+            await self.stdin.send_all(json.dumps(cmd).encode() + b"\n")
+        async for answer in self.answers:
+            return answer
+        raise RuntimeError(f"shard {self.proc.pid} ended (exit {self.proc.returncode})")
+
+    async def close(self) -> None:
+        with trio.move_on_after(30):
+            await self.stdin.send_all(b'{"cmd": "quit"}\n')
+            await self.proc.wait()
+        if self.proc.returncode is None:
+            self.proc.kill()
+            await self.proc.wait()
+
+
+async def ask_all(shards: list[ShardProcess], cmd: dict[str, Any] | None) -> list[dict[str, Any]]:
+    answers: list[dict[str, Any]] = [{} for _ in shards]
+
+    async def one(i: int) -> None:
+        answers[i] = await shards[i].ask(cmd)
+
+    async with trio.open_nursery() as nursery:
+        for i in range(len(shards)):
+            nursery.start_soon(one, i)
+    return answers
+
+
+# -- the bench: the CA, the shards, the phases ------------------------------------------
+
+
+async def fleet(args: argparse.Namespace, n: int, work: Path) -> dict[str, Any]:
+    admin_path = str(work / "admin.sock")
+    ttl = str(args.ttl)
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    daemon = Daemon(
+        "ca",
+        [
+            "ca", "run", "--trust-domain", TRUST_DOMAIN, "--data-dir", str(work / "ca"),
+            "--listen", "127.0.0.1:0", "--admin-socket", admin_path,
+            "--metrics", "127.0.0.1:0", "--agent-svid-ttl", ttl, "--default-svid-ttl", ttl,
+            # Below the descriptors the CA may open: past it, a connection is closed at
+            # once (the agent retries) rather than failing in accept.
+            "--max-connections", str(min(32768, hard - 1024)),
+            "--log-level", "info",
+        ],
+    )  # fmt: skip
+    started = daemon.start("ca.started")
+    try:
+        return await _run(args, n, daemon, started, admin_path)
+    finally:
+        daemon.stop()
+
+
 async def _run(
     args: argparse.Namespace, n: int, daemon: Daemon, started: dict[str, Any], admin_path: str
 ) -> dict[str, Any]:
     admin = Admin(admin_path)
-    ca = Address.parse(started["listen"])
-    roots = pem.chain_from_pem(str((await admin.call("GET", "/v1/bundle"))["bundle"]).encode())
-    csr = make_csr(x509profile.generate_key())
-    stats = Stats()
-    agents = [SimAgent(i, ca, roots, csr, stats) for i in range(n)]
+    roots = str((await admin.call("GET", "/v1/bundle"))["bundle"])
     _, rss0 = ca_pid_stats(daemon.pid)
     fds0 = open_fds(daemon.pid)
+    spread = args.ttl / 2 if args.spread is None else args.spread
+    tokens, ids = await register_fleet(admin, n, args.workloads, int(spread) + 3600)
 
-    # Register: a token per agent, W entries per agent in batches.
-    tokens, ids = await register_fleet(admin, agents, args.workloads)
+    # Shards: agent i goes to shard i % k, so every shard joins over the whole spread.
+    k = max(1, math.ceil(n / args.per_shard))
     attest_t0 = time.perf_counter()
-    join = joiner(args.ttl, stats)
-    async with trio.open_nursery() as nursery:
-        for agent, token in zip(agents, tokens, strict=True):
-            nursery.start_soon(join, agent, token)
-        # Warm-up: every agent synced and holding its workload SVIDs.
-        with trio.fail_after(600):
-            for agent in agents:
-                await agent.fresh.wait()
+    shards = [
+        await ShardProcess.start(
+            {
+                "ca": started["listen"],
+                "roots": roots,
+                "spread": spread,
+                "seed": s,
+                "at_once": max(8, 64 // k),  # 64 attestations at once over all shards
+                "steady_start": args.steady_start,
+                "agents": [[i, tokens[i]] for i in range(s, n, k)],
+            }
+        )
+        for s in range(k)
+    ]
+    try:
+        ready = await ask_all(shards, None)  # every agent synced, holding its SVIDs
+        if not all(r["ready"] for r in ready):
+            raise RuntimeError("some agents never held their SVIDs")
         attest_s = time.perf_counter() - attest_t0
         _, rss_parked = ca_pid_stats(daemon.pid)
         connections = open_fds(daemon.pid) - fds0
-        steady_overloaded0 = stats.overloaded
 
         # Steady state.
+        await ask_all(shards, {"cmd": "mark"})
         m0 = await admin.metrics(started["metrics"])
         cpu_a, _ = ca_pid_stats(daemon.pid)
-        own_a = own_cpu()
-        renew_from, sign_from, renewals0 = len(stats.renew_ms), len(stats.sign_ms), stats.renewals
         t0 = time.perf_counter()
         await trio.sleep(args.seconds)
-        elapsed = time.perf_counter() - t0
         cpu_b, rss = ca_pid_stats(daemon.pid)
-        own_b = own_cpu()
+        window = await ask_all(shards, {"cmd": "window"})
+        elapsed = time.perf_counter() - t0
         m1 = await admin.metrics(started["metrics"])
-        renewals = stats.renewals - renewals0
-        steady_renew = stats.renew_ms[renew_from:]
-        steady_sign = stats.sign_ms[sign_from:]
+        renewals = sum(w["renewals"] for w in window)
+        steady_renew = [x for w in window for x in w["renew_ms"]]
+        steady_sign = [x for w in window for x in w["sign_ms"]]
+        steady_errors: Counter[str] = Counter()
+        for w in window:
+            steady_errors.update(w["errors"])
 
         def delta(name: str, a: dict[str, float], b: dict[str, float]) -> float:
             return b.get(name, 0.0) - a.get(name, 0.0)
@@ -407,37 +633,30 @@ async def _run(
         await trio.sleep(0.5)
         m3 = await admin.metrics(started["metrics"])
 
-        # Memory per parked connection, alone: 500 more connections (agent 0's identity),
-        # each with a bundle long poll parked on it.
-        extra = await parked_connection_kib(agents[0], daemon.pid, 500)
+        # Memory per parked connection, alone: 500 more connections (agent 0's identity,
+        # in shard 0), each with a poll parked on it.
+        extra = (await shards[0].ask({"cmd": "parked", "pid": daemon.pid, "count": 500}))["kib"]
 
         # The herd: everyone drops its connections and comes back at once.
-        overloaded0, errors0 = stats.overloaded, sum(stats.errors.values())
-        nursery.cancel_scope.cancel()
-    for agent in agents:
-        await agent.reconnect()
-    herd_t0 = time.perf_counter()
-    herd_cpu0, _ = ca_pid_stats(daemon.pid)
-    herd_s = float("nan")
-    async with trio.open_nursery() as nursery:
-        for agent in agents:
-            nursery.start_soon(agent.run)
-        with trio.move_on_after(300):
-            for agent in agents:
-                await agent.fresh.wait()
-            herd_s = time.perf_counter() - herd_t0
-        nursery.cancel_scope.cancel()
-    herd_cpu1, _ = ca_pid_stats(daemon.pid)
-    for agent in agents:
-        await agent.client.aclose()
+        await ask_all(shards, {"cmd": "mark"})
+        herd_t0 = time.perf_counter()
+        herd_cpu0, _ = ca_pid_stats(daemon.pid)
+        fresh = await ask_all(shards, {"cmd": "herd", "seconds": args.herd_seconds})
+        herd_s = time.perf_counter() - herd_t0 if all(f["fresh"] for f in fresh) else math.nan
+        herd_cpu1, _ = ca_pid_stats(daemon.pid)
+        herd = await ask_all(shards, {"cmd": "window"})
+    finally:
+        for shard in shards:
+            await shard.close()
 
     return {
         "agents": n,
         "workloads": args.workloads,
+        "shards": k,
         "attest_s": attest_s,
         "steady_s": elapsed,
         "ca_cpu": (cpu_b - cpu_a) / elapsed,
-        "sim_cpu": (own_b - own_a) / elapsed,
+        "sim_cpu": sum(w["sim_cpu_s"] for w in window) / elapsed,
         "rss_mib": rss / 1024,
         "kib_per_agent": (rss_parked - rss0) / n,
         "connections": connections,
@@ -448,26 +667,46 @@ async def _run(
         "sign_p50": pct(steady_sign, 0.5),
         "sign_p99": pct(steady_sign, 0.99),
         "renewals_per_s": renewals / elapsed,
+        "polls_per_s": sum(w["polls"] for w in window) / elapsed,
+        "checks_per_s": delta("tally_ca_poll_checks_total", m0, m1) / elapsed,
         "wakeups_per_renewal": delta("tally_ca_poll_wakeups_total", m0, m1) / max(1, renewals),
         "checks_per_renewal": delta("tally_ca_poll_checks_total", m0, m1) / max(1, renewals),
-        "checks_per_s": delta("tally_ca_poll_checks_total", m0, m1) / elapsed,
         "entry_change_wakeups": delta(ENTRY_WAKES, m2, m3),
         "wakeups_per_renewal_only": delta(RENEWAL_WAKES, m0, m1) / max(1, renewals),
-        "overloaded": overloaded0 - steady_overloaded0,
-        "herd_overloaded": stats.overloaded - overloaded0,
-        "errors": dict(stats.errors),
-        "herd_errors": sum(stats.errors.values()) - errors0,
+        "overloaded": sum(w["overloaded"] for w in window),
+        "errors": dict(steady_errors),
+        "herd_overloaded": sum(h["overloaded"] for h in herd),
+        "herd_errors": sum(sum(h["errors"].values()) for h in herd),
+        "herd_errors_by": dict(sum((Counter(h["errors"]) for h in herd), Counter[str]())),
         "herd_s": herd_s,
         "herd_ca_cpu_s": herd_cpu1 - herd_cpu0,
     }
 
 
 def main() -> None:
+    if sys.argv[1:] == ["--shard"]:
+        run_shard()
+        return
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--agents", default="100,1000")
     parser.add_argument("--workloads", type=int, default=10)
     parser.add_argument("--ttl", type=int, default=60, help="agent and workload SVID TTL, s")
     parser.add_argument("--seconds", type=float, default=60, help="steady-state window")
+    parser.add_argument(
+        "--spread", type=float, default=None, help="agents join over this many s (ttl/2)"
+    )
+    parser.add_argument(
+        "--steady-start",
+        action="store_true",
+        help="first renewals spread over one mean renewal interval, as in a fleet up for"
+        " a while: the true rate at once, so a long TTL (3600) needs no long join",
+    )
+    parser.add_argument(
+        "--per-shard", type=int, default=2500, help="simulated agents per simulator process"
+    )
+    parser.add_argument(
+        "--herd-seconds", type=float, default=600, help="give up on the herd after this"
+    )
     parser.add_argument("--json", action="store_true", help="also print each row as JSON")
     args = parser.parse_args()
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -483,21 +722,24 @@ def main() -> None:
         f"(time x{3600 / args.ttl:g}: N agents here renew like {3600 / args.ttl:g} x N at 1 h)"
     )
     print(
-        "| agents | CA CPU | sim CPU | CA RSS MiB | KiB/agent | KiB/parked conn "
-        "| renew p50/p99 ms | sign p50/p99 ms | renewals/s | wakes/renewal | checks/renewal "
-        "| wakes/entry change | 429s | errors | herd s | herd 429s | herd errors |"
+        "| agents | shards | CA CPU | sim CPU | CA RSS MiB | KiB/agent | KiB/parked conn "
+        "| renew p50/p99 ms | sign p50/p99 ms | renewals/s | polls/s | wakes/renewal "
+        "| wakes/entry change | 429s | errors | herd s | herd CA CPU s | herd 429s "
+        "| herd errors |"
     )
-    print("|" + "---|" * 17)
+    print("|" + "---|" * 19)
     for r in rows:
         print(
-            f"| {r['agents']} | {r['ca_cpu']:.0%} | {r['sim_cpu']:.0%} | {r['rss_mib']:.0f} "
-            f"| {r['kib_per_agent']:.0f} | {r['kib_per_parked_connection']:.0f} "
+            f"| {r['agents']} | {r['shards']} | {r['ca_cpu']:.0%} | {r['sim_cpu']:.0%} "
+            f"| {r['rss_mib']:.0f} | {r['kib_per_agent']:.0f} "
+            f"| {r['kib_per_parked_connection']:.0f} "
             f"| {r['renew_p50']:.0f} / {r['renew_p99']:.0f} "
             f"| {r['sign_p50']:.0f} / {r['sign_p99']:.0f} "
-            f"| {r['renewals_per_s']:.1f} | {r['wakeups_per_renewal_only']:.2f} "
-            f"| {r['checks_per_renewal']:.2f} | {r['entry_change_wakeups']:.0f} "
-            f"| {r['overloaded']} | {sum(r['errors'].values()) - r['herd_errors']} "
-            f"| {r['herd_s']:.1f} | {r['herd_overloaded']} | {r['herd_errors']} |"
+            f"| {r['renewals_per_s']:.1f} | {r['polls_per_s']:.0f} "
+            f"| {r['wakeups_per_renewal_only']:.2f} | {r['entry_change_wakeups']:.0f} "
+            f"| {r['overloaded']} | {sum(r['errors'].values())} "
+            f"| {r['herd_s']:.1f} | {r['herd_ca_cpu_s']:.0f} | {r['herd_overloaded']} "
+            f"| {r['herd_errors']} |"
         )
 
 

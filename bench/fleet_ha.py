@@ -86,8 +86,8 @@ async def run(args: argparse.Namespace, n: int, work: Path, url: str) -> dict[st
             agent = SimAgent(i, servers[0], roots, csr, stats)
             agent.client = CAClient(servers, TD, roots, timeout=60)  # both servers
             agents.append(agent)
-        tokens, _ = await register_fleet(admin, agents, args.workloads)
-        join = joiner(args.ttl, stats)
+        tokens, _ = await register_fleet(admin, n, args.workloads)
+        join = joiner(args.ttl / 2, stats)
 
         async with trio.open_nursery() as nursery:
             for agent, token in zip(agents, tokens, strict=True):

@@ -14,7 +14,7 @@ Rules:
    woken by the change feed (`ca.feed`), so a new entry or bundle reaches a
    waiting agent at once instead of on the next poll, and a change wakes only
    the agents it concerns: a renewal its own agent, an entry change the
-   agents it moves in or out of, a bundle change every bundle poll.
+   agents it moves in or out of, a bundle change every parked poll once.
 6. ``/v1/entries?delta=1`` is the delta sync (`Authority.entries_since`):
    answers are pages of at most `ENTRY_PAGE` entries, changes since the
    revision the agent holds, or the whole set again when the change log no
@@ -27,6 +27,13 @@ Rules:
 5. A caller or a target that is refused is refused before anything is said
    about the rest of the body: an agent's batch of CSRs is read after the
    agent is judged, an entry's changes after the entry is found.
+7. **One parked poll per agent.**  ``/v1/entries?bundle=<sequence>`` also
+   ends when the bundle's sequence is not ``<sequence>`` and then carries the
+   bundle (as ``/v1/bundle`` has it), so an agent parks this one poll and not
+   a second for the bundle: 10,000 agents hold 10,000 connections, not 20,000.
+   Hearing of the bundle costs no datastore hop (it is in memory).  The
+   server wakes every parked entries poll once on a bundle change;
+   ``/v1/bundle?wait=`` stays, for agents that predate this and for tools.
 """
 
 from __future__ import annotations
@@ -45,7 +52,7 @@ from ca.engines import StoreUnavailable
 from ca.feed import BUNDLE, ChangeFeed, concerned_agents
 from ca.keys import CAKeyError
 from ca.signing_pool import SigningPool
-from ca.store import EntryRecord
+from ca.store import AgentRecord, EntryRecord
 from tally.spiffe.jwt import with_jwt_keys
 from tally.spiffe.spiffeid import SpiffeId
 from tally.wire import http
@@ -204,12 +211,26 @@ class AgentApi:
             limit = _int_param(req, "limit", ENTRY_PAGE)
             aid = str(agent_id)
             first = [True]
+            checked_at = [since]  # the committed revision when the last check began
+            # The bundle rides on the entries poll (rule 7): one parked poll per agent.
+            bundle_since = _int_param(req, "bundle") if "bundle" in req.query else None
+
+            def bundle_news() -> dict[str, object]:
+                """The bundle, when the agent asked with a sequence that is no longer it."""
+                current = a.keys.bundle
+                if bundle_since is None or current is None or current.sequence == bundle_since:
+                    return {}
+                return {**messages.bundle_json(a.bundle()), **messages.jwt_bundle_json(a)}
 
             def changed() -> bool:
+                # Read before the query, in the one thread that commits: every change up to
+                # it is seen by the query; one after it has a later revision.
+                checked_at[0] = a.store.committed_entries_revision
                 if first[0]:  # the agent is judged in the same worker hop as the first check
                     first[0] = False
-                    a.check_agent(agent_id, serial)
-                agent = a.store.get_agent(aid)
+                    agent: AgentRecord | None = a.check_agent(agent_id, serial)
+                else:
+                    agent = a.store.get_agent(aid)
                 # An eviction or ban ends the wait too, so the agent hears of it at once.
                 # So does a renewal: the answer is judged on this call's certificate, which
                 # must not be two renewals old by then.
@@ -217,21 +238,27 @@ class AgentApi:
                 return a.store.entries_changed_for(aid, since) or not current
 
             async def entries_changed() -> bool:
+                if bundle_news():  # in memory: no datastore hop to hear of a new bundle
+                    return True
                 return await self.run(changed)
 
-            quiet = await self.entries.wait_until(aid, entries_changed, _wait_param(req))
+            told = (since, serial, bundle_since) if delta and since >= 0 and not after else None
+            quiet = await self.entries.wait_until(aid, entries_changed, _wait_param(req), told)
             if delta and quiet:
                 # Nothing for this agent since the last check (it would have woken us), so
-                # it stands at the latest committed revision: no datastore hop to say so.
-                now_at = max(since, a.store.committed_entries_revision)
+                # it stands at the revision committed when that check began: no datastore
+                # hop to say so.  Not the latest: a change committed since then may not
+                # have woken us yet (its wake-up follows its commit).
+                now_at = max(since, checked_at[0])
+                self.entries.note_quiet(aid, (now_at, serial, bundle_since))  # feed rule 4
                 return J(entry_sync_json(EntrySync(now_at, False, (), (), False)))
             if delta:
                 page = await self.run(
                     lambda: a.entries_since(agent_id, serial, since, after, limit)
                 )
-                return J(entry_sync_json(page))
+                return J({**entry_sync_json(page), **bundle_news()})
             view = await self.run(lambda: a.entries_for(agent_id, serial))
-            return J(messages.agent_entries_json(view))
+            return J({**messages.agent_entries_json(view), **bundle_news()})
         if route == ("POST", "/v1/svids"):
             csrs = messages.body_object(req).get("csrs")
 

@@ -18,7 +18,7 @@ Rules:
    servers' notices (each names its sender; a server skips its own, which its
    feed heard already) into the same wake-ups its own changes cause: ``agent ID`` wakes that
    agent's entries poll, ``keys`` makes the server take up key changes (and, if
-   the bundle moved, wakes every bundle poll).  A change made through one
+   the bundle moved, wakes every parked poll).  A change made through one
    server so reaches polls parked on every other in a few milliseconds.
 4. **A lost listener** reconnects with backoff; notices sent while it was away
    are lost, so on reconnecting it wakes every parked poll once and re-reads

@@ -6,7 +6,8 @@ Rules:
    waits under a key (the calling agent's SPIFFE ID for ``/v1/entries``, one
    shared key for ``/v1/bundle``).  An entry change wakes the agents whose
    authorized set it changes (`concerned_agents`); a renewal, an eviction or
-   a ban wakes that one agent; a bundle change wakes every bundle poll, once.
+   a ban wakes that one agent; a bundle change wakes every parked poll, once
+   (agents hear of the bundle on their entries poll: ``ca.api`` rule 7).
    So the CA's work per change grows with the agents it concerns, never with
    the agents connected: with one broadcast event, every renewal of a fleet
    of N agents cost N datastore checks, and the fleet's cost grew as N².
@@ -17,6 +18,13 @@ Rules:
    datastore checks polls made (one when a poll arrives, one per wake-up).
    ``tally_ca_poll_wakeups_total`` and ``tally_ca_poll_checks_total`` show
    them; a renewal that moves either by more than one is a regression.
+4. **A quiet key is not checked again on arrival.**  When a poll ends quiet
+   (it ran out parked after a check that found nothing), the caller notes
+   what it told the poller (`note_quiet`); every wake-up of that key, and
+   every `wake_all`, forgets it.  A poll that comes back with exactly that
+   parks without asking the datastore: nothing concerning its key has
+   happened since the last check, or its key would have been woken.  An
+   idle fleet's polls then cost no datastore hop at all, only the round trip.
 
 `concerned_agents` is the pure core: an agent is served the entries whose
 ``parent_id`` is its SPIFFE ID (`ca.authority.Authority.entries_for`), so a
@@ -26,7 +34,7 @@ change concerns the entry's parent before the change and its parent after.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Hashable, Iterable
 from typing import Protocol
 
 import trio
@@ -56,6 +64,8 @@ class ChangeFeed:
 
     def __init__(self) -> None:
         self._waiting: dict[str, set[trio.Event]] = {}
+        self._quiet: dict[str, Hashable] = {}
+        """Keys whose last poll ended quiet, and what it was told (rule 4)."""
         self._stopped = False
         self.wakeups_by: Counter[str] = Counter()
         """Polls woken, by the cause the waker named (``entry``, ``renewal``, ...)."""
@@ -74,6 +84,7 @@ class ChangeFeed:
         """Wake the polls parked under ``keys``; how many were woken."""
         woken = 0
         for key in keys:
+            self._quiet.pop(key, None)  # rule 4, whether or not a poll is parked
             events = self._waiting.pop(key, None)
             if not events:
                 continue
@@ -86,7 +97,13 @@ class ChangeFeed:
 
     def wake_all(self, cause: str = "bundle") -> int:
         """Wake every parked poll (a bundle change, the server stopping)."""
+        self._quiet.clear()
         return self.wake(list(self._waiting), cause)
+
+    def note_quiet(self, key: str, told: Hashable) -> None:
+        """A poll under ``key`` ended quiet and was told ``told`` (rule 4).  Call it
+        in the same step as `wait_until` returned (no ``await`` between)."""
+        self._quiet[key] = told
 
     def stop(self) -> None:
         """The server is stopping: parked polls answer now, and new ones do not park."""
@@ -94,23 +111,32 @@ class ChangeFeed:
         self.wake_all("stop")
 
     async def wait_until(
-        self, key: str, changed: Callable[[], Awaitable[bool]], seconds: float
+        self,
+        key: str,
+        changed: Callable[[], Awaitable[bool]],
+        seconds: float,
+        told: Hashable = None,
     ) -> bool:
         """Return once ``changed()`` is true, the server stops, or ``seconds`` pass.
 
         True when the wait was *quiet*: it ran out parked, after a check that found
         nothing and with no wake-up since.  Nothing concerning ``key`` has happened
         since that check, so the caller may answer without asking the datastore again.
+        ``told``: what the poller says it was told last; when that is what the key's
+        last quiet poll was told, the first check is skipped (rule 4).
         """
         quiet = False
+        skip = told is not None and self._quiet.get(key) == told
         with trio.move_on_after(seconds):
             while not self._stopped:
                 event = trio.Event()
                 self._waiting.setdefault(key, set()).add(event)  # before the check (rule 2)
                 try:
-                    self.checks += 1
-                    if await changed():
-                        return False
+                    if not skip:
+                        self.checks += 1
+                        if await changed():
+                            return False
+                    skip = False
                     quiet = True
                     await event.wait()
                     quiet = False

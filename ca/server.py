@@ -340,7 +340,7 @@ class CAServer:
         self.entries_changed = ChangeFeed()
         self.bundle_changed = ChangeFeed()
         self._bundle_woken = self.keys.bundle.sequence if self.keys.bundle else None
-        """The bundle sequence parked bundle polls were last woken for (`refresh_keys`)."""
+        """The bundle sequence parked polls were last woken for (`refresh_keys`)."""
         self.peers_denied: Counter[str] = Counter()
         self.console: console.Console | None = None
         if cfg.console is not None:
@@ -467,12 +467,14 @@ class CAServer:
         if self._needs_new_context():
             await self.run_sync(self._build_tls_context)
         after = self.keys.bundle.sequence if self.keys.bundle else None
-        # Against what bundle polls were last woken for, not ``before``: an operator's
+        # Against what polls were last woken for, not ``before``: an operator's
         # rotation changes the bundle before it calls here, and must wake them all the same.
         if after != self._bundle_woken:
             self._bundle_woken = after
             log.info("bundle.updated", sequence=after)
-            self.bundle_changed.wake_all()  # once per change, not once per tick
+            # Once per change, not once per tick; entries polls carry the bundle too.
+            self.bundle_changed.wake_all()
+            self.entries_changed.wake_all("bundle")
         if steps or jwt_steps or key_event:
             await self.anchor("key_event")
 
@@ -806,9 +808,9 @@ class CAServer:
                 hard_limit=hard,
                 needed=needed,
                 max_connections=cfg.max_connections,
-                detail=f"about {max(0, soft - OPEN_FILES_SPARE) // 3} agents can park at"
-                " once; raise the hard limit (ulimit -Hn, systemd LimitNOFILE) or lower"
-                " max_connections",
+                detail=f"about {max(0, soft - OPEN_FILES_SPARE) // 2} agents can renew at"
+                " once (two connections each; one at rest); raise the hard limit"
+                " (ulimit -Hn, systemd LimitNOFILE) or lower max_connections",
             )
 
     async def run(
@@ -939,9 +941,10 @@ OPEN_FILES_SPARE = 256
 def raise_open_files(needed: int) -> tuple[int, int]:
     """Raise the soft ``RLIMIT_NOFILE`` toward ``needed``, as far as the hard limit allows.
 
-    A fleet parks about three connections per agent, so `max_connections` of 32,768
-    needs as many descriptors; the usual soft limit of 1,024 would stop the CA at some
-    340 agents, each later one failing in accept with EMFILE.  The hard limit is the
+    An agent holds one connection at rest (its poll) and two while it renews, so
+    `max_connections` of 32,768 needs as many descriptors; the usual soft limit of
+    1,024 would stop the CA at some 500 to 1,000 agents, each later one failing in
+    accept with EMFILE.  The hard limit is the
     operator's (or systemd's ``LimitNOFILE``) to raise; the CA only uses what it is
     allowed.  Returns (soft limit now, hard limit).
     """

@@ -121,7 +121,8 @@ class CASettings:
     request_timeout: Duration = setting(Duration(30), help="deadline to receive one request")
     max_connections: int = setting(
         32768,
-        help="agent API connections served at once (each agent holds about 3); the CA"
+        help="agent API connections served at once (each agent holds 1 at rest, 2 while"
+        " it renews); the CA"
         " raises its open-file limit to fit at start",
     )
     overload_queue: int = setting(

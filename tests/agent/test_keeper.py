@@ -25,7 +25,7 @@ from agent import state
 from agent.backend import AgentBackend
 from agent.ca_client import CAError, Issued
 from agent.keeper import SvidKeeper
-from agent.renewal import EntriesPage, Entry
+from agent.renewal import BundleNews, EntriesPage, Entry
 from tally.spiffe import pem, rotation, x509profile
 from tally.spiffe.spiffeid import SpiffeId, TrustDomain
 
@@ -73,6 +73,26 @@ class FakeCA:
         self.sign_calls: list[float] = []
         """trio times of every sign call, failed ones included."""
         self.called = trio.Event()
+        self.roots = [self.root]
+        self.bundle_sequence = 1
+        self.bundle_changed = trio.Event()
+        self.entry_calls: list[int | None] = []
+        """The bundle sequence each entries call said it held."""
+
+    def new_root(self) -> None:
+        """A root added to the bundle: parked entries polls end and carry it."""
+        key = x509profile.generate_key()
+        self.roots.append(
+            x509profile.build_root(key, TD, EPOCH - timedelta(days=1), EPOCH + timedelta(days=3650))
+        )
+        self.bundle_sequence += 1
+        self.bundle_changed.set()
+        self.bundle_changed = trio.Event()
+
+    def bundle_news(self, held: int | None) -> BundleNews | None:
+        if held is None or held == self.bundle_sequence:
+            return None
+        return BundleNews(self.bundle_sequence, pem.chain_to_pem(self.roots), b'{"keys": []}')
 
     def leaf(self, public_key: Any, spiffe_id: str, ttl: float) -> x509.Certificate:
         now = clock()
@@ -98,14 +118,22 @@ class FakeCA:
         return 1, [dict(ENTRY)]
 
     async def entries_sync(
-        self, since: int = -1, wait: float = 0, after: str = "", limit: int | None = None
+        self,
+        since: int = -1,
+        wait: float = 0,
+        after: str = "",
+        limit: int | None = None,
+        bundle: int | None = None,
     ) -> EntriesPage:
+        self.entry_calls.append(bundle)
         if self.refusal is not None:
             raise self.refusal
         if since != 1:
-            return EntriesPage(1, True, (dict(ENTRY),))
-        await trio.sleep(wait)  # a long poll with nothing new
-        return EntriesPage(1, False, ())
+            return EntriesPage(1, True, (dict(ENTRY),), bundle=self.bundle_news(bundle))
+        if self.bundle_news(bundle) is None:
+            with trio.move_on_after(wait):  # a long poll: nothing new, or a new bundle
+                await self.bundle_changed.wait()
+        return EntriesPage(1, False, (), bundle=self.bundle_news(bundle))
 
     async def sign(self, requests: Sequence[tuple[str, str]]) -> list[dict[str, Any]]:
         self.sign_calls.append(trio.current_time())
@@ -130,11 +158,6 @@ class FakeCA:
                 }
             )
         return results
-
-    async def bundle(self, since: int = -1, wait: float = 0) -> tuple[int, bytes, bytes]:
-        if since != -1:
-            await trio.sleep(wait)
-        return 1, pem.chain_to_pem([self.root]), b'{"keys": []}'
 
     async def jwt(self, entry_id: str, audience: Sequence[str]) -> str:
         raise CAError("not_authorized", "no JWT keys in this fake")
@@ -303,7 +326,12 @@ class PagedCA(FakeCA):
         return {**ENTRY, "id": f"e{n}", "spiffe_id": f"spiffe://example.org/w{n}"}
 
     async def entries_sync(
-        self, since: int = -1, wait: float = 0, after: str = "", limit: int | None = None
+        self,
+        since: int = -1,
+        wait: float = 0,
+        after: str = "",
+        limit: int | None = None,
+        bundle: int | None = None,
     ) -> EntriesPage:
         self.calls.append((since, after, wait))
         if since < 0:
@@ -351,4 +379,26 @@ async def test_entries_arrive_in_pages_then_as_deltas(autojump_clock, tmp_path):
         await trio.sleep(1)
         assert sorted(keeper.entries) == ["e0", "e1", "e2", "e4"]
         assert "e3" not in keeper.svids and keeper.entries_revision == 8
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_new_bundle_ends_the_one_parked_poll_and_is_trusted_at_once(
+    autojump_clock, ca, tmp_path
+):
+    keeper = make_keeper(ca, tmp_path)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(keeper.run)
+        await trio.sleep(1)
+        # The first poll asks for the bundle (for its JWT keys), the next ones park
+        # holding its sequence; no other request is parked for the bundle.
+        assert ca.entry_calls[:2] == [-1, 1]
+        assert keeper.jwt_bundle is not None and keeper.roots == [ca.root]
+        parked_at = trio.current_time()
+        await trio.sleep(keeper.poll_wait / 2)
+        ca.new_root()
+        await trio.sleep(0.01)
+        assert trio.current_time() - parked_at < keeper.poll_wait  # not on the next poll
+        assert keeper.bundle_sequence == 2 and keeper.roots == ca.roots
+        assert state.load_bundle(tmp_path) == (ca.roots, 2)
+        assert ca.entry_calls[-1] == 2  # and it parks again, holding the new sequence
         nursery.cancel_scope.cancel()

@@ -236,33 +236,84 @@ async def test_a_bundle_change_wakes_every_bundle_poll_once(authority: Authority
     assert len(answered) == 50 and feed.wakeups == 50 and feed.parked == 0
 
 
-async def test_a_quiet_poll_answers_from_memory_at_the_latest_revision(
+async def test_a_bundle_change_ends_every_entries_poll_holding_the_old_sequence(
+    authority: Authority,
+) -> None:
+    """The merged poll (``ca.api`` rule 7): agents park one entries poll holding their
+    bundle sequence; a renewal wakes only its own, a new root wakes each once, and
+    each answer carries the new bundle."""
+    n = 50
+    fleet = Fleet(authority, n)
+    revision = authority.store.entries_revision()
+    sequence = authority.bundle().sequence
+    answers: dict[int, dict[str, object]] = {}
+
+    async def poll(i: int) -> None:
+        query = {"since": revision, "wait": 50, "delta": 1, "bundle": sequence}
+        answers[i] = await fleet.call(i, "GET", "/v1/entries?" + urlencode(query))
+
+    feed = fleet.entries
+    async with trio.open_nursery() as nursery:
+        for i in range(n):
+            nursery.start_soon(poll, i)
+        await trio.testing.wait_all_tasks_blocked()
+        assert feed.parked == n and fleet.bundle.parked == 0
+        await fleet.call(0, "POST", "/v1/agent/renew", {"csr": make_csr(generate_key())})
+        await trio.testing.wait_all_tasks_blocked()
+        assert list(answers) == [0] and "bundle" not in answers[0]  # no new bundle for it
+        authority.keys.rotate_root("admin:uid=0")
+        assert feed.wake_all("bundle") == n - 1  # as the server does on a bundle change
+        await trio.testing.wait_all_tasks_blocked()
+    assert feed.parked == 0 and feed.wakeups_by["bundle"] == n - 1
+    new = authority.bundle()
+    assert new.sequence != sequence
+    for i in range(1, n):
+        assert answers[i]["bundle_sequence"] == new.sequence
+        assert answers[i]["bundle"] == new.to_pem().decode() and "jwt_bundle" in answers[i]
+        assert (answers[i]["entries"], answers[i]["deleted"]) == ([], [])
+
+
+async def test_a_quiet_poll_answers_from_memory_and_comes_back_without_a_check(
     authority: Authority, autojump_clock: trio.testing.MockClock
 ) -> None:
     """A poll that times out unwoken made one check only (on arrival) and is told the
-    latest revision, so other agents' changes never make it resync or re-check."""
+    revision committed when that check began (a change committed later may not have
+    woken it yet).  Coming back with that answer, it parks without a check (feed rule
+    4); a change for it while no poll is parked makes the next one check again."""
     fleet = Fleet(authority, 2)
     revision = authority.store.entries_revision()
-    answer: list[dict[str, object]] = []
+    answers: list[dict[str, object]] = []
 
-    async def poll() -> None:
-        target = "/v1/entries?" + urlencode({"since": revision, "wait": 5, "delta": 1})
-        answer.append(await fleet.call(0, "GET", target))
+    async def poll(since: int) -> None:
+        target = "/v1/entries?" + urlencode({"since": since, "wait": 5, "delta": 1})
+        answers.append(await fleet.call(0, "GET", target))
 
+    def entry_for(agent: int) -> dict[str, object]:
+        return {
+            "spiffe_id": "spiffe://example.org/web",
+            "parent_id": str(fleet.peers[agent].spiffe_id),
+            "selectors": [f"unix:uid:{1000 + len(answers)}"],
+        }
+
+    feed = fleet.entries
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(poll)
+        nursery.start_soon(poll, revision)
         await trio.testing.wait_all_tasks_blocked()
-        await fleet.admin_call(
-            "POST",
-            "/v1/entries",
-            {
-                "spiffe_id": "spiffe://example.org/web",
-                "parent_id": str(fleet.peers[1].spiffe_id),  # another agent's
-                "selectors": ["unix:uid:1000"],
-            },
-        )
+        await fleet.admin_call("POST", "/v1/entries", entry_for(1))  # another agent's
     assert trio.current_time() == 5  # it waited its whole wait
-    [got] = answer
-    assert got["revision"] == authority.store.entries_revision() == revision + 1
-    assert (got["full"], got["entries"], got["deleted"]) == (False, [], [])
-    assert fleet.entries.checks == 1
+    assert answers[-1]["revision"] == revision == authority.store.entries_revision() - 1
+    assert (answers[-1]["full"], answers[-1]["entries"], answers[-1]["deleted"]) == (
+        False,
+        [],
+        [],
+    )
+    assert feed.checks == 1
+
+    await poll(revision)  # back with what it was told: no check, quiet again
+    assert trio.current_time() == 10 and feed.checks == 1
+    assert answers[-1]["revision"] == revision
+
+    created = await fleet.admin_call("POST", "/v1/entries", entry_for(0))  # nobody parked
+    await poll(revision)
+    assert feed.checks == 2 and trio.current_time() == 10  # checked, and answered at once
+    assert [e["id"] for e in answers[-1]["entries"]] == [created["id"]]  # type: ignore[attr-defined]

@@ -1,4 +1,4 @@
-"""A real CA with 200 simulated agents parked on it: a change costs only whom it concerns.
+"""A real CA with simulated agents parked on it: a change costs only whom it concerns.
 
 Each simulated agent has its own join token, key and agent SVID and talks to the
 CA process over mutual TLS with the agent's own client (`agent.ca_client`); the
@@ -8,6 +8,8 @@ server's own changes must still wake only the poll they concern.
 
 from __future__ import annotations
 
+import os
+import time
 from typing import Any
 
 import pytest
@@ -132,6 +134,81 @@ async def test_one_renewal_and_one_entry_change_wake_one_agent_of_200(ca: CA) ->
             delta = answers[5]
             assert not delta.full and [e["id"] for e in delta.entries] == [entry["id"]]
             nursery.cancel_scope.cancel()
+    finally:
+        for client in clients:
+            await client.aclose()
+
+
+def _ca_sockets(ca: CA) -> int:
+    """Sockets the CA process holds open now (listeners and connections)."""
+    fds = f"/proc/{ca.daemon.pid}/fd"
+    count = 0
+    for fd in os.listdir(fds):
+        try:
+            count += os.readlink(f"{fds}/{fd}").startswith("socket:")
+        except FileNotFoundError:
+            pass  # closed while we looked
+    return count
+
+
+async def test_a_root_rotation_ends_each_agents_one_poll_with_the_bundle_then_idle_closes(
+    ca: CA,
+) -> None:
+    n = 20
+    td = TrustDomain.parse(ca.trust_domain)
+    bundle = await _admin(ca, "GET", "/v1/bundle")
+    sequence = int(bundle["bundle_sequence"])
+    roots = pem.chain_from_pem(str(bundle["bundle"]).encode())
+    address = Address.parse(ca.listen)
+    clients: list[CAClient] = []
+    for _ in range(n):
+        made = await _admin(ca, "POST", "/v1/tokens", {})
+        client = CAClient(address, td, roots, timeout=30)
+        key = x509profile.generate_key()
+        issued, _, _ = await client.attest(str(made["token"]), key)
+        client.set_identity(issued.chain, key)
+        clients.append(client)
+    # Holding the current sequence, a sync carries no bundle; an older one gets it at once.
+    first = await clients[0].entries_sync(bundle=sequence)
+    assert first.bundle is None
+    told = await clients[0].entries_sync(since=first.revision, wait=50, bundle=sequence - 1)
+    assert told.bundle is not None and told.bundle.sequence == sequence
+    answers: dict[int, Any] = {}
+
+    async def poll(i: int) -> None:
+        answers[i] = await clients[i].entries_sync(since=first.revision, wait=50, bundle=sequence)
+
+    try:
+        async with trio.open_nursery() as nursery:
+            for i in range(n):
+                nursery.start_soon(poll, i)
+            before = await _parked(ca, n)  # one parked request per agent, nothing else
+            await _admin(ca, "POST", "/v1/rotate", {"root": True})
+            after = await _parked(ca, 0)
+        woken = 'tally_ca_poll_wakeups_total{cause="bundle"}'
+        assert after[woken] - before.get(woken, 0.0) == n  # each once
+        assert after["tally_ca_poll_checks_total"] - before["tally_ca_poll_checks_total"] == n
+        rotated = await _admin(ca, "GET", "/v1/bundle")
+        for i in range(n):
+            news = answers[i].bundle
+            assert news is not None and news.sequence == rotated["bundle_sequence"] > sequence
+            assert news.roots_pem.decode() == rotated["bundle"]
+
+        # The polls' connections are now idle in each pool; close_idle closes them, and
+        # the CA sees them go.
+        assert [c.pooled for c in clients] == [1] * n
+        busy = _ca_sockets(ca)
+        t0 = time.monotonic()
+        async with trio.open_nursery() as nursery:
+            for client in clients:
+                nursery.start_soon(client.close_idle, 1.0)
+            with trio.fail_after(20):
+                while True:  # the CA's descriptors are not something one can wait on
+                    if not any(c.pooled for c in clients) and _ca_sockets(ca) <= busy - n:
+                        break
+                    await trio.sleep(0.05)
+            nursery.cancel_scope.cancel()
+        assert time.monotonic() - t0 >= 1.0  # not before they were idle that long
     finally:
         for client in clients:
             await client.aclose()

@@ -121,7 +121,7 @@ class SimFleet:
             )  # fmt: skip
         await admin.call("POST", "/v1/entries/batch", {"entries": specs})
         await admin.http.aclose()
-        join = joiner(2.0, self.stats)  # joins spread over 1 s
+        join = joiner(2.0, self.stats)  # joins spread over 2 s
         async with trio.open_nursery() as nursery:
             for agent, token in zip(self.agents, tokens, strict=True):
                 nursery.start_soon(join, agent, token)
