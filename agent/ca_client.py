@@ -89,6 +89,9 @@ class CAServers:
     def resting(self, i: int) -> bool:
         return self.clock() < self._rest_until[i]
 
+    def rest_left(self, i: int) -> float:
+        return max(0.0, self._rest_until[i] - self.clock())
+
     def pick(self) -> int:
         """The server to call now: the current one unless it rests, else the next that
         does not, else (all resting) the one whose rest ends first."""
@@ -316,7 +319,18 @@ class CAClient:
         servers = self.servers
         tried: set[int] = set()
         while True:
+            before = servers.current
             i = servers.pick()
+            if i != before:
+                # The server this agent used rests after a failure (an earlier call
+                # gave up on it): moving on is a failover too, and rule 5 logs each.
+                log.warning(
+                    "ca.failover",
+                    **{"from": str(servers.servers[before]), "to": str(servers.servers[i])},
+                    reason="resting",
+                    detail=f"CA at {servers.servers[before]} failed a moment ago",
+                    rest_seconds=round(servers.rest_left(before), 2),
+                )
             try:
                 data = await self._call_one(i, method, target, body, wait=wait)
             except CAError as exc:

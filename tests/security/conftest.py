@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from tests.e2e.conftest import agent_factory, ca, ca_factory
+from tests.e2e.conftest import agent_factory, ca, ca_engine, ca_factory
 
-__all__ = ["agent_factory", "ca", "ca_factory"]
+__all__ = ["agent_factory", "ca", "ca_engine", "ca_factory"]
