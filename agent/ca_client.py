@@ -339,15 +339,16 @@ class CAClient:
                 rest = servers.failed(i)
                 tried.add(i)
                 nxt = servers.pick()
+                if nxt != i:  # the next call goes there, even when this one gives up
+                    log.warning(
+                        "ca.failover",
+                        **{"from": str(servers.servers[i]), "to": str(servers.servers[nxt])},
+                        reason=exc.code,
+                        detail=exc.message,
+                        rest_seconds=round(rest, 2),
+                    )
                 if nxt in tried:
                     raise
-                log.warning(
-                    "ca.failover",
-                    **{"from": str(servers.servers[i]), "to": str(servers.servers[nxt])},
-                    reason=exc.code,
-                    detail=exc.message,
-                    rest_seconds=round(rest, 2),
-                )
                 continue
             servers.succeeded(i)
             return data
