@@ -1,12 +1,17 @@
 """The HA drill under load: two CA servers on one real PostgreSQL, two agents (two nodes)
-each given both servers, a server and a client proxy in HTTP mode with steady traffic;
-every CA server is restarted in turn, then one is SIGKILLed.  No request fails, both
-proxies keep rotating, and every certificate put in service is in the one audit chain."""
+each given both servers, a server and a client proxy in HTTP mode with steady traffic,
+and `FLEET` simulated agents (`tests.e2e.sim_fleet`) renewing their workloads' 8 s SVIDs
+through both servers; every CA server is restarted in turn, one is cut off from the
+database, then one is SIGKILLed.  No request fails, both proxies keep rotating, no
+renewal of the fleet fails but for retries that succeed on the other server, and every
+certificate put in service is in the one audit chain."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -27,11 +32,16 @@ from tests.e2e.mesh import (
     server_proxy,
     wait_until,
 )
+from tests.e2e.sim_fleet import SimFleet
 from tests.e2e.test_ca_cluster import readyz
 from tests.e2e.test_fault_drills import CA_ARGS, LOAD, PROXY_ARGS, assert_audit_complete
 from tests.pg import Cluster
 
 pytestmark = pytest.mark.e2e
+
+FLEET = 30
+"""Simulated agents beside the two nodes: each renews its one workload SVID (8 s) about
+every 3-4 s, so the fleet keeps both servers signing through every drill."""
 
 
 class CuttableLink:
@@ -123,7 +133,7 @@ def second_server(first: CA, base: Path, url: str) -> CA:
 @pytest.fixture(scope="module")
 def ha_mesh(
     tmp_path_factory, pg_cluster: Cluster, pg_database: str
-) -> Iterator[tuple[Mesh, CA, CuttableLink]]:
+) -> Iterator[tuple[Mesh, CA, CuttableLink, SimFleet]]:
     base = tmp_path_factory.mktemp("ha")
     a = make_ca(base, *CA_ARGS, datastore=pg_database)
     # Server B reaches the database through a link the cut-off drill can sever.
@@ -131,8 +141,16 @@ def ha_mesh(
     dbname = conninfo.conninfo_to_dict(pg_database)["dbname"]
     b = second_server(a, base, f"postgresql://postgres@/{dbname}?host={link.directory}")
     backend = Backend()
-    stop: list[Callable[[], object]] = [link.close, a.daemon.stop, b.daemon.stop, backend.close]
+    # A restart gives a CA a new Daemon: stop whichever it has at the end.
+    stop: list[Callable[[], object]] = [
+        link.close,
+        lambda: a.daemon.stop(),
+        lambda: b.daemon.stop(),
+    ]
+    stop.append(backend.close)
     try:
+        fleet = SimFleet(a, b, FLEET)
+        stop.append(fleet.close)
         agents = []
         for name in ("node-client", "node-server"):
             agent = start_agent(a, base, name, "--server", b.listen)
@@ -144,15 +162,17 @@ def ha_mesh(
         stop.append(server.daemon.stop)
         client = client_proxy(agents[0].socket, server.listen, *PROXY_ARGS)
         stop.append(client.daemon.stop)
-        yield Mesh(a, agents[0], agents[1], backend, server, client), b, link
+        yield Mesh(a, agents[0], agents[1], backend, server, client), b, link, fleet
     finally:
-        for fn in reversed(stop):
-            fn()
+        with contextlib.ExitStack() as stopping:  # every one runs, even after a failure
+            for fn in stop:
+                stopping.callback(fn)
 
 
 def test_a_rolling_restart_of_every_ca_server_under_load(ha_mesh):
-    mesh, b, _ = ha_mesh
+    mesh, b, _, fleet = ha_mesh
     proxies = (mesh.server, mesh.client)
+    renewed = fleet.renewals()
     with load_on(mesh.client, **LOAD) as load:
         load.wait_ok(20)
         for ca in (mesh.ca, b):  # one at a time, each back before the next goes
@@ -163,7 +183,19 @@ def test_a_rolling_restart_of_every_ca_server_under_load(ha_mesh):
                 wait_until(p.daemon, "svid.rotated", after=seen, timeout=20)
         load.wait_ok(20)
     assert load.failures() == 0, (load.results, load.errors)
+    assert_fleet_renewed(fleet, renewed)
     assert_audit_complete(mesh)
+
+
+def assert_fleet_renewed(fleet: SimFleet, before: int) -> None:
+    """The fleet went on renewing through the drill, and no call of it failed in the
+    end: each that met a dead or restarting server succeeded on the other."""
+    deadline = time.monotonic() + 30
+    while fleet.renewals() < before + fleet.size:
+        assert time.monotonic() < deadline, "the simulated fleet stopped renewing"
+        time.sleep(0.2)
+    assert not fleet.errors(), fleet.errors()
+    assert fleet.failed is None, fleet.failed
 
 
 def current_server(agent) -> str:
@@ -174,8 +206,9 @@ def current_server(agent) -> str:
 def test_a_ca_server_cut_off_from_the_database_signs_nothing_under_load(ha_mesh):
     """B keeps its agent API but loses PostgreSQL: it answers 503 and signs nothing, its
     agents move to A, traffic never notices, and B recovers by itself."""
-    mesh, b, link = ha_mesh
+    mesh, b, link, fleet = ha_mesh
     proxies = (mesh.server, mesh.client)
+    renewed = fleet.renewals()
     issued_by_b = len(b.daemon.events("ca.datastore_lost"))
     agents = (mesh.client_agent, mesh.server_agent)
     on_b = [current_server(x) == b.listen for x in agents]
@@ -198,11 +231,13 @@ def test_a_ca_server_cut_off_from_the_database_signs_nothing_under_load(ha_mesh)
         load.wait_ok(20)
     assert load.failures() == 0, (load.results, load.errors)
     assert readyz(b)[0] == 200
+    assert_fleet_renewed(fleet, renewed)
     assert_audit_complete(mesh)
 
 
 def test_one_ca_server_sigkilled_under_load(ha_mesh):
-    mesh, b, _ = ha_mesh
+    mesh, b, _, fleet = ha_mesh
+    renewed = fleet.renewals()
     a = mesh.ca
     proxies = (mesh.server, mesh.client)
     # Kill the server the server-side node's agent is using, so at least it must move.
@@ -224,6 +259,7 @@ def test_one_ca_server_sigkilled_under_load(ha_mesh):
     assert moved and moved[0]["from"] == dead.listen
     for agent in (mesh.client_agent, mesh.server_agent):
         assert not agent.daemon.events("svid.expired")
+    assert_fleet_renewed(fleet, renewed)
     mesh.ca = alive  # the audit chain is the database's: read it through the survivor
     assert_audit_complete(mesh)
     for daemon in mesh.daemons():

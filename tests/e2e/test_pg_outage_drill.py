@@ -34,17 +34,15 @@ Rules / theory of operation (the timing is the point of the drill):
 
 from __future__ import annotations
 
-import threading
+import contextlib
 import time
-from collections import Counter
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 
 import pytest
 import trio
 
-from agent.ca_client import CAClient, CAError, make_csr
-from bench.fleet import Admin, SimAgent, Stats, joiner
+from agent.ca_client import CAClient, CAError
 from tally.ops.config import Address
 from tally.spiffe import x509profile
 from tests.e2e.conftest import CA, make_ca, start_agent
@@ -62,6 +60,7 @@ from tests.e2e.mesh import (
     wait_first,
     wait_until,
 )
+from tests.e2e.sim_fleet import SimFleet
 from tests.e2e.test_ca import TD, bundle_roots
 from tests.e2e.test_ca_cluster import readyz
 from tests.e2e.test_fault_drills import LOAD, PROXY_ARGS, assert_audit_complete
@@ -78,78 +77,6 @@ CA_ARGS += ["--intermediate-ttl", "1h"]
 FLEET = 200  # simulated agents, one workload each (rule 3)
 
 
-class SimFleet:
-    """`FLEET` simulated agents on both servers, in a thread with its own trio loop."""
-
-    def __init__(self, a: CA, b: CA) -> None:
-        self.admin_socket = a.admin_socket
-        self.servers = [Address.parse(a.listen), Address.parse(b.listen)]
-        self.roots = bundle_roots(a)
-        self.stats = Stats()
-        self.agents: list[SimAgent] = []
-        self.joined = threading.Event()
-        self.failed: BaseException | None = None
-        self._token: trio.lowlevel.TrioToken | None = None
-        self._stop: trio.Event | None = None
-        self._thread = threading.Thread(target=self._main, daemon=True)
-        self._thread.start()
-        assert self.joined.wait(120) and self.failed is None, self.failed
-
-    def _main(self) -> None:
-        try:
-            trio.run(self._run)
-        except BaseException as exc:  # reported by the test thread
-            self.failed = exc
-            self.joined.set()
-
-    async def _run(self) -> None:
-        self._token, self._stop = trio.lowlevel.current_trio_token(), trio.Event()
-        admin = Admin(self.admin_socket)
-        csr = make_csr(x509profile.generate_key())
-        for i in range(FLEET):
-            agent = SimAgent(i, self.servers[0], self.roots, csr, self.stats)
-            agent.client = CAClient(self.servers, TD, self.roots, timeout=60)
-            self.agents.append(agent)
-        # As `bench.fleet.register_fleet`, in this trust domain rather than the bench's.
-        tokens, specs = [], []
-        for agent in self.agents:
-            made = await admin.call("POST", "/v1/tokens", {})
-            tokens.append(made["token"])
-            specs.append(
-                {"spiffe_id": f"spiffe://{TD}/sim/{agent.n}", "parent_id": made["spiffe_id"],
-                 "selectors": ["unix:uid:1000"]}
-            )  # fmt: skip
-        await admin.call("POST", "/v1/entries/batch", {"entries": specs})
-        await admin.http.aclose()
-        join = joiner(2.0, self.stats)  # joins spread over 2 s
-        async with trio.open_nursery() as nursery:
-            for agent, token in zip(self.agents, tokens, strict=True):
-                nursery.start_soon(join, agent, token)
-            with trio.fail_after(120):
-                for agent in self.agents:
-                    await agent.fresh.wait()
-            self.joined.set()
-            await self._stop.wait()
-            nursery.cancel_scope.cancel()
-        for agent in self.agents:
-            await agent.client.aclose()
-
-    def errors(self) -> Counter[str]:
-        return Counter(self.stats.errors)
-
-    def renewals(self) -> int:
-        return self.stats.renewals + self.stats.signed
-
-    def held_until(self) -> datetime:
-        """When the first of the fleet's agent SVIDs runs out."""
-        return min(a.identity[0][0].not_valid_after_utc for a in self.agents if a.identity)
-
-    def close(self) -> None:
-        if self._token is not None and self._stop is not None:
-            trio.from_thread.run_sync(self._stop.set, trio_token=self._token)
-        self._thread.join(30)
-
-
 @pytest.fixture
 def pg_mesh(tmp_path, pg_database: str) -> Iterator[tuple[Mesh, CA, SimFleet]]:
     a = make_ca(tmp_path, *CA_ARGS, datastore=pg_database)
@@ -157,7 +84,7 @@ def pg_mesh(tmp_path, pg_database: str) -> Iterator[tuple[Mesh, CA, SimFleet]]:
     backend = Backend()
     stop: list[Callable[[], object]] = [a.daemon.stop, b.daemon.stop, backend.close]
     try:
-        fleet = SimFleet(a, b)
+        fleet = SimFleet(a, b, FLEET)
         stop.append(fleet.close)
         agents = []
         for name in ("node-client", "node-server"):
@@ -172,8 +99,9 @@ def pg_mesh(tmp_path, pg_database: str) -> Iterator[tuple[Mesh, CA, SimFleet]]:
         stop.append(client.daemon.stop)
         yield Mesh(a, agents[0], agents[1], backend, server, client), b, fleet
     finally:
-        for fn in reversed(stop):
-            fn()
+        with contextlib.ExitStack() as stopping:  # every one runs, even after a failure
+            for fn in stop:
+                stopping.callback(fn)
 
 
 def wait_ready(cas: tuple[CA, ...], ready: bool, seconds: float) -> None:
