@@ -12,7 +12,7 @@ import contextlib
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -130,6 +130,33 @@ def second_server(first: CA, base: Path, url: str) -> CA:
     return ca
 
 
+@contextlib.contextmanager
+def two_server_mesh(a: CA, b: CA, base: Path, fleet: int) -> Iterator[tuple[Mesh, SimFleet]]:
+    """Two nodes given both CA servers, an HTTP-mode proxy pair between them with a
+    backend, and ``fleet`` simulated agents.  At the end everything stops, both CA
+    servers included, even after a failure; a restart gives a CA a new Daemon, so
+    each is stopped through whichever it has then."""
+    with contextlib.ExitStack() as stack:
+        stack.callback(lambda: a.daemon.stop())
+        stack.callback(lambda: b.daemon.stop())
+        backend = Backend()
+        stack.callback(backend.close)
+        sims = SimFleet(a, b, fleet)
+        stack.callback(sims.close)
+        agents = []
+        for name in ("node-client", "node-server"):
+            agent = start_agent(a, base, name, "--server", b.listen)
+            stack.callback(agent.daemon.stop)
+            agents.append(agent)
+        register(a, FRONTEND, agents[0].spiffe_id)
+        register(a, BACKEND, agents[1].spiffe_id)
+        server = server_proxy(agents[1].socket, backend.address, *PROXY_ARGS)
+        stack.callback(server.daemon.stop)
+        client = client_proxy(agents[0].socket, server.listen, *PROXY_ARGS)
+        stack.callback(client.daemon.stop)
+        yield Mesh(a, agents[0], agents[1], backend, server, client), sims
+
+
 @pytest.fixture(scope="module")
 def ha_mesh(
     tmp_path_factory, pg_cluster: Cluster, pg_database: str
@@ -139,34 +166,12 @@ def ha_mesh(
     # Server B reaches the database through a link the cut-off drill can sever.
     link = CuttableLink(pg_cluster.socket_dir / ".s.PGSQL.5432", base / "link")
     dbname = conninfo.conninfo_to_dict(pg_database)["dbname"]
-    b = second_server(a, base, f"postgresql://postgres@/{dbname}?host={link.directory}")
-    backend = Backend()
-    # A restart gives a CA a new Daemon: stop whichever it has at the end.
-    stop: list[Callable[[], object]] = [
-        link.close,
-        lambda: a.daemon.stop(),
-        lambda: b.daemon.stop(),
-    ]
-    stop.append(backend.close)
     try:
-        fleet = SimFleet(a, b, FLEET)
-        stop.append(fleet.close)
-        agents = []
-        for name in ("node-client", "node-server"):
-            agent = start_agent(a, base, name, "--server", b.listen)
-            stop.append(agent.daemon.stop)
-            agents.append(agent)
-        register(a, FRONTEND, agents[0].spiffe_id)
-        register(a, BACKEND, agents[1].spiffe_id)
-        server = server_proxy(agents[1].socket, backend.address, *PROXY_ARGS)
-        stop.append(server.daemon.stop)
-        client = client_proxy(agents[0].socket, server.listen, *PROXY_ARGS)
-        stop.append(client.daemon.stop)
-        yield Mesh(a, agents[0], agents[1], backend, server, client), b, link, fleet
+        b = second_server(a, base, f"postgresql://postgres@/{dbname}?host={link.directory}")
+        with two_server_mesh(a, b, base, FLEET) as (mesh, fleet):
+            yield mesh, b, link, fleet
     finally:
-        with contextlib.ExitStack() as stopping:  # every one runs, even after a failure
-            for fn in stop:
-                stopping.callback(fn)
+        link.close()
 
 
 def test_a_rolling_restart_of_every_ca_server_under_load(ha_mesh):

@@ -34,9 +34,8 @@ Rules / theory of operation (the timing is the point of the drill):
 
 from __future__ import annotations
 
-import contextlib
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime
 
 import pytest
@@ -45,26 +44,20 @@ import trio
 from agent.ca_client import CAClient, CAError
 from tally.ops.config import Address
 from tally.spiffe import x509profile
-from tests.e2e.conftest import CA, make_ca, start_agent
+from tests.e2e.conftest import CA, make_ca
 from tests.e2e.mesh import (
-    BACKEND,
-    FRONTEND,
-    Backend,
     Mesh,
-    client_proxy,
     count,
     load_on,
     log_time,
-    register,
-    server_proxy,
     wait_first,
     wait_until,
 )
 from tests.e2e.sim_fleet import SimFleet
 from tests.e2e.test_ca import TD, bundle_roots
 from tests.e2e.test_ca_cluster import readyz
-from tests.e2e.test_fault_drills import LOAD, PROXY_ARGS, assert_audit_complete
-from tests.e2e.test_ha_drills import second_server
+from tests.e2e.test_fault_drills import LOAD, assert_audit_complete
+from tests.e2e.test_ha_drills import second_server, two_server_mesh
 from tests.pg import Cluster
 
 pytestmark = pytest.mark.e2e
@@ -81,27 +74,8 @@ FLEET = 200  # simulated agents, one workload each (rule 3)
 def pg_mesh(tmp_path, pg_database: str) -> Iterator[tuple[Mesh, CA, SimFleet]]:
     a = make_ca(tmp_path, *CA_ARGS, datastore=pg_database)
     b = second_server(a, tmp_path, pg_database)
-    backend = Backend()
-    stop: list[Callable[[], object]] = [a.daemon.stop, b.daemon.stop, backend.close]
-    try:
-        fleet = SimFleet(a, b, FLEET)
-        stop.append(fleet.close)
-        agents = []
-        for name in ("node-client", "node-server"):
-            agent = start_agent(a, tmp_path, name, "--server", b.listen)
-            stop.append(agent.daemon.stop)
-            agents.append(agent)
-        register(a, FRONTEND, agents[0].spiffe_id)
-        register(a, BACKEND, agents[1].spiffe_id)
-        server = server_proxy(agents[1].socket, backend.address, *PROXY_ARGS)
-        stop.append(server.daemon.stop)
-        client = client_proxy(agents[0].socket, server.listen, *PROXY_ARGS)
-        stop.append(client.daemon.stop)
-        yield Mesh(a, agents[0], agents[1], backend, server, client), b, fleet
-    finally:
-        with contextlib.ExitStack() as stopping:  # every one runs, even after a failure
-            for fn in stop:
-                stopping.callback(fn)
+    with two_server_mesh(a, b, tmp_path, FLEET) as (mesh, fleet):
+        yield mesh, b, fleet
 
 
 def wait_ready(cas: tuple[CA, ...], ready: bool, seconds: float) -> None:
