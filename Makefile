@@ -27,12 +27,13 @@ lint: $(VENV)/.installed-test
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-# Tests mostly wait on real daemons, so more workers than cores still win; a module's
-# tests stay on one worker, so a module-scoped daemon is started once.
+# Tests mostly wait on real daemons, so more workers than cores still win.  A module's
+# tests stay on one worker, so a module-scoped daemon is started once, and the drills
+# run one at a time, first (tests/conftest.py groups them).
 PYTEST_WORKERS ?= 4
 
 test: lint
-	$(BIN)/pytest -n $(PYTEST_WORKERS) --dist loadfile
+	$(BIN)/pytest -n $(PYTEST_WORKERS) --dist loadgroup --no-loadscope-reorder
 
 clean:
 	rm -rf $(VENV) build *.egg-info .mypy_cache .pytest_cache .ruff_cache

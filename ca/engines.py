@@ -12,7 +12,10 @@ an engine runs it.  What an engine owns:
    the number of servers), counters read-then-written in a transaction cannot
    interleave, and a join token's conditional UPDATE sees the other server's
    spend.  A write is a few short statements; PostgreSQL serializes thousands
-   of them a second, far more than a fleet's renewals.
+   of them a second, far more than a fleet's renewals.  A reader that needs several
+   statements to agree (the audit chain's records and its head, `Store.verify_audit`)
+   takes a read-only snapshot instead (``begin(write=False)``): it waits on no writer,
+   and no writer's commit lands between its statements.
 2. **The schema version**: ``PRAGMA user_version`` in SQLite, the one-row
    table ``tally_schema`` in PostgreSQL.
 3. **Types**: the migrations say INTEGER, BLOB and TEXT; PostgreSQL is given
@@ -73,7 +76,7 @@ class Db(Protocol):
 
     def executemany(self, sql: str, rows: Sequence[Sequence[object]]) -> None: ...
 
-    def begin(self) -> None: ...
+    def begin(self, *, write: bool = True) -> None: ...
 
     def commit(self) -> None: ...
 
@@ -103,8 +106,9 @@ class SqliteDb:
     def executemany(self, sql: str, rows: Sequence[Sequence[object]]) -> None:
         self.conn.executemany(sql, [tuple(r) for r in rows])
 
-    def begin(self) -> None:
-        self.conn.execute("BEGIN IMMEDIATE")
+    def begin(self, *, write: bool = True) -> None:
+        # A deferred BEGIN reads one snapshot from its first SELECT on (WAL mode).
+        self.conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
 
     def commit(self) -> None:
         self.conn.execute("COMMIT")
@@ -229,11 +233,12 @@ class PostgresDb:
         except psycopg.OperationalError as exc:
             raise self._lost(exc) from None
 
-    def begin(self) -> None:
+    def begin(self, *, write: bool = True) -> None:
         self._in_tx = False
-        self.execute("BEGIN")
+        self.execute("BEGIN" if write else "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
         self._in_tx = True
-        self.execute(f"SELECT pg_advisory_xact_lock({WRITE_LOCK})")
+        if write:
+            self.execute(f"SELECT pg_advisory_xact_lock({WRITE_LOCK})")
 
     def commit(self) -> None:
         self.execute("COMMIT")

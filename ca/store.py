@@ -336,10 +336,11 @@ class Store:
         return self._db.schema_version()
 
     @contextmanager
-    def _tx(self) -> Iterator[Db]:
-        """One write transaction; writers are serialized in every engine (`ca.engines`)."""
+    def _tx(self, *, write: bool = True) -> Iterator[Db]:
+        """One write transaction; writers are serialized in every engine (`ca.engines`).
+        ``write=False``: a read-only snapshot, for reads that must agree (rule 1 there)."""
         db = self._db
-        db.begin()
+        db.begin(write=write)
         try:
             yield db
         except BaseException:
@@ -499,9 +500,12 @@ class Store:
         return int(seq_text), digest
 
     def verify_audit(self, anchors: Sequence[audit.Seen] = ()) -> audit.VerifyResult:
-        cursor = self._db.execute("SELECT * FROM audit ORDER BY seq")
-        rows = (audit.StoredRow(*r) for r in cursor)
-        return audit.verify(rows, self.audit_head(), anchors)
+        # One snapshot: another server's commit between reading the records and the
+        # head would look like records removed from (or appended to) the chain.
+        with self._tx(write=False) as db:
+            head = self.audit_head()
+            rows = (audit.StoredRow(*r) for r in db.execute("SELECT * FROM audit ORDER BY seq"))
+            return audit.verify(rows, head, anchors)
 
     # -- join tokens -------------------------------------------------------------------
 

@@ -52,7 +52,9 @@ log = get_logger("tally.proxy.identity")
 POLL_INTERVAL_S = 1.0
 FIRST_ANSWER_TIMEOUT_S = 30.0
 BACKOFF_FIRST_S = 0.5
-BACKOFF_MAX_S = 5.0
+BACKOFF_MAX_S = 2.0
+"""Longest wait between tries at the agent's socket: a try is one local connect, so a
+restarted agent is found within 2 s, however long it was down."""
 
 Clock = Callable[[], datetime]
 Signature = tuple[tuple[int, int, int], ...]

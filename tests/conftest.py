@@ -23,6 +23,28 @@ settings.register_profile("tally", deadline=None)
 settings.load_profile("tally")
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """How ``make test`` (``--dist loadgroup``) spreads the suite over its xdist workers.
+
+    A file is one unit of work, so its module-scoped daemons start once.  The files
+    marked ``drill`` (a whole mesh under load, with SVIDs of a few seconds) are one
+    unit too, run one after another on one worker and sent out first: two drills side
+    by side on two cores starve each other's renewals, which is a fault of the suite,
+    not of the code under test.  The other files follow, most tests first.
+    """
+
+    def group(item: pytest.Item) -> str:
+        return "drills" if item.get_closest_marker("drill") else item.nodeid.split("::")[0]
+
+    sizes: dict[str, int] = {}
+    for item in items:
+        sizes[group(item)] = sizes.get(group(item), 0) + 1
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(group(item)))
+    items.sort(key=lambda item: (group(item) != "drills", -sizes[group(item)]))
+
+
 @pytest.fixture(scope="session", autouse=True)
 def no_daemon_ever_logs_a_secret() -> Iterator[None]:
     """Across every real daemon every test starts: no private key, no whole join token."""

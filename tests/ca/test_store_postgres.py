@@ -152,6 +152,30 @@ def test_the_audit_chain_stays_one_chain_with_every_server_writing_and_tampering
             s.close()
 
 
+def test_verify_while_another_server_writes_never_cries_tampering(fresh_pg):
+    """Verify reads the records and the chain's head in one snapshot: a record another
+    server commits between those two reads is neither "removed" nor "appended outside
+    the CA".  (Read apart, about one verify in five met a commit in between here.)"""
+    writer, reader = open_pg(fresh_pg), open_pg(fresh_pg)
+    stop = threading.Event()
+
+    def write() -> None:
+        while not stop.is_set():
+            writer.record(AuditEvent("2026-12-07T00:00:00.000Z", "server-b", "busy"))
+
+    thread = threading.Thread(target=write)
+    thread.start()
+    try:
+        results = [reader.verify_audit() for _ in range(60)]
+    finally:
+        stop.set()
+        thread.join()
+        writer.close()
+        reader.close()
+    assert all(r.ok for r in results), [r.problem for r in results if not r.ok][:3]
+    assert results[-1].records > results[0].records  # the writer really was writing
+
+
 def test_the_rotation_lease_has_one_holder_and_a_dead_holder_loses_it(fresh_pg):
     a, b = open_pg(fresh_pg), open_pg(fresh_pg)
     try:

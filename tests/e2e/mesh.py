@@ -445,6 +445,24 @@ class Mesh:
             self.client.daemon,
         ]
 
+    def story(self) -> str:
+        """What the daemons said about identities and failures, in time order: the
+        message of a drill's failed assertion, so a CI log says why a request failed."""
+        events = {
+            "svid.loaded", "svid.rotated", "svid.expired", "rotation.failed", "ca.failover",
+            "workload.error", "handshake.failed", "target.failed", "target.unreachable",
+            "peer.denied", "connection.peer_expired",
+        }  # fmt: skip
+        keep = ("serial", "not_after", "error", "reason", "what", "detail", "to")
+        lines = sorted(
+            (line["ts"], f"{line['ts'][11:23]} {daemon.name} {line['event']} "
+             + " ".join(f"{k}={str(line[k])[:80]}" for k in keep if k in line))
+            for daemon in [*self.retired, *self.daemons()]
+            for line in daemon.lines
+            if line.get("event") in events
+        )  # fmt: skip
+        return "\n".join(text for _, text in lines[-60:])
+
     def close(self) -> None:
         for daemon in reversed(self.daemons()):
             daemon.stop()
@@ -476,3 +494,11 @@ def start_mesh(base: Path, ca_args: list[str], proxy_args: list[str]) -> Mesh:
             stop()
         raise
     return Mesh(ca, client_agent, server_agent, backend, server, client)
+
+
+def assert_served_all(load: Load, mesh: Mesh) -> None:
+    """No request of ``load`` failed.  If some did, the daemons' story (`Mesh.story`) is
+    printed, so the report's captured output says why, in full."""
+    if load.failures():
+        print(mesh.story())
+    assert load.failures() == 0, (load.results, load.errors[:3])

@@ -4,8 +4,8 @@ Rules / theory of operation: one mesh (CA, two agents as two nodes, a server
 and a client proxy in HTTP mode, a backend) is shared by the drills in file
 order, because starting it costs more than most drills; each drill leaves it
 healthy, the eviction drill (which takes a node out and brings it back) runs
-last but for the clock drill, which needs only the CA.  SVIDs live 8 s so
-that renewals fall due inside every drill.  Each drill
+last but for the clock drill, which needs only the CA.  SVIDs live
+`SVID_TTL` seconds, so that renewals fall due inside every drill.  Each drill
 runs load through the client proxy and asserts that no request failed and
 that every certificate the agents and proxies put in service has its audit
 record in an unbroken chain, unless the drill says otherwise.  Moments are
@@ -42,6 +42,7 @@ from tests.e2e.mesh import (
     SLOW_PREFIX,
     Mesh,
     Proxy,
+    assert_served_all,
     client_proxy,
     count,
     load_on,
@@ -52,8 +53,18 @@ from tests.e2e.mesh import (
     wait_until,
 )
 
+pytestmark = pytest.mark.drill
+
 TD = TrustDomain.parse("example.org")
-CA_ARGS = ["--default-svid-ttl", "8s", "--intermediate-ttl", "60s", "--root-propagation", "3s"]
+SVID_TTL = 16
+"""Seconds an SVID lives in the drills: renewals fall due within each drill, and half a
+life (8 s, from a renewal falling due to the SVID's end) covers a restart of the CA or
+of an agent on a slow, shared 2-core host (4 s did not, in CI)."""
+ROTATION = 2 * SVID_TTL
+"""Longest wait for a proxy's next rotation."""
+CA_ARGS = [
+    "--default-svid-ttl", f"{SVID_TTL}s", "--intermediate-ttl", "60s", "--root-propagation", "3s"
+]  # fmt: skip
 PROXY_ARGS = ["--http", "--no-access-log"]
 # Paced so that six daemons and the load share two cores without starving renewals.
 LOAD: dict[str, Any] = {"keepalive": 2, "new_conn": 1, "xfcc": FRONTEND, "pace": 0.01}
@@ -87,7 +98,7 @@ def recover(mesh: Mesh) -> None:
     for proxy in (mesh.server.daemon, mesh.client.daemon):
         last = (proxy.events("svid.rotated") or proxy.events("svid.loaded"))[-1]
         if datetime.fromisoformat(last["not_after"]) < datetime.now(UTC) + timedelta(seconds=2):
-            wait_until(proxy, "svid.rotated", after=count(proxy, "svid.rotated"), timeout=30)
+            wait_until(proxy, "svid.rotated", after=count(proxy, "svid.rotated"), timeout=ROTATION)
     alive(mesh)
 
 
@@ -157,7 +168,7 @@ def test_ca_killed_under_load_agents_serve_from_cache(mesh: Mesh):
             "rotation.failed",
             lambda line: line["what"] == "workload_svids",
             after=failed,
-            timeout=10,
+            timeout=SVID_TTL,
         )
         for agent, sid in zip(agents, (FRONTEND, BACKEND), strict=True):
             cached = fetch(agent.socket).default_svid
@@ -166,13 +177,14 @@ def test_ca_killed_under_load_agents_serve_from_cache(mesh: Mesh):
         load.wait_ok(20, timeout=5)  # traffic flows with no CA at all
         rotated = [count(p.daemon, "svid.rotated") for p in proxies]
         mesh.ca.start_again()
-        assert load.since(outage)["ok"] >= 20 and load.failures() == 0, load.results
+        assert load.since(outage)["ok"] >= 20, load.results
+        assert_served_all(load, mesh)
         # Rotation resumes on its own: the same agents and proxies take new SVIDs.
         for p, seen, sid in zip(proxies, rotated, (BACKEND, FRONTEND), strict=True):
-            line = wait_until(p.daemon, "svid.rotated", after=seen, timeout=15)
+            line = wait_until(p.daemon, "svid.rotated", after=seen, timeout=ROTATION)
             assert line["spiffe_id"] == sid
         load.wait_ok(20)
-    assert load.failures() == 0, (load.results, load.errors)
+    assert_served_all(load, mesh)
     alive(mesh)
     assert node_pids(mesh) == pids
     assert_audit_complete(mesh)
@@ -194,8 +206,8 @@ def test_agent_killed_under_load_proxy_keeps_svid_and_reconnects(mesh: Mesh):
         picked_up: dict[str, Any] | None = None
         for _ in range(3):
             # Killed just after a rotation, the proxy holds an SVID with its whole life
-            # ahead, as a node mostly does in production (where that is an hour, not 8 s).
-            fresh = wait_until(proxy, "svid.rotated", after=n, timeout=15)
+            # ahead, as a node mostly does in production (where that is an hour, not seconds).
+            fresh = wait_until(proxy, "svid.rotated", after=n, timeout=ROTATION)
             if picked_up is not None:  # the restarted agent's next rotation reached it
                 assert fresh["old_serial"] == picked_up["serial"]
             mesh.retired.append(agent.daemon)
@@ -207,15 +219,16 @@ def test_agent_killed_under_load_proxy_keeps_svid_and_reconnects(mesh: Mesh):
             agent.start()  # same data dir: no join token
             assert agent.daemon.events("agent.resumed")
             # It reconnects to the stream and takes the restarted agent's SVID in time.
-            picked_up = wait_until(proxy, "svid.rotated", after=n + 1, timeout=20)
+            picked_up = wait_until(proxy, "svid.rotated", after=n + 1, timeout=ROTATION)
             assert picked_up["old_serial"] == fresh["serial"], story()
             held_until = datetime.fromisoformat(fresh["not_after"])
             assert log_time(picked_up) < held_until, "picked up too late:\n" + story()
             n += 2
-        last = wait_until(proxy, "svid.rotated", after=n, timeout=15)
+        last = wait_until(proxy, "svid.rotated", after=n, timeout=ROTATION)
         assert picked_up is not None and last["old_serial"] == picked_up["serial"], story()
         load.wait_ok(20)
-    assert load.failures() == 0, (load.results, load.errors, story())
+    print(story())  # shown only if an assertion below fails
+    assert_served_all(load, mesh)
     assert proxy.pid == proxy_pid and proxy.proc.poll() is None
     alive(mesh)
     assert_audit_complete(mesh)
@@ -242,7 +255,7 @@ def test_signing_key_then_root_rotated_under_load(mesh: Mesh):
         rotated = {p.daemon.name: count(p.daemon, "svid.rotated") for p in proxies}
         ca.cli("rotate")
         for p in proxies:
-            wait_until(p.daemon, "svid.rotated", after=rotated[p.daemon.name], timeout=15)
+            wait_until(p.daemon, "svid.rotated", after=rotated[p.daemon.name], timeout=ROTATION)
 
         old_roots = bundle_roots(ca)
         updated = {p.daemon.name: count(p.daemon, "bundle.updated") for p in proxies}
@@ -268,14 +281,14 @@ def test_signing_key_then_root_rotated_under_load(mesh: Mesh):
         for p, agent in ((mesh.server, mesh.server_agent), (mesh.client, mesh.client_agent)):
             after = count(p.daemon, "svid.rotated")
             for _ in range(3):
-                wait_until(p.daemon, "svid.rotated", after=after, timeout=15)
+                wait_until(p.daemon, "svid.rotated", after=after, timeout=ROTATION)
                 after += 1
                 if chains_to(agent.socket, new_root):
                     break
             else:
                 raise AssertionError(f"{p.daemon.name} never got an SVID under the new root")
         load.wait_ok(20)
-    assert load.failures() == 0, (load.results, load.errors)
+    assert_served_all(load, mesh)
     alive(mesh)
     assert_audit_complete(mesh)
 
@@ -376,11 +389,16 @@ def test_evicted_agent_svids_expire_and_a_new_token_restores_it(mesh: Mesh):
     with load_on(mesh.client, **LOAD) as load:
         load.wait_ok(20)
         denied = count(mesh.server.daemon, "peer.denied")
+        gone = count(agent.daemon, "svid.expired")  # an earlier drill's outage may have some
         ca.cli("agent", "evict", agent.spiffe_id)
-        agent.daemon.wait_for("agent.evicted", timeout=15)
+        agent.daemon.wait_for("agent.evicted", timeout=ROTATION)
         # Not renewed any more: what the agent holds runs out, and the peer refuses it.
         expired = wait_until(
-            agent.daemon, "svid.expired", lambda line: line["spiffe_id"] == FRONTEND, timeout=15
+            agent.daemon,
+            "svid.expired",
+            lambda line: line["spiffe_id"] == FRONTEND,
+            after=gone,
+            timeout=ROTATION,
         )
         last = (proxy.events("svid.rotated") or proxy.events("svid.loaded"))[-1]
         assert last["serial"] == expired["serial"]
@@ -389,10 +407,10 @@ def test_evicted_agent_svids_expire_and_a_new_token_restores_it(mesh: Mesh):
             "peer.denied",
             lambda line: line["reason"] == "expired",
             after=denied,
-            timeout=15,
+            timeout=ROTATION,
         )
         assert "depth 0" in refused["detail"], refused  # the caller's own certificate
-        load.wait_failures(1, timeout=10)
+        load.wait_failures(1, timeout=SVID_TTL)
         not_after = datetime.fromisoformat(last["not_after"]).timestamp()
         first_failure = load.failed_at[0][0]
         assert first_failure >= not_after - 1, ("failed before the SVID expired", load.failed_at)
@@ -402,7 +420,7 @@ def test_evicted_agent_svids_expire_and_a_new_token_restores_it(mesh: Mesh):
         mesh.retired.append(agent.daemon)
         agent.restart("--join-token", token)
         assert agent.daemon.events("agent.attested"), "".join(agent.daemon.raw[-10:])
-        wait_until(proxy, "svid.rotated", after=rotated, timeout=30)
+        wait_until(proxy, "svid.rotated", after=rotated, timeout=ROTATION)
         load.wait_ok(10)
         mark = load.mark()
         load.wait_ok(40)

@@ -1,6 +1,6 @@
 """The HA drill under load: two CA servers on one real PostgreSQL, two agents (two nodes)
 each given both servers, a server and a client proxy in HTTP mode with steady traffic,
-and `FLEET` simulated agents (`tests.e2e.sim_fleet`) renewing their workloads' 8 s SVIDs
+and `FLEET` simulated agents (`tests.e2e.sim_fleet`) renewing their workloads' short SVIDs
 through both servers; every CA server is restarted in turn, one is cut off from the
 database, then one is SIGKILLed.  No request fails, both proxies keep rotating, no
 renewal of the fleet fails but for retries that succeed on the other server, and every
@@ -25,6 +25,7 @@ from tests.e2e.mesh import (
     FRONTEND,
     Backend,
     Mesh,
+    assert_served_all,
     client_proxy,
     count,
     load_on,
@@ -34,14 +35,20 @@ from tests.e2e.mesh import (
 )
 from tests.e2e.sim_fleet import SimFleet
 from tests.e2e.test_ca_cluster import readyz
-from tests.e2e.test_fault_drills import CA_ARGS, LOAD, PROXY_ARGS, assert_audit_complete
+from tests.e2e.test_fault_drills import (
+    CA_ARGS,
+    LOAD,
+    PROXY_ARGS,
+    ROTATION,
+    assert_audit_complete,
+)
 from tests.pg import Cluster
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.drill]
 
 FLEET = 30
-"""Simulated agents beside the two nodes: each renews its one workload SVID (8 s) about
-every 3-4 s, so the fleet keeps both servers signing through every drill."""
+"""Simulated agents beside the two nodes: each renews its one workload SVID at about half
+its life, so the fleet keeps both servers signing through every drill."""
 
 
 class CuttableLink:
@@ -185,9 +192,9 @@ def test_a_rolling_restart_of_every_ca_server_under_load(ha_mesh):
             ca.restart()
             assert not ca.daemon.events("ca.awaiting_approval")
             for p, seen in zip(proxies, rotated, strict=True):
-                wait_until(p.daemon, "svid.rotated", after=seen, timeout=20)
+                wait_until(p.daemon, "svid.rotated", after=seen, timeout=ROTATION)
         load.wait_ok(20)
-    assert load.failures() == 0, (load.results, load.errors)
+    assert_served_all(load, mesh)
     assert_fleet_renewed(fleet, renewed)
     assert_audit_complete(mesh)
 
@@ -226,7 +233,7 @@ def test_a_ca_server_cut_off_from_the_database_signs_nothing_under_load(ha_mesh)
         assert status == 503 and "datastore unreachable" in text
         rotated = [count(p.daemon, "svid.rotated") for p in proxies]
         for p, seen in zip(proxies, rotated, strict=True):  # renewals go on through A
-            wait_until(p.daemon, "svid.rotated", after=seen, timeout=20)
+            wait_until(p.daemon, "svid.rotated", after=seen, timeout=ROTATION)
         for agent, was_on_b, seen in zip(agents, on_b, moves, strict=True):
             if was_on_b:  # its calls got 503 datastore_unavailable and moved to A
                 moved = agent.daemon.wait_for("ca.failover", timeout=5, count=seen + 1)
@@ -234,7 +241,7 @@ def test_a_ca_server_cut_off_from_the_database_signs_nothing_under_load(ha_mesh)
         link.restore()
         b.daemon.wait_for("ca.datastore_back", timeout=15)
         load.wait_ok(20)
-    assert load.failures() == 0, (load.results, load.errors)
+    assert_served_all(load, mesh)
     assert readyz(b)[0] == 200
     assert_fleet_renewed(fleet, renewed)
     assert_audit_complete(mesh)
@@ -253,13 +260,13 @@ def test_one_ca_server_sigkilled_under_load(ha_mesh):
         rotated = [count(p.daemon, "svid.rotated") for p in proxies]
         dead.daemon.kill()
         outage = load.mark()
-        # Both proxies take their next SVIDs (8 s) through the survivor.
+        # Both proxies take their next SVIDs through the survivor.
         for p, seen in zip(proxies, rotated, strict=True):
-            wait_until(p.daemon, "svid.rotated", after=seen, timeout=20)
-            wait_until(p.daemon, "svid.rotated", after=seen + 1, timeout=20)
+            wait_until(p.daemon, "svid.rotated", after=seen, timeout=ROTATION)
+            wait_until(p.daemon, "svid.rotated", after=seen + 1, timeout=ROTATION)
         load.wait_ok(20)
         assert load.since(outage)["ok"] >= 20
-    assert load.failures() == 0, (load.results, load.errors)
+    assert_served_all(load, mesh)
     moved = mesh.server_agent.daemon.events("ca.failover")
     assert moved and moved[0]["from"] == dead.listen
     for agent in (mesh.client_agent, mesh.server_agent):

@@ -23,6 +23,8 @@ from tests.e2e.mesh import (
     server_proxy,
 )
 
+pytestmark = pytest.mark.drill
+
 RUN_SECONDS = 32
 
 

@@ -117,7 +117,6 @@ def test_spiffe_tls_client_through_tally_proxy_server_across_rotations(ca_factor
         theirs = {line["peer_serial"] for line in lines}
         # Each side presented three SVIDs in turn: two rotations, with traffic across both.
         assert len(own) >= 3 and len(theirs) >= 3, (own, theirs)
-        assert len(lines) >= 50, len(lines)
         rotated = server.daemon.events("svid.rotated")
         assert len(rotated) >= 2, rotated
     finally:
