@@ -195,7 +195,12 @@ def test_hook_counts_are_in_the_agent_metrics(fleet):
         with urlopen(f"http://{agent.metrics}/metrics", timeout=5) as resp:
             return resp.read().decode()
 
-    assert 'tally_agent_hook_events_total{outcome="delivered"}' in scrape(node1)
+    # The receiver sees a page before the agent has its answer and counts it: poll.
+    delivered = 'tally_agent_hook_events_total{outcome="delivered"}'
+    deadline = time.monotonic() + 5
+    while delivered not in (page := scrape(node1)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert delivered in page
     slow = scrape(node2)
     assert 'tally_agent_hook_events_total{outcome="queued"}' in slow
     assert 'outcome="delivered"' not in slow
