@@ -42,16 +42,24 @@ Rules:
    ``max_connections`` needs (`raise_open_files`) and says in one line when the
    hard limit stops it short.  Past ``overload_queue`` calls waiting for the
    datastore, agent calls are answered 429 with ``Retry-After`` at once
-   (`ca.throttle.overload_retry_after`), so a herd queues outside the CA.
-   Handshakes are not rationed: a slot held while waiting for a slow peer's
-   bytes would let a few hundred half-open connections lock agents out
-   (``tests/security/test_slow_clients.py``).
+   (`ca.throttle.overload_retry_after`), so a herd queues outside the CA.  While
+   that lasts, a new agent connection is closed before its handshake (counted in
+   ``tally_ca_connections_shed``): a handshake costs far more CPU than the 429 it
+   would end in, and a herd's handshakes on the event loop starved the store's
+   thread, so the queue never drained (bench.fleet, 10,000 agents).  The agent
+   backs off with jitter, or tries its other server.  Connections already open
+   carry on.  Handshakes are not otherwise rationed: a slot held while waiting for
+   a slow peer's bytes would let a few hundred half-open connections lock agents
+   out (``tests/security/test_slow_clients.py``).  Agents on record are
+   remembered (none is ever deleted), so a known agent's connection costs no
+   store call before its first request.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import resource
 import signal
@@ -183,6 +191,11 @@ def _metrics(server: CAServer) -> Iterator[Metric]:
         "tally_ca_signing_workers_replaced",
         "times the signing workers were restarted because one died",
         s.signing.replaced,
+    )
+    yield metrics.counter(
+        "tally_ca_connections_shed",
+        "agent connections closed before their handshake while overloaded",
+        s.shed,
     )
     yield metrics.counter(
         "tally_ca_overloaded",
@@ -342,6 +355,11 @@ class CAServer:
         self._bundle_woken = self.keys.bundle.sequence if self.keys.bundle else None
         """The bundle sequence parked polls were last woken for (`refresh_keys`)."""
         self.peers_denied: Counter[str] = Counter()
+        self._on_record: set[str] = set()
+        """Agent IDs found on record (rule 6); none is ever deleted, so none goes stale."""
+        self.shed = 0
+        self._shed_reported = -math.inf
+        self._shed_at_report = 0
         self.console: console.Console | None = None
         if cfg.console is not None:
             tls = console.load_tls(cfg.console_cert, cfg.console_key, cfg.console_admin_id)
@@ -583,9 +601,25 @@ class CAServer:
             await stream.aclose()
             return
         try:
+            if self._overloaded() is not None:
+                self._shed()
+                await stream.aclose()
+                return
             await self._serve_agent(api, stream)
         finally:
             self._conn_limiter.release()
+
+    def _shed(self) -> None:
+        """Count a connection closed unshaken (rule 6); one log line per burst."""
+        self.shed += 1
+        now = trio.current_time()
+        if now - self._shed_reported >= SHED_REPORT_S:
+            log.warning(
+                "ca.shedding",
+                shed=self.shed - self._shed_at_report,
+                reason=f"more than {self.cfg.overload_queue} calls wait for the datastore",
+            )
+            self._shed_reported, self._shed_at_report = now, self.shed
 
     def _overloaded(self) -> int | None:
         """Retry-After seconds while too many calls wait for the datastore, else None."""
@@ -606,7 +640,12 @@ class CAServer:
 
     def _is_agent(self, sid: SpiffeId) -> bool:
         """Agents on record, whatever their status: the API itself answers evicted or banned."""
-        return self.store.get_agent(str(sid)) is not None
+        if str(sid) in self._on_record:
+            return True
+        if self.store.get_agent(str(sid)) is None:
+            return False
+        self._on_record.add(str(sid))
+        return True
 
     async def _serve_agent(self, api: AgentApi, stream: trio.SocketStream) -> None:
         try:
@@ -635,8 +674,10 @@ class CAServer:
         ident = conn.peer_identity
         chain = conn.peer_chain
         try:
-            known = not isinstance(ident, SpiffeId) or await self.run_sync(
-                partial(self._is_agent, ident)
+            known = (
+                not isinstance(ident, SpiffeId)
+                or str(ident) in self._on_record
+                or await self.run_sync(partial(self._is_agent, ident))
             )
         except StoreUnavailable:
             # The database is away: every call but the (public) bundle needs it and will
@@ -934,6 +975,8 @@ class CAServer:
         log.info("ca.stopped")
 
 
+SHED_REPORT_S = 10.0
+"""Shortest spell between two ``ca.shedding`` lines: a herd is reported, not echoed."""
 OPEN_FILES_SPARE = 256
 """Descriptors beyond the connection caps: the datastore, key files, listeners, logs."""
 

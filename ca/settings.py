@@ -128,7 +128,8 @@ class CASettings:
     overload_queue: int = setting(
         1024,
         help="agent calls waiting for the datastore past which new ones are answered 429"
-        " with Retry-After (admission control for a reconnecting herd)",
+        " with Retry-After and new connections are closed before their handshake"
+        " (admission control for a reconnecting herd)",
     )
     signing_workers: str = setting(
         "auto",

@@ -1,11 +1,18 @@
-"""Sized for a fleet: the open-file limit, and 429 + Retry-After when overloaded."""
+"""Sized for a fleet: the open-file limit, and 429 + Retry-After (or, for a new
+connection, a close before its handshake) when overloaded."""
 
 from __future__ import annotations
 
+import logging
 import resource
+import socket
 from collections.abc import Callable
-from typing import TypeVar
+from pathlib import Path
+from typing import TypeVar, cast
 
+import pytest
+import trio
+import trio.testing
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -13,7 +20,8 @@ from agent.ca_client import make_csr
 from ca.api import AgentApi, AgentPeer
 from ca.authority import Authority
 from ca.feed import ChangeFeed
-from ca.server import raise_open_files
+from ca.server import CAServer, raise_open_files
+from ca.settings import CASettings
 from ca.throttle import OVERLOAD_MAX_RETRY_S, overload_retry_after
 from tally.spiffe.spiffeid import SpiffeId
 from tally.spiffe.x509profile import generate_key
@@ -73,3 +81,40 @@ async def test_an_overloaded_ca_answers_429_with_retry_after_but_serves_the_bund
     assert bundle.status == 200
     busy[0] = None
     assert (await api.handle(peer, renew)).status == 200
+
+
+async def test_while_the_store_queue_is_long_new_connections_close_unshaken(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A herd's handshakes would starve the store's thread of the CPU it needs to drain
+    the queue: past ``overload_queue``, a new agent connection gets not one byte of
+    TLS, and a burst of them is one log line."""
+    cfg = CASettings(
+        trust_domain="example.org",
+        data_dir=tmp_path / "data",
+        admin_socket=tmp_path / "admin.sock",
+        overload_queue=2,
+    )
+    server = CAServer(cfg)
+    unused = cast(AgentApi, None)  # a shed connection never reaches the API
+    try:
+        async with trio.open_nursery() as nursery:
+            await server._limiter.acquire()  # the store's one thread is busy ...
+            for _ in range(2):  # ... and two calls wait for it
+                nursery.start_soon(server._limiter.acquire)
+            await trio.testing.wait_all_tasks_blocked()
+            assert server._overloaded() is not None
+            with caplog.at_level(logging.WARNING, logger="tally.ca"):
+                for _ in range(3):
+                    ours, theirs = (trio.SocketStream(trio.socket.from_stdlib_socket(s))
+                                    for s in socket.socketpair())  # fmt: skip
+                    await server._agent_connection(unused, ours)
+                    assert await theirs.receive_some() == b""
+                    await theirs.aclose()
+            nursery.cancel_scope.cancel()
+        assert server.shed == 3
+        assert [r.getMessage() for r in caplog.records].count("ca.shedding") == 1
+        server._limiter.release()
+        assert server._overloaded() is None  # the queue drained: connections are served
+    finally:
+        server.store.close()

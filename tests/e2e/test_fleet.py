@@ -75,14 +75,15 @@ async def _parked(ca: CA, count: int) -> dict[str, float]:
             await trio.sleep(0.05)
 
 
-async def test_one_renewal_and_one_entry_change_wake_one_agent_of_200(ca: CA) -> None:
+async def _attested(ca: CA, n: int) -> tuple[list[CAClient], list[str]]:
+    """``n`` agents, each attested with its own join token and key: clients and IDs."""
     td = TrustDomain.parse(ca.trust_domain)
     bundle = await _admin(ca, "GET", "/v1/bundle")
     roots = pem.chain_from_pem(str(bundle["bundle"]).encode())
     address = Address.parse(ca.listen)
     clients: list[CAClient] = []
     ids: list[str] = []
-    for _ in range(N):
+    for _ in range(n):
         made = await _admin(ca, "POST", "/v1/tokens", {})
         client = CAClient(address, td, roots, timeout=30)
         key = x509profile.generate_key()
@@ -90,6 +91,11 @@ async def test_one_renewal_and_one_entry_change_wake_one_agent_of_200(ca: CA) ->
         client.set_identity(issued.chain, key)
         clients.append(client)
         ids.append(issued.spiffe_id)
+    return clients, ids
+
+
+async def test_one_renewal_and_one_entry_change_wake_one_agent_of_200(ca: CA) -> None:
+    clients, ids = await _attested(ca, N)
     first = await clients[0].entries_sync()
     assert first.full and first.entries == ()
     revision = first.revision
@@ -155,19 +161,8 @@ async def test_a_root_rotation_ends_each_agents_one_poll_with_the_bundle_then_id
     ca: CA,
 ) -> None:
     n = 20
-    td = TrustDomain.parse(ca.trust_domain)
-    bundle = await _admin(ca, "GET", "/v1/bundle")
-    sequence = int(bundle["bundle_sequence"])
-    roots = pem.chain_from_pem(str(bundle["bundle"]).encode())
-    address = Address.parse(ca.listen)
-    clients: list[CAClient] = []
-    for _ in range(n):
-        made = await _admin(ca, "POST", "/v1/tokens", {})
-        client = CAClient(address, td, roots, timeout=30)
-        key = x509profile.generate_key()
-        issued, _, _ = await client.attest(str(made["token"]), key)
-        client.set_identity(issued.chain, key)
-        clients.append(client)
+    sequence = int((await _admin(ca, "GET", "/v1/bundle"))["bundle_sequence"])
+    clients, _ = await _attested(ca, n)
     # Holding the current sequence, a sync carries no bundle; an older one gets it at once.
     first = await clients[0].entries_sync(bundle=sequence)
     assert first.bundle is None

@@ -200,7 +200,7 @@ def test_hook_counts_are_in_the_agent_metrics(fleet):
     deadline = time.monotonic() + 5
     while delivered not in (page := scrape(node1)) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert delivered in page
+    assert delivered in page, (node1.metrics, page[-600:], "".join(node1.daemon.raw[-12:]))
     slow = scrape(node2)
     assert 'tally_agent_hook_events_total{outcome="queued"}' in slow
     assert 'outcome="delivered"' not in slow
