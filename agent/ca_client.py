@@ -29,6 +29,11 @@ Rules:
    from every server and is not retried elsewhere.  A renewal the dead server
    committed but never answered is safe to repeat: the CA accepts the agent's
    previous SVID once more.
+6. ``stale_svid`` is fatal to an agent (`agent.renewal.FATAL_CODES`), unless the
+   call went out under an identity the agent has since replaced: a poll parked
+   before a renewal whose first answer was lost (two serials in one step) wakes
+   to a CA that no longer takes the SVID it presented.  That call is sent again,
+   once, under the current SVID; a stale answer to the current SVID stands.
 """
 
 from __future__ import annotations
@@ -44,7 +49,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from agent.renewal import EntriesPage
+from agent.renewal import STALE, EntriesPage
 from tally.ops.config import Address
 from tally.ops.logs import get_logger
 from tally.ops.net import connect
@@ -318,6 +323,7 @@ class CAClient:
         """One call, moved to another CA server when this one fails (rule 5)."""
         servers = self.servers
         tried: set[int] = set()
+        resent = False
         while True:
             before = servers.current
             i = servers.pick()
@@ -331,9 +337,13 @@ class CAClient:
                     detail=f"CA at {servers.servers[before]} failed a moment ago",
                     rest_seconds=round(servers.rest_left(before), 2),
                 )
+            sent_under = self._generation
             try:
                 data = await self._call_one(i, method, target, body, wait=wait)
             except CAError as exc:
+                if exc.code == STALE and sent_under != self._generation and not resent:
+                    resent = True  # rule 6: sent under an SVID replaced meanwhile
+                    continue
                 if exc.code not in FAILOVER_CODES and exc.status < 500:
                     raise
                 rest = servers.failed(i)

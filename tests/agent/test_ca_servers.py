@@ -1,17 +1,21 @@
 """Which CA server an agent calls (`agent.ca_client.CAServers`): spread at start, the next
-one on failure, a jittered doubling rest for the failed one, on trio's virtual clock."""
+one on failure, a jittered doubling rest for the failed one, on trio's virtual clock;
+and when a refused call is sent again (`agent.ca_client` rule 6)."""
 
 from __future__ import annotations
 
 import random
+from typing import Any
 
+import pytest
 import trio
 import trio.testing
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent.ca_client import REST_CAP, CAServers
+from agent.ca_client import REST_CAP, CAClient, CAError, CAServers
 from tally.ops.config import Address
+from tally.spiffe.spiffeid import TrustDomain
 
 THREE = [Address.parse(f"10.0.0.{i}:8443") for i in (1, 2, 3)]
 
@@ -112,3 +116,48 @@ def test_server_in_the_file_is_one_string_or_a_list(tmp_path):
             assert why in str(exc), (line, str(exc))
         else:
             raise AssertionError(f"{line} was accepted")
+
+
+class _Answers(CAClient):
+    """The CA's answers to a `CAClient`, scripted: ``renew_meanwhile`` replaces the
+    agent's identity while the first call is out, as a renewal does while a poll is
+    parked; the transport and TLS are not what this is about."""
+
+    def __init__(self, answers: list[object], *, renew_meanwhile: bool) -> None:
+        super().__init__(THREE[0], TrustDomain.parse("example.org"), [])
+        self.answers = answers
+        self.renew_meanwhile = renew_meanwhile
+        self.sent: list[int] = []
+
+    async def _call_one(
+        self, i: int, method: str, target: str, body: object | None = None, *, wait: float = 0
+    ) -> Any:
+        self.sent.append(self._generation)
+        if self.renew_meanwhile and len(self.sent) == 1:
+            self._new_generation()
+        answer = self.answers.pop(0)
+        if isinstance(answer, CAError):
+            raise answer
+        return answer
+
+
+def _stale() -> CAError:
+    return CAError("stale_svid", "the CA knows a newer SVID for this agent", 403)
+
+
+async def test_a_call_refused_as_stale_after_a_renewal_meanwhile_is_sent_again_once():
+    client = _Answers([_stale(), {"revision": 7}], renew_meanwhile=True)
+    assert await client._call("GET", "/v1/entries") == {"revision": 7}
+    assert client.sent == [0, 1]  # the second under the new identity
+    twice = _Answers([_stale(), _stale(), {}], renew_meanwhile=True)
+    with pytest.raises(CAError, match="newer SVID"):
+        await twice._call("GET", "/v1/entries")
+    assert twice.sent == [0, 1]
+
+
+async def test_stale_under_the_current_identity_stands():
+    """A restored backup or a copied data dir: the SVID it presents is really stale."""
+    client = _Answers([_stale(), {}], renew_meanwhile=False)
+    with pytest.raises(CAError, match="newer SVID"):
+        await client._call("GET", "/v1/entries")
+    assert client.sent == [0]
