@@ -94,5 +94,6 @@ def sign_jobs(
             job.dns_names,
             job.serial,
         )
-        out.append(SignedLeaf(cert.public_bytes(Encoding.DER), pem.chain_to_pem([cert])))
+        der = cert.public_bytes(Encoding.DER)
+        out.append(SignedLeaf(der, pem.der_to_pem(der)))
     return out
