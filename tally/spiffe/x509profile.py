@@ -348,14 +348,19 @@ class LeafSigner:
     certificates nobody can verify.
     """
 
-    __slots__ = ("_aki", "_hash", "_issuer_name", "_key", "_not_after")
+    __slots__ = ("_aki", "_fixed", "_hash", "_issuer_name", "_key", "_not_after")
 
     def __init__(self, issuer: x509.Certificate, issuer_key: SigningKey) -> None:
         validate_signing_cert(issuer)
         _check_issuer_key(issuer, issuer_key)
         self._issuer_name = issuer.subject
         self._not_after = issuer.not_valid_after_utc
-        self._aki = x509.Extension(x509.AuthorityKeyIdentifier.oid, False, _aki_from(issuer))
+        aki = x509.Extension(x509.AuthorityKeyIdentifier.oid, False, _aki_from(issuer))
+        # The extensions every leaf of this issuer carries, encoded once by cryptography
+        # and then copied into each leaf as they are: the same bytes as encoding them
+        # per leaf, without reading each typed value back out (rule 6).
+        self._fixed = tuple(_encoded(ext) for ext in _LEAF_FIXED_EXTENSIONS)
+        self._aki = _encoded(aki)
         self._key = issuer_key
         self._hash = _hash_for(issuer_key)
 
@@ -396,7 +401,7 @@ class LeafSigner:
                 x509.Extension(
                     x509.SubjectAlternativeName.oid, True, x509.SubjectAlternativeName(names)
                 ),
-                *_LEAF_FIXED_EXTENSIONS,
+                *self._fixed,
                 x509.Extension(
                     x509.SubjectKeyIdentifier.oid,
                     False,
@@ -406,6 +411,15 @@ class LeafSigner:
             ],
         )
         return builder.sign(self._key, self._hash)
+
+
+def _encoded(
+    ext: x509.Extension[x509.ExtensionType],
+) -> x509.Extension[x509.UnrecognizedExtension]:
+    """``ext`` with its value already DER (cryptography's own encoding of it)."""
+    return x509.Extension(
+        ext.oid, ext.critical, x509.UnrecognizedExtension(ext.oid, ext.value.public_bytes())
+    )
 
 
 @functools.lru_cache(maxsize=8)
@@ -488,9 +502,7 @@ def _validate_leaf(cert: x509.Certificate) -> SpiffeId:
             "san_not_critical",
             f"{_describe(cert)} has an empty subject, so its SAN extension must be critical",
         )
-    basic = cast(
-        "x509.Extension[x509.BasicConstraints] | None", by_oid.get(_BASIC_CONSTRAINTS_OID)
-    )
+    basic = cast("x509.Extension[x509.BasicConstraints] | None", by_oid.get(_BASIC_CONSTRAINTS_OID))
     if basic is None:
         raise ProfileError(
             "no_basic_constraints", f"{_describe(cert)} has no basicConstraints extension"
