@@ -28,7 +28,13 @@ Rules:
    "bad_lifetime", "bad_dns_name", "bad_serial", "issuer_key_mismatch") and a
    one-line human message naming the certificate.
 6. The leaf signing path is the CA's hot loop: `LeafSigner` computes everything
-   that depends only on the issuer once, and `build_leaf` keeps a few signers.
+   that depends only on the issuer once, down to the DER of the extensions every
+   leaf carries (encoded by cryptography, copied into each leaf as they are: the
+   same certificate, byte for byte, as the typed builder makes), and `build_leaf`
+   keeps a few signers.  A CSR's signature is checked with the key loaded from it,
+   once.  The validators stay whole: the CA runs `validate_leaf` on every leaf it
+   signs, over the certificate as parsed back from its DER, so cheaper building can
+   never let a leaf outside the profile out.
 """
 
 from __future__ import annotations
