@@ -43,8 +43,14 @@ class AuditRecord:
     hash: str = ""
 
 
+# Built once: `json.dumps` with options builds an encoder per call, and the CA hashes
+# every record it appends (one per SVID of a batch) with both of these.
+_canonical = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode
+_compact = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True).encode
+
+
 def canonical_detail(detail: Mapping[str, object]) -> str:
-    return json.dumps(detail, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return _canonical(detail)
 
 
 def record_hash(
@@ -56,11 +62,7 @@ def record_hash(
     serial: str | None,
     detail_json: str,
 ) -> str:
-    body = json.dumps(
-        [prev_hash, ts, actor, event, spiffe_id, serial, detail_json],
-        separators=(",", ":"),
-        ensure_ascii=True,
-    )
+    body = _compact([prev_hash, ts, actor, event, spiffe_id, serial, detail_json])
     return hashlib.sha256(body.encode()).hexdigest()
 
 
@@ -73,10 +75,12 @@ def seal(
     spiffe_id: str | None,
     serial: str | None,
     detail: Mapping[str, object],
-) -> AuditRecord:
-    """Build the next record of a chain whose newest hash is ``prev_hash``."""
-    digest = record_hash(prev_hash, ts, actor, event, spiffe_id, serial, canonical_detail(detail))
-    return AuditRecord(seq, ts, actor, event, spiffe_id, serial, detail, prev_hash, digest)
+) -> StoredRow:
+    """The next record of a chain whose newest hash is ``prev_hash``, as it is stored
+    (its detail in the canonical text that was hashed)."""
+    detail_json = canonical_detail(detail)
+    digest = record_hash(prev_hash, ts, actor, event, spiffe_id, serial, detail_json)
+    return StoredRow(seq, ts, actor, event, spiffe_id, serial, detail_json, prev_hash, digest)
 
 
 @dataclass(frozen=True)

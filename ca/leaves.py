@@ -12,7 +12,12 @@ Rules:
    not prove its key, or holds a key outside the profile, is `NotSigned` with
    code ``bad_csr`` and the batch goes on.
 3. Every certificate signed here has passed the SPIFFE profile validator
-   (`ca.authority` rule 3) before it leaves this module.
+   (`ca.authority` rule 3) before it leaves this module: the whole of
+   `x509profile.validate_leaf`, on the certificate cryptography parsed from the
+   signed DER, not a shortcut over what was asked for.
+4. A leaf is encoded once: its DER, and the PEM the agent gets wrapped from that
+   DER (`pem.der_to_pem`), both made here, in a signing worker, so the CA's main
+   process (the serial part of a batch) only loads the DER back.
 """
 
 from __future__ import annotations
@@ -94,5 +99,6 @@ def sign_jobs(
             job.dns_names,
             job.serial,
         )
-        out.append(SignedLeaf(cert.public_bytes(Encoding.DER), pem.chain_to_pem([cert])))
+        der = cert.public_bytes(Encoding.DER)
+        out.append(SignedLeaf(der, pem.der_to_pem(der)))
     return out

@@ -434,13 +434,13 @@ class Store:
             )
             rows.append(
                 (
-                    seq,
+                    rec.seq,
                     rec.ts,
                     rec.actor,
                     rec.event,
                     rec.spiffe_id,
                     rec.serial,
-                    audit.canonical_detail(rec.detail),
+                    rec.detail_json,
                     rec.prev_hash,
                     rec.hash,
                 )

@@ -10,6 +10,7 @@ from tally.spiffe.pem import (
     chain_from_pem,
     chain_to_der,
     chain_to_pem,
+    der_to_pem,
     key_from_pem,
     key_to_pem,
     key_to_pkcs8_der,
@@ -59,3 +60,9 @@ def test_keys_round_trip():
         assert loaded.public_key() == key.public_key()
     assert reason_of(key_from_pem, b"nope") == "bad_key"
     assert reason_of(key_from_pem, chain_to_pem([PKI.root])) == "bad_key"
+
+
+def test_der_to_pem_is_cryptographys_pem():
+    for cert in (PKI.leaf, PKI.inter, PKI.root):
+        der = cert.public_bytes(serialization.Encoding.DER)
+        assert der_to_pem(der) == cert.public_bytes(serialization.Encoding.PEM)

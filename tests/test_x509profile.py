@@ -2,6 +2,7 @@ from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.utils import CryptographyDeprecationWarning
@@ -18,6 +19,7 @@ from tally.spiffe.x509profile import (
     build_intermediate,
     build_leaf,
     build_root,
+    csr_public_key,
     generate_key,
     new_serial,
     parse_csr,
@@ -201,6 +203,42 @@ def test_leaf_with_dns_names_and_serial():
     assert san.get_values_for_type(x509.DNSName) == ["web.example.org", "*.web.example.org"]
     assert leaf.serial_number == 42
     assert validate_leaf(leaf) == WEB
+
+
+def test_a_leaf_is_byte_for_byte_the_profile_built_with_typed_extensions():
+    """`LeafSigner` copies its constant extensions in pre-encoded; the certificate must
+    be exactly the one cryptography builds from the typed profile (rule 1)."""
+    public_key = generate_key().public_key()
+    start, end = NOW, NOW + timedelta(hours=1)
+    leaf = LeafSigner(PKI.inter, PKI.int_key).sign(
+        public_key, WEB, start, end, dns_names=["web.example.org"], serial=77
+    )
+    inter_ski = ext(PKI.inter, x509.SubjectKeyIdentifier).value
+    typed = (
+        x509.CertificateBuilder()
+        .issuer_name(PKI.inter.subject)
+        .subject_name(x509.Name([]))
+        .public_key(public_key)
+        .serial_number(77)
+        .not_valid_before(start)
+        .not_valid_after(end)
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.UniformResourceIdentifier(str(WEB)), x509.DNSName("web.example.org")]
+            ),
+            critical=True,
+        )
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(LEAF_KU, critical=True)
+        .add_extension(BOTH_EKU, critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(inter_ski),
+            critical=False,
+        )
+        .sign(PKI.int_key, hashes.SHA256())
+    )
+    assert leaf.tbs_certificate_bytes == typed.tbs_certificate_bytes
 
 
 @pytest.mark.parametrize("name", ["", "a..b", "-a.b", "a_b.org", "é.org", "a.*.org", "a b"])
@@ -537,6 +575,69 @@ def test_mutated_csr_is_refused_or_still_proves_the_key(position, flip):
         parse_csr(bytes(data))
     except ProfileError as exc:
         assert exc.reason == "bad_csr"
+
+
+def proves_its_key(data: bytes) -> bool:
+    """What `parse_csr` must decide, spelled with cryptography's own signature check."""
+    try:
+        csr = x509.load_der_x509_csr(data)
+        return csr.public_key() is not None and csr.is_signature_valid
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        return False
+
+
+@pytest.mark.parametrize(
+    ("key", "digest"),
+    [
+        (ec.generate_private_key(ec.SECP256R1()), hashes.SHA256()),
+        (ec.generate_private_key(ec.SECP384R1()), hashes.SHA384()),
+        (ec.generate_private_key(ec.SECP256R1()), hashes.SHA512()),
+        (rsa.generate_private_key(65537, 2048), hashes.SHA256()),
+        (ed25519.Ed25519PrivateKey.generate(), None),
+    ],
+)
+def test_a_csr_is_checked_as_is_signature_valid_checks_it(key, digest):
+    """`csr_public_key` checks an ECDSA signature with the key it loaded once; its
+    verdict is ``is_signature_valid``'s, for every key type, with any bit flipped."""
+    der = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([]))
+        .sign(key, digest)
+        .public_bytes(serialization.Encoding.DER)
+    )
+    assert csr_public_key(der) == key.public_key()
+    for position in range(len(der) - 80, len(der)):  # the signature algorithm and value
+        mutated = bytearray(der)
+        mutated[position] ^= 0x01
+        try:
+            csr_public_key(bytes(mutated))
+            accepted = True
+        except ProfileError as exc:
+            assert exc.reason == "bad_csr"
+            accepted = False
+        assert accepted == proves_its_key(bytes(mutated)), position
+
+
+def test_a_csr_naming_another_digest_than_it_was_signed_with_is_refused():
+    der = make_csr(generate_key(), serialization.Encoding.DER)
+    sha256, sha384 = bytes.fromhex("2a8648ce3d040302"), bytes.fromhex("2a8648ce3d040303")
+    # The outer signatureAlgorithm, after the signed part: now ecdsa-with-SHA384.
+    at = der.rindex(sha256)
+    relabelled = der[:at] + sha384 + der[at + len(sha384) :]
+    assert not proves_its_key(relabelled)
+    assert reason_of(csr_public_key, relabelled) == "bad_csr"
+
+
+@given(st.integers(0, len(VALID_CSR_DER) - 1), st.integers(1, 255))
+def test_a_mutated_csr_is_accepted_only_if_it_proves_its_key(position, flip):
+    data = bytearray(VALID_CSR_DER)
+    data[position] ^= flip
+    try:
+        csr_public_key(bytes(data))
+        accepted = True
+    except ProfileError:
+        accepted = False
+    assert accepted <= proves_its_key(bytes(data))
 
 
 @settings(max_examples=300)

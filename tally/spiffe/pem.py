@@ -14,6 +14,7 @@ Rules:
 from __future__ import annotations
 
 import re
+import ssl
 from collections.abc import Sequence
 
 from cryptography import x509
@@ -26,7 +27,16 @@ _PEM_BLOCK = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----\r?\n(.*?)-----END \1----
 
 
 def chain_to_pem(certs: Sequence[x509.Certificate]) -> bytes:
-    return b"".join(cert.public_bytes(serialization.Encoding.PEM) for cert in certs)
+    return b"".join(der_to_pem(cert.public_bytes(serialization.Encoding.DER)) for cert in certs)
+
+
+def der_to_pem(der: bytes) -> bytes:
+    """One certificate's DER as a PEM block, byte for byte what cryptography writes.
+
+    Wrapping DER that is already in hand skips the second encoding of the certificate
+    that ``public_bytes(Encoding.PEM)`` does: the CA's leaves need both forms.
+    """
+    return ssl.DER_cert_to_PEM_cert(der).encode("ascii")
 
 
 def chain_from_pem(data: bytes) -> list[x509.Certificate]:

@@ -28,7 +28,13 @@ Rules:
    "bad_lifetime", "bad_dns_name", "bad_serial", "issuer_key_mismatch") and a
    one-line human message naming the certificate.
 6. The leaf signing path is the CA's hot loop: `LeafSigner` computes everything
-   that depends only on the issuer once, and `build_leaf` keeps a few signers.
+   that depends only on the issuer once, down to the DER of the extensions every
+   leaf carries (encoded by cryptography, copied into each leaf as they are: the
+   same certificate, byte for byte, as the typed builder makes), and `build_leaf`
+   keeps a few signers.  A CSR's signature is checked with the key loaded from it,
+   once.  The validators stay whole: the CA runs `validate_leaf` on every leaf it
+   signs, over the certificate as parsed back from its DER, so cheaper building can
+   never let a leaf outside the profile out.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ import re
 import secrets
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
+from typing import cast
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
@@ -79,6 +86,10 @@ PARSE_ERRORS = (
     x509.DuplicateExtension,
     x509.UnsupportedGeneralNameType,
 )
+_SAN_OID = x509.SubjectAlternativeName.oid
+_BASIC_CONSTRAINTS_OID = x509.BasicConstraints.oid
+_KEY_USAGE_OID = x509.KeyUsage.oid
+_EXT_KEY_USAGE_OID = x509.ExtendedKeyUsage.oid
 _DNS_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
 
 
@@ -343,14 +354,19 @@ class LeafSigner:
     certificates nobody can verify.
     """
 
-    __slots__ = ("_aki", "_hash", "_issuer_name", "_key", "_not_after")
+    __slots__ = ("_aki", "_fixed", "_hash", "_issuer_name", "_key", "_not_after")
 
     def __init__(self, issuer: x509.Certificate, issuer_key: SigningKey) -> None:
         validate_signing_cert(issuer)
         _check_issuer_key(issuer, issuer_key)
         self._issuer_name = issuer.subject
         self._not_after = issuer.not_valid_after_utc
-        self._aki = x509.Extension(x509.AuthorityKeyIdentifier.oid, False, _aki_from(issuer))
+        aki = x509.Extension(x509.AuthorityKeyIdentifier.oid, False, _aki_from(issuer))
+        # The extensions every leaf of this issuer carries, encoded once by cryptography
+        # and then copied into each leaf as they are: the same bytes as encoding them
+        # per leaf, without reading each typed value back out (rule 6).
+        self._fixed = tuple(_encoded(ext) for ext in _LEAF_FIXED_EXTENSIONS)
+        self._aki = _encoded(aki)
         self._key = issuer_key
         self._hash = _hash_for(issuer_key)
 
@@ -391,7 +407,7 @@ class LeafSigner:
                 x509.Extension(
                     x509.SubjectAlternativeName.oid, True, x509.SubjectAlternativeName(names)
                 ),
-                *_LEAF_FIXED_EXTENSIONS,
+                *self._fixed,
                 x509.Extension(
                     x509.SubjectKeyIdentifier.oid,
                     False,
@@ -401,6 +417,15 @@ class LeafSigner:
             ],
         )
         return builder.sign(self._key, self._hash)
+
+
+def _encoded(
+    ext: x509.Extension[x509.ExtensionType],
+) -> x509.Extension[x509.UnrecognizedExtension]:
+    """``ext`` with its value already DER (cryptography's own encoding of it)."""
+    return x509.Extension(
+        ext.oid, ext.critical, x509.UnrecognizedExtension(ext.oid, ext.value.public_bytes())
+    )
 
 
 @functools.lru_cache(maxsize=8)
@@ -453,12 +478,16 @@ def validate_leaf(cert: x509.Certificate) -> SpiffeId:
 
 
 def _validate_leaf(cert: x509.Certificate) -> SpiffeId:
+    # One pass over the extensions, then lookups by OID: the CA runs this on every
+    # leaf it signs (`ca.leaves` rule 3), and a scan per extension looked for was a
+    # third of it.  cryptography refuses duplicate extensions when it parses them, so
+    # the OID names exactly one extension, of the class that OID parses to.
     exts = _extensions(cert)
     _check_critical_extensions(cert, exts)
-    try:
-        san = exts.get_extension_for_class(x509.SubjectAlternativeName)
-    except x509.ExtensionNotFound:
-        raise ProfileError("no_spiffe_id", f"{_describe(cert)} has no URI SAN") from None
+    by_oid = {ext.oid: ext for ext in exts}
+    san = cast("x509.Extension[x509.SubjectAlternativeName] | None", by_oid.get(_SAN_OID))
+    if san is None:
+        raise ProfileError("no_spiffe_id", f"{_describe(cert)} has no URI SAN")
     uris = san.value.get_values_for_type(x509.UniformResourceIdentifier)
     if not uris:
         raise ProfileError("no_spiffe_id", f"{_describe(cert)} has no URI SAN")
@@ -474,25 +503,26 @@ def _validate_leaf(cert: x509.Certificate) -> SpiffeId:
         raise ProfileError(
             "root_path", f"{_describe(cert)}: a leaf SPIFFE ID must have a path below the root"
         )
-    if len(cert.subject) == 0 and not san.critical:
+    if not san.critical and len(cert.subject) == 0:
         raise ProfileError(
             "san_not_critical",
             f"{_describe(cert)} has an empty subject, so its SAN extension must be critical",
         )
-    try:
-        basic = exts.get_extension_for_class(x509.BasicConstraints).value
-    except x509.ExtensionNotFound:
+    basic = cast("x509.Extension[x509.BasicConstraints] | None", by_oid.get(_BASIC_CONSTRAINTS_OID))
+    if basic is None:
         raise ProfileError(
             "no_basic_constraints", f"{_describe(cert)} has no basicConstraints extension"
-        ) from None
-    if basic.ca:
+        )
+    if basic.value.ca:
         raise ProfileError("ca_leaf", f"{_describe(cert)} is a CA certificate, not a leaf SVID")
-    _check_leaf_key_usage(cert, exts)
-    try:
-        eku = exts.get_extension_for_class(x509.ExtendedKeyUsage).value
-    except x509.ExtensionNotFound:
+    _check_leaf_key_usage(cert, by_oid.get(_KEY_USAGE_OID))
+    eku = cast("x509.Extension[x509.ExtendedKeyUsage] | None", by_oid.get(_EXT_KEY_USAGE_OID))
+    if eku is None:
         return spiffe_id
-    if ExtendedKeyUsageOID.SERVER_AUTH not in eku or ExtendedKeyUsageOID.CLIENT_AUTH not in eku:
+    if (
+        ExtendedKeyUsageOID.SERVER_AUTH not in eku.value
+        or ExtendedKeyUsageOID.CLIENT_AUTH not in eku.value
+    ):
         raise ProfileError(
             "bad_ext_key_usage",
             f"{_describe(cert)}: extendedKeyUsage must include both serverAuth and clientAuth",
@@ -500,12 +530,12 @@ def _validate_leaf(cert: x509.Certificate) -> SpiffeId:
     return spiffe_id
 
 
-def _check_leaf_key_usage(cert: x509.Certificate, exts: x509.Extensions) -> None:
-    try:
-        ext = exts.get_extension_for_class(x509.KeyUsage)
-    except x509.ExtensionNotFound:
-        raise ProfileError("bad_key_usage", f"{_describe(cert)} has no keyUsage") from None
-    usage = ext.value
+def _check_leaf_key_usage(
+    cert: x509.Certificate, ext: x509.Extension[x509.ExtensionType] | None
+) -> None:
+    if ext is None:
+        raise ProfileError("bad_key_usage", f"{_describe(cert)} has no keyUsage")
+    usage = cast(x509.KeyUsage, ext.value)
     if not ext.critical:
         problem = "keyUsage must be critical"
     elif not usage.digital_signature:
@@ -706,7 +736,7 @@ def _load_csr(data: bytes) -> tuple[x509.CertificateSigningRequest, CertificateP
         )
     try:
         _check_public_key(public_key, "CSR")
-        valid = csr.is_signature_valid
+        valid = _csr_signature_valid(csr, public_key)
     except ProfileError as exc:
         raise ProfileError("bad_csr", exc.message) from exc
     except (*PARSE_ERRORS, TypeError) as exc:
@@ -714,3 +744,23 @@ def _load_csr(data: bytes) -> tuple[x509.CertificateSigningRequest, CertificateP
     if not valid:
         raise ProfileError("bad_csr", "CSR signature is invalid (proof of key possession failed)")
     return csr, public_key
+
+
+def _csr_signature_valid(
+    csr: x509.CertificateSigningRequest, public_key: CertificatePublicKeyTypes
+) -> bool:
+    """Whether the CSR is signed by its own key: ``is_signature_valid``, with one key load.
+
+    ``is_signature_valid`` loads the CSR's key again; for an ECDSA signature by an EC
+    key (what agents send) the key already loaded checks the same signature over the
+    same bytes with the same digest (the CA's hot path, `csr_public_key`).  A signature
+    algorithm that does not fit the key fails here as it does there.
+    """
+    params = csr.signature_algorithm_parameters
+    if not (isinstance(public_key, ec.EllipticCurvePublicKey) and isinstance(params, ec.ECDSA)):
+        return csr.is_signature_valid
+    try:
+        public_key.verify(csr.signature, csr.tbs_certrequest_bytes, params)
+    except InvalidSignature:
+        return False
+    return True

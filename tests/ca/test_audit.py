@@ -24,19 +24,7 @@ def chain(n: int) -> list[audit.StoredRow]:
             f"{seq:x}",
             {"n": seq},
         )
-        rows.append(
-            audit.StoredRow(
-                seq,
-                rec.ts,
-                rec.actor,
-                rec.event,
-                rec.spiffe_id,
-                rec.serial,
-                audit.canonical_detail(rec.detail),
-                rec.prev_hash,
-                rec.hash,
-            )
-        )
+        rows.append(rec)
         prev = rec.hash
     return rows
 

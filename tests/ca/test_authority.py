@@ -353,6 +353,22 @@ def test_a_batch_signs_what_the_agent_serves_and_refuses_the_rest_item_by_item(a
     assert [r.detail["entry_id"] for r in issued] == [web.id, db.id]
 
 
+def test_a_batch_whose_leaf_breaks_the_profile_stores_and_returns_nothing(authority, monkeypatch):
+    """Rule 3: a certificate outside the SPIFFE profile (here the signer returns a CA
+    certificate, as a bug in building leaves might) is neither stored, audited nor
+    returned; the batch fails whole."""
+    agent = attest(authority)
+    created = entry(authority)
+    signer = authority.keys.signer
+    assert signer is not None
+    not_a_leaf = signer.cert
+    monkeypatch.setattr(x509profile.LeafSigner, "sign", lambda *_a, **_k: not_a_leaf)
+    before = (authority.issued_total, authority.store.svid_count(), events(authority))
+    with pytest.raises(x509profile.ProfileError):
+        authority.sign_batch(AGENT, agent.serial, [SignRequest(created.id, csr())])
+    assert (authority.issued_total, authority.store.svid_count(), events(authority)) == before
+
+
 def test_a_batch_from_a_replaced_svid_is_refused_whole(authority):
     first = attest(authority)
     second = authority.renew_agent(AGENT, first.serial, csr())

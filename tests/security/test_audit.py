@@ -58,7 +58,7 @@ def test_records_appended_or_cut_off_out_of_band_are_named(ca: CA):
         forged.event,
         None,
         None,
-        audit.canonical_detail(forged.detail),
+        forged.detail_json,
         forged.prev_hash,
         forged.hash,
     )
