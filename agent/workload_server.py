@@ -161,8 +161,9 @@ class _Connection:
         drain: trio.Event,
     ) -> None:
         self._stream = stream
-        self._send_nowait: Callable[[bytes | bytearray], int] | None = getattr(
-            stream, "send_some_nowait", None
+        # PlainStream's write that never waits (`_flush`); a test's in-memory stream has none.
+        self._send_nowait: Callable[[bytes | bytearray], int] | None = (
+            stream.send_some_nowait if isinstance(stream, PlainStream) else None
         )
         self._drain = drain
         self._draining = False
