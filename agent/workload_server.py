@@ -5,16 +5,19 @@ Rules / theory of operation:
 1. **Who is calling comes from the kernel.**  ``SO_PEERCRED`` is read once,
    when the connection is accepted, and every call on that connection is
    attested with it.  Nothing the peer sends names its identity.
-2. **One task per connection, one task per call.**  The connection task runs
-   a reader and a writer; each call (HTTP/2 stream) runs in its own task.  A
-   call hands finished messages to the connection, which sends at once what
-   the socket takes without waiting (`_Connection._flush`, from whichever task
-   has something to send); only the rest waits for the writer task, the one
-   place that blocks on the socket.  A short call or a push thus costs no
-   wake-up of the writer.  The idle and handshake timers are the reader's own
-   cancel scope, and the drain is started for every connection by the
-   server's one task that waits for it, so a connection starts two tasks and
-   each call one.
+2. **One task per connection, one task per call.**  The connection's task
+   is its reader; each call (HTTP/2 stream) runs in its own task.  A call
+   hands finished messages to the connection, which sends at once what the
+   socket takes without waiting (`_Connection._flush`, from whichever task
+   has something to send); only the rest waits for a writer task, the one
+   place that blocks on the socket, started the first time something has to
+   wait (a full socket, a closed flow-control window, the closing linger).  A
+   short call or a push thus costs no writer at all.  The idle and handshake
+   timers are the reader's own cancel scope, the drain is started for every
+   connection by the server's one task that waits for it, and the accept loop
+   starts the connection's task directly (no wrapper task, which would only
+   close the socket again), so a connection usually runs one task and each
+   call one.
 3. **Only the newest state is worth sending** and **flow control is obeyed
    both ways**: that bookkeeping is pure and lives in `agent.workload_calls`
    (a connection's buffering is bounded however slowly the peer reads).
@@ -49,6 +52,7 @@ Rules / theory of operation:
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
 from collections import Counter
@@ -178,6 +182,8 @@ class _Connection:
         """The task of every call still running, by stream id."""
         self._outbox = bytearray()
         self._wakeup = trio.Event()
+        self._writer = False
+        """Whether the writer task runs; it is started only when something must wait."""
         self._closing = False
         self._settings_seen = False
         self._guard_frames = FrameGuard(self._h2.max_inbound_frame_size, limits.max_header_block)
@@ -191,7 +197,7 @@ class _Connection:
         self._collect()
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
-            nursery.start_soon(self._guard, self._write_loop)
+            self._flush()  # our SETTINGS, at once (gRPC clients wait for them)
             if live is None:
                 nursery.start_soon(self._watch_drain)
             elif self._drain.is_set():  # accepted just before the drain began
@@ -330,7 +336,9 @@ class _Connection:
         if not self._settings_seen:
             return
         if self._calls:
-            self._read_scope.deadline = math.inf
+            # Set only when it changes: each set is a trip through trio's deadline heap.
+            if self._read_scope.deadline != math.inf:
+                self._read_scope.deadline = math.inf
             self._idle_armed = False
         elif not self._idle_armed:
             self._read_scope.deadline = trio.current_time() + self._limits.idle_timeout_s
@@ -351,7 +359,7 @@ class _Connection:
             call.abort(Status.UNAVAILABLE, _DRAINING)
             self._signal(call)
         self._end_if_drained()
-        self._wakeup.set()
+        self._wake()
 
     def _end_if_drained(self) -> None:
         """Once draining and the last call has sent its trailers, say the final goodbye."""
@@ -367,7 +375,7 @@ class _Connection:
         self._calls.clear()
         self._closing = True
         self._collect()
-        self._wakeup.set()
+        self._wake()
 
     # -- calls -----------------------------------------------------------------
 
@@ -474,6 +482,14 @@ class _Connection:
 
     # -- writing ---------------------------------------------------------------
 
+    def _wake(self) -> None:
+        """Hand the rest to the writer task, starting it the first time (rule 2): a
+        connection whose every write the socket takes at once never starts one."""
+        self._wakeup.set()
+        if not self._writer:
+            self._writer = True
+            self._nursery.start_soon(self._guard, self._write_loop)
+
     def _collect(self) -> None:
         self._outbox += self._h2.data_to_send()
 
@@ -483,7 +499,7 @@ class _Connection:
         buffer then costs no trip through the writer task (rule 2: still only the
         connection's code moves bytes, and only one write is ever in progress)."""
         if self._closing or self._send_nowait is None:
-            self._wakeup.set()
+            self._wake()
             return
         if len(self._outbox) < WRITE_ROUND:
             self._pump()
@@ -492,7 +508,7 @@ class _Connection:
             # 0 while the writer is in the middle of a write: the bytes wait for it.
             del self._outbox[: self._send_nowait(self._outbox)]
         if self._outbox or self._closing or any(c.has_data for c in self._calls.values()):
-            self._wakeup.set()
+            self._wake()
 
     async def _write_loop(self) -> None:
         while True:
@@ -606,7 +622,8 @@ async def serve_workload_api(
     async def handle(sock: trio.SocketStream) -> None:
         # PlainStream: one system call per read or write, without trio's socket wrapper
         # around each (most of a short connection's Python time otherwise).
-        async with PlainStream(sock) as stream:
+        stream = PlainStream(sock)
+        try:
             try:
                 peer = peer_credentials(sock.socket)
             except OSError as exc:
@@ -623,6 +640,8 @@ async def serve_workload_api(
                 await _serve_connection(stream, peer, backend, limits, stats, drain, live)
             finally:
                 admission.release(peer.uid)
+        finally:
+            stream.close_now()  # nothing in closing waits: no checkpoint for it
 
     async def stop_accepting(accepting: trio.CancelScope) -> None:
         await drain.wait()
@@ -634,8 +653,31 @@ async def serve_workload_api(
         with trio.CancelScope() as accepting:
             handlers.start_soon(stop_accepting, accepting)
             task_status.started(stats)
-            await trio.serve_listeners(handle, [listener], handler_nursery=handlers)
-        await listener.aclose()
+            async with listener:  # closed however the accepting ends
+                await _accept_loop(listener, handlers, handle)
+
+
+_ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+"""Out of descriptors or memory: retried after a pause, as ``trio.serve_listeners`` does."""
+
+
+async def _accept_loop(
+    listener: trio.SocketListener,
+    handlers: trio.Nursery,
+    handle: Callable[[trio.SocketStream], Awaitable[None]],
+) -> None:
+    """``trio.serve_listeners`` for one listener, without its wrapper task around each
+    handler (``handle`` closes its own connection, without the wrapper's checkpoints)."""
+    while True:
+        try:
+            sock = await listener.accept()
+        except OSError as exc:
+            if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
+                raise
+            log.error("workload API accept failed (%s); retrying in 0.1 s", exc)
+            await trio.sleep(0.1)
+            continue
+        handlers.start_soon(handle, sock)
 
 
 async def _refuse(
