@@ -79,6 +79,15 @@ class WorkloadLimits:
 DEFAULT_LIMITS = WorkloadLimits()
 
 
+_SERVER_CONFIG = h2.config.H2Configuration(
+    client_side=False,
+    header_encoding=None,
+    validate_outbound_headers=False,
+    normalize_outbound_headers=False,
+)
+"""One for every connection: h2 only reads its configuration."""
+
+
 def server_connection(limits: WorkloadLimits) -> h2.connection.H2Connection:
     """The server side of one HTTP/2 connection, advertising ``limits``.
 
@@ -88,13 +97,7 @@ def server_connection(limits: WorkloadLimits) -> h2.connection.H2Connection:
     names and printable ASCII values (``grpc-message`` is percent-encoded), and h2's
     checks of it were a tenth of a short call's time.
     """
-    config = h2.config.H2Configuration(
-        client_side=False,
-        header_encoding=None,
-        validate_outbound_headers=False,
-        normalize_outbound_headers=False,
-    )
-    conn = h2.connection.H2Connection(config=config)
+    conn = h2.connection.H2Connection(config=_SERVER_CONFIG)
     conn.local_settings = h2.settings.Settings(
         client=False,
         initial_values={
