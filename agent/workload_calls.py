@@ -25,7 +25,6 @@ Rules:
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -170,7 +169,10 @@ class Call:
         self.offset = 0
         self.latest: bytes | None = None
         self.final: tuple[Status, str] | None = None
-        self.last_digest = b""
+        self.last_offered: bytes | None = None
+        """The last message queued: usually the very object every stream of the same
+        snapshot shares (`agent.workload_server`), so that holding it costs nothing and
+        comparing is one identity check."""
         self.blocked_since: float | None = None
         """When queued data last found the peer's window closed; None while it flows."""
         # Why the call had to end early (a bad request frame, a reset); its trailers
@@ -206,10 +208,9 @@ class Call:
 
     def offer(self, payload: bytes) -> bool:
         """Queue a response message unless it equals the last one; True when queued."""
-        digest = hashlib.sha256(payload).digest()
-        if digest == self.last_digest:
+        if payload == self.last_offered:
             return False  # nothing this method shows has changed
-        self.last_digest = digest
+        self.last_offered = payload
         self.queue(payload)
         return True
 

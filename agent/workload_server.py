@@ -97,7 +97,7 @@ from agent.workload_messages import (
 from tally.ops.admission import Admission
 from tally.ops.logs import get_logger
 from tally.ops.net import PeerCred, peer_credentials
-from tally.tls.plain import PlainStream
+from tally.tls.plain import WANT_READ, PlainStream
 from tally.wire.grpc import GrpcError, Status
 
 log = logging.getLogger("tally.workload")
@@ -118,6 +118,7 @@ class WorkloadStats:
 
 
 _READ_SIZE = 64 * 1024
+_READS_PER_YIELD = 16
 _LINGER_S = 1.0
 _DRAINING = "the agent is shutting down"
 _ANY_STREAM = 2**31 - 1
@@ -181,6 +182,11 @@ class _Connection:
         self._tasks: dict[int, _CallTask] = {}
         """The task of every call still running, by stream id."""
         self._outbox = bytearray()
+        self._unsent = False
+        """The reader left queued bytes for the next flush (`_hold_or_flush`)."""
+        self._sender: Call | None = None
+        """The call whose first response will carry them, while it has not run yet."""
+        self._new_calls: list[Call] = []
         self._wakeup = trio.Event()
         self._writer = False
         """Whether the writer task runs; it is started only when something must wait."""
@@ -197,7 +203,12 @@ class _Connection:
         self._collect()
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
-            self._flush()  # our SETTINGS, at once (gRPC clients wait for them)
+            # Our SETTINGS go out with the first response, or before the reader first waits
+            # (gRPC clients wait for them before their first call).
+            if self._send_nowait is None:
+                self._flush()
+            else:
+                self._unsent = True
             if live is None:
                 nursery.start_soon(self._watch_drain)
             elif self._drain.is_set():  # accepted just before the drain began
@@ -244,8 +255,9 @@ class _Connection:
         raise _Drop("no HTTP/2 preface within the request timeout")
 
     async def _read_frames(self) -> None:
+        receive = self._receive_nowait()
         while True:
-            data = await self._stream.receive_some(_READ_SIZE)
+            data = await receive()
             if not data:
                 self._nursery.cancel_scope.cancel()
                 return
@@ -271,7 +283,48 @@ class _Connection:
             self._collect()
             if len(self._outbox) > self._limits.max_control_backlog:
                 raise _Drop("peer sends but does not read")
-            self._flush()
+            self._hold_or_flush()
+
+    def _hold_or_flush(self) -> None:
+        """Flush what reading queued (acks, refusals), or leave it to a call that has just
+        got its whole request and is about to answer: the usual fetch is then one write
+        (SETTINGS, their ack and the response together), not three, and one wake-up of
+        the client instead of three."""
+        new, self._new_calls = self._new_calls, []
+        if self._send_nowait is not None:
+            for call in new:
+                if self._calls.get(call.stream_id) is call and call.request_done:
+                    if call.aborted is None:
+                        self._unsent, self._sender = True, call
+                        return
+        self._flush()
+
+    def _receive_nowait(self) -> Callable[[], Awaitable[bytes | bytearray]]:
+        """The reader's read: on a PlainStream, one system call that waits only when the
+        kernel has nothing yet (a read that finds data would otherwise also be a trip
+        through trio's scheduler), yielding every `_READS_PER_YIELD` reads without a wait
+        so that a peer that never stops sending does not hold the event loop."""
+        if not isinstance(self._stream, PlainStream):
+            stream = self._stream
+            return lambda: stream.receive_some(_READ_SIZE)
+        plain = self._stream
+        end = plain.relay_end()
+        unwaited = 0
+
+        async def receive() -> bytes:
+            nonlocal unwaited
+            while (view := end.read(_READ_SIZE)) is None:
+                unwaited = 0
+                if self._unsent and self._sender is None:
+                    self._flush()  # nothing more to wait for before a wait of our own
+                await plain.wait_ready(WANT_READ)
+            unwaited += 1
+            if unwaited >= _READS_PER_YIELD:
+                unwaited = 0
+                await trio.lowlevel.checkpoint()
+            return bytes(view)  # the view is lent until the next read of any stream
+
+        return receive
 
     def _handle(self, event: h2.events.Event) -> bool:
         """Apply one h2 event; True when the peer has ended the connection."""
@@ -316,6 +369,7 @@ class _Connection:
             return
         call = Call(stream_id, label, request, self._limits.max_request_size)
         self._calls[stream_id] = call
+        self._new_calls.append(call)
         self._tasks[stream_id] = _CallTask()
         self._nursery.start_soon(self._run_call, call)
 
@@ -388,6 +442,8 @@ class _Connection:
             if call.aborted is not None and call.stream_id in self._calls:
                 self._finish(call, *call.aborted)
         finally:
+            if self._sender is call:  # it ended without sending: what it held goes now
+                self._flush()
             del self._tasks[call.stream_id]
             self._stats.streams_open -= 1
             if not call.counted:
@@ -498,6 +554,7 @@ class _Connection:
         wake the writer only for the rest: a response or a push that fits the socket
         buffer then costs no trip through the writer task (rule 2: still only the
         connection's code moves bytes, and only one write is ever in progress)."""
+        self._unsent, self._sender = False, None
         if self._closing or self._send_nowait is None:
             self._wake()
             return
