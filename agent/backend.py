@@ -211,6 +211,7 @@ class AgentBackend:
     ) -> AsyncIterator[X509Snapshot]:
         keeper = self.keeper
         last: tuple[object, ...] | None = None
+        last_snap: X509Snapshot | None = None
         while True:
             changed = keeper.changed
             if not self.kinds() <= kinds:  # an entry names a kind not attested yet
@@ -227,13 +228,15 @@ class AgentBackend:
                     else f"the CA refused this agent ({keeper.halted}) "
                     "and no unexpired SVID matches",
                 )
-            key = (
-                tuple((s.spiffe_id, s.cert_chain_der) for s in snap.svids),
-                tuple(snap.bundles.items()),
-            )
-            if key != last:
-                last = key
-                yield snap
+            if snap is not last_snap:  # snapshots are shared until something changes
+                last_snap = snap
+                key = (
+                    tuple((s.spiffe_id, s.cert_chain_der) for s in snap.svids),
+                    tuple(snap.bundles.items()),
+                )
+                if key != last:
+                    last = key
+                    yield snap
             # Wake for agent changes, and at the next expiry of what this caller holds.
             with trio.move_on_after(max(0.0, (soonest - keeper.clock()).total_seconds()) + 0.01):
                 await changed.wait()

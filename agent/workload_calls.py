@@ -100,6 +100,7 @@ def server_connection(limits: WorkloadLimits) -> h2.connection.H2Connection:
     """
     conn = h2.connection.H2Connection(config=_SERVER_CONFIG)
     conn.decoder = FirstBlockDecoder()
+    conn.encoder = FirstBlockEncoder()
     conn.local_settings = h2.settings.Settings(
         client=False,
         initial_values={
@@ -151,6 +152,51 @@ class FirstBlockDecoder(hpack.Decoder):
         table = self.header_table
         _FIRST_BLOCKS[key] = (decoded, table.maxsize, list(reversed(table.dynamic_entries)))
         return decoded
+
+
+_Encoded = tuple[bytes, int, bool, list[int], list[tuple[bytes, bytes]]]
+"""A header block, and the table it leaves: size, resized flag, pending size changes,
+entries (oldest first)."""
+_FIRST_RESPONSES: dict[tuple[object, ...], _Encoded] = {}
+
+
+class FirstBlockEncoder(hpack.Encoder):
+    """hpack's encoder, remembering the first header block of a connection, as
+    `FirstBlockDecoder` does on the way in: our first response on every connection is
+    the same headers from the same fresh context (SETTINGS may resize it, which is part
+    of the key), so it encodes to the same bytes and leaves the same table."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._fresh = True
+
+    def encode(self, headers: Iterable[tuple[bytes, bytes]], huffman: bool = True) -> bytes:  # type: ignore[override]
+        if not self._fresh:
+            return super().encode(headers, huffman)
+        self._fresh = False
+        table = self.header_table
+        listed = list(headers)
+        key = (tuple(listed), huffman, table.maxsize, table.resized, tuple(self.table_size_changes))
+        known = _FIRST_RESPONSES.get(key)
+        if known is not None and not table.dynamic_entries:
+            block, size, resized, changes, entries = known
+            table.maxsize = size
+            table.resized = resized
+            self.table_size_changes = list(changes)
+            for name, value in entries:
+                table.add(name, value)
+            return block
+        block = super().encode(listed, huffman)
+        if len(_FIRST_RESPONSES) >= _FIRST_BLOCKS_KEPT:
+            _FIRST_RESPONSES.clear()
+        _FIRST_RESPONSES[key] = (
+            block,
+            table.maxsize,
+            table.resized,
+            list(self.table_size_changes),
+            list(reversed(table.dynamic_entries)),
+        )
+        return block
 
 
 _PREFACE_SIZE = len(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")

@@ -14,6 +14,7 @@ from agent.workload_calls import (
     DEFAULT_LIMITS,
     Call,
     FirstBlockDecoder,
+    FirstBlockEncoder,
     pump,
     reject,
     server_connection,
@@ -323,3 +324,19 @@ def test_a_remembered_first_header_block_leaves_the_same_headers_and_table():
         assert [decoder.decode(first, raw=True), decoder.decode(second, raw=True)] == want
         assert decoder.header_table.dynamic_entries == expected.header_table.dynamic_entries
         assert decoder.header_table_size == expected.header_table_size
+
+
+def test_a_remembered_first_response_block_is_the_same_bytes_and_table():
+    response = [(b":status", b"200"), (b"content-type", b"application/grpc")]
+    trailer = [(b"grpc-status", b"0")]
+    expected = hpack.Encoder()
+    expected.header_table_size = 256  # as when the peer's SETTINGS resize the table
+    want = [expected.encode(response), expected.encode(trailer)]
+    for _ in range(2):  # encoded once, then remembered
+        encoder = FirstBlockEncoder()
+        encoder.header_table_size = 256
+        assert [encoder.encode(response), encoder.encode(trailer)] == want
+        assert encoder.header_table.dynamic_entries == expected.header_table.dynamic_entries
+    # A different context is a different block: it is encoded, not looked up.
+    other = FirstBlockEncoder()
+    assert other.encode(response) == hpack.Encoder().encode(response)
