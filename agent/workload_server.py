@@ -55,6 +55,7 @@ from __future__ import annotations
 import errno
 import logging
 import math
+import socket
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -676,9 +677,14 @@ async def serve_workload_api(
     live: set[_Connection] = set()
     """Every connection being served, for the drain (one task for all, not one each)."""
 
-    async def handle(sock: trio.SocketStream) -> None:
+    async def handle(accepted: socket.socket) -> None:
         # PlainStream: one system call per read or write, without trio's socket wrapper
         # around each (most of a short connection's Python time otherwise).
+        try:
+            sock = trio.SocketStream(trio.socket.from_stdlib_socket(accepted))
+        except BaseException:
+            accepted.close()
+            raise
         stream = PlainStream(sock)
         try:
             try:
@@ -710,31 +716,47 @@ async def serve_workload_api(
         with trio.CancelScope() as accepting:
             handlers.start_soon(stop_accepting, accepting)
             task_status.started(stats)
-            async with listener:  # closed however the accepting ends
-                await _accept_loop(listener, handlers, handle)
+            await _accept_loop(listener, handlers, handle)
 
 
 _ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 """Out of descriptors or memory: retried after a pause, as ``trio.serve_listeners`` does."""
 
 
+_ACCEPT_IGNORED_ERRNOS = frozenset({errno.EPERM, errno.ECONNABORTED, errno.EPROTO})
+"""The connection went away before it was accepted: the next one is accepted."""
+
+
 async def _accept_loop(
     listener: trio.SocketListener,
     handlers: trio.Nursery,
-    handle: Callable[[trio.SocketStream], Awaitable[None]],
+    handle: Callable[[socket.socket], Awaitable[None]],
 ) -> None:
-    """``trio.serve_listeners`` for one listener, without its wrapper task around each
-    handler (``handle`` closes its own connection, without the wrapper's checkpoints)."""
-    while True:
-        try:
-            sock = await listener.accept()
-        except OSError as exc:
-            if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
-                raise
-            log.error("workload API accept failed (%s); retrying in 0.1 s", exc)
-            await trio.sleep(0.1)
-            continue
-        handlers.start_soon(handle, sock)
+    """``trio.serve_listeners`` for one listener, taking over (and in the end closing) its
+    socket, without trio's wrapper task around each handler (``handle`` closes its own
+    connection), and accepting every waiting connection before it waits again: trio's
+    accept is a trip through the scheduler for each one and its socket wrapper's calls
+    were a twentieth of a short connection's time."""
+    listening = socket.socket(fileno=listener.socket.detach())
+    try:
+        while True:
+            try:
+                accepted, _ = listening.accept()
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(listening)
+                continue
+            except OSError as exc:
+                if exc.errno in _ACCEPT_IGNORED_ERRNOS:
+                    continue
+                if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
+                    raise
+                log.error("workload API accept failed (%s); retrying in 0.1 s", exc)
+                await trio.sleep(0.1)
+                continue
+            handlers.start_soon(handle, accepted)
+    finally:
+        trio.lowlevel.notify_closing(listening)
+        listening.close()
 
 
 async def _refuse(
