@@ -111,6 +111,15 @@ def server_connection(limits: WorkloadLimits) -> h2.connection.H2Connection:
     return conn
 
 
+def release(conn: h2.connection.H2Connection) -> None:
+    """Free a connection that is done with at once.  An ``H2Connection`` refers to itself
+    (its table of frame handlers holds its own bound methods), so without this each
+    connection would wait for Python's cycle collector, whose runs freeing them were a
+    fourteenth of the agent's time under a stream of short fetches; emptying the
+    object breaks the cycle and lets reference counting free it all."""
+    vars(conn).clear()
+
+
 _FIRST_BLOCKS: dict[
     tuple[bytes, int, int], tuple[list[HeaderTuple], int, list[tuple[bytes, bytes]]]
 ] = {}

@@ -74,6 +74,7 @@ from agent.workload_calls import (
     WorkloadLimits,
     pump,
     reject,
+    release,
     server_connection,
     stall_deadline,
 )
@@ -221,6 +222,7 @@ class _Connection:
             finally:
                 if live is not None:
                     live.discard(self)
+        release(self._h2)
 
     async def _guard(self, loop: Callable[[], Awaitable[None]]) -> None:
         """Run the reader or writer; any way it fails closes this connection only."""
@@ -786,8 +788,10 @@ async def _refuse(
     conn.close_connection(
         h2.errors.ErrorCodes.ENHANCE_YOUR_CALM, additional_data=b"too many connections"
     )
+    goodbye = conn.data_to_send()
+    release(conn)
     with trio.move_on_after(1.0):
         try:
-            await stream.send_all(conn.data_to_send())
+            await stream.send_all(goodbye)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
