@@ -191,6 +191,7 @@ class _Connection:
         self._new_calls: list[Call] = []
         self._wakeup = trio.Event()
         self._writer = False
+        self._watching_drain = False
         """Whether the writer task runs; it is started only when something must wait."""
         self._closing = False
         self._settings_seen = False
@@ -212,6 +213,7 @@ class _Connection:
             else:
                 self._unsent = True
             if live is None:
+                self._watching_drain = True
                 nursery.start_soon(self._watch_drain)
             elif self._drain.is_set():  # accepted just before the drain began
                 self.on_drain()
@@ -262,7 +264,7 @@ class _Connection:
         while True:
             data = await receive()
             if not data:
-                self._nursery.cancel_scope.cancel()
+                self._end_tasks()
                 return
             if (why := self._guard_frames.check(data)) is not None:
                 self._stats.connections_dropped += 1
@@ -301,6 +303,16 @@ class _Connection:
                         self._unsent, self._sender = True, call
                         return
         self._flush()
+
+    def _end_tasks(self) -> None:
+        """The peer has gone: stop this connection's other tasks.  When they are only
+        calls, each is cancelled on its own, so that this task, which is done anyway,
+        is not sent a cancellation to unwind as well."""
+        if self._writer or self._watching_drain:
+            self._nursery.cancel_scope.cancel()
+            return
+        for task in self._tasks.values():
+            task.cancel_scope.cancel()
 
     def _receive_nowait(self) -> Callable[[], Awaitable[bytes | bytearray]]:
         """The reader's read: on a PlainStream, one system call that waits only when the
