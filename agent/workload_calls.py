@@ -21,6 +21,12 @@ Rules:
    frame whole before it checks the length the frame declares (up to 16 MiB),
    and a header block over up to 64 CONTINUATION frames, so `FrameGuard`
    follows the frame headers first.
+5. **A new connection costs little.**  Most Workload API connections carry
+   one fetch, so what every connection repeats is done once: one h2
+   configuration for all, the first request and response header blocks
+   remembered (`FirstBlockDecoder`, `FirstBlockEncoder`: a fresh HPACK context
+   makes them the same bytes each time), and a finished connection is emptied
+   (`release`) so that reference counting frees it, not the cycle collector.
 """
 
 from __future__ import annotations

@@ -17,7 +17,10 @@ Rules / theory of operation:
    connection by the server's one task that waits for it, and the accept loop
    starts the connection's task directly (no wrapper task, which would only
    close the socket again), so a connection usually runs one task and each
-   call one.
+   call one.  A usual fetch is one write: our SETTINGS and their ack wait for
+   the first response when the request came with them
+   (`_Connection._hold_or_flush`), and go out before the reader waits
+   otherwise; the reader waits only when the kernel has nothing to read.
 3. **Only the newest state is worth sending** and **flow control is obeyed
    both ways**: that bookkeeping is pure and lives in `agent.workload_calls`
    (a connection's buffering is bounded however slowly the peer reads).
