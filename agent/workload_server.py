@@ -297,14 +297,19 @@ class _Connection:
         """Flush what reading queued (acks, refusals), or leave it to a call that has just
         got its whole request and is about to answer: the usual fetch is then one write
         (SETTINGS, their ack and the response together), not three, and one wake-up of
-        the client instead of three."""
+        the client instead of three.  Only an X.509 stream is waited for: its answer
+        comes from the agent's memory (a JWT-SVID may need a call to the CA first)."""
         new, self._new_calls = self._new_calls, []
         if self._send_nowait is not None:
             for call in new:
-                if self._calls.get(call.stream_id) is call and call.request_done:
-                    if call.aborted is None:
-                        self._unsent, self._sender = True, call
-                        return
+                if (
+                    call.method in STREAMING_METHODS
+                    and self._calls.get(call.stream_id) is call
+                    and call.request_done
+                    and call.aborted is None
+                ):
+                    self._unsent, self._sender = True, call
+                    return
         self._flush()
 
     def _end_tasks(self) -> None:
