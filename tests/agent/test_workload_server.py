@@ -657,12 +657,14 @@ async def test_unknown_service_is_unimplemented(agent):
 
 async def test_our_settings_reach_a_client_that_waits_for_them_before_calling(agent):
     # grpc-go sends no call before the server's SETTINGS; the server holds its SETTINGS
-    # back only for a response that comes with them, so this client is not left waiting.
-    client = await agent.raw()  # the preface and the client's SETTINGS, nothing else
+    # back only for a response that comes with them, so a client is never left waiting,
+    # even one slower to send its own preface than the server is to look for it.
+    stream = await agent.connect()
     with trio.fail_after(5):
-        data = await client.stream.receive_some(65536)
-    events = client.conn.receive_data(data)
-    assert any(isinstance(e, h2.events.RemoteSettingsChanged) for e in events)
+        data = await stream.receive_some(65536)
+    assert data[3] == 0x4 and data[4] == 0  # a SETTINGS frame, not an ack
+    client = RawClient(stream)
+    client.conn.receive_data(data)
     await client.flush()
     stream_id = client.call()
     await client.flush()
