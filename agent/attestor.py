@@ -37,6 +37,15 @@ Rules:
    processes that cannot run each other's binaries; pair them with a uid
    selector (tests/security/test_workloads.py shows the attack).  The uid and
    gid are safe from this: they are the kernel's record at ``connect``.
+7. Only what some entry can use is read.  With ``kinds`` (the selector kinds
+   the agent's entries name, `kinds_of`) `attest_socket` leaves out the facts
+   no entry asks for: a node whose entries select on uid, gid or names reads
+   nothing from ``/proc`` and takes no pidfd (the uid and gid are the
+   kernel's record and need neither).  Matching is unchanged, because an
+   entry matches when the caller has all of its selectors, and a selector of a
+   kind that no entry names is in no entry; the agent attests a streaming
+   caller again, with the new kinds, when a new entry names one
+   (`agent.backend`), and in full before it logs a caller it denies.
 """
 
 from __future__ import annotations
@@ -110,6 +119,16 @@ def selectors_for(
     if facts.exe_sha256:
         out.add(Selector("unix", f"sha256:{facts.exe_sha256}"))
     return frozenset(out)
+
+
+_PROC_KINDS = frozenset({"supplementary_gid", "supplementary_group", "path", "sha256"})
+"""Selector kinds whose facts come from /proc (rule 7); uid and gid come from the kernel."""
+_GROUP_NAME_KINDS = frozenset({"group", "supplementary_group"})
+
+
+def kinds_of(selectors: Iterable[Selector]) -> frozenset[str]:
+    """The kinds of the ``unix`` selectors among ``selectors`` ("uid", "path", ...)."""
+    return frozenset(s.value.split(":", 1)[0] for s in selectors if s.type == "unix")
 
 
 def describe(selectors: Iterable[Selector]) -> list[str]:
@@ -219,35 +238,53 @@ def _read_groups(pid: int) -> tuple[int, ...]:
 
 
 def attest_socket(
-    sock: PeerSocket, hashes: ExeHashCache, *, cached_only: bool = False
+    sock: PeerSocket,
+    hashes: ExeHashCache,
+    *,
+    cached_only: bool = False,
+    kinds: frozenset[str] | None = None,
 ) -> tuple[ProcessFacts, frozenset[Selector]]:
     """Attest the process at the other end of a Unix socket (blocking: run it in a thread),
-    or with ``cached_only`` without blocking, raising `NeedsThread` when it would (rule 6)."""
+    or with ``cached_only`` without blocking, raising `NeedsThread` when it would (rule 6).
+
+    ``kinds`` limits the facts gathered to what selectors of those kinds need (rule 7);
+    None gathers them all."""
     raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     pid, uid, gid = struct.unpack("3i", raw)
     if pid <= 0:
         raise AttestationError("kernel gave no pid for the caller (different pid namespace?)")
-    pidfd = _peer_pidfd(sock, pid)
-    try:
-        if _pidfd_pid(pidfd) != pid:
-            raise AttestationError(f"caller pid {pid} exited before it could be attested")
+    groups: tuple[int, ...] = ()
+    exe: str | None = None
+    digest: str | None = None
+    if kinds is None or not kinds.isdisjoint(_PROC_KINDS):
+        pidfd = _peer_pidfd(sock, pid)
         try:
-            groups = _read_groups(pid)
+            if _pidfd_pid(pidfd) != pid:
+                raise AttestationError(f"caller pid {pid} exited before it could be attested")
             try:
-                exe: str | None = os.readlink(f"/proc/{pid}/exe")
-            except OSError:
-                exe = None
-            digest = hashes.sha256(pid, cached_only=cached_only)
-        except OSError as exc:
-            raise AttestationError(f"cannot read /proc/{pid}: {exc.strerror}") from exc
-        # Still the same live process: everything read above was about it.
-        if _pidfd_pid(pidfd) != pid:
-            raise AttestationError(f"caller pid {pid} exited during attestation")
-    finally:
-        os.close(pidfd)
+                if kinds is None or "supplementary_gid" in kinds or "supplementary_group" in kinds:
+                    groups = _read_groups(pid)
+                if kinds is None or "path" in kinds:
+                    try:
+                        exe = os.readlink(f"/proc/{pid}/exe")
+                    except OSError:
+                        exe = None
+                if kinds is None or "sha256" in kinds:
+                    digest = hashes.sha256(pid, cached_only=cached_only)
+            except OSError as exc:
+                raise AttestationError(f"cannot read /proc/{pid}: {exc.strerror}") from exc
+            # Still the same live process: everything read above was about it.
+            if _pidfd_pid(pidfd) != pid:
+                raise AttestationError(f"caller pid {pid} exited during attestation")
+        finally:
+            os.close(pidfd)
     if exe is not None and exe.endswith(" (deleted)"):
         exe = None  # a deleted binary has no path to select on; its hash still counts
     facts = ProcessFacts(pid, uid, gid, groups, exe, digest)
-    names = {g: hashes.name("group", g, cached_only=cached_only) for g in {gid, *groups}}
-    user = hashes.name("user", uid, cached_only=cached_only)
+    names: dict[int, str | None] = {}
+    if kinds is None or not kinds.isdisjoint(_GROUP_NAME_KINDS):
+        names = {g: hashes.name("group", g, cached_only=cached_only) for g in {gid, *groups}}
+    user = None
+    if kinds is None or "user" in kinds:
+        user = hashes.name("user", uid, cached_only=cached_only)
     return facts, hashes.selectors(facts, user, names)

@@ -3,9 +3,11 @@
 Rules:
 
 1. A caller is attested once per connection, from the kernel's record of who
-   connected (`agent.attestor`); its selectors are then matched against every
-   entry the agent serves, afresh on each change, so a new entry reaches a
-   caller that is already streaming.
+   connected (`agent.attestor`), for the selector kinds the agent's entries
+   name (`AgentBackend.kinds`, `agent.attestor` rule 7); its selectors are
+   then matched against every entry the agent serves, afresh on each change,
+   so a new entry reaches a caller that is already streaming (attested again
+   first when the new entry names a kind not gathered yet).
 2. Each message is the complete current state (the Workload API streams full
    snapshots, never diffs), and a stream only sends when what this caller may
    see actually changed.
@@ -20,6 +22,7 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from functools import partial
 
 import trio
 from cryptography.hazmat.primitives import serialization
@@ -30,6 +33,7 @@ from agent.attestor import (
     NeedsThread,
     attest_socket,
     describe,
+    kinds_of,
 )
 from agent.ca_client import CAError
 from agent.jwt_cache import JwtCache
@@ -96,6 +100,16 @@ class AgentBackend:
         self._snapshots: dict[frozenset[Selector], tuple[int, object, datetime, X509Snapshot]] = {}
         self._items: dict[int, tuple[HeldSvid, bytes, SvidItem]] = {}
         """`_item_for`'s encodings by the identity of the held SVID they encode."""
+        self._kinds: tuple[int, frozenset[str]] = (-1, frozenset())
+
+    def kinds(self) -> frozenset[str]:
+        """The selector kinds the agent's entries name: all an X.509 caller is attested
+        for (`agent.attestor` rule 7), worked out once per change of the keeper."""
+        keeper = self.keeper
+        if self._kinds[0] != keeper.version:
+            entries = [*keeper.entries.values(), *(h.entry for h in keeper.svids.values())]
+            self._kinds = (keeper.version, kinds_of(s for e in entries for s in e.selectors))
+        return self._kinds[1]
 
     def snapshot_for(self, selectors: frozenset[Selector]) -> X509Snapshot:
         return self._snapshot(selectors)[0]
@@ -151,16 +165,22 @@ class AgentBackend:
         self._items[id(held)] = (held, bundle_der, item)
         return item
 
-    async def _attest(self, peer: PeerCred) -> frozenset[Selector]:
+    async def _attest(
+        self, peer: PeerCred, kinds: frozenset[str] | None = None
+    ) -> frozenset[Selector]:
+        """The caller's selectors, of ``kinds`` only when given (`agent.attestor` rule 7)."""
         sock = peer.sock
         if sock is None:
             raise NoIdentity("caller cannot be attested")
         try:
-            try:  # a caller seen before: no thread (`agent.attestor` rule 6)
-                _facts, selectors = attest_socket(sock, self.hashes, cached_only=True)
-                await trio.lowlevel.checkpoint()
+            # A caller seen before: no thread (`agent.attestor` rule 6), and no checkpoint
+            # either (the call's task waits for the agent's next change right after).
+            try:
+                _facts, selectors = attest_socket(sock, self.hashes, cached_only=True, kinds=kinds)
             except NeedsThread:
-                _facts, selectors = await trio.to_thread.run_sync(attest_socket, sock, self.hashes)
+                _facts, selectors = await trio.to_thread.run_sync(
+                    partial(attest_socket, sock, self.hashes, kinds=kinds)
+                )
         except (AttestationError, OSError) as exc:
             self.stats.attestation_failures += 1
             log.warning("workload.attestation_failed", pid=peer.pid, uid=peer.uid, error=str(exc))
@@ -182,33 +202,41 @@ class AgentBackend:
 
     @asynccontextmanager
     async def watch_x509(self, peer: PeerCred) -> AsyncIterator[AsyncIterator[X509Snapshot]]:
-        selectors = await self._attest(peer)
-        yield self._stream(peer, selectors)
+        kinds = self.kinds()
+        selectors = await self._attest(peer, kinds)
+        yield self._stream(peer, selectors, kinds)
 
     async def _stream(
-        self, peer: PeerCred, selectors: frozenset[Selector]
+        self, peer: PeerCred, selectors: frozenset[Selector], kinds: frozenset[str]
     ) -> AsyncIterator[X509Snapshot]:
         keeper = self.keeper
         last: tuple[object, ...] | None = None
+        last_snap: X509Snapshot | None = None
         while True:
             changed = keeper.changed
+            if not self.kinds() <= kinds:  # an entry names a kind not attested yet
+                kinds |= self.kinds()
+                selectors = await self._attest(peer, kinds)
+                continue  # the keeper may have changed meanwhile
             snap, soonest = self._snapshot(selectors)
             if not snap.svids:
                 raise self._denied(
                     peer,
-                    selectors,
+                    await self._attest(peer),  # the full set, for the operator's log line
                     NO_ENTRY
                     if not keeper.halted
                     else f"the CA refused this agent ({keeper.halted}) "
                     "and no unexpired SVID matches",
                 )
-            key = (
-                tuple((s.spiffe_id, s.cert_chain_der) for s in snap.svids),
-                tuple(snap.bundles.items()),
-            )
-            if key != last:
-                last = key
-                yield snap
+            if snap is not last_snap:  # snapshots are shared until something changes
+                last_snap = snap
+                key = (
+                    tuple((s.spiffe_id, s.cert_chain_der) for s in snap.svids),
+                    tuple(snap.bundles.items()),
+                )
+                if key != last:
+                    last = key
+                    yield snap
             # Wake for agent changes, and at the next expiry of what this caller holds.
             with trio.move_on_after(max(0.0, (soonest - keeper.clock()).total_seconds()) + 0.01):
                 await changed.wait()

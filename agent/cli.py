@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import urllib.error
@@ -30,6 +31,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = load(AgentSettings, args)
     setup_logging(cfg.log_level)
     server = AgentServer(cfg, reload=lambda: load(AgentSettings, args))
+    # What is loaded by now (modules, mostly) lives as long as the daemon: kept out of the
+    # cycle collector's full passes, which otherwise walk it all again and again (most of
+    # the collector's cost under a stream of short Workload API connections).
+    gc.freeze()
     trio.run(server.run)
     return 0
 

@@ -250,6 +250,8 @@ def parse_request_message(method: Method | JwtMethod, message: bytes | None) -> 
     """Check a call's one request message (a cardinality or decode error is INTERNAL)."""
     if message is None:
         raise GrpcError(Status.INTERNAL, "request ended without a message")
+    if not message:
+        return  # every message parses from no bytes (all fields unset): the usual request
     try:
         method.parse_request(message)
     except pb.DecodeError as exc:

@@ -5,16 +5,22 @@ Rules / theory of operation:
 1. **Who is calling comes from the kernel.**  ``SO_PEERCRED`` is read once,
    when the connection is accepted, and every call on that connection is
    attested with it.  Nothing the peer sends names its identity.
-2. **One task per connection, one task per call.**  The connection task runs
-   a reader and a writer; each call (HTTP/2 stream) runs in its own task.  A
-   call hands finished messages to the connection, which sends at once what
-   the socket takes without waiting (`_Connection._flush`, from whichever task
-   has something to send); only the rest waits for the writer task, the one
-   place that blocks on the socket.  A short call or a push thus costs no
-   wake-up of the writer.  The idle and handshake timers are the reader's own
-   cancel scope, and the drain is started for every connection by the
-   server's one task that waits for it, so a connection starts two tasks and
-   each call one.
+2. **One task per connection, one task per call.**  The connection's task
+   is its reader; each call (HTTP/2 stream) runs in its own task.  A call
+   hands finished messages to the connection, which sends at once what the
+   socket takes without waiting (`_Connection._flush`, from whichever task
+   has something to send); only the rest waits for a writer task, the one
+   place that blocks on the socket, started the first time something has to
+   wait (a full socket, a closed flow-control window, the closing linger).  A
+   short call or a push thus costs no writer at all.  The idle and handshake
+   timers are the reader's own cancel scope, the drain is started for every
+   connection by the server's one task that waits for it, and the accept loop
+   starts the connection's task directly (no wrapper task, which would only
+   close the socket again), so a connection usually runs one task and each
+   call one.  A usual fetch is one write: our SETTINGS and their ack wait for
+   the first response when the request came with them
+   (`_Connection._hold_or_flush`), and go out before the reader waits
+   otherwise; the reader waits only when the kernel has nothing to read.
 3. **Only the newest state is worth sending** and **flow control is obeyed
    both ways**: that bookkeeping is pure and lives in `agent.workload_calls`
    (a connection's buffering is bounded however slowly the peer reads).
@@ -49,8 +55,10 @@ Rules / theory of operation:
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
+import socket
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -69,6 +77,7 @@ from agent.workload_calls import (
     WorkloadLimits,
     pump,
     reject,
+    release,
     server_connection,
     stall_deadline,
 )
@@ -93,7 +102,7 @@ from agent.workload_messages import (
 from tally.ops.admission import Admission
 from tally.ops.logs import get_logger
 from tally.ops.net import PeerCred, peer_credentials
-from tally.tls.plain import PlainStream
+from tally.tls.plain import WANT_READ, PlainStream
 from tally.wire.grpc import GrpcError, Status
 
 log = logging.getLogger("tally.workload")
@@ -114,6 +123,7 @@ class WorkloadStats:
 
 
 _READ_SIZE = 64 * 1024
+_READS_PER_YIELD = 16
 _LINGER_S = 1.0
 _DRAINING = "the agent is shutting down"
 _ANY_STREAM = 2**31 - 1
@@ -161,8 +171,9 @@ class _Connection:
         drain: trio.Event,
     ) -> None:
         self._stream = stream
-        self._send_nowait: Callable[[bytes | bytearray], int] | None = getattr(
-            stream, "send_some_nowait", None
+        # PlainStream's write that never waits (`_flush`); a test's in-memory stream has none.
+        self._send_nowait: Callable[[bytes | bytearray], int] | None = (
+            stream.send_some_nowait if isinstance(stream, PlainStream) else None
         )
         self._drain = drain
         self._draining = False
@@ -176,7 +187,15 @@ class _Connection:
         self._tasks: dict[int, _CallTask] = {}
         """The task of every call still running, by stream id."""
         self._outbox = bytearray()
+        self._unsent = False
+        """The reader left queued bytes for the next flush (`_hold_or_flush`)."""
+        self._sender: Call | None = None
+        """The call whose first response will carry them, while it has not run yet."""
+        self._new_calls: list[Call] = []
         self._wakeup = trio.Event()
+        self._writer = False
+        self._watching_drain = False
+        """Whether the writer task runs; it is started only when something must wait."""
         self._closing = False
         self._settings_seen = False
         self._guard_frames = FrameGuard(self._h2.max_inbound_frame_size, limits.max_header_block)
@@ -190,8 +209,14 @@ class _Connection:
         self._collect()
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
-            nursery.start_soon(self._guard, self._write_loop)
+            # Our SETTINGS go out with the first response, or before the reader first waits
+            # (gRPC clients wait for them before their first call).
+            if self._send_nowait is None:
+                self._flush()
+            else:
+                self._unsent = True
             if live is None:
+                self._watching_drain = True
                 nursery.start_soon(self._watch_drain)
             elif self._drain.is_set():  # accepted just before the drain began
                 self.on_drain()
@@ -202,6 +227,7 @@ class _Connection:
             finally:
                 if live is not None:
                     live.discard(self)
+        release(self._h2)
 
     async def _guard(self, loop: Callable[[], Awaitable[None]]) -> None:
         """Run the reader or writer; any way it fails closes this connection only."""
@@ -237,10 +263,11 @@ class _Connection:
         raise _Drop("no HTTP/2 preface within the request timeout")
 
     async def _read_frames(self) -> None:
+        receive = self._receive_nowait()
         while True:
-            data = await self._stream.receive_some(_READ_SIZE)
+            data = await receive()
             if not data:
-                self._nursery.cancel_scope.cancel()
+                self._end_tasks()
                 return
             if (why := self._guard_frames.check(data)) is not None:
                 self._stats.connections_dropped += 1
@@ -264,7 +291,63 @@ class _Connection:
             self._collect()
             if len(self._outbox) > self._limits.max_control_backlog:
                 raise _Drop("peer sends but does not read")
-            self._flush()
+            self._hold_or_flush()
+
+    def _hold_or_flush(self) -> None:
+        """Flush what reading queued (acks, refusals), or leave it to a call that has just
+        got its whole request and is about to answer: the usual fetch is then one write
+        (SETTINGS, their ack and the response together), not three, and one wake-up of
+        the client instead of three.  Only an X.509 stream is waited for: its answer
+        comes from the agent's memory (a JWT-SVID may need a call to the CA first)."""
+        new, self._new_calls = self._new_calls, []
+        if self._send_nowait is not None:
+            for call in new:
+                if (
+                    call.method in STREAMING_METHODS
+                    and self._calls.get(call.stream_id) is call
+                    and call.request_done
+                    and call.aborted is None
+                ):
+                    self._unsent, self._sender = True, call
+                    return
+        self._flush()
+
+    def _end_tasks(self) -> None:
+        """The peer has gone: stop this connection's other tasks.  When they are only
+        calls, each is cancelled on its own, so that this task, which is done anyway,
+        is not sent a cancellation to unwind as well."""
+        if self._writer or self._watching_drain:
+            self._nursery.cancel_scope.cancel()
+            return
+        for task in self._tasks.values():
+            task.cancel_scope.cancel()
+
+    def _receive_nowait(self) -> Callable[[], Awaitable[bytes | bytearray]]:
+        """The reader's read: on a PlainStream, one system call that waits only when the
+        kernel has nothing yet (a read that finds data would otherwise also be a trip
+        through trio's scheduler), yielding every `_READS_PER_YIELD` reads without a wait
+        so that a peer that never stops sending does not hold the event loop."""
+        if not isinstance(self._stream, PlainStream):
+            stream = self._stream
+            return lambda: stream.receive_some(_READ_SIZE)
+        plain = self._stream
+        end = plain.relay_end()
+        unwaited = 0
+
+        async def receive() -> bytes:
+            nonlocal unwaited
+            while (view := end.read(_READ_SIZE)) is None:
+                unwaited = 0
+                if self._unsent and self._sender is None:
+                    self._flush()  # nothing more to wait for before a wait of our own
+                await plain.wait_ready(WANT_READ)
+            unwaited += 1
+            if unwaited >= _READS_PER_YIELD:
+                unwaited = 0
+                await trio.lowlevel.checkpoint()
+            return bytes(view)  # the view is lent until the next read of any stream
+
+        return receive
 
     def _handle(self, event: h2.events.Event) -> bool:
         """Apply one h2 event; True when the peer has ended the connection."""
@@ -309,6 +392,7 @@ class _Connection:
             return
         call = Call(stream_id, label, request, self._limits.max_request_size)
         self._calls[stream_id] = call
+        self._new_calls.append(call)
         self._tasks[stream_id] = _CallTask()
         self._nursery.start_soon(self._run_call, call)
 
@@ -329,7 +413,9 @@ class _Connection:
         if not self._settings_seen:
             return
         if self._calls:
-            self._read_scope.deadline = math.inf
+            # Set only when it changes: each set is a trip through trio's deadline heap.
+            if self._read_scope.deadline != math.inf:
+                self._read_scope.deadline = math.inf
             self._idle_armed = False
         elif not self._idle_armed:
             self._read_scope.deadline = trio.current_time() + self._limits.idle_timeout_s
@@ -350,7 +436,7 @@ class _Connection:
             call.abort(Status.UNAVAILABLE, _DRAINING)
             self._signal(call)
         self._end_if_drained()
-        self._wakeup.set()
+        self._wake()
 
     def _end_if_drained(self) -> None:
         """Once draining and the last call has sent its trailers, say the final goodbye."""
@@ -366,7 +452,7 @@ class _Connection:
         self._calls.clear()
         self._closing = True
         self._collect()
-        self._wakeup.set()
+        self._wake()
 
     # -- calls -----------------------------------------------------------------
 
@@ -379,6 +465,8 @@ class _Connection:
             if call.aborted is not None and call.stream_id in self._calls:
                 self._finish(call, *call.aborted)
         finally:
+            if self._sender is call:  # it ended without sending: what it held goes now
+                self._flush()
             del self._tasks[call.stream_id]
             self._stats.streams_open -= 1
             if not call.counted:
@@ -473,6 +561,14 @@ class _Connection:
 
     # -- writing ---------------------------------------------------------------
 
+    def _wake(self) -> None:
+        """Hand the rest to the writer task, starting it the first time (rule 2): a
+        connection whose every write the socket takes at once never starts one."""
+        self._wakeup.set()
+        if not self._writer:
+            self._writer = True
+            self._nursery.start_soon(self._guard, self._write_loop)
+
     def _collect(self) -> None:
         self._outbox += self._h2.data_to_send()
 
@@ -481,8 +577,9 @@ class _Connection:
         wake the writer only for the rest: a response or a push that fits the socket
         buffer then costs no trip through the writer task (rule 2: still only the
         connection's code moves bytes, and only one write is ever in progress)."""
+        self._unsent, self._sender = False, None
         if self._closing or self._send_nowait is None:
-            self._wakeup.set()
+            self._wake()
             return
         if len(self._outbox) < WRITE_ROUND:
             self._pump()
@@ -491,7 +588,7 @@ class _Connection:
             # 0 while the writer is in the middle of a write: the bytes wait for it.
             del self._outbox[: self._send_nowait(self._outbox)]
         if self._outbox or self._closing or any(c.has_data for c in self._calls.values()):
-            self._wakeup.set()
+            self._wake()
 
     async def _write_loop(self) -> None:
         while True:
@@ -602,10 +699,16 @@ async def serve_workload_api(
     live: set[_Connection] = set()
     """Every connection being served, for the drain (one task for all, not one each)."""
 
-    async def handle(sock: trio.SocketStream) -> None:
+    async def handle(accepted: socket.socket) -> None:
         # PlainStream: one system call per read or write, without trio's socket wrapper
         # around each (most of a short connection's Python time otherwise).
-        async with PlainStream(sock) as stream:
+        try:
+            sock = trio.SocketStream(trio.socket.from_stdlib_socket(accepted))
+        except BaseException:
+            accepted.close()
+            raise
+        stream = PlainStream(sock)
+        try:
             try:
                 peer = peer_credentials(sock.socket)
             except OSError as exc:
@@ -622,6 +725,8 @@ async def serve_workload_api(
                 await _serve_connection(stream, peer, backend, limits, stats, drain, live)
             finally:
                 admission.release(peer.uid)
+        finally:
+            stream.close_now()  # nothing in closing waits: no checkpoint for it
 
     async def stop_accepting(accepting: trio.CancelScope) -> None:
         await drain.wait()
@@ -633,8 +738,47 @@ async def serve_workload_api(
         with trio.CancelScope() as accepting:
             handlers.start_soon(stop_accepting, accepting)
             task_status.started(stats)
-            await trio.serve_listeners(handle, [listener], handler_nursery=handlers)
-        await listener.aclose()
+            await _accept_loop(listener, handlers, handle)
+
+
+_ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+"""Out of descriptors or memory: retried after a pause, as ``trio.serve_listeners`` does."""
+
+
+_ACCEPT_IGNORED_ERRNOS = frozenset({errno.EPERM, errno.ECONNABORTED, errno.EPROTO})
+"""The connection went away before it was accepted: the next one is accepted."""
+
+
+async def _accept_loop(
+    listener: trio.SocketListener,
+    handlers: trio.Nursery,
+    handle: Callable[[socket.socket], Awaitable[None]],
+) -> None:
+    """``trio.serve_listeners`` for one listener, taking over (and in the end closing) its
+    socket, without trio's wrapper task around each handler (``handle`` closes its own
+    connection), and accepting every waiting connection before it waits again: trio's
+    accept is a trip through the scheduler for each one and its socket wrapper's calls
+    were a twentieth of a short connection's time."""
+    listening = socket.socket(fileno=listener.socket.detach())
+    try:
+        while True:
+            try:
+                accepted, _ = listening.accept()
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(listening)
+                continue
+            except OSError as exc:
+                if exc.errno in _ACCEPT_IGNORED_ERRNOS:
+                    continue
+                if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
+                    raise
+                log.error("workload API accept failed (%s); retrying in 0.1 s", exc)
+                await trio.sleep(0.1)
+                continue
+            handlers.start_soon(handle, accepted)
+    finally:
+        trio.lowlevel.notify_closing(listening)
+        listening.close()
 
 
 async def _refuse(
@@ -664,8 +808,10 @@ async def _refuse(
     conn.close_connection(
         h2.errors.ErrorCodes.ENHANCE_YOUR_CALM, additional_data=b"too many connections"
     )
+    goodbye = conn.data_to_send()
+    release(conn)
     with trio.move_on_after(1.0):
         try:
-            await stream.send_all(conn.data_to_send())
+            await stream.send_all(goodbye)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass

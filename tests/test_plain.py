@@ -81,3 +81,15 @@ async def test_connect_reaches_literal_addresses_directly_and_names_by_resolving
             assert await accepted.receive_some() == b"ping"
     with pytest.raises(OSError):
         await net.connect(Address.parse(f"127.0.0.1:{port}"))  # nobody listens any more
+
+
+async def test_send_some_nowait_writes_what_the_kernel_takes_and_never_waits():
+    # The Workload API server's flush (agent.workload_server) relies on it.
+    left, right = plain_pair()
+    assert left.send_some_nowait(b"now") == 3
+    assert await right.receive_some() == b"now"
+    fill(left)
+    assert left.send_some_nowait(b"more") == 0  # full: the caller falls back to send_all
+    await left.aclose()
+    assert left.send_some_nowait(b"late") == 0
+    await right.aclose()

@@ -96,6 +96,20 @@ class PlainStream(trio.abc.HalfCloseableStream):
             if not waited:
                 await trio.lowlevel.cancel_shielded_checkpoint()
 
+    def send_some_nowait(self, data: bytes | bytearray | memoryview) -> int:
+        """Write what the kernel takes now, without waiting or a checkpoint; 0 if nothing.
+
+        For the Workload API server (`agent.workload_server`), which flushes each
+        response from the task that built it: a checkpoint there would be a trip through
+        trio's scheduler per message for nothing.  What is left goes through `send_all`.
+        """
+        if self._closed or self._sent_eof or self._sending.busy:
+            return 0
+        try:
+            return os.write(self._fd, data)
+        except OSError:  # would block, or broken: `send_all` waits or reports it
+            return 0
+
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         with self._receiving:
             if max_bytes is None:

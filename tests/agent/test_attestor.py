@@ -20,6 +20,7 @@ from agent.attestor import (
     NeedsThread,
     ProcessFacts,
     attest_socket,
+    kinds_of,
     selectors_for,
 )
 from tally.spiffe.selectors import Selector
@@ -55,6 +56,27 @@ def test_attests_a_real_peer_process():
     with open(sys.executable, "rb") as f:
         assert facts.exe_sha256 == hashlib.file_digest(f, "sha256").hexdigest()
     assert Selector("unix", f"uid:{os.geteuid()}") in sels
+    a.close()
+    b.close()
+
+
+def test_only_the_facts_of_the_kinds_asked_for_are_gathered():
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    cache = ExeHashCache()
+    _, full = attest_socket(a, cache)
+    # uid and gid come from the kernel: nothing from /proc, nothing that may block.
+    facts, sels = attest_socket(a, ExeHashCache(), cached_only=True, kinds=frozenset({"uid"}))
+    assert (facts.groups, facts.exe, facts.exe_sha256) == ((), None, None)
+    assert sels == {
+        Selector("unix", f"uid:{os.geteuid()}"),
+        Selector("unix", f"gid:{os.getegid()}"),
+    }
+    # Each kind brings its facts, and matching against entries of those kinds is unchanged.
+    for kind in ("path", "sha256", "supplementary_gid", "user", "group"):
+        _, some = attest_socket(a, cache, kinds=frozenset({kind}))
+        assert some <= full
+        assert {s for s in full if kinds_of([s]) == {kind}} <= some
+    assert kinds_of([Selector("unix", "uid:1"), Selector("k8s", "ns:x")]) == {"uid"}
     a.close()
     b.close()
 

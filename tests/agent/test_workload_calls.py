@@ -8,10 +8,13 @@ import math
 import h2.config
 import h2.connection
 import h2.events
+import hpack
 
 from agent.workload_calls import (
     DEFAULT_LIMITS,
     Call,
+    FirstBlockDecoder,
+    FirstBlockEncoder,
     pump,
     reject,
     server_connection,
@@ -301,3 +304,39 @@ def test_the_decoder_sees_whole_messages_across_frames():
         if isinstance(event, h2.events.DataReceived):
             decoder.receive_data(event.data)
     assert decoder.next_message() == payload
+
+
+def test_a_remembered_first_header_block_leaves_the_same_headers_and_table():
+    request = [
+        (b":method", b"POST"),
+        (b":path", b"/SpiffeWorkloadAPI/FetchX509SVID"),
+        (b"workload.spiffe.io", b"true"),
+        (b"x-custom", b"a value long enough to be Huffman coded"),
+    ]
+    encoder = hpack.Encoder()
+    encoder.header_table_size = 256  # a size update opens the first block
+    first = encoder.encode(request)
+    second = encoder.encode([*request[:3], (b"x-custom", b"another")])  # uses the table
+    expected = hpack.Decoder()
+    want = [expected.decode(first, raw=True), expected.decode(second, raw=True)]
+    for _ in range(2):  # decoded once, then remembered
+        decoder = FirstBlockDecoder()
+        assert [decoder.decode(first, raw=True), decoder.decode(second, raw=True)] == want
+        assert decoder.header_table.dynamic_entries == expected.header_table.dynamic_entries
+        assert decoder.header_table_size == expected.header_table_size
+
+
+def test_a_remembered_first_response_block_is_the_same_bytes_and_table():
+    response = [(b":status", b"200"), (b"content-type", b"application/grpc")]
+    trailer = [(b"grpc-status", b"0")]
+    expected = hpack.Encoder()
+    expected.header_table_size = 256  # as when the peer's SETTINGS resize the table
+    want = [expected.encode(response), expected.encode(trailer)]
+    for _ in range(2):  # encoded once, then remembered
+        encoder = FirstBlockEncoder()
+        encoder.header_table_size = 256
+        assert [encoder.encode(response), encoder.encode(trailer)] == want
+        assert encoder.header_table.dynamic_entries == expected.header_table.dynamic_entries
+    # A different context is a different block: it is encoded, not looked up.
+    other = FirstBlockEncoder()
+    assert other.encode(response) == hpack.Encoder().encode(response)

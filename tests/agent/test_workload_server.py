@@ -655,6 +655,22 @@ async def test_unknown_service_is_unimplemented(agent):
     assert (await client.wait_status(stream_id))[0] is Status.UNIMPLEMENTED
 
 
+async def test_our_settings_reach_a_client_that_waits_for_them_before_calling(agent):
+    # grpc-go sends no call before the server's SETTINGS; the server holds its SETTINGS
+    # back only for a response that comes with them, so a client is never left waiting,
+    # even one slower to send its own preface than the server is to look for it.
+    stream = await agent.connect()
+    with trio.fail_after(5):
+        data = await stream.receive_some(65536)
+    assert data[3] == 0x4 and data[4] == 0  # a SETTINGS frame, not an ack
+    client = RawClient(stream)
+    client.conn.receive_data(data)
+    await client.flush()
+    stream_id = client.call()
+    await client.flush()
+    assert len(await client.wait_messages(stream_id, 1)) == 1
+
+
 async def test_bundles_stream_over_raw_http2(agent, cas):
     client = await agent.raw()
     stream_id = client.call(X509_BUNDLES)
