@@ -22,8 +22,10 @@ Rules:
 5. **Several CA servers** (`CAServers`): each agent starts on a server picked
    at random, so a fleet spreads over them, and stays there while it answers.
    A call that fails because of the *server* (unreachable, timed out, 5xx,
-   ``datastore_unavailable``) is sent at once to the next server that is not
-   resting, and the failed one rests for a jittered, doubling while (1 s up to
+   ``datastore_unavailable``) is sent at once to the next server it has not
+   tried (one not resting if it can: in a rolling restart the only other server
+   may still rest from its own restart, and is then the best there is), and the
+   failed one rests for a jittered, doubling while (1 s up to
    30 s) before it is tried again; each move is one ``ca.failover`` line.  An
    answer about the *request* (evicted, bad CSR, 429 overloaded) is the same
    from every server and is not retried elsewhere.  A renewal the dead server
@@ -39,7 +41,7 @@ Rules:
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlencode
@@ -97,16 +99,20 @@ class CAServers:
     def rest_left(self, i: int) -> float:
         return max(0.0, self._rest_until[i] - self.clock())
 
-    def pick(self) -> int:
+    def pick(self, tried: Collection[int] = ()) -> int:
         """The server to call now: the current one unless it rests, else the next that
-        does not, else (all resting) the one whose rest ends first."""
+        does not, else (all resting) the one whose rest ends first.  A call that has
+        ``tried`` some servers takes one it has not tried, resting or not, while there
+        is one: a rest keeps calls off a server while another answers, and one that
+        just failed does not."""
         n = len(self.servers)
+        left = [i for i in range(n) if i not in tried] or list(range(n))
         for offset in range(n):
             i = (self.current + offset) % n
-            if not self.resting(i):
+            if i in left and not self.resting(i):
                 self.current = i
                 return i
-        self.current = min(range(n), key=lambda i: self._rest_until[i])
+        self.current = min(left, key=lambda i: self._rest_until[i])
         return self.current
 
     def failed(self, i: int) -> float:
@@ -326,7 +332,7 @@ class CAClient:
         resent = False
         while True:
             before = servers.current
-            i = servers.pick()
+            i = servers.pick(tried)
             if i != before:
                 # The server this agent used rests after a failure (an earlier call
                 # gave up on it): moving on is a failover too, and rule 5 logs each.
@@ -348,7 +354,7 @@ class CAClient:
                     raise
                 rest = servers.failed(i)
                 tried.add(i)
-                nxt = servers.pick()
+                nxt = servers.pick(tried)
                 if nxt != i:  # the next call goes there, even when this one gives up
                     log.warning(
                         "ca.failover",

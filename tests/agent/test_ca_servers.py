@@ -123,16 +123,26 @@ class _Answers(CAClient):
     agent's identity while the first call is out, as a renewal does while a poll is
     parked; the transport and TLS are not what this is about."""
 
-    def __init__(self, answers: list[object], *, renew_meanwhile: bool) -> None:
-        super().__init__(THREE[0], TrustDomain.parse("example.org"), [])
+    def __init__(
+        self,
+        answers: list[object],
+        *,
+        renew_meanwhile: bool = False,
+        servers: CAServers | None = None,
+    ) -> None:
+        super().__init__(servers or THREE[0], TrustDomain.parse("example.org"), [])
         self.answers = answers
         self.renew_meanwhile = renew_meanwhile
         self.sent: list[int] = []
+        """The identity generation each call went out under."""
+        self.called: list[int] = []
+        """The server each call went to."""
 
     async def _call_one(
         self, i: int, method: str, target: str, body: object | None = None, *, wait: float = 0
     ) -> Any:
         self.sent.append(self._generation)
+        self.called.append(i)
         if self.renew_meanwhile and len(self.sent) == 1:
             self._new_generation()
         answer = self.answers.pop(0)
@@ -161,3 +171,32 @@ async def test_stale_under_the_current_identity_stands():
     with pytest.raises(CAError, match="newer SVID"):
         await client._call("GET", "/v1/entries")
     assert client.sent == [0]
+
+
+async def test_a_failed_call_goes_to_the_other_server_even_while_it_rests():
+    """A rolling restart: B came back a moment ago and still rests from its failures
+    when A goes down; the call goes to B rather than failing without asking it."""
+    servers = CAServers(THREE[:2], random.Random(3))
+    servers.current = 0
+    for _ in range(5):
+        servers.failed(1)  # B rests for up to 30 s
+    down = CAError("unreachable", "CA at A unreachable: connection refused")
+    client = _Answers([down, {"revision": 1}], servers=servers)
+    assert await client._call("GET", "/v1/entries") == {"revision": 1}
+    assert client.called == [0, 1]
+    both_down = _Answers([down, down, {}], servers=servers)
+    with pytest.raises(CAError, match="unreachable"):
+        await both_down._call("GET", "/v1/entries")
+    assert sorted(both_down.called) == [0, 1]  # each server once, then it gives up
+
+
+@given(st.sets(st.integers(0, 2)), st.lists(st.integers(0, 2), max_size=6))
+def test_pick_prefers_an_untried_server_whatever_rests(tried, failures):
+    servers = CAServers(THREE, random.Random(0), clock=lambda: 0.0)
+    for i in failures:
+        servers.failed(i)
+    picked = servers.pick(tried)
+    if len(tried) < 3:
+        assert picked not in tried
+        if any(not servers.resting(i) for i in range(3) if i not in tried):
+            assert not servers.resting(picked)
