@@ -455,13 +455,25 @@ class Mesh:
         }  # fmt: skip
         keep = ("serial", "not_after", "error", "reason", "what", "detail", "to")
         lines = sorted(
-            (line["ts"], f"{line['ts'][11:23]} {daemon.name} {line['event']} "
-             + " ".join(f"{k}={str(line[k])[:80]}" for k in keep if k in line))
+            (line["ts"], f"{daemon.name} {line['event']}",
+             " ".join(f"{k}={str(line[k])[:80]}" for k in keep if k in line))
             for daemon in [*self.retired, *self.daemons()]
             for line in daemon.lines
             if line.get("event") in events
         )  # fmt: skip
-        return "\n".join(text for _, text in lines[-60:])
+        told: list[str] = []
+        repeats = 0
+        for i, (ts, what, fields) in enumerate(lines):
+            if i and what == lines[i - 1][1] and what.endswith(("denied", "failed")):
+                repeats += 1  # a burst of refusals is one line and a count
+                continue
+            if repeats:
+                told[-1] += f" (and {repeats} more)"
+                repeats = 0
+            told.append(f"{ts[11:23]} {what} {fields}")
+        if repeats:
+            told[-1] += f" (and {repeats} more)"
+        return "\n".join(told[-80:])
 
     def close(self) -> None:
         for daemon in reversed(self.daemons()):

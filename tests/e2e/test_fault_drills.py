@@ -56,10 +56,11 @@ from tests.e2e.mesh import (
 pytestmark = pytest.mark.drill
 
 TD = TrustDomain.parse("example.org")
-SVID_TTL = 16
+SVID_TTL = 20
 """Seconds an SVID lives in the drills: renewals fall due within each drill, and half a
-life (8 s, from a renewal falling due to the SVID's end) covers a restart of the CA or
-of an agent on a slow, shared 2-core host (4 s did not, in CI)."""
+life (10 s, from a renewal falling due to the SVID's end) covers a restart of the CA or
+of an agent on a slow, shared 2-core host (4 s did not, in CI; 8 s did not always with
+the suite held to one CPU here)."""
 ROTATION = 2 * SVID_TTL
 """Longest wait for a proxy's next rotation."""
 CA_ARGS = [
@@ -174,10 +175,10 @@ def test_ca_killed_under_load_agents_serve_from_cache(mesh: Mesh):
             cached = fetch(agent.socket).default_svid
             assert cached.spiffe_id == sid
             assert cached.leaf.not_valid_after_utc > datetime.now(UTC)
-        load.wait_ok(20, timeout=5)  # traffic flows with no CA at all
+        served_without_ca = load.since(outage)["ok"]  # no wait here: the CA comes back now
         rotated = [count(p.daemon, "svid.rotated") for p in proxies]
         mesh.ca.start_again()
-        assert load.since(outage)["ok"] >= 20, load.results
+        assert served_without_ca >= 20, load.results  # traffic flowed with no CA at all
         assert_served_all(load, mesh)
         # Rotation resumes on its own: the same agents and proxies take new SVIDs.
         for p, seen, sid in zip(proxies, rotated, (BACKEND, FRONTEND), strict=True):
