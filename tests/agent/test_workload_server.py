@@ -211,6 +211,12 @@ class FakeBackend:
         self.revoked = True
         self.publish(self.current)
 
+    def x509_now(self, peer: PeerCred) -> X509Snapshot | None:
+        if self.deny or self.revoked or not self.current.svids:
+            return None
+        self.peers.append(peer)
+        return self.current
+
     @asynccontextmanager
     async def watch_x509(self, peer: PeerCred):
         self.peers.append(peer)
