@@ -267,7 +267,8 @@ class _Connection:
     async def _read_loop(self) -> None:
         # One scope for the whole connection (not one per read, nor a timer task): its
         # deadline is the handshake's until the peer's SETTINGS arrive, then the idle
-        # close's while no call is open (`_arm_idle`).
+        # close's while no call is open (`_arm_idle`), or the time to start the tasks of
+        # streams answered without one (rule 2), after which it reads on.
         deadline = trio.current_time() + self._limits.request_timeout_s
         receive = self._receive_nowait()
         while True:
@@ -369,6 +370,7 @@ class _Connection:
         self._arm_idle()
 
     def _start_watchers(self) -> None:
+        """Rule 2: streams answered without a task are still open; give each its task."""
         watching, self._unwatched = self._unwatched, {}
         for call, arrived in watching.values():
             self._stats.streams_open -= 1  # counted again by its task
