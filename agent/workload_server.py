@@ -5,8 +5,9 @@ Rules / theory of operation:
 1. **Who is calling comes from the kernel.**  ``SO_PEERCRED`` is read once,
    when the connection is accepted, and every call on that connection is
    attested with it.  Nothing the peer sends names its identity.
-2. **One task per connection, one task per call.**  The connection's task
-   is its reader; each call (HTTP/2 stream) runs in its own task.  A call
+2. **One task per connection, one task per call that waits.**  The
+   connection's task is its reader; each call (HTTP/2 stream) that has to wait
+   for something runs in its own task (a fetch usually does not: below).  A call
    hands finished messages to the connection, which sends at once what the
    socket takes without waiting (`_Connection._flush`, from whichever task
    has something to send); only the rest waits for a writer task, the one
