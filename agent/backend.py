@@ -200,6 +200,25 @@ class AgentBackend:
         )
         return NoIdentity("no identity issued")
 
+    def x509_now(self, peer: PeerCred) -> X509Snapshot | None:
+        """`watch_x509`'s first snapshot without a task or a wait (`WorkloadBackend`): a
+        caller seen before is attested from the cache.  Anything else (a thread needed,
+        a failure, no SVID) is None, for `watch_x509` to handle and log as it does."""
+        sock = peer.sock
+        if sock is None:
+            return None
+        try:
+            _facts, selectors = attest_socket(
+                sock, self.hashes, cached_only=True, kinds=self.kinds()
+            )
+        except (NeedsThread, AttestationError, OSError):
+            return None
+        snap = self._snapshot(selectors)[0]
+        if not snap.svids:
+            return None
+        self.stats.attested += 1
+        return snap
+
     @asynccontextmanager
     async def watch_x509(self, peer: PeerCred) -> AsyncIterator[AsyncIterator[X509Snapshot]]:
         kinds = self.kinds()

@@ -98,6 +98,12 @@ class WorkloadBackend(Protocol):
         raise NoIdentity when the caller loses its identity."""
         ...
 
+    def x509_now(self, peer: PeerCred) -> X509Snapshot | None:
+        """The snapshot `watch_x509` would yield first, when it is had without waiting
+        (``peer`` attested from what is cached, and issued at least one SVID); None
+        otherwise, and the call then goes the usual way (a thread, or the denial)."""
+        ...
+
     async def fetch_jwt(
         self, peer: PeerCred, audience: Sequence[str], spiffe_id: str
     ) -> list[JwtSvidItem]:

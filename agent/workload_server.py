@@ -5,8 +5,9 @@ Rules / theory of operation:
 1. **Who is calling comes from the kernel.**  ``SO_PEERCRED`` is read once,
    when the connection is accepted, and every call on that connection is
    attested with it.  Nothing the peer sends names its identity.
-2. **One task per connection, one task per call.**  The connection's task
-   is its reader; each call (HTTP/2 stream) runs in its own task.  A call
+2. **One task per connection, one task per call that waits.**  The
+   connection's task is its reader; each call (HTTP/2 stream) that has to wait
+   for something runs in its own task (a fetch usually does not: below).  A call
    hands finished messages to the connection, which sends at once what the
    socket takes without waiting (`_Connection._flush`, from whichever task
    has something to send); only the rest waits for a writer task, the one
@@ -21,6 +22,13 @@ Rules / theory of operation:
    the first response when the request came with them
    (`_Connection._hold_or_flush`), and go out before the reader waits
    otherwise; the reader waits only when the kernel has nothing to read.
+   An X.509 stream whose answer the backend has at once
+   (`WorkloadBackend.x509_now`) is answered by the reader itself, and its task
+   (which then waits for changes) starts only if the stream is still open
+   ``_WATCH_AFTER_S`` later: the usual fetch closes its connection before
+   that, so it costs no task, cancel scope or cancellation at all.  A change
+   in that window reaches the stream when its task starts (it sends the
+   current state, unless it is what was sent).
 3. **Only the newest state is worth sending** and **flow control is obeyed
    both ways**: that bookkeeping is pure and lives in `agent.workload_calls`
    (a connection's buffering is bounded however slowly the peer reads).
@@ -127,6 +135,7 @@ _READS_PER_YIELD = 16
 _LINGER_S = 1.0
 _DRAINING = "the agent is shutting down"
 _ANY_STREAM = 2**31 - 1
+_WATCH_AFTER_S = 0.05
 
 
 _PAYLOADS: dict[tuple[int, int], tuple[Method, object, bytes]] = {}
@@ -192,6 +201,10 @@ class _Connection:
         self._sender: Call | None = None
         """The call whose first response will carry them, while it has not run yet."""
         self._new_calls: list[Call] = []
+        """Calls whose request arrived in the frames just read, not started yet."""
+        self._unwatched: dict[int, tuple[Call, float]] = {}
+        """Streams answered without a task (rule 2), with when each arrived, by stream id."""
+        self._watch_at = math.inf
         self._wakeup = trio.Event()
         self._writer = False
         self._watching_drain = False
@@ -227,6 +240,11 @@ class _Connection:
             finally:
                 if live is not None:
                     live.discard(self)
+        for call, _arrived in self._unwatched.values():
+            self._stats.streams_open -= 1
+            self._count(call.method, Status.CANCELLED)
+        for call in self._new_calls:  # the connection ended within the frames that brought them
+            self._count(call.method, Status.CANCELLED)
         release(self._h2)
 
     async def _guard(self, loop: Callable[[], Awaitable[None]]) -> None:
@@ -250,11 +268,18 @@ class _Connection:
     async def _read_loop(self) -> None:
         # One scope for the whole connection (not one per read, nor a timer task): its
         # deadline is the handshake's until the peer's SETTINGS arrive, then the idle
-        # close's while no call is open (`_arm_idle`).
+        # close's while no call is open (`_arm_idle`), or the time to start the tasks of
+        # streams answered without one (rule 2), after which it reads on.
         deadline = trio.current_time() + self._limits.request_timeout_s
-        with trio.CancelScope(deadline=deadline) as self._read_scope:
-            await self._read_frames()
-            return
+        receive = self._receive_nowait()
+        while True:
+            with trio.CancelScope(deadline=deadline) as self._read_scope:
+                await self._read_frames(receive)
+                return
+            if not self._unwatched:
+                break
+            self._start_watchers()  # the deadline was theirs (rule 2): read on
+            deadline = self._read_scope.deadline
         if self._settings_seen:
             log.debug("workload connection from pid %d idle, closing", self._peer.pid)
             self._h2.close_connection(h2.errors.ErrorCodes.NO_ERROR)
@@ -262,8 +287,7 @@ class _Connection:
             return
         raise _Drop("no HTTP/2 preface within the request timeout")
 
-    async def _read_frames(self) -> None:
-        receive = self._receive_nowait()
+    async def _read_frames(self, receive: Callable[[], Awaitable[bytes | bytearray]]) -> None:
         while True:
             data = await receive()
             if not data:
@@ -298,19 +322,67 @@ class _Connection:
         got its whole request and is about to answer: the usual fetch is then one write
         (SETTINGS, their ack and the response together), not three, and one wake-up of
         the client instead of three.  Only an X.509 stream is waited for: its answer
-        comes from the agent's memory (a JWT-SVID may need a call to the CA first)."""
+        comes from the agent's memory (a JWT-SVID may need a call to the CA first).
+        An X.509 stream the backend can answer at once is answered here (rule 2)."""
         new, self._new_calls = self._new_calls, []
-        if self._send_nowait is not None:
-            for call in new:
-                if (
-                    call.method in STREAMING_METHODS
-                    and self._calls.get(call.stream_id) is call
-                    and call.request_done
-                    and call.aborted is None
-                ):
-                    self._unsent, self._sender = True, call
-                    return
+        arrived = trio.current_time() if new else 0.0
+        hold = None
+        for call in new:
+            ready = (
+                call.method in STREAMING_METHODS
+                and self._calls.get(call.stream_id) is call
+                and call.request_done
+                and call.aborted is None
+            )
+            if ready and self._answer_now(call):
+                self._watch_later(call, arrived)
+                continue
+            self._start(call, arrived)
+            if ready and hold is None and self._send_nowait is not None:
+                hold = call
+        if hold is not None:
+            self._unsent, self._sender = True, hold
+            return
         self._flush()
+
+    def _answer_now(self, call: Call) -> bool:
+        """Queue the stream's first message if the backend has it without waiting; False
+        leaves the call to its task (which also gives every refusal its status)."""
+        method = STREAMING_METHODS[call.method]
+        try:
+            parse_request_message(method, call.request_message)
+        except GrpcError:
+            return False
+        snapshot = self._backend.x509_now(self._peer)
+        if snapshot is None:
+            return False
+        payload = _encoded(method, snapshot)
+        if len(payload) > self._limits.max_message_size:
+            return False
+        call.offer(payload)
+        return True
+
+    def _watch_later(self, call: Call, arrived: float) -> None:
+        """Rule 2: the stream's task starts at ``_watch_at``, if the stream is still open."""
+        if not self._unwatched:
+            self._watch_at = arrived + _WATCH_AFTER_S
+        self._unwatched[call.stream_id] = (call, arrived)
+        self._stats.streams_open += 1
+        self._arm_idle()
+
+    def _start_watchers(self) -> None:
+        """Rule 2: streams answered without a task are still open; give each its task."""
+        watching, self._unwatched = self._unwatched, {}
+        for call, arrived in watching.values():
+            self._stats.streams_open -= 1  # counted again by its task
+            self._start(call, arrived)
+        self._arm_idle()
+
+    def _start(self, call: Call, arrived: float) -> None:
+        """Start the task of a call, and tell it what has happened to the call so far."""
+        self._tasks[call.stream_id] = _CallTask()
+        self._nursery.start_soon(self._run_call, call, arrived)
+        self._signal(call)
 
     def _end_tasks(self) -> None:
         """The peer has gone: stop this connection's other tasks.  When they are only
@@ -393,13 +465,18 @@ class _Connection:
         call = Call(stream_id, label, request, self._limits.max_request_size)
         self._calls[stream_id] = call
         self._new_calls.append(call)
-        self._tasks[stream_id] = _CallTask()
-        self._nursery.start_soon(self._run_call, call)
 
     def _signal(self, call: Call) -> None:
-        """Wake the call's task for what just happened to its state: a request, an abort."""
+        """Wake the call's task for what just happened to its state: a request, an abort.
+        A stream without a task (rule 2) that is aborted ends here, as its task would."""
         task = self._tasks.get(call.stream_id)
         if task is None:
+            if call.aborted is not None and self._unwatched.pop(call.stream_id, None) is not None:
+                self._stats.streams_open -= 1
+                if call.stream_id in self._calls:
+                    self._finish(call, *call.aborted)
+                else:
+                    self._count(call.method, Status.CANCELLED)
             return
         if call.request_done:
             task.request_ready.set()
@@ -414,8 +491,9 @@ class _Connection:
             return
         if self._calls:
             # Set only when it changes: each set is a trip through trio's deadline heap.
-            if self._read_scope.deadline != math.inf:
-                self._read_scope.deadline = math.inf
+            deadline = self._watch_at if self._unwatched else math.inf
+            if self._read_scope.deadline != deadline:
+                self._read_scope.deadline = deadline
             self._idle_armed = False
         elif not self._idle_armed:
             self._read_scope.deadline = trio.current_time() + self._limits.idle_timeout_s
@@ -432,7 +510,7 @@ class _Connection:
         self._outbox += GoAwayFrame(
             0, last_stream_id=_ANY_STREAM, additional_data=b"draining"
         ).serialize()
-        for call in self._calls.values():
+        for call in list(self._calls.values()):  # a stream without a task ends at once
             call.abort(Status.UNAVAILABLE, _DRAINING)
             self._signal(call)
         self._end_if_drained()
@@ -446,21 +524,22 @@ class _Connection:
 
     def _close_gracefully(self) -> None:
         """Stop every call and let the writer flush what h2 queued (a GOAWAY)."""
-        for call in self._calls.values():
+        calls = list(self._calls.values())
+        self._calls.clear()
+        for call in calls:
             call.abort(Status.UNAVAILABLE, "connection closing")
             self._signal(call)
-        self._calls.clear()
         self._closing = True
         self._collect()
         self._wake()
 
     # -- calls -----------------------------------------------------------------
 
-    async def _run_call(self, call: Call) -> None:
+    async def _run_call(self, call: Call, arrived: float) -> None:
         self._stats.streams_open += 1
         try:
             with self._tasks[call.stream_id].cancel_scope:
-                status, message = await self._call(call)
+                status, message = await self._call(call, arrived)
                 self._finish(call, status, message)
             if call.aborted is not None and call.stream_id in self._calls:
                 self._finish(call, *call.aborted)
@@ -472,11 +551,11 @@ class _Connection:
             if not call.counted:
                 self._count(call.method, Status.CANCELLED)
 
-    async def _call(self, call: Call) -> tuple[Status, str]:
+    async def _call(self, call: Call, arrived: float) -> tuple[Status, str]:
         # No deadline scope for a call without a deadline (most: streams have none).
         if call.request.timeout is None:
             return await self._answer(call)
-        with trio.move_on_after(call.request.timeout):
+        with trio.move_on_at(arrived + call.request.timeout):
             return await self._answer(call)
         return Status.DEADLINE_EXCEEDED, "deadline exceeded"
 

@@ -211,6 +211,12 @@ class FakeBackend:
         self.revoked = True
         self.publish(self.current)
 
+    def x509_now(self, peer: PeerCred) -> X509Snapshot | None:
+        if self.deny or self.revoked or not self.current.svids:
+            return None
+        self.peers.append(peer)
+        return self.current
+
     @asynccontextmanager
     async def watch_x509(self, peer: PeerCred):
         self.peers.append(peer)
@@ -690,6 +696,28 @@ async def test_bundles_stream_over_raw_http2(agent, cas):
     assert dict(pb.X509BundlesResponse.FromString(second).bundles) == {
         "spiffe://example.org": cas["example.org"].der
     }
+
+
+def _leaf_serial(message: bytes) -> int:
+    svid = pb.X509SVIDResponse.FromString(message).svids[0]
+    return x509.load_der_x509_certificate(svid.x509_svid).serial_number
+
+
+async def test_a_change_just_after_the_first_answer_reaches_the_stream_once(agent, cas):
+    """The first answer goes out without a task (workload_server rule 2); the task that
+    watches the stream starts later, and sends what changed meanwhile, and only that."""
+    client = await agent.raw()
+    stream_id = client.call()
+    await client.flush()
+    [first] = await client.wait_messages(stream_id, 1)
+    agent.backend.publish(snapshot(cas, serial=1002))  # before the stream's task starts
+    with trio.fail_after(2):
+        second = (await client.wait_messages(stream_id, 2))[1]
+    assert (_leaf_serial(first), _leaf_serial(second)) == (1001, 1002)
+    with trio.move_on_after(0.3):
+        await client.wait_messages(stream_id, 3)
+    assert len(client.calls[stream_id].messages) == 2
+    assert agent.stats.streams_open == 1
 
 
 async def test_empty_snapshot_ends_with_permission_denied(agent, cas):
