@@ -89,6 +89,7 @@ from ca.oidc import tls_context as oidc_tls_context
 from ca.settings import CASettings, workers_for
 from ca.signing_pool import SigningPool
 from ca.store import AuditEvent, IssuedSvid, Store
+from ca.store_thread import StoreThread
 from ca.throttle import overload_retry_after
 from ca.vault import SealedVault
 from tally.ops import metrics
@@ -345,7 +346,7 @@ class CAServer:
             self.oidc_tls = oidc_tls_context(cfg.oidc_cert, cfg.oidc_key)
         self.authority.jwt_limits = jwt_limits(cfg)
         self.authority.jwt_sampler = AuditSampler(int(cfg.jwt_audit_window))
-        self._limiter = trio.CapacityLimiter(1)
+        self.store_thread = StoreThread()
         self.signing = SigningPool(workers_for(cfg.signing_workers))
         self._conn_limiter = trio.CapacityLimiter(cfg.max_connections)
         self.admin_admission = Admission(cfg.admin_max_connections)
@@ -384,7 +385,7 @@ class CAServer:
         self._keys_notice = trio.Event()
 
     async def run_sync(self, fn: Callable[[], T]) -> T:
-        return await trio.to_thread.run_sync(fn, limiter=self._limiter)
+        return await self.store_thread.run(fn)
 
     # -- the CA's own serving certificate ---------------------------------------------
 
@@ -623,7 +624,7 @@ class CAServer:
 
     def _overloaded(self) -> int | None:
         """Retry-After seconds while too many calls wait for the datastore, else None."""
-        queued = self._limiter.statistics().tasks_waiting
+        queued = self.store_thread.queued
         return overload_retry_after(queued, self.cfg.overload_queue)
 
     def _denied(self, reason: str, detail: str, peer_id: SpiffeId | None, address: str) -> None:
@@ -971,6 +972,7 @@ class CAServer:
         finally:
             self.signing.close()
             self.cfg.admin_socket.unlink(missing_ok=True)
+            self.store_thread.close()
             self.store.close()
         log.info("ca.stopped")
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import resource
 import socket
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar, cast
@@ -97,11 +98,11 @@ async def test_while_the_store_queue_is_long_new_connections_close_unshaken(
     )
     server = CAServer(cfg)
     unused = cast(AgentApi, None)  # a shed connection never reaches the API
+    release = threading.Event()
     try:
         async with trio.open_nursery() as nursery:
-            await server._limiter.acquire()  # the store's one thread is busy ...
-            for _ in range(2):  # ... and two calls wait for it
-                nursery.start_soon(server._limiter.acquire)
+            for _ in range(3):  # the store's one thread is busy with a call, two wait
+                nursery.start_soon(server.run_sync, release.wait)
             await trio.testing.wait_all_tasks_blocked()
             assert server._overloaded() is not None
             with caplog.at_level(logging.WARNING, logger="tally.ca"):
@@ -111,10 +112,11 @@ async def test_while_the_store_queue_is_long_new_connections_close_unshaken(
                     await server._agent_connection(unused, ours)
                     assert await theirs.receive_some() == b""
                     await theirs.aclose()
-            nursery.cancel_scope.cancel()
+            release.set()
         assert server.shed == 3
         assert [r.getMessage() for r in caplog.records].count("ca.shedding") == 1
-        server._limiter.release()
         assert server._overloaded() is None  # the queue drained: connections are served
     finally:
+        release.set()
+        server.store_thread.close()
         server.store.close()
