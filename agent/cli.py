@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import urllib.error
@@ -15,6 +14,7 @@ from typing import Any
 import trio
 from cryptography.hazmat.primitives import serialization
 
+from tally.ops import collector
 from tally.ops.clock import wall_clock
 from tally.ops.config import add_arguments, load
 from tally.ops.errors import CommandError
@@ -34,7 +34,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     # What is loaded by now (modules, mostly) lives as long as the daemon: kept out of the
     # cycle collector's full passes, which otherwise walk it all again and again (most of
     # the collector's cost under a stream of short Workload API connections).
-    gc.freeze()
+    collector.freeze_loaded()
     trio.run(server.run)
     return 0
 

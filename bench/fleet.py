@@ -681,9 +681,9 @@ async def _run(
 
         # The herd: everyone drops its connections and comes back at once.
         await ask_all(shards, {"cmd": "mark"})
-        herd_cpu0 = tree_cpu(daemon.pid)
+        herd_cpu0, herd_main0 = tree_cpu(daemon.pid), ca_pid_stats(daemon.pid)[0]
         fresh = await ask_all(shards, {"cmd": "herd", "seconds": args.herd_seconds})
-        herd_cpu1 = tree_cpu(daemon.pid)
+        herd_cpu1, herd_main1 = tree_cpu(daemon.pid), ca_pid_stats(daemon.pid)[0]
         herd_fresh = sorted(t for f in fresh for t in f["fresh_s"])
         herd = await ask_all(shards, {"cmd": "window"})
     finally:
@@ -724,6 +724,7 @@ async def _run(
         "herd_fresh": len(herd_fresh),
         "herd_p50_s": herd_fresh[(n - 1) // 2] if len(herd_fresh) > (n - 1) // 2 else math.nan,
         "herd_ca_cpu_s": herd_cpu1 - herd_cpu0,
+        "herd_ca_main_cpu_s": herd_main1 - herd_main0,
     }
 
 

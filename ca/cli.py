@@ -25,6 +25,7 @@ from urllib.parse import quote, urlencode
 import trio
 
 from ca.anchor import Anchor, AnchorError, parse_anchors
+from tally.ops import collector
 from tally.ops.config import add_arguments, load
 from tally.ops.durations import DurationError, parse_duration
 from tally.ops.errors import CommandError
@@ -145,6 +146,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = load(CASettings, args)
     setup_logging(cfg.log_level)
     server = CAServer(cfg, reload=lambda: load(CASettings, args))
+    collector.freeze_loaded()
+    collector.rare_full_passes()  # 10,000 parked connections: a full pass stops it for 1 s
 
     async def main() -> None:
         await server.run()
