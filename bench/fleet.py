@@ -30,6 +30,7 @@ import json
 import math
 import os
 import random
+import re
 import resource
 import subprocess
 import sys
@@ -155,12 +156,15 @@ class Stats:
     signed: int = 0
     overloaded: int = 0
     errors: Counter[str] = field(default_factory=Counter)
+    why: Counter[str] = field(default_factory=Counter)
+    """Errors by their message, addresses cut out: what ``errors`` counts, in words."""
 
     def failed(self, exc: Exception) -> None:
         if isinstance(exc, CAError) and exc.status == 429:
             self.overloaded += 1
-        else:
-            self.errors[exc.code if isinstance(exc, CAError) else type(exc).__name__] += 1
+            return
+        self.errors[exc.code if isinstance(exc, CAError) else type(exc).__name__] += 1
+        self.why[re.sub(r"\d+\.\d+\.\d+\.\d+:\d+", "ADDR", str(exc))[:120]] += 1
 
 
 class SimAgent:
@@ -474,6 +478,7 @@ class Shard:
                         "polls": st.polls,
                         "overloaded": st.overloaded,
                         "errors": Counter(st.errors),
+                        "why": Counter(st.why),
                     }
                     self.say({"ok": True})
                 elif what == "window":
@@ -487,6 +492,7 @@ class Shard:
                             "polls": st.polls - mark["polls"],
                             "overloaded": st.overloaded - mark["overloaded"],
                             "errors": dict(st.errors - mark["errors"]),
+                            "why": dict((st.why - mark["why"]).most_common(5)),
                         }
                     )
                 elif what == "parked":
@@ -720,6 +726,9 @@ async def _run(
         "herd_overloaded": sum(h["overloaded"] for h in herd),
         "herd_errors": sum(sum(h["errors"].values()) for h in herd),
         "herd_errors_by": dict(sum((Counter(h["errors"]) for h in herd), Counter[str]())),
+        "herd_errors_why": dict(
+            sum((Counter(h["why"]) for h in herd), Counter[str]()).most_common(5)
+        ),
         "herd_s": herd_fresh[-1] if len(herd_fresh) == n else math.nan,
         "herd_fresh": len(herd_fresh),
         "herd_p50_s": herd_fresh[(n - 1) // 2] if len(herd_fresh) > (n - 1) // 2 else math.nan,
