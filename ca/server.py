@@ -20,8 +20,10 @@ Rules:
    request.  Every refusal is one ``peer.denied`` line and one count by
    reason, with the same reason words as the proxy; the API's own refusals of
    a peer (no certificate, a replaced agent SVID) go through the same door.
-4. Every store call goes through one worker thread (`run`), so SQLite sees
-   one writer and the event loop never blocks on disk or on signing.
+4. Every store call goes through one worker thread (`run_sync`,
+   `ca.store_thread`), so SQLite sees one writer and the event loop never
+   blocks on disk or on signing; the thread takes its next call the moment
+   one ends, however busy the event loop is.
 5. The audit chain's head is signed (`ca.anchor`) at start, every
    ``audit_anchor_every`` and after every key event, and published outside
    the datastore: an ``audit.anchor`` line, the metrics, ``audit_anchor_file``.
@@ -38,21 +40,23 @@ Rules:
    notices the database's return; then every parked poll re-checks once.
 8. On PostgreSQL, several servers share the database (`ca.cluster`): each
    listens for the others' changes and takes up their key changes at once.
-6. Sized for a fleet: at start the CA raises its open-file limit toward what
+9. Sized for a fleet: at start the CA raises its open-file limit toward what
    ``max_connections`` needs (`raise_open_files`) and says in one line when the
    hard limit stops it short.  Past ``overload_queue`` calls waiting for the
    datastore, agent calls are answered 429 with ``Retry-After`` at once
    (`ca.throttle.overload_retry_after`), so a herd queues outside the CA.  While
-   that lasts, a new agent connection is closed before its handshake (counted in
-   ``tally_ca_connections_shed``): a handshake costs far more CPU than the 429 it
-   would end in, and a herd's handshakes on the event loop starved the store's
-   thread, so the queue never drained (bench.fleet, 10,000 agents).  The agent
-   backs off with jitter, or tries its other server.  Connections already open
-   carry on.  Handshakes are not otherwise rationed: a slot held while waiting for
-   a slow peer's bytes would let a few hundred half-open connections lock agents
-   out (``tests/security/test_slow_clients.py``).  Agents on record are
-   remembered (none is ever deleted), so a known agent's connection costs no
-   store call before its first request.
+   that lasts, and while the event loop runs more than `LAG_SHED_S` behind (a
+   probe asks to be woken every `LAG_PROBE_S`), a new agent connection is closed
+   before its handshake (counted in ``tally_ca_connections_shed``): a handshake
+   costs far more CPU than the close, and a CA taking on every connection of a
+   herd answered so late that agents gave up (60 s) on calls it then did anyway
+   (bench.fleet, 10,000 agents).  The agent backs off with jitter, or tries its
+   other server.  Connections already open carry on.  Handshakes are not
+   otherwise rationed: a slot held while waiting for a slow peer's bytes would
+   let a few hundred half-open connections lock agents out
+   (``tests/security/test_slow_clients.py``); a slow peer costs no CPU, so it
+   adds no lag.  Agents on record are remembered (none is ever deleted), so a
+   known agent's connection costs no store call before its first request.
 """
 
 from __future__ import annotations
@@ -195,7 +199,8 @@ def _metrics(server: CAServer) -> Iterator[Metric]:
     )
     yield metrics.counter(
         "tally_ca_connections_shed",
-        "agent connections closed before their handshake while overloaded",
+        "agent connections closed before their handshake while overloaded (datastore queue"
+        " or event-loop lag)",
         s.shed,
     )
     yield metrics.counter(
@@ -220,6 +225,12 @@ def _metrics(server: CAServer) -> Iterator[Metric]:
     )
     yield metrics.gauge(
         "tally_ca_polls_parked", "long polls parked now", sum(feed.parked for feed in polls)
+    )
+    yield metrics.gauge(
+        "tally_ca_event_loop_lag_seconds",
+        "how late the event loop last woke a task that asked to be woken; past 1 s new"
+        " agent connections are shed",
+        s.loop_lag,
     )
     signer = s.keys.signer
     now = s.clock()
@@ -357,8 +368,11 @@ class CAServer:
         """The bundle sequence parked polls were last woken for (`refresh_keys`)."""
         self.peers_denied: Counter[str] = Counter()
         self._on_record: set[str] = set()
-        """Agent IDs found on record (rule 6); none is ever deleted, so none goes stale."""
+        """Agent IDs found on record (rule 9); none is ever deleted, so none goes stale."""
         self.shed = 0
+        self.loop_lag = 0.0
+        """How late the lag probe last woke, in seconds (`_watch_lag`)."""
+        self._lag_probe_due = math.inf
         self._shed_reported = -math.inf
         self._shed_at_report = 0
         self.console: console.Console | None = None
@@ -602,25 +616,37 @@ class CAServer:
             await stream.aclose()
             return
         try:
-            if self._overloaded() is not None:
-                self._shed()
+            if (why := self._shedding()) is not None:
+                self._shed(why)
                 await stream.aclose()
                 return
             await self._serve_agent(api, stream)
         finally:
             self._conn_limiter.release()
 
-    def _shed(self) -> None:
-        """Count a connection closed unshaken (rule 6); one log line per burst."""
+    def _shedding(self) -> str | None:
+        """Why a new agent connection is to be closed unshaken now (rule 9), or None."""
+        if self._overloaded() is not None:
+            return f"more than {self.cfg.overload_queue} calls wait for the datastore"
+        lag = max(self.loop_lag, trio.current_time() - self._lag_probe_due)
+        if lag > LAG_SHED_S:
+            return f"the event loop runs {lag:.1f}s behind"
+        return None
+
+    def _shed(self, why: str) -> None:
+        """Count a connection closed unshaken (rule 9); one log line per burst."""
         self.shed += 1
         now = trio.current_time()
         if now - self._shed_reported >= SHED_REPORT_S:
-            log.warning(
-                "ca.shedding",
-                shed=self.shed - self._shed_at_report,
-                reason=f"more than {self.cfg.overload_queue} calls wait for the datastore",
-            )
+            log.warning("ca.shedding", shed=self.shed - self._shed_at_report, reason=why)
             self._shed_reported, self._shed_at_report = now, self.shed
+
+    async def _watch_lag(self) -> None:
+        """How late the event loop wakes a task that asked to be woken (rule 9)."""
+        while True:
+            self._lag_probe_due = trio.current_time() + LAG_PROBE_S
+            await trio.sleep_until(self._lag_probe_due)
+            self.loop_lag = trio.current_time() - self._lag_probe_due
 
     def _overloaded(self) -> int | None:
         """Retry-After seconds while too many calls wait for the datastore, else None."""
@@ -898,6 +924,7 @@ class CAServer:
                     async with trio.open_nursery() as services:
                         await services.start(self.hooks.run)
                         services.start_soon(self.signing.start)
+                        services.start_soon(self._watch_lag)
                         services.start_soon(self._key_loop)
                         services.start_soon(self._anchor_loop)
                         services.start_soon(self._audit_verify_loop)
@@ -977,6 +1004,10 @@ class CAServer:
         log.info("ca.stopped")
 
 
+LAG_PROBE_S = 0.1
+"""How often the lag probe asks to be woken."""
+LAG_SHED_S = 1.0
+"""Event-loop lag past which new agent connections are shed (rule 9)."""
 SHED_REPORT_S = 10.0
 """Shortest spell between two ``ca.shedding`` lines: a herd is reported, not echoed."""
 OPEN_FILES_SPARE = 256

@@ -9,8 +9,8 @@ Rules:
 2. The schema moves forward by numbered migrations kept in ``MIGRATIONS``;
    ``PRAGMA user_version`` records how far a file has come.  A file from a
    newer Tally is refused rather than guessed at.
-3. One connection, used from one worker thread at a time (the trio shell
-   holds a ``CapacityLimiter(1)``).  SQLite serialises writers anyway, and one
+3. One connection, used from one worker thread (the trio shell's
+   `ca.store_thread`).  SQLite serialises writers anyway, and one
    connection keeps the WAL checkpointing simple.
 4. WAL with ``synchronous=NORMAL``: a committed transaction survives the
    process dying at any point; only an OS crash or power loss can take back

@@ -21,7 +21,7 @@ from agent.ca_client import make_csr
 from ca.api import AgentApi, AgentPeer
 from ca.authority import Authority
 from ca.feed import ChangeFeed
-from ca.server import CAServer, raise_open_files
+from ca.server import LAG_PROBE_S, CAServer, raise_open_files
 from ca.settings import CASettings
 from ca.throttle import OVERLOAD_MAX_RETRY_S, overload_retry_after
 from tally.spiffe.spiffeid import SpiffeId
@@ -119,4 +119,48 @@ async def test_while_the_store_queue_is_long_new_connections_close_unshaken(
     finally:
         release.set()
         server.store_thread.close()
+        server.store.close()
+
+
+async def test_while_the_event_loop_lags_new_connections_close_unshaken(
+    tmp_path: Path, mock_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A CA that takes on every connection of a herd answers so late that agents give
+    up on calls it then does anyway: past a second of event-loop lag, a new agent
+    connection is closed before its handshake, until the probe wakes on time again."""
+    cfg = CASettings(
+        trust_domain="example.org", data_dir=tmp_path / "data", admin_socket=tmp_path / "a.sock"
+    )
+    server = CAServer(cfg)
+    unused = cast(AgentApi, None)  # a shed connection never reaches the API
+
+    async def connect() -> bytes:
+        ours, theirs = (trio.SocketStream(trio.socket.from_stdlib_socket(s))
+                        for s in socket.socketpair())  # fmt: skip
+        await server._agent_connection(unused, ours)
+        got = await theirs.receive_some()
+        await theirs.aclose()
+        return got
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(server._watch_lag)
+            await trio.testing.wait_all_tasks_blocked()
+            assert server._shedding() is None
+            mock_clock.jump(1.5)  # the loop was busy 1.5 s: the probe is 1.4 s late ...
+            assert server._shedding() == "the event loop runs 1.4s behind"  # ... even unwoken
+            with caplog.at_level(logging.WARNING, logger="tally.ca"):
+                assert await connect() == b""
+            assert server.shed == 1
+            [line] = [r for r in caplog.records if r.getMessage() == "ca.shedding"]
+            assert vars(line)["tally_fields"]["reason"] == "the event loop runs 1.4s behind"
+            await trio.testing.wait_all_tasks_blocked()
+            assert server.loop_lag == pytest.approx(1.4)  # the probe woke, late
+            assert server._shedding() is not None
+            mock_clock.jump(LAG_PROBE_S)  # the next wake-up is on time
+            await trio.testing.wait_all_tasks_blocked()
+            assert server.loop_lag == 0
+            assert server._shedding() is None
+            nursery.cancel_scope.cancel()
+    finally:
         server.store.close()
