@@ -46,7 +46,8 @@ Rules:
    datastore, agent calls are answered 429 with ``Retry-After`` at once
    (`ca.throttle.overload_retry_after`), so a herd queues outside the CA.  While
    that lasts, and while the event loop runs more than `LAG_SHED_S` behind (a
-   probe asks to be woken every `LAG_PROBE_S`), a new agent connection is closed
+   probe asks to be woken every `LAG_PROBE_S`; two wake-ups in a row must be
+   that late, so one stall sheds nothing), a new agent connection is closed
    before its handshake (counted in ``tally_ca_connections_shed``): a handshake
    costs far more CPU than the close, and a CA taking on every connection of a
    herd answered so late that agents gave up (60 s) on calls it then did anyway
@@ -372,6 +373,7 @@ class CAServer:
         self.shed = 0
         self.loop_lag = 0.0
         """How late the lag probe last woke, in seconds (`_watch_lag`)."""
+        self._lag_before = 0.0
         self._lag_probe_due = math.inf
         self._shed_reported = -math.inf
         self._shed_at_report = 0
@@ -628,7 +630,14 @@ class CAServer:
         """Why a new agent connection is to be closed unshaken now (rule 9), or None."""
         if self._overloaded() is not None:
             return f"more than {self.cfg.overload_queue} calls wait for the datastore"
-        lag = max(self.loop_lag, trio.current_time() - self._lag_probe_due)
+        # The two newest probes must both be late (the pending one counts once it is):
+        # one stall (a collector pass, a host that paused the process) sheds nothing,
+        # while a herd keeps every probe late.
+        pending = trio.current_time() - self._lag_probe_due
+        newest = (
+            (self.loop_lag, pending) if pending > LAG_SHED_S else (self._lag_before, self.loop_lag)
+        )
+        lag = min(newest)
         if lag > LAG_SHED_S:
             return f"the event loop runs {lag:.1f}s behind"
         return None
@@ -646,6 +655,7 @@ class CAServer:
         while True:
             self._lag_probe_due = trio.current_time() + LAG_PROBE_S
             await trio.sleep_until(self._lag_probe_due)
+            self._lag_before = self.loop_lag
             self.loop_lag = trio.current_time() - self._lag_probe_due
 
     def _overloaded(self) -> int | None:
