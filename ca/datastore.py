@@ -32,7 +32,6 @@ from tally.ops.errors import OperatorError
 
 Engine = Literal["sqlite", "postgresql"]
 _PG_SCHEMES = ("postgresql", "postgres")
-_SECRET_PARAMS = frozenset({"password", "sslpassword"})
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
@@ -63,6 +62,13 @@ class Datastore:
         return cls("sqlite", f"sqlite://{path}", path)
 
 
+def _secret(key: str) -> bool:
+    """Whether a query parameter may hold a password: ``password``, ``sslpassword``, and
+    any key that merely contains the word (``?password`` after a doubled ``?``, say:
+    libpq refuses it, and the message saying so must not show it)."""
+    return "password" in key.lower()
+
+
 def redact(url: str) -> str:
     """``url`` with its password, in either place libpq accepts one, shown as ``***``."""
     try:
@@ -76,9 +82,7 @@ def redact(url: str) -> str:
         query = parts.query
         if query:
             pairs = parse_qsl(query, keep_blank_values=True)
-            query = urlencode(
-                [(k, "***" if k.lower() in _SECRET_PARAMS else v) for k, v in pairs], safe="/:"
-            )
+            query = urlencode([(k, "***" if _secret(k) else v) for k, v in pairs], safe="/:")
         fragment = "***" if parts.fragment else ""  # libpq has no use for one: never shown
         return urlunsplit((parts.scheme, netloc, parts.path, query, fragment))
     except ValueError:
