@@ -151,6 +151,8 @@ class Stats:
     renew_ms: list[float] = field(default_factory=list)
     sign_ms: list[float] = field(default_factory=list)
     renewals: int = 0
+    batches: int = 0
+    """Workload signing calls (each a batch of the agent's CSRs)."""
     polls: int = 0
     """Entries polls answered (each one round trip to the CA)."""
     signed: int = 0
@@ -261,13 +263,19 @@ class SimAgent:
                     t0 = time.perf_counter()
                     results = await self.client.sign([(e, self.csr) for e in self.entries])
                     self.stats.sign_ms.append((time.perf_counter() - t0) * 1000)
+                    self.stats.batches += 1
                     chains = [r["chain"] for r in results if "chain" in r]
                     self.stats.signed += len(chains)
                     if len(chains) != len(results):
                         self.stats.errors["not_signed"] += len(results) - len(chains)
                     if chains:
-                        first, self._first_sign = self._first_sign, False
-                        self.workloads_at = min(self._when(c[0], first=first) for c in chains)
+                        if self._first_sign:
+                            # One draw for the batch: the soonest of 10 draws within one
+                            # mean interval would come ten times too soon (`mid_life`).
+                            self._first_sign = False
+                            self.workloads_at = self._when(chains[0][0], first=True)
+                        else:
+                            self.workloads_at = min(self._when(c[0]) for c in chains)
                     self.fresh.set()
                 elif not self.entries:
                     self.workloads_at = trio.current_time() + 0.5  # entries not synced yet
@@ -475,6 +483,7 @@ class Shard:
                         "renew": len(st.renew_ms),
                         "sign": len(st.sign_ms),
                         "renewals": st.renewals,
+                        "batches": st.batches,
                         "polls": st.polls,
                         "overloaded": st.overloaded,
                         "errors": Counter(st.errors),
@@ -489,6 +498,7 @@ class Shard:
                             "renew_ms": st.renew_ms[mark["renew"] :],
                             "sign_ms": st.sign_ms[mark["sign"] :],
                             "renewals": st.renewals - mark["renewals"],
+                            "batches": st.batches - mark["batches"],
                             "polls": st.polls - mark["polls"],
                             "overloaded": st.overloaded - mark["overloaded"],
                             "errors": dict(st.errors - mark["errors"]),
@@ -715,7 +725,9 @@ async def _run(
         "sign_p50": pct(steady_sign, 0.5),
         "sign_p99": pct(steady_sign, 0.99),
         "renewals_per_s": renewals / elapsed,
+        "batches_per_s": sum(w["batches"] for w in window) / elapsed,
         "polls_per_s": sum(w["polls"] for w in window) / elapsed,
+        "connections_per_s": delta("tally_ca_connections_accepted_total", m0, m1) / elapsed,
         "checks_per_s": delta("tally_ca_poll_checks_total", m0, m1) / elapsed,
         "wakeups_per_renewal": delta("tally_ca_poll_wakeups_total", m0, m1) / max(1, renewals),
         "checks_per_renewal": delta("tally_ca_poll_checks_total", m0, m1) / max(1, renewals),
@@ -734,6 +746,7 @@ async def _run(
         "herd_p50_s": herd_fresh[(n - 1) // 2] if len(herd_fresh) > (n - 1) // 2 else math.nan,
         "herd_ca_cpu_s": herd_cpu1 - herd_cpu0,
         "herd_ca_main_cpu_s": herd_main1 - herd_main0,
+        "herd_sim_cpu_s": sum(h["sim_cpu_s"] for h in herd),
     }
 
 
@@ -777,11 +790,12 @@ def main() -> None:
     )
     print(
         "| agents | shards | CA CPU (main) | sim CPU | CA RSS MiB | KiB/agent "
-        "| KiB/parked conn | renew p50/p99 ms | sign p50/p99 ms | renewals/s | polls/s "
+        "| KiB/parked conn | renew p50/p99 ms | sign p50/p99 ms | renewals/s | signs/s | polls/s "
+        "| conns/s "
         "| wakes/renewal | wakes/entry change | 429s | errors | herd: fresh | herd p50 / all s "
         "| herd CA CPU s | herd 429s | herd errors |"
     )
-    print("|" + "---|" * 20)
+    print("|" + "---|" * 22)
     for r in rows:
         print(
             f"| {r['agents']} | {r['shards']} | {r['ca_cpu']:.0%} ({r['ca_main_cpu']:.0%}) "
@@ -790,7 +804,8 @@ def main() -> None:
             f"| {r['kib_per_parked_connection']:.0f} "
             f"| {r['renew_p50']:.0f} / {r['renew_p99']:.0f} "
             f"| {r['sign_p50']:.0f} / {r['sign_p99']:.0f} "
-            f"| {r['renewals_per_s']:.1f} | {r['polls_per_s']:.0f} "
+            f"| {r['renewals_per_s']:.1f} | {r['batches_per_s']:.1f} | {r['polls_per_s']:.0f} "
+            f"| {r['connections_per_s']:.1f} "
             f"| {r['wakeups_per_renewal_only']:.2f} | {r['entry_change_wakeups']:.0f} "
             f"| {r['overloaded']} | {sum(r['errors'].values())} "
             f"| {r['herd_fresh']} | {r['herd_p50_s']:.1f} / {r['herd_s']:.1f} "

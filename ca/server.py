@@ -199,6 +199,11 @@ def _metrics(server: CAServer) -> Iterator[Metric]:
         s.signing.replaced,
     )
     yield metrics.counter(
+        "tally_ca_connections_accepted",
+        "agent API connections accepted (each costs a TLS handshake unless shed or refused)",
+        s.accepted,
+    )
+    yield metrics.counter(
         "tally_ca_connections_shed",
         "agent connections closed before their handshake while overloaded (datastore queue"
         " or event-loop lag)",
@@ -370,6 +375,7 @@ class CAServer:
         self.peers_denied: Counter[str] = Counter()
         self._on_record: set[str] = set()
         """Agent IDs found on record (rule 9); none is ever deleted, so none goes stale."""
+        self.accepted = 0
         self.shed = 0
         self.loop_lag = 0.0
         """How late the lag probe last woke, in seconds (`_watch_lag`)."""
@@ -612,6 +618,7 @@ class CAServer:
     # -- connections -------------------------------------------------------------------
 
     async def _agent_connection(self, api: AgentApi, stream: trio.SocketStream) -> None:
+        self.accepted += 1
         try:
             self._conn_limiter.acquire_nowait()
         except trio.WouldBlock:
