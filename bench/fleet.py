@@ -187,6 +187,7 @@ class SimAgent:
         self.renew_at = 0.0  # trio time
         self.workloads_at = 0.0
         self.fresh = trio.Event()  # set when agent SVID and workload SVIDs were renewed
+
         self.bundle_sequence = -1
         self.mid_life = False
         """Draw the first renewals as a fleet up for a while has them (``--steady-start``)."""
@@ -437,12 +438,13 @@ class Shard:
             return True
         return False
 
-    async def _fresh_times(self, seconds: float) -> list[float]:
-        """Seconds from now until each agent that made it within ``seconds`` was fresh."""
+    async def _times(self, event: Callable[[SimAgent], trio.Event], seconds: float) -> list[float]:
+        """Seconds from now until each agent's ``event`` was set, for those set within
+        ``seconds``."""
         t0, times = trio.current_time(), []
 
         async def one(agent: SimAgent) -> None:
-            await agent.fresh.wait()
+            await event(agent).wait()
             times.append(trio.current_time() - t0)
 
         with trio.move_on_after(seconds):
@@ -517,12 +519,11 @@ class Shard:
                     await stopped.wait()
                     for agent in self.agents:
                         await agent.reconnect()
-                    async with trio.open_nursery() as nursery:
-                        for agent in self.agents:
-                            nursery.start_soon(agent.run)
-                        times = await self._fresh_times(float(cmd["seconds"]))
-                        self.say({"fresh_s": times, "agents": len(self.agents)})
-                        nursery.cancel_scope.cancel()
+                    for agent in self.agents:  # they run on, for the CA's restart
+                        top.start_soon(agent.run)
+                    times = await self._times(lambda a: a.fresh, float(cmd["seconds"]))
+                    self.say({"fresh_s": times, "agents": len(self.agents)})
+
                 elif what == "quit":
                     break
             herd_done.set()
@@ -598,15 +599,14 @@ async def ask_all(shards: list[ShardProcess], cmd: dict[str, Any] | None) -> lis
 # -- the bench: the CA, the shards, the phases ------------------------------------------
 
 
-async def fleet(args: argparse.Namespace, n: int, work: Path) -> dict[str, Any]:
-    admin_path = str(work / "admin.sock")
+def ca_daemon(args: argparse.Namespace, work: Path, listen: str = "127.0.0.1:0") -> Daemon:
     ttl = str(args.ttl)
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    daemon = Daemon(
+    return Daemon(
         "ca",
         [
             "ca", "run", "--trust-domain", TRUST_DOMAIN, "--data-dir", str(work / "ca"),
-            "--listen", "127.0.0.1:0", "--admin-socket", admin_path,
+            "--listen", listen, "--admin-socket", str(work / "admin.sock"),
             "--metrics", "127.0.0.1:0", "--agent-svid-ttl", ttl, "--default-svid-ttl", ttl,
             # Below the descriptors the CA may open: past it, a connection is closed at
             # once (the agent retries) rather than failing in accept.
@@ -614,15 +614,30 @@ async def fleet(args: argparse.Namespace, n: int, work: Path) -> dict[str, Any]:
             "--log-level", "info",
         ],
     )  # fmt: skip
-    started = daemon.start("ca.started")
+
+
+async def fleet(args: argparse.Namespace, n: int, work: Path) -> dict[str, Any]:
+    ca = [ca_daemon(args, work)]
+    started = ca[0].start("ca.started")
+
+    def restart() -> tuple[Daemon, dict[str, Any]]:
+        """The CA again, on the same port and data: what its agents reconnect to."""
+        ca[0] = ca_daemon(args, work, started["listen"])
+        return ca[0], ca[0].start("ca.started")
+
     try:
-        return await _run(args, n, daemon, started, admin_path)
+        return await _run(args, n, ca[0], started, str(work / "admin.sock"), restart)
     finally:
-        daemon.stop()
+        ca[0].stop()
 
 
 async def _run(
-    args: argparse.Namespace, n: int, daemon: Daemon, started: dict[str, Any], admin_path: str
+    args: argparse.Namespace,
+    n: int,
+    daemon: Daemon,
+    started: dict[str, Any],
+    admin_path: str,
+    restart: Callable[[], tuple[Daemon, dict[str, Any]]],
 ) -> dict[str, Any]:
     admin = Admin(admin_path)
     roots = str((await admin.call("GET", "/v1/bundle"))["bundle"])
@@ -702,6 +717,26 @@ async def _run(
         herd_cpu1, herd_main1 = tree_cpu(daemon.pid), ca_pid_stats(daemon.pid)[0]
         herd_fresh = sorted(t for f in fresh for t in f["fresh_s"])
         herd = await ask_all(shards, {"cmd": "window"})
+
+        # The CA restarts (SIGTERM, then the same port and data): every agent keeps its
+        # SVIDs, and the clock runs from the CA's start until every agent has its poll
+        # parked there again (`tally_ca_polls_parked`).
+        await ask_all(shards, {"cmd": "mark"})
+        daemon.stop()
+        daemon, again = restart()
+        restart_cpu0, restart_t0 = tree_cpu(daemon.pid), time.perf_counter()
+        restart_half = restart_all = math.nan
+        parked = 0.0
+        while time.perf_counter() - restart_t0 < args.herd_seconds:
+            await trio.sleep(0.5)
+            parked = (await admin.metrics(again["metrics"])).get("tally_ca_polls_parked", 0)
+            if parked * 2 >= n and math.isnan(restart_half):
+                restart_half = time.perf_counter() - restart_t0
+            if parked >= n:
+                restart_all = time.perf_counter() - restart_t0
+                break
+        restart_cpu1 = tree_cpu(daemon.pid)
+        after_restart = await ask_all(shards, {"cmd": "window"})
     finally:
         for shard in shards:
             await shard.close()
@@ -747,6 +782,13 @@ async def _run(
         "herd_ca_cpu_s": herd_cpu1 - herd_cpu0,
         "herd_ca_main_cpu_s": herd_main1 - herd_main0,
         "herd_sim_cpu_s": sum(h["sim_cpu_s"] for h in herd),
+        "restart_s": restart_all,
+        "restart_parked": parked,
+        "restart_p50_s": restart_half,
+        "restart_ca_cpu_s": restart_cpu1 - restart_cpu0,
+        "restart_errors_by": dict(
+            sum((Counter(a["errors"]) for a in after_restart), Counter[str]())
+        ),
     }
 
 
@@ -793,9 +835,10 @@ def main() -> None:
         "| KiB/parked conn | renew p50/p99 ms | sign p50/p99 ms | renewals/s | signs/s | polls/s "
         "| conns/s "
         "| wakes/renewal | wakes/entry change | 429s | errors | herd: fresh | herd p50 / all s "
-        "| herd CA CPU s | herd 429s | herd errors |"
+        "| herd CA CPU s | herd 429s | herd errors | CA restart: parked | half / all s "
+        "| CA CPU s |"
     )
-    print("|" + "---|" * 22)
+    print("|" + "---|" * 25)
     for r in rows:
         print(
             f"| {r['agents']} | {r['shards']} | {r['ca_cpu']:.0%} ({r['ca_main_cpu']:.0%}) "
@@ -810,7 +853,8 @@ def main() -> None:
             f"| {r['overloaded']} | {sum(r['errors'].values())} "
             f"| {r['herd_fresh']} | {r['herd_p50_s']:.1f} / {r['herd_s']:.1f} "
             f"| {r['herd_ca_cpu_s']:.0f} | {r['herd_overloaded']} "
-            f"| {r['herd_errors']} |"
+            f"| {r['herd_errors']} | {r['restart_parked']:.0f} "
+            f"| {r['restart_p50_s']:.1f} / {r['restart_s']:.1f} | {r['restart_ca_cpu_s']:.0f} |"
         )
 
 
