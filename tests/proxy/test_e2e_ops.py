@@ -20,7 +20,7 @@ from cryptography import x509
 
 from tally.app.launch import Daemon
 from tally.spiffe import pem
-from tests.proxy.conftest import client_context, mint, tls_connect, wait_until
+from tests.proxy.conftest import client_context, http_over, mint, tls_connect, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -303,7 +303,13 @@ def test_nothing_is_accepted_before_the_first_svid(tmp_path):
         assert daemon.stop() == 0
 
 
-def test_readyz_and_metrics_when_serving(http_server_proxy):
+def test_readyz_and_metrics_when_serving(http_server_proxy, certs):
+    # A handshake of this test's own: the proxy is shared, and the other tests' may have
+    # run in another worker.
+    with tls_connect(
+        http_server_proxy.port, client_context(certs["web"], certs["web"].bundle)
+    ) as s:
+        assert http_over(s, "/ready").startswith(b"HTTP/1.1 200 ")
     with urlopen(f"http://{http_server_proxy.metrics}/readyz", timeout=5) as resp:
         text = resp.read().decode()
     assert text.startswith("ready: serving as spiffe://example.org/api")
