@@ -19,8 +19,10 @@ Rules:
    that asked for it.
 3. `queued` counts calls made and not yet answered, the running one included: the
    CA's measure of overload (`ca.throttle.overload_retry_after`).
-4. The thread starts with the first call and ends at `close`; calls made after
-   `close` fail with ``RuntimeError``.  Each call runs in a copy of its caller's
+4. The thread starts with the first call and ends at `close`, which waits up to
+   `CLOSE_WAIT` for the calls already made (a datastore gone quiet must not hold up
+   the process's exit; the thread is a daemon); calls made after `close` fail with
+   ``RuntimeError``.  Each call runs in a copy of its caller's
    context variables, as ``to_thread`` runs it.
 """
 
@@ -38,6 +40,9 @@ import trio
 T = TypeVar("T")
 
 _Job = Callable[[], None]
+
+CLOSE_WAIT = 5.0
+"""Longest `close` waits for calls already made (rule 4)."""
 
 
 class StoreThread:
@@ -86,4 +91,4 @@ class StoreThread:
         self._closed = True
         if self._thread is not None:
             self._jobs.put(None)
-            self._thread.join()
+            self._thread.join(CLOSE_WAIT)

@@ -23,9 +23,10 @@ async def test_calls_run_back_to_back_while_the_event_loop_is_busy() -> None:
     store = StoreThread()
     made: list[int] = []
     ran: list[int] = []
-    all_ran = threading.Event()
+    all_ran, go = threading.Event(), threading.Event()
 
     def call(i: int) -> int:
+        go.wait(timeout=10)
         ran.append(i)
         if len(ran) == 3:
             all_ran.set()
@@ -42,7 +43,8 @@ async def test_calls_run_back_to_back_while_the_event_loop_is_busy() -> None:
             for i in range(3):
                 nursery.start_soon(ask, i)
             await trio.testing.wait_all_tasks_blocked()
-            assert store.queued == 3
+            assert store.queued == 3  # one running (held by ``go``), two waiting
+            go.set()
             # The event loop stays blocked here: the thread must get through all three.
             assert all_ran.wait(timeout=10)
             assert ran == made
