@@ -15,12 +15,14 @@ hour pass in a minute, so the CA sees the renewals of 60 times as many agents
 at 1 h; the polls come every ``poll_wait`` (50 s) whatever the TTL.
 
 Phases: attest everyone, run steady for ``--seconds`` (the table's steady
-figures), make one entry change (what it wakes), then the herd: every agent
-drops its connections and comes back at once, and the clock runs until each holds
-a fresh agent SVID and all its workload SVIDs again.
+figures), make one entry change (what it wakes), then two herds.  Every agent
+restarts at once as the real agent does (its own SVID kept, its entries synced
+anew, its workload SVIDs signed anew), and the clock runs until each holds all its
+workload SVIDs again; then the CA restarts on the same port and data, and the clock
+runs until every agent's poll is parked there again.
 
     .venv/bin/python -m bench.fleet --agents 100,1000 [--workloads 10] [--ttl 60]
-    .venv/bin/python -m bench.fleet --agents 10000 --ttl 1200   # four simulators
+    .venv/bin/python -m bench.fleet --agents 10000 --ttl 3600 --steady-start --spread 120
 """
 
 from __future__ import annotations
