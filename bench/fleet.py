@@ -189,7 +189,6 @@ class SimAgent:
         self.renew_at = 0.0  # trio time
         self.workloads_at = 0.0
         self.fresh = trio.Event()  # set when agent SVID and workload SVIDs were renewed
-
         self.bundle_sequence = -1
         self.mid_life = False
         """Draw the first renewals as a fleet up for a while has them (``--steady-start``)."""
@@ -433,20 +432,12 @@ class Shard:
     def say(self, obj: object) -> None:
         os.write(self.out, json.dumps(obj).encode() + b"\n")
 
-    async def _all_fresh(self, seconds: float) -> bool:
-        with trio.move_on_after(seconds):
-            for agent in self.agents:
-                await agent.fresh.wait()
-            return True
-        return False
-
-    async def _times(self, event: Callable[[SimAgent], trio.Event], seconds: float) -> list[float]:
-        """Seconds from now until each agent's ``event`` was set, for those set within
-        ``seconds``."""
+    async def _fresh_times(self, seconds: float) -> list[float]:
+        """Seconds from now until each agent was fresh, for those fresh within ``seconds``."""
         t0, times = trio.current_time(), []
 
         async def one(agent: SimAgent) -> None:
-            await event(agent).wait()
+            await agent.fresh.wait()
             times.append(trio.current_time() - t0)
 
         with trio.move_on_after(seconds):
@@ -476,7 +467,7 @@ class Shard:
                 stopped.set()
 
             top.start_soon(fleet)
-            self.say({"ready": await self._all_fresh(3600)})
+            self.say({"ready": len(await self._fresh_times(3600)) == len(self.agents)})
             mark: dict[str, Any] = {}
             async for cmd in commands:
                 what = cmd["cmd"]
@@ -523,9 +514,7 @@ class Shard:
                         await agent.reconnect()
                     for agent in self.agents:  # they run on, for the CA's restart
                         top.start_soon(agent.run)
-                    times = await self._times(lambda a: a.fresh, float(cmd["seconds"]))
-                    self.say({"fresh_s": times, "agents": len(self.agents)})
-
+                    self.say({"fresh_s": await self._fresh_times(float(cmd["seconds"]))})
                 elif what == "quit":
                     break
             herd_done.set()
