@@ -1,9 +1,9 @@
-"""HTTP/1.1 forwarding on h11, one request at a time, bodies streamed both ways.
+"""HTTP/1.1 forwarding on `tally.wire.http1`, one request at a time, bodies streamed both ways.
 
 Rules:
 
 1. Streamed, never buffered whole.  Each body chunk is passed on as it
-   arrives (h11 hands us what one read brought), in both directions, with the
+   arrives (the parser hands us what one read brought), in both directions, with the
    sender's framing kept (Content-Length stays Content-Length, chunked stays
    chunked), so memory per request is bounded by one read whatever the size.
    A request with a body runs two tasks, so a service that answers before it
@@ -42,13 +42,12 @@ Rules:
    of three.  A flush the kernel takes whole does not checkpoint: the wait
    for input that follows it is the exchange's checkpoint, and a trip through
    trio's scheduler per message was a tenth of a small request's cost.
-6. Ambiguous framing is refused, not relayed.  h11 reads a request with both
-   Content-Length and Transfer-Encoding by the latter; a target that trusts
-   the former would read the rest as a second request (request smuggling).
-   Such a request, and one claiming an HTTP version other than 1.x (h11
-   parses ``PRI * HTTP/2.0`` as a request), get a 400/505 and the connection
-   closes.  Folded headers (obs-fold) and bare LF line ends are accepted as
-   h11 reads them: the request goes on re-serialized, one line per header.
+6. Ambiguous framing is refused, not relayed.  The parser (`tally.wire.http1`
+   rule 1) refuses a request with both Content-Length and Transfer-Encoding,
+   which a target trusting the former would read as two (request smuggling),
+   as well as folded headers (obs-fold) and bare LF line ends, with a 400; a
+   request claiming an HTTP version other than 1.x gets a 505.  Either way
+   the connection closes and the target sees nothing.
 9. The proxy's own streams are driven through their relay ends
    (`tally.tls.plain.PlainEnd`, `tally.tls.relay_end.TLSEnd`), as TCP mode's
    relay drives them: a read or a write is one call that never waits, and the
@@ -59,12 +58,11 @@ Rules:
    found its bytes waiting delivers a pending cancellation but yields to the
    scheduler only every `YIELD_EVERY` reads, so a fast peer cannot starve the
    other connections and deadlines still fire.
-8. What h11 parsed is not validated again.  A forwarded head is built from
-   fields h11's reader already checked against the RFC grammar, so it is
-   built with h11's ``_parsed=True`` (h11 still applies its Content-Length
-   and Transfer-Encoding rules and its Host rule), and body events are
-   passed on as the same objects.  Only what the proxy adds itself (XFCC,
-   a bearer token, a Host for HTTP/1.0) is checked, by `checked`.  Checking
+8. What the parser read is not validated again.  A forwarded head is built
+   from fields llhttp already checked against the RFC grammar, so it is built
+   with ``_parsed=True`` (the Host rule still applies), and body events are
+   passed on as the same objects.  Only what the proxy adds itself (XFCC, a
+   bearer token, a Host for HTTP/1.0) is checked, by `checked`.  Checking
    every header twice was a fifth of HTTP mode's CPU per request.
 """
 
@@ -77,15 +75,15 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import ParamSpec, Protocol, TypeVar, cast
 
-import h11
 import trio
 
 from proxy.tcp import Deadline, End
+from tally.wire import http1
 
 CHUNK = 1 << 16
-"""Bytes per read.  Not more than ``MAX_HEAD_BYTES``: h11 measures a head against its
-limit only while the head is incomplete, so a read larger than the limit could bring an
-oversized head in whole (tests/security/test_garbage.py's huge_header case)."""
+"""Bytes per read.  Not more than ``MAX_HEAD_BYTES``, so a head is measured against its
+limit before a second read is taken for it (tests/security/test_garbage.py's huge_header
+case)."""
 MAX_HEAD_BYTES = 64 * 1024
 YIELD_EVERY = 8
 """Reads that found their bytes waiting, in a row, before one yields to the scheduler
@@ -94,11 +92,9 @@ HOP_BY_HOP = frozenset(
     {b"connection", b"keep-alive", b"proxy-connection", b"te", b"upgrade", b"http2-settings"}
 )
 Headers = list[tuple[bytes, bytes]]
-E = TypeVar("E", h11.Request, h11.Response, h11.InformationalResponse)
+E = TypeVar("E", http1.Request, http1.Response, http1.InformationalResponse)
 P = ParamSpec("P")
-_IO_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError)
-h11_headers_type = type(h11.Response(status_code=200, headers=[]).headers)
-"""h11's parsed-headers class, which h11 does not export by name."""
+_IO_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, http1.ProtocolError)
 # RFC 9110 5.1 field-name (token) and 5.5 field-value without obs-text: what we add ourselves.
 _FIELD_NAME = re.compile(rb"[!#$%&'*+\-.^_`|~0-9a-z]+")
 _FIELD_VALUE = re.compile(rb"[\x21-\x7e]([\t\x20-\x7e]*[\x21-\x7e])?|")
@@ -140,15 +136,17 @@ class _Driven(Protocol):
 
 
 class HttpStream:
-    """One h11 connection bound to one trio stream, with an output queue (rule 5).
+    """One HTTP/1.1 connection bound to one trio stream, with an output queue (rule 5).
 
     The proxy's own streams are read and written through their relay end (rule 9),
     any other trio stream (the tests' memory streams) through the stream API.
     """
 
-    def __init__(self, stream: trio.abc.Stream, role: type[h11.CLIENT] | type[h11.SERVER]) -> None:
+    def __init__(
+        self, stream: trio.abc.Stream, role: type[http1.CLIENT] | type[http1.SERVER]
+    ) -> None:
         self.stream = stream
-        self.conn = h11.Connection(role, max_incomplete_event_size=MAX_HEAD_BYTES)
+        self.conn = http1.Connection(role, max_incomplete_event_size=MAX_HEAD_BYTES)
         self._out: list[bytes] = []
         self._end: End | None = None
         self._wait: Callable[[int], Awaitable[None]] | None = None
@@ -173,7 +171,7 @@ class HttpStream:
         return bool(data) or closed
 
     async def receive(self, activity: Deadline | None = None) -> None:
-        """Feed h11 one read (at most `CHUNK`), waiting only while nothing has arrived."""
+        """Feed the parser one read (at most `CHUNK`), waiting only while nothing has arrived."""
         end = self._end
         if end is None:
             data = await self.stream.receive_some(CHUNK)
@@ -184,9 +182,9 @@ class HttpStream:
             while got is None:
                 await self._wait(end.wants)
                 got = end.read(CHUNK)
-            # h11 copies what it is given into its buffer: a lent read is safe to pass,
+            # llhttp hands on copies of what it is given: a lent read is safe to pass,
             # and once passed, a cancellation below loses nothing.
-            self.conn.receive_data(got)  # type: ignore[arg-type]
+            self.conn.receive_data(got)
             if activity is not None:
                 activity.touch()
             if waited:
@@ -207,13 +205,13 @@ class HttpStream:
     async def next_event(self, activity: Deadline | None = None) -> object:
         while True:
             event = self.conn.next_event()
-            if event is not h11.NEED_DATA:
+            if event is not http1.NEED_DATA:
                 return event
             await self.receive(activity)
 
-    def queue(self, event: h11.Event) -> None:
+    def queue(self, event: http1.Event) -> None:
         """Serialize ``event`` behind what is queued.  A body chunk is kept as the very
-        object h11 was given (``send_with_data_passthrough``): a bulk body is then never
+        object the parser handed over (``send_with_data_passthrough``): a bulk body is then never
         copied here, only the small framing around it."""
         pieces = self.conn.send_with_data_passthrough(event)
         if pieces:
@@ -245,13 +243,13 @@ class HttpStream:
             if activity is not None:
                 activity.touch()
 
-    async def send(self, event: h11.Event) -> None:
+    async def send(self, event: http1.Event) -> None:
         self.queue(event)
         await self.flush()
 
     def reusable(self) -> bool:
         """Start the next cycle if both sides finished this one cleanly; False: close it."""
-        if self.conn.our_state is h11.DONE and self.conn.their_state is h11.DONE:
+        if self.conn.our_state is http1.DONE and self.conn.their_state is http1.DONE:
             self.conn.start_next_cycle()
             return True
         return False
@@ -282,7 +280,7 @@ class Idlers:
 
 async def next_request(
     down: HttpStream, idlers: Idlers, idle_s: float, hard_at: float, request_s: float = math.inf
-) -> tuple[h11.Request | None, str]:
+) -> tuple[http1.Request | None, str]:
     """The next request, or None and why not: closed, idle, draining, peer_expired,
     bad_request, request_timeout.
 
@@ -309,11 +307,11 @@ async def next_request(
         began = trio.current_time()
         down.due = began + request_s
         event: object = down.conn.next_event()  # usually the whole head came in one read
-        if event is h11.NEED_DATA:
+        if event is http1.NEED_DATA:
             event = None
             with trio.CancelScope(deadline=min(began + idle_s, down.due)):
                 event = await down.next_event()
-        if isinstance(event, h11.Request):
+        if isinstance(event, http1.Request):
             refusal = _refusal(event)
             if refusal is None:
                 return event, ""
@@ -323,20 +321,17 @@ async def next_request(
             await respond_error(down, 408, "request head took too long")
             return None, "request_timeout" if trio.current_time() >= down.due else "idle"
         return None, "closed"
-    except h11.RemoteProtocolError as exc:
+    except http1.RemoteProtocolError as exc:
         await respond_error(down, exc.error_status_hint, "malformed request")
         return None, "bad_request"
     except (trio.BrokenResourceError, trio.ClosedResourceError):
         return None, "closed"
 
 
-def _refusal(request: h11.Request) -> tuple[int, str] | None:
-    """Requests h11 accepts that must not be relayed (rule 6), as (status, text)."""
-    if request.http_version not in (b"1.0", b"1.1"):
+def _refusal(request: http1.Request) -> tuple[int, str] | None:
+    """Requests the parser accepts that must not be relayed (rule 6), as (status, text)."""
+    if request.http_version not in (b"1.0", b"1.1"):  # llhttp reads HTTP/2.0 heads too
         return 505, "HTTP version not supported"
-    names = {name for name, _ in _pairs(request.headers)}
-    if b"content-length" in names and b"transfer-encoding" in names:
-        return 400, "both Content-Length and Transfer-Encoding"
     return None
 
 
@@ -354,32 +349,19 @@ def connection_tokens(headers: Sequence[tuple[bytes, bytes]]) -> set[bytes]:
     return tokens
 
 
-def _pairs(headers: Sequence[tuple[bytes, bytes]]) -> Sequence[tuple[bytes, bytes]]:
-    """(lower-case name, value) pairs, cheaply for the headers h11 parsed (rule 8).
-
-    Iterating h11's ``Headers`` goes through ``Sequence.__iter__`` and one
-    Python ``__getitem__`` call per header; ``raw_items()`` (public) is one
-    list comprehension, and lowering a name is a C call.
-    """
-    if isinstance(headers, h11_headers_type):
-        return [(name.lower(), value) for name, value in headers.raw_items()]
-    return headers
-
-
 def forwarded_headers(
     headers: Sequence[tuple[bytes, bytes]], *, drop: frozenset[bytes] = frozenset()
 ) -> Headers:
     """Headers minus the hop-by-hop ones (rule 2) and ``drop``; names are lower case."""
-    pairs = _pairs(headers)
-    named = connection_tokens(pairs)
+    named = connection_tokens(headers)
     if named:
         drop = drop | named
-    return [(name, value) for name, value in pairs if name not in HOP_BY_HOP and name not in drop]
+    return [(name, value) for name, value in headers if name not in HOP_BY_HOP and name not in drop]
 
 
-def has_body(request: h11.Request) -> bool:
+def has_body(request: http1.Request) -> bool:
     """RFC 9112 6.3: a request has a body only if it says so."""
-    for name, value in _pairs(request.headers):
+    for name, value in request.headers:
         if name == b"transfer-encoding" or (name == b"content-length" and value.strip() != b"0"):
             return True
     return False
@@ -390,12 +372,12 @@ async def respond_error(
 ) -> None:
     """A short plain-text error (with ``extra`` headers), then the connection is done;
     best effort."""
-    if down.conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+    if down.conn.our_state not in (http1.IDLE, http1.SEND_RESPONSE):
         return
     body = f"{status} {text}\n".encode()
     try:
         await down.send(
-            h11.Response(
+            http1.Response(
                 status_code=status,
                 headers=[
                     (b"content-type", b"text/plain; charset=utf-8"),
@@ -405,8 +387,8 @@ async def respond_error(
                 ],
             )
         )
-        await down.send(h11.Data(data=body))
-        await down.send(h11.EndOfMessage())
+        await down.send(http1.Data(data=body))
+        await down.send(http1.EndOfMessage())
     except _IO_ERRORS:
         pass
 
@@ -440,12 +422,12 @@ async def _next_from(
     while True:
         try:
             event = src.conn.next_event()
-        except h11.ProtocolError as exc:
+        except http1.ProtocolError as exc:
             kind = MalformedBody if src_fails is DownstreamError else src_fails
             raise kind(f"malformed message: {exc}") from exc
-        if isinstance(event, h11.ConnectionClosed):
+        if isinstance(event, http1.ConnectionClosed):
             raise src_fails("the connection closed in the middle of a message")
-        if event is not h11.NEED_DATA:
+        if event is not http1.NEED_DATA:
             return event
         await _flush(dst, dst_fails, activity)
         try:
@@ -454,10 +436,10 @@ async def _next_from(
             raise src_fails(f"reading failed: {exc!r}") from exc
 
 
-def _queue(dst: HttpStream, event: h11.Event, fails: Failure) -> None:
+def _queue(dst: HttpStream, event: http1.Event, fails: Failure) -> None:
     try:
         dst.queue(event)
-    except h11.ProtocolError as exc:
+    except http1.ProtocolError as exc:
         raise fails(f"cannot relay this message: {exc}") from exc
 
 
@@ -469,15 +451,15 @@ async def _flush(dst: HttpStream, fails: Failure, activity: Deadline | None = No
 
 
 def _build(kind: Callable[P, E], *args: P.args, **fields: P.kwargs) -> E:
-    """A head to forward, from fields h11 parsed (rule 8); h11 refusing it fails the exchange."""
+    """A head to forward, from fields the parser read (rule 8); a refusal fails the exchange."""
     try:
         return kind(*args, **fields, _parsed=True)  # type: ignore[arg-type]
-    except h11.LocalProtocolError as exc:
+    except http1.LocalProtocolError as exc:
         raise UpstreamError(f"cannot relay this message head: {exc}") from exc
 
 
 def checked(headers: Sequence[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
-    """Headers the proxy adds, checked as h11 would have (rule 8); UpstreamError if not."""
+    """Headers the proxy adds, checked as the parser would have (rule 8); UpstreamError if not."""
     for name, value in headers:
         if not _FIELD_NAME.fullmatch(name) or not _FIELD_VALUE.fullmatch(value):
             raise UpstreamError(f"cannot relay this message head: bad added header {name!r}")
@@ -501,11 +483,11 @@ async def _relay_body(
 ) -> None:
     while True:
         event = await _next_from(down, up, activity, DownstreamError, UpstreamError)
-        if type(event) is h11.Data:
+        if type(event) is http1.Data:
             _queue(up, event, UpstreamError)
             ex.bytes_in += len(event.data)
             count(len(event.data))
-        elif type(event) is h11.EndOfMessage:
+        elif type(event) is http1.EndOfMessage:
             _queue(up, event, UpstreamError)
             await _flush(up, UpstreamError, activity)
             return
@@ -523,36 +505,36 @@ async def _relay_response(
 ) -> None:
     while True:
         event = await _next_from(up, down, activity, UpstreamError, DownstreamError)
-        if isinstance(event, h11.InformationalResponse):
+        if isinstance(event, http1.InformationalResponse):
             if event.status_code == 101:
                 raise UpstreamError("the target switched protocols, which HTTP mode cannot relay")
             info = _build(
-                h11.InformationalResponse,
+                http1.InformationalResponse,
                 status_code=event.status_code,
                 headers=forwarded_headers(event.headers),
                 reason=event.reason,
                 http_version=b"1.1",
             )
             _queue(down, info, DownstreamError)
-        elif isinstance(event, h11.Response):
+        elif isinstance(event, http1.Response):
             headers = forwarded_headers(event.headers)
             if closing():
                 headers.append((b"connection", b"close"))
             ex.status = event.status_code
             ex.response_started = True
             head = _build(
-                h11.Response,
+                http1.Response,
                 status_code=event.status_code,
                 headers=headers,
                 reason=event.reason,
                 http_version=b"1.1",
             )
             _queue(down, head, DownstreamError)
-        elif type(event) is h11.Data:
+        elif type(event) is http1.Data:
             _queue(down, event, DownstreamError)
             ex.bytes_out += len(event.data)
             count(len(event.data))
-        elif type(event) is h11.EndOfMessage:
+        elif type(event) is http1.EndOfMessage:
             _queue(down, event, DownstreamError)
             await _flush(down, DownstreamError, activity)
             return
@@ -563,7 +545,7 @@ async def _relay_response(
 async def exchange(
     down: HttpStream,
     up: HttpStream,
-    request: h11.Request,
+    request: http1.Request,
     headers: Headers,
     *,
     body_pending: bool,
@@ -584,7 +566,7 @@ async def exchange(
     activity = Deadline(idle_s)
     with activity.scope:
         head = _build(
-            h11.Request,
+            http1.Request,
             method=request.method,
             target=request.target,
             headers=headers,
@@ -592,7 +574,7 @@ async def exchange(
         )
         _queue(up, head, UpstreamError)
         if not body_pending:
-            _queue(up, h11.EndOfMessage(), UpstreamError)
+            _queue(up, http1.EndOfMessage(), UpstreamError)
         await _flush(up, UpstreamError)
         if not body_pending:
             await _relay_response(down, up, ex, activity, closing, count_from_target)
@@ -627,7 +609,7 @@ async def exchange(
 
 
 def request_headers(
-    request: h11.Request,
+    request: http1.Request,
     host_fallback: str,
     *,
     drop: frozenset[bytes] = frozenset(),

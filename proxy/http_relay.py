@@ -22,7 +22,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import h11
 import trio
 
 from proxy import xfcc
@@ -44,6 +43,7 @@ from proxy.pool import DialError, Upstream
 from proxy.traffic import Traffic
 from tally.ops.logs import get_logger
 from tally.spiffe.spiffeid import SpiffeId
+from tally.wire import http1
 
 log = get_logger("tally.proxy")
 
@@ -64,7 +64,7 @@ async def relay_http(
     app in client mode), ``hard_at`` when its certificate expires, and
     ``stamp`` the XFCC value that replaces any the caller sent.
     """
-    down = HttpStream(stream, h11.SERVER)
+    down = HttpStream(stream, http1.SERVER)
     # A server proxy drops a caller's XFCC even when it has no stamp of its own to add
     # (no client certificate, --no-client-cert): nobody may forge one.
     server = t.bearer is not None and t.bearer.require is not None
@@ -102,8 +102,8 @@ async def relay_http(
             return
         token_id, bearer_drop, bearer_add = bearer
         pending = has_body(request)
-        # The EndOfMessage of a request without a body: h11 has it already, no wait.
-        if not pending and down.conn.next_event() is h11.NEED_DATA:
+        # The EndOfMessage of a request without a body: the parser has it already, no wait.
+        if not pending and down.conn.next_event() is http1.NEED_DATA:
             await down.next_event()
         try:
             if bearer_add:
@@ -133,7 +133,7 @@ async def relay_http(
 async def _forward(
     t: Traffic,
     down: HttpStream,
-    request: h11.Request,
+    request: http1.Request,
     headers: list[tuple[bytes, bytes]],
     pending: bool,
     ex: Exchange,
@@ -180,7 +180,7 @@ async def _forward(
 
 
 async def _bearer(
-    t: Traffic, down: HttpStream, request: h11.Request, caller: SpiffeId | None, ex: Exchange
+    t: Traffic, down: HttpStream, request: http1.Request, caller: SpiffeId | None, ex: Exchange
 ) -> tuple[SpiffeId | None, frozenset[bytes], list[tuple[bytes, bytes]]] | None:
     """Apply `proxy.bearer` to one request: the token's SPIFFE ID and the headers to drop
     and add, or None once the request has been answered (401, 503) and must end here."""

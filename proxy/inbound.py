@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 
-import h11
 import trio
 from cryptography.hazmat.primitives import serialization
 
@@ -29,6 +28,7 @@ from tally.ops.logs import get_logger
 from tally.tls.plain import PlainStream
 from tally.tls.stream import TLSStream
 from tally.tls.verify import TLSError
+from tally.wire import http1
 
 log = get_logger("tally.proxy")
 
@@ -112,4 +112,4 @@ async def _splice_to_service(t: Traffic, conn: TLSStream, peer: Peer) -> None:
 async def dial_service(t: Traffic) -> Upstream:
     """HTTP mode: a plain connection to the service for the pool."""
     stream = PlainStream(await t.connect_target())
-    return Upstream(stream, HttpStream(stream, h11.CLIENT), None, math.inf)
+    return Upstream(stream, HttpStream(stream, http1.CLIENT), None, math.inf)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import math
 
-import h11
 import trio
 
 from proxy.http import HttpStream
@@ -27,6 +26,7 @@ from proxy.traffic import Traffic
 from tally.ops.logs import get_logger
 from tally.tls.plain import PlainStream
 from tally.tls.stream import TLSStream
+from tally.wire import http1
 
 log = get_logger("tally.proxy")
 
@@ -65,5 +65,5 @@ async def dial_server(t: Traffic) -> Upstream:
     own_left = (cur.identity.not_after - t.clock()).total_seconds()
     retire_at = min(peer.expires_at, trio.current_time() + own_left) - RETIRE_MARGIN_S
     return Upstream(
-        stream, HttpStream(stream, h11.CLIENT), peer.spiffe_id, retire_at, peer.expires_at
+        stream, HttpStream(stream, http1.CLIENT), peer.spiffe_id, retire_at, peer.expires_at
     )

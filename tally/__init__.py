@@ -8,7 +8,7 @@ role never imports another role.  ``tests/test_layers.py`` holds these rules.
                    bundles, authorization rules, rotation schedule.  No I/O.
 ``tally.tls``      the data path: pyOpenSSL contexts and verification, the trio
                    TLS stream, the relay's non-waiting ends, plain streams.
-``tally.wire``     codecs and their shells: HTTP/1.1 (h11), gRPC framing, the
+``tally.wire``     codecs and their shells: HTTP/1.1 (llhttp), gRPC framing, the
                    Workload API messages and client.
 ``tally.ops``      operations: config, durations, logs, metrics, health endpoint,
                    clocks, sockets and peer credentials, operator errors.

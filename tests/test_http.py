@@ -501,7 +501,7 @@ async def test_expect_100_continue_is_honoured(autojump_clock):
         await client.send_all(
             b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nExpect: 100-continue\r\n\r\n"
         )
-        assert await client.receive_some() == b"HTTP/1.1 100 \r\n\r\n"
+        assert await client.receive_some() == b"HTTP/1.1 100 Continue\r\n\r\n"
         await client.send_all(b"abc")
         await client.send_eof()
         out = bytearray()

@@ -1,8 +1,8 @@
-"""Tally's one HTTP/1.1 layer: h11 over any trio stream (TCP, Unix socket or TLSStream).
+"""HTTP/1.1 servers and clients over any trio stream (TCP, Unix socket or TLSStream).
 
 Rules:
 
-1. h11 owns the protocol; this module only moves bytes and time.  One request at a
+1. `tally.wire.http1` owns the protocol; this module only moves bytes and time.  One request at a
    time per connection, kept alive until either side says close.
 2. Every network wait has a deadline.  A server waits ``idle_timeout`` for the first
    byte of a request and then ``request_timeout`` for the rest of it (headers and
@@ -31,10 +31,10 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl
 
-import h11
 import trio
 
 from tally.tls.verify import PeerRejected, TLSError
+from tally.wire import http1
 
 log = logging.getLogger("tally.http")
 
@@ -64,7 +64,7 @@ class HttpClientError(Exception):
 
 
 def _decode_headers(raw: Sequence[tuple[bytes, bytes]]) -> Headers:
-    # h11 has checked that names are tokens (ASCII); values may hold obs-text: latin-1.
+    # llhttp has checked that names are tokens (ASCII); values may hold obs-text: latin-1.
     return tuple((name.decode("ascii"), value.decode("latin-1")) for name, value in raw)
 
 
@@ -128,7 +128,7 @@ class Response:
 
     def __post_init__(self) -> None:
         # Checked while the handler runs, so a bad response is the handler's 500
-        # rather than an h11 error half way through writing it.
+        # rather than a protocol error half way through writing it.
         if not 200 <= self.status <= 599:
             raise ValueError(f"response status must be 200-599, got {self.status}")
         _check_header("content-type", self.content_type)
@@ -224,12 +224,12 @@ async def serve_http(
             pass
     except _PEER_ERRORS:
         return
-    except h11.LocalProtocolError:
+    except http1.LocalProtocolError:
         log.exception("HTTP layer tried to send something HTTP/1.1 forbids; connection dropped")
 
 
 class _Server:
-    """One connection's request loop; the state is the h11 connection and two deadlines."""
+    """One connection's request loop; the state is the HTTP/1.1 connection and two deadlines."""
 
     def __init__(
         self,
@@ -248,7 +248,7 @@ class _Server:
         self.request_timeout = request_timeout
         self.max_body = max_body
         self.max_header_bytes = max_header_bytes
-        self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=max_header_bytes)
+        self.conn = http1.Connection(http1.SERVER, max_incomplete_event_size=max_header_bytes)
         self.deadline: float | None = None  # set once the first byte of a request is in
         self.method = "GET"  # of the request being answered: HEAD responses carry no body
 
@@ -258,7 +258,7 @@ class _Server:
         self.method = "GET"
         try:
             request = await self._read_request()
-        except h11.RemoteProtocolError as exc:
+        except http1.RemoteProtocolError as exc:
             status = exc.error_status_hint
             await self._refuse(_Refuse(status, _PROTOCOL_MESSAGES.get(status, "bad request")))
             return False
@@ -274,21 +274,21 @@ class _Server:
         await self._write(self._render(response, close=self.drain.started))
         if self.drain.started:
             return False
-        if self.conn.our_state is h11.DONE and self.conn.their_state is h11.DONE:
+        if self.conn.our_state is http1.DONE and self.conn.their_state is http1.DONE:
             self.conn.start_next_cycle()
             return True
         return False
 
     async def _next_event(self) -> object:
-        """The next h11 event (never NEED_DATA); callers act on the types they expect."""
+        """The next HTTP/1.1 event (never NEED_DATA); callers act on the types they expect."""
         while True:
             event = self.conn.next_event()
-            if event is not h11.NEED_DATA:
+            if event is not http1.NEED_DATA:
                 return event
             await self._receive()
 
     async def _receive(self) -> None:
-        """Feed h11 one chunk: under the idle deadline, or mid-request the request deadline."""
+        """Feed one chunk: under the idle deadline, or mid-request the request deadline."""
         if self.deadline is None and self.conn.trailing_data[0]:
             self.deadline = trio.current_time() + self.request_timeout
         idle = self.deadline is None
@@ -314,10 +314,10 @@ class _Server:
 
     async def _read_request(self) -> Request | None:
         event = await self._next_event()
-        if not isinstance(event, h11.Request):
+        if not isinstance(event, http1.Request):
             return None  # ConnectionClosed: the peer left between requests
         self.method = event.method.decode("ascii")
-        # h11 limits only heads that arrive in pieces; one that arrives whole is measured here.
+        # http1 limits every head by its size; the server's own limit is measured here too.
         head_size = len(event.target) + sum(len(n) + len(v) + 4 for n, v in event.headers)
         if head_size > self.max_header_bytes:
             raise _Refuse(431, "request headers too large")
@@ -332,10 +332,10 @@ class _Server:
             raise _Refuse(413, f"request body exceeds {self.max_body} bytes")
         if self.conn.they_are_waiting_for_100_continue:
             await self._write(
-                self.conn.send(h11.InformationalResponse(status_code=100, headers=[]))
+                self.conn.send(http1.InformationalResponse(status_code=100, headers=[]))
             )
         body = bytearray()
-        while isinstance(part := await self._next_event(), h11.Data):
+        while isinstance(part := await self._next_event(), http1.Data):
             body += part.data
             if len(body) > self.max_body:
                 raise _Refuse(413, f"request body exceeds {self.max_body} bytes")
@@ -365,7 +365,7 @@ class _Server:
         headers = [("content-type", response.content_type), *response.headers]
         try:
             await self._write(
-                self.conn.send(h11.Response(status_code=response.status, headers=headers))
+                self.conn.send(http1.Response(status_code=response.status, headers=headers))
             )
             while self.method != "HEAD" and not self.drain.started:
                 # Only the wait for the next piece is cut by a drain, never a write, so
@@ -382,8 +382,8 @@ class _Server:
                 if piece is None or scope.cancelled_caught:
                     break
                 if piece:
-                    await self._write(self.conn.send(h11.Data(data=piece)))
-            await self._write(self.conn.send(h11.EndOfMessage()))
+                    await self._write(self.conn.send(http1.Data(data=piece)))
+            await self._write(self.conn.send(http1.EndOfMessage()))
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(LINGER_S):
                 await stream.aclose()
@@ -396,10 +396,10 @@ class _Server:
         ]
         if close:
             headers.append(("connection", "close"))
-        out = self.conn.send(h11.Response(status_code=response.status, headers=headers))
+        out = self.conn.send(http1.Response(status_code=response.status, headers=headers))
         if response.body and self.method != "HEAD" and response.status not in (204, 304):
-            out += self.conn.send(h11.Data(data=response.body))
-        return out + self.conn.send(h11.EndOfMessage())
+            out += self.conn.send(http1.Data(data=response.body))
+        return out + self.conn.send(http1.EndOfMessage())
 
     async def _write(self, data: bytes) -> None:
         with trio.move_on_after(self.request_timeout) as scope:
@@ -409,7 +409,7 @@ class _Server:
 
     async def _refuse(self, refusal: _Refuse) -> None:
         """Answer a request we will not serve, then half-close and let the peer read it."""
-        if self.conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+        if self.conn.our_state not in (http1.IDLE, http1.SEND_RESPONSE):
             return  # a response is already under way: nothing sensible left to say
         await self._write(self._render(refusal.response, close=True))
         await _linger(self.stream)
@@ -457,7 +457,7 @@ _TRANSPORT_ERRORS = (
     trio.TooSlowError,
     trio.BrokenResourceError,
     trio.ClosedResourceError,
-    h11.ProtocolError,
+    http1.ProtocolError,
     TLSError,
     PeerRejected,
     OSError,
@@ -487,7 +487,7 @@ class HttpClient:
         self._max_body = max_body
         self._max_header_bytes = max_header_bytes
         self._stream: trio.abc.Stream | None = None
-        self._conn: h11.Connection | None = None
+        self._conn: http1.Connection | None = None
         self._lock = trio.Lock()
         self.connections_opened = 0
 
@@ -527,23 +527,23 @@ class HttpClient:
         json_body: object | None,
         body: bytes,
         headers: Sequence[tuple[str, str]],
-    ) -> tuple[h11.Request, bytes]:
+    ) -> tuple[http1.Request, bytes]:
         if json_body is not None:
             if body:
                 raise ValueError("pass either json_body or body, not both")
             body = json.dumps(json_body, separators=(",", ":")).encode()
             headers = (("content-type", "application/json"), *headers)
         try:
-            request = h11.Request(
+            request = http1.Request(
                 method=method,
                 target=target,
                 headers=[("host", self._host), ("content-length", str(len(body))), *headers],
             )
-        except h11.LocalProtocolError as exc:
+        except http1.LocalProtocolError as exc:
             raise ValueError(f"invalid request {method} {target!r}: {exc}") from exc
         return request, body
 
-    async def _exchange(self, request: h11.Request, body: bytes) -> ClientResponse:
+    async def _exchange(self, request: http1.Request, body: bytes) -> ClientResponse:
         reused = self._stream is not None
         if self._stream is None or self._conn is None:
             try:
@@ -551,11 +551,13 @@ class HttpClient:
             except Exception as exc:
                 raise HttpClientError(f"cannot connect: {_explain(exc)}") from exc
             self.connections_opened += 1
-            self._conn = h11.Connection(
-                h11.CLIENT, max_incomplete_event_size=self._max_header_bytes
+            self._conn = http1.Connection(
+                http1.CLIENT, max_incomplete_event_size=self._max_header_bytes
             )
         stream, conn = self._stream, self._conn
-        out = conn.send(request) + conn.send(h11.Data(data=body)) + conn.send(h11.EndOfMessage())
+        out = (
+            conn.send(request) + conn.send(http1.Data(data=body)) + conn.send(http1.EndOfMessage())
+        )
         try:
             await stream.send_all(out)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
@@ -564,21 +566,21 @@ class HttpClient:
                 raise _Stale from exc
             raise
         response = await self._read_response(stream, conn, reused)
-        if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
+        if conn.our_state is http1.DONE and conn.their_state is http1.DONE:
             conn.start_next_cycle()
         else:
             await self._discard()  # the server asked to close, or spoke HTTP/1.0
         return response
 
     async def _read_response(
-        self, stream: trio.abc.Stream, conn: h11.Connection, reused: bool
+        self, stream: trio.abc.Stream, conn: http1.Connection, reused: bool
     ) -> ClientResponse:
         got_bytes = False
-        head: h11.Response | None = None
+        head: http1.Response | None = None
         body = bytearray()
         while True:
             event = conn.next_event()
-            if event is h11.NEED_DATA:
+            if event is http1.NEED_DATA:
                 try:
                     data = await stream.receive_some(RECEIVE_SIZE)
                 except trio.BrokenResourceError as exc:
@@ -593,15 +595,15 @@ class HttpClient:
                     raise HttpClientError("the server closed the connection without answering")
                 got_bytes = True
                 conn.receive_data(bytes(data) if isinstance(data, bytearray) else data)
-            elif isinstance(event, h11.Response):
+            elif isinstance(event, http1.Response):
                 head = event
-            elif isinstance(event, h11.Data):
+            elif isinstance(event, http1.Data):
                 body += event.data
                 if len(body) > self._max_body:
                     raise HttpClientError(f"response body exceeds {self._max_body} bytes")
-            elif isinstance(event, h11.EndOfMessage) and head is not None:
+            elif isinstance(event, http1.EndOfMessage) and head is not None:
                 return ClientResponse(head.status_code, _decode_headers(head.headers), bytes(body))
-            elif not isinstance(event, h11.InformationalResponse):
+            elif not isinstance(event, http1.InformationalResponse):
                 raise HttpClientError("the server closed the connection mid-response")
 
     async def _discard(self) -> None:

@@ -12,6 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from proxy import http as ph
+from tally.wire import http1
 
 
 def ignore(n):
@@ -52,7 +53,7 @@ class Peer:
 
 async def test_next_request_times_out_idle_connections(autojump_clock):
     _client, proxy_side = trio.testing.memory_stream_pair()
-    down = ph.HttpStream(proxy_side, h11.SERVER)
+    down = ph.HttpStream(proxy_side, http1.SERVER)
     request, why = await ph.next_request(down, ph.Idlers(), 15, math.inf)
     assert (request, why) == (None, "idle")
     assert trio.current_time() == pytest.approx(15)
@@ -66,7 +67,7 @@ async def test_drain_wakes_idle_waiters_but_not_a_request_in_progress(autojump_c
 
     async def wait(name, stream):
         results[name] = await ph.next_request(
-            ph.HttpStream(stream, h11.SERVER), idlers, 300, math.inf
+            ph.HttpStream(stream, http1.SERVER), idlers, 300, math.inf
         )
 
     async with trio.open_nursery() as nursery:
@@ -80,7 +81,7 @@ async def test_drain_wakes_idle_waiters_but_not_a_request_in_progress(autojump_c
     assert results["idle"] == (None, "draining")
     request, why = results["busy"]
     assert request is not None and request.target == b"/slow-head" and why == ""
-    assert await ph.next_request(ph.HttpStream(p1, h11.SERVER), idlers, 300, math.inf) == (
+    assert await ph.next_request(ph.HttpStream(p1, http1.SERVER), idlers, 300, math.inf) == (
         None,
         "draining",
     )
@@ -88,7 +89,7 @@ async def test_drain_wakes_idle_waiters_but_not_a_request_in_progress(autojump_c
 
 async def test_malformed_request_gets_400_and_the_connection_ends():
     client_stream, proxy_side = trio.testing.memory_stream_pair()
-    down = ph.HttpStream(proxy_side, h11.SERVER)
+    down = ph.HttpStream(proxy_side, http1.SERVER)
     await client_stream.send_all(b"NOT HTTP AT ALL\r\n\r\n")
     request, why = await ph.next_request(down, ph.Idlers(), 10, math.inf)
     assert (request, why) == (None, "bad_request")
@@ -96,7 +97,7 @@ async def test_malformed_request_gets_400_and_the_connection_ends():
 
 
 def test_hop_by_hop_headers_are_dropped_and_xfcc_replaced():
-    request = h11.Request(
+    request = http1.Request(
         method="GET",
         target="/",
         headers=[
@@ -124,15 +125,15 @@ def test_hop_by_hop_headers_are_dropped_and_xfcc_replaced():
 
 
 def test_host_is_added_for_http10_clients():
-    request = h11.Request(method="GET", target="/", headers=[], http_version="1.0")
+    request = http1.Request(method="GET", target="/", headers=[], http_version="1.0")
     assert (b"host", b"svc:80") in ph.request_headers(request, "svc:80")
 
 
 async def exchange_setup():
     client, down_side = trio.testing.memory_stream_pair()
     up_side, service = trio.testing.memory_stream_pair()
-    down = ph.HttpStream(down_side, h11.SERVER)
-    up = ph.HttpStream(up_side, h11.CLIENT)
+    down = ph.HttpStream(down_side, http1.SERVER)
+    up = ph.HttpStream(up_side, http1.CLIENT)
     return Peer(client, h11.CLIENT), down, up, Peer(service, h11.SERVER)
 
 
@@ -294,7 +295,7 @@ async def trickle(client_stream, data: bytes, every_s: float = 1.0) -> None:
 
 async def test_a_trickled_head_is_cut_at_the_request_deadline(autojump_clock):
     client, proxy_side = trio.testing.memory_stream_pair()
-    down = ph.HttpStream(proxy_side, h11.SERVER)
+    down = ph.HttpStream(proxy_side, http1.SERVER)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(trickle, client, b"GET / HTTP/1.1\r\nX-Slow: " + b"a" * 1000)
         request, why = await ph.next_request(down, ph.Idlers(), 30, math.inf, 10)
@@ -312,7 +313,7 @@ async def test_a_trickled_body_is_cut_at_the_request_deadline_with_408(autojump_
         b"POST /upload HTTP/1.1\r\nHost: svc\r\nContent-Length: 1000\r\n\r\n"
     )
     request, why = await ph.next_request(down, ph.Idlers(), 30, math.inf, 10)
-    assert isinstance(request, h11.Request) and why == ""
+    assert isinstance(request, http1.Request) and why == ""
     ex = ph.Exchange("POST", "/upload")
     async with trio.open_nursery() as nursery:
         nursery.start_soon(trickle, client.stream, b"x" * 1000)

@@ -17,6 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from proxy import http as ph
+from tally.wire import http1
 from tests.test_plain import plain_pair
 from tests.test_tls import _close_socket_pairs as _close_socket_pairs
 
@@ -32,16 +33,16 @@ def _fd(stream) -> int:
 )
 def test_responses_of_any_size_arrive_whole_while_reads_share_the_lent_buffer(sizes, cut):
     """Two connections read in turns: each read lends this thread's buffer, which the
-    other connection's next read overwrites, so h11 must have taken a copy at once."""
+    other connection's next read overwrites, so the parser must have taken a copy at once."""
 
     async def main() -> None:
         pairs = [plain_pair() for _ in sizes]
         try:
-            ups = [ph.HttpStream(ours, h11.CLIENT) for ours, _ in pairs]
+            ups = [ph.HttpStream(ours, http1.CLIENT) for ours, _ in pairs]
             bodies = [bytes([65 + i % 26]) * size for i, size in enumerate(sizes)]
             for up in ups:
-                up.queue(h11.Request(method="GET", target="/", headers=[(b"host", b"svc")]))
-                up.queue(h11.EndOfMessage())
+                up.queue(http1.Request(method="GET", target="/", headers=[(b"host", b"svc")]))
+                up.queue(http1.EndOfMessage())
                 await up.flush()
             async with trio.open_nursery() as nursery:
                 for (_, theirs), body in zip(pairs, bodies, strict=True):
@@ -53,11 +54,11 @@ def test_responses_of_any_size_arrive_whole_while_reads_share_the_lent_buffer(si
                         if done[i]:
                             continue
                         event = up.conn.next_event()
-                        if event is h11.NEED_DATA:
+                        if event is http1.NEED_DATA:
                             await up.receive()
-                        elif isinstance(event, h11.Data):
+                        elif isinstance(event, http1.Data):
                             got[i] += event.data
-                        elif isinstance(event, h11.EndOfMessage):
+                        elif isinstance(event, http1.EndOfMessage):
                             done[i] = True
             assert [bytes(g) for g in got] == bodies
         finally:
@@ -80,7 +81,7 @@ async def _serve(theirs, body: bytes, cut: int) -> None:
 async def test_a_peer_that_never_makes_us_wait_still_lets_other_tasks_run():
     """Reads that find their bytes waiting skip the scheduler, but not forever."""
     ours, theirs = plain_pair()
-    down = ph.HttpStream(ours, h11.SERVER)
+    down = ph.HttpStream(ours, http1.SERVER)
     turns = 0
 
     async def other() -> None:
@@ -94,27 +95,34 @@ async def test_a_peer_that_never_makes_us_wait_still_lets_other_tasks_run():
         await trio.lowlevel.checkpoint()
         before = turns
         # Two yields: trio may run us first in the batch after the first one.
-        for _ in range(2 * (ph.YIELD_EVERY + 1)):
-            os.write(_fd(theirs), b"x")  # already there when we read: no wait
+        head = b"GET /" + b"a" * 2 * ph.YIELD_EVERY + b" HTTP/1.1\r\nhost: x\r\n\r\n"
+        for i in range(2 * (ph.YIELD_EVERY + 1)):
+            os.write(_fd(theirs), head[i : i + 1])  # already there when we read: no wait
             await down.receive()
         assert turns > before, (turns, before)
         nursery.cancel_scope.cancel()
-    assert down.conn.trailing_data[0] == b"x" * 2 * (ph.YIELD_EVERY + 1)
+    os.write(_fd(theirs), head[2 * (ph.YIELD_EVERY + 1) :])
+    await down.receive()
+    request = down.conn.next_event()  # every byte was kept
+    assert isinstance(request, http1.Request) and request.target == head.split(b" ")[1]
     await ours.aclose()
     await theirs.aclose()
 
 
 async def test_a_cancellation_after_a_read_that_did_not_wait_loses_no_bytes():
     """A deadline that fired while we were busy is delivered after the bytes read are
-    safely in h11's buffer, so a drain or a timeout never drops part of a request."""
+    safely in the parser, so a drain or a timeout never drops part of a request."""
     ours, theirs = plain_pair()
-    down = ph.HttpStream(ours, h11.SERVER)
+    down = ph.HttpStream(ours, http1.SERVER)
     os.write(_fd(theirs), b"GET / HTTP/1.1\r\n")
     with trio.CancelScope() as scope:
         scope.cancel()
         await down.receive()
     assert scope.cancelled_caught
-    assert down.conn.trailing_data[0] == b"GET / HTTP/1.1\r\n"
+    assert down.conn.trailing_data[0]  # a head has begun
+    os.write(_fd(theirs), b"host: x\r\n\r\n")
+    await down.receive()
+    assert isinstance(down.conn.next_event(), http1.Request)
     await ours.aclose()
     await theirs.aclose()
 
@@ -127,12 +135,12 @@ def ignore(n: int) -> None:
 @given(size=st.integers(min_value=0, max_value=600_000))
 def test_a_long_body_never_brings_the_next_head_in_a_read_longer_than_chunk(size):
     """Whatever the target sends after a response's body (here an oversized head)
-    arrives in reads of at most CHUNK bytes, where h11's head limit applies: a longer
+    arrives in reads of at most CHUNK bytes, where the head limit applies: a longer
     read within a long body (tried: up to what is left of it) must never take it along."""
 
     async def main() -> None:
         (down_ours, client), (up_ours, target) = plain_pair(), plain_pair()
-        down, up = ph.HttpStream(down_ours, h11.SERVER), ph.HttpStream(up_ours, h11.CLIENT)
+        down, up = ph.HttpStream(down_ours, http1.SERVER), ph.HttpStream(up_ours, http1.CLIENT)
         body = b"b" * size
         after = b"HTTP/1.1 200 OK\r\nx-big: " + b"y" * (3 * ph.CHUNK) + b"\r\n\r\n"
         got = bytearray()
@@ -162,7 +170,7 @@ def test_a_long_body_never_brings_the_next_head_in_a_read_longer_than_chunk(size
             await client.send_all(b"GET / HTTP/1.1\r\nhost: svc\r\n\r\n")
             request, why = await ph.next_request(down, ph.Idlers(), 30, math.inf)
             assert request is not None, why
-            assert type(down.conn.next_event()) is h11.EndOfMessage
+            assert type(down.conn.next_event()) is http1.EndOfMessage
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(serve)
                 nursery.start_soon(read)

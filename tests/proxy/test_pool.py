@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import h11
 import trio
 import trio.testing
 
@@ -10,17 +9,18 @@ from proxy.http import HttpStream
 from proxy.metrics import Stats
 from proxy.pool import Pool, Upstream
 from tally.spiffe.spiffeid import SpiffeId
+from tally.wire import http1
 
 PEER = SpiffeId.parse("spiffe://example.org/api")
 
 
 def after_one_request(stream) -> HttpStream:
     """An upstream HttpStream that has just finished a keep-alive cycle."""
-    http = HttpStream(stream, h11.CLIENT)
-    http.conn.send(h11.Request(method="GET", target="/", headers=[("Host", "x")]))
-    http.conn.send(h11.EndOfMessage())
+    http = HttpStream(stream, http1.CLIENT)
+    http.conn.send(http1.Request(method="GET", target="/", headers=[("Host", "x")]))
+    http.conn.send(http1.EndOfMessage())
     http.conn.receive_data(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
-    while not isinstance(http.conn.next_event(), h11.EndOfMessage):
+    while not isinstance(http.conn.next_event(), http1.EndOfMessage):
         pass
     return http
 
@@ -34,7 +34,7 @@ class Dialer:
         await trio.lowlevel.checkpoint()
         stream, _ = trio.testing.memory_stream_pair()
         up = Upstream(
-            stream, HttpStream(stream, h11.CLIENT), PEER, trio.current_time() + self.lifetime
+            stream, HttpStream(stream, http1.CLIENT), PEER, trio.current_time() + self.lifetime
         )
         self.made.append(up)
         return up
@@ -60,7 +60,7 @@ async def test_released_connections_are_reused_last_in_first_out():
 
 async def test_a_connection_that_cannot_carry_another_request_is_closed():
     pool = Pool(Dialer(), max_idle=8, idle_s=30, stats=Stats())
-    up = await pool.acquire()  # no finished cycle: h11 is not ready for a next request
+    up = await pool.acquire()  # no finished cycle: the connection is not ready for a next request
     await pool.release(up)
     assert pool.idle_count == 0
 

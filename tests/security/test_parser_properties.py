@@ -58,7 +58,7 @@ from tally.spiffe.pem import chain_to_pem
 from tally.spiffe.selectors import Selector
 from tally.spiffe.spiffeid import SpiffeId, TrustDomain
 from tally.spiffe.x509profile import ProfileError, csr_public_key, generate_key
-from tally.wire import http
+from tally.wire import http, http1
 from tally.wire import workload_pb as pb
 from tally.wire.grpc import GrpcError, MessageDecoder, Status, encode_message
 from tally.wire.workload_client import WorkloadApiError, parse_x509_svid_response
@@ -663,7 +663,13 @@ header_values = st.text(string.printable[:-5], max_size=30).map(lambda v: v.stri
     st.text(string.ascii_lowercase + "/", max_size=20),
 )
 def test_the_service_sees_exactly_one_xfcc_and_it_is_ours(client_headers, path):
-    request = h11.Request(method="GET", target="/", headers=[(b"host", b"svc"), *client_headers])
+    wire = h11.Connection(h11.CLIENT).send(
+        h11.Request(method="GET", target="/", headers=[(b"host", b"svc"), *client_headers])
+    )
+    reader = http1.Connection(http1.SERVER)  # the request as the proxy reads it
+    reader.receive_data(wire)
+    request = reader.next_event()
+    assert isinstance(request, http1.Request)
     stamp = xfcc.proxy_element("spiffe://example.org/api", b"leaf", f"spiffe://example.org/{path}")
     sent = request_headers(
         request,
