@@ -126,37 +126,35 @@ def _bytes(value: bytes | str) -> bytes:
 
 
 class Headers(list[tuple[bytes, bytes]]):
-    """A message's fields as (lower-case name, value) pairs, in order."""
-
-    def raw_items(self) -> list[tuple[bytes, bytes]]:
-        return self
+    """A message's fields as (name, value) pairs, in order: names lower-cased as read from
+    the peer, and as given (checked) in what we send, since some clients match case."""
 
 
 def _headers(given: Any, parsed: bool) -> Headers:
     """Fields as given; unless ``parsed`` (llhttp read them, or the proxy passes on what
-    it read, lower-cased), each is checked and lower-cased here."""
+    it read), each is checked here."""
     if parsed:
         return given if isinstance(given, Headers) else Headers(given)
     out = Headers()
     for name, value in given:
         n, v = _bytes(name), _bytes(value).strip(b" \t")
-        if not parsed and (not _TOKEN.fullmatch(n) or not _VALUE.fullmatch(v)):
+        if not _TOKEN.fullmatch(n) or not _VALUE.fullmatch(v):
             raise LocalProtocolError(f"illegal header {n!r}: {v!r}")
-        out.append((n.lower(), v))
+        out.append((n, v))
     return out
 
 
 def _tokens(headers: Headers, name: bytes) -> set[bytes]:
     found: set[bytes] = set()
     for n, v in headers:
-        if n == name:
+        if n.lower() == name:
             found.update(t.strip().lower() for t in v.split(b","))
     return found
 
 
 def _get(headers: Headers, name: bytes) -> bytes | None:
     for n, v in headers:
-        if n == name:
+        if n.lower() == name:
             return v
     return None
 
@@ -182,7 +180,7 @@ class Request:
                 raise LocalProtocolError(f"illegal method {self.method!r}")
             if not _TARGET.fullmatch(self.target):
                 raise LocalProtocolError(f"illegal request target {self.target!r}")
-        if self.http_version == b"1.1" and sum(n == b"host" for n, _ in self.headers) != 1:
+        if self.http_version == b"1.1" and sum(n.lower() == b"host" for n, _ in self.headers) != 1:
             raise LocalProtocolError("an HTTP/1.1 request needs exactly one Host header")
 
     def __repr__(self) -> str:
@@ -611,7 +609,7 @@ class Connection:
             headers = Headers([*headers, (b"transfer-encoding", b"chunked")])
             writer = _Writer(None)
         else:  # an HTTP/1.0 peer: the body ends with the connection
-            headers = Headers([(n, v) for n, v in headers if n != b"transfer-encoding"])
+            headers = Headers([(n, v) for n, v in headers if n.lower() != b"transfer-encoding"])
             writer = _Writer(-1)
             self._keep_alive = False
         if not peer_1_1 and self.their_state is ERROR:
@@ -620,7 +618,7 @@ class Connection:
         if not self._keep_alive or b"close" in tokens:
             self._keep_alive = False
             if b"close" not in tokens:
-                headers = Headers([(n, v) for n, v in headers if n != b"connection"])
+                headers = Headers([(n, v) for n, v in headers if n.lower() != b"connection"])
                 headers.append((b"connection", b"close"))
         return headers, writer
 
