@@ -48,7 +48,7 @@ from typing import Any
 
 import trio
 
-from agent import renewal
+from agent import keeper, renewal
 from agent.ca_client import CAClient, CAError, make_csr
 from agent.renewal import Entry, EntrySync
 from bench.ca_daemon import TRUST_DOMAIN
@@ -189,6 +189,8 @@ class SimAgent:
         self.renew_at = 0.0  # trio time
         self.workloads_at = 0.0
         self.fresh = trio.Event()  # set when agent SVID and workload SVIDs were renewed
+        self.entries_in = trio.Event()  # wakes the renewal loop when entries arrive
+        self.sign_settled = trio.Event()  # set after each signing call, answered or failed
         self.bundle_sequence = -1
         self.mid_life = False
         """Draw the first renewals as a fleet up for a while has them (``--steady-start``)."""
@@ -245,11 +247,25 @@ class SimAgent:
             change = self.sync.receive(self.entries, page)
             if change is not None:
                 self.entries = change.entries
+                if change.changed and self.sync.request()[2] and self._signing_due():
+                    # As the real agent (`agent.keeper` rule 6): sign, then park, so the
+                    # signing call takes the connection this poll leaves idle.
+                    self.sign_settled = trio.Event()
+                    self.entries_in.set()
+                    with trio.move_on_after(keeper.SIGN_BEFORE_PARK_S):
+                        await self.sign_settled.wait()
+
+    def _signing_due(self) -> bool:
+        """Just joined or restarted: no workload SVID signed yet."""
+        return not self.fresh.is_set()
 
     async def renew_loop(self) -> None:
         attempt = 0
         while True:
-            await trio.sleep_until(min(self.renew_at, self.workloads_at))
+            with trio.move_on_at(min(self.renew_at, self.workloads_at)):
+                await self.entries_in.wait()
+                self.workloads_at = trio.current_time()  # entries to sign have arrived
+            self.entries_in = trio.Event()
             now = trio.current_time()
             try:
                 if self.renew_at <= now:
@@ -279,10 +295,12 @@ class SimAgent:
                         else:
                             self.workloads_at = min(self._when(c[0]) for c in chains)
                     self.fresh.set()
+                    self.sign_settled.set()
                 elif not self.entries:
                     self.workloads_at = trio.current_time() + 0.5  # entries not synced yet
             except (CAError, trio.TooSlowError) as exc:
                 self.stats.failed(exc)
+                self.sign_settled.set()  # backing off holds no connection
                 attempt += 1
                 await self._retry_pause(exc, attempt)
                 continue
@@ -704,8 +722,10 @@ async def _run(
         # The herd: everyone drops its connections and comes back at once.
         await ask_all(shards, {"cmd": "mark"})
         herd_cpu0, herd_main0 = tree_cpu(daemon.pid), ca_pid_stats(daemon.pid)[0]
+        h0 = await admin.metrics(started["metrics"])
         fresh = await ask_all(shards, {"cmd": "herd", "seconds": args.herd_seconds})
         herd_cpu1, herd_main1 = tree_cpu(daemon.pid), ca_pid_stats(daemon.pid)[0]
+        h1 = await admin.metrics(started["metrics"])
         herd_fresh = sorted(t for f in fresh for t in f["fresh_s"])
         herd = await ask_all(shards, {"cmd": "window"})
 
@@ -772,6 +792,7 @@ async def _run(
         "herd_p50_s": herd_fresh[(n - 1) // 2] if len(herd_fresh) > (n - 1) // 2 else math.nan,
         "herd_ca_cpu_s": herd_cpu1 - herd_cpu0,
         "herd_ca_main_cpu_s": herd_main1 - herd_main0,
+        "herd_connections_per_agent": delta("tally_ca_connections_accepted_total", h0, h1) / n,
         "herd_sim_cpu_s": sum(h["sim_cpu_s"] for h in herd),
         "restart_s": restart_all,
         "restart_parked": parked,

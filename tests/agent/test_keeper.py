@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from agent import state
 from agent.backend import AgentBackend
 from agent.ca_client import CAError, Issued
-from agent.keeper import SvidKeeper
+from agent.keeper import SIGN_BEFORE_PARK_S, SvidKeeper
 from agent.renewal import BundleNews, EntriesPage, Entry
 from tally.spiffe import pem, rotation, x509profile
 from tally.spiffe.spiffeid import SpiffeId, TrustDomain
@@ -78,6 +78,10 @@ class FakeCA:
         self.bundle_changed = trio.Event()
         self.entry_calls: list[int | None] = []
         """The bundle sequence each entries call said it held."""
+        self.polls: list[tuple[float, float]] = []
+        """(trio time, wait) of every entries call."""
+        self.sign_delay = 0.0
+        """How long a sign call takes to answer."""
 
     def new_root(self) -> None:
         """A root added to the bundle: parked entries polls end and carry it."""
@@ -126,6 +130,7 @@ class FakeCA:
         bundle: int | None = None,
     ) -> EntriesPage:
         self.entry_calls.append(bundle)
+        self.polls.append((trio.current_time(), wait))
         if self.refusal is not None:
             raise self.refusal
         if since != 1:
@@ -144,6 +149,7 @@ class FakeCA:
             raise CAError("overloaded", "the CA is busy; retry in 20s", 429, retry_after=20)
         if self.failing:
             raise CAError("unreachable", "CA at ca:8081 unreachable: connection refused")
+        await trio.sleep(self.sign_delay)
         results = []
         for entry_id, csr in requests:
             assert entry_id == ENTRY["id"]
@@ -362,6 +368,44 @@ class PagedCA(FakeCA):
             }
             for eid, csr in requests
         ]
+
+
+async def test_the_poll_parks_again_only_once_the_minter_has_signed(autojump_clock, ca, tmp_path):
+    """Rule 6: the entries that arrive at start are signed before the poll parks, so the
+    signing call can take the connection the poll left idle (one handshake, not two)."""
+    ca.sign_delay = 2.0
+    keeper = make_keeper(ca, tmp_path)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(keeper.run)
+        await trio.sleep(10)
+        nursery.cancel_scope.cancel()
+    parked = [at for at, wait in ca.polls if wait > 0]
+    assert ca.polls[0][1] == 0 and len(ca.sign_calls) == 1
+    assert parked and parked[0] >= ca.sign_calls[0] + ca.sign_delay
+
+
+async def test_a_ca_slow_to_sign_does_not_keep_the_poll_away(autojump_clock, ca, tmp_path):
+    """Rule 6 waits for the minter at most SIGN_BEFORE_PARK_S: then the poll parks anyway."""
+    ca.sign_delay = 2 * SIGN_BEFORE_PARK_S
+    keeper = make_keeper(ca, tmp_path)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(keeper.run)
+        await trio.sleep(SIGN_BEFORE_PARK_S + 10)
+        nursery.cancel_scope.cancel()
+    parked = [at for at, wait in ca.polls if wait > 0]
+    assert parked and parked[0] - ca.sign_calls[0] <= SIGN_BEFORE_PARK_S + 0.01
+
+
+async def test_a_minter_backing_off_lets_the_poll_park(autojump_clock, ca, tmp_path):
+    """Rule 6: a failed signing call holds no connection while it backs off."""
+    ca.failing = True
+    keeper = make_keeper(ca, tmp_path)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(keeper.run)
+        await trio.sleep(SIGN_BEFORE_PARK_S / 2)
+        nursery.cancel_scope.cancel()
+    parked = [at for at, wait in ca.polls if wait > 0]
+    assert parked and parked[0] - ca.sign_calls[0] < 1
 
 
 async def test_entries_arrive_in_pages_then_as_deltas(autojump_clock, tmp_path):
