@@ -122,6 +122,8 @@ _REASON = re.compile(rb"[\t\x20-\x7e\x80-\xff]*")
 
 
 def _bytes(value: bytes | str) -> bytes:
+    if type(value) is bytes:  # what llhttp hands over: no copy
+        return value
     return value.encode("ascii") if isinstance(value, str) else bytes(value)
 
 
