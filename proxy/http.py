@@ -341,19 +341,11 @@ def _why_woken(idlers: Idlers, hard_at: float) -> str:
     return "peer_expired" if trio.current_time() >= hard_at else "idle"
 
 
-def connection_tokens(headers: Sequence[tuple[bytes, bytes]]) -> set[bytes]:
-    tokens: set[bytes] = set()
-    for name, value in headers:
-        if name == b"connection":
-            tokens.update(t.strip().lower() for t in value.split(b","))
-    return tokens
-
-
 def forwarded_headers(
     headers: Sequence[tuple[bytes, bytes]], *, drop: frozenset[bytes] = frozenset()
 ) -> Headers:
     """Headers minus the hop-by-hop ones (rule 2) and ``drop``; names are lower case."""
-    named = connection_tokens(headers)
+    named = http1.tokens(headers, b"connection")
     if named:
         drop = drop | named
     return [(name, value) for name, value in headers if name not in HOP_BY_HOP and name not in drop]

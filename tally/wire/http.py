@@ -317,17 +317,12 @@ class _Server:
         if not isinstance(event, http1.Request):
             return None  # ConnectionClosed: the peer left between requests
         self.method = event.method.decode("ascii")
-        # http1 limits every head by its size; the server's own limit is measured here too.
-        head_size = len(event.target) + sum(len(n) + len(v) + 4 for n, v in event.headers)
-        if head_size > self.max_header_bytes:
-            raise _Refuse(431, "request headers too large")
+        # http1 has refused an oversized head (431) and Content-Length beside
+        # Transfer-Encoding (400) already: `tally.wire.http1` rules 1 and 2.
         if event.http_version not in (b"1.0", b"1.1"):
             raise _Refuse(505, "HTTP version not supported")
         headers = _decode_headers(event.headers)
         declared = _find_header(headers, "content-length")
-        if declared is not None and _find_header(headers, "transfer-encoding") is not None:
-            # RFC 9112 6.1: the classic request-smuggling shape; refused, never guessed at.
-            raise _Refuse(400, "request has both Content-Length and Transfer-Encoding")
         if declared is not None and declared.isdigit() and int(declared) > self.max_body:
             raise _Refuse(413, f"request body exceeds {self.max_body} bytes")
         if self.conn.they_are_waiting_for_100_continue:

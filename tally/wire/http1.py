@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import re
 from collections import deque
+from collections.abc import Sequence
 from http import HTTPStatus
 from typing import Any, overload
 
@@ -65,6 +66,7 @@ __all__ = [
     "RemoteProtocolError",
     "Request",
     "Response",
+    "tokens",
 ]
 
 
@@ -146,7 +148,8 @@ def _headers(given: Any, parsed: bool) -> Headers:
     return out
 
 
-def _tokens(headers: Headers, name: bytes) -> set[bytes]:
+def tokens(headers: Sequence[tuple[bytes, bytes]], name: bytes) -> set[bytes]:
+    """The lower-cased tokens of every ``name`` field (``Connection: close, x``)."""
     found: set[bytes] = set()
     for n, v in headers:
         if n.lower() == name:
@@ -261,9 +264,8 @@ class _Failure:
 class _Reader:
     """llhttp's callbacks, turned into events on the connection's queue."""
 
-    def __init__(self, conn: Connection, limit: int) -> None:
+    def __init__(self, conn: Connection) -> None:
         self.conn = conn
-        self.limit = limit
         self.in_head = False
         self.head_bytes = 0
         self.url = b""
@@ -295,7 +297,7 @@ class _Reader:
     def on_headers_complete(self) -> None:
         self.in_head = False
         size = len(self.url) + sum(len(n) + len(v) + 4 for n, v in self.headers)
-        if size > self.limit:
+        if size > self.conn._limit:
             raise RemoteProtocolError("head too large", 431)
         self.trailers = Headers()
         self.interim = self.conn._their_head(self, self.parser)
@@ -343,7 +345,7 @@ class Connection:
         self._head_only = False  # their next response answers our HEAD (rule 6)
         self._head_buffer = b""
         self._writer: _Writer | None = None
-        self._reader = _Reader(self, max_incomplete_event_size)
+        self._reader = _Reader(self)
         self._parser = self._new_parser()
 
     def _new_parser(self) -> Any:
@@ -502,9 +504,7 @@ class Connection:
             self._request_method = event.method
             self._their_version = event.http_version
             self._note_keep_alive(event.headers, event.http_version)
-            if event.http_version == b"1.1" and b"100-continue" in _tokens(
-                event.headers, b"expect"
-            ):
+            if event.http_version == b"1.1" and b"100-continue" in tokens(event.headers, b"expect"):
                 self.they_are_waiting_for_100_continue = True
         elif kind is Response:
             assert isinstance(event, Response)
@@ -516,14 +516,14 @@ class Connection:
                 self._request_method == b"HEAD"
                 or status in (204, 304)
                 or _get(event.headers, b"content-length") is not None
-                or b"chunked" in _tokens(event.headers, b"transfer-encoding")
+                or b"chunked" in tokens(event.headers, b"transfer-encoding")
             )
         elif kind is ConnectionClosed:
             self.their_state = CLOSED
 
     def _note_keep_alive(self, headers: Headers, version: bytes) -> None:
-        tokens = _tokens(headers, b"connection")
-        if b"close" in tokens or (version < b"1.1" and b"keep-alive" not in tokens):
+        said = tokens(headers, b"connection")
+        if b"close" in said or (version < b"1.1" and b"keep-alive" not in said):
             self._keep_alive = False
 
     # -- sending -----------------------------------------------------------------------
@@ -576,9 +576,9 @@ class Connection:
         if self.our_role is not CLIENT or self.our_state is not IDLE:
             raise LocalProtocolError(f"cannot send a request in state {self.our_state!r}")
         headers = event.headers
-        if b"close" in _tokens(headers, b"connection"):
+        if b"close" in tokens(headers, b"connection"):
             self._keep_alive = False
-        self._writer = _writer_for(headers, b"1.1")
+        self._writer = _writer_for(headers)
         self._request_method = event.method
         self._head_only = event.method == b"HEAD"
         self.our_state = SEND_BODY
@@ -603,7 +603,7 @@ class Connection:
         peer_1_1 = self._their_version == b"1.1" and self.their_state is not ERROR
         if self._request_method == b"HEAD" or status in (204, 304):
             writer: _Writer = _Writer(0)
-        elif b"chunked" in _tokens(headers, b"transfer-encoding") and peer_1_1:
+        elif b"chunked" in tokens(headers, b"transfer-encoding") and peer_1_1:
             writer = _Writer(None)
         elif (length := _get(headers, b"content-length")) is not None:
             writer = _Writer(int(length) if length.isdigit() else 0)
@@ -616,10 +616,10 @@ class Connection:
             self._keep_alive = False
         if not peer_1_1 and self.their_state is ERROR:
             self._keep_alive = False
-        tokens = _tokens(headers, b"connection")
-        if not self._keep_alive or b"close" in tokens:
+        said = tokens(headers, b"connection")
+        if not self._keep_alive or b"close" in said:
             self._keep_alive = False
-            if b"close" not in tokens:
+            if b"close" not in said:
                 headers = Headers([(n, v) for n, v in headers if n.lower() != b"connection"])
                 headers.append((b"connection", b"close"))
         return headers, writer
@@ -663,8 +663,8 @@ class _Writer:
         return []
 
 
-def _writer_for(headers: Headers, version: bytes) -> _Writer:
-    if b"chunked" in _tokens(headers, b"transfer-encoding"):
+def _writer_for(headers: Headers) -> _Writer:
+    if b"chunked" in tokens(headers, b"transfer-encoding"):
         return _Writer(None)
     length = _get(headers, b"content-length")
     return _Writer(int(length) if length is not None and length.isdigit() else 0)
