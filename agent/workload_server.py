@@ -63,7 +63,6 @@ Rules / theory of operation:
 
 from __future__ import annotations
 
-import errno
 import logging
 import math
 import socket
@@ -109,7 +108,7 @@ from agent.workload_messages import (
 )
 from tally.ops.admission import Admission
 from tally.ops.logs import get_logger
-from tally.ops.net import PeerCred, peer_credentials
+from tally.ops.net import PeerCred, accept_loop, peer_credentials
 from tally.tls.plain import WANT_READ, PlainStream
 from tally.wire.grpc import GrpcError, Status
 
@@ -817,47 +816,7 @@ async def serve_workload_api(
         with trio.CancelScope() as accepting:
             handlers.start_soon(stop_accepting, accepting)
             task_status.started(stats)
-            await _accept_loop(listener, handlers, handle)
-
-
-_ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
-"""Out of descriptors or memory: retried after a pause, as ``trio.serve_listeners`` does."""
-
-
-_ACCEPT_IGNORED_ERRNOS = frozenset({errno.EPERM, errno.ECONNABORTED, errno.EPROTO})
-"""The connection went away before it was accepted: the next one is accepted."""
-
-
-async def _accept_loop(
-    listener: trio.SocketListener,
-    handlers: trio.Nursery,
-    handle: Callable[[socket.socket], Awaitable[None]],
-) -> None:
-    """``trio.serve_listeners`` for one listener, taking over (and in the end closing) its
-    socket, without trio's wrapper task around each handler (``handle`` closes its own
-    connection), and accepting every waiting connection before it waits again: trio's
-    accept is a trip through the scheduler for each one and its socket wrapper's calls
-    were a twentieth of a short connection's time."""
-    listening = socket.socket(fileno=listener.socket.detach())
-    try:
-        while True:
-            try:
-                accepted, _ = listening.accept()
-            except BlockingIOError:
-                await trio.lowlevel.wait_readable(listening)
-                continue
-            except OSError as exc:
-                if exc.errno in _ACCEPT_IGNORED_ERRNOS:
-                    continue
-                if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
-                    raise
-                log.error("workload API accept failed (%s); retrying in 0.1 s", exc)
-                await trio.sleep(0.1)
-                continue
-            handlers.start_soon(handle, accepted)
-    finally:
-        trio.lowlevel.notify_closing(listening)
-        listening.close()
+            await accept_loop(listener, handlers, handle)
 
 
 async def _refuse(

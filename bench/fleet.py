@@ -53,6 +53,7 @@ from agent.ca_client import CAClient, CAError, make_csr
 from agent.renewal import Entry, EntrySync
 from bench.ca_daemon import TRUST_DOMAIN
 from tally.app.launch import Daemon
+from tally.ops import collector
 from tally.ops.config import Address
 from tally.spiffe import pem, rotation, x509profile
 from tally.spiffe.spiffeid import TrustDomain
@@ -554,6 +555,10 @@ def run_shard() -> None:
             return
         line += chunk
     shard = Shard(json.loads(line), out)
+    # As the CA does (`tally.ops.collector`): thousands of long-lived agents made full
+    # collector passes a large share of a shard's CPU, which a real agent never pays.
+    collector.freeze_loaded()
+    collector.rare_full_passes()
     trio.run(shard.main)
 
 

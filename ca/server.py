@@ -52,12 +52,15 @@ Rules:
    costs far more CPU than the close, and a CA taking on every connection of a
    herd answered so late that agents gave up (60 s) on calls it then did anyway
    (bench.fleet, 10,000 agents).  The agent backs off with jitter, or tries its
-   other server.  Connections already open carry on.  Handshakes are not
-   otherwise rationed: a slot held while waiting for a slow peer's bytes would
-   let a few hundred half-open connections lock agents out
-   (``tests/security/test_slow_clients.py``); a slow peer costs no CPU, so it
-   adds no lag.  Agents on record are remembered (none is ever deleted), so a
-   known agent's connection costs no store call before its first request.
+   other server.  Connections already open carry on.  An agent's first contact
+   (its handshake, up to its first parked poll) takes its turn among
+   `FIRST_CONTACTS` once its whole ClientHello is in (`ca.first_contact`), so a
+   herd is served in arrival order rather than all at once and all late; a slow
+   peer costs no CPU, adds no lag and takes no turn before its ClientHello is
+   whole, so a few hundred half-open connections cannot lock agents out
+   (``tests/security/test_slow_clients.py``).  Agents on record are remembered
+   (none is ever deleted), so a known agent's connection costs no store call
+   before its first request.
 """
 
 from __future__ import annotations
@@ -68,6 +71,7 @@ import math
 import os
 import resource
 import signal
+import socket
 import stat
 import time
 from collections import Counter
@@ -87,6 +91,7 @@ from ca.api import AdminApi, AgentApi, AgentPeer
 from ca.authority import Authority, Limits, iso, serial_hex
 from ca.engines import StoreUnavailable
 from ca.feed import ChangeFeed
+from ca.first_contact import FirstContacts, first_record, peer_gone
 from ca.jwt_keys import AuditSampler, JwtKeyManager, JwtStep, jwt_limits, jwt_policy
 from ca.keys import KeyManager, Signer, load_upstream
 from ca.oidc import serve_oidc
@@ -106,6 +111,7 @@ from tally.ops.hook_rules import check_hooks
 from tally.ops.hooks import Hooks
 from tally.ops.logs import get_logger, setup_logging
 from tally.ops.net import (
+    accept_loop,
     bound_address,
     clear_stale_unix,
     open_listener,
@@ -208,6 +214,16 @@ def _metrics(server: CAServer) -> Iterator[Metric]:
         "agent connections closed before their handshake while overloaded (datastore queue"
         " or event-loop lag)",
         s.shed,
+    )
+    yield metrics.gauge(
+        "tally_ca_first_contacts_waiting",
+        "agent connections whose ClientHello is in, waiting their turn to shake hands",
+        s.first_contacts.waiting,
+    )
+    yield metrics.counter(
+        "tally_ca_first_contact_turns_lapsed",
+        "first contacts still unfinished when their turn lapsed (a peer slow to answer)",
+        s.first_contacts.lapsed,
     )
     yield metrics.counter(
         "tally_ca_overloaded",
@@ -366,6 +382,7 @@ class CAServer:
         self.store_thread = StoreThread()
         self.signing = SigningPool(workers_for(cfg.signing_workers))
         self._conn_limiter = trio.CapacityLimiter(cfg.max_connections)
+        self.first_contacts = FirstContacts(FIRST_CONTACTS, FIRST_CONTACT_LEASE_S)
         self.admin_admission = Admission(cfg.admin_max_connections)
         self.drain = http.Drain()
         self.entries_changed = ChangeFeed()
@@ -617,6 +634,10 @@ class CAServer:
 
     # -- connections -------------------------------------------------------------------
 
+    async def _agent_socket(self, api: AgentApi, sock: socket.socket) -> None:
+        async with trio.SocketStream(trio.socket.from_stdlib_socket(sock)) as stream:
+            await self._agent_connection(api, stream)
+
     async def _agent_connection(self, api: AgentApi, stream: trio.SocketStream) -> None:
         self.accepted += 1
         try:
@@ -692,6 +713,23 @@ class CAServer:
         return True
 
     async def _serve_agent(self, api: AgentApi, stream: trio.SocketStream) -> None:
+        """An agent's first contact (handshake up to its first parked poll) takes its turn
+        among `first_contacts` (`ca.first_contact`); the rest of the connection does not."""
+        try:
+            with trio.fail_after(self.cfg.handshake_timeout):
+                await first_record(stream.socket)
+            with trio.fail_after(FIRST_CONTACT_WAIT_S):
+                turn = await self.first_contacts.acquire()
+        except trio.TooSlowError:
+            return
+        try:
+            await self._shake_and_serve(api, stream, partial(self.first_contacts.release, turn))
+        finally:
+            self.first_contacts.release(turn)
+
+    async def _shake_and_serve(
+        self, api: AgentApi, stream: trio.SocketStream, contact_over: Callable[[], None]
+    ) -> None:
         try:
             host, port = stream.socket.getpeername()[:2]
             address = f"{host}:{port}"
@@ -701,6 +739,8 @@ class CAServer:
         assert ctx is not None
         conn = TLSStream(stream, ctx, server_side=True)
         try:
+            if peer_gone(stream.socket):
+                raise trio.BrokenResourceError("the agent left while it waited its turn")
             with trio.fail_after(self.cfg.handshake_timeout):
                 await conn.do_handshake()
         except PeerRejected as exc:
@@ -737,10 +777,19 @@ class CAServer:
             serial_hex(chain[0].serial_number) if chain else None,
             address,
         )
+        parked = False
+
+        async def handle(req: http.Request) -> http.Response:
+            nonlocal parked
+            if not parked and req.query.get("wait", "0") != "0":
+                parked = True  # the agent parks its poll: its first contact is over
+                contact_over()
+            return await api.handle(peer, req)
+
         async with conn:
             await http.serve_http(
                 conn,
-                partial(api.handle, peer),
+                handle,
                 idle_timeout=api_idle_timeout(),
                 request_timeout=self.cfg.request_timeout,
                 drain=self.drain,
@@ -957,10 +1006,10 @@ class CAServer:
                             )
                         services.start_soon(
                             partial(
-                                trio.serve_listeners,
-                                partial(self._agent_connection, agent_api),
-                                [agent_listener],
-                                handler_nursery=handlers,
+                                accept_loop,
+                                agent_listener,
+                                handlers,
+                                partial(self._agent_socket, agent_api),
                             )
                         )
                         services.start_soon(
@@ -1023,6 +1072,12 @@ class CAServer:
 
 LAG_PROBE_S = 0.1
 """How often the lag probe asks to be woken."""
+FIRST_CONTACTS = 64
+"""Agent handshakes run side by side; more wait their turn (`ca.first_contact`)."""
+FIRST_CONTACT_LEASE_S = 2.0
+"""Longest a handshake holds its turn (`ca.first_contact` rule 3)."""
+FIRST_CONTACT_WAIT_S = 60.0
+"""Longest a connection waits for its turn to shake hands; then it is closed unshaken."""
 LAG_SHED_S = 1.0
 """Event-loop lag past which new agent connections are shed (rule 9)."""
 SHED_REPORT_S = 10.0
