@@ -55,8 +55,7 @@ Rules:
    other server.  Connections already open carry on.  An agent's first contact
    (its handshake, up to its first parked poll) takes its turn among
    `FIRST_CONTACTS` once its whole ClientHello is in (`ca.first_contact`), so a
-   herd is served in arrival order rather than all at once and all late (past
-   ``overload_queue`` connections in that line, new ones are shed); a slow
+   herd is served in arrival order rather than all at once and all late; a slow
    peer costs no CPU, adds no lag and takes no turn before its ClientHello is
    whole, so a few hundred half-open connections cannot lock agents out
    (``tests/security/test_slow_clients.py``).  Agents on record are remembered
@@ -659,10 +658,6 @@ class CAServer:
         """Why a new agent connection is to be closed unshaken now (rule 9), or None."""
         if self._overloaded() is not None:
             return f"more than {self.cfg.overload_queue} calls wait for the datastore"
-        if self.first_contacts.waiting >= self.cfg.overload_queue:
-            # A longer line would be served after the agents in it gave up: they come
-            # back later, with jitter, instead.
-            return f"{self.first_contacts.waiting} connections wait their turn to shake hands"
         # The two newest probes must both be late (the pending one counts once it is):
         # one stall (a collector pass, a host that paused the process) sheds nothing,
         # while a herd keeps every probe late.

@@ -122,40 +122,6 @@ async def test_while_the_store_queue_is_long_new_connections_close_unshaken(
         server.store.close()
 
 
-async def test_while_the_line_for_a_handshake_is_long_new_connections_close_unshaken(
-    tmp_path: Path,
-) -> None:
-    """A connection joining a line of ``overload_queue`` others would be served after its
-    agent gave up: it is closed before its handshake, and the agent comes back later."""
-    cfg = CASettings(
-        trust_domain="example.org",
-        data_dir=tmp_path / "data",
-        admin_socket=tmp_path / "admin.sock",
-        overload_queue=3,
-    )
-    server = CAServer(cfg)
-    unused = cast(AgentApi, None)  # a shed connection never reaches the API
-    contacts = server.first_contacts
-    try:
-        held = [await contacts.acquire() for _ in range(contacts.count)]
-        async with trio.open_nursery() as nursery:
-            for _ in range(3):
-                nursery.start_soon(contacts.acquire)
-            await trio.testing.wait_all_tasks_blocked()
-            assert server._shedding() == "3 connections wait their turn to shake hands"
-            ours, theirs = (trio.SocketStream(trio.socket.from_stdlib_socket(s))
-                            for s in socket.socketpair())  # fmt: skip
-            await server._agent_connection(unused, ours)
-            assert await theirs.receive_some() == b""
-            await theirs.aclose()
-            assert server.shed == 1
-            for lease in held:
-                contacts.release(lease)
-        assert server._shedding() is None
-    finally:
-        server.store.close()
-
-
 async def test_while_the_event_loop_lags_new_connections_close_unshaken(
     tmp_path: Path, mock_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
 ) -> None:
