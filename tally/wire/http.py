@@ -28,6 +28,7 @@ import logging
 import re
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -95,9 +96,10 @@ class Request:
         """The target without its query string, as sent (not percent-decoded)."""
         return self.target.split("?", 1)[0]
 
-    @property
+    @cached_property
     def query(self) -> dict[str, str]:
-        """Query parameters, percent-decoded; when a name repeats, the last value wins."""
+        """Query parameters, percent-decoded; when a name repeats, the last value wins.
+        Parsed once: the CA's routes read several (a parked poll: ``since``, ``wait``, ...)."""
         return dict(parse_qsl(self.target.partition("?")[2], keep_blank_values=True))
 
     def header(self, name: str) -> str | None:
