@@ -13,13 +13,15 @@ Rules:
    until then (``SO_RCVLOWAT``), so a peer that trickles or says nothing costs no
    CPU and takes no lease: it can only run into the handshake deadline.
 2. Then it takes one of `FirstContacts.count` leases, first come first served, and
-   gives it back when its handshake ends.  At most that many handshakes run side
-   by side; the rest wait their turn, costing a descriptor and a task, and the
-   handshake deadline starts when the turn comes.  A peer that gave up while it
-   waited is closed without a handshake (`peer_gone`), so an abandoned place in
-   the queue costs no CPU; the agent backs off with jitter and comes back.
+   gives it back when its first contact ends (the CA: when the agent parks its
+   first poll, after its handshake, entry sync and signing).  At most that many
+   first contacts run side by side; the rest wait their turn, costing a
+   descriptor and a task, and the handshake deadline starts when the turn comes.
+   A peer that gave up while it waited is closed without a handshake
+   (`peer_gone`), so an abandoned place in the queue costs no CPU; the agent
+   backs off with jitter and comes back.
 3. A lease lapses `FirstContacts.expiry` seconds after it was granted, whether or
-   not its handshake has ended (the handshake goes on without one): a peer that
+   not its first contact has ended (which goes on without one): a peer that
    sends a whole ClientHello and then stalls holds a lease for that long at most.
 4. Pure bookkeeping plus trio events: waking a waiter is O(1), so 10,000 waiting
    connections cost nothing while they wait.
@@ -90,7 +92,7 @@ class _Waiter:
 
 
 class FirstContacts:
-    """``count`` leases for handshakes, granted in arrival order, each lapsing after
+    """``count`` leases for first contacts, granted in arrival order, each lapsing after
     ``expiry`` seconds (rules 2 and 3)."""
 
     def __init__(self, count: int, expiry: float) -> None:
@@ -105,7 +107,7 @@ class FirstContacts:
         self.granted = 0
         """Leases granted since start."""
         self.lapsed = 0
-        """Leases that lapsed before their handshake ended."""
+        """Leases that lapsed before they were given back."""
 
     @property
     def waiting(self) -> int:

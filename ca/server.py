@@ -1073,9 +1073,9 @@ class CAServer:
 LAG_PROBE_S = 0.1
 """How often the lag probe asks to be woken."""
 FIRST_CONTACTS = 64
-"""Agent handshakes run side by side; more wait their turn (`ca.first_contact`)."""
+"""Agents' first contacts run side by side; more wait their turn (`ca.first_contact`)."""
 FIRST_CONTACT_LEASE_S = 2.0
-"""Longest a handshake holds its turn (`ca.first_contact` rule 3)."""
+"""Longest a first contact holds its turn (`ca.first_contact` rule 3)."""
 FIRST_CONTACT_WAIT_S = 60.0
 """Longest a connection waits for its turn to shake hands; then it is closed unshaken."""
 LAG_SHED_S = 1.0

@@ -35,7 +35,6 @@ Rules / theory of operation:
 
 from __future__ import annotations
 
-import errno
 import os
 import signal
 from collections.abc import Callable
@@ -62,7 +61,7 @@ from tally.ops.health import serve_health, watch_ready
 from tally.ops.hook_rules import check_hooks
 from tally.ops.hooks import Hooks
 from tally.ops.logs import get_logger, setup_logging
-from tally.ops.net import ListenError
+from tally.ops.net import ACCEPT_CAPACITY_ERRNOS, ListenError
 from tally.ops.reload import reread
 from tally.spiffe.spiffeid import SpiffeId
 
@@ -84,7 +83,6 @@ RESTART_ONLY = (
     "workers",
 )
 ORPHAN_CHECK_S = 1.0
-_ACCEPT_RETRY = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 
 
 @dataclass(frozen=True)
@@ -233,7 +231,7 @@ class Proxy:
                 stream = await listener.accept()
             except OSError as exc:
                 self.limiter.release_on_behalf_of(token)
-                if exc.errno not in _ACCEPT_RETRY:
+                if exc.errno not in ACCEPT_CAPACITY_ERRNOS:
                     raise
                 log.error("accept.failed", error=exc)
                 await trio.sleep(0.1)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import errno
 import ipaddress
-import logging
 import os
 import socket
 import stat
@@ -32,8 +31,9 @@ import trio
 
 from tally.ops.config import Address
 from tally.ops.errors import OperatorError
+from tally.ops.logs import get_logger
 
-log = logging.getLogger("tally.net")
+log = get_logger("tally.net")
 
 
 class ListenError(OperatorError):
@@ -181,7 +181,7 @@ async def accept_loop(
                     continue
                 if exc.errno not in ACCEPT_CAPACITY_ERRNOS:
                     raise
-                log.error("accept failed (%s); retrying in 0.1 s", exc)
+                log.error("accept.failed", error=exc)  # and again in 0.1 s
                 await trio.sleep(0.1)
                 continue
             handlers.start_soon(handle, accepted)
