@@ -148,6 +148,7 @@ class HttpStream:
         self.stream = stream
         self.conn = http1.Connection(role, max_incomplete_event_size=MAX_HEAD_BYTES)
         self._out: list[bytes] = []
+        self._left: bytes | memoryview | None = None  # what a write left behind (`write_now`)
         self._end: End | None = None
         self._wait: Callable[[int], Awaitable[None]] | None = None
         if hasattr(stream, "relay_end") and hasattr(stream, "wait_ready"):
@@ -217,31 +218,64 @@ class HttpStream:
         if pieces:
             self._out += pieces
 
+    @property
+    def end(self) -> End | None:
+        """The relay end this stream is driven through (rule 9), or None for the stream API."""
+        return self._end
+
+    @property
+    def pending(self) -> bool:
+        """Output queued or left behind by a write that would have blocked."""
+        return bool(self._out) or self._left is not None
+
+    def write_now(self) -> bool:
+        """Send the queue without waiting (driven streams only): True once all of it is out.
+
+        What the kernel did not take stays, and is offered again first, as the same bytes
+        (TLS requires it), by the next call once the end's ``wants`` is ready;
+        ``sending`` stays True meanwhile.
+        """
+        end = self._end
+        assert end is not None
+        out = self._out
+        self.sending = True  # stays True if the write fails
+        while True:
+            view = self._left
+            if view is None:
+                if not out:
+                    break
+                view = out[0] if len(out) == 1 else b"".join(out)
+                out.clear()
+            n = end.write(view)
+            if n is None:
+                self._left = view
+                return False
+            self._left = memoryview(view)[n:] if n < len(view) else None
+        self.sending = False
+        return True
+
     async def flush(self, activity: Deadline | None = None) -> None:
         """Send the queue: at once if the kernel takes it all (no checkpoint, rule 5),
         else waiting for the socket between attempts."""
-        if self._out:
-            out = self._out
-            data = out[0] if len(out) == 1 else b"".join(out)
-            out.clear()
-            self.sending = True  # stays True if the write is cancelled or fails
-            end = self._end
-            if end is None:
+        end = self._end
+        if end is None:
+            if self._out:
+                out = self._out
+                data = out[0] if len(out) == 1 else b"".join(out)
+                out.clear()
+                self.sending = True  # stays True if the write is cancelled or fails
                 await self.stream.send_all(data)
-            else:
-                assert self._wait is not None
-                view: bytes | memoryview = data
-                while True:
-                    n = end.write(view)
-                    if n is None:  # a TLS write is retried with the same bytes, as it must
-                        await self._wait(end.wants)
-                    elif n < len(view):
-                        view = memoryview(view)[n:]
-                    else:
-                        break
-            self.sending = False
-            if activity is not None:
-                activity.touch()
+                self.sending = False
+                if activity is not None:
+                    activity.touch()
+            return
+        if not self._out and self._left is None:
+            return
+        assert self._wait is not None
+        while not self.write_now():
+            await self._wait(end.wants)
+        if activity is not None:
+            activity.touch()
 
     async def send(self, event: http1.Event) -> None:
         self.queue(event)
@@ -255,12 +289,18 @@ class HttpStream:
         return False
 
 
+class _Drained(Protocol):
+    def drain(self) -> None: ...
+
+
 class Idlers:
-    """Connections waiting for their next request, so a drain can wake them all at once."""
+    """Connections waiting for their next request, so a drain can wake them all at once:
+    the tasks that wait (their scopes), and the lanes (`proxy.http_lane`) that may."""
 
     def __init__(self) -> None:
         self.draining = False
         self.scopes: set[trio.CancelScope] = set()
+        self.lanes: set[_Drained] = set()
 
     @contextmanager
     def waiting(self, scope: trio.CancelScope) -> Iterator[None]:
@@ -276,6 +316,8 @@ class Idlers:
         self.draining = True
         for scope in list(self.scopes):
             scope.cancel()
+        for lane in list(self.lanes):
+            lane.drain()
 
 
 async def next_request(
@@ -303,7 +345,7 @@ async def next_request(
                 finally:
                     idlers.scopes.discard(scope)
             if scope.cancelled_caught:
-                return None, _why_woken(idlers, hard_at)
+                return None, why_woken(idlers, hard_at)
         began = trio.current_time()
         down.due = began + request_s
         event: object = down.conn.next_event()  # usually the whole head came in one read
@@ -312,7 +354,7 @@ async def next_request(
             with trio.CancelScope(deadline=min(began + idle_s, down.due)):
                 event = await down.next_event()
         if isinstance(event, http1.Request):
-            refusal = _refusal(event)
+            refusal = refused(event)
             if refusal is None:
                 return event, ""
             await respond_error(down, *refusal)
@@ -328,14 +370,14 @@ async def next_request(
         return None, "closed"
 
 
-def _refusal(request: http1.Request) -> tuple[int, str] | None:
+def refused(request: http1.Request) -> tuple[int, str] | None:
     """Requests the parser accepts that must not be relayed (rule 6), as (status, text)."""
     if request.http_version not in (b"1.0", b"1.1"):  # llhttp reads HTTP/2.0 heads too
         return 505, "HTTP version not supported"
     return None
 
 
-def _why_woken(idlers: Idlers, hard_at: float) -> str:
+def why_woken(idlers: Idlers, hard_at: float) -> str:
     if idlers.draining:
         return "draining"
     return "peer_expired" if trio.current_time() >= hard_at else "idle"

@@ -16,6 +16,10 @@ proxy's local app) and decides what each outcome means for it:
    rule 7) is counted by phase and logged once (``http.request_timeout``,
    without the path or headers, which may carry secrets); the connection
    closes.
+6. The plain exchanges (a request without a body, on an idle pooled
+   connection) are served from the relay's one task (`proxy.http_lane`);
+   this task waits for the lane to hand the connection back and then serves
+   what the lane does not, from where it stopped, by the rules above.
 """
 
 from __future__ import annotations
@@ -36,10 +40,13 @@ from proxy.http import (
     exchange,
     has_body,
     next_request,
+    refused,
     request_headers,
     respond_error,
+    why_woken,
 )
-from proxy.pool import DialError, Upstream
+from proxy.http_lane import Lane, access
+from proxy.pool import DialError, Upstream, close_quietly
 from proxy.traffic import Traffic
 from tally.ops.logs import get_logger
 from tally.spiffe.spiffeid import SpiffeId
@@ -75,19 +82,60 @@ async def relay_http(
         log.warning("xfcc.unusable", error=str(exc))
         add = Checked()
     host = str(t.cfg.target)
+    # Rule 6: the relay's task serves the plain exchanges of the proxy's own streams.
+    lanes = down.end is not None and t.relay.running
 
     def closing() -> bool:
         return t.idlers.draining or trio.current_time() >= hard_at
 
     while True:
-        request, why = await next_request(
-            down, t.idlers, t.cfg.idle_timeout, hard_at, t.cfg.request_timeout
-        )
+        request: http1.Request | None = None
+        if lanes and not down.has_input:
+            lane = Lane(t, down, caller=caller, hard_at=hard_at, drop=drop, add=add)
+            back = await lane.run()
+            if back.kind == "ended":
+                if back.up is not None:
+                    await close_quietly(back.up.stream)
+                if back.why is not None:
+                    t.ended(back.why, caller)
+                return
+            if back.kind == "malformed":
+                assert isinstance(back.error, http1.RemoteProtocolError)
+                await respond_error(down, back.error.error_status_hint, "malformed request")
+                t.ended("bad_request", caller)
+                return
+            if back.kind in ("failed", "timeout"):
+                if back.ex is None:  # the scope fired between requests
+                    t.ended(why_woken(t.idlers, hard_at), caller)
+                    return
+                assert back.request is not None and back.headers is not None and back.up
+                error = back.error or _stalled(down, t.cfg.idle_timeout)
+                ok, answered_by = await _forward(
+                    t, down, back.request, back.headers, False, back.ex, closing,
+                    first=(back.up, error),
+                )  # fmt: skip
+                if not _finished(t, down, back.ex, ok, caller or answered_by, caller, hard_at):
+                    return
+                continue
+            if back.kind == "request":
+                assert back.request is not None
+                request = back.request
+                down.due = trio.current_time() + t.cfg.request_timeout
+                refusal = refused(request)
+                if refusal is not None:
+                    await respond_error(down, *refusal)
+                    t.ended("bad_request", caller)
+                    return
+            # "partial": the head is still arriving, or a pipelined one waits: below.
         if request is None:
-            if why == "request_timeout":
-                _timed_out(t, "head", caller)
-            t.ended(why, caller)
-            return
+            request, why = await next_request(
+                down, t.idlers, t.cfg.idle_timeout, hard_at, t.cfg.request_timeout
+            )
+            if request is None:
+                if why == "request_timeout":
+                    _timed_out(t, "head", caller)
+                t.ended(why, caller)
+                return
         ex = Exchange(
             request.method.decode("ascii", "replace"),
             request.target.decode("ascii", "replace"),
@@ -95,7 +143,7 @@ async def relay_http(
         if request.method == b"CONNECT":
             ex.status = 405
             await respond_error(down, 405, "CONNECT is not relayed in HTTP mode")
-            _access(t, ex, caller)
+            access(t, ex, caller)
             return
         bearer = await _bearer(t, down, request, caller, ex)
         if bearer is None:
@@ -114,20 +162,40 @@ async def relay_http(
         except UpstreamError as exc:
             log.warning("target.failed", target=host, error=str(exc))
             await _fail(down, ex, exc)
-            _access(t, ex, caller)
+            access(t, ex, caller)
             return
         ok, answered_by = await _forward(t, down, request, headers, pending, ex, closing)
         peer_id = caller if caller is not None else token_id or answered_by
-        if ex.timed_out:
-            _timed_out(t, ex.timed_out, peer_id, ex.bytes_in)
-        _access(t, ex, peer_id)
-        if not ok:
+        if not _finished(t, down, ex, ok, peer_id, caller, hard_at):
             return
-        if trio.current_time() >= hard_at:  # closed after the response in flight
-            t.ended("peer_expired", caller)
-            return
-        if not down.reusable():
-            return
+
+
+def _finished(
+    t: Traffic,
+    down: HttpStream,
+    ex: Exchange,
+    ok: bool,
+    peer_id: SpiffeId | None,
+    caller: SpiffeId | None,
+    hard_at: float,
+) -> bool:
+    """An exchange's bookkeeping (rules 4 and 5); True if the connection takes another."""
+    if ex.timed_out:
+        _timed_out(t, ex.timed_out, peer_id, ex.bytes_in)
+    access(t, ex, peer_id)
+    if not ok:
+        return False
+    if trio.current_time() >= hard_at:  # closed after the response in flight
+        t.ended("peer_expired", caller)
+        return False
+    return down.reusable()
+
+
+def _stalled(down: HttpStream, idle_s: float) -> UpstreamError | DownstreamError:
+    """What an exchange's idle deadline means (`proxy.http` rule 3): who stalled."""
+    if down.sending:  # the response was flowing and the client stopped reading it
+        return DownstreamError(f"the client read nothing for {idle_s:g}s")
+    return UpstreamError(f"no progress for {idle_s:g}s", timeout=True)
 
 
 async def _forward(
@@ -138,13 +206,22 @@ async def _forward(
     pending: bool,
     ex: Exchange,
     closing: Callable[[], bool],
+    *,
+    first: tuple[Upstream, Exception] | None = None,
 ) -> tuple[bool, SpiffeId | None]:
-    """One request through the pool; False when ``down`` must be closed."""
+    """One request through the pool; False when ``down`` must be closed.
+
+    ``first`` is an attempt the lane made already (`proxy.http_lane` rule 1): its
+    connection and how it failed, judged here as if this loop had made it.
+    """
     pool = t.pool
     assert pool is not None
     for attempt in (1, 2):
         up: Upstream | None = None
         try:
+            if first is not None and attempt == 1:
+                up, failure = first
+                raise failure
             up = await pool.acquire()
             await exchange(
                 down,
@@ -201,7 +278,7 @@ async def _bearer(
             )
             ex.status = 401
             await respond_error(down, 401, "a valid JWT-SVID is required", extra=[CHALLENGE])
-            _access(t, ex, caller)
+            access(t, ex, caller)
             return None
         token_id = verdict.spiffe_id
     if hooks.inject is None:
@@ -212,7 +289,7 @@ async def _bearer(
         log.warning("jwt.unavailable", audience=hooks.inject.audience, error=str(exc))
         ex.status = 503
         await respond_error(down, 503, "no JWT-SVID available for this request")
-        _access(t, ex, caller)
+        access(t, ex, caller)
         return None
     return token_id, frozenset({AUTHORIZATION}), hooks.inject.headers(token)
 
@@ -226,21 +303,6 @@ def _timed_out(t: Traffic, phase: str, peer_id: SpiffeId | None, bytes_in: int =
         bytes_in=bytes_in,
         peer_id=str(peer_id) if peer_id is not None else None,
     )
-
-
-def _access(t: Traffic, ex: Exchange, peer_id: SpiffeId | None) -> None:
-    t.stats.requests[f"{ex.status // 100}xx"] += 1
-    if t.cfg.access_log:
-        log.info(
-            "http.request",
-            method=ex.method,
-            path=ex.target,
-            status=ex.status,
-            peer_id=str(peer_id) if peer_id is not None else None,
-            bytes_in=ex.bytes_in,
-            bytes_out=ex.bytes_out,
-            duration_ms=ex.duration_ms,
-        )
 
 
 async def _fail(down: HttpStream, ex: Exchange, exc: UpstreamError | DialError) -> None:

@@ -115,29 +115,42 @@ class Pool:
     def idle_count(self) -> int:
         return len(self._idle)
 
-    def _usable(self, up: Upstream, now: float) -> bool:
+    def _usable(self, up: Upstream, now: float, probe: bool = True) -> bool:
         return (
             now < up.retire_at
             and now - up.idle_since < self.idle_s
-            and not _socket_readable(up.stream)
+            and not (probe and _socket_readable(up.stream))
         )
+
+    def take(self, *, probe: bool = True) -> tuple[Upstream | None, list[Upstream]]:
+        """An idle connection still good for a request, without waiting or dialing, and the
+        stale ones met on the way, for the caller to close (HTTP mode's lane calls this
+        from the relay's task, which must not wait).  Without ``probe`` a connection the
+        target closed is not looked for (rule 3): for a request that is safe to send again."""
+        now = trio.current_time()
+        stale: list[Upstream] = []
+        while self._idle:
+            up = self._idle.pop()
+            if self._usable(up, now, probe):
+                up.reused = True
+                self._stats.pool_reused += 1
+                return up, stale
+            stale.append(up)
+        return None, stale
 
     async def acquire(self) -> Upstream:
         """A connection ready for a request: an idle one if any is still good, else a new one."""
-        now = trio.current_time()
-        while self._idle:
-            up = self._idle.pop()
-            if self._usable(up, now):
-                up.reused = True
-                self._stats.pool_reused += 1
-                return up  # no checkpoint of its own: the request's I/O follows at once
-            await close_quietly(up.stream)
+        up, stale = self.take()
+        for old in stale:
+            await close_quietly(old.stream)
+        if up is not None:
+            return up  # no checkpoint of its own: the request's I/O follows at once
         up = await self._dial()
         self._stats.pool_dialed += 1
         return up
 
-    async def release(self, up: Upstream) -> None:
-        """Give a connection back after a request; it is kept only if it can carry another."""
+    def keep(self, up: Upstream) -> bool:
+        """Take a connection back after a request, if it can carry another; False: close it."""
         now = trio.current_time()
         if (
             self._closed
@@ -145,10 +158,15 @@ class Pool:
             or now >= up.retire_at
             or not up.http.reusable()
         ):
-            await close_quietly(up.stream)
-            return
+            return False
         up.idle_since = now
         self._idle.append(up)  # no checkpoint: the caller reads its next request at once
+        return True
+
+    async def release(self, up: Upstream) -> None:
+        """Give a connection back after a request; it is kept only if it can carry another."""
+        if not self.keep(up):
+            await close_quietly(up.stream)
 
     async def discard(self, up: Upstream) -> None:
         await close_quietly(up.stream)

@@ -95,7 +95,7 @@ BUDGET = 8
 REPOLL = 4
 """Polls of the relay's own set per wake-up: under load, events arrive while a batch
 is served, and taking them at once skips a round through trio's scheduler."""
-_IDLE = -1
+IDLE = -1
 
 
 class _Flow:
@@ -110,14 +110,41 @@ class _Flow:
         self.pending: bytes | memoryview | None = None
         self.eof = False
         self.done = False
-        self.wait_fd = _IDLE
+        self.wait_fd = IDLE
         self.wait_ev = 0
 
 
-class _Splice:
-    __slots__ = ("a", "b", "deadline", "down", "finished", "live", "mask_a", "mask_b", "up", "why")
+class Served(Protocol):
+    """What the relay's epoll set serves: a spliced connection, or an HTTP lane
+    (`proxy.http_lane`).  ``serve`` moves what can move without waiting; ``ready`` is the
+    descriptor that woke it (`IDLE` when it is run again for its budget)."""
 
-    def __init__(self, a: End, b: End, deadline: Deadline, up: _Flow, down: _Flow) -> None:
+    live: bool
+
+    def serve(self, now: float, ready: int = ...) -> None: ...
+
+    def abort(self) -> None: ...
+
+
+class _Splice:
+    __slots__ = (
+        "a",
+        "b",
+        "deadline",
+        "down",
+        "finished",
+        "live",
+        "mask_a",
+        "mask_b",
+        "relay",
+        "up",
+        "why",
+    )
+
+    def __init__(
+        self, relay: Relay, a: End, b: End, deadline: Deadline, up: _Flow, down: _Flow
+    ) -> None:
+        self.relay = relay
         self.a = a
         self.b = b
         self.deadline = deadline
@@ -129,14 +156,66 @@ class _Splice:
         self.live = True
         self.why = "closed"
 
+    def serve(self, now: float, ready: int = IDLE) -> None:
+        """Move what can move now, then watch for what both directions wait on.
+
+        With ``ready``, only a direction waiting on that descriptor is tried: the
+        other one's call would only fail with "would block", at a syscall's cost.
+        """
+        up, down = self.up, self.down
+        try:
+            more = False
+            if ready == IDLE or up.wait_fd == ready or up.wait_fd == IDLE:
+                more = _pump(up, self.deadline, now)
+            if ready == IDLE or down.wait_fd == ready or down.wait_fd == IDLE:
+                more |= _pump(down, self.deadline, now)
+        except trio.BrokenResourceError:
+            self._end("reset")
+            return
+        except Exception as exc:  # a bug must cost one connection, not every one
+            log.error("relay.crashed", error=exc)
+            self._end("error")
+            return
+        if up.done and down.done:
+            self._end("closed")
+            return
+        relay = self.relay
+        if more:
+            relay.later(self)
+        a, b = self.a.fd, self.b.fd
+        want_a = (up.wait_ev if up.wait_fd == a else 0) | (down.wait_ev if down.wait_fd == a else 0)
+        want_b = (up.wait_ev if up.wait_fd == b else 0) | (down.wait_ev if down.wait_fd == b else 0)
+        if want_a != self.mask_a:
+            relay.watch(a, self.mask_a, want_a)
+            self.mask_a = want_a
+        if want_b != self.mask_b:
+            relay.watch(b, self.mask_b, want_b)
+            self.mask_b = want_b
+
+    def abort(self) -> None:
+        self._end("reset")
+
+    def _end(self, why: str) -> None:
+        self.why = why
+        self.forget()
+        self.finished.set()
+
+    def forget(self) -> None:
+        if not self.live:
+            return
+        self.live = False
+        self.relay.drop(self, self.a.fd, self.mask_a)
+        self.relay.drop(self, self.b.fd, self.mask_b)
+        self.mask_a = self.mask_b = 0
+
 
 class Relay:
     """Moves the bytes of every spliced connection of one proxy, from one trio task."""
 
     def __init__(self) -> None:
         self._epoll = select.epoll()
-        self._by_fd: dict[int, _Splice] = {}
-        self._again: list[_Splice] = []
+        self._by_fd: dict[int, Served] = {}
+        self._again: list[Served] = []
         # Wakes the relay's task for work that no socket event announces.
         self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._epoll.register(self._wake, select.EPOLLIN)
@@ -163,19 +242,24 @@ class Relay:
                     for ready, _events in events:
                         s = by_fd.get(ready)
                         if s is not None:
-                            self._serve(s, now, ready)
+                            s.serve(now, ready)
                         elif ready == self._wake:
                             os.eventfd_read(self._wake)
                 for s in again:
                     if s.live:
-                        self._serve(s, now)
+                        s.serve(now)
         finally:
             self._running = False
             for s in list(self._by_fd.values()):
-                self._end(s, "reset")
+                if s.live:
+                    s.abort()
             trio.lowlevel.notify_closing(fd)
             self._epoll.close()
             os.close(self._wake)
+
+    @property
+    def running(self) -> bool:
+        return self._running
 
     async def splice(
         self,
@@ -192,56 +276,36 @@ class Relay:
         if not self._running:
             raise RuntimeError("the relay is not running")
         a, b = client.relay_end(), target.relay_end()
-        s = _Splice(a, b, deadline, _Flow(a, b, count_to_target), _Flow(b, a, count_from_target))
+        s = _Splice(
+            self, a, b, deadline, _Flow(a, b, count_to_target), _Flow(b, a, count_from_target)
+        )
         self._by_fd[a.fd] = self._by_fd[b.fd] = s
         try:
             with deadline.scope:
-                self._serve(s, trio.current_time())  # bytes may be waiting already
-                if self._again:
-                    os.eventfd_write(self._wake, 1)  # work that no socket event announces
+                self.start(s)
                 await s.finished.wait()
         finally:
-            self._forget(s)
+            s.forget()
         if deadline.scope.cancelled_caught:
             return deadline.why()
         return s.why
 
-    def _serve(self, s: _Splice, now: float, ready: int = _IDLE) -> None:
-        """Move what can move now, then watch for what both directions wait on.
+    # -- for what the relay serves ----------------------------------------------------------
 
-        With ``ready``, only a direction waiting on that descriptor is tried: the
-        other one's call would only fail with "would block", at a syscall's cost.
-        """
-        up, down = s.up, s.down
-        try:
-            more = False
-            if ready == _IDLE or up.wait_fd == ready or up.wait_fd == _IDLE:
-                more = self._pump(up, s.deadline, now)
-            if ready == _IDLE or down.wait_fd == ready or down.wait_fd == _IDLE:
-                more |= self._pump(down, s.deadline, now)
-        except trio.BrokenResourceError:
-            self._end(s, "reset")
-            return
-        except Exception as exc:  # a bug must cost one connection, not every one
-            log.error("relay.crashed", error=exc)
-            self._end(s, "error")
-            return
-        if up.done and down.done:
-            self._end(s, "closed")
-            return
-        if more:
-            self._again.append(s)
-        a, b = s.a.fd, s.b.fd
-        want_a = (up.wait_ev if up.wait_fd == a else 0) | (down.wait_ev if down.wait_fd == a else 0)
-        want_b = (up.wait_ev if up.wait_fd == b else 0) | (down.wait_ev if down.wait_fd == b else 0)
-        if want_a != s.mask_a:
-            self._watch(a, s.mask_a, want_a)
-            s.mask_a = want_a
-        if want_b != s.mask_b:
-            self._watch(b, s.mask_b, want_b)
-            s.mask_b = want_b
+    def start(self, s: Served) -> None:
+        """Serve ``s`` once now (bytes may be waiting already), from its own task."""
+        s.serve(trio.current_time())
+        if self._again:
+            os.eventfd_write(self._wake, 1)  # work that no socket event announces
 
-    def _watch(self, fd: int, have: int, want: int) -> None:
+    def add(self, fd: int, s: Served) -> None:
+        self._by_fd[fd] = s
+
+    def later(self, s: Served) -> None:
+        """Serve ``s`` again at the next turn: it stopped only because its budget ran out."""
+        self._again.append(s)
+
+    def watch(self, fd: int, have: int, want: int) -> None:
         # A descriptor nobody waits on leaves the set: its hang-up would otherwise
         # be reported on every poll.
         if not want:
@@ -251,64 +315,55 @@ class Relay:
         else:
             self._epoll.register(fd, want)
 
-    @staticmethod
-    def _pump(f: _Flow, deadline: Deadline, now: float) -> bool:
-        """One direction's turn; True if it stopped only because its budget ran out."""
-        if f.done:
-            return False
-        src, dst = f.src, f.dst
-        for _ in range(BUDGET):
-            data = f.pending
-            lent = data is None  # a fresh read is lent until the next one, anywhere
+    def drop(self, s: Served, fd: int, mask: int) -> None:
+        """Stop serving ``fd`` for ``s`` (and stop watching it, if ``mask`` says it is watched)."""
+        if self._by_fd.get(fd) is s:
+            del self._by_fd[fd]
+        if mask:
+            try:
+                self._epoll.unregister(fd)
+            except (OSError, ValueError):  # closed under us: the kernel dropped it
+                pass
+
+
+def _pump(f: _Flow, deadline: Deadline, now: float) -> bool:
+    """One direction's turn; True if it stopped only because its budget ran out."""
+    if f.done:
+        return False
+    src, dst = f.src, f.dst
+    for _ in range(BUDGET):
+        data = f.pending
+        lent = data is None  # a fresh read is lent until the next one, anywhere
+        if data is None:
+            if f.eof:
+                if not dst.shut():
+                    f.wait_fd, f.wait_ev = dst.fd, dst.wants
+                    return False
+                f.done = True
+                f.wait_fd = IDLE
+                return False
+            data = src.read()
             if data is None:
-                if f.eof:
-                    if not dst.shut():
-                        f.wait_fd, f.wait_ev = dst.fd, dst.wants
-                        return False
-                    f.done = True
-                    f.wait_fd = _IDLE
-                    return False
-                data = src.read()
-                if data is None:
-                    f.wait_fd, f.wait_ev = src.fd, src.wants
-                    return False
-                if not len(data):
-                    f.eof = True
-                    continue
-                f.count(len(data))
-                if now - deadline.pushed_at >= PUSH_EVERY_S:  # `touch`, without its call per chunk
-                    deadline.touch(now)
-            # Write at once; keep what did not fit (a copy, if the data was lent).
-            n = dst.write(data)
-            if n is None:
-                f.pending = bytes(data) if lent else data
-                f.wait_fd, f.wait_ev = dst.fd, dst.wants
+                f.wait_fd, f.wait_ev = src.fd, src.wants
                 return False
-            if n < len(data):
-                f.pending = bytes(data[n:]) if lent else memoryview(data)[n:]
+            if not len(data):
+                f.eof = True
                 continue
-            f.pending = None
-            if not (src.more or f.eof):
-                f.wait_fd, f.wait_ev = src.fd, WANT_READ
-                return False
-        f.wait_fd = _IDLE
-        return True
-
-    def _end(self, s: _Splice, why: str) -> None:
-        s.why = why
-        self._forget(s)
-        s.finished.set()
-
-    def _forget(self, s: _Splice) -> None:
-        if not s.live:
-            return
-        s.live = False
-        for end, mask in ((s.a, s.mask_a), (s.b, s.mask_b)):
-            if self._by_fd.get(end.fd) is s:
-                del self._by_fd[end.fd]
-            if mask:
-                try:
-                    self._epoll.unregister(end.fd)
-                except (OSError, ValueError):  # closed under us: the kernel dropped it
-                    pass
-        s.mask_a = s.mask_b = 0
+            f.count(len(data))
+            if now - deadline.pushed_at >= PUSH_EVERY_S:  # `touch`, without its call per chunk
+                deadline.touch(now)
+        # Write at once; keep what did not fit (a copy, if the data was lent).
+        n = dst.write(data)
+        if n is None:
+            f.pending = bytes(data) if lent else data
+            f.wait_fd, f.wait_ev = dst.fd, dst.wants
+            return False
+        if n < len(data):
+            f.pending = bytes(data[n:]) if lent else memoryview(data)[n:]
+            continue
+        f.pending = None
+        if not (src.more or f.eof):
+            f.wait_fd, f.wait_ev = src.fd, WANT_READ
+            return False
+    f.wait_fd = IDLE
+    return True
