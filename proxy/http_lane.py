@@ -61,7 +61,7 @@ from proxy.pool import Upstream
 from proxy.tcp import BUDGET, IDLE, PUSH_EVERY_S, End, Relay
 from tally.ops.logs import get_logger
 from tally.spiffe.spiffeid import SpiffeId
-from tally.tls.plain import WANT_READ
+from tally.tls.plain import LENT_SIZE, WANT_READ, WANT_WRITE
 from tally.wire import http1
 
 if TYPE_CHECKING:  # the traffic owns the lanes: a type-only import back
@@ -338,20 +338,20 @@ class Lane:
         return False
 
     def _relay_response(self, now: float) -> bool:
-        """One read of the response, its events queued downstream (`proxy.http` rule 5)."""
+        """One read of the response, its events queued downstream and sent before the next
+        read (`proxy.http` rules 1 and 5: one write per read, so a small response leaves
+        as one write and a large one holds one read's worth here)."""
         up, ex, down = self.up, self.ex, self.down
         assert up is not None and ex is not None
         up_end = up.http.end
         assert up_end is not None
         try:
-            data = up_end.read(CHUNK)
+            # A body is read as TCP mode reads (`LENT_SIZE`); a head, by `CHUNK`, to its limit.
+            data = up_end.read(LENT_SIZE if ex.response_started else CHUNK)
         except _IO_ERRORS as exc:
             self._failed(UpstreamError(f"reading failed: {exc!r}"))
             return False
         if data is None:
-            if down.pending:
-                self.state = _SEND_RESPONSE  # what came so far goes out before we wait
-                return True
             self._watch_up(up_end.wants)
             return False
         up.http.conn.receive_data(data)
@@ -364,46 +364,68 @@ class Lane:
             except http1.ProtocolError as exc:
                 self._failed(UpstreamError(f"malformed message: {exc}"))
                 return False
-            kind = type(event)
             if event is http1.NEED_DATA:
-                if not up_end.more:
-                    self.state = _SEND_RESPONSE
-                return True
+                break
+            kind = type(event)
             if kind is http1.Data:
                 down.queue(event)
                 n = len(event.data)
                 ex.bytes_out += n
                 self.t.count_from(n)
-            elif kind is http1.Response:
-                headers = forwarded_headers(event.headers)
-                if self.t.idlers.draining or now >= self._hard_at:
-                    headers.append((b"connection", b"close"))
-                ex.status = event.status_code
-                ex.response_started = True
-                try:
-                    down.queue(
-                        http1.Response(
-                            status_code=event.status_code,
-                            headers=headers,
-                            reason=event.reason,
-                            http_version=b"1.1",
-                            _parsed=True,
-                        )
-                    )
-                except http1.ProtocolError as exc:
-                    self._failed(UpstreamError(f"cannot relay this message head: {exc}"))
-                    return False
             elif kind is http1.EndOfMessage:
                 down.queue(event)
                 self.complete = True
-                self.state = _SEND_RESPONSE
-                return True
-            elif kind is http1.ConnectionClosed:
+                break
+            elif kind is http1.Response or kind is http1.InformationalResponse:
+                if not self._queue_head(event, now):
+                    return False
+            else:  # ConnectionClosed
                 self._failed(UpstreamError("the connection closed in the middle of a message"))
                 return False
-            else:  # a 1xx: rare, and `proxy.http` knows what each means
-                self._failed(UpstreamError("an interim response: left to the connection's task"))
+        if down.pending:
+            self.state = _SEND_RESPONSE
+            return True
+        return self._read_on(up_end)
+
+    def _queue_head(self, event: http1.Response | http1.InformationalResponse, now: float) -> bool:
+        """A response head, passed on as `proxy.http` passes it on; False if it failed."""
+        headers = forwarded_headers(event.headers)
+        status = event.status_code
+        if type(event) is http1.InformationalResponse:
+            if status == 101:
+                why = "the target switched protocols, which HTTP mode cannot relay"
+                self._failed(UpstreamError(why))
                 return False
+            kind: type[http1.Response | http1.InformationalResponse] = http1.InformationalResponse
+        else:
+            if self.t.idlers.draining or now >= self._hard_at:
+                headers.append((b"connection", b"close"))
+            ex = self.ex
+            assert ex is not None
+            ex.status = status
+            ex.response_started = True
+            kind = http1.Response
+        try:
+            head = kind(
+                status_code=status,
+                headers=headers,
+                reason=event.reason,
+                http_version=b"1.1",
+                _parsed=True,
+            )
+            self.down.queue(head)
+        except http1.ProtocolError as exc:
+            self._failed(UpstreamError(f"cannot relay this message head: {exc}"))
+            return False
+        return True
+
+    def _read_on(self, up_end: End) -> bool:
+        """More of the response to read: now if the last read filled up, else once it comes."""
+        self.state = _RELAY_RESPONSE
+        if up_end.more:
+            return True
+        self._watch_up(WANT_READ)
+        return False
 
     def _send_response(self, now: float) -> bool:
         down = self.down
@@ -419,11 +441,13 @@ class Lane:
             self._push(now, self.t.cfg.idle_timeout)
         up = self.up
         assert up is not None
-        if not self.complete:  # more of the response to come
+        if self.complete:
+            return self._done(now, up)
+        if self.down_mask & WANT_WRITE:  # it was waiting to write: not any more (rule 2)
             self._watch_down(0)
-            self.state = _RELAY_RESPONSE
-            return True
-        return self._done(now, up)
+        up_end = up.http.end
+        assert up_end is not None
+        return self._read_on(up_end)
 
     def _done(self, now: float, up: Upstream) -> bool:
         """The response is out whole: the exchange's bookkeeping, then the next request."""

@@ -149,19 +149,30 @@ def _headers(given: Any, parsed: bool) -> Headers:
 
 
 def tokens(headers: Sequence[tuple[bytes, bytes]], name: bytes) -> set[bytes]:
-    """The lower-cased tokens of every ``name`` field (``Connection: close, x``)."""
+    """The lower-cased tokens of every ``name`` field (``Connection: close, x``).
+
+    ``name`` is lower case.  Names of another length are skipped before they are
+    lower-cased: a message's heads are searched this way several times each.
+    """
     found: set[bytes] = set()
+    size = len(name)
     for n, v in headers:
-        if n.lower() == name:
+        if len(n) == size and n.lower() == name:
             found.update(t.strip().lower() for t in v.split(b","))
     return found
 
 
 def _get(headers: Headers, name: bytes) -> bytes | None:
+    size = len(name)
     for n, v in headers:
-        if n.lower() == name:
+        if len(n) == size and n.lower() == name:
             return v
     return None
+
+
+def _count(headers: Headers, name: bytes) -> int:
+    size = len(name)
+    return sum(1 for n, _ in headers if len(n) == size and n.lower() == name)
 
 
 class Request:
@@ -185,7 +196,7 @@ class Request:
                 raise LocalProtocolError(f"illegal method {self.method!r}")
             if not _TARGET.fullmatch(self.target):
                 raise LocalProtocolError(f"illegal request target {self.target!r}")
-        if self.http_version == b"1.1" and sum(n.lower() == b"host" for n, _ in self.headers) != 1:
+        if self.http_version == b"1.1" and _count(self.headers, b"host") != 1:
             raise LocalProtocolError("an HTTP/1.1 request needs exactly one Host header")
 
     def __repr__(self) -> str:
@@ -271,6 +282,7 @@ class _Reader:
         self.url = b""
         self.reason = b""
         self.headers = Headers()
+        self.fields_size = 0
         self.trailers: Headers | None = None
         self.interim = False
 
@@ -279,6 +291,7 @@ class _Reader:
         self.head_bytes = 0
         self.url = self.reason = b""
         self.headers = Headers()
+        self.fields_size = 0
         self.trailers = None
 
     def on_url(self, url: bytes) -> None:
@@ -288,16 +301,17 @@ class _Reader:
         self.reason += reason
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        pair = (name.lower(), value.rstrip(b" \t"))
+        value = value.rstrip(b" \t")
+        pair = (name.lower(), value)
         if self.trailers is None:
             self.headers.append(pair)
+            self.fields_size += len(name) + len(value) + 4
         else:
             self.trailers.append(pair)
 
     def on_headers_complete(self) -> None:
         self.in_head = False
-        size = len(self.url) + sum(len(n) + len(v) + 4 for n, v in self.headers)
-        if size > self.conn._limit:
+        if len(self.url) + self.fields_size > self.conn._limit:
             raise RemoteProtocolError("head too large", 431)
         self.trailers = Headers()
         self.interim = self.conn._their_head(self, self.parser)
