@@ -82,15 +82,16 @@ async def relay_http(
         log.warning("xfcc.unusable", error=str(exc))
         add = Checked()
     host = str(t.cfg.target)
-    # Rule 6: the relay's task serves the plain exchanges of the proxy's own streams.
-    lanes = down.end is not None and t.relay.running
+    # Rule 6: the relay's task serves the plain exchanges of the proxy's own streams
+    # (while it runs: a proxy shutting down serves its last requests here).
+    lanes = down.end is not None
 
     def closing() -> bool:
         return t.idlers.draining or trio.current_time() >= hard_at
 
     while True:
         request: http1.Request | None = None
-        if lanes and not down.has_input:
+        if lanes and t.relay.running and not down.has_input:
             lane = Lane(t, down, caller=caller, hard_at=hard_at, drop=drop, add=add)
             back = await lane.run()
             if back.kind == "ended":

@@ -29,6 +29,9 @@ plain, non-waiting calls (`tally.tls.plain.PlainEnd`, `tally.tls.relay_end.TLSEn
 bounded number of chunks each (`BUDGET`) so one bulk transfer cannot starve
 the others.  The connection's own task only waits for the end, in its cancel
 scope, so deadlines, draining and cancellation work as for any trio task.
+What the set serves is a `Served`: a spliced connection here, or one of HTTP
+mode's connections between requests and during plain exchanges
+(`proxy.http_lane`), which shares the set, the loop and the budget.
 """
 
 from __future__ import annotations
