@@ -329,3 +329,29 @@ def test_any_sequence_of_requests_is_answered_in_order_whoever_serves_it(backend
             await client.stream.aclose()
 
     trio.run(main)
+
+
+async def test_an_http10_client_is_answered_in_the_lane_and_closed_unless_it_keeps_alive(
+    backend, watched
+):
+    async with proxy_to(backend.address) as (_, connect):
+        warm = await connect()
+        await warm.get("/warm")  # a pooled connection for the lanes below
+        kept = await connect()
+        await kept.send(b"GET /ten HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+        data = b""
+        with trio.fail_after(5):
+            while b"\r\n\r\n" not in data or not data.endswith(b"}"):
+                data += await kept.stream.receive_some(65536)
+        head, body = data.split(b"\r\n\r\n", 1)
+        assert head.startswith(b"HTTP/1.1 200 ") and json.loads(body)["path"] == "/ten"
+        assert b"connection: close" not in head.lower()
+        await kept.send(b"GET /ten-again HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+        with trio.fail_after(5):
+            assert b"/ten-again" in await kept.stream.receive_some(65536)  # still open
+        once = await connect()
+        await once.send(b"GET /once HTTP/1.0\r\n\r\n")
+        answer = await once.rest()  # answered, then closed
+        assert answer.startswith(b"HTTP/1.1 200 ") and b'"/once"' in answer
+    # Only the warm-up found the pool empty; both HTTP/1.0 requests were the lanes'.
+    assert watched[0] == "request" and watched.count("request") == 1
