@@ -19,8 +19,12 @@ Rules:
    one), a malformed head, a failure upstream (the task retries or answers
    502/504, `proxy.http_relay` rule 3), the end of the connection.  So every
    rule of `proxy.http` holds; the lane is only a faster way through its
-   commonest path, with the same parser connections, head building, write
-   coalescing (one write per message end), access line and counters.
+   commonest path, with the same parser connections, head building (interim
+   1xx responses included: passed on, never a reason to send a request
+   twice), write coalescing (one write per read of the response), access line
+   and counters.  The pooled connection is taken without the readability probe
+   (`proxy.pool` rule 3): a request without a body that meets a closed one is
+   sent again by the task.
 2. The lane never waits.  A call that would block leaves the descriptor it
    needs in the relay's epoll set; a descriptor it no longer needs (the
    downstream one while an exchange runs, the upstream one while the response
@@ -28,8 +32,9 @@ Rules:
    pipelined byte or a hang-up cannot make the relay spin.
 3. Deadlines stay trio's.  The connection's task waits for the lane inside a
    cancel scope whose deadline the lane sets: while it waits for a request,
-   the idle timeout capped by the peer's certificate expiry; during an exchange,
-   the idle timeout, pushed back by activity as TCP mode's (`proxy.tcp` rule 3).
+   the idle timeout capped by the peer's certificate expiry, pushed back by
+   activity as TCP mode's (`proxy.tcp` rule 3); if the expiry passes during an
+   exchange, the exchange goes on under the idle timeout alone.
    When the scope fires, the task takes the connection back and ends it as
    ``proxy.http`` would: idle or peer_expired between requests, a timed-out
    exchange otherwise.
