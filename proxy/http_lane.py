@@ -10,9 +10,10 @@ mode in that set and serves the common exchange whole from there.
 
 Rules:
 
-1. What the lane takes: a request whose head came whole, with no body, that
-   ``proxy.http`` would forward as is (HTTP/1.0 or 1.1, not CONNECT, no bearer
-   hooks), while the pool has an idle connection to send it on.  Anything else
+1. What the lane takes: a request that came whole (its head, and its body if
+   it has one, in what was read so far), that ``proxy.http`` would forward as
+   is (HTTP/1.0 or 1.1, not CONNECT, no bearer hooks), while the pool has an
+   idle connection to send it on.  Anything else
    is handed back to the connection's task (`Handback`) at the point where
    `proxy.http.next_request` would have returned, and served there as before:
    a request the lane will not forward, a head still arriving (or a pipelined
@@ -22,9 +23,10 @@ Rules:
    commonest path, with the same parser connections, head building (interim
    1xx responses included: passed on, never a reason to send a request
    twice), write coalescing (one write per read of the response), access line
-   and counters.  The pooled connection is taken without the readability probe
-   (`proxy.pool` rule 3): a request without a body that meets a closed one is
-   sent again by the task.
+   and counters.  For a request without a body the pooled connection is taken
+   without the readability probe (`proxy.pool` rule 3): if it meets a closed
+   one, the task sends it again.  A request with a body is never sent twice,
+   so its connection is probed first.
 2. The lane never waits.  A call that would block leaves the descriptor it
    needs in the relay's epoll set; a descriptor it no longer needs (the
    downstream one while an exchange runs, the upstream one while the response
@@ -279,12 +281,14 @@ class Lane:
     def _begin(self, request: http1.Request) -> bool:
         t = self.t
         pool = t.pool
+        down = self.down.conn
+        body = has_body(request)
         if (
             t.bearer is not None
             or pool is None
             or request.method == b"CONNECT"
             or request.http_version not in (b"1.0", b"1.1")
-            or has_body(request)
+            or (body and not down.message_complete)
         ):
             self._give(Handback("request", request=request))
             return False
@@ -300,27 +304,30 @@ class Lane:
         except (UpstreamError, http1.LocalProtocolError):  # the task fails it, and says why
             self._give(Handback("request", request=request))
             return False
-        up, stale = pool.take(probe=False)  # a closed one fails, and the task retries
+        # A request with a body is never sent twice, so it must not meet a connection the
+        # target closed while it sat idle (`proxy.pool` rule 3); one without is sent again.
+        up, stale = pool.take(probe=body)
         for old in stale:
             old.stream.close_now()  # type: ignore[attr-defined]
         if up is None:  # `proxy.http` dials
             self._give(Handback("request", request=request))
             return False
-        # A request without a body: llhttp parsed its end with its head.
-        eom = self.down.conn.next_event()
-        if type(eom) is not http1.EndOfMessage:  # pragma: no cover - llhttp guarantees it
-            up.stream.close_now()  # type: ignore[attr-defined]
-            self._give(Handback("ended", why="error"))
-            return False
         self.request, self.headers, self.up = request, headers, up
-        self.ex = Exchange(
+        ex = self.ex = Exchange(
             request.method.decode("ascii", "replace"), request.target.decode("ascii", "replace")
         )
         up_end = up.http.end
         assert up_end is not None
         self.relay.add(up_end.fd, self)
         up.http.queue(head)
-        up.http.queue(eom)
+        while True:  # the body (if any) and the end, all parsed already
+            event = down.next_event()
+            up.http.queue(event)
+            if type(event) is http1.EndOfMessage:
+                break
+            n = len(event.data)
+            ex.bytes_in += n
+            t.count_to(n)
         self.complete = False
         self.state = _SEND_REQUEST
         return True

@@ -16,7 +16,7 @@ proxy's local app) and decides what each outcome means for it:
    rule 7) is counted by phase and logged once (``http.request_timeout``,
    without the path or headers, which may carry secrets); the connection
    closes.
-6. The plain exchanges (a request without a body, on an idle pooled
+6. The plain exchanges (a request that came whole, on an idle pooled
    connection) are served from the relay's one task (`proxy.http_lane`);
    this task waits for the lane to hand the connection back and then serves
    what the lane does not, from where it stopped, by the rules above.
@@ -112,8 +112,8 @@ async def relay_http(
                 assert back.request is not None and back.headers is not None and back.up
                 error = back.error or _stalled(down, t.cfg.idle_timeout)
                 ok, answered_by = await _forward(
-                    t, down, back.request, back.headers, False, back.ex, closing,
-                    first=(back.up, error),
+                    t, down, back.request, back.headers, has_body(back.request), back.ex,
+                    closing, first=(back.up, error),
                 )  # fmt: skip
                 if not _finished(t, down, back.ex, ok, caller or answered_by, caller, hard_at):
                     return

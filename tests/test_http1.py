@@ -305,3 +305,21 @@ def test_responses_we_frame_read_back_in_h11(status, fields, body, http10_peer, 
     assert got[0].status_code == status
     expected = b"" if no_body else body
     assert b"".join(e.data for e in got if isinstance(e, h11.Data)) == expected
+
+
+def test_a_message_is_complete_once_its_end_is_read():
+    conn = http1.Connection(http1.SERVER)
+
+    def complete() -> bool:  # read afresh each time (mypy would narrow the property)
+        return conn.message_complete
+
+    conn.receive_data(
+        b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n"
+    )
+    assert isinstance(conn.next_event(), http1.Request)
+    assert not complete()
+    conn.receive_data(b"0\r\n\r\n")
+    assert complete()
+    got = events(conn)
+    assert [type(e) for e in got[:2]] == [http1.Data, http1.EndOfMessage]
+    assert not complete()  # handed out: nothing of it waits any more

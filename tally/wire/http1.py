@@ -503,6 +503,12 @@ class Connection:
             raise RemoteProtocolError("the peer closed the connection in the middle of a message")
         return NEED_DATA
 
+    @property
+    def message_complete(self) -> bool:
+        """Whether the end of their current message is already read (it waits among the
+        events still to be handed out): a body that came whole with its head."""
+        return any(type(event) is EndOfMessage for event in self._events)
+
     def _theirs(self, event: Event) -> None:
         kind = type(event)
         if kind is Data:

@@ -355,3 +355,26 @@ async def test_an_http10_client_is_answered_in_the_lane_and_closed_unless_it_kee
         assert answer.startswith(b"HTTP/1.1 200 ") and b'"/once"' in answer
     # Only the warm-up found the pool empty; both HTTP/1.0 requests were the lanes'.
     assert watched[0] == "request" and watched.count("request") == 1
+
+
+async def test_a_body_that_came_whole_is_the_lanes_and_never_meets_a_closed_connection(
+    backend, watched
+):
+    async with proxy_to(backend.address) as (t, connect):
+        client = await connect()
+        await client.get("/warm")
+        body = b'{"name": "value"}' * 100
+        await client.request("POST", "/json", body)  # head and body in one write
+        statuses, _, answer = await client.response()
+        assert statuses == [200] and json.loads(answer)["length"] == len(body)
+        assert watched == ["request"]  # the POST did not leave the lane
+        assert t.stats.bytes_to_target >= len(body)
+        await client.get("/bye?hangup=1")  # the backend closes the pooled connection
+        await trio.sleep(0.05)
+        await client.request("POST", "/after-close", b"once")
+        statuses, _, answer = await client.response()
+        # Probed before use: the closed connection was dropped, not sent a body that
+        # could not be sent again; the task dialled.
+        assert statuses == [200] and json.loads(answer)["length"] == 4
+    assert [s.path for s in backend.seen].count("/after-close") == 1
+    assert "failed" not in watched
