@@ -65,7 +65,7 @@ from proxy.http import (
     request_headers,
 )
 from proxy.pool import Upstream
-from proxy.tcp import BUDGET, IDLE, PUSH_EVERY_S, End, Relay
+from proxy.tcp import BUDGET, NO_FD, PUSH_EVERY_S, End, Relay
 from tally.ops.logs import get_logger
 from tally.spiffe.spiffeid import SpiffeId
 from tally.tls.plain import LENT_SIZE, WANT_READ, WANT_WRITE
@@ -207,7 +207,7 @@ class Lane:
 
     # -- the relay's side --------------------------------------------------------------
 
-    def serve(self, now: float, ready: int = IDLE) -> None:
+    def serve(self, now: float, ready: int = NO_FD) -> None:
         try:
             self._serve(now, ready)
         except Exception as exc:  # a bug must cost one connection, not every one

@@ -98,7 +98,7 @@ BUDGET = 8
 REPOLL = 4
 """Polls of the relay's own set per wake-up: under load, events arrive while a batch
 is served, and taking them at once skips a round through trio's scheduler."""
-IDLE = -1
+NO_FD = -1
 
 
 class _Flow:
@@ -113,14 +113,14 @@ class _Flow:
         self.pending: bytes | memoryview | None = None
         self.eof = False
         self.done = False
-        self.wait_fd = IDLE
+        self.wait_fd = NO_FD
         self.wait_ev = 0
 
 
 class Served(Protocol):
     """What the relay's epoll set serves: a spliced connection, or an HTTP lane
     (`proxy.http_lane`).  ``serve`` moves what can move without waiting; ``ready`` is the
-    descriptor that woke it (`IDLE` when it is run again for its budget)."""
+    descriptor that woke it (`NO_FD` when it is run again for its budget)."""
 
     live: bool
 
@@ -159,7 +159,7 @@ class _Splice:
         self.live = True
         self.why = "closed"
 
-    def serve(self, now: float, ready: int = IDLE) -> None:
+    def serve(self, now: float, ready: int = NO_FD) -> None:
         """Move what can move now, then watch for what both directions wait on.
 
         With ``ready``, only a direction waiting on that descriptor is tried: the
@@ -168,9 +168,9 @@ class _Splice:
         up, down = self.up, self.down
         try:
             more = False
-            if ready == IDLE or up.wait_fd == ready or up.wait_fd == IDLE:
+            if ready == NO_FD or up.wait_fd == ready or up.wait_fd == NO_FD:
                 more = _pump(up, self.deadline, now)
-            if ready == IDLE or down.wait_fd == ready or down.wait_fd == IDLE:
+            if ready == NO_FD or down.wait_fd == ready or down.wait_fd == NO_FD:
                 more |= _pump(down, self.deadline, now)
         except trio.BrokenResourceError:
             self._end("reset")
@@ -343,7 +343,7 @@ def _pump(f: _Flow, deadline: Deadline, now: float) -> bool:
                     f.wait_fd, f.wait_ev = dst.fd, dst.wants
                     return False
                 f.done = True
-                f.wait_fd = IDLE
+                f.wait_fd = NO_FD
                 return False
             data = src.read()
             if data is None:
@@ -368,5 +368,5 @@ def _pump(f: _Flow, deadline: Deadline, now: float) -> bool:
         if not (src.more or f.eof):
             f.wait_fd, f.wait_ev = src.fd, WANT_READ
             return False
-    f.wait_fd = IDLE
+    f.wait_fd = NO_FD
     return True
