@@ -441,6 +441,12 @@ class Exchange:
     timed_out: str = ""
     """The phase (``body``) that ``request_timeout`` cut off, if it did (rule 7)."""
 
+    @classmethod
+    def of(cls, request: http1.Request) -> Exchange:
+        return cls(
+            request.method.decode("ascii", "replace"), request.target.decode("ascii", "replace")
+        )
+
     @property
     def duration_ms(self) -> float:
         return round((trio.current_time() - self.started) * 1000, 3)
@@ -492,6 +498,46 @@ def _build(kind: Callable[P, E], *args: P.args, **fields: P.kwargs) -> E:
         raise UpstreamError(f"cannot relay this message head: {exc}") from exc
 
 
+def forwarded_request(request: http1.Request, headers: Headers) -> http1.Request:
+    """The head that goes to the target, with ``headers`` (`request_headers`)."""
+    return _build(
+        http1.Request,
+        method=request.method,
+        target=request.target,
+        headers=headers,
+        http_version=b"1.1",
+    )
+
+
+def forwarded_response(
+    event: http1.InformationalResponse | http1.Response, ex: Exchange, *, closing: bool
+) -> http1.InformationalResponse | http1.Response:
+    """The response head that goes back (rules 2 and 4), noted in ``ex`` if it is the
+    final one; UpstreamError if it cannot be relayed (a 101 never can)."""
+    if type(event) is http1.InformationalResponse:
+        if event.status_code == 101:
+            raise UpstreamError("the target switched protocols, which HTTP mode cannot relay")
+        return _build(
+            http1.InformationalResponse,
+            status_code=event.status_code,
+            headers=forwarded_headers(event.headers),
+            reason=event.reason,
+            http_version=b"1.1",
+        )
+    headers = forwarded_headers(event.headers)
+    if closing:
+        headers.append((b"connection", b"close"))
+    ex.status = event.status_code
+    ex.response_started = True
+    return _build(
+        http1.Response,
+        status_code=event.status_code,
+        headers=headers,
+        reason=event.reason,
+        http_version=b"1.1",
+    )
+
+
 def checked(headers: Sequence[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
     """Headers the proxy adds, checked as the parser would have (rule 8); UpstreamError if not."""
     for name, value in headers:
@@ -539,31 +585,8 @@ async def _relay_response(
 ) -> None:
     while True:
         event = await _next_from(up, down, activity, UpstreamError, DownstreamError)
-        if isinstance(event, http1.InformationalResponse):
-            if event.status_code == 101:
-                raise UpstreamError("the target switched protocols, which HTTP mode cannot relay")
-            info = _build(
-                http1.InformationalResponse,
-                status_code=event.status_code,
-                headers=forwarded_headers(event.headers),
-                reason=event.reason,
-                http_version=b"1.1",
-            )
-            _queue(down, info, DownstreamError)
-        elif isinstance(event, http1.Response):
-            headers = forwarded_headers(event.headers)
-            if closing():
-                headers.append((b"connection", b"close"))
-            ex.status = event.status_code
-            ex.response_started = True
-            head = _build(
-                http1.Response,
-                status_code=event.status_code,
-                headers=headers,
-                reason=event.reason,
-                http_version=b"1.1",
-            )
-            _queue(down, head, DownstreamError)
+        if isinstance(event, http1.InformationalResponse | http1.Response):
+            _queue(down, forwarded_response(event, ex, closing=closing()), DownstreamError)
         elif type(event) is http1.Data:
             _queue(down, event, DownstreamError)
             ex.bytes_out += len(event.data)
@@ -599,14 +622,7 @@ async def exchange(
     """
     activity = Deadline(idle_s)
     with activity.scope:
-        head = _build(
-            http1.Request,
-            method=request.method,
-            target=request.target,
-            headers=headers,
-            http_version=b"1.1",
-        )
-        _queue(up, head, UpstreamError)
+        _queue(up, forwarded_request(request, headers), UpstreamError)
         if not body_pending:
             _queue(up, http1.EndOfMessage(), UpstreamError)
         await _flush(up, UpstreamError)

@@ -47,7 +47,6 @@ Rules:
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -60,12 +59,14 @@ from proxy.http import (
     Exchange,
     HttpStream,
     UpstreamError,
-    forwarded_headers,
+    forwarded_request,
+    forwarded_response,
     has_body,
+    refused,
     request_headers,
 )
 from proxy.pool import Upstream
-from proxy.tcp import BUDGET, NO_FD, PUSH_EVERY_S, End, Relay
+from proxy.tcp import BUDGET, NO_FD, Deadline, End, Relay
 from tally.ops.logs import get_logger
 from tally.spiffe.spiffeid import SpiffeId
 from tally.tls.plain import LENT_SIZE, WANT_READ, WANT_WRITE
@@ -110,12 +111,11 @@ class Lane:
     __slots__ = (
         "_add",
         "_caller",
-        "_cap",
         "_drop",
         "_hard_at",
         "_host",
-        "_pushed_at",
         "complete",
+        "deadline",
         "down",
         "down_mask",
         "ex",
@@ -125,7 +125,6 @@ class Lane:
         "live",
         "relay",
         "request",
-        "scope",
         "state",
         "t",
         "up",
@@ -148,7 +147,6 @@ class Lane:
         self.up: Upstream | None = None
         self._caller = caller
         self._hard_at = hard_at
-        self._cap = hard_at  # the deadline's cap: the hard stop, until it passes (rule 3)
         self._drop = drop
         self._add = add
         self._host = str(t.cfg.target)
@@ -162,9 +160,7 @@ class Lane:
         self.handback: Handback | None = None
         self.finished = trio.Event()
         self.live = True
-        now = trio.current_time()
-        self._pushed_at = now
-        self.scope = trio.CancelScope(deadline=min(now + t.cfg.idle_timeout, hard_at))
+        self.deadline = Deadline(t.cfg.idle_timeout, hard_at)
 
     async def run(self) -> Handback:
         """Serve the connection until the lane hands it back (its task waits here)."""
@@ -174,14 +170,14 @@ class Lane:
         self.relay.add(down_end.fd, self)
         idlers.lanes.add(self)
         try:
-            with self.scope:
+            with self.deadline.scope:
                 if idlers.draining:
                     self._give(Handback("ended", why="draining"))
                 else:
                     self.relay.start(self)
                 await self.finished.wait()
             while self._hard_stop_mid_exchange():
-                with self.scope:
+                with self.deadline.scope:
                     await self.finished.wait()
         finally:
             idlers.lanes.discard(self)
@@ -196,13 +192,13 @@ class Lane:
     def _hard_stop_mid_exchange(self) -> bool:
         """Whether the scope fired at the peer's hard stop while an exchange was in flight,
         which then goes on under the idle deadline alone (`proxy.http` rule 4)."""
-        if self.handback is not None or not self.scope.cancelled_caught:
+        deadline = self.deadline
+        if self.handback is not None or not deadline.scope.cancelled_caught:
             return False
-        idle_at = self._pushed_at + self.t.cfg.idle_timeout
+        idle_at = deadline.pushed_at + deadline.idle_s
         if self.state == _WAIT_REQUEST or trio.current_time() >= idle_at:
             return False
-        self._cap = math.inf
-        self.scope = trio.CancelScope(deadline=idle_at)
+        self.deadline = deadline.without_hard_stop()
         return True
 
     # -- the relay's side --------------------------------------------------------------
@@ -287,21 +283,15 @@ class Lane:
             t.bearer is not None
             or pool is None
             or request.method == b"CONNECT"
-            or request.http_version not in (b"1.0", b"1.1")
+            or refused(request) is not None
             or (body and not down.message_complete)
         ):
             self._give(Handback("request", request=request))
             return False
         try:
             headers = request_headers(request, self._host, drop=self._drop, add=self._add)
-            head = http1.Request(
-                method=request.method,
-                target=request.target,
-                headers=headers,
-                http_version=b"1.1",
-                _parsed=True,
-            )
-        except (UpstreamError, http1.LocalProtocolError):  # the task fails it, and says why
+            head = forwarded_request(request, headers)
+        except UpstreamError:  # the task fails it, and says why
             self._give(Handback("request", request=request))
             return False
         # A request with a body is never sent twice, so it must not meet a connection the
@@ -313,9 +303,7 @@ class Lane:
             self._give(Handback("request", request=request))
             return False
         self.request, self.headers, self.up = request, headers, up
-        ex = self.ex = Exchange(
-            request.method.decode("ascii", "replace"), request.target.decode("ascii", "replace")
-        )
+        ex = self.ex = Exchange.of(request)
         up_end = up.http.end
         assert up_end is not None
         self.relay.add(up_end.fd, self)
@@ -367,8 +355,7 @@ class Lane:
             self._watch_up(up_end.wants)
             return False
         up.http.conn.receive_data(data)
-        if now - self._pushed_at >= PUSH_EVERY_S:
-            self._push(now, self.t.cfg.idle_timeout)
+        self.deadline.touch(now)
         conn = up.http.conn
         while True:
             try:
@@ -401,33 +388,18 @@ class Lane:
 
     def _queue_head(self, event: http1.Response | http1.InformationalResponse, now: float) -> bool:
         """A response head, passed on as `proxy.http` passes it on; False if it failed."""
-        headers = forwarded_headers(event.headers)
-        status = event.status_code
-        if type(event) is http1.InformationalResponse:
-            if status == 101:
-                why = "the target switched protocols, which HTTP mode cannot relay"
-                self._failed(UpstreamError(why))
-                return False
-            kind: type[http1.Response | http1.InformationalResponse] = http1.InformationalResponse
-        else:
-            if self.t.idlers.draining or now >= self._hard_at:
-                headers.append((b"connection", b"close"))
-            ex = self.ex
-            assert ex is not None
-            ex.status = status
-            ex.response_started = True
-            kind = http1.Response
+        ex = self.ex
+        assert ex is not None
+        closing = self.t.idlers.draining or now >= self._hard_at
         try:
-            head = kind(
-                status_code=status,
-                headers=headers,
-                reason=event.reason,
-                http_version=b"1.1",
-                _parsed=True,
-            )
+            head = forwarded_response(event, ex, closing=closing)
+        except UpstreamError as exc:
+            self._failed(exc)
+            return False
+        try:
             self.down.queue(head)
         except http1.ProtocolError as exc:
-            self._failed(UpstreamError(f"cannot relay this message head: {exc}"))
+            self._failed(DownstreamError(f"cannot relay this message: {exc}"))
             return False
         return True
 
@@ -449,8 +421,7 @@ class Lane:
         if not sent:
             self._watch_down(down.end.wants)  # type: ignore[union-attr]
             return False
-        if now - self._pushed_at >= PUSH_EVERY_S:
-            self._push(now, self.t.cfg.idle_timeout)
+        self.deadline.touch(now)
         up = self.up
         assert up is not None
         if self.complete:
@@ -484,15 +455,11 @@ class Lane:
             self._give(Handback("ended", why="draining"))
             return False
         self.state = _WAIT_REQUEST
-        if now - self._pushed_at >= PUSH_EVERY_S:
-            self._push(now, t.cfg.idle_timeout)
+        self.deadline.idle_s = t.cfg.idle_timeout  # a reload reaches the next request
+        self.deadline.touch(now)
         return True
 
     # -- bookkeeping -------------------------------------------------------------------
-
-    def _push(self, now: float, idle_s: float) -> None:
-        self._pushed_at = now
-        self.scope.deadline = min(now + idle_s, self._cap)
 
     def _failed(self, error: Exception) -> None:
         self._give(
@@ -510,8 +477,8 @@ class Lane:
         if not self.live:
             return
         self.handback = handback
-        self.up = None  # the task owns it now
         self._forget()
+        self.up = None  # the task owns it now
         self.finished.set()
 
     def _watch_down(self, want: int) -> None:
@@ -532,7 +499,7 @@ class Lane:
         assert down_end is not None
         self.relay.drop(self, down_end.fd, self.down_mask)
         self.down_mask = 0
-        up = self.up if self.up is not None else (self.handback.up if self.handback else None)
+        up = self.up
         if up is not None and up.http.end is not None:
             self.relay.drop(self, up.http.end.fd, self.up_mask)
         self.up_mask = 0

@@ -137,10 +137,7 @@ async def relay_http(
                     _timed_out(t, "head", caller)
                 t.ended(why, caller)
                 return
-        ex = Exchange(
-            request.method.decode("ascii", "replace"),
-            request.target.decode("ascii", "replace"),
-        )
+        ex = Exchange.of(request)
         if request.method == b"CONNECT":
             ex.status = 405
             await respond_error(down, 405, "CONNECT is not relayed in HTTP mode")

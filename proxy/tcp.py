@@ -70,6 +70,14 @@ class Deadline:
             self.pushed_at = now
             self.scope.deadline = min(now + self.idle_s, self.hard_at)
 
+    def without_hard_stop(self) -> Deadline:
+        """The idle deadline alone, in a fresh scope, from the same last activity: for work
+        that goes on past the hard stop once started (HTTP mode's exchange in flight)."""
+        after = Deadline(self.idle_s)
+        after.pushed_at = self.pushed_at
+        after.scope.deadline = self.pushed_at + self.idle_s
+        return after
+
     def why(self) -> str:
         """Why the scope fired: ``peer_expired`` or ``idle``."""
         return "peer_expired" if trio.current_time() >= self.hard_at else "idle"
