@@ -58,7 +58,11 @@ Rules / theory of operation:
    open no more calls; each open call then ends after the message it is
    sending, with UNAVAILABLE "the agent is shutting down" in its trailers (a
    status every gRPC client retries), and a final GOAWAY closes the connection.
-   The agent bounds the whole drain by its ``drain_timeout``.
+   The agent bounds the whole drain by its ``drain_timeout``.  After the final
+   GOAWAY the connection half-closes and waits up to `_LINGER_S` for the peer to
+   close: closing sooner would answer the peer's next frame with a reset, and a
+   client busy elsewhere (a loaded host) would then lose the trailers it had not
+   read yet.
 """
 
 from __future__ import annotations
@@ -131,7 +135,7 @@ class WorkloadStats:
 
 _READ_SIZE = 64 * 1024
 _READS_PER_YIELD = 16
-_LINGER_S = 1.0
+_LINGER_S = 3.0
 _DRAINING = "the agent is shutting down"
 _ANY_STREAM = 2**31 - 1
 _WATCH_AFTER_S = 0.05
