@@ -182,3 +182,30 @@ def test_random_trust_domain_text_parses_or_raises_our_error(text):
     except SpiffeIdError:
         return
     assert text in (td.name, f"spiffe://{td.name}")
+
+
+@given(st.one_of(st.text(), st.text(SEGMENT_CHARS + "/:%?#@ \n").map(lambda s: "spiffe://" + s)))
+def test_a_remembered_parse_answers_as_a_fresh_one(text):
+    """Rule 6: the second parse of any text gives what the first gave, refusals included."""
+    answers = []
+    for _ in range(2):
+        try:
+            answers.append(SpiffeId.parse(text))
+        except SpiffeIdError as exc:
+            answers.append(str(exc))
+    assert answers[0] == answers[1]
+
+
+def test_remembered_ids_are_bounded(monkeypatch):
+    import tally.spiffe.spiffeid as module
+
+    monkeypatch.setattr(module, "_PARSED_MAX", 8)
+    monkeypatch.setattr(module, "_parsed", {})
+    first = SpiffeId.parse("spiffe://example.org/w/0")
+    assert SpiffeId.parse("spiffe://example.org/w/0") is first
+    for i in range(20):
+        SpiffeId.parse(f"spiffe://example.org/w/{i}")
+    assert len(module._parsed) <= 8
+    with pytest.raises(SpiffeIdError, match="trailing slash"):
+        SpiffeId.parse("spiffe://example.org/w/")
+    assert "spiffe://example.org/w/" not in module._parsed
