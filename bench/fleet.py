@@ -51,6 +51,7 @@ import trio
 from agent import keeper, renewal
 from agent.ca_client import CAClient, CAError, make_csr
 from agent.renewal import Entry, EntrySync
+from agent.settings import AgentSettings
 from bench.ca_daemon import TRUST_DOMAIN
 from tally.app.launch import Daemon
 from tally.ops import collector
@@ -172,6 +173,11 @@ class Stats:
         self.why[re.sub(r"\d+\.\d+\.\d+\.\d+:\d+", "ADDR", str(exc))[:120]] += 1
 
 
+CA_TIMEOUT = float(AgentSettings.ca_timeout)
+"""A call's deadline, the real agent's default: in a herd, an agent still in the CA's
+line when it runs out gives up its place and comes back after its backoff."""
+
+
 class SimAgent:
     """One simulated agent: its own identity and the agent's loops, nothing served."""
 
@@ -183,7 +189,7 @@ class SimAgent:
         self.stats = stats
         self.rng = random.Random(n)
         self.key = x509profile.generate_key()
-        self.client = CAClient(ca, TD, roots, timeout=60)
+        self.client = CAClient(ca, TD, roots, timeout=CA_TIMEOUT)
         self.sync = EntrySync()
         self.entries: dict[str, Entry] = {}
         self.identity: tuple[Any, Any] | None = None
@@ -324,7 +330,7 @@ class SimAgent:
         workload SVID signed anew (workload keys live only in memory)."""
         await self.client.aclose()
         assert self.identity is not None
-        self.client = CAClient(self.ca, TD, self.roots, timeout=60)
+        self.client = CAClient(self.ca, TD, self.roots, timeout=CA_TIMEOUT)
         self.client.set_identity(*self.identity)
         self.sync = EntrySync()
         self.entries = {}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Awaitable, Callable
 from functools import partial
 from http.client import HTTPSConnection
 from typing import Self
@@ -747,3 +748,42 @@ async def test_a_streamed_response_is_sent_piece_by_piece_and_ends_at_the_drain(
     body = b"".join(e.data for e in events if isinstance(e, h11.Data))
     assert body == b"tick 0\ntick 1\ntick 2\n"
     assert any(isinstance(e, h11.EndOfMessage) for e in events)  # ended cleanly
+
+
+async def test_a_connect_timeout_gives_opening_its_own_deadline_and_no_resend(autojump_clock):
+    """``connect_timeout``: a slow open is not counted in ``timeout``; a connection
+    opened for the request is fresh, so its failure is not retried as a stale one."""
+    served: list[bytes | bytearray] = []
+
+    def connect_after(delay: float, answer: bytes) -> Callable[[], Awaitable[trio.abc.Stream]]:
+        async def connect() -> trio.abc.Stream:
+            await trio.sleep(delay)  # a server that makes connections wait their turn
+            ours, theirs = trio.testing.memory_stream_pair()
+
+            async def serve() -> None:
+                served.append(await theirs.receive_some())
+                await theirs.send_all(answer)
+                await theirs.aclose()
+
+            nursery.start_soon(serve)
+            return ours
+
+        return connect
+
+    ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}"
+    async with trio.open_nursery() as nursery:
+        slow = http.HttpClient(connect_after(40, ok))
+        with pytest.raises(http.HttpClientError, match="TooSlowError"):
+            await slow.request("GET", "/", timeout=15)
+        start = trio.current_time()
+        resp = await slow.request("GET", "/", timeout=15, connect_timeout=60)
+        assert resp.status == 200 and trio.current_time() - start == pytest.approx(40)
+        with pytest.raises(http.HttpClientError):
+            await http.HttpClient(connect_after(100, ok)).request(
+                "GET", "/", timeout=15, connect_timeout=60
+            )
+        served.clear()
+        dropped = http.HttpClient(connect_after(0, b""))  # closes before answering
+        with pytest.raises(http.HttpClientError):
+            await dropped.request("GET", "/", timeout=15, connect_timeout=60)
+        assert dropped.connections_opened == 1 and len(served) == 1

@@ -187,7 +187,7 @@ def test_random_trust_domain_text_parses_or_raises_our_error(text):
 @given(st.one_of(st.text(), st.text(SEGMENT_CHARS + "/:%?#@ \n").map(lambda s: "spiffe://" + s)))
 def test_a_remembered_parse_answers_as_a_fresh_one(text):
     """Rule 6: the second parse of any text gives what the first gave, refusals included."""
-    answers = []
+    answers: list[SpiffeId | str] = []
     for _ in range(2):
         try:
             answers.append(SpiffeId.parse(text))

@@ -486,6 +486,7 @@ class HttpClient:
         self._stream: trio.abc.Stream | None = None
         self._conn: http1.Connection | None = None
         self._lock = trio.Lock()
+        self._fresh = False
         self.connections_opened = 0
 
     async def request(
@@ -497,11 +498,20 @@ class HttpClient:
         body: bytes = b"",
         headers: Sequence[tuple[str, str]] = (),
         timeout: float = 10,  # noqa: ASYNC109 - one bound for connect, send and receive
+        connect_timeout: float | None = None,
     ) -> ClientResponse:
-        """Send one request and read the whole response, all within ``timeout`` seconds."""
+        """Send one request and read the whole response, all within ``timeout`` seconds.
+
+        With ``connect_timeout``, opening a connection first has that long of its own,
+        not counted in ``timeout``: for a server that makes new connections wait their
+        turn (the CA in a herd), where giving up on the wait loses the turn.
+        """
         request, body = self._build(method, target, json_body, body, headers)
         async with self._lock:
             try:
+                if connect_timeout is not None and self._stream is None:
+                    with trio.fail_after(connect_timeout):
+                        await self._open()
                 with trio.fail_after(timeout):
                     try:
                         return await self._exchange(request, body)
@@ -516,6 +526,17 @@ class HttpClient:
             except BaseException:
                 await self._discard()  # cancelled mid-exchange: the connection is unusable
                 raise
+
+    async def _open(self) -> None:
+        try:
+            self._stream = await self._connect()
+        except Exception as exc:
+            raise HttpClientError(f"cannot connect: {_explain(exc)}") from exc
+        self.connections_opened += 1
+        self._conn = http1.Connection(
+            http1.CLIENT, max_incomplete_event_size=self._max_header_bytes
+        )
+        self._fresh = True  # no request sent on it yet: a failure is not a stale connection
 
     def _build(
         self,
@@ -541,17 +562,11 @@ class HttpClient:
         return request, body
 
     async def _exchange(self, request: http1.Request, body: bytes) -> ClientResponse:
-        reused = self._stream is not None
         if self._stream is None or self._conn is None:
-            try:
-                self._stream = await self._connect()
-            except Exception as exc:
-                raise HttpClientError(f"cannot connect: {_explain(exc)}") from exc
-            self.connections_opened += 1
-            self._conn = http1.Connection(
-                http1.CLIENT, max_incomplete_event_size=self._max_header_bytes
-            )
+            await self._open()
+        reused, self._fresh = not self._fresh, False
         stream, conn = self._stream, self._conn
+        assert stream is not None and conn is not None
         out = (
             conn.send(request) + conn.send(http1.Data(data=body)) + conn.send(http1.EndOfMessage())
         )
