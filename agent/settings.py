@@ -48,7 +48,11 @@ class AgentSettings:
     metrics: Address | None = setting(
         None, help="serve /healthz, /readyz and /metrics on HOST:PORT"
     )
-    ca_timeout: Duration = setting(Duration(15), help="deadline for one call to the CA")
+    ca_timeout: Duration = setting(
+        Duration(15),
+        help="deadline for one call to the CA, once its connection is up (a new connection's"
+        " handshake may also wait up to 75s for its turn in a busy CA's line)",
+    )
     poll_wait: Duration = setting(
         Duration(50),
         help="how long the CA may hold the change-feed request (entries and bundle) open;"
