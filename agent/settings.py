@@ -51,7 +51,7 @@ class AgentSettings:
     ca_timeout: Duration = setting(
         Duration(15),
         help="deadline for one call to the CA, once its connection is up (a new connection's"
-        " handshake may also wait up to 40s for its turn in a busy CA's line)",
+        " handshake may also wait up to 75s for its turn in a busy CA's line)",
     )
     poll_wait: Duration = setting(
         Duration(50),
