@@ -38,15 +38,16 @@ Rules:
    once, under the current SVID; a stale answer to the current SVID stands.
 7. **Waiting in the CA's line is not a failure.**  In a herd the CA takes first
    contacts in arrival order and keeps a connection's place for up to a minute
-   before its handshake (`ca.first_contact`).  So a new connection's handshake may
-   take `LINE_WAIT_S`, apart from the call's own deadline (``ca_timeout``), which
-   starts once the connection is up; the TCP connect keeps ``ca_timeout``, since a
-   server that is down refuses it or never answers it.  An agent that gave up after
-   ``ca_timeout`` lost its place, came back at the end of the line, and left the
-   CA work it had begun for nothing: 10,000 agents restarting at once made 5.6
-   connections each, and not all were fresh after 300 s (`bench.fleet`).  The
-   cost: a CA that accepts connections and never answers them holds an agent
-   `LINE_WAIT_S` before it fails over.
+   before its handshake (`ca.first_contact`), then closes it unshaken.  So a new
+   connection's handshake may take `LINE_WAIT_S`, apart from the call's own
+   deadline (``ca_timeout``), which starts once the connection is up; the TCP
+   connect keeps ``ca_timeout``, since a server that is down refuses it or never
+   answers it.  An agent that gave up after ``ca_timeout`` could give up after its
+   turn had come, leaving the CA work it had begun for nothing, and come back at
+   the end of the line: 10,000 agents restarting at once made 5.6 connections each,
+   and not all were fresh after 300 s (`bench.fleet`).  The cost: a CA that accepts
+   connections and never answers them holds an agent `LINE_WAIT_S` before it fails
+   over.
 """
 
 from __future__ import annotations
@@ -184,8 +185,9 @@ def make_csr(key: ec.EllipticCurvePrivateKey) -> str:
 
 
 LINE_WAIT_S = 75.0
-"""Longest a new connection's handshake may take (rule 7): the CA's longest wait for a
-turn (`ca.server.FIRST_CONTACT_WAIT_S`, 60 s) and its handshake deadline after it."""
+"""Longest a new connection's handshake may take (rule 7): more than the CA's longest
+wait for a turn (`ca.server.FIRST_CONTACT_WAIT_S`, 60 s) and its handshake deadline
+after it (``handshake_timeout``, 10 s), so that it is the CA that ends a wait."""
 
 
 def _issued(data: dict[str, Any]) -> Issued:
