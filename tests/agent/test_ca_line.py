@@ -9,7 +9,6 @@ a turn that comes after 40 s is still taken; only a wait past `LINE_WAIT_S` fail
 from __future__ import annotations
 
 import functools
-import json
 
 import pytest
 import trio
@@ -20,29 +19,15 @@ from tally.ops.config import Address
 from tally.spiffe import x509profile
 from tally.tls.contexts import server_context
 from tally.tls.stream import TLSStream
+from tally.wire import http
 from tests.pki import Authority
 
 TIMEOUT = 15.0
 
 
-async def _answer(stream: TLSStream) -> None:
-    """Read one request and refuse it as the CA would: a JSON error with a code."""
-    data = b""
-    while b"\r\n\r\n" not in data:
-        data += await stream.receive_some(65536)
-    head, _, body = data.partition(b"\r\n\r\n")
-    length = next(
-        int(line.split(b":", 1)[1])
-        for line in head.split(b"\r\n")
-        if line.lower().startswith(b"content-length:")
-    )
-    while len(body) < length:
-        body += await stream.receive_some(65536)
-    answer = json.dumps({"code": "attestation_failed", "error": "unknown token"}).encode()
-    await stream.send_all(
-        b"HTTP/1.1 403 Forbidden\r\ncontent-type: application/json\r\n"
-        b"content-length: %d\r\n\r\n%s" % (len(answer), answer)
-    )
+async def _refuse(request: http.Request) -> http.Response:
+    """Answer as the CA refuses an attestation: a JSON error with its code."""
+    return http.Response.json({"code": "attestation_failed", "error": "unknown token"}, 403)
 
 
 async def _call_through_a_line(
@@ -59,7 +44,7 @@ async def _call_through_a_line(
         stream = TLSStream(raw, ctx, server_side=True)
         try:
             await stream.do_handshake()
-            await _answer(stream)
+            await http.serve_http(stream, _refuse)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass  # the agent gave up first
         finally:
