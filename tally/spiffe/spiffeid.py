@@ -37,6 +37,7 @@ _TRUST_DOMAIN = re.compile(r"[a-z0-9._-]+")
 _SEGMENT = re.compile(r"[A-Za-z0-9._-]+")
 _MAX_SHOWN = 80
 _PARSED_MAX = 4096
+_parsed: dict[str, SpiffeId] = {}  # rule 6
 
 
 class SpiffeIdError(ValueError):
@@ -208,6 +209,3 @@ class SpiffeId:
 
     def __str__(self) -> str:
         return SCHEME_PREFIX + self.trust_domain.name + self.path
-
-
-_parsed: dict[str, SpiffeId] = {}
