@@ -16,7 +16,11 @@ Rules:
 3. A connection the server closed while it sat idle is noticed without
    reading from it: its socket polls readable (an idle HTTP/1.1 server has
    nothing to say except goodbye).  A sweep every `SWEEP_S` closes those and
-   the ones idle longer than the pool's idle timeout.
+   the ones idle longer than the pool's idle timeout.  A connection HTTP mode's
+   lane gives back stays in the relay's epoll set while it sits here (its
+   ``watch``), so the next lane takes it without two ``epoll_ctl`` calls, and a
+   goodbye from the target closes it at once; it leaves the set (`Watch.unwatch`)
+   whenever it leaves the pool any other way.
 4. The pool never waits for a connection: it dials when none is idle, so the
    only limit on upstream connections is the number of local requests in
    flight.
@@ -28,6 +32,7 @@ import math
 import select
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import trio
 
@@ -50,6 +55,13 @@ class DialError(Exception):
         self.timeout = timeout
 
 
+class Watch(Protocol):
+    """An idle connection's place in the relay's epoll set (rule 3)."""
+
+    def unwatch(self) -> None:
+        """Leave the set; the connection is about to be closed or served elsewhere."""
+
+
 @dataclass(eq=False)
 class Upstream:
     """One mTLS connection to the target and what we know about it."""
@@ -65,6 +77,13 @@ class Upstream:
     """trio time when the server's certificate expires (client mode)."""
     reused: bool = False
     idle_since: float = field(default_factory=trio.current_time)
+    watch: Watch | None = None
+    """Set while it sits in the pool still in the relay's epoll set (rule 3)."""
+
+    def unwatch(self) -> None:
+        if self.watch is not None:
+            self.watch.unwatch()
+            self.watch = None
 
 
 def _socket_readable(stream: trio.abc.Stream) -> bool:
@@ -122,11 +141,14 @@ class Pool:
             and not (probe and _socket_readable(up.stream))
         )
 
-    def take(self, *, probe: bool = True) -> tuple[Upstream | None, list[Upstream]]:
+    def take(
+        self, *, probe: bool = True, watched: bool = False
+    ) -> tuple[Upstream | None, list[Upstream]]:
         """An idle connection still good for a request, without waiting or dialing, and the
         stale ones met on the way, for the caller to close (HTTP mode's lane calls this
         from the relay's task, which must not wait).  Without ``probe`` a connection the
-        target closed is not looked for (rule 3): for a request that is safe to send again."""
+        target closed is not looked for (rule 3): for a request that is safe to send again.
+        With ``watched`` the connection keeps its ``watch``, for the lane to take over."""
         now = trio.current_time()
         stale: list[Upstream] = []
         while self._idle:
@@ -134,9 +156,18 @@ class Pool:
             if self._usable(up, now, probe):
                 up.reused = True
                 self._stats.pool_reused += 1
+                if not watched:
+                    up.unwatch()
                 return up, stale
+            up.unwatch()
             stale.append(up)
         return None, stale
+
+    def forget(self, up: Upstream) -> None:
+        """Drop an idle connection the target closed (rule 3); the caller closes it."""
+        if up in self._idle:
+            self._idle.remove(up)
+        up.unwatch()
 
     async def acquire(self) -> Upstream:
         """A connection ready for a request: an idle one if any is still good, else a new one."""
@@ -181,9 +212,11 @@ class Pool:
                 stale = [up for up in self._idle if not self._usable(up, now)]
                 self._idle = [up for up in self._idle if up not in stale]
                 for up in stale:
+                    up.unwatch()
                     await close_quietly(up.stream)
         finally:
             self._closed = True
             idle, self._idle = self._idle, []
             for up in idle:
+                up.unwatch()
                 await close_quietly(up.stream)

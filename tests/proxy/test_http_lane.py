@@ -185,14 +185,45 @@ async def test_what_the_lane_does_not_take_goes_to_the_task_and_back(backend, wa
 async def test_a_target_that_closed_an_idle_connection_costs_no_request(backend, watched):
     async with proxy_to(backend.address) as (t, connect):
         client = await connect()
-        await client.get("/warm")
+        await client.get("/warm")  # the task dials
+        await client.get("/lane")
+        # The lane gave the connection back still in the relay's epoll set.
+        assert [up.watch is not None for up in t.pool._idle] == [True]
         await client.get("/bye?hangup=1")  # the backend closes this connection after answering
-        await trio.sleep(0.05)
+        for _ in range(1000):  # the relay sees the goodbye and drops it from the pool
+            if not t.pool.idle_count:
+                break
+            await trio.sleep(0.005)
+        assert t.pool.idle_count == 0
         status, answer = await client.get("/again")
         assert (status, answer["path"]) == (200, "/again")
-    # The lane sent it on the closed connection; the task sent it once more on a new one.
+    # Nothing was sent on the closed connection: the pool was empty, so the task dialled.
+    assert watched[:2] == ["request", "request"]
+    assert [s.path for s in backend.seen] == ["/warm", "/lane", "/bye?hangup=1", "/again"]
+    assert t.stats.pool_dialed == 2
+
+
+async def test_a_request_the_target_closed_on_unanswered_is_sent_again(watched):
+    """The race the relay cannot see coming: the target closes as the request arrives."""
+    ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+    seen: list[bytes] = []
+    async with trio.open_nursery() as nursery:
+        # Each connection answers one request, then closes on the next, unanswered.
+        listeners = await nursery.start(
+            partial(trio.serve_tcp, partial(scripted, [ok], seen), 0, host="127.0.0.1")
+        )
+        port = listeners[0].socket.getsockname()[1]
+        async with proxy_to(f"127.0.0.1:{port}") as (t, connect):
+            client = await connect()
+            for target in ("/first", "/second"):
+                await client.request("GET", target)
+                statuses, _, body = await client.response()
+                assert (statuses, body) == ([200], b"ok")
+        nursery.cancel_scope.cancel()
+    # The lane sent /second on the pooled connection, which took it and closed unanswered
+    # (`scripted` records only what it answers); the task sent it once more on a new one.
     assert watched[:2] == ["request", "failed"]
-    assert [s.path for s in backend.seen] == ["/warm", "/bye?hangup=1", "/again"]
+    assert [head.split(b" ")[1] for head in seen] == [b"/first", b"/second"]
     assert t.stats.pool_dialed == 2
 
 
