@@ -206,7 +206,7 @@ def assert_fleet_renewed(fleet: SimFleet, before: int) -> None:
     while fleet.renewals() < before + fleet.size:
         assert time.monotonic() < deadline, "the simulated fleet stopped renewing"
         time.sleep(0.2)
-    assert not fleet.errors(), fleet.errors()
+    assert not fleet.errors(), (fleet.errors(), fleet.stats.why.most_common(5))
     assert fleet.failed is None, fleet.failed
 
 
