@@ -17,6 +17,7 @@ from tally.ops.logs import (
     LogLevelError,
     get_logger,
     setup_logging,
+    timestamp,
 )
 
 log = get_logger("tally.test")
@@ -67,6 +68,25 @@ def test_timestamp_is_utc_with_milliseconds():
     record.created = datetime(2026, 11, 29, 1, 2, 3, 456789, tzinfo=UTC).timestamp()
     line = json.loads(JsonFormatter(tracebacks=False).format(record))
     assert line["ts"] == "2026-11-29T01:02:03.456Z"
+
+
+@given(st.lists(st.floats(min_value=0, max_value=4e9, allow_nan=False), min_size=1, max_size=30))
+def test_timestamps_in_any_order_read_as_their_own_instant(instants):
+    """The text of the last second is reused (`logs._timestamp`): lines many to a second,
+    one second apart, out of order or years apart, each still shows its own instant."""
+    nearby = [instants[0] + d for d in (0.0004, 0.9996, 1.0, 59.9999)]
+    for created in [*instants, *nearby, *reversed(instants)]:
+        t = datetime.fromtimestamp(created, tz=UTC)
+        assert timestamp(created) == f"{t:%Y-%m-%dT%H:%M:%S}.{t.microsecond // 1000:03d}Z"
+
+
+def test_secret_shaped_field_names_are_redacted_too():
+    jwt = "eyJhbGciOiJFUzI1NiJ9.eyJzdWIiOiJzcGlmZmUifQ.c2ln"
+    stream = capture()
+    log.info("x", **{PEM: 1, f"a {jwt}": 2, "plain_name": jwt})
+    (line,) = lines(stream)
+    assert line["plain_name"] == REDACTED and line[REDACTED] in (1, 2)
+    assert "PRIVATE KEY" not in stream.getvalue() and "eyJzdWIi" not in stream.getvalue()
 
 
 def test_unserialisable_and_awkward_values_still_make_json():

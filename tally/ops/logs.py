@@ -70,7 +70,8 @@ _JWT = re.compile(r"eyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}")
 
 
 def _scrub(text: str) -> str:
-    return REDACTED if _looks_like_private_key(text) or _JWT.search(text) else text
+    jwt = "eyJ" in text and _JWT.search(text)  # the plain check first: a call saved per string
+    return REDACTED if _looks_like_private_key(text) or jwt else text
 
 
 def _error_text(exc: BaseException) -> str:
@@ -103,7 +104,9 @@ def _clean(value: object, depth: int = 0) -> Any:
 def _clean_fields(fields: Mapping[Any, object], depth: int = 0) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name, value in fields.items():
-        key = _scrub(str(name))
+        key = str(name)
+        if not key.isidentifier():  # an identifier holds neither a PEM block nor a JWT
+            key = _scrub(key)
         out[key] = REDACTED if key.lower() in SECRET_FIELDS else _clean(value, depth)
     return out
 
@@ -129,9 +132,24 @@ def timestamp(created: float) -> str:
     return _timestamp(created)
 
 
+_second: tuple[datetime | None, str] = (None, "")
+"""The last whole second rendered, and its text: lines come many to a second.  One
+tuple, read once per line, so threads that log at once never mix two seconds."""
+
+
 def _timestamp(created: float) -> str:
+    global _second
     t = datetime.fromtimestamp(created, tz=UTC)
-    return f"{t:%Y-%m-%dT%H:%M:%S}.{t.microsecond // 1000:03d}Z"
+    whole = t.replace(microsecond=0)
+    second = _second
+    if second[0] != whole:
+        second = _second = (whole, f"{t:%Y-%m-%dT%H:%M:%S}")
+    return f"{second[1]}.{t.microsecond // 1000:03d}Z"
+
+
+_ENCODER = json.JSONEncoder(ensure_ascii=True, allow_nan=False, check_circular=False)
+"""One encoder for every line (``json.dumps`` with these options builds one per call);
+no circular check, since `_clean` builds a fresh tree of bounded depth."""
 
 
 class JsonFormatter(logging.Formatter):
@@ -162,7 +180,7 @@ class JsonFormatter(logging.Formatter):
             exc = next((v for v in fields.values() if isinstance(v, BaseException)), None)
         if self.tracebacks and exc is not None:
             line["traceback"] = _scrub("".join(traceback.format_exception(exc)))
-        return json.dumps(line, ensure_ascii=True, allow_nan=False)
+        return _ENCODER.encode(line)
 
     @staticmethod
     def _message(record: logging.LogRecord) -> str:
@@ -226,9 +244,15 @@ class EventLogger:
         self._log(logging.ERROR, event, fields)
 
     def _log(self, level: int, event: str, fields: dict[str, object]) -> None:
-        if self.logger.isEnabledFor(level):
+        logger = self.logger
+        if logger.isEnabledFor(level):
+            # The record is made here rather than by ``Logger.log``, which would first
+            # walk the stack for the caller's file and line: no line shows them, and an
+            # HTTP-mode proxy writes a line per request.
             extra = {_EVENT_ATTR: event, _FIELDS_ATTR: fields}
-            self.logger.log(level, "%s", event, extra=extra, stacklevel=3)
+            logger.handle(
+                logger.makeRecord(logger.name, level, "", 0, "%s", (event,), None, extra=extra)
+            )
 
 
 def get_logger(name: str) -> EventLogger:
