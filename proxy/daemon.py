@@ -60,7 +60,7 @@ from tally.ops.errors import CommandError
 from tally.ops.health import serve_health, watch_ready
 from tally.ops.hook_rules import check_hooks
 from tally.ops.hooks import Hooks
-from tally.ops.logs import get_logger, setup_logging
+from tally.ops.logs import HELD_FLUSH_S, flush_held, get_logger, setup_logging
 from tally.ops.net import ACCEPT_CAPACITY_ERRNOS, ListenError
 from tally.ops.reload import reread
 from tally.spiffe.spiffeid import SpiffeId
@@ -347,6 +347,7 @@ class Proxy:
                 await outer.start(self._signals)
                 await outer.start(self.hooks.run)
                 await outer.start(self.traffic.relay.run)
+                outer.start_soon(_write_held_lines)
                 if self.cfg.metrics is not None:
                     try:
                         self.addresses["metrics"] = await outer.start(
@@ -390,6 +391,13 @@ class Proxy:
             connections_total=self.stats.connections_total,
             open_connections=self.stats.connections_open,
         )
+
+
+async def _write_held_lines() -> None:
+    """HTTP mode's request lines are held (`tally.ops.logs` rule 5): write them this often."""
+    while True:
+        await trio.sleep(HELD_FLUSH_S)
+        flush_held()
 
 
 def bearer_hooks(cfg: ServerSettings | ClientSettings, endpoint_socket: Path) -> BearerHooks | None:

@@ -2,6 +2,7 @@ import io
 import json
 import logging
 import re
+import subprocess
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
@@ -11,10 +12,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tally.ops.logs import (
+    HELD_MAX,
     REDACTED,
     SECRET_FIELDS,
     JsonFormatter,
     LogLevelError,
+    flush_held,
     get_logger,
     setup_logging,
     timestamp,
@@ -87,6 +90,45 @@ def test_secret_shaped_field_names_are_redacted_too():
     (line,) = lines(stream)
     assert line["plain_name"] == REDACTED and line[REDACTED] in (1, 2)
     assert "PRIVATE KEY" not in stream.getvalue() and "eyJzdWIi" not in stream.getvalue()
+
+
+def test_held_lines_wait_for_the_next_line_in_order():
+    stream = capture()
+    log.info_held("http.request", n=1)
+    log.info_held("http.request", n=2)
+    assert stream.getvalue() == ""  # held (rule 5)
+    log.warning("peer.denied")
+    assert [(x["event"], x.get("n")) for x in lines(stream)] == [
+        ("http.request", 1),
+        ("http.request", 2),
+        ("peer.denied", None),
+    ]
+
+
+def test_held_lines_are_written_by_flush_held_by_count_and_at_exit():
+    stream = capture()
+    log.info_held("http.request", n=0)
+    flush_held()
+    assert [x["n"] for x in lines(stream)] == [0]
+    for n in range(1, HELD_MAX + 1):
+        log.info_held("http.request", n=n)
+    assert [x["n"] for x in lines(stream)] == list(range(HELD_MAX + 1))  # the last one filled it
+    # A process that exits normally writes what it held (``logging.shutdown``).
+    code = (
+        "from tally.ops.logs import get_logger, setup_logging; setup_logging(); "
+        "get_logger('t').info_held('http.request', n='last')"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert json.loads(done.stderr)["n"] == "last"
+
+
+def test_held_lines_go_to_their_stream_when_setup_replaces_it():
+    first = capture()
+    log.info_held("http.request", n=1)
+    second = capture()
+    log.info("next")
+    assert [x["event"] for x in lines(first)] == ["http.request"]
+    assert [x["event"] for x in lines(second)] == ["next"]
 
 
 def test_unserialisable_and_awkward_values_still_make_json():

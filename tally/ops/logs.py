@@ -23,10 +23,18 @@ Rules:
    secrets.
 4. Logging never raises into the caller: a broken stderr loses the line,
    not the daemon.
+5. A line is written and flushed when it is logged, except a *held* line
+   (`EventLogger.info_held`, HTTP mode's line per request), whose own write
+   would cost as much as the line.  Held lines wait, in order, until the next
+   line that is not held, `HELD_MAX` of them, or `flush_held` (the proxy calls
+   it every `HELD_FLUSH_S`), whichever comes first; a normal exit writes them
+   too (``logging.shutdown``).  So no line is ever written out of order, and
+   what a SIGKILL can lose is at most `HELD_FLUSH_S` of request lines.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -50,6 +58,11 @@ LEVELS: Final = {
 
 _EVENT_ATTR = "tally_event"
 _FIELDS_ATTR = "tally_fields"
+_HELD_ATTR = "tally_held"
+HELD_MAX: Final = 256
+"""Held lines written together at most (rule 5)."""
+HELD_FLUSH_S: Final = 0.25
+"""How often a daemon that holds lines writes them (rule 5): Envoy's access log waits 1 s."""
 _CORE_KEYS = ("ts", "level", "logger", "event")
 _MAX_DEPTH = 8
 
@@ -196,14 +209,43 @@ class _TallyHandler(logging.Handler):
     def __init__(self, stream: IO[str] | None) -> None:
         super().__init__()
         self.stream = stream
+        self._held: list[str] = []
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            stream = self.stream if self.stream is not None else sys.stderr
-            stream.write(self.format(record) + "\n")
-            stream.flush()
+            line = self.format(record) + "\n"
+            if getattr(record, _HELD_ATTR, False):  # rule 5
+                self._held.append(line)
+                if len(self._held) < HELD_MAX:
+                    return
+                line = ""
+            self._write(line)
         except Exception:  # rule 4: stderr is gone or broken; there is nowhere to report it
             return
+
+    def _write(self, line: str) -> None:
+        """The held lines, then ``line``, in one write (called under the handler's lock)."""
+        held, self._held = self._held, []
+        stream = self.stream if self.stream is not None else sys.stderr
+        stream.write("".join(held) + line if held else line)
+        stream.flush()
+
+    def flush(self) -> None:
+        """Write the held lines now (`flush_held`, and ``logging.shutdown`` at exit)."""
+        with self.lock or contextlib.nullcontext():
+            if self._held:
+                try:
+                    self._write("")
+                except Exception:  # rule 4
+                    return
+
+
+def flush_held() -> None:
+    """Write every held line now (rule 5); a daemon that holds lines calls it every
+    `HELD_FLUSH_S`."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, _TallyHandler):
+            handler.flush()
 
 
 def setup_logging(level: str = "info", *, stream: IO[str] | None = None) -> None:
@@ -217,6 +259,7 @@ def setup_logging(level: str = "info", *, stream: IO[str] | None = None) -> None
         raise LogLevelError(f"unknown log level {level!r}: expected one of {', '.join(LEVELS)}")
     root = logging.getLogger()
     for old in [h for h in root.handlers if isinstance(h, _TallyHandler)]:
+        old.flush()  # its held lines, to the stream they were meant for
         root.removeHandler(old)
     handler = _TallyHandler(stream)
     handler.setLevel(number)  # also holds back loggers that set a lower level of their own
@@ -237,19 +280,23 @@ class EventLogger:
     def info(self, event: str, **fields: object) -> None:
         self._log(logging.INFO, event, fields)
 
+    def info_held(self, event: str, **fields: object) -> None:
+        """An info line that may wait for the next write (rule 5): for a line per request."""
+        self._log(logging.INFO, event, fields, held=True)
+
     def warning(self, event: str, **fields: object) -> None:
         self._log(logging.WARNING, event, fields)
 
     def error(self, event: str, **fields: object) -> None:
         self._log(logging.ERROR, event, fields)
 
-    def _log(self, level: int, event: str, fields: dict[str, object]) -> None:
+    def _log(self, level: int, event: str, fields: dict[str, object], held: bool = False) -> None:
         logger = self.logger
         if logger.isEnabledFor(level):
             # The record is made here rather than by ``Logger.log``, which would first
             # walk the stack for the caller's file and line: no line shows them, and an
             # HTTP-mode proxy writes a line per request.
-            extra = {_EVENT_ATTR: event, _FIELDS_ATTR: fields}
+            extra = {_EVENT_ATTR: event, _FIELDS_ATTR: fields, _HELD_ATTR: held}
             logger.handle(
                 logger.makeRecord(logger.name, level, "", 0, "%s", (event,), None, extra=extra)
             )
