@@ -347,7 +347,8 @@ class Proxy:
                 await outer.start(self._signals)
                 await outer.start(self.hooks.run)
                 await outer.start(self.traffic.relay.run)
-                outer.start_soon(_write_held_lines)
+                if self.cfg.http:  # only HTTP mode holds lines (`http` needs a restart)
+                    outer.start_soon(_write_held_lines)
                 if self.cfg.metrics is not None:
                     try:
                         self.addresses["metrics"] = await outer.start(
